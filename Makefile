@@ -1,0 +1,30 @@
+# One command to test, one to see the demo. Both build .venv from this repo's own files.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench install clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build on local disk; nothing may pull a newer one.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[torch,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m workerpool.demo
+
+bench: $(STAMP)
+	$(PY) bench/memory.py
+	$(PY) bench/attach.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,37 @@
+"""The pool's settings: one frozen dataclass, its defaults in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+
+START_METHODS = ("zygote", "spawn")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    """Settings of a :class:`workerpool.Pool`; see its docstring for what each one does."""
+
+    workers: int = 2
+    start_method: str = "zygote"
+    threads_per_worker: int = 1
+    # One batch running and one waiting in each worker: no worker idles between requests,
+    # and no more than one request waits behind a slow one.
+    credits_per_worker: int = 2
+    max_message_bytes: int = 256 * 1024 * 1024
+    start_timeout: float = 300.0
+    close_timeout: float = 30.0
+    # Frames above this size are sent without copying them into ZeroMQ's buffers.
+    zero_copy_threshold: int = 64 * 1024
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.start_method not in START_METHODS:
+            raise ValueError(
+                f"start_method must be one of {START_METHODS}, got {self.start_method!r}")
+        if self.threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
+        if self.credits_per_worker < 1:
+            raise ValueError(f"credits_per_worker must be >= 1, got {self.credits_per_worker}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")

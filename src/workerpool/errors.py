@@ -1,0 +1,83 @@
+"""Every error type a workerpool user can catch.
+
+All derive from :class:`WorkerpoolError`. Exceptions raised by the user's ``predict`` are
+re-raised in the caller as their own type where possible (with the worker's traceback as
+``__cause__``); only when that type cannot be rebuilt does :class:`RemoteError` stand in.
+"""
+
+from __future__ import annotations
+
+
+class WorkerpoolError(Exception):
+    """Base class of every error raised by workerpool itself."""
+
+
+class PoolClosed(WorkerpoolError):
+    """The pool is closed (or closing) and accepts no more work."""
+
+
+class PoolBroken(WorkerpoolError):
+    """The pool cannot serve: its workers could not start. The message carries the cause."""
+
+
+class PoolStartError(PoolBroken):
+    """Starting the pool failed: loading, publishing the weights, or booting a worker."""
+
+
+class WorkerCrashed(WorkerpoolError):
+    """The worker running this request died before answering.
+
+    ``exitcode`` is the exit status (negative: killed by that signal number), ``pid`` the
+    worker's pid, ``crash_traceback`` the Python stack the worker was in when it crashed,
+    if it could be recovered.
+    """
+
+    def __init__(self, message: str, *, pid: int | None = None, exitcode: int | None = None,
+                 crash_traceback: str = ""):
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.crash_traceback = crash_traceback
+
+
+class QueueFull(WorkerpoolError):
+    """The pool's queue holds ``max_queue`` requests; retry later or slow down."""
+
+
+class TaskTimeout(WorkerpoolError):
+    """The request did not finish before its deadline."""
+
+
+class EncodeError(WorkerpoolError, TypeError):
+    """A value cannot cross the process boundary (unsupported type, bad dtype, too large)."""
+
+
+class MessageTooLarge(EncodeError, ValueError):
+    """A request or result is larger than ``max_message_bytes``."""
+
+
+class ProtocolError(WorkerpoolError):
+    """A malformed message arrived on the pool's own link (a bug, or a foreign peer)."""
+
+
+class RemoteError(WorkerpoolError):
+    """``predict`` raised an exception whose type could not be rebuilt in the caller.
+
+    ``remote_type`` is the original type's qualified name; ``__cause__`` holds the
+    worker's traceback.
+    """
+
+    def __init__(self, remote_type: str, message: str):
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback; attached as ``__cause__`` of remote errors."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'

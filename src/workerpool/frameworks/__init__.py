@@ -1,0 +1,25 @@
+"""One adapter per framework: how its arrays go into the weight segment and come back.
+
+An adapter module offers ``reduce(obj, layout)`` (a pickle reduce tuple, or NotImplemented
+when ``obj`` is not its kind) and the ``rebuild_*`` functions that reduce tuple names. Only
+frameworks already imported by the user's code are consulted, so a numpy model never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# (module that must already be imported, adapter module)
+_ADAPTERS = (
+    ("torch", "workerpool.frameworks.torch"),
+    ("numpy", "workerpool.frameworks.numpy"),
+)
+
+
+def active_adapters():
+    """The adapter modules whose framework is loaded in this process."""
+    import importlib
+
+    return [importlib.import_module(adapter) for framework, adapter in _ADAPTERS
+            if framework in sys.modules]

@@ -1,0 +1,1 @@
+"""What crosses the process boundary: message kinds, the array codec, endpoints, segments."""

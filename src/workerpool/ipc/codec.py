@@ -1,0 +1,190 @@
+"""Values <-> (header bytes, raw frames): how requests and results cross the ZeroMQ link.
+
+The header is msgpack; arrays (numpy, torch CPU tensors) become an extension node naming a
+frame index, dtype and shape, and their bytes travel as their own frame, without a copy
+above ``zero_copy_threshold``. Tuples keep their type. Other objects are pickled, and only
+when the codec is built with ``allow_pickle=True``: the pool's own ipc link (a 0700
+directory of the same user). Decoding validates every array node: dtype on the allow-list,
+frame index used once, bytes equal to shape x itemsize.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import sys
+
+import msgpack
+import numpy as np
+
+from ..errors import EncodeError, MessageTooLarge, ProtocolError
+
+_EXT_NDARRAY = 1
+_EXT_TENSOR = 2
+_EXT_TUPLE = 3
+_EXT_PICKLE = 4
+
+ALLOWED_DTYPES = frozenset(
+    ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+     "float16", "float32", "float64", "complex64", "complex128", "bfloat16"])
+
+_TORCH_TO_NAME = None  # filled lazily: torch dtype -> our dtype name
+
+
+class Codec:
+    """Encodes values for one link; one instance per process side is enough."""
+
+    def __init__(self, *, allow_pickle: bool, max_message_bytes: int,
+                 zero_copy_threshold: int = 64 * 1024):
+        self.allow_pickle = allow_pickle
+        self.max_message_bytes = max_message_bytes
+        self.zero_copy_threshold = zero_copy_threshold
+
+    # -- encoding -----------------------------------------------------------------------
+    def encode(self, value) -> tuple[bytes, list]:
+        """Return ``(header, frames)``; frames are buffers to send as they are."""
+        frames: list = []
+
+        def default(obj):
+            if type(obj) is tuple:
+                return msgpack.ExtType(_EXT_TUPLE, pack(list(obj)))
+            if isinstance(obj, np.ndarray):
+                return self._array_node(_EXT_NDARRAY, obj, obj.dtype.name, frames)
+            if isinstance(obj, np.generic):
+                return self._array_node(_EXT_NDARRAY, np.asarray(obj), obj.dtype.name, frames)
+            if _is_torch_tensor(obj):
+                array, name = _tensor_as_array(obj)
+                return self._array_node(_EXT_TENSOR, array, name, frames)
+            # Anything else, subclasses of builtins included (IntEnum, OrderedDict,
+            # namedtuple): only pickle keeps their type.
+            return self._pickle_node(obj, frames)
+
+        def pack(obj):
+            return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
+
+        try:
+            header = pack(value)
+        except (EncodeError, MessageTooLarge):
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(f"cannot encode a value of type {type(value).__name__}: {exc}") \
+                from exc
+        total = len(header) + sum(_nbytes(f) for f in frames)
+        if total > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"message of {total} bytes exceeds max_message_bytes={self.max_message_bytes}; "
+                "split the input into smaller requests or raise max_message_bytes")
+        return header, frames
+
+    def _array_node(self, ext, array: np.ndarray, dtype_name: str, frames: list):
+        if dtype_name not in ALLOWED_DTYPES:
+            raise EncodeError(
+                f"arrays of dtype {dtype_name} cannot cross the pool's link; use one of "
+                f"{sorted(ALLOWED_DTYPES)}")
+        array = np.ascontiguousarray(array)
+        frames.append(array if array.nbytes >= self.zero_copy_threshold else array.tobytes())
+        meta = msgpack.packb([len(frames) - 1, dtype_name, list(array.shape)])
+        return msgpack.ExtType(ext, meta)
+
+    def _pickle_node(self, obj, frames: list):
+        if not self.allow_pickle:
+            raise EncodeError(f"values of type {type(obj).__name__} cannot be sent here; "
+                              "send arrays, numbers, strings, lists and dicts")
+        try:
+            frames.append(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception as exc:
+            raise EncodeError(f"cannot pickle a value of type {type(obj).__name__}: {exc}") \
+                from exc
+        return msgpack.ExtType(_EXT_PICKLE, msgpack.packb(len(frames) - 1))
+
+    # -- decoding -----------------------------------------------------------------------
+    def decode(self, header, frames: list):
+        """Inverse of :meth:`encode`; ``frames`` are zmq Frames or bytes-like objects."""
+        used: set[int] = set()
+
+        def take(index):
+            if not isinstance(index, int) or not 0 <= index < len(frames) or index in used:
+                raise ProtocolError(f"bad frame reference {index!r}")
+            used.add(index)
+            frame = frames[index]
+            return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+        def ext_hook(code, data):
+            if code == _EXT_TUPLE:
+                return tuple(unpack(data))
+            if code in (_EXT_NDARRAY, _EXT_TENSOR):
+                index, dtype_name, shape = msgpack.unpackb(data)
+                array = _array_from_buffer(take(index), dtype_name, shape)
+                return _array_as_tensor(array, dtype_name) if code == _EXT_TENSOR else array
+            if code == _EXT_PICKLE:
+                if not self.allow_pickle:
+                    raise ProtocolError("pickled values are refused on this link")
+                return pickle.loads(take(msgpack.unpackb(data)))
+            raise ProtocolError(f"unknown extension type {code}")
+
+        def unpack(data):
+            return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False,
+                                   use_list=True)
+
+        try:
+            value = unpack(header)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"undecodable message: {exc}") from exc
+        return value
+
+
+def _nbytes(frame) -> int:
+    return frame.nbytes if isinstance(frame, np.ndarray) else len(frame)
+
+
+def _array_from_buffer(buffer, dtype_name, shape) -> np.ndarray:
+    if dtype_name not in ALLOWED_DTYPES:
+        raise ProtocolError(f"dtype {dtype_name!r} is not allowed")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError(f"bad shape {shape!r}")
+    # bfloat16 has no numpy dtype: it travels as its 16-bit pattern.
+    dtype = np.dtype("uint16") if dtype_name == "bfloat16" else np.dtype(dtype_name)
+    if math.prod(shape) * dtype.itemsize != len(buffer):
+        raise ProtocolError(
+            f"array of shape {shape} and dtype {dtype_name} does not match its "
+            f"{len(buffer)}-byte frame")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _is_torch_tensor(obj) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _torch_dtype_names():
+    global _TORCH_TO_NAME
+    if _TORCH_TO_NAME is None:
+        import torch
+
+        _TORCH_TO_NAME = {getattr(torch, name): name for name in ALLOWED_DTYPES}
+    return _TORCH_TO_NAME
+
+
+def _tensor_as_array(tensor) -> tuple[np.ndarray, str]:
+    import torch
+
+    name = _torch_dtype_names().get(tensor.dtype)
+    if name is None:
+        raise EncodeError(f"torch tensors of dtype {tensor.dtype} cannot cross the pool's link")
+    if tensor.layout != torch.strided:
+        tensor = tensor.to_dense()
+    tensor = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
+    if name == "bfloat16":
+        tensor = tensor.view(torch.uint16)
+    return tensor.numpy(), name
+
+
+def _array_as_tensor(array: np.ndarray, dtype_name: str):
+    import torch
+
+    if not array.flags.writeable:
+        array = array.copy()  # torch has no read-only tensors
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype_name == "bfloat16" else tensor

@@ -1,0 +1,43 @@
+"""Message kinds on the pool's ROUTER <-> worker DEALER link.
+
+Every message is multipart: ``[kind, meta, *rest]``. ``kind`` is one of the constants below,
+``meta`` a msgpack map. The parent's ROUTER sees the worker's identity as an extra first
+frame.
+
+    worker -> parent   READY   {pid, credits}           after attaching; worker takes work
+                       RESULT  {id}, body, *frames      body/frames: codec-encoded value
+                       ERROR   {id, type, message, traceback, pickled}
+                       BYE     {}                       leaving on purpose (STOP)
+    parent -> worker   TASK    {id}, body, *frames      body: codec-encoded (args, kwargs)
+                       STOP    {}                       finish the current task, then exit
+"""
+
+from __future__ import annotations
+
+import msgpack
+
+from ..errors import ProtocolError
+
+READY = b"R"
+RESULT = b"D"
+ERROR = b"E"
+BYE = b"B"
+TASK = b"T"
+STOP = b"S"
+
+WORKER_KINDS = frozenset([READY, RESULT, ERROR, BYE])
+
+
+def pack_meta(meta: dict) -> bytes:
+    return msgpack.packb(meta, use_bin_type=True)
+
+
+def unpack_meta(frame) -> dict:
+    data = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    try:
+        meta = msgpack.unpackb(data, raw=False)
+    except Exception as exc:
+        raise ProtocolError(f"undecodable message header: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"message header is not a map: {meta!r}")
+    return meta

@@ -1,0 +1,1 @@
+"""The parent side: the Pool API, dispatch, supervision, weight publication."""

@@ -1,0 +1,397 @@
+"""The dispatcher thread: the only owner of the ROUTER socket and of all request state.
+
+    caller threads ── submit(Request) / call(fn) ──> SimpleQueue + eventfd wake-up ─┐
+                                                                                   ▼
+    Dispatcher.run():  poll [ROUTER, wake eventfd, zygote control socket]
+        ROUTER  <- READY{credits} | RESULT | ERROR | BYE      (per worker identity)
+        ROUTER  -> TASK to a READY worker with credit          (load balancing by credit)
+        control <- started / exited{status} / start_error       (from the zygote)
+        futures <- result, the remote exception, or WorkerCrashed / PoolClosed / PoolBroken
+
+A worker that dies has its in-flight requests retried once on another worker; a request
+in flight on two workers that died fails with WorkerCrashed. Replacements are forked from the
+zygote, which still holds the attached model: nothing is reloaded.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import os
+import pickle
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import zmq
+
+from ..config import PoolConfig
+from ..errors import (PoolBroken, PoolClosed, PoolStartError, ProtocolError, RemoteError,
+                      RemoteTraceback, WorkerCrashed)
+from ..ipc import protocol
+from ..ipc.codec import Codec
+from .supervisor import Supervisor, describe_exit
+
+MAX_ATTEMPTS = 2  # a request that was in flight on this many dying workers fails
+BOOT_FAILURES_BEFORE_BROKEN = 3
+RESTART_BACKOFF_S = (0.0, 0.1, 0.5, 2.0)
+
+
+class Request:
+    __slots__ = ("id", "future", "body", "frames", "attempts")
+
+    def __init__(self, request_id: int, future: Future, body: bytes, frames: list):
+        self.id = request_id
+        self.future = future
+        self.body = body
+        self.frames = frames
+        self.attempts = 0
+
+
+class WorkerSlot:
+    """The dispatcher's view of one worker process."""
+
+    __slots__ = ("worker_id", "identity", "pid", "credits", "inflight", "served", "state",
+                 "started_at", "ready_at")
+
+    def __init__(self, worker_id: int):
+        self.worker_id = worker_id
+        self.identity = b"%d" % worker_id
+        self.pid: int | None = None
+        self.credits = 0
+        self.inflight: dict[int, Request] = {}
+        self.served = 0
+        self.state = "starting"  # -> ready -> stopping -> (gone)
+        self.started_at = time.monotonic()
+        self.ready_at: float | None = None
+
+
+class Dispatcher(threading.Thread):
+    def __init__(self, config: PoolConfig, supervisor: Supervisor, endpoint: str,
+                 codec: Codec):
+        super().__init__(name="workerpool-dispatcher", daemon=True)
+        self.config = config
+        self.supervisor = supervisor
+        self.endpoint = endpoint
+        self.codec = codec
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.started = threading.Event()
+        self.start_error: BaseException | None = None
+        self.broken: BaseException | None = None
+        self.closing = False
+        self.pending: collections.deque[Request] = collections.deque()
+        self.workers: dict[int, WorkerSlot] = {}  # worker id -> slot
+        self.by_identity: dict[bytes, WorkerSlot] = {}
+        self.worker_ids = itertools.count(1)
+        self.boot_failures = 0
+        self.timers: list[tuple[float, int, object]] = []
+        self.timer_seq = itertools.count()
+        self.restarts = 0
+        self.router: zmq.Socket | None = None
+
+    # -- called from other threads -------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        self.inbox.put(request)
+        os.eventfd_write(self.wake_fd, 1)
+
+    def call(self, fn, timeout: float | None = None):
+        """Run ``fn()`` on the dispatcher thread and return its result."""
+        future: Future = Future()
+        self.inbox.put((fn, future))
+        os.eventfd_write(self.wake_fd, 1)
+        return future.result(timeout)
+
+    def request_close(self) -> None:
+        self.inbox.put(_CLOSE)
+        os.eventfd_write(self.wake_fd, 1)
+
+    # -- the thread ----------------------------------------------------------------------
+    def run(self) -> None:
+        context = zmq.Context(io_threads=1)
+        self.router = context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + 1024 * 1024)
+        self.router.bind(self.endpoint)
+        try:
+            for _ in range(self.config.workers):
+                self.start_worker()
+            self.loop()
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            self.fail_everything(PoolBroken(f"the pool's dispatcher failed: {exc!r}"))
+            raise
+        finally:
+            self.shutdown_workers()
+            self.router.close(linger=0)
+            context.term()
+            os.close(self.wake_fd)
+
+    def loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.wake_fd, zmq.POLLIN)
+        control_fd = self.supervisor.control_fd
+        poller.register(control_fd, zmq.POLLIN)
+        while not self.finished():
+            events = dict(poller.poll(self.poll_timeout_ms()))
+            if self.router in events:
+                self.read_workers()
+            if control_fd in events:
+                event = self.supervisor.read_event()
+                if event["op"] == "zygote_died":
+                    poller.unregister(control_fd)  # EOF would stay readable forever
+                    control_fd = -1
+                self.handle_supervisor_event(event)
+            if self.wake_fd in events:
+                self.read_inbox()
+            self.run_due_timers()
+            self.dispatch()
+
+    def finished(self) -> bool:
+        if self.start_error is not None:
+            return True
+        return self.closing and not self.pending and not any(
+            w.inflight for w in self.workers.values())
+
+    def poll_timeout_ms(self) -> int | None:
+        if not self.timers:
+            return None
+        return max(0, int((self.timers[0][0] - time.monotonic()) * 1000) + 1)
+
+    # -- inbox: requests and commands from callers ----------------------------------------
+    def read_inbox(self) -> None:
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is _CLOSE:
+                self.closing = True
+            elif isinstance(item, Request):
+                if self.broken is not None:
+                    item.future.set_exception(self.broken)
+                elif self.closing:
+                    item.future.set_exception(PoolClosed("the pool is closed"))
+                else:
+                    self.pending.append(item)
+            else:
+                fn, future = item
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                    future.set_exception(exc)
+
+    # -- sending work --------------------------------------------------------------------
+    def dispatch(self) -> None:
+        while self.pending:
+            worker = self.pick_worker()
+            if worker is None:
+                return
+            request = self.pending.popleft()
+            if request.attempts == 0 and not request.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                self.router.send_multipart(
+                    [worker.identity, protocol.TASK, protocol.pack_meta({"id": request.id}),
+                     request.body, *request.frames], copy=False)
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                # Its connection is gone; the zygote will report the exit shortly.
+                worker.credits = 0
+                self.pending.appendleft(request)
+                continue
+            request.attempts += 1
+            worker.credits -= 1
+            worker.inflight[request.id] = request
+
+    def pick_worker(self) -> WorkerSlot | None:
+        best = None
+        for worker in self.workers.values():
+            if worker.state == "ready" and worker.credits > 0 and (
+                    best is None or worker.credits > best.credits):
+                best = worker
+        return best
+
+    # -- what workers say ----------------------------------------------------------------
+    def read_workers(self) -> None:
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            worker = self.by_identity.get(frames[0].bytes)
+            if worker is None or len(frames) < 3:
+                continue  # a worker we already buried, or noise
+            kind = frames[1].bytes
+            try:
+                meta = protocol.unpack_meta(frames[2])
+            except ProtocolError:
+                continue
+            if kind == protocol.RESULT:
+                self.on_result(worker, meta, frames[3], frames[4:])
+            elif kind == protocol.ERROR:
+                self.on_error(worker, meta)
+            elif kind == protocol.READY:
+                self.on_ready(worker, meta)
+            elif kind == protocol.BYE:
+                worker.state = "stopping"
+
+    def on_ready(self, worker: WorkerSlot, meta: dict) -> None:
+        worker.state = "ready"
+        worker.pid = meta.get("pid", worker.pid)
+        worker.credits = int(meta.get("credits", 1))
+        worker.ready_at = time.monotonic()
+        self.boot_failures = 0
+        if not self.started.is_set() and all(
+                w.state == "ready" for w in self.workers.values()):
+            self.started.set()
+
+    def take_inflight(self, worker: WorkerSlot, meta: dict) -> Request | None:
+        request = worker.inflight.pop(meta.get("id"), None)
+        if request is not None:
+            worker.credits += 1
+            worker.served += 1
+        return request
+
+    def on_result(self, worker: WorkerSlot, meta: dict, body, frames: list) -> None:
+        request = self.take_inflight(worker, meta)
+        if request is None:
+            return  # a late answer to a request already failed elsewhere: never re-deliver
+        try:
+            value = self.codec.decode(body.bytes, frames)
+        except BaseException as exc:  # noqa: BLE001
+            request.future.set_exception(exc)
+        else:
+            request.future.set_result(value)
+
+    def on_error(self, worker: WorkerSlot, meta: dict) -> None:
+        request = self.take_inflight(worker, meta)
+        if request is not None:
+            request.future.set_exception(rebuild_exception(meta))
+
+    # -- what the zygote says ------------------------------------------------------------
+    def handle_supervisor_event(self, event: dict) -> None:
+        op = event["op"]
+        worker = self.workers.get(event.get("worker_id"))
+        if op == "started" and worker is not None:
+            worker.pid = event["pid"]
+        elif op == "exited" and worker is not None:
+            self.on_worker_exit(worker, event["status"])
+        elif op == "start_error" and worker is not None:
+            self.forget(worker)
+            self.on_boot_failure(f"the zygote could not start a worker:\n{event['traceback']}")
+        elif op == "zygote_died":
+            self.mark_broken(PoolBroken(
+                "the worker zygote died; the pool cannot start workers any more. Close it "
+                "and create a new Pool"))
+            for worker in list(self.workers.values()):
+                self.on_worker_exit(worker, None)
+
+    def on_worker_exit(self, worker: WorkerSlot, status: int | None) -> None:
+        self.forget(worker)
+        report = self.supervisor.crash_report(worker.worker_id)
+        if worker.state == "stopping" and status == 0:
+            return
+        description = describe_exit(worker.pid, status)
+        if worker.state == "starting":
+            self.on_boot_failure(f"{description} while starting" +
+                                 (f":\n{report}" if report else ""))
+            return
+        for request in sorted(worker.inflight.values(), key=lambda r: r.id, reverse=True):
+            if request.attempts >= MAX_ATTEMPTS:
+                request.future.set_exception(WorkerCrashed(
+                    f"{description}. The request was in flight on {request.attempts} workers "
+                    "that died, so it is not retried again."
+                    + (f"\nPython stack at the crash:\n{report}" if report else ""),
+                    pid=worker.pid, exitcode=status, crash_traceback=report))
+            else:
+                self.pending.appendleft(request)
+        worker.inflight.clear()
+        if not self.closing and self.broken is None:
+            self.restarts += 1
+            self.start_worker()
+
+    def on_boot_failure(self, message: str) -> None:
+        self.boot_failures += 1
+        if not self.started.is_set():
+            self.start_error = PoolStartError(f"a worker failed to start: {message}")
+            self.started.set()
+        elif self.boot_failures >= BOOT_FAILURES_BEFORE_BROKEN:
+            self.mark_broken(PoolBroken(
+                f"{self.boot_failures} workers in a row failed to start; the last: {message}"))
+        elif not self.closing:
+            delay = RESTART_BACKOFF_S[min(self.boot_failures, len(RESTART_BACKOFF_S) - 1)]
+            self.call_later(delay, self.start_worker)
+
+    def mark_broken(self, error: BaseException) -> None:
+        if self.broken is None:
+            self.broken = error
+            self.fail_everything(error)
+
+    def fail_everything(self, error: BaseException) -> None:
+        while self.pending:
+            request = self.pending.popleft()
+            if request.attempts or request.future.set_running_or_notify_cancel():
+                request.future.set_exception(error)
+        for worker in self.workers.values():
+            for request in worker.inflight.values():
+                request.future.set_exception(error)
+            worker.inflight.clear()
+
+    # -- starting and stopping workers ---------------------------------------------------
+    def start_worker(self) -> None:
+        if self.closing or self.broken is not None:
+            return
+        worker = WorkerSlot(next(self.worker_ids))
+        self.workers[worker.worker_id] = worker
+        self.by_identity[worker.identity] = worker
+        self.supervisor.start_worker(worker.worker_id)
+
+    def forget(self, worker: WorkerSlot) -> None:
+        self.workers.pop(worker.worker_id, None)
+        self.by_identity.pop(worker.identity, None)
+
+    def shutdown_workers(self) -> None:
+        """STOP every worker, then let the zygote reap them and exit."""
+        for worker in self.workers.values():
+            try:
+                self.router.send_multipart([worker.identity, protocol.STOP, b""], zmq.NOBLOCK)
+                worker.state = "stopping"
+            except zmq.ZMQError:
+                pass
+        self.supervisor.stop_zygote(grace=self.config.close_timeout)
+
+    # -- timers --------------------------------------------------------------------------
+    def call_later(self, delay: float, fn) -> None:
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self.timer_seq), fn))
+
+    def run_due_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self.timers)
+            fn()
+
+
+_CLOSE = object()
+
+
+def rebuild_exception(meta: dict) -> BaseException:
+    """The worker's exception, by value where possible, with its traceback as __cause__."""
+    error = None
+    if meta.get("pickled"):
+        try:
+            error = pickle.loads(meta["pickled"])
+        except Exception:
+            error = None
+    if not isinstance(error, BaseException):
+        error = RemoteError(meta.get("type", "Exception"), meta.get("message", ""))
+    error.__cause__ = RemoteTraceback(meta.get("traceback", ""))
+    return error

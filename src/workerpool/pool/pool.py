@@ -1,0 +1,207 @@
+"""The public Pool: one shared copy of a model, served by N worker processes.
+
+    Pool(load, predict)
+      load() in this process ──publish──> sealed memfd + skeleton (pool/weights.py)
+      Supervisor ──spawn──> zygote: attach once ──fork──> workers (pool/supervisor.py)
+      Dispatcher thread ── ROUTER ipc://<0700 dir>/pool.sock ──> workers (pool/dispatcher.py)
+      submit()/map() encode in the caller's thread and hand a Request to the dispatcher.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import os
+import threading
+import weakref
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Iterator
+
+from ..config import PoolConfig
+from ..errors import PoolBroken, PoolClosed, PoolStartError
+from ..ipc import endpoints
+from ..ipc.codec import Codec
+from . import memory
+from .dispatcher import Dispatcher, Request
+from .supervisor import Supervisor
+from .weights import publish
+
+_live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+
+class Pool:
+    """A pool of worker processes serving one model whose weights exist once, in shared memory.
+
+    ``load()`` runs once, in this process. It may return a torch ``nn.Module``, any object
+    graph holding torch tensors and numpy arrays (a dict of modules plus a tokenizer, say),
+    or a plain numpy model. Every tensor and array goes into one sealed, read-only memfd;
+    workers rebuild the object over it without copying. ``predict(model, *args, **kwargs)``
+    runs in a worker (under ``torch.inference_mode()`` when torch is loaded) and returns
+    arrays, tensors, numbers, strings, or lists/tuples/dicts of them.
+
+    Args:
+        load: called with no arguments; returns the model.
+        predict: ``predict(model, *args, **kwargs)``; module-level functions travel by
+            reference, functions from ``__main__`` and closures by value (cloudpickle).
+        workers: number of worker processes.
+        start_method: ``"zygote"`` (default: workers are forked from a process that holds
+            the attached model; a new worker is ready in milliseconds) or ``"spawn"``
+            (each worker is a fresh interpreter attaching the same memfd: for libraries
+            where fork is unsafe; costs an import of your framework per worker).
+        threads_per_worker: intra-op threads of each worker (torch.set_num_threads).
+        max_message_bytes: largest request or result; larger ones raise MessageTooLarge.
+        start_timeout: seconds to wait for every worker to be ready.
+        close_timeout: seconds ``close()`` waits for workers to exit before killing them.
+
+    Inputs passed to ``submit`` are sent without a copy: do not modify them until the
+    future is done.
+    """
+
+    def __init__(self, load: Callable[[], Any], predict: Callable[..., Any], workers: int = 2,
+                 *, start_method: str = "zygote", threads_per_worker: int = 1,
+                 max_message_bytes: int = PoolConfig.max_message_bytes,
+                 start_timeout: float = PoolConfig.start_timeout,
+                 close_timeout: float = PoolConfig.close_timeout):
+        self.config = PoolConfig(
+            workers=workers, start_method=start_method, threads_per_worker=threads_per_worker,
+            max_message_bytes=max_message_bytes, start_timeout=start_timeout,
+            close_timeout=close_timeout)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._codec = Codec(allow_pickle=True, max_message_bytes=self.config.max_message_bytes,
+                            zero_copy_threshold=self.config.zero_copy_threshold)
+        self._dispatcher: Dispatcher | None = None
+        self._published, self._parent_mapping = publish(load(), predict)
+        self._private_dir = endpoints.make_private_dir()
+        endpoint = endpoints.pool_endpoint(self._private_dir)
+        self._supervisor = Supervisor(self.config, self._published, self._private_dir, endpoint)
+        try:
+            self._supervisor.start_zygote()
+            self._dispatcher = Dispatcher(self.config, self._supervisor, endpoint, self._codec)
+            self._dispatcher.start()
+            if not self._dispatcher.started.wait(self.config.start_timeout):
+                raise PoolStartError(
+                    f"workers were not ready within start_timeout={self.config.start_timeout} s")
+            if self._dispatcher.start_error is not None:
+                raise self._dispatcher.start_error
+        except BaseException:
+            self.close()
+            raise
+        _live_pools.add(self)
+
+    # -- work ----------------------------------------------------------------------------
+    def submit(self, *args, **kwargs) -> Future:
+        """Run ``predict(model, *args, **kwargs)`` in a worker; returns a Future at once."""
+        self._check_open()
+        body, frames = self._codec.encode((args, kwargs))
+        future: Future = Future()
+        self._dispatcher.submit(Request(next(self._ids), future, body, frames))
+        return future
+
+    def map(self, inputs: Iterable, *, window: int | None = None) -> Iterator:
+        """``predict(model, x)`` for each ``x``, yielded in input order.
+
+        At most ``window`` requests are in flight at once (default: enough to keep every
+        worker busy), so an endless generator runs in constant memory. The first error is
+        raised where its result would have been yielded.
+        """
+        window = window or self.config.workers * self.config.credits_per_worker * 2
+        in_flight: collections.deque[Future] = collections.deque()
+        for x in inputs:
+            in_flight.append(self.submit(x))
+            if len(in_flight) >= window:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+    # -- observation ---------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Per-worker pid, PSS, USS, shared bytes, requests served; totals; model size."""
+        self._check_open()
+        rows, queued, restarts = self._dispatcher.call(self._dispatcher_snapshot, timeout=30)
+        workers = []
+        for row in rows:
+            row.update(memory.process_memory(row["pid"]) if row["pid"] else {})
+            segment = memory.segment_mappings(row["pid"]) if row["pid"] else []
+            row["weights_rss"] = sum(m.get("rss", 0) for m in segment)
+            row["weights_private"] = sum(
+                m.get("private_clean", 0) + m.get("private_dirty", 0) for m in segment)
+            workers.append(row)
+        parent = dict(pid=os.getpid(), **memory.process_memory(os.getpid()))
+        zygote_pid = self._supervisor.zygote_pid
+        zygote = dict(pid=zygote_pid, **memory.process_memory(zygote_pid))
+        return {
+            "start_method": self.config.start_method,
+            "model_bytes": self._published.weight_bytes,
+            "model_buffers": self._published.n_buffers,
+            "skeleton_bytes": len(self._published.skeleton),
+            "workers": workers,
+            "parent": parent,
+            "zygote": zygote,
+            "total_pss": parent["pss"] + zygote["pss"] + sum(w.get("pss", 0) for w in workers),
+            "queued": queued,
+            "restarts": restarts,
+        }
+
+    def _dispatcher_snapshot(self):
+        d = self._dispatcher
+        rows = [{"worker_id": w.worker_id, "pid": w.pid, "state": w.state,
+                 "requests_served": w.served, "in_flight": len(w.inflight)}
+                for w in d.workers.values()]
+        return rows, len(d.pending), d.restarts
+
+    @property
+    def pids(self) -> list[int]:
+        """Pids of the live workers."""
+        return [row["pid"] for row in self._dispatcher.call(self._dispatcher_snapshot)[0]
+                if row["pid"]]
+
+    @property
+    def zygote_pid(self) -> int | None:
+        return self._supervisor.zygote_pid
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish accepted work, stop every worker, release the weights. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        dispatcher = self._dispatcher
+        if dispatcher is not None and dispatcher.is_alive():
+            dispatcher.request_close()
+            dispatcher.join(self.config.close_timeout * 2)
+            if dispatcher.is_alive():  # a request that never finishes: stop it the hard way
+                self._supervisor.kill_zygote()
+                dispatcher.join()
+        self._supervisor.stop_zygote()
+        self._published.close()
+        endpoints.remove_private_dir(self._private_dir)
+        _live_pools.discard(self)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosed("the pool is closed; create a new Pool")
+        if self._dispatcher.broken is not None:
+            raise self._dispatcher.broken if isinstance(self._dispatcher.broken, PoolBroken) \
+                else PoolBroken(str(self._dispatcher.broken))
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (f"<workerpool.Pool {state} workers={self.config.workers} "
+                f"start_method={self.config.start_method} "
+                f"model_bytes={self._published.weight_bytes}>")
+
+
+@atexit.register
+def _close_live_pools() -> None:
+    for pool in list(_live_pools):
+        pool.close()

@@ -1,0 +1,163 @@
+"""The parent's side of process management: the only module that starts a process.
+
+    Supervisor ──Popen (fresh interpreter, weights fd + control socket passed)──> zygote
+        start_zygote()   boot message out, "booted" (or the boot traceback) back
+        start_worker()   "start" out; later "started" {pid} and, when it dies, "exited" {status}
+        signal_worker()  the zygote delivers it through the worker's pidfd
+        stop_zygote()    "exit", wait, SIGKILL past the grace period; always reaped
+
+The zygote forks (or spawns) and reaps the workers, so exit statuses are exact; this side
+turns them into words (:func:`describe_exit`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from ..config import PoolConfig
+from ..errors import PoolStartError
+from ..ipc import control, endpoints
+from .weights import PublishedModel
+
+
+class Supervisor:
+    def __init__(self, config: PoolConfig, published: PublishedModel, private_dir: str,
+                 endpoint: str):
+        self.config = config
+        self.published = published
+        self.private_dir = private_dir
+        self.endpoint = endpoint
+        self.zygote: subprocess.Popen | None = None
+        self.zygote_threads = 0
+        self.ctl: socket.socket | None = None
+
+    def start_zygote(self) -> None:
+        """Start the zygote and wait until it has attached the model (or failed to)."""
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        try:
+            self.zygote = subprocess.Popen(
+                [sys.executable, "-m", "workerpool.workers.zygote",
+                 str(child_end.fileno()), str(self.published.fd)],
+                pass_fds=[child_end.fileno(), self.published.fd], env=env)
+        finally:
+            child_end.close()
+        self.ctl = parent_end
+        control.send(parent_end, self._boot_message())
+        parent_end.settimeout(self.config.start_timeout)
+        try:
+            reply = control.recv(parent_end)
+        except socket.timeout:
+            reply = {"op": "boot_error", "traceback":
+                     f"the zygote did not attach the model within {self.config.start_timeout} s"}
+        finally:
+            parent_end.settimeout(None)
+        if reply is None or reply["op"] != "booted":
+            detail = reply["traceback"] if reply else (
+                f"the zygote exited with status {self.zygote.wait()} before attaching")
+            self.stop_zygote()
+            raise PoolStartError(f"the worker zygote could not attach the model:\n{detail}")
+        self.zygote_threads = reply["threads"]
+
+    def _boot_message(self) -> dict:
+        config = self.config
+        return {
+            "op": "boot",
+            "skeleton": self.published.skeleton,
+            "start_method": config.start_method,
+            "sys_path": list(sys.path),
+            "parent_pid": os.getpid(),
+            "private_dir": self.private_dir,
+            "endpoint": self.endpoint,
+            "threads_per_worker": config.threads_per_worker,
+            "credits_per_worker": config.credits_per_worker,
+            "max_message_bytes": config.max_message_bytes,
+            "zero_copy_threshold": config.zero_copy_threshold,
+        }
+
+    @property
+    def control_fd(self) -> int:
+        return self.ctl.fileno()
+
+    @property
+    def zygote_pid(self) -> int | None:
+        return self.zygote.pid if self.zygote else None
+
+    def start_worker(self, worker_id: int) -> None:
+        control.send(self.ctl, {"op": "start", "worker_id": worker_id})
+
+    def signal_worker(self, pid: int, signum: int) -> None:
+        control.send(self.ctl, {"op": "signal", "pid": pid, "signum": signum})
+
+    def read_event(self) -> dict:
+        """The zygote's next report; ``{"op": "zygote_died"}`` when the channel closes."""
+        message = control.recv(self.ctl)
+        return message if message is not None else {"op": "zygote_died"}
+
+    def crash_report(self, worker_id: int) -> str:
+        """What the worker's faulthandler (or boot failure) left behind; removes it."""
+        path = endpoints.crash_log_path(self.private_dir, worker_id)
+        try:
+            with open(path) as log:
+                text = log.read()
+            os.unlink(path)
+        except FileNotFoundError:
+            return ""
+        return text.strip()
+
+    def stop_zygote(self, grace: float = 5.0) -> None:
+        """Let the zygote reap what is left and exit; kill it past ``grace``. Always reaps."""
+        if self.zygote is None:
+            return
+        try:
+            if self.ctl is not None:
+                control.send(self.ctl, {"op": "exit"})
+        except OSError:
+            pass
+        try:
+            self.zygote.wait(grace)
+        except subprocess.TimeoutExpired:
+            # Its workers watch its pidfd and exit with it.
+            self.zygote.kill()
+            self.zygote.wait()
+        if self.ctl is not None:
+            self.ctl.close()
+            self.ctl = None
+
+    def kill_zygote(self) -> None:
+        if self.zygote is not None and self.zygote.poll() is None:
+            self.zygote.kill()
+        self.stop_zygote(grace=5.0)
+
+
+_LIKELY_CAUSE = {
+    signal.SIGKILL: "killed by SIGKILL (out of memory? the kernel's OOM killer sends it)",
+    signal.SIGSEGV: ("a segmentation fault. Most often an in-place write to a shared model "
+                     "weight: weights are mapped read-only in workers, so clone a tensor "
+                     "(t.clone()) before modifying it; otherwise a crash in native code"),
+    signal.SIGBUS: "a bus error (a mapped weight file shrank, or a disk error)",
+    signal.SIGABRT: "aborted (a failed assertion in native code, or stopped by the pool)",
+    signal.SIGTERM: "terminated by another process",
+    signal.SIGFPE: "an arithmetic fault in native code",
+    signal.SIGILL: "an illegal instruction (a library built for another CPU?)",
+}
+
+
+def describe_exit(pid: int, status: int | None) -> str:
+    """Words for how a worker ended: exit code or signal, and the likely cause."""
+    if status is None:
+        return f"worker {pid} vanished (its zygote died)"
+    if status < 0:
+        try:
+            sig = signal.Signals(-status)
+        except ValueError:
+            return f"worker {pid} was killed by signal {-status}"
+        cause = _LIKELY_CAUSE.get(sig, "")
+        return f"worker {pid} was killed by {sig.name}" + (f": {cause}" if cause else "")
+    return (f"worker {pid} exited with code {status} while running this request "
+            "(predict called os._exit/sys.exit, or a library ended the process)")

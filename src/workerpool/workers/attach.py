@@ -1,0 +1,31 @@
+"""Rebuilding the model in a worker from the skeleton and the read-only weight mapping."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+from ..errors import ProtocolError
+from ..ipc import memfd
+
+
+class SkeletonUnpickler(pickle.Unpickler):
+    def __init__(self, file, mapping):
+        super().__init__(file)
+        self._view = memoryview(mapping) if mapping is not None else memoryview(b"")
+
+    def persistent_load(self, pid):
+        tag, offset, nbytes = pid
+        if tag != memfd.BUFFER_TAG or offset + nbytes > len(self._view):
+            raise ProtocolError(f"bad weight reference in the model skeleton: {pid!r}")
+        return self._view[offset:offset + nbytes]
+
+
+def attach(skeleton: bytes, weights_fd: int):
+    """Map the weights read-only and rebuild ``(model, predict)`` over them, zero-copy.
+
+    Returns ``(model, predict, mapping)``; the mapping must outlive the model.
+    """
+    mapping = memfd.map_readonly(weights_fd) if weights_fd >= 0 else None
+    model, predict = SkeletonUnpickler(io.BytesIO(skeleton), mapping).load()
+    return model, predict, mapping

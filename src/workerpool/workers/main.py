@@ -1,0 +1,130 @@
+"""A worker: attached model in, answers out.
+
+    zygote fork (or spawn + attach) ──> serve():
+        lifeline thread: pidfds of the pool's parent and of our own parent; either gone -> exit
+        faulthandler -> crash-<id>.log, so a fatal signal leaves its Python stack for the pool
+        DEALER (identity = worker id) ──connect──> parent's ROUTER
+        READY{pid, credits} ; loop: TASK -> Runner -> RESULT | ERROR ; STOP -> BYE, exit 0
+
+Run as ``python -m workerpool.workers.main WEIGHTS_FD`` it is a spawned worker: it reads its
+boot message (pickled, from the zygote over stdin), attaches the weights and serves.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 70
+EXIT_PARENT_GONE = 71
+
+
+def serve(model, predict, boot: dict, worker_id: int) -> int:
+    """Serve until told to stop; return the exit code. Never returns on parent death."""
+    import zmq
+
+    from ..frameworks import active_adapters
+    from ..ipc import endpoints, protocol
+    from ..ipc.codec import Codec
+    from .runner import Runner
+
+    start_lifeline(boot["parent_pid"])
+    crash_log = open(endpoints.crash_log_path(boot["private_dir"], worker_id), "w")
+    faulthandler.enable(crash_log, all_threads=False)
+    for adapter in active_adapters():
+        if hasattr(adapter, "set_threads"):
+            adapter.set_threads(boot["threads_per_worker"])
+
+    codec = Codec(allow_pickle=True, max_message_bytes=boot["max_message_bytes"],
+                  zero_copy_threshold=boot["zero_copy_threshold"])
+    runner = Runner(model, predict, codec)
+    context = zmq.Context(io_threads=1)
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, b"%d" % worker_id)
+    sock.setsockopt(zmq.LINGER, 1000)
+    # Requests are checked against max_message_bytes before sending; this bounds a rogue peer.
+    sock.setsockopt(zmq.MAXMSGSIZE, boot["max_message_bytes"] + 1024 * 1024)
+    sock.connect(boot["endpoint"])
+    sock.send_multipart([protocol.READY, protocol.pack_meta(
+        {"pid": os.getpid(), "credits": boot["credits_per_worker"]})])
+    try:
+        while True:
+            frames = sock.recv_multipart(copy=False)
+            kind = frames[0].bytes
+            if kind == protocol.TASK:
+                meta = protocol.unpack_meta(frames[1])
+                reply = runner.run(meta, frames[2].bytes, frames[3:])
+                sock.send_multipart(reply, copy=False)
+            elif kind == protocol.STOP:
+                sock.send_multipart([protocol.BYE, protocol.pack_meta({})])
+                return EXIT_OK
+    finally:
+        sock.close()
+        context.term()
+
+
+def start_lifeline(pool_parent_pid: int) -> None:
+    """Exit at once when the pool's process or our own parent (the zygote) dies.
+
+    PR_SET_PDEATHSIG would only watch our direct parent; a pidfd works for any process.
+    """
+    pidfds = [os.pidfd_open(pool_parent_pid)]
+    own_parent = os.getppid()
+    if own_parent != pool_parent_pid:
+        pidfds.append(os.pidfd_open(own_parent))
+    if os.getppid() != own_parent or not _alive(pool_parent_pid):
+        os._exit(EXIT_PARENT_GONE)  # died before we watched it
+
+    def wait_for_death():
+        select.select(pidfds, [], [])
+        os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=wait_for_death, name="workerpool-lifeline", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def spawned_main(argv: list[str]) -> int:
+    """Entry of a spawned worker: boot message on stdin, weights fd in argv."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    boot = pickle.load(sys.stdin.buffer)
+    sys.stdin.close()
+    sys.path[:] = boot["sys_path"]
+    worker_id = boot["worker_id"]
+    try:
+        from .attach import attach
+
+        model, predict, _mapping = attach(boot["skeleton"], int(argv[0]))
+        os.close(int(argv[0]))
+    except BaseException:
+        write_boot_error(boot, worker_id)
+        return EXIT_BOOT_ERROR
+    return serve(model, predict, boot, worker_id)
+
+
+def write_boot_error(boot: dict, worker_id: int) -> None:
+    """Leave the boot failure's traceback where the supervisor reads crash reports."""
+    import traceback
+
+    from ..ipc import endpoints
+
+    with open(endpoints.crash_log_path(boot["private_dir"], worker_id), "w") as log:
+        traceback.print_exc(file=log)
+
+
+if __name__ == "__main__":
+    os._exit(spawned_main(sys.argv[1:]))

@@ -1,0 +1,177 @@
+"""The zygote: the one process that starts workers, and the one that reaps them.
+
+    parent (supervisor) ──control socketpair──> zygote ──fork──> worker (zygote mode)
+                                                       └─spawn─> worker (spawn mode)
+
+The parent spawns the zygote fresh (never forked from the parent, which may have run
+multi-threaded torch ops and hosts the dispatcher thread). In zygote mode it imports the
+user's code, maps the weights read-only and rebuilds the model once; then it only forks, so
+each worker starts with the model already attached: no import, no load, milliseconds. The
+zygote must stay single-threaded and must never run a model op (a child forked after a
+multi-threaded op can hang in OpenMP forever).
+
+In spawn mode it keeps the weights fd and starts ``python -m workerpool.workers.main`` with
+that fd passed on, for libraries where fork is unsafe.
+
+Either way it reaps its children and reports each exit status to the parent, and when the
+parent dies (pidfd) it kills every worker, removes the private directory and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+
+from ..ipc import control, endpoints
+from . import main as worker_main
+
+EXIT_PARENT_GONE = worker_main.EXIT_PARENT_GONE
+
+
+class Zygote:
+    def __init__(self, ctl: socket.socket, boot: dict, weights_fd: int):
+        self.ctl = ctl
+        self.boot = boot
+        self.weights_fd = weights_fd
+        self.parent_pidfd = os.pidfd_open(boot["parent_pid"])
+        self.children: dict[int, tuple[int, int, subprocess.Popen | None]] = {}  # pidfd ->
+        self.exiting = False
+        self.model = self.predict = self.mapping = None
+
+    # -- lifecycle verbs -----------------------------------------------------------------
+    def attach_model(self) -> None:
+        if self.boot["start_method"] != "zygote":
+            return
+        from .attach import attach
+
+        self.model, self.predict, self.mapping = attach(self.boot["skeleton"], self.weights_fd)
+        os.close(self.weights_fd)  # the mapping is all forked workers need
+        self.weights_fd = -1
+
+    def start_worker(self, worker_id: int) -> None:
+        if self.boot["start_method"] == "zygote":
+            pid = os.fork()
+            if pid == 0:
+                self._become_worker(worker_id)  # never returns
+            popen = None
+        else:
+            popen = self._spawn_worker(worker_id)
+            pid = popen.pid
+        self.children[os.pidfd_open(pid)] = (worker_id, pid, popen)
+        control.send(self.ctl, {"op": "started", "worker_id": worker_id, "pid": pid})
+
+    def reap_worker(self, pidfd: int) -> None:
+        worker_id, pid, popen = self.children.pop(pidfd)
+        os.close(pidfd)
+        if popen is not None:
+            status = popen.wait()
+        else:
+            _, wait_status = os.waitpid(pid, 0)
+            status = os.waitstatus_to_exitcode(wait_status)
+        control.send(self.ctl, {"op": "exited", "worker_id": worker_id, "pid": pid,
+                                "status": status})
+
+    def kill_workers(self) -> None:
+        for pidfd, (_, pid, popen) in list(self.children.items()):
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if popen is not None:
+                popen.wait()
+            else:
+                os.waitpid(pid, 0)
+            os.close(pidfd)
+        self.children.clear()
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> int:
+        while True:
+            if self.exiting and not self.children:
+                return 0
+            readable, _, _ = select.select([self.ctl, self.parent_pidfd, *self.children], [], [])
+            for fd in readable:
+                if fd is self.ctl:
+                    message = control.recv(self.ctl)
+                    if message is None:  # the parent closed the channel or died
+                        self.kill_workers()
+                        return 0
+                    self.handle(message)
+                elif fd == self.parent_pidfd:
+                    self.kill_workers()
+                    endpoints.remove_private_dir(self.boot["private_dir"])
+                    return EXIT_PARENT_GONE
+                elif fd in self.children:
+                    self.reap_worker(fd)
+
+    def handle(self, message: dict) -> None:
+        op = message["op"]
+        if op == "start":
+            try:
+                self.start_worker(message["worker_id"])
+            except Exception:
+                control.send(self.ctl, {"op": "start_error", "worker_id": message["worker_id"],
+                                        "traceback": traceback.format_exc()})
+        elif op == "signal":
+            for pidfd, (_, pid, _) in self.children.items():
+                if pid == message["pid"]:
+                    signal.pidfd_send_signal(pidfd, message["signum"])
+        elif op == "exit":
+            self.exiting = True
+
+    # -- the two ways a worker comes to be ---------------------------------------------
+    def _become_worker(self, worker_id: int) -> None:
+        code = worker_main.EXIT_BOOT_ERROR
+        try:
+            self.ctl.close()
+            os.close(self.parent_pidfd)
+            for pidfd in self.children:
+                os.close(pidfd)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            code = worker_main.serve(self.model, self.predict, self.boot, worker_id)
+        except BaseException:
+            worker_main.write_boot_error(self.boot, worker_id)
+        finally:
+            os._exit(code)
+
+    def _spawn_worker(self, worker_id: int) -> subprocess.Popen:
+        threads = str(self.boot["threads_per_worker"])
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "workerpool.workers.main", str(self.weights_fd)],
+            stdin=subprocess.PIPE, pass_fds=[self.weights_fd], env=env)
+        popen.stdin.write(pickle.dumps(dict(self.boot, worker_id=worker_id),
+                                       protocol=pickle.HIGHEST_PROTOCOL))
+        popen.stdin.close()
+        return popen
+
+
+def os_thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    ctl = socket.socket(fileno=int(argv[0]))
+    boot = control.recv(ctl)
+    if boot is None:
+        return 0
+    sys.path[:] = boot["sys_path"]
+    try:
+        zygote = Zygote(ctl, boot, int(argv[1]))
+        zygote.attach_model()
+    except BaseException:
+        control.send(ctl, {"op": "boot_error", "traceback": traceback.format_exc()})
+        return worker_main.EXIT_BOOT_ERROR
+    control.send(ctl, {"op": "booted", "pid": os.getpid(), "threads": os_thread_count()})
+    return zygote.run()
+
+
+if __name__ == "__main__":
+    os._exit(main(sys.argv[1:]))
