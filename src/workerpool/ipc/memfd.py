@@ -9,9 +9,11 @@ for everyone); the parent maps it copy-on-write so its own object stays usable.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
+import weakref
 
 MEMFD_NAME = "workerpool-weights"
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
@@ -46,15 +48,36 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         offset += written
 
 
-def map_readonly(fd: int) -> mmap.mmap:
+def map_readonly(fd: int) -> memoryview:
     """Map the whole segment shared and read-only (what workers do)."""
-    return mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    return _map(fd, mmap.PROT_READ, mmap.MAP_SHARED).toreadonly()
 
 
-def map_copy_on_write(fd: int) -> mmap.mmap:
+def map_copy_on_write(fd: int) -> memoryview:
     """Map the whole segment private and writable: reads share the pages, writes copy them."""
-    return mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_PRIVATE,
-                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return _map(fd, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE)
+
+
+# Python's mmap.mmap keeps a dup of the fd open for as long as the mapping lives; the
+# weights must leave no fd behind once the pool is closed, so map through libc. The pages
+# are unmapped when the last array or tensor viewing them is gone.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _map(fd: int, prot: int, flags: int) -> memoryview:
+    size = os.fstat(fd).st_size
+    address = _libc.mmap(None, size, prot, flags, fd, 0)
+    if address == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of the weight segment failed: {os.strerror(err)}")
+    pages = type("Pages", (ctypes.c_ubyte * size,), {}).from_address(address)
+    weakref.finalize(pages, _libc.munmap, address, size)
+    return memoryview(pages).cast("B")
 
 
 def is_sealed(fd: int) -> bool:

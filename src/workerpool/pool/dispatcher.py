@@ -8,9 +8,11 @@
         control <- started / exited{status} / start_error       (from the zygote)
         futures <- result, the remote exception, or WorkerCrashed / PoolClosed / PoolBroken
 
-A worker that dies has its in-flight requests retried once on another worker; a request
-in flight on two workers that died fails with WorkerCrashed. Replacements are forked from the
-zygote, which still holds the attached model: nothing is reloaded.
+A worker that dies has its in-flight requests retried once on another worker. Each retry
+runs alone on an idle worker (nothing else is sent there meanwhile), so a request that
+kills workers (a poison pill) fails with WorkerCrashed on its second crash without taking
+innocent requests down with it. Replacements are forked from the zygote, which still holds
+the attached model: nothing is reloaded.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class WorkerSlot:
     """The dispatcher's view of one worker process."""
 
     __slots__ = ("worker_id", "identity", "pid", "credits", "inflight", "served", "state",
-                 "started_at", "ready_at")
+                 "started_at", "ready_at", "isolating")
 
     def __init__(self, worker_id: int):
         self.worker_id = worker_id
@@ -66,6 +68,7 @@ class WorkerSlot:
         self.state = "starting"  # -> ready -> stopping -> (gone)
         self.started_at = time.monotonic()
         self.ready_at: float | None = None
+        self.isolating = False  # running a retried request alone
 
 
 class Dispatcher(threading.Thread):
@@ -83,6 +86,7 @@ class Dispatcher(threading.Thread):
         self.broken: BaseException | None = None
         self.closing = False
         self.pending: collections.deque[Request] = collections.deque()
+        self.retries: collections.deque[Request] = collections.deque()  # from dead workers
         self.workers: dict[int, WorkerSlot] = {}  # worker id -> slot
         self.by_identity: dict[bytes, WorkerSlot] = {}
         self.worker_ids = itertools.count(1)
@@ -153,7 +157,7 @@ class Dispatcher(threading.Thread):
     def finished(self) -> bool:
         if self.start_error is not None:
             return True
-        return self.closing and not self.pending and not any(
+        return self.closing and not self.pending and not self.retries and not any(
             w.inflight for w in self.workers.values())
 
     def poll_timeout_ms(self) -> int | None:
@@ -190,33 +194,46 @@ class Dispatcher(threading.Thread):
 
     # -- sending work --------------------------------------------------------------------
     def dispatch(self) -> None:
+        while self.retries:
+            worker = self.pick_worker(idle=True)
+            if worker is None:
+                break
+            worker.isolating = self.send(worker, self.retries.popleft())
         while self.pending:
-            worker = self.pick_worker()
+            worker = self.pick_worker(idle=False)
             if worker is None:
                 return
             request = self.pending.popleft()
-            if request.attempts == 0 and not request.future.set_running_or_notify_cancel():
-                continue  # cancelled while queued
-            try:
-                self.router.send_multipart(
-                    [worker.identity, protocol.TASK, protocol.pack_meta({"id": request.id}),
-                     request.body, *request.frames], copy=False)
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                # Its connection is gone; the zygote will report the exit shortly.
-                worker.credits = 0
-                self.pending.appendleft(request)
-                continue
-            request.attempts += 1
-            worker.credits -= 1
-            worker.inflight[request.id] = request
+            if mark_running(request.future):
+                self.send(worker, request)
 
-    def pick_worker(self) -> WorkerSlot | None:
+    def send(self, worker: WorkerSlot, request: Request) -> bool:
+        """Send one TASK; False (and the request queued again) if the worker is gone."""
+        try:
+            self.router.send_multipart(
+                [worker.identity, protocol.TASK, protocol.pack_meta({"id": request.id}),
+                 request.body, *request.frames], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            # Its connection is gone; the zygote will report the exit shortly.
+            worker.credits = 0
+            (self.retries if request.attempts else self.pending).appendleft(request)
+            return False
+        request.attempts += 1
+        worker.credits -= 1
+        worker.inflight[request.id] = request
+        return True
+
+    def pick_worker(self, idle: bool) -> WorkerSlot | None:
+        """The ready worker with the most credit; with ``idle``, one running nothing."""
         best = None
         for worker in self.workers.values():
-            if worker.state == "ready" and worker.credits > 0 and (
-                    best is None or worker.credits > best.credits):
+            if worker.state != "ready" or worker.isolating or worker.credits <= 0:
+                continue
+            if idle and worker.inflight:
+                continue
+            if best is None or worker.credits > best.credits:
                 best = worker
         return best
 
@@ -259,6 +276,7 @@ class Dispatcher(threading.Thread):
         if request is not None:
             worker.credits += 1
             worker.served += 1
+            worker.isolating = False
         return request
 
     def on_result(self, worker: WorkerSlot, meta: dict, body, frames: list) -> None:
@@ -313,7 +331,7 @@ class Dispatcher(threading.Thread):
                     + (f"\nPython stack at the crash:\n{report}" if report else ""),
                     pid=worker.pid, exitcode=status, crash_traceback=report))
             else:
-                self.pending.appendleft(request)
+                self.retries.appendleft(request)
         worker.inflight.clear()
         if not self.closing and self.broken is None:
             self.restarts += 1
@@ -337,9 +355,11 @@ class Dispatcher(threading.Thread):
             self.fail_everything(error)
 
     def fail_everything(self, error: BaseException) -> None:
+        while self.retries:
+            self.retries.popleft().future.set_exception(error)
         while self.pending:
             request = self.pending.popleft()
-            if request.attempts or request.future.set_running_or_notify_cancel():
+            if mark_running(request.future):
                 request.future.set_exception(error)
         for worker in self.workers.values():
             for request in worker.inflight.values():
@@ -381,6 +401,11 @@ class Dispatcher(threading.Thread):
 
 
 _CLOSE = object()
+
+
+def mark_running(future: Future) -> bool:
+    """Move a queued future to running; False if the caller cancelled it meanwhile."""
+    return future.running() or future.set_running_or_notify_cancel()
 
 
 def rebuild_exception(meta: dict) -> BaseException:

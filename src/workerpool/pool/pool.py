@@ -73,7 +73,7 @@ class Pool:
         self._codec = Codec(allow_pickle=True, max_message_bytes=self.config.max_message_bytes,
                             zero_copy_threshold=self.config.zero_copy_threshold)
         self._dispatcher: Dispatcher | None = None
-        self._published, self._parent_mapping = publish(load(), predict)
+        self._published = publish(load(), predict)
         self._private_dir = endpoints.make_private_dir()
         endpoint = endpoints.pool_endpoint(self._private_dir)
         self._supervisor = Supervisor(self.config, self._published, self._private_dir, endpoint)
@@ -125,13 +125,16 @@ class Pool:
         for row in rows:
             row.update(memory.process_memory(row["pid"]) if row["pid"] else {})
             segment = memory.segment_mappings(row["pid"]) if row["pid"] else []
+            # resident pages of the weights, this worker's share of them, and pages it
+            # copied privately (copy-on-write): the last one must stay 0
             row["weights_rss"] = sum(m.get("rss", 0) for m in segment)
-            row["weights_private"] = sum(
-                m.get("private_clean", 0) + m.get("private_dirty", 0) for m in segment)
+            row["weights_pss"] = sum(m.get("pss", 0) for m in segment)
+            row["weights_copied"] = sum(m.get("anonymous", 0) for m in segment)
             workers.append(row)
         parent = dict(pid=os.getpid(), **memory.process_memory(os.getpid()))
         zygote_pid = self._supervisor.zygote_pid
-        zygote = dict(pid=zygote_pid, **memory.process_memory(zygote_pid))
+        zygote = dict(pid=zygote_pid, threads_at_boot=self._supervisor.zygote_threads,
+                      **memory.process_memory(zygote_pid))
         return {
             "start_method": self.config.start_method,
             "model_bytes": self._published.weight_bytes,

@@ -56,10 +56,9 @@ class SegmentLayout:
         """After sealing, call ``repoint(view_of_ref, obj, *args)`` in the parent."""
         self._repoints.append((repoint, obj, ref, args))
 
-    def repoint_all(self, mapping) -> None:
-        view = memoryview(mapping)
+    def repoint_all(self, mapping: memoryview) -> None:
         for repoint, obj, ref, args in self._repoints:
-            repoint(view[ref.offset:ref.offset + ref.nbytes], obj, *args)
+            repoint(mapping[ref.offset:ref.offset + ref.nbytes], obj, *args)
         self._repoints.clear()
 
 
@@ -100,9 +99,11 @@ class PublishedModel:
             self.fd = -1
 
 
-def publish(model, predict) -> tuple[PublishedModel, object]:
-    """Publish ``(model, predict)``; returns the published form and the parent's
-    copy-on-write mapping (keep it alive as long as the parent uses ``model``)."""
+def publish(model, predict) -> PublishedModel:
+    """Publish ``(model, predict)``: weights into a sealed memfd, the rest into a skeleton.
+
+    The parent's own torch tensors in ``model`` are re-pointed at a copy-on-write mapping
+    of the memfd (unmapped when the last of them is gone)."""
     layout = SegmentLayout()
     stream = io.BytesIO()
     try:
@@ -115,8 +116,6 @@ def publish(model, predict) -> tuple[PublishedModel, object]:
     fd = memfd.create_sealed(layout.size, layout.chunks)
     n_buffers = len(layout.chunks)
     layout.chunks.clear()  # the private originals may go now
-    mapping = None
     if layout.size:
-        mapping = memfd.map_copy_on_write(fd)
-        layout.repoint_all(mapping)
-    return PublishedModel(fd, layout.size, n_buffers, stream.getvalue()), mapping
+        layout.repoint_all(memfd.map_copy_on_write(fd))
+    return PublishedModel(fd, layout.size, n_buffers, stream.getvalue())

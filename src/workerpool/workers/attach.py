@@ -12,7 +12,7 @@ from ..ipc import memfd
 class SkeletonUnpickler(pickle.Unpickler):
     def __init__(self, file, mapping):
         super().__init__(file)
-        self._view = memoryview(mapping) if mapping is not None else memoryview(b"")
+        self._view = mapping
 
     def persistent_load(self, pid):
         tag, offset, nbytes = pid
@@ -24,8 +24,6 @@ class SkeletonUnpickler(pickle.Unpickler):
 def attach(skeleton: bytes, weights_fd: int):
     """Map the weights read-only and rebuild ``(model, predict)`` over them, zero-copy.
 
-    Returns ``(model, predict, mapping)``; the mapping must outlive the model.
+    Returns ``(model, predict)``; the model's arrays keep the mapping alive.
     """
-    mapping = memfd.map_readonly(weights_fd) if weights_fd >= 0 else None
-    model, predict = SkeletonUnpickler(io.BytesIO(skeleton), mapping).load()
-    return model, predict, mapping
+    return SkeletonUnpickler(io.BytesIO(skeleton), memfd.map_readonly(weights_fd)).load()

@@ -42,7 +42,7 @@ def serve(model, predict, boot: dict, worker_id: int) -> int:
             adapter.set_threads(boot["threads_per_worker"])
 
     codec = Codec(allow_pickle=True, max_message_bytes=boot["max_message_bytes"],
-                  zero_copy_threshold=boot["zero_copy_threshold"])
+                  zero_copy_threshold=boot["zero_copy_threshold"], align_arrays=True)
     runner = Runner(model, predict, codec)
     context = zmq.Context(io_threads=1)
     sock = context.socket(zmq.DEALER)
@@ -108,7 +108,7 @@ def spawned_main(argv: list[str]) -> int:
     try:
         from .attach import attach
 
-        model, predict, _mapping = attach(boot["skeleton"], int(argv[0]))
+        model, predict = attach(boot["skeleton"], int(argv[0]))
         os.close(int(argv[0]))
     except BaseException:
         write_boot_error(boot, worker_id)

@@ -42,7 +42,7 @@ class Zygote:
         self.parent_pidfd = os.pidfd_open(boot["parent_pid"])
         self.children: dict[int, tuple[int, int, subprocess.Popen | None]] = {}  # pidfd ->
         self.exiting = False
-        self.model = self.predict = self.mapping = None
+        self.model = self.predict = None
 
     # -- lifecycle verbs -----------------------------------------------------------------
     def attach_model(self) -> None:
@@ -50,7 +50,7 @@ class Zygote:
             return
         from .attach import attach
 
-        self.model, self.predict, self.mapping = attach(self.boot["skeleton"], self.weights_fd)
+        self.model, self.predict = attach(self.boot["skeleton"], self.weights_fd)
         os.close(self.weights_fd)  # the mapping is all forked workers need
         self.weights_fd = -1
 

@@ -1,0 +1,109 @@
+"""Shared helpers of the benchmarks: a fp32 MLP of a target size, PSS/USS of processes,
+the model functions the pools run, and JSON + markdown output."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import psutil
+import torch
+from torch import nn
+
+MIB = 1024 * 1024
+MAX_WIDTH = 4096
+BATCH = 8
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+# -- the model ---------------------------------------------------------------------------
+def mlp_shape(mib: int) -> tuple[int, int]:
+    """(width, layers) of square Linear layers holding about ``mib`` MiB of fp32 weights."""
+    width = min(MAX_WIDTH, int((mib * MIB / 4) ** 0.5) // 64 * 64)
+    return width, max(1, round(mib * MIB / (4 * width * width)))
+
+
+def mlp_skeleton(width: int, layers: int) -> nn.Sequential:
+    modules: list[nn.Module] = []
+    for _ in range(layers):
+        modules += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*modules).eval()
+
+
+def build_mlp(mib: int) -> nn.Sequential:
+    """The benchmark model: ``mib`` MiB of fp32 weights, seeded."""
+    torch.manual_seed(0)
+    return mlp_skeleton(*mlp_shape(mib))
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def make_input(mib: int) -> torch.Tensor:
+    return torch.ones(BATCH, mlp_shape(mib)[0])
+
+
+def predict(model, x):
+    """What the workers run: one forward pass; returns the worker's pid and a checksum."""
+    return os.getpid(), float(model(x).sum())
+
+
+# -- memory ------------------------------------------------------------------------------
+def memory_of(pids) -> dict[int, dict]:
+    """{pid: {"pss", "uss"}} in bytes for each live pid (psutil memory_full_info)."""
+    out = {}
+    for pid in pids:
+        try:
+            info = psutil.Process(pid).memory_full_info()
+        except psutil.NoSuchProcess:
+            continue
+        out[pid] = {"pss": info.pss, "uss": info.uss}
+    return out
+
+
+def tree_pids(root: int | None = None) -> list[int]:
+    """``root`` (default: this process) and all its descendants."""
+    proc = psutil.Process(root)
+    return [proc.pid] + [c.pid for c in proc.children(recursive=True)]
+
+
+def memfd_mappings(pid: int | None = None) -> int:
+    """How many mappings of a workerpool weight memfd ``pid`` still has (leak check)."""
+    with open(f"/proc/{pid or os.getpid()}/maps") as maps:
+        return sum("memfd:workerpool-weights" in line for line in maps)
+
+
+def mib(nbytes: float) -> float:
+    return round(nbytes / MIB, 1)
+
+
+# -- output ------------------------------------------------------------------------------
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    return str(value)
+
+
+def emit(result, name: str, markdown: str) -> None:
+    """JSON on stdout, markdown into bench/results/<name>.md."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(markdown + "\n")
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    print(f"wrote {RESULTS / f'{name}.md'}", file=sys.stderr)
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)

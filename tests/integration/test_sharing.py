@@ -1,0 +1,89 @@
+"""The weights exist once: workers map the same read-only pages, and adding workers adds
+only their small private overhead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import modelzoo
+import workerpool as wp
+from workerpool.pool import memory
+
+MIB = modelzoo.MIB
+MODEL_MIB = 64
+
+
+def warm_up(pool, n_workers):
+    """Run requests until every worker has served at least one (all weights touched)."""
+    x = torch.randn(4, 1024)
+    for _ in range(50):
+        list(pool.map([x] * (4 * n_workers)))
+        stats = pool.stats()
+        if all(w["requests_served"] > 0 for w in stats["workers"]):
+            return stats
+    pytest.fail(f"not every worker served a request: {stats['workers']}")
+
+
+def test_four_workers_cost_little_more_than_one():
+    totals = {}
+    for n_workers in (1, 4):
+        with wp.Pool(modelzoo.mlp_64mib, modelzoo.torch_predict, workers=n_workers) as pool:
+            stats = warm_up(pool, n_workers)
+            totals[n_workers] = stats["total_pss"]
+            assert stats["model_bytes"] >= MODEL_MIB * MIB
+            for worker in stats["workers"]:
+                # every worker has the whole model resident, and not one page copied
+                assert worker["weights_rss"] >= stats["model_bytes"] * 0.95
+                assert worker["weights_copied"] == 0
+                if n_workers == 4:  # the pages are counted shared among the workers
+                    assert worker["weights_pss"] <= worker["weights_rss"] / 3
+    added = totals[4] - totals[1]
+    # Copies would add >= 3 x 64 MiB; three extra workers must add less than 3 x 40 MiB.
+    assert added < 3 * 40 * MIB, f"4 workers cost {added / MIB:.0f} MiB more than 1"
+
+
+@pytest.mark.parametrize("start_method", ["zygote", "spawn"])
+def test_workers_map_the_segment_read_only_and_shared(start_method):
+    with wp.Pool(modelzoo.mlp_64mib, modelzoo.torch_predict, workers=2,
+                 start_method=start_method) as pool:
+        stats = warm_up(pool, 2)
+        for worker in stats["workers"]:
+            mappings = memory.segment_mappings(worker["pid"])
+            assert mappings, "the worker has no mapping of the weight segment"
+            for mapping in mappings:
+                assert mapping["perms"].startswith("r-"), mapping  # no write permission
+                assert mapping["perms"][3] == "s", mapping  # shared, not a private copy
+            assert worker["weights_copied"] == 0
+            assert worker["weights_rss"] >= stats["model_bytes"] * 0.95
+            assert worker["weights_pss"] <= worker["weights_rss"] * 0.6  # shared by two
+
+
+def test_zygote_is_single_threaded():
+    with wp.Pool(modelzoo.mlp, modelzoo.torch_predict, workers=1) as pool:
+        assert pool.stats()["zygote"]["threads_at_boot"] == 1
+
+
+def test_parent_model_is_repointed_at_the_segment():
+    net = modelzoo.mlp_of_size(8)
+    x = torch.randn(2, 1024)
+    with modelzoo.torch_threads(1), torch.inference_mode():
+        before = net(x)
+    with wp.Pool(lambda: net, modelzoo.torch_predict, workers=1) as pool:
+        ranges = segment_ranges()
+        for parameter in net.parameters():
+            pointer = parameter.data_ptr()
+            assert any(lo <= pointer < hi for lo, hi in ranges), "parameter still private"
+        with modelzoo.torch_threads(1), torch.inference_mode():
+            assert torch.equal(net(x), before)
+        assert torch.equal(pool.submit(x).result(timeout=60), before)
+
+
+def segment_ranges():
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "memfd:workerpool-weights" in line:
+                lo, hi = line.split()[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges

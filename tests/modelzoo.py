@@ -1,0 +1,75 @@
+"""Small real models for the tests, importable by reference from worker processes."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+MIB = 1024 * 1024
+
+
+def mlp(in_features: int = 32, hidden: int = 128, out_features: int = 8, seed: int = 0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(),
+                         nn.Linear(hidden, out_features)).eval()
+
+
+def mlp_of_size(mib: int, width: int = 1024, seed: int = 0):
+    """An MLP of about ``mib`` MiB of fp32 weights (width x width layers)."""
+    torch.manual_seed(seed)
+    layers = max(1, round(mib * MIB / (width * width * 4)))
+    modules: list[nn.Module] = []
+    for _ in range(layers):
+        modules += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*modules).eval()
+
+
+def mlp_64mib():
+    return mlp_of_size(64)
+
+
+def transformer(seed: int = 0):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128,
+                                       batch_first=True, dropout=0.0)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+
+
+def numpy_model(seed: int = 0):
+    """A dict-of-arrays model with non-array state riding along."""
+    rng = np.random.default_rng(seed)
+    return {
+        "w1": rng.standard_normal((32, 64)).astype(np.float32),
+        "b1": rng.standard_normal(64).astype(np.float32),
+        "w2": rng.standard_normal((64, 4)).astype(np.float64),
+        "labels": ["a", "b", "c", "d"],
+    }
+
+
+def numpy_predict(model, x):
+    hidden = np.maximum(x @ model["w1"] + model["b1"], 0)
+    scores = hidden.astype(np.float64) @ model["w2"]
+    return {"scores": scores, "label": [model["labels"][i] for i in scores.argmax(axis=1)]}
+
+
+def torch_predict(model, x):
+    return model(x)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Reference outputs are computed with the workers' thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def reference(load, predict, *args):
+    with torch_threads(1), torch.inference_mode():
+        return predict(load(), *args)
