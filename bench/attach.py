@@ -83,7 +83,10 @@ def replace_one(pool, x) -> dict:
     old = set(pool.pids)
     killed_at = time.monotonic()  # the dispatcher's clock too
     os.kill(min(old), signal.SIGKILL)
-    fresh = lambda: [p for p in pool.pids if p not in old]  # noqa: E731
+
+    def fresh() -> list[int]:
+        return [p for p in pool.pids if p not in old]
+
     seen = wait_for(fresh)
     new = fresh()[0]
     ready = wait_for(lambda: any(w["pid"] == new and w["state"] == "ready"
@@ -91,7 +94,10 @@ def replace_one(pool, x) -> dict:
     result_from(pool, x, new)
     answered = time.monotonic()
     started_at, ready_at = slot_clock(pool)[new]
-    ms = lambda t: (t - killed_at) * 1000  # noqa: E731
+
+    def ms(t: float) -> float:
+        return (t - killed_at) * 1000
+
     return {"new_pid_ms": ms(seen), "ready_ms": ms(ready), "ready_exact_ms": ms(ready_at),
             "start_to_ready_ms": (ready_at - started_at) * 1000, "first_result_ms": ms(answered)}
 
@@ -127,7 +133,8 @@ def ratios(rows: list[dict]) -> list[dict]:
         series = sorted((r for r in rows if r["start_method"] == method),
                         key=lambda r: r["model_mib"])
         small, large = series[0], series[-1]
-        out.append({"start_method": method, "sizes": f"{large['model_mib']} / {small['model_mib']} MiB",
+        out.append({"start_method": method,
+                    "sizes": f"{large['model_mib']} / {small['model_mib']} MiB",
                     **{k: round(large[k] / small[k], 2) for k in
                        ("replace_ready_ms", "replace_ready_exact_ms", "replace_start_to_ready_ms",
                         "replace_first_result_ms", "pool_start_excl_load_s")}})
@@ -136,8 +143,8 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 COLUMNS = ["model_mib", "start_method", "load_s", "pool_start_s", "pool_start_excl_load_s",
            "initial_start_to_ready_ms", "first_request_ms", "warm_request_ms",
-           "replace_new_pid_ms", "replace_ready_ms", "replace_ready_exact_ms", "replace_start_to_ready_ms",
-           "replace_first_result_ms", "stats_call_ms"]
+           "replace_new_pid_ms", "replace_ready_ms", "replace_ready_exact_ms",
+           "replace_start_to_ready_ms", "replace_first_result_ms", "stats_call_ms"]
 
 
 def main() -> None:

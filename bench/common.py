@@ -89,6 +89,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def _cell(value) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
     if isinstance(value, list):

@@ -10,6 +10,8 @@ For each model size and worker count N, after every worker has run at least one 
 
 Prints JSON (rows + the PSS each extra workerpool worker adds) and writes
 bench/results/memory.md. Memory is PSS/USS in MiB; ratio is total PSS / the baseline's.
+ready_s runs from creating the pool to the end of the warm-up: workerpool's includes load()
+(building the model), the baseline's does not (its state_dict file is saved beforehand).
 
     .venv/bin/python bench/memory.py [--sizes 256,1024] [--workers 1,2,4]
 """
@@ -132,8 +134,8 @@ def added_per_worker(rows: list[dict]) -> list[dict]:
                         if (r["model_mib"], r["method"]) == key)
         if len(series) > 1:
             (n0, p0), (n1, p1) = series[0], series[-1]
-            out.append({"model_mib": key[0], "method": key[1], "from_workers": n0,
-                        "to_workers": n1, "added_pss_per_worker_mib": round((p1 - p0) / (n1 - n0), 1)})
+            out.append({"model_mib": key[0], "method": key[1], "from_workers": n0, "to_workers": n1,
+                        "added_pss_per_worker_mib": round((p1 - p0) / (n1 - n0), 1)})
     return out
 
 
