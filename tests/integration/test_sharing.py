@@ -8,7 +8,6 @@ import torch
 
 import modelzoo
 import workerpool as wp
-from workerpool.pool import memory
 
 MIB = modelzoo.MIB
 MODEL_MIB = 64
@@ -49,7 +48,7 @@ def test_workers_map_the_segment_read_only_and_shared(start_method):
                  start_method=start_method) as pool:
         stats = warm_up(pool, 2)
         for worker in stats["workers"]:
-            mappings = memory.segment_mappings(worker["pid"])
+            mappings = worker["weights_mappings"]
             assert mappings, "the worker has no mapping of the weight segment"
             for mapping in mappings:
                 assert mapping["perms"].startswith("r-"), mapping  # no write permission

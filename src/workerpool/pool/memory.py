@@ -1,36 +1,66 @@
-"""Memory accounting of the pool's processes: PSS/USS (psutil) and the weight segment's share."""
+"""Memory accounting of the pool's processes, from one pass over /proc/PID/smaps.
+
+PSS (proportional set size) splits each shared page among the processes mapping it, so the
+PSS summed over the parent, the zygote and the workers is the pool's true footprint; USS
+(private pages) is what one process costs on its own. For the weight segment we also count
+pages copied privately (``Anonymous`` in its mapping): that must stay 0.
+"""
 
 from __future__ import annotations
 
-import psutil
-
 from ..ipc import memfd
 
-
-def process_memory(pid: int) -> dict:
-    """PSS, USS, RSS and resident shared bytes of ``pid`` (zeros if it is gone)."""
-    try:
-        info = psutil.Process(pid).memory_full_info()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return {"pss": 0, "uss": 0, "rss": 0, "shared": 0}
-    return {"pss": info.pss, "uss": info.uss, "rss": info.rss, "shared": info.shared}
+_KB = 1024
+_SEGMENT_NAME = f"memfd:{memfd.MEMFD_NAME}"
 
 
-def segment_mappings(pid: int) -> list[dict]:
-    """Every mapping of the weight memfd in ``pid``: permissions and its smaps counters (bytes)."""
-    mappings: list[dict] = []
-    current = None
+def process_memory(pid: int | None) -> dict:
+    """PSS, USS, RSS, resident shared bytes, and the weight segment's share, of ``pid``.
+
+    Zeros when the process is gone."""
+    usage = dict.fromkeys(("pss", "uss", "rss", "shared", "weights_rss", "weights_pss",
+                           "weights_copied"), 0)
+    usage["weights_mappings"] = []
+    if not pid:
+        return usage
+    segment = None
     try:
         with open(f"/proc/{pid}/smaps") as smaps:
             for line in smaps:
-                fields = line.split()
-                if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
-                    current = None
-                    if len(fields) >= 6 and f"memfd:{memfd.MEMFD_NAME}" in line:
-                        current = {"perms": fields[1]}
-                        mappings.append(current)
-                elif current is not None and len(fields) == 3 and fields[2] == "kB":
-                    current[fields[0].rstrip(":").lower()] = int(fields[1]) * 1024
+                key, _, rest = line.partition(" ")
+                if not key.endswith(":"):  # a mapping's header line: "start-end perms ..."
+                    segment = None
+                    if _SEGMENT_NAME in rest:
+                        segment = {"perms": rest.split(None, 1)[0]}
+                        usage["weights_mappings"].append(segment)
+                    continue
+                if not rest.endswith("kB\n"):
+                    continue
+                value = int(rest.split()[0]) * _KB
+                _count(usage, key, value)
+                if segment is not None:
+                    segment[key[:-1].lower()] = value
+                    _count_segment(usage, key, value)
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass
-    return mappings
+    return usage
+
+
+def _count(usage: dict, key: str, value: int) -> None:
+    if key == "Pss:":
+        usage["pss"] += value
+    elif key == "Rss:":
+        usage["rss"] += value
+    elif key in ("Private_Clean:", "Private_Dirty:"):
+        usage["uss"] += value
+    elif key in ("Shared_Clean:", "Shared_Dirty:"):
+        usage["shared"] += value
+
+
+def _count_segment(usage: dict, key: str, value: int) -> None:
+    if key == "Rss:":
+        usage["weights_rss"] += value
+    elif key == "Pss:":
+        usage["weights_pss"] += value
+    elif key == "Anonymous:":
+        usage["weights_copied"] += value

@@ -117,25 +117,16 @@ class Pool:
             yield in_flight.popleft().result()
 
     # -- observation ---------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Per-worker pid, PSS, USS, shared bytes, requests served; totals; model size."""
+    def stats(self, memory_usage: bool = True) -> dict:
+        """Per-worker pid, state, requests served, start time, and (``memory_usage``) PSS,
+        USS, RSS, shared bytes and the weights' resident/proportional/copied bytes; the
+        pool's total PSS (parent + zygote + workers); the published model's size."""
         self._check_open()
-        rows, queued, restarts = self._dispatcher.call(self._dispatcher_snapshot, timeout=30)
-        workers = []
-        for row in rows:
-            row.update(memory.process_memory(row["pid"]) if row["pid"] else {})
-            segment = memory.segment_mappings(row["pid"]) if row["pid"] else []
-            # resident pages of the weights, this worker's share of them, and pages it
-            # copied privately (copy-on-write): the last one must stay 0
-            row["weights_rss"] = sum(m.get("rss", 0) for m in segment)
-            row["weights_pss"] = sum(m.get("pss", 0) for m in segment)
-            row["weights_copied"] = sum(m.get("anonymous", 0) for m in segment)
-            workers.append(row)
-        parent = dict(pid=os.getpid(), **memory.process_memory(os.getpid()))
-        zygote_pid = self._supervisor.zygote_pid
-        zygote = dict(pid=zygote_pid, threads_at_boot=self._supervisor.zygote_threads,
-                      **memory.process_memory(zygote_pid))
-        return {
+        workers, queued, restarts = self._dispatcher.call(self._dispatcher_snapshot, timeout=30)
+        zygote = {"pid": self._supervisor.zygote_pid,
+                  "threads_at_boot": self._supervisor.zygote_threads}
+        parent = {"pid": os.getpid()}
+        stats = {
             "start_method": self.config.start_method,
             "model_bytes": self._published.weight_bytes,
             "model_buffers": self._published.n_buffers,
@@ -143,21 +134,27 @@ class Pool:
             "workers": workers,
             "parent": parent,
             "zygote": zygote,
-            "total_pss": parent["pss"] + zygote["pss"] + sum(w.get("pss", 0) for w in workers),
             "queued": queued,
             "restarts": restarts,
         }
+        if memory_usage:
+            for row in (parent, zygote, *workers):
+                row.update(memory.process_memory(row["pid"]))
+            stats["total_pss"] = sum(row["pss"] for row in (parent, zygote, *workers))
+        return stats
 
     def _dispatcher_snapshot(self):
         d = self._dispatcher
         rows = [{"worker_id": w.worker_id, "pid": w.pid, "state": w.state,
-                 "requests_served": w.served, "in_flight": len(w.inflight)}
+                 "requests_served": w.served, "in_flight": len(w.inflight),
+                 "start_to_ready_ms": None if w.ready_at is None
+                 else round((w.ready_at - w.started_at) * 1000, 3)}
                 for w in d.workers.values()]
         return rows, len(d.pending), d.restarts
 
     @property
     def pids(self) -> list[int]:
-        """Pids of the live workers."""
+        """Pids of the current workers (ready or starting)."""
         return [row["pid"] for row in self._dispatcher.call(self._dispatcher_snapshot)[0]
                 if row["pid"]]
 
