@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import modelzoo
+from procinfo import segment_ranges
 import workerpool as wp
 
 MIB = modelzoo.MIB
@@ -76,13 +77,3 @@ def test_parent_model_is_repointed_at_the_segment():
         with modelzoo.torch_threads(1), torch.inference_mode():
             assert torch.equal(net(x), before)
         assert torch.equal(pool.submit(x).result(timeout=60), before)
-
-
-def segment_ranges():
-    ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if "memfd:workerpool-weights" in line:
-                lo, hi = line.split()[0].split("-")
-                ranges.append((int(lo, 16), int(hi, 16)))
-    return ranges

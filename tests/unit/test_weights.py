@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from procinfo import segment_ranges
 from workerpool.ipc import memfd
 from workerpool.pool.weights import publish
 from workerpool.workers.attach import attach
@@ -17,12 +18,6 @@ from workerpool.workers.attach import attach
 
 def predict(model, x):
     return x
-
-
-def segment_ranges():
-    with open("/proc/self/maps") as maps:
-        lines = [line for line in maps if "memfd:workerpool-weights" in line]
-    return [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in lines]
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ multi-threaded op can hang in OpenMP forever).
 In spawn mode it keeps the weights fd and starts ``python -m workerpool.workers.main`` with
 that fd passed on, for libraries where fork is unsafe.
 
-Either way it reaps its children and reports each exit status to the parent, and when the
-parent dies (pidfd) it kills every worker, removes the private directory and exits.
+Either way it reaps its children and reports each exit status to the parent. When the
+parent dies (pidfd) or closes the channel it kills every worker; on its way out it removes
+the pool's private directory.
 """
 
 from __future__ import annotations
@@ -105,7 +106,6 @@ class Zygote:
                     self.handle(message)
                 elif fd == self.parent_pidfd:
                     self.kill_workers()
-                    endpoints.remove_private_dir(self.boot["private_dir"])
                     return EXIT_PARENT_GONE
                 elif fd in self.children:
                     self.reap_worker(fd)
@@ -170,7 +170,11 @@ def main(argv: list[str]) -> int:
         control.send(ctl, {"op": "boot_error", "traceback": traceback.format_exc()})
         return worker_main.EXIT_BOOT_ERROR
     control.send(ctl, {"op": "booted", "pid": os.getpid(), "threads": os_thread_count()})
-    return zygote.run()
+    try:
+        return zygote.run()
+    finally:
+        # Whoever leaves last cleans up: after a SIGKILL of the parent that is us.
+        endpoints.remove_private_dir(boot["private_dir"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""Start, replace, close, and the parent's death: nothing outlives the pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import modelzoo
+import workerpool as wp
+from procinfo import is_running
+
+
+def slow_predict(model, x, delay=0.05):
+    time.sleep(delay)
+    return model(x)
+
+
+def thread_count(model, x):
+    return torch.get_num_threads()
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_close_drains_accepted_work_then_leaves_nothing():
+    x = torch.randn(2, 32)
+    expected = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict, x)
+    pool = wp.Pool(modelzoo.mlp, slow_predict, workers=2)
+    pids = pool.pids + [pool.zygote_pid]
+    private_dir = pool._private_dir
+    futures = [pool.submit(x) for _ in range(12)]
+    pool.close()
+    assert all(torch.equal(f.result(timeout=0), expected) for f in futures)
+    assert not any(is_running(pid) for pid in pids)
+    assert not os.path.exists(private_dir)
+    with pytest.raises(wp.PoolClosed):
+        pool.submit(x)
+    with pytest.raises(wp.PoolClosed):
+        pool.stats()
+    pool.close()  # idempotent
+
+
+def test_killed_worker_is_replaced_from_the_zygote_without_reloading():
+    x = torch.randn(2, 32)
+    expected = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict, x)
+    with wp.Pool(modelzoo.mlp, modelzoo.torch_predict, workers=2) as pool:
+        zygote = pool.zygote_pid
+        victim = pool.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: victim not in pool.pids and len(pool.pids) == 2 and all(
+            w["state"] == "ready" for w in pool.stats(memory_usage=False)["workers"]))
+        stats = pool.stats()
+        assert stats["restarts"] == 1
+        assert pool.zygote_pid == zygote
+        assert all(w["weights_copied"] == 0 for w in stats["workers"])
+        assert all(torch.equal(y, expected) for y in pool.map([x] * 10))
+
+
+@pytest.mark.parametrize("threads, expected", [(None, 1), (2, 2)])
+def test_threads_per_worker(threads, expected):
+    kwargs = {} if threads is None else {"threads_per_worker": threads}
+    with wp.Pool(modelzoo.mlp, thread_count, workers=1, **kwargs) as pool:
+        assert pool.submit(torch.zeros(1)).result(timeout=60) == expected
+
+
+PARENT_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    sys.path[:0] = {paths!r}
+    import modelzoo, workerpool as wp
+    if __name__ == "__main__":
+        pool = wp.Pool(modelzoo.mlp, modelzoo.torch_predict, workers=2,
+                       start_method=sys.argv[1])
+        print(json.dumps({{"pids": pool.pids, "zygote": pool.zygote_pid,
+                          "dir": pool._private_dir}}), flush=True)
+        time.sleep(600)
+""")
+
+
+@pytest.mark.parametrize("start_method", ["zygote", "spawn"])
+def test_sigkill_of_the_parent_takes_every_worker_and_file_with_it(tmp_path, start_method):
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT.format(paths=sys.path))
+    parent = subprocess.Popen([sys.executable, str(script), start_method],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(parent.stdout.readline())
+        processes = info["pids"] + [info["zygote"]]
+        assert len(processes) == 3 and all(is_running(pid) for pid in processes)
+        assert os.path.exists(info["dir"])
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+    killed_at = time.monotonic()
+    assert wait_until(lambda: not any(is_running(pid) for pid in processes), timeout=2.0), \
+        "workers outlived their parent by more than 2 s"
+    assert wait_until(lambda: not os.path.exists(info["dir"]), timeout=2.0)
+    assert time.monotonic() - killed_at < 2.0
