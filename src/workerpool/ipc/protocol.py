@@ -7,6 +7,7 @@ frame.
     worker -> parent   READY   {pid, credits}           after attaching; worker takes work
                        RESULT  {id}, body, *frames      body/frames: codec-encoded value
                        ERROR   {id, type, message, traceback, pickled}
+                       HEARTBEAT {}                     idle this long: the loop is alive
                        BYE     {}                       leaving on purpose (STOP)
     parent -> worker   TASK    {id}, body, *frames      body: codec-encoded (args, kwargs)
                        STOP    {}                       finish the current task, then exit
@@ -22,10 +23,10 @@ READY = b"R"
 RESULT = b"D"
 ERROR = b"E"
 BYE = b"B"
+HEARTBEAT = b"H"
 TASK = b"T"
 STOP = b"S"
 
-WORKER_KINDS = frozenset([READY, RESULT, ERROR, BYE])
 
 
 def pack_meta(meta: dict) -> bytes:

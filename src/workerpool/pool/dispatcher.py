@@ -1,18 +1,22 @@
 """The dispatcher thread: the only owner of the ROUTER socket and of all request state.
 
-    caller threads ── submit(Request) / call(fn) ──> SimpleQueue + eventfd wake-up ─┐
-                                                                                   ▼
-    Dispatcher.run():  poll [ROUTER, wake eventfd, zygote control socket]
-        ROUTER  <- READY{credits} | RESULT | ERROR | BYE      (per worker identity)
-        ROUTER  -> TASK to a READY worker with credit          (load balancing by credit)
-        control <- started / exited{status} / start_error       (from the zygote)
+    caller threads ── submit(Request) / call(fn) / close ──> SimpleQueue + eventfd wake-up ─┐
+                                                                                          ▼
+    Dispatcher.run():  poll [ROUTER, wake eventfd, zygote control socket] + timers
+        ROUTER  <- READY{credits} | RESULT | ERROR | HEARTBEAT | BYE   (per worker identity)
+        ROUTER  -> TASK to a ready worker with credit; STOP to one leaving
+        control <- started / exited{status} / start_error              (from the zygote)
         futures <- result, the remote exception, or WorkerCrashed / PoolClosed / PoolBroken
 
-A worker that dies has its in-flight requests retried once on another worker. Each retry
-runs alone on an idle worker (nothing else is sent there meanwhile), so a request that
-kills workers (a poison pill) fails with WorkerCrashed on its second crash without taking
-innocent requests down with it. Replacements are forked from the zygote, which still holds
-the attached model: nothing is reloaded.
+Every accepted request gets exactly one answer. A worker that dies has its in-flight
+requests retried once; each retry runs alone on an idle worker (nothing else is sent there
+meanwhile), so a request that kills workers (a poison pill) fails with WorkerCrashed on its
+second crash without taking innocent requests down with it. A reply from a worker that was
+given up on is dropped, never delivered to another request. Replacements are forked from
+the zygote, which still holds the attached model: nothing is reloaded.
+
+A worker's life: starting -> ready -> (retiring: served max_requests | hung: silent past
+heartbeat_timeout, SIGABRT then SIGKILL) -> stopping -> gone.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import itertools
 import os
 import pickle
 import queue
+import random
+import signal
 import threading
 import time
 from concurrent.futures import Future
@@ -39,6 +45,7 @@ from .supervisor import Supervisor, describe_exit
 MAX_ATTEMPTS = 2  # a request that was in flight on this many dying workers fails
 BOOT_FAILURES_BEFORE_BROKEN = 3
 RESTART_BACKOFF_S = (0.0, 0.1, 0.5, 2.0)
+ABORT_GRACE_S = 1.0  # SIGABRT (the worker's faulthandler dumps its stack), then SIGKILL
 
 
 class Request:
@@ -56,19 +63,22 @@ class WorkerSlot:
     """The dispatcher's view of one worker process."""
 
     __slots__ = ("worker_id", "identity", "pid", "credits", "inflight", "served", "state",
-                 "started_at", "ready_at", "isolating")
+                 "started_at", "ready_at", "last_seen", "isolating", "retire_after",
+                 "hang_reason")
 
     def __init__(self, worker_id: int):
         self.worker_id = worker_id
         self.identity = b"%d" % worker_id
         self.pid: int | None = None
         self.credits = 0
-        self.inflight: dict[int, Request] = {}
+        self.inflight: dict[int, Request] = {}  # in send order: the first one is running
         self.served = 0
-        self.state = "starting"  # -> ready -> stopping -> (gone)
-        self.started_at = time.monotonic()
+        self.state = "starting"
+        self.started_at = self.last_seen = time.monotonic()
         self.ready_at: float | None = None
         self.isolating = False  # running a retried request alone
+        self.retire_after: int | None = None
+        self.hang_reason = ""
 
 
 class Dispatcher(threading.Thread):
@@ -93,23 +103,25 @@ class Dispatcher(threading.Thread):
         self.boot_failures = 0
         self.timers: list[tuple[float, int, object]] = []
         self.timer_seq = itertools.count()
-        self.restarts = 0
+        self.counters = collections.Counter()  # restarts, crashes, hung, retired, ...
         self.router: zmq.Socket | None = None
 
     # -- called from other threads -------------------------------------------------------
     def submit(self, request: Request) -> None:
-        self.inbox.put(request)
-        os.eventfd_write(self.wake_fd, 1)
+        self._post(request)
 
     def call(self, fn, timeout: float | None = None):
         """Run ``fn()`` on the dispatcher thread and return its result."""
         future: Future = Future()
-        self.inbox.put((fn, future))
-        os.eventfd_write(self.wake_fd, 1)
+        self._post((fn, future))
         return future.result(timeout)
 
-    def request_close(self) -> None:
-        self.inbox.put(_CLOSE)
+    def request_close(self, drain: bool) -> None:
+        """Accept nothing more; ``drain``: finish accepted work, else fail it (PoolClosed)."""
+        self._post(_Close(drain))
+
+    def _post(self, item) -> None:
+        self.inbox.put(item)
         os.eventfd_write(self.wake_fd, 1)
 
     # -- the thread ----------------------------------------------------------------------
@@ -123,6 +135,7 @@ class Dispatcher(threading.Thread):
         try:
             for _ in range(self.config.workers):
                 self.start_worker()
+            self.call_later(self.config.heartbeat_interval, self.check_liveness)
             self.loop()
         except BaseException as exc:  # a bug here must not leave callers waiting forever
             self.fail_everything(PoolBroken(f"the pool's dispatcher failed: {exc!r}"))
@@ -176,15 +189,17 @@ class Dispatcher(threading.Thread):
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return
-            if item is _CLOSE:
-                self.closing = True
-            elif isinstance(item, Request):
+            if isinstance(item, Request):
                 if self.broken is not None:
                     item.future.set_exception(self.broken)
                 elif self.closing:
                     item.future.set_exception(PoolClosed("the pool is closed"))
                 else:
                     self.pending.append(item)
+            elif isinstance(item, _Close):
+                self.closing = True
+                if not item.drain:
+                    self.abort_everything()
             else:
                 fn, future = item
                 try:
@@ -246,7 +261,9 @@ class Dispatcher(threading.Thread):
                 return
             worker = self.by_identity.get(frames[0].bytes)
             if worker is None or len(frames) < 3:
-                continue  # a worker we already buried, or noise
+                self.counters["late_replies"] += 1  # from a worker we already buried
+                continue
+            worker.last_seen = time.monotonic()
             kind = frames[1].bytes
             try:
                 meta = protocol.unpack_meta(frames[2])
@@ -258,14 +275,15 @@ class Dispatcher(threading.Thread):
                 self.on_error(worker, meta)
             elif kind == protocol.READY:
                 self.on_ready(worker, meta)
-            elif kind == protocol.BYE:
-                worker.state = "stopping"
 
     def on_ready(self, worker: WorkerSlot, meta: dict) -> None:
         worker.state = "ready"
         worker.pid = meta.get("pid", worker.pid)
         worker.credits = int(meta.get("credits", 1))
         worker.ready_at = time.monotonic()
+        limit = self.config.max_requests_per_worker
+        if limit:
+            worker.retire_after = limit + random.randint(0, self.config.max_requests_jitter)
         self.boot_failures = 0
         if not self.started.is_set() and all(
                 w.state == "ready" for w in self.workers.values()):
@@ -273,10 +291,17 @@ class Dispatcher(threading.Thread):
 
     def take_inflight(self, worker: WorkerSlot, meta: dict) -> Request | None:
         request = worker.inflight.pop(meta.get("id"), None)
-        if request is not None:
-            worker.credits += 1
-            worker.served += 1
-            worker.isolating = False
+        if request is None:
+            self.counters["late_replies"] += 1
+            return None
+        worker.credits += 1
+        worker.served += 1
+        worker.isolating = False
+        if worker.retire_after and worker.served >= worker.retire_after \
+                and worker.state == "ready":
+            self.retire_worker(worker)
+        if worker.state == "retiring" and not worker.inflight:
+            self.stop_worker(worker)
         return request
 
     def on_result(self, worker: WorkerSlot, meta: dict, body, frames: list) -> None:
@@ -316,26 +341,38 @@ class Dispatcher(threading.Thread):
     def on_worker_exit(self, worker: WorkerSlot, status: int | None) -> None:
         self.forget(worker)
         report = self.supervisor.crash_report(worker.worker_id)
-        if worker.state == "stopping" and status == 0:
-            return
-        description = describe_exit(worker.pid, status)
+        if worker.state == "stopping":
+            return  # told to leave (or killed by close(drain=False)), with nothing in flight
         if worker.state == "starting":
-            self.on_boot_failure(f"{description} while starting" +
+            self.on_boot_failure(f"{describe_exit(worker.pid, status)} while starting" +
                                  (f":\n{report}" if report else ""))
             return
-        for request in sorted(worker.inflight.values(), key=lambda r: r.id, reverse=True):
-            if request.attempts >= MAX_ATTEMPTS:
-                request.future.set_exception(WorkerCrashed(
-                    f"{description}. The request was in flight on {request.attempts} workers "
-                    "that died, so it is not retried again."
-                    + (f"\nPython stack at the crash:\n{report}" if report else ""),
-                    pid=worker.pid, exitcode=status, crash_traceback=report))
-            else:
-                self.retries.appendleft(request)
+        self.counters["crashes"] += 1
+        description = describe_exit(worker.pid, status)
+        requests = list(worker.inflight.values())
         worker.inflight.clear()
-        if not self.closing and self.broken is None:
-            self.restarts += 1
-            self.start_worker()
+        if worker.state == "hung" and requests:
+            # The running request is the one that hung: running it again would hang again.
+            running = requests.pop(0)
+            running.future.set_exception(self.crash_error(
+                worker, status, report, f"{worker.hang_reason}, so it was aborted"))
+        for request in reversed(requests):
+            if request.attempts >= MAX_ATTEMPTS:
+                request.future.set_exception(self.crash_error(
+                    worker, status, report,
+                    f"{description}. The request was in flight on {request.attempts} workers "
+                    "that died, so it is not retried again"))
+            else:
+                self.counters["retried_requests"] += 1
+                self.retries.appendleft(request)
+        if worker.state not in ("retiring", "stopping"):  # those were replaced already
+            self.replace_worker()
+
+    @staticmethod
+    def crash_error(worker: WorkerSlot, status, report: str, message: str) -> WorkerCrashed:
+        if report:
+            message += f".\nPython stack at the crash:\n{_trim_report(report)}"
+        return WorkerCrashed(message, pid=worker.pid, exitcode=status, crash_traceback=report)
 
     def on_boot_failure(self, message: str) -> None:
         self.boot_failures += 1
@@ -344,10 +381,11 @@ class Dispatcher(threading.Thread):
             self.started.set()
         elif self.boot_failures >= BOOT_FAILURES_BEFORE_BROKEN:
             self.mark_broken(PoolBroken(
-                f"{self.boot_failures} workers in a row failed to start; the last: {message}"))
+                f"{self.boot_failures} workers in a row failed to start, so the pool stopped "
+                f"trying; the last one: {message}"))
         elif not self.closing:
             delay = RESTART_BACKOFF_S[min(self.boot_failures, len(RESTART_BACKOFF_S) - 1)]
-            self.call_later(delay, self.start_worker)
+            self.call_later(delay, self.replace_worker)
 
     def mark_broken(self, error: BaseException) -> None:
         if self.broken is None:
@@ -366,7 +404,16 @@ class Dispatcher(threading.Thread):
                 request.future.set_exception(error)
             worker.inflight.clear()
 
-    # -- starting and stopping workers ---------------------------------------------------
+    def abort_everything(self) -> None:
+        """close(drain=False): every unanswered request fails; workers are killed, since
+        any of them may be running a request that was just failed."""
+        self.fail_everything(PoolClosed("the pool was closed before this request finished"))
+        for worker in self.workers.values():
+            worker.state = "stopping"
+            if worker.pid is not None:
+                self.supervisor.signal_worker(worker.pid, signal.SIGKILL)
+
+    # -- starting, retiring, stopping, aborting workers -----------------------------------
     def start_worker(self) -> None:
         if self.closing or self.broken is not None:
             return
@@ -375,6 +422,51 @@ class Dispatcher(threading.Thread):
         self.by_identity[worker.identity] = worker
         self.supervisor.start_worker(worker.worker_id)
 
+    def replace_worker(self) -> None:
+        if not self.closing and self.broken is None:
+            self.counters["restarts"] += 1
+            self.start_worker()
+
+    def retire_worker(self, worker: WorkerSlot) -> None:
+        """It served its share (max_requests_per_worker): no new work, a replacement now."""
+        worker.state = "retiring"
+        self.counters["retired"] += 1
+        self.replace_worker()
+
+    def stop_worker(self, worker: WorkerSlot) -> None:
+        worker.state = "stopping"
+        try:
+            self.router.send_multipart([worker.identity, protocol.STOP, b""], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # gone already; the zygote reports its exit
+
+    def check_liveness(self) -> None:
+        """Abort workers silent past heartbeat_timeout, or not ready after start_timeout."""
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if worker.pid is None or worker.state in ("hung", "stopping"):
+                continue
+            if worker.state == "starting":
+                if now - worker.started_at > self.config.start_timeout:
+                    self.abort_worker(worker, f"not ready after {self.config.start_timeout} s")
+            elif self.config.heartbeat_timeout is not None and \
+                    now - worker.last_seen > self.config.heartbeat_timeout:
+                self.abort_worker(worker, f"worker {worker.pid} was silent for more than "
+                                          f"heartbeat_timeout={self.config.heartbeat_timeout} s")
+        self.call_later(self.config.heartbeat_interval, self.check_liveness)
+
+    def abort_worker(self, worker: WorkerSlot, reason: str) -> None:
+        """SIGABRT (its faulthandler writes where it was stuck), SIGKILL after a grace."""
+        self.counters["hung"] += 1
+        worker.state = "hung" if worker.state != "starting" else worker.state
+        worker.hang_reason = reason
+        self.supervisor.signal_worker(worker.pid, signal.SIGABRT)
+
+        def kill_if_still_there():
+            if self.workers.get(worker.worker_id) is worker:
+                self.supervisor.signal_worker(worker.pid, signal.SIGKILL)
+        self.call_later(ABORT_GRACE_S, kill_if_still_there)
+
     def forget(self, worker: WorkerSlot) -> None:
         self.workers.pop(worker.worker_id, None)
         self.by_identity.pop(worker.identity, None)
@@ -382,11 +474,7 @@ class Dispatcher(threading.Thread):
     def shutdown_workers(self) -> None:
         """STOP every worker, then let the zygote reap them and exit."""
         for worker in self.workers.values():
-            try:
-                self.router.send_multipart([worker.identity, protocol.STOP, b""], zmq.NOBLOCK)
-                worker.state = "stopping"
-            except zmq.ZMQError:
-                pass
+            self.stop_worker(worker)
         self.supervisor.stop_zygote(grace=self.config.close_timeout)
 
     # -- timers --------------------------------------------------------------------------
@@ -400,12 +488,21 @@ class Dispatcher(threading.Thread):
             fn()
 
 
-_CLOSE = object()
+class _Close:
+    __slots__ = ("drain",)
+
+    def __init__(self, drain: bool):
+        self.drain = drain
 
 
 def mark_running(future: Future) -> bool:
     """Move a queued future to running; False if the caller cancelled it meanwhile."""
     return future.running() or future.set_running_or_notify_cancel()
+
+
+def _trim_report(report: str) -> str:
+    """faulthandler's dump without its list of loaded extension modules."""
+    return report.split("\nExtension modules:", 1)[0].strip()
 
 
 def rebuild_exception(meta: dict) -> BaseException:

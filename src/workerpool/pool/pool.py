@@ -53,6 +53,13 @@ class Pool:
         max_message_bytes: largest request or result; larger ones raise MessageTooLarge.
         start_timeout: seconds to wait for every worker to be ready.
         close_timeout: seconds ``close()`` waits for workers to exit before killing them.
+        heartbeat_timeout: a worker silent this long (stuck inside ``predict``, or
+            deadlocked) is aborted (SIGABRT, then SIGKILL) and replaced; the request it was
+            running fails with WorkerCrashed carrying the stack where it was stuck. Idle
+            workers say they are alive every ``heartbeat_interval`` seconds. None: never.
+        max_requests_per_worker: recycle a worker after this many requests plus a random
+            0..``max_requests_jitter`` (so they do not all restart at once), to contain
+            leaks in model code. Its replacement starts first; queued work is unaffected.
 
     Inputs passed to ``submit`` are sent without a copy: do not modify them until the
     future is done.
@@ -62,11 +69,16 @@ class Pool:
                  *, start_method: str = "zygote", threads_per_worker: int = 1,
                  max_message_bytes: int = PoolConfig.max_message_bytes,
                  start_timeout: float = PoolConfig.start_timeout,
-                 close_timeout: float = PoolConfig.close_timeout):
+                 close_timeout: float = PoolConfig.close_timeout,
+                 heartbeat_interval: float = PoolConfig.heartbeat_interval,
+                 heartbeat_timeout: float | None = PoolConfig.heartbeat_timeout,
+                 max_requests_per_worker: int | None = None, max_requests_jitter: int = 0):
         self.config = PoolConfig(
             workers=workers, start_method=start_method, threads_per_worker=threads_per_worker,
             max_message_bytes=max_message_bytes, start_timeout=start_timeout,
-            close_timeout=close_timeout)
+            close_timeout=close_timeout, heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout, max_requests_per_worker=max_requests_per_worker,
+            max_requests_jitter=max_requests_jitter)
         self._closed = False
         self._close_lock = threading.Lock()
         self._ids = itertools.count()
@@ -122,7 +134,7 @@ class Pool:
         USS, RSS, shared bytes and the weights' resident/proportional/copied bytes; the
         pool's total PSS (parent + zygote + workers); the published model's size."""
         self._check_open()
-        workers, queued, restarts = self._dispatcher.call(self._dispatcher_snapshot, timeout=30)
+        workers, queued, counters = self._dispatcher.call(self._dispatcher_snapshot, timeout=30)
         zygote = {"pid": self._supervisor.zygote_pid,
                   "threads_at_boot": self._supervisor.zygote_threads}
         parent = {"pid": os.getpid()}
@@ -135,7 +147,7 @@ class Pool:
             "parent": parent,
             "zygote": zygote,
             "queued": queued,
-            "restarts": restarts,
+            **counters,
         }
         if memory_usage:
             for row in (parent, zygote, *workers):
@@ -150,7 +162,9 @@ class Pool:
                  "start_to_ready_ms": None if w.ready_at is None
                  else round((w.ready_at - w.started_at) * 1000, 3)}
                 for w in d.workers.values()]
-        return rows, len(d.pending), d.restarts
+        counters = {name: d.counters[name] for name in (
+            "restarts", "crashes", "hung", "retired", "retried_requests", "late_replies")}
+        return rows, len(d.pending) + len(d.retries), counters
 
     @property
     def pids(self) -> list[int]:
@@ -163,23 +177,32 @@ class Pool:
         return self._supervisor.zygote_pid
 
     # -- lifecycle -----------------------------------------------------------------------
-    def close(self) -> None:
-        """Finish accepted work, stop every worker, release the weights. Idempotent."""
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting work, stop every worker, release the weights. Idempotent.
+
+        ``drain=True`` finishes the requests already accepted first (for at most
+        ``timeout`` seconds, then as with ``drain=False``); ``drain=False`` fails every
+        unanswered request with PoolClosed at once. Either way no worker, socket or
+        segment is left when it returns.
+        """
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
+        _live_pools.discard(self)
         dispatcher = self._dispatcher
         if dispatcher is not None and dispatcher.is_alive():
-            dispatcher.request_close()
-            dispatcher.join(self.config.close_timeout * 2)
-            if dispatcher.is_alive():  # a request that never finishes: stop it the hard way
+            dispatcher.request_close(drain)
+            dispatcher.join(timeout)
+            if dispatcher.is_alive():
+                dispatcher.request_close(drain=False)
+                dispatcher.join(self.config.close_timeout)
+            if dispatcher.is_alive():  # the zygote is not answering: stop it the hard way
                 self._supervisor.kill_zygote()
                 dispatcher.join()
         self._supervisor.stop_zygote()
         self._published.close()
         endpoints.remove_private_dir(self._private_dir)
-        _live_pools.discard(self)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -204,4 +227,4 @@ class Pool:
 @atexit.register
 def _close_live_pools() -> None:
     for pool in list(_live_pools):
-        pool.close()
+        pool.close(drain=True, timeout=pool.config.close_timeout)

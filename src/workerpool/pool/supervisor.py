@@ -78,6 +78,7 @@ class Supervisor:
             "credits_per_worker": config.credits_per_worker,
             "max_message_bytes": config.max_message_bytes,
             "zero_copy_threshold": config.zero_copy_threshold,
+            "heartbeat_interval": config.heartbeat_interval,
         }
 
     @property
@@ -89,10 +90,16 @@ class Supervisor:
         return self.zygote.pid if self.zygote else None
 
     def start_worker(self, worker_id: int) -> None:
-        control.send(self.ctl, {"op": "start", "worker_id": worker_id})
+        self._send({"op": "start", "worker_id": worker_id})
 
     def signal_worker(self, pid: int, signum: int) -> None:
-        control.send(self.ctl, {"op": "signal", "pid": pid, "signum": signum})
+        self._send({"op": "signal", "pid": pid, "signum": signum})
+
+    def _send(self, message: dict) -> None:
+        try:
+            control.send(self.ctl, message)
+        except OSError:
+            pass  # the zygote is gone; read_event reports that as "zygote_died"
 
     def read_event(self) -> dict:
         """The zygote's next report; ``{"op": "zygote_died"}`` when the channel closes."""

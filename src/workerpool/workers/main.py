@@ -5,6 +5,7 @@
         faulthandler -> crash-<id>.log, so a fatal signal leaves its Python stack for the pool
         DEALER (identity = worker id) ──connect──> parent's ROUTER
         READY{pid, credits} ; loop: TASK -> Runner -> RESULT | ERROR ; STOP -> BYE, exit 0
+                              idle for heartbeat_interval -> HEARTBEAT
 
 Run as ``python -m workerpool.workers.main WEIGHTS_FD`` it is a spawned worker: it reads its
 boot message (pickled, from the zygote over stdin), attaches the weights and serves.
@@ -53,8 +54,13 @@ def serve(model, predict, boot: dict, worker_id: int) -> int:
     sock.connect(boot["endpoint"])
     sock.send_multipart([protocol.READY, protocol.pack_meta(
         {"pid": os.getpid(), "credits": boot["credits_per_worker"]})])
+    heartbeat_ms = int(boot["heartbeat_interval"] * 1000)
     try:
         while True:
+            if not sock.poll(heartbeat_ms):
+                # from the work loop itself: a worker stuck in predict stays silent
+                sock.send_multipart([protocol.HEARTBEAT, protocol.pack_meta({})])
+                continue
             frames = sock.recv_multipart(copy=False)
             kind = frames[0].bytes
             if kind == protocol.TASK:
