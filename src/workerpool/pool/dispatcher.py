@@ -100,7 +100,8 @@ class Dispatcher(threading.Thread):
         self.workers: dict[int, WorkerSlot] = {}  # worker id -> slot
         self.by_identity: dict[bytes, WorkerSlot] = {}
         self.worker_ids = itertools.count(1)
-        self.boot_failures = 0
+        self.boot_failures = 0  # in a row: workers that failed by themselves before READY
+        self.start_deaths = 0  # in a row: workers that died before READY, for any reason
         self.timers: list[tuple[float, int, object]] = []
         self.timer_seq = itertools.count()
         self.counters = collections.Counter()  # restarts, crashes, hung, retired, ...
@@ -284,7 +285,7 @@ class Dispatcher(threading.Thread):
         limit = self.config.max_requests_per_worker
         if limit:
             worker.retire_after = limit + random.randint(0, self.config.max_requests_jitter)
-        self.boot_failures = 0
+        self.boot_failures = self.start_deaths = 0
         if not self.started.is_set() and all(
                 w.state == "ready" for w in self.workers.values()):
             self.started.set()
@@ -345,7 +346,8 @@ class Dispatcher(threading.Thread):
             return  # told to leave (or killed by close(drain=False)), with nothing in flight
         if worker.state == "starting":
             self.on_boot_failure(f"{describe_exit(worker.pid, status)} while starting" +
-                                 (f":\n{report}" if report else ""))
+                                 (f":\n{report}" if report else ""),
+                                 self_inflicted=status not in _KILLED_FROM_OUTSIDE)
             return
         self.counters["crashes"] += 1
         description = describe_exit(worker.pid, status)
@@ -374,8 +376,13 @@ class Dispatcher(threading.Thread):
             message += f".\nPython stack at the crash:\n{_trim_report(report)}"
         return WorkerCrashed(message, pid=worker.pid, exitcode=status, crash_traceback=report)
 
-    def on_boot_failure(self, message: str) -> None:
-        self.boot_failures += 1
+    def on_boot_failure(self, message: str, self_inflicted: bool = True) -> None:
+        """A worker died before READY: restart with backoff; after several that failed by
+        themselves (an import error, a crash), stop trying and mark the pool broken. A
+        worker killed from outside while starting backs off the restarts but does not
+        count toward broken."""
+        self.start_deaths += 1
+        self.boot_failures += self_inflicted
         if not self.started.is_set():
             self.start_error = PoolStartError(f"a worker failed to start: {message}")
             self.started.set()
@@ -384,7 +391,7 @@ class Dispatcher(threading.Thread):
                 f"{self.boot_failures} workers in a row failed to start, so the pool stopped "
                 f"trying; the last one: {message}"))
         elif not self.closing:
-            delay = RESTART_BACKOFF_S[min(self.boot_failures, len(RESTART_BACKOFF_S) - 1)]
+            delay = RESTART_BACKOFF_S[min(self.start_deaths, len(RESTART_BACKOFF_S)) - 1]
             self.call_later(delay, self.replace_worker)
 
     def mark_broken(self, error: BaseException) -> None:
@@ -486,6 +493,10 @@ class Dispatcher(threading.Thread):
         while self.timers and self.timers[0][0] <= now:
             _, _, fn = heapq.heappop(self.timers)
             fn()
+
+
+# Deaths before READY that say nothing about the worker's own code.
+_KILLED_FROM_OUTSIDE = (-signal.SIGKILL, -signal.SIGTERM, None)
 
 
 class _Close:

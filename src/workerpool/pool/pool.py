@@ -132,8 +132,10 @@ class Pool:
     def stats(self, memory_usage: bool = True) -> dict:
         """Per-worker pid, state, requests served, start time, and (``memory_usage``) PSS,
         USS, RSS, shared bytes and the weights' resident/proportional/copied bytes; the
-        pool's total PSS (parent + zygote + workers); the published model's size."""
-        self._check_open()
+        pool's total PSS (parent + zygote + workers); the published model's size.
+        Counters: restarts, crashes, hung, retired, retried_requests, late_replies."""
+        if self._closed:
+            raise PoolClosed("the pool is closed")
         workers, queued, counters = self._dispatcher.call(self._dispatcher_snapshot, timeout=30)
         zygote = {"pid": self._supervisor.zygote_pid,
                   "threads_at_boot": self._supervisor.zygote_threads}

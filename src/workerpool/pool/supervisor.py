@@ -21,6 +21,7 @@ import sys
 from ..config import PoolConfig
 from ..errors import PoolStartError
 from ..ipc import control, endpoints
+from ..workers import main as worker_main
 from .weights import PublishedModel
 
 
@@ -166,5 +167,12 @@ def describe_exit(pid: int, status: int | None) -> str:
             return f"worker {pid} was killed by signal {-status}"
         cause = _LIKELY_CAUSE.get(sig, "")
         return f"worker {pid} was killed by {sig.name}" + (f": {cause}" if cause else "")
-    return (f"worker {pid} exited with code {status} while running this request "
-            "(predict called os._exit/sys.exit, or a library ended the process)")
+    meaning = _EXIT_CODES.get(status, "predict called os._exit/sys.exit, or a library ended "
+                                      "the process")
+    return f"worker {pid} exited with code {status} ({meaning})"
+
+
+_EXIT_CODES = {
+    worker_main.EXIT_BOOT_ERROR: "it could not attach the model or connect to the pool",
+    worker_main.EXIT_PARENT_GONE: "the pool's process or the zygote died",
+}
