@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -110,3 +111,18 @@ def test_sigkill_of_the_parent_takes_every_worker_and_file_with_it(tmp_path, sta
         "workers outlived their parent by more than 2 s"
     assert wait_until(lambda: not os.path.exists(info["dir"]), timeout=2.0)
     assert time.monotonic() - killed_at < 2.0
+
+
+def test_close_while_a_replacement_is_starting_does_not_wait_for_it():
+    # A worker that has not connected yet can never receive STOP; close must not sit out
+    # close_timeout waiting for it (it did, once). Spawned workers take a second or more to
+    # start, so the replacement is reliably caught starting.
+    pool = wp.Pool(modelzoo.mlp, modelzoo.torch_predict, workers=2, close_timeout=600,
+                   start_method="spawn")
+    os.kill(pool.pids[0], signal.SIGKILL)
+    assert wait_until(lambda: any(w["state"] == "starting"
+                                  for w in pool.stats(memory_usage=False)["workers"]), 10)
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    closer.join(60)
+    assert not closer.is_alive(), "close() waited for a worker that could not hear STOP"

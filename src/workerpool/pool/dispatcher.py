@@ -417,8 +417,7 @@ class Dispatcher(threading.Thread):
         self.fail_everything(PoolClosed("the pool was closed before this request finished"))
         for worker in self.workers.values():
             worker.state = "stopping"
-            if worker.pid is not None:
-                self.supervisor.signal_worker(worker.pid, signal.SIGKILL)
+            self.supervisor.signal_worker(worker.worker_id, signal.SIGKILL)
 
     # -- starting, retiring, stopping, aborting workers -----------------------------------
     def start_worker(self) -> None:
@@ -467,11 +466,11 @@ class Dispatcher(threading.Thread):
         self.counters["hung"] += 1
         worker.state = "hung" if worker.state != "starting" else worker.state
         worker.hang_reason = reason
-        self.supervisor.signal_worker(worker.pid, signal.SIGABRT)
+        self.supervisor.signal_worker(worker.worker_id, signal.SIGABRT)
 
         def kill_if_still_there():
             if self.workers.get(worker.worker_id) is worker:
-                self.supervisor.signal_worker(worker.pid, signal.SIGKILL)
+                self.supervisor.signal_worker(worker.worker_id, signal.SIGKILL)
         self.call_later(ABORT_GRACE_S, kill_if_still_there)
 
     def forget(self, worker: WorkerSlot) -> None:
@@ -479,9 +478,13 @@ class Dispatcher(threading.Thread):
         self.by_identity.pop(worker.identity, None)
 
     def shutdown_workers(self) -> None:
-        """STOP every worker, then let the zygote reap them and exit."""
+        """STOP every worker, then let the zygote reap them and exit. A worker still
+        starting may not be connected yet, so a STOP could never reach it: kill it."""
         for worker in self.workers.values():
-            self.stop_worker(worker)
+            if worker.state == "starting":
+                self.supervisor.signal_worker(worker.worker_id, signal.SIGKILL)
+            else:
+                self.stop_worker(worker)
         self.supervisor.stop_zygote(grace=self.config.close_timeout)
 
     # -- timers --------------------------------------------------------------------------

@@ -93,8 +93,9 @@ class Supervisor:
     def start_worker(self, worker_id: int) -> None:
         self._send({"op": "start", "worker_id": worker_id})
 
-    def signal_worker(self, pid: int, signum: int) -> None:
-        self._send({"op": "signal", "pid": pid, "signum": signum})
+    def signal_worker(self, worker_id: int, signum: int) -> None:
+        """Delivered by the zygote through the worker's pidfd: never to a recycled pid."""
+        self._send({"op": "signal", "worker_id": worker_id, "signum": signum})
 
     def _send(self, message: dict) -> None:
         try:

@@ -119,8 +119,8 @@ class Zygote:
                 control.send(self.ctl, {"op": "start_error", "worker_id": message["worker_id"],
                                         "traceback": traceback.format_exc()})
         elif op == "signal":
-            for pidfd, (_, pid, _) in self.children.items():
-                if pid == message["pid"]:
+            for pidfd, (worker_id, _, _) in self.children.items():
+                if worker_id == message["worker_id"]:
                     signal.pidfd_send_signal(pidfd, message["signum"])
         elif op == "exit":
             self.exiting = True
