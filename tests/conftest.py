@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import shutil
 import tempfile
 import time
 
@@ -24,9 +25,7 @@ os.environ["TMPDIR"] = tempfile.tempdir = TEMP_ROOT
 
 
 def pytest_unconfigure(config):
-    leftovers = os.listdir(TEMP_ROOT)
-    if not leftovers:
-        os.rmdir(TEMP_ROOT)
+    shutil.rmtree(TEMP_ROOT, ignore_errors=True)  # pytest's tmp_path dirs live here too
 
 
 def live_descendants() -> list[psutil.Process]:
