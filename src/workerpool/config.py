@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 START_METHODS = ("zygote", "spawn")
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,7 +18,17 @@ class PoolConfig:
 
     workers: int = 2
     start_method: str = "zygote"
-    threads_per_worker: int = 1
+    # None: max(1, usable cores // workers). On 2 cores, 2 workers x 1 thread beat
+    # 2 x 2 threads by 1.4-1.7x (DESIGN 4.1).
+    threads_per_worker: int | None = None
+    pin_cpus: bool = False
+    # Dynamic batching: up to max_batch_size rows per predict call; the head of the queue
+    # waits at most max_wait_ms for company (0: only what is already queued).
+    max_batch_size: int = 1
+    max_wait_ms: float = 0.0
+    batched: bool = True
+    max_queue: int | None = None  # requests waiting in the parent; past it: QueueFull
+    timeout: float | None = None  # default per-request deadline, seconds
     # One batch running and one waiting in each worker: no worker idles between requests,
     # and no more than one request waits behind a slow one.
     credits_per_worker: int = 2
@@ -36,8 +51,16 @@ class PoolConfig:
         if self.start_method not in START_METHODS:
             raise ValueError(
                 f"start_method must be one of {START_METHODS}, got {self.start_method!r}")
-        if self.threads_per_worker < 1:
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 or None, got {self.max_queue}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 or None, got {self.timeout}")
         if self.credits_per_worker < 1:
             raise ValueError(f"credits_per_worker must be >= 1, got {self.credits_per_worker}")
         if self.heartbeat_timeout is not None and \
@@ -51,3 +74,18 @@ class PoolConfig:
             raise ValueError(f"max_requests_jitter must be >= 0, got {self.max_requests_jitter}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads of each worker."""
+        if self.threads_per_worker is not None:
+            return self.threads_per_worker
+        return max(1, usable_cores() // self.workers)
+
+    def cpus_for(self, slot: int) -> list[int] | None:
+        """The CPUs worker ``slot`` is pinned to (pin_cpus), spread evenly; else None."""
+        if not self.pin_cpus:
+            return None
+        cpus = sorted(os.sched_getaffinity(0))
+        start = slot * self.threads % len(cpus)
+        return [cpus[(start + i) % len(cpus)] for i in range(min(self.threads, len(cpus)))]

@@ -56,6 +56,10 @@ class MessageTooLarge(EncodeError, ValueError):
     """A request or result is larger than ``max_message_bytes``."""
 
 
+class BatchShapeError(WorkerpoolError, ValueError):
+    """A batched ``predict`` returned something that cannot be split back per request."""
+
+
 class ProtocolError(WorkerpoolError):
     """A malformed message arrived on the pool's own link (a bug, or a foreign peer)."""
 

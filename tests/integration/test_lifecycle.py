@@ -71,11 +71,26 @@ def test_killed_worker_is_replaced_from_the_zygote_without_reloading():
         assert all(torch.equal(y, expected) for y in pool.map([x] * 10))
 
 
-@pytest.mark.parametrize("threads, expected", [(None, 1), (2, 2)])
-def test_threads_per_worker(threads, expected):
+CORES = len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("workers, threads, expected", [
+    (1, None, CORES), (2, None, max(1, CORES // 2)), (1, 3, 3)])
+def test_threads_per_worker_default_to_a_share_of_the_cores(workers, threads, expected):
     kwargs = {} if threads is None else {"threads_per_worker": threads}
-    with wp.Pool(modelzoo.mlp, thread_count, workers=1, **kwargs) as pool:
+    with wp.Pool(modelzoo.mlp, thread_count, workers=workers, **kwargs) as pool:
         assert pool.submit(torch.zeros(1)).result(timeout=60) == expected
+
+
+def affinity(model, x):
+    return sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(CORES < 2, reason="pinning needs two CPUs to tell workers apart")
+def test_pin_cpus_gives_each_worker_its_own_cpus():
+    with wp.Pool(modelzoo.mlp, affinity, workers=2, pin_cpus=True) as pool:
+        seen = {tuple(cpus) for cpus in pool.map([0] * 20)}  # concurrent: both workers serve
+    assert len(seen) == 2 and not set(seen.pop()) & set(seen.pop())
 
 
 PARENT_SCRIPT = textwrap.dedent("""

@@ -69,7 +69,7 @@ def test_parent_model_is_repointed_at_the_segment():
     x = torch.randn(2, 1024)
     with modelzoo.torch_threads(1), torch.inference_mode():
         before = net(x)
-    with wp.Pool(lambda: net, modelzoo.torch_predict, workers=1) as pool:
+    with wp.Pool(lambda: net, modelzoo.torch_predict, workers=1, threads_per_worker=1) as pool:
         ranges = segment_ranges()
         for parameter in net.parameters():
             pointer = parameter.data_ptr()

@@ -35,7 +35,8 @@ def sleepy_predict(model, x, seconds=0.0):
 def test_hung_worker_is_aborted_with_its_stack_and_replaced():
     x = torch.randn(2, 32)
     expected = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict, x)
-    with wp.Pool(modelzoo.mlp, sleepy_predict, workers=1, heartbeat_interval=0.1,
+    with wp.Pool(modelzoo.mlp, sleepy_predict, workers=1, threads_per_worker=1,
+                 heartbeat_interval=0.1,
                  heartbeat_timeout=1.0) as pool:
         hung = pool.submit(x, seconds=3600)
         behind = pool.submit(x)  # sent to the same worker (second credit)

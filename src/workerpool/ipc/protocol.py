@@ -5,11 +5,12 @@ Every message is multipart: ``[kind, meta, *rest]``. ``kind`` is one of the cons
 frame.
 
     worker -> parent   READY   {pid, credits}           after attaching; worker takes work
-                       RESULT  {id}, body, *frames      body/frames: codec-encoded value
-                       ERROR   {id, type, message, traceback, pickled}
+                       RESULT  {ids, parts, compute_s}, (body, *frames) per request
+                       ERROR   {ids, type, message, traceback, pickled}  for every id
                        HEARTBEAT {}                     idle this long: the loop is alive
                        BYE     {}                       leaving on purpose (STOP)
-    parent -> worker   TASK    {id}, body, *frames      body: codec-encoded (args, kwargs)
+    parent -> worker   TASK    {ids, parts}, (body, *frames) per request: a batch; body is
+                               the codec-encoded (args, kwargs), parts the frames of each
                        STOP    {}                       finish the current task, then exit
 """
 

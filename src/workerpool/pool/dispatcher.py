@@ -4,7 +4,8 @@
                                                                                           ▼
     Dispatcher.run():  poll [ROUTER, wake eventfd, zygote control socket] + timers
         ROUTER  <- READY{credits} | RESULT | ERROR | HEARTBEAT | BYE   (per worker identity)
-        ROUTER  -> TASK to a ready worker with credit; STOP to one leaving
+        ROUTER  -> TASK (a batch of compatible requests, pool/batching.py) to a ready
+                   worker with credit; STOP to one leaving
         control <- started / exited{status} / start_error              (from the zygote)
         futures <- result, the remote exception, or WorkerCrashed / PoolClosed / PoolBroken
 
@@ -15,8 +16,12 @@ second crash without taking innocent requests down with it. A reply from a worke
 given up on is dropped, never delivered to another request. Replacements are forked from
 the zygote, which still holds the attached model: nothing is reloaded.
 
+A request past its deadline fails with TaskTimeout: unsent if still queued; if running, its
+worker is aborted and replaced and the other requests it held are retried.
+
 A worker's life: starting -> ready -> (retiring: served max_requests | hung: silent past
-heartbeat_timeout, SIGABRT then SIGKILL) -> stopping -> gone.
+heartbeat_timeout | aborted: ran past a request's deadline; both SIGABRT, then SIGKILL)
+-> stopping -> gone.
 """
 
 from __future__ import annotations
@@ -31,15 +36,17 @@ import random
 import signal
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 import zmq
 
 from ..config import PoolConfig
 from ..errors import (PoolBroken, PoolClosed, PoolStartError, ProtocolError, RemoteError,
-                      RemoteTraceback, WorkerCrashed)
+                      RemoteTraceback, TaskTimeout, WorkerCrashed)
 from ..ipc import protocol
 from ..ipc.codec import Codec
+from .batching import Batcher
+from .metrics import Metrics
 from .supervisor import Supervisor, describe_exit
 
 MAX_ATTEMPTS = 2  # a request that was in flight on this many dying workers fails
@@ -49,14 +56,42 @@ ABORT_GRACE_S = 1.0  # SIGABRT (the worker's faulthandler dumps its stack), then
 
 
 class Request:
-    __slots__ = ("id", "future", "body", "frames", "attempts")
+    __slots__ = ("id", "future", "body", "frames", "attempts", "batch_key", "rows",
+                 "enqueued_at", "deadline", "timeout", "sent_at", "worker")
 
-    def __init__(self, request_id: int, future: Future, body: bytes, frames: list):
+    def __init__(self, request_id: int, future: Future, body: bytes, frames: list, *,
+                 batch_key: tuple | None = None, rows: int = 1, timeout: float | None = None):
         self.id = request_id
         self.future = future
         self.body = body
         self.frames = frames
         self.attempts = 0
+        self.batch_key = batch_key
+        self.rows = rows
+        self.enqueued_at = time.monotonic()
+        self.timeout = timeout
+        self.deadline = None if timeout is None else self.enqueued_at + timeout
+        self.sent_at: float | None = None
+        self.worker: WorkerSlot | None = None  # where it is in flight
+
+
+class QueueGauge:
+    """Requests accepted but not yet sent; checked by submit() in callers' threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def try_add(self, limit: int | None) -> bool:
+        with self._lock:
+            if limit is not None and self.count >= limit:
+                return False
+            self.count += 1
+            return True
+
+    def remove(self, n: int = 1) -> None:
+        with self._lock:
+            self.count -= n
 
 
 class WorkerSlot:
@@ -64,14 +99,17 @@ class WorkerSlot:
 
     __slots__ = ("worker_id", "identity", "pid", "credits", "inflight", "served", "state",
                  "started_at", "ready_at", "last_seen", "isolating", "retire_after",
-                 "hang_reason")
+                 "hang_reason", "tasks", "slot")
 
-    def __init__(self, worker_id: int):
+    def __init__(self, worker_id: int, slot: int):
         self.worker_id = worker_id
+        self.slot = slot  # 0..workers-1: which CPUs it is pinned to (pin_cpus)
         self.identity = b"%d" % worker_id
         self.pid: int | None = None
         self.credits = 0
-        self.inflight: dict[int, Request] = {}  # in send order: the first one is running
+        self.inflight: dict[int, Request] = {}
+        self.tasks: collections.deque[list[int]] = collections.deque()  # ids per TASK sent;
+        # the first one is running
         self.served = 0
         self.state = "starting"
         self.started_at = self.last_seen = time.monotonic()
@@ -106,6 +144,12 @@ class Dispatcher(threading.Thread):
         self.timer_seq = itertools.count()
         self.counters = collections.Counter()  # restarts, crashes, hung, retired, ...
         self.router: zmq.Socket | None = None
+        self.batcher = Batcher(config.max_batch_size if config.batched else 1,
+                               config.max_wait_ms / 1000)
+        self.queue_gauge = QueueGauge()
+        self.deadlines: list[tuple[float, int, Request]] = []
+        self.batch_wake_at: float | None = None
+        self.metrics = Metrics()
 
     # -- called from other threads -------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -166,6 +210,7 @@ class Dispatcher(threading.Thread):
             if self.wake_fd in events:
                 self.read_inbox()
             self.run_due_timers()
+            self.expire_deadlines()
             self.dispatch()
 
     def finished(self) -> bool:
@@ -175,9 +220,11 @@ class Dispatcher(threading.Thread):
             w.inflight for w in self.workers.values())
 
     def poll_timeout_ms(self) -> int | None:
-        if not self.timers:
+        due = [t for t in (self.timers and self.timers[0][0],
+                           self.deadlines and self.deadlines[0][0], self.batch_wake_at) if t]
+        if not due:
             return None
-        return max(0, int((self.timers[0][0] - time.monotonic()) * 1000) + 1)
+        return max(0, int((min(due) - time.monotonic()) * 1000) + 1)
 
     # -- inbox: requests and commands from callers ----------------------------------------
     def read_inbox(self) -> None:
@@ -192,11 +239,15 @@ class Dispatcher(threading.Thread):
                 return
             if isinstance(item, Request):
                 if self.broken is not None:
-                    item.future.set_exception(self.broken)
+                    settle(item.future, error=self.broken)
                 elif self.closing:
-                    item.future.set_exception(PoolClosed("the pool is closed"))
+                    settle(item.future, error=PoolClosed("the pool is closed"))
                 else:
                     self.pending.append(item)
+                    if item.deadline is not None:
+                        heapq.heappush(self.deadlines, (item.deadline, item.id, item))
+                    continue
+                self.queue_gauge.remove()
             elif isinstance(item, _Close):
                 self.closing = True
                 if not item.drain:
@@ -214,31 +265,51 @@ class Dispatcher(threading.Thread):
             worker = self.pick_worker(idle=True)
             if worker is None:
                 break
-            worker.isolating = self.send(worker, self.retries.popleft())
+            request = self.retries.popleft()
+            if not request.future.done():
+                worker.isolating = self.send(worker, [request])
+        self.batch_wake_at = None
         while self.pending:
             worker = self.pick_worker(idle=False)
             if worker is None:
                 return
-            request = self.pending.popleft()
-            if mark_running(request.future):
-                self.send(worker, request)
+            batch, wake_at = self.batcher.take(self.pending, time.monotonic())
+            if not batch:
+                self.batch_wake_at = wake_at  # the head waits for company until then
+                return
+            self.queue_gauge.remove(len(batch))
+            batch = [request for request in batch if mark_running(request.future)]
+            if batch:
+                self.send(worker, batch)
 
-    def send(self, worker: WorkerSlot, request: Request) -> bool:
-        """Send one TASK; False (and the request queued again) if the worker is gone."""
+    def send(self, worker: WorkerSlot, batch: list[Request]) -> bool:
+        """Send one TASK; False (and the requests queued again) if the worker is gone."""
+        parts, frames = [], []
+        for request in batch:
+            parts.append(1 + len(request.frames))
+            frames += [request.body, *request.frames]
         try:
             self.router.send_multipart(
-                [worker.identity, protocol.TASK, protocol.pack_meta({"id": request.id}),
-                 request.body, *request.frames], copy=False)
+                [worker.identity, protocol.TASK,
+                 protocol.pack_meta({"ids": [r.id for r in batch], "parts": parts}), *frames],
+                copy=False)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             # Its connection is gone; the zygote will report the exit shortly.
             worker.credits = 0
-            (self.retries if request.attempts else self.pending).appendleft(request)
+            self.retries.extendleft(reversed(batch))
             return False
-        request.attempts += 1
+        now = time.monotonic()
+        for request in batch:
+            request.attempts += 1
+            request.sent_at = now
+            request.worker = worker
+            worker.inflight[request.id] = request
+            self.metrics.queued(now - request.enqueued_at)
+        worker.tasks.append([r.id for r in batch])
         worker.credits -= 1
-        worker.inflight[request.id] = request
+        self.metrics.batch(sum(r.rows for r in batch))
         return True
 
     def pick_worker(self, idle: bool) -> WorkerSlot | None:
@@ -271,7 +342,7 @@ class Dispatcher(threading.Thread):
             except ProtocolError:
                 continue
             if kind == protocol.RESULT:
-                self.on_result(worker, meta, frames[3], frames[4:])
+                self.on_result(worker, meta, frames[3:])
             elif kind == protocol.ERROR:
                 self.on_error(worker, meta)
             elif kind == protocol.READY:
@@ -290,36 +361,50 @@ class Dispatcher(threading.Thread):
                 w.state == "ready" for w in self.workers.values()):
             self.started.set()
 
-    def take_inflight(self, worker: WorkerSlot, meta: dict) -> Request | None:
-        request = worker.inflight.pop(meta.get("id"), None)
-        if request is None:
-            self.counters["late_replies"] += 1
-            return None
-        worker.credits += 1
-        worker.served += 1
-        worker.isolating = False
+    def finish_task(self, worker: WorkerSlot, meta: dict) -> list[Request | None]:
+        """The requests a reply answers (None for those already given up on)."""
+        ids = meta.get("ids") or []
+        if ids in worker.tasks:
+            worker.tasks.remove(ids)
+            worker.credits += 1
+            worker.isolating = False
+        requests = []
+        for request_id in ids:
+            request = worker.inflight.pop(request_id, None)
+            if request is None:
+                self.counters["late_replies"] += 1
+            else:
+                request.worker = None
+                worker.served += 1
+            requests.append(request)
+        if "compute_s" in meta:
+            self.metrics.computed(meta["compute_s"], sum(r is not None for r in requests))
         if worker.retire_after and worker.served >= worker.retire_after \
                 and worker.state == "ready":
             self.retire_worker(worker)
         if worker.state == "retiring" and not worker.inflight:
             self.stop_worker(worker)
-        return request
+        return requests
 
-    def on_result(self, worker: WorkerSlot, meta: dict, body, frames: list) -> None:
-        request = self.take_inflight(worker, meta)
-        if request is None:
-            return  # a late answer to a request already failed elsewhere: never re-deliver
-        try:
-            value = self.codec.decode(body.bytes, frames)
-        except BaseException as exc:  # noqa: BLE001
-            request.future.set_exception(exc)
-        else:
-            request.future.set_result(value)
+    def on_result(self, worker: WorkerSlot, meta: dict, frames: list) -> None:
+        requests = self.finish_task(worker, meta)
+        start = 0
+        for request, n_parts in zip(requests, meta.get("parts", [])):
+            body, part_frames = frames[start], frames[start + 1:start + n_parts]
+            start += n_parts
+            if request is None:
+                continue  # a late answer to a request already failed: never re-deliver
+            try:
+                value = self.codec.decode(body.bytes, part_frames)
+            except BaseException as exc:  # noqa: BLE001
+                settle(request.future, error=exc)
+            else:
+                settle(request.future, value)
 
     def on_error(self, worker: WorkerSlot, meta: dict) -> None:
-        request = self.take_inflight(worker, meta)
-        if request is not None:
-            request.future.set_exception(rebuild_exception(meta))
+        for request in self.finish_task(worker, meta):
+            if request is not None:
+                settle(request.future, error=rebuild_exception(meta))
 
     # -- what the zygote says ------------------------------------------------------------
     def handle_supervisor_event(self, event: dict) -> None:
@@ -349,18 +434,20 @@ class Dispatcher(threading.Thread):
                                  (f":\n{report}" if report else ""),
                                  self_inflicted=status not in _KILLED_FROM_OUTSIDE)
             return
-        self.counters["crashes"] += 1
+        if worker.state != "aborted":  # aborted: we killed it for a request's deadline
+            self.counters["crashes"] += 1
         description = describe_exit(worker.pid, status)
+        running_ids = set(worker.tasks[0]) if worker.tasks else set()
         requests = list(worker.inflight.values())
         worker.inflight.clear()
-        if worker.state == "hung" and requests:
-            # The running request is the one that hung: running it again would hang again.
-            running = requests.pop(0)
-            running.future.set_exception(self.crash_error(
-                worker, status, report, f"{worker.hang_reason}, so it was aborted"))
         for request in reversed(requests):
-            if request.attempts >= MAX_ATTEMPTS:
-                request.future.set_exception(self.crash_error(
+            request.worker = None
+            if worker.state == "hung" and request.id in running_ids:
+                # It hung the worker: running it again would hang another one.
+                settle(request.future, error=self.crash_error(
+                    worker, status, report, f"{worker.hang_reason}, so it was aborted"))
+            elif request.attempts >= MAX_ATTEMPTS and worker.state != "aborted":
+                settle(request.future, error=self.crash_error(
                     worker, status, report,
                     f"{description}. The request was in flight on {request.attempts} workers "
                     "that died, so it is not retried again"))
@@ -401,14 +488,13 @@ class Dispatcher(threading.Thread):
 
     def fail_everything(self, error: BaseException) -> None:
         while self.retries:
-            self.retries.popleft().future.set_exception(error)
+            settle(self.retries.popleft().future, error=error)
+        self.queue_gauge.remove(len(self.pending))
         while self.pending:
-            request = self.pending.popleft()
-            if mark_running(request.future):
-                request.future.set_exception(error)
+            settle(self.pending.popleft().future, error=error)
         for worker in self.workers.values():
             for request in worker.inflight.values():
-                request.future.set_exception(error)
+                settle(request.future, error=error)
             worker.inflight.clear()
 
     def abort_everything(self) -> None:
@@ -423,10 +509,12 @@ class Dispatcher(threading.Thread):
     def start_worker(self) -> None:
         if self.closing or self.broken is not None:
             return
-        worker = WorkerSlot(next(self.worker_ids))
+        taken = {w.slot for w in self.workers.values() if w.state not in ("retiring", "stopping")}
+        free = [slot for slot in range(self.config.workers) if slot not in taken]
+        worker = WorkerSlot(next(self.worker_ids), free[0] if free else 0)
         self.workers[worker.worker_id] = worker
         self.by_identity[worker.identity] = worker
-        self.supervisor.start_worker(worker.worker_id)
+        self.supervisor.start_worker(worker.worker_id, self.config.cpus_for(worker.slot))
 
     def replace_worker(self) -> None:
         if not self.closing and self.broken is None:
@@ -450,7 +538,7 @@ class Dispatcher(threading.Thread):
         """Abort workers silent past heartbeat_timeout, or not ready after start_timeout."""
         now = time.monotonic()
         for worker in list(self.workers.values()):
-            if worker.pid is None or worker.state in ("hung", "stopping"):
+            if worker.pid is None or worker.state in ("hung", "aborted", "stopping"):
                 continue
             if worker.state == "starting":
                 if now - worker.started_at > self.config.start_timeout:
@@ -461,10 +549,44 @@ class Dispatcher(threading.Thread):
                                           f"heartbeat_timeout={self.config.heartbeat_timeout} s")
         self.call_later(self.config.heartbeat_interval, self.check_liveness)
 
-    def abort_worker(self, worker: WorkerSlot, reason: str) -> None:
+    def expire_deadlines(self) -> None:
+        """Fail requests past their deadline: unsent ones stay unsent; a running one takes
+        its worker down with it (the other requests there are retried)."""
+        now = time.monotonic()
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, _, request = heapq.heappop(self.deadlines)
+            if request.future.done():
+                continue
+            worker = request.worker
+            if worker is None:
+                if request in self.pending:
+                    self.pending.remove(request)
+                    self.queue_gauge.remove()
+                elif request in self.retries:
+                    self.retries.remove(request)
+                settle(request.future, error=TaskTimeout(
+                    f"the request waited {now - request.enqueued_at:.3f} s in the queue, past "
+                    f"its timeout of {request.timeout} s; it was never sent to a worker"))
+                continue
+            worker.inflight.pop(request.id, None)
+            request.worker = None
+            self.counters["timeouts"] += 1
+            running = bool(worker.tasks) and request.id in worker.tasks[0]
+            if not running:  # still waiting inside the worker: its late answer is dropped
+                settle(request.future, error=TaskTimeout(
+                    f"the request was not answered within its timeout of {request.timeout} s"))
+                continue
+            settle(request.future, error=TaskTimeout(
+                f"predict ran past the request's timeout of {request.timeout} s (in worker "
+                f"{worker.pid}); the worker was aborted and is being replaced"))
+            if worker.state in ("ready", "retiring"):
+                self.abort_worker(worker, f"a request ran past its timeout of {request.timeout} s",
+                                  state="aborted")
+
+    def abort_worker(self, worker: WorkerSlot, reason: str, state: str = "hung") -> None:
         """SIGABRT (its faulthandler writes where it was stuck), SIGKILL after a grace."""
-        self.counters["hung"] += 1
-        worker.state = "hung" if worker.state != "starting" else worker.state
+        self.counters[state] += 1
+        worker.state = state if worker.state != "starting" else worker.state
         worker.hang_reason = reason
         self.supervisor.signal_worker(worker.worker_id, signal.SIGABRT)
 
@@ -510,8 +632,22 @@ class _Close:
 
 
 def mark_running(future: Future) -> bool:
-    """Move a queued future to running; False if the caller cancelled it meanwhile."""
+    """Move a queued future to running; False if it was cancelled or has timed out."""
+    if future.done():
+        return False
     return future.running() or future.set_running_or_notify_cancel()
+
+
+def settle(future: Future, value=None, error: BaseException | None = None) -> None:
+    """Give a future its one answer; a future already answered (timed out, cancelled by
+    its caller) keeps the answer it has."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:
+        pass
 
 
 def _trim_report(report: str) -> str:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
 import itertools
@@ -16,13 +17,14 @@ import os
 import threading
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from ..config import PoolConfig
-from ..errors import PoolBroken, PoolClosed, PoolStartError
+from ..errors import PoolBroken, PoolClosed, PoolStartError, QueueFull
 from ..ipc import endpoints
 from ..ipc.codec import Codec
 from . import memory
+from .batching import batch_key_of
 from .dispatcher import Dispatcher, Request
 from .supervisor import Supervisor
 from .weights import publish
@@ -45,40 +47,44 @@ class Pool:
         predict: ``predict(model, *args, **kwargs)``; module-level functions travel by
             reference, functions from ``__main__`` and closures by value (cloudpickle).
         workers: number of worker processes.
+
+    Options (keywords; defaults in :class:`workerpool.config.PoolConfig`):
         start_method: ``"zygote"`` (default: workers are forked from a process that holds
             the attached model; a new worker is ready in milliseconds) or ``"spawn"``
             (each worker is a fresh interpreter attaching the same memfd: for libraries
             where fork is unsafe; costs an import of your framework per worker).
-        threads_per_worker: intra-op threads of each worker (torch.set_num_threads).
+        threads_per_worker: intra-op threads of each worker (default: usable cores //
+            workers, at least 1). ``pin_cpus=True`` pins each worker to its own CPUs.
+        max_batch_size: rows per ``predict`` call (default 1: no batching). Requests of one
+            array each, with the same dtype and trailing shape, are concatenated along
+            axis 0; ``predict`` must then return arrays (or tuples/lists/dicts of arrays)
+            with the batch on axis 0, which are cut back per request.
+        max_wait_ms: how long the oldest queued request may wait for company (default 0:
+            batch only what is already queued; a lone request never waits).
+        batched: False never merges requests, whatever ``max_batch_size`` says.
+        max_queue: requests waiting in this process; past it ``submit`` raises QueueFull
+            at once (``map`` never does). Default: unbounded.
+        timeout: default deadline of each request, in seconds (``submit(..., timeout=)``
+            overrides it). A request still queued at its deadline fails with TaskTimeout
+            unsent; a running one fails with TaskTimeout and its worker is replaced.
         max_message_bytes: largest request or result; larger ones raise MessageTooLarge.
+        heartbeat_interval, heartbeat_timeout: a worker silent for ``heartbeat_timeout``
+            seconds (stuck inside ``predict``, or deadlocked) is aborted (SIGABRT, then
+            SIGKILL) and replaced; the request it was running fails with WorkerCrashed
+            carrying the stack where it was stuck. None: never.
+        max_requests_per_worker, max_requests_jitter: recycle a worker after that many
+            requests plus a random 0..jitter, to contain leaks in model code. Its
+            replacement starts first; queued work is unaffected.
         start_timeout: seconds to wait for every worker to be ready.
         close_timeout: seconds ``close()`` waits for workers to exit before killing them.
-        heartbeat_timeout: a worker silent this long (stuck inside ``predict``, or
-            deadlocked) is aborted (SIGABRT, then SIGKILL) and replaced; the request it was
-            running fails with WorkerCrashed carrying the stack where it was stuck. Idle
-            workers say they are alive every ``heartbeat_interval`` seconds. None: never.
-        max_requests_per_worker: recycle a worker after this many requests plus a random
-            0..``max_requests_jitter`` (so they do not all restart at once), to contain
-            leaks in model code. Its replacement starts first; queued work is unaffected.
 
     Inputs passed to ``submit`` are sent without a copy: do not modify them until the
     future is done.
     """
 
     def __init__(self, load: Callable[[], Any], predict: Callable[..., Any], workers: int = 2,
-                 *, start_method: str = "zygote", threads_per_worker: int = 1,
-                 max_message_bytes: int = PoolConfig.max_message_bytes,
-                 start_timeout: float = PoolConfig.start_timeout,
-                 close_timeout: float = PoolConfig.close_timeout,
-                 heartbeat_interval: float = PoolConfig.heartbeat_interval,
-                 heartbeat_timeout: float | None = PoolConfig.heartbeat_timeout,
-                 max_requests_per_worker: int | None = None, max_requests_jitter: int = 0):
-        self.config = PoolConfig(
-            workers=workers, start_method=start_method, threads_per_worker=threads_per_worker,
-            max_message_bytes=max_message_bytes, start_timeout=start_timeout,
-            close_timeout=close_timeout, heartbeat_interval=heartbeat_interval,
-            heartbeat_timeout=heartbeat_timeout, max_requests_per_worker=max_requests_per_worker,
-            max_requests_jitter=max_requests_jitter)
+                 **options):
+        self.config = PoolConfig(workers=workers, **options)
         self._closed = False
         self._close_lock = threading.Lock()
         self._ids = itertools.count()
@@ -104,39 +110,79 @@ class Pool:
         _live_pools.add(self)
 
     # -- work ----------------------------------------------------------------------------
-    def submit(self, *args, **kwargs) -> Future:
-        """Run ``predict(model, *args, **kwargs)`` in a worker; returns a Future at once."""
+    def submit(self, *args, timeout: float | None = None, **kwargs) -> Future:
+        """Run ``predict(model, *args, **kwargs)`` in a worker; returns a Future at once.
+
+        ``timeout`` (seconds) overrides the pool's; it is not passed to ``predict``.
+        Raises QueueFull at once when ``max_queue`` requests are waiting.
+        """
+        return self._submit(args, kwargs, timeout, self.config.max_queue)
+
+    def _submit(self, args: tuple, kwargs: dict, timeout: float | None,
+                max_queue: int | None) -> Future:
         self._check_open()
         body, frames = self._codec.encode((args, kwargs))
+        batch_key, rows = batch_key_of(args, kwargs)
+        if not self._dispatcher.queue_gauge.try_add(max_queue):
+            raise QueueFull(f"{max_queue} requests are already waiting (max_queue); retry "
+                            "later, add workers, or raise max_queue")
         future: Future = Future()
-        self._dispatcher.submit(Request(next(self._ids), future, body, frames))
+        self._dispatcher.submit(Request(
+            next(self._ids), future, body, frames, batch_key=batch_key, rows=rows,
+            timeout=self.config.timeout if timeout is None else timeout))
         return future
 
-    def map(self, inputs: Iterable, *, window: int | None = None) -> Iterator:
+    def map(self, inputs: Iterable, *, window: int | None = None,
+            timeout: float | None = None) -> Iterator:
         """``predict(model, x)`` for each ``x``, yielded in input order.
 
         At most ``window`` requests are in flight at once (default: enough to keep every
-        worker busy), so an endless generator runs in constant memory. The first error is
-        raised where its result would have been yielded.
+        worker busy and batches full), so an endless generator runs in constant memory; it
+        never raises QueueFull. The first error is raised where its result would have been
+        yielded.
         """
-        window = window or self.config.workers * self.config.credits_per_worker * 2
+        window = window or self._default_window()
         in_flight: collections.deque[Future] = collections.deque()
         for x in inputs:
-            in_flight.append(self.submit(x))
+            in_flight.append(self._submit((x,), {}, timeout, None))
             if len(in_flight) >= window:
                 yield in_flight.popleft().result()
         while in_flight:
             yield in_flight.popleft().result()
 
+    async def submit_async(self, *args, timeout: float | None = None, **kwargs):
+        """``await``-able :meth:`submit`, answered on the running event loop (no thread)."""
+        return await asyncio.wrap_future(self.submit(*args, timeout=timeout, **kwargs))
+
+    async def map_async(self, inputs, *, window: int | None = None,
+                        timeout: float | None = None) -> AsyncIterator:
+        """``async for y in pool.map_async(xs)``: :meth:`map` for asyncio; ``inputs`` may be
+        an iterable or an async iterable."""
+        window = window or self._default_window()
+        in_flight: collections.deque[asyncio.Future] = collections.deque()
+        async for x in _aiter(inputs):
+            in_flight.append(asyncio.wrap_future(self._submit((x,), {}, timeout, None)))
+            if len(in_flight) >= window:
+                yield await in_flight.popleft()
+        while in_flight:
+            yield await in_flight.popleft()
+
+    def _default_window(self) -> int:
+        config = self.config
+        return config.workers * config.credits_per_worker * max(config.max_batch_size, 2)
+
     # -- observation ---------------------------------------------------------------------
     def stats(self, memory_usage: bool = True) -> dict:
         """Per-worker pid, state, requests served, start time, and (``memory_usage``) PSS,
         USS, RSS, shared bytes and the weights' resident/proportional/copied bytes; the
-        pool's total PSS (parent + zygote + workers); the published model's size.
-        Counters: restarts, crashes, hung, retired, retried_requests, late_replies."""
+        pool's total PSS (parent + zygote + workers); the published model's size; queue
+        depth, batch-size histogram (rows per predict call), p50/p99 queue and compute
+        time per request (ms). Counters: restarts, crashes, hung, aborted, timeouts,
+        retired, retried_requests, late_replies."""
         if self._closed:
             raise PoolClosed("the pool is closed")
-        workers, queued, counters = self._dispatcher.call(self._dispatcher_snapshot, timeout=30)
+        workers, queued, counters, metrics = self._dispatcher.call(self._dispatcher_snapshot,
+                                                                   timeout=30)
         zygote = {"pid": self._supervisor.zygote_pid,
                   "threads_at_boot": self._supervisor.zygote_threads}
         parent = {"pid": os.getpid()}
@@ -150,6 +196,7 @@ class Pool:
             "zygote": zygote,
             "queued": queued,
             **counters,
+            **metrics,
         }
         if memory_usage:
             for row in (parent, zygote, *workers):
@@ -165,8 +212,9 @@ class Pool:
                  else round((w.ready_at - w.started_at) * 1000, 3)}
                 for w in d.workers.values()]
         counters = {name: d.counters[name] for name in (
-            "restarts", "crashes", "hung", "retired", "retried_requests", "late_replies")}
-        return rows, len(d.pending) + len(d.retries), counters
+            "restarts", "crashes", "hung", "aborted", "timeouts", "retired", "retried_requests",
+            "late_replies")}
+        return rows, len(d.pending) + len(d.retries), counters, d.metrics.snapshot()
 
     @property
     def pids(self) -> list[int]:
@@ -230,3 +278,12 @@ class Pool:
 def _close_live_pools() -> None:
     for pool in list(_live_pools):
         pool.close(drain=True, timeout=pool.config.close_timeout)
+
+
+async def _aiter(inputs):
+    if hasattr(inputs, "__aiter__"):
+        async for x in inputs:
+            yield x
+    else:
+        for x in inputs:
+            yield x

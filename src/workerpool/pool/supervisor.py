@@ -75,7 +75,7 @@ class Supervisor:
             "parent_pid": os.getpid(),
             "private_dir": self.private_dir,
             "endpoint": self.endpoint,
-            "threads_per_worker": config.threads_per_worker,
+            "threads_per_worker": config.threads,
             "credits_per_worker": config.credits_per_worker,
             "max_message_bytes": config.max_message_bytes,
             "zero_copy_threshold": config.zero_copy_threshold,
@@ -90,8 +90,8 @@ class Supervisor:
     def zygote_pid(self) -> int | None:
         return self.zygote.pid if self.zygote else None
 
-    def start_worker(self, worker_id: int) -> None:
-        self._send({"op": "start", "worker_id": worker_id})
+    def start_worker(self, worker_id: int, cpus: list[int] | None = None) -> None:
+        self._send({"op": "start", "worker_id": worker_id, "cpus": cpus})
 
     def signal_worker(self, worker_id: int, signum: int) -> None:
         """Delivered by the zygote through the worker's pidfd: never to a recycled pid."""

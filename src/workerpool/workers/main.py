@@ -26,7 +26,7 @@ EXIT_BOOT_ERROR = 70
 EXIT_PARENT_GONE = 71
 
 
-def serve(model, predict, boot: dict, worker_id: int) -> int:
+def serve(model, predict, boot: dict) -> int:
     """Serve until told to stop; return the exit code. Never returns on parent death."""
     import zmq
 
@@ -35,8 +35,11 @@ def serve(model, predict, boot: dict, worker_id: int) -> int:
     from ..ipc.codec import Codec
     from .runner import Runner
 
+    worker_id = boot["worker_id"]
     start_lifeline(boot["parent_pid"])
     crash_log = open(endpoints.crash_log_path(boot["private_dir"], worker_id), "w")
+    if boot.get("cpus"):
+        os.sched_setaffinity(0, boot["cpus"])
     faulthandler.enable(crash_log, all_threads=False)
     for adapter in active_adapters():
         if hasattr(adapter, "set_threads"):
@@ -64,8 +67,7 @@ def serve(model, predict, boot: dict, worker_id: int) -> int:
             frames = sock.recv_multipart(copy=False)
             kind = frames[0].bytes
             if kind == protocol.TASK:
-                meta = protocol.unpack_meta(frames[1])
-                reply = runner.run(meta, frames[2].bytes, frames[3:])
+                reply = runner.run(protocol.unpack_meta(frames[1]), frames[2:])
                 sock.send_multipart(reply, copy=False)
             elif kind == protocol.STOP:
                 sock.send_multipart([protocol.BYE, protocol.pack_meta({})])
@@ -110,25 +112,24 @@ def spawned_main(argv: list[str]) -> int:
     boot = pickle.load(sys.stdin.buffer)
     sys.stdin.close()
     sys.path[:] = boot["sys_path"]
-    worker_id = boot["worker_id"]
     try:
         from .attach import attach
 
         model, predict = attach(boot["skeleton"], int(argv[0]))
         os.close(int(argv[0]))
     except BaseException:
-        write_boot_error(boot, worker_id)
+        write_boot_error(boot)
         return EXIT_BOOT_ERROR
-    return serve(model, predict, boot, worker_id)
+    return serve(model, predict, boot)
 
 
-def write_boot_error(boot: dict, worker_id: int) -> None:
+def write_boot_error(boot: dict) -> None:
     """Leave the boot failure's traceback where the supervisor reads crash reports."""
     import traceback
 
     from ..ipc import endpoints
 
-    with open(endpoints.crash_log_path(boot["private_dir"], worker_id), "w") as log:
+    with open(endpoints.crash_log_path(boot["private_dir"], boot["worker_id"]), "w") as log:
         traceback.print_exc(file=log)
 
 

@@ -55,14 +55,15 @@ class Zygote:
         os.close(self.weights_fd)  # the mapping is all forked workers need
         self.weights_fd = -1
 
-    def start_worker(self, worker_id: int) -> None:
+    def start_worker(self, worker_id: int, cpus: list[int] | None) -> None:
+        boot = dict(self.boot, worker_id=worker_id, cpus=cpus)
         if self.boot["start_method"] == "zygote":
             pid = os.fork()
             if pid == 0:
-                self._become_worker(worker_id)  # never returns
+                self._become_worker(boot)  # never returns
             popen = None
         else:
-            popen = self._spawn_worker(worker_id)
+            popen = self._spawn_worker(boot)
             pid = popen.pid
         self.children[os.pidfd_open(pid)] = (worker_id, pid, popen)
         control.send(self.ctl, {"op": "started", "worker_id": worker_id, "pid": pid})
@@ -114,7 +115,7 @@ class Zygote:
         op = message["op"]
         if op == "start":
             try:
-                self.start_worker(message["worker_id"])
+                self.start_worker(message["worker_id"], message.get("cpus"))
             except Exception:
                 control.send(self.ctl, {"op": "start_error", "worker_id": message["worker_id"],
                                         "traceback": traceback.format_exc()})
@@ -126,7 +127,7 @@ class Zygote:
             self.exiting = True
 
     # -- the two ways a worker comes to be ---------------------------------------------
-    def _become_worker(self, worker_id: int) -> None:
+    def _become_worker(self, boot: dict) -> None:
         code = worker_main.EXIT_BOOT_ERROR
         try:
             self.ctl.close()
@@ -134,20 +135,19 @@ class Zygote:
             for pidfd in self.children:
                 os.close(pidfd)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            code = worker_main.serve(self.model, self.predict, self.boot, worker_id)
+            code = worker_main.serve(self.model, self.predict, boot)
         except BaseException:
-            worker_main.write_boot_error(self.boot, worker_id)
+            worker_main.write_boot_error(boot)
         finally:
             os._exit(code)
 
-    def _spawn_worker(self, worker_id: int) -> subprocess.Popen:
+    def _spawn_worker(self, boot: dict) -> subprocess.Popen:
         threads = str(self.boot["threads_per_worker"])
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         popen = subprocess.Popen(
             [sys.executable, "-m", "workerpool.workers.main", str(self.weights_fd)],
             stdin=subprocess.PIPE, pass_fds=[self.weights_fd], env=env)
-        popen.stdin.write(pickle.dumps(dict(self.boot, worker_id=worker_id),
-                                       protocol=pickle.HIGHEST_PROTOCOL))
+        popen.stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
         popen.stdin.close()
         return popen
 

@@ -1,0 +1,80 @@
+"""Which queued requests go to a worker together: pure logic, no sockets, injected time.
+
+A request is batchable when it carries exactly one array (numpy or torch) of at least one
+dimension and no keyword arguments; its ``batch_key`` is (kind, dtype, trailing shape) and
+its ``rows`` the length of axis 0. A batch is the head of the queue plus later requests with
+the same key, in queue order, up to ``max_rows`` rows. The head never waits longer than
+``max_wait_s`` for company; with ``max_wait_s == 0`` (the default) a batch is only what is
+already queued, so a lone request is dispatched at once. A request with more rows than
+``max_rows`` is served alone; requests of other keys keep their place in the queue.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Protocol, Sequence
+
+# How far past the head the batcher looks for compatible requests; bounds the work per batch.
+SCAN_LIMIT_PER_ROW = 4
+
+
+class Batchable(Protocol):
+    batch_key: tuple | None
+    rows: int
+    enqueued_at: float
+
+
+def batch_key_of(args: tuple, kwargs: dict) -> tuple[tuple | None, int]:
+    """(batch_key, rows) of a request's arguments; (None, 1) when it cannot be batched."""
+    if kwargs or len(args) != 1:
+        return None, 1
+    (value,) = args
+    kind = type(value).__module__.split(".", 1)[0]
+    if kind not in ("numpy", "torch") or not hasattr(value, "shape") or len(value.shape) < 1:
+        return None, 1
+    if kind == "numpy" and type(value).__name__ != "ndarray":
+        return None, 1
+    if kind == "torch" and type(value).__name__ not in ("Tensor", "Parameter"):
+        return None, 1
+    return (kind, str(value.dtype), tuple(value.shape[1:])), int(value.shape[0])
+
+
+class Batcher:
+    """Takes batches off the head of a deque of Batchable items."""
+
+    def __init__(self, max_rows: int, max_wait_s: float = 0.0):
+        if max_rows < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_rows}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_s * 1000}")
+        self.max_rows = max_rows
+        self.max_wait_s = max_wait_s
+
+    def take(self, queue: collections.deque, now: float) -> tuple[list, float | None]:
+        """``(batch, None)`` to send now, or ``([], wake_at)`` when the head should wait
+        for company until ``wake_at``; ``([], None)`` for an empty queue."""
+        if not queue:
+            return [], None
+        head = queue[0]
+        if head.batch_key is None or head.rows >= self.max_rows or self.max_rows == 1:
+            return [queue.popleft()], None
+        chosen, rows = self._compatible(queue, head)
+        wake_at = head.enqueued_at + self.max_wait_s
+        if rows < self.max_rows and now < wake_at:
+            return [], wake_at
+        batch = [queue[index] for index in chosen]
+        for index in reversed(chosen):
+            del queue[index]
+        return batch, None
+
+    def _compatible(self, queue: Sequence, head) -> tuple[list[int], int]:
+        chosen, rows = [0], head.rows
+        limit = min(len(queue), 1 + SCAN_LIMIT_PER_ROW * self.max_rows)
+        for index in range(1, limit):
+            item = queue[index]
+            if item.batch_key == head.batch_key and rows + item.rows <= self.max_rows:
+                chosen.append(index)
+                rows += item.rows
+                if rows == self.max_rows:
+                    break
+        return chosen, rows

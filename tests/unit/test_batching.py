@@ -1,0 +1,105 @@
+"""The batcher's decisions, with an injected clock: no sockets, no processes, no sleeps."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from workerpool.pool.batching import Batcher, batch_key_of
+
+KEY = ("numpy", "float32", (4,))
+OTHER = ("numpy", "float64", (4,))
+
+
+@dataclasses.dataclass
+class Item:
+    name: str
+    batch_key: tuple | None = KEY
+    rows: int = 1
+    enqueued_at: float = 0.0
+
+
+def queue(*items):
+    return collections.deque(items)
+
+
+def names(batch):
+    return [item.name for item in batch]
+
+
+def test_lone_request_is_dispatched_at_once_without_waiting():
+    batcher = Batcher(max_rows=32, max_wait_s=0.0)
+    q = queue(Item("a", enqueued_at=100.0))
+    batch, wake_at = batcher.take(q, now=100.0)  # the same instant it was queued
+    assert names(batch) == ["a"] and wake_at is None and not q
+
+
+def test_queued_compatible_requests_form_one_batch_up_to_max_rows():
+    batcher = Batcher(max_rows=8)
+    q = queue(*[Item(str(i), rows=3) for i in range(4)])
+    batch, _ = batcher.take(q, now=0.0)
+    assert names(batch) == ["0", "1"]  # 6 rows; a third would make 9
+    assert names(q) == ["2", "3"]
+
+
+def test_incompatible_requests_keep_their_place():
+    batcher = Batcher(max_rows=8)
+    q = queue(Item("a"), Item("x", batch_key=OTHER), Item("b"), Item("n", batch_key=None),
+              Item("c"))
+    batch, _ = batcher.take(q, now=0.0)
+    assert names(batch) == ["a", "b", "c"]
+    assert names(q) == ["x", "n"]
+    assert names(batcher.take(q, now=0.0)[0]) == ["x"]
+    assert names(batcher.take(q, now=0.0)[0]) == ["n"]
+
+
+def test_oversize_request_is_served_alone():
+    batcher = Batcher(max_rows=4)
+    q = queue(Item("big", rows=10), Item("small"))
+    assert names(batcher.take(q, now=0.0)[0]) == ["big"]
+    assert names(batcher.take(q, now=0.0)[0]) == ["small"]
+
+
+def test_max_wait_holds_the_head_until_full_or_due():
+    batcher = Batcher(max_rows=4, max_wait_s=0.010)
+    q = queue(Item("a", enqueued_at=1.000))
+    assert batcher.take(q, now=1.004) == ([], 1.010)  # waits for company
+    q.append(Item("b", enqueued_at=1.005))
+    assert batcher.take(q, now=1.006) == ([], 1.010)
+    batch, _ = batcher.take(q, now=1.010)  # due: goes with what it has
+    assert names(batch) == ["a", "b"]
+    q.extend(Item(n, enqueued_at=2.0) for n in "cdef")
+    assert names(batcher.take(q, now=2.0)[0]) == ["c", "d", "e", "f"]  # full: no wait
+
+
+def test_unbatchable_head_never_waits():
+    batcher = Batcher(max_rows=4, max_wait_s=10.0)
+    q = queue(Item("n", batch_key=None))
+    assert names(batcher.take(q, now=0.0)[0]) == ["n"]
+
+
+def test_max_rows_one_means_no_batching():
+    batcher = Batcher(max_rows=1, max_wait_s=1.0)
+    q = queue(Item("a"), Item("b"))
+    assert names(batcher.take(q, now=0.0)[0]) == ["a"]
+
+
+def test_empty_queue():
+    assert Batcher(max_rows=4).take(queue(), now=0.0) == ([], None)
+
+
+@pytest.mark.parametrize("args, kwargs, expected", [
+    ((np.zeros((3, 4), np.float32),), {}, (("numpy", "float32", (4,)), 3)),
+    ((torch.zeros(5, 2, 2),), {}, (("torch", "torch.float32", (2, 2)), 5)),
+    ((np.zeros(3),), {"k": 1}, (None, 1)),
+    ((np.zeros(3), np.zeros(3)), {}, (None, 1)),
+    ((np.float32(1.0),), {}, (None, 1)),
+    ((np.zeros(()),), {}, (None, 1)),
+    (([1, 2],), {}, (None, 1)),
+])
+def test_batch_key_of(args, kwargs, expected):
+    assert batch_key_of(args, kwargs) == expected
