@@ -43,3 +43,9 @@ def unpack_meta(frame) -> dict:
     if not isinstance(meta, dict):
         raise ProtocolError(f"message header is not a map: {meta!r}")
     return meta
+
+
+# How a worker process ends on purpose (any other status is a crash).
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 70  # could not attach the model or connect to the pool
+EXIT_PARENT_GONE = 71  # the pool's process or the zygote died

@@ -20,8 +20,7 @@ import sys
 
 from ..config import PoolConfig
 from ..errors import PoolStartError
-from ..ipc import control, endpoints
-from ..workers import main as worker_main
+from ..ipc import control, endpoints, protocol
 from .weights import PublishedModel
 
 
@@ -174,6 +173,6 @@ def describe_exit(pid: int, status: int | None) -> str:
 
 
 _EXIT_CODES = {
-    worker_main.EXIT_BOOT_ERROR: "it could not attach the model or connect to the pool",
-    worker_main.EXIT_PARENT_GONE: "the pool's process or the zygote died",
+    protocol.EXIT_BOOT_ERROR: "it could not attach the model or connect to the pool",
+    protocol.EXIT_PARENT_GONE: "the pool's process or the zygote died",
 }

@@ -21,9 +21,7 @@ import signal
 import sys
 import threading
 
-EXIT_OK = 0
-EXIT_BOOT_ERROR = 70
-EXIT_PARENT_GONE = 71
+from ..ipc.protocol import EXIT_BOOT_ERROR, EXIT_OK, EXIT_PARENT_GONE
 
 
 def serve(model, predict, boot: dict) -> int:

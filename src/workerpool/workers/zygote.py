@@ -32,7 +32,7 @@ import traceback
 from ..ipc import control, endpoints
 from . import main as worker_main
 
-EXIT_PARENT_GONE = worker_main.EXIT_PARENT_GONE
+from ..ipc.protocol import EXIT_BOOT_ERROR, EXIT_PARENT_GONE
 
 
 class Zygote:
@@ -128,7 +128,7 @@ class Zygote:
 
     # -- the two ways a worker comes to be ---------------------------------------------
     def _become_worker(self, boot: dict) -> None:
-        code = worker_main.EXIT_BOOT_ERROR
+        code = EXIT_BOOT_ERROR
         try:
             self.ctl.close()
             os.close(self.parent_pidfd)
@@ -168,7 +168,7 @@ def main(argv: list[str]) -> int:
         zygote.attach_model()
     except BaseException:
         control.send(ctl, {"op": "boot_error", "traceback": traceback.format_exc()})
-        return worker_main.EXIT_BOOT_ERROR
+        return EXIT_BOOT_ERROR
     control.send(ctl, {"op": "booted", "pid": os.getpid(), "threads": os_thread_count()})
     try:
         return zygote.run()
