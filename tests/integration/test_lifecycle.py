@@ -16,7 +16,7 @@ import torch
 
 import modelzoo
 import workerpool as wp
-from procinfo import is_running
+from testkit import is_running, wait_until
 
 
 def slow_predict(model, x, delay=0.05):
@@ -26,15 +26,6 @@ def slow_predict(model, x, delay=0.05):
 
 def thread_count(model, x):
     return torch.get_num_threads()
-
-
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_close_drains_accepted_work_then_leaves_nothing():

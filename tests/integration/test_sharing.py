@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import modelzoo
-from procinfo import segment_ranges
+from testkit import segment_ranges
 import workerpool as wp
 
 MIB = modelzoo.MIB

@@ -15,16 +15,7 @@ import torch
 
 import modelzoo
 import workerpool as wp
-from procinfo import is_running
-
-
-def wait_until(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+from testkit import is_running, wait_until
 
 
 def sleepy_predict(model, x, seconds=0.0):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from procinfo import segment_ranges
+from testkit import segment_ranges
 from workerpool.ipc import memfd
 from workerpool.pool.weights import publish
 from workerpool.workers.attach import attach

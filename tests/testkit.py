@@ -1,6 +1,8 @@
-"""What /proc says about this process and others, for assertions."""
+"""Helpers for assertions about processes, mappings and things that happen eventually."""
 
 from __future__ import annotations
+
+import time
 
 import psutil
 
@@ -18,3 +20,13 @@ def is_running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def wait_until(condition, timeout: float = 30.0) -> bool:
+    """Poll ``condition()`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
