@@ -15,7 +15,7 @@ import torch
 
 import modelzoo
 import workerpool as wp
-from testkit import is_running, wait_until
+from testkit import is_running
 
 
 def sleepy_predict(model, x, seconds=0.0):
