@@ -132,3 +132,28 @@ def test_close_while_a_replacement_is_starting_does_not_wait_for_it():
     closer.start()
     closer.join(60)
     assert not closer.is_alive(), "close() waited for a worker that could not hear STOP"
+
+
+def test_submits_racing_close_all_get_an_answer():
+    pool = wp.Pool(modelzoo.numpy_model, lambda model, x: x, workers=2)
+    futures, stop = [], threading.Event()
+
+    def submitter():
+        while not stop.is_set():
+            try:
+                futures.append(pool.submit(1))
+            except wp.PoolClosed:
+                return
+
+    threads = [threading.Thread(target=submitter) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    pool.close()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert futures
+    for future in futures:  # each one answered: its result, or PoolClosed; none left hanging
+        assert future.exception(timeout=10) is None or isinstance(future.exception(),
+                                                                    wp.PoolClosed)

@@ -128,6 +128,8 @@ class Dispatcher(threading.Thread):
         self.endpoint = endpoint
         self.codec = codec
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.accepting = True
+        self.accepting_lock = threading.Lock()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.started = threading.Event()
         self.start_error: BaseException | None = None
@@ -153,6 +155,7 @@ class Dispatcher(threading.Thread):
 
     # -- called from other threads -------------------------------------------------------
     def submit(self, request: Request) -> None:
+        """Hand over a request; PoolClosed once the thread has stopped taking them."""
         self._post(request)
 
     def call(self, fn, timeout: float | None = None):
@@ -163,11 +166,34 @@ class Dispatcher(threading.Thread):
 
     def request_close(self, drain: bool) -> None:
         """Accept nothing more; ``drain``: finish accepted work, else fail it (PoolClosed)."""
-        self._post(_Close(drain))
+        try:
+            self._post(_Close(drain))
+        except PoolClosed:
+            pass
 
     def _post(self, item) -> None:
-        self.inbox.put(item)
-        os.eventfd_write(self.wake_fd, 1)
+        # The lock makes "posted" and "the thread has left" exclusive: nothing posted is
+        # ever left unread in the inbox.
+        with self.accepting_lock:
+            if not self.accepting:
+                raise PoolClosed("the pool is closed")
+            self.inbox.put(item)
+            os.eventfd_write(self.wake_fd, 1)
+
+    def stop_accepting(self) -> None:
+        """Last act of the thread: refuse new items and answer those still in the inbox."""
+        with self.accepting_lock:
+            self.accepting = False
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Request):
+                self.queue_gauge.remove()
+                settle(item.future, error=self.broken or PoolClosed("the pool is closed"))
+            elif isinstance(item, tuple):
+                settle(item[1], error=PoolClosed("the pool is closed"))
 
     # -- the thread ----------------------------------------------------------------------
     def run(self) -> None:
@@ -186,6 +212,7 @@ class Dispatcher(threading.Thread):
             self.fail_everything(PoolBroken(f"the pool's dispatcher failed: {exc!r}"))
             raise
         finally:
+            self.stop_accepting()
             self.shutdown_workers()
             self.router.close(linger=0)
             context.term()

@@ -127,9 +127,13 @@ class Pool:
             raise QueueFull(f"{max_queue} requests are already waiting (max_queue); retry "
                             "later, add workers, or raise max_queue")
         future: Future = Future()
-        self._dispatcher.submit(Request(
-            next(self._ids), future, body, frames, batch_key=batch_key, rows=rows,
-            timeout=self.config.timeout if timeout is None else timeout))
+        try:
+            self._dispatcher.submit(Request(
+                next(self._ids), future, body, frames, batch_key=batch_key, rows=rows,
+                timeout=self.config.timeout if timeout is None else timeout))
+        except PoolClosed:
+            self._dispatcher.queue_gauge.remove()
+            raise
         return future
 
     def map(self, inputs: Iterable, *, window: int | None = None,
