@@ -25,6 +25,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/memory.py
 	$(PY) bench/attach.py
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -18,11 +18,12 @@ Measured, always as ratios within this run (the machine is shared and noisy):
      last thread's end, plus the per-request latency each caller saw (p50/p99);
    - map: ``list(pool.map(xs))`` over ``--map-requests`` single-row inputs (default window).
    mean_batch_size is rows per predict call during that trial (delta of
-   ``pool.stats()["batch_size_histogram"]``).
+   ``pool.stats()["batch_size_histogram"]``); parent/workers CPU is psutil user + system time
+   of this process and of the workers during the trial, per request.
 2. Latency at low load: one caller, sequential ``submit(x).result()``; after ``--warmup``
-   requests per pool, ``--latency-requests`` requests per pool, interleaved one by one across
-   the three pools (off, on, on+wait) so they see the same noise; p50/p99/mean in ms and their
-   ratios to off. ``queue_ms``/``compute_ms`` are the pool's own figures (``pool.stats()``).
+   requests per pool, ``--latency-requests`` requests per pool, interleaved across the three
+   pools (off, on, on+wait) in blocks of 50 so they see the same noise; p50/p99/mean in ms and
+   their ratios to off. ``queue_ms``/``compute_ms`` are the pool's own figures (``pool.stats()``).
 3. Baseline: the same model called in this process (1 intra-op thread, inference_mode,
    batch of 1), per-call latency p50/p99 and the calls/s that makes; also rows/s at batch 32
    as the compute ceiling of one core.
@@ -30,7 +31,7 @@ Measured, always as ratios within this run (the machine is shared and noisy):
 Every pool result is checked against the in-process output (max abs difference reported).
 Prints JSON on stdout and writes bench/results/throughput.md.
 
-    .venv/bin/python bench/throughput.py [--requests 3000] [--callers 64] [--rounds 3]
+    .venv/bin/python bench/throughput.py [--requests 3000] [--callers 64] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ import argparse
 import collections
 import contextlib
 import os
-import statistics
 import subprocess
 import threading
 import time
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
@@ -54,6 +55,7 @@ from common import emit, log, markdown_table
 IN_FEATURES = 512
 N_INPUTS = 256  # distinct input rows, reused round-robin
 RESULT_TIMEOUT_S = 60.0  # a request not answered by then is reported as a hang
+LATENCY_BLOCK = 50  # latency phase: consecutive requests to one pool before the next
 
 CONFIGS = {
     "off": {"max_batch_size": 1},
@@ -117,6 +119,29 @@ class Checker:
             self.max_abs_diff = max(self.max_abs_diff, diff)
 
 
+class CpuMeter:
+    """CPU seconds (user + system) of this process and of the pool's workers over a trial,
+    per request: shows which side (the parent's dispatcher and callers, or the workers)
+    limits throughput."""
+
+    def __init__(self, pool):
+        self.procs = [psutil.Process(os.getpid())] + [psutil.Process(p) for p in pool.pids]
+        self.start = [self._cpu(p) for p in self.procs]
+
+    @staticmethod
+    def _cpu(proc) -> float:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:  # a worker replaced mid-trial: its share is lost
+            return float("nan")
+        return times.user + times.system
+
+    def per_request_us(self, requests: int) -> dict:
+        used = [self._cpu(p) - s for p, s in zip(self.procs, self.start)]
+        return {"parent_cpu_us_per_req": round(used[0] / requests * 1e6, 1),
+                "workers_cpu_us_per_req": round(sum(used[1:]) / requests * 1e6, 1)}
+
+
 def ratio(a, b):
     return round(a / b, 3) if a and b else None
 
@@ -156,10 +181,11 @@ def closed_loop(pool, inputs, checker: Checker, requests: int, callers: int) -> 
     per_caller = [requests // callers + (i < requests % callers) for i in range(callers)]
     barrier = threading.Barrier(callers + 1)
     latencies: list[list[float]] = [[] for _ in range(callers)]
+    outputs: list[list] = [[] for _ in range(callers)]  # checked after the clock stops
     errors: list[BaseException] = []
 
     def caller(k: int) -> None:
-        mine = latencies[k]
+        mine, answers = latencies[k], outputs[k]
         try:
             barrier.wait()
             for j in range(per_caller[k]):
@@ -167,7 +193,7 @@ def closed_loop(pool, inputs, checker: Checker, requests: int, callers: int) -> 
                 start = time.perf_counter()
                 output = pool.submit(inputs[index % len(inputs)]).result(RESULT_TIMEOUT_S)
                 mine.append(time.perf_counter() - start)
-                checker.check(index, output)
+                answers.append((index, output))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -175,32 +201,40 @@ def closed_loop(pool, inputs, checker: Checker, requests: int, callers: int) -> 
     for thread in threads:
         thread.start()
     before = histogram(pool)
+    cpu = CpuMeter(pool)
     barrier.wait()
     start = time.perf_counter()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - start
+    flat = [t for per in latencies for t in per]
+    cpu_used = cpu.per_request_us(max(1, len(flat)))
     if errors:
         raise RuntimeError(f"{len(errors)} callers failed; first: {errors[0]!r}") from errors[0]
     mean, hist = mean_batch(before, histogram(pool))
-    flat = [t for per in latencies for t in per]
+    for answers in outputs:
+        for index, output in answers:
+            checker.check(index, output)
     return {"requests": len(flat), "seconds": round(elapsed, 3),
             "req_per_s": round(len(flat) / elapsed, 1), "mean_batch_size": mean,
-            "histogram": hist, **{f"caller_{k}": v for k, v in percentiles_ms(flat).items()}}
+            "histogram": hist, **cpu_used,
+            **{f"caller_{k}": v for k, v in percentiles_ms(flat).items()}}
 
 
 def map_run(pool, inputs, checker: Checker, requests: int) -> dict:
     xs = [inputs[i % len(inputs)] for i in range(requests)]
     before = histogram(pool)
+    cpu = CpuMeter(pool)
     start = time.perf_counter()
     outputs = list(pool.map(xs, timeout=RESULT_TIMEOUT_S))
     elapsed = time.perf_counter() - start
+    cpu_used = cpu.per_request_us(len(outputs))
     mean, hist = mean_batch(before, histogram(pool))
     for i, output in enumerate(outputs):
         checker.check(i, output)
     return {"requests": len(outputs), "seconds": round(elapsed, 3),
             "req_per_s": round(len(outputs) / elapsed, 1), "mean_batch_size": mean,
-            "histogram": hist}
+            "histogram": hist, **cpu_used}
 
 
 def throughput(pools: dict, inputs, checker: Checker, args) -> dict:
@@ -230,6 +264,8 @@ def throughput(pools: dict, inputs, checker: Checker, args) -> dict:
             "histogram": median["histogram"],
             "caller_p50_ms": median.get("caller_p50_ms"),
             "caller_p99_ms": median.get("caller_p99_ms"),
+            "parent_cpu_us_per_req": median["parent_cpu_us_per_req"],
+            "workers_cpu_us_per_req": median["workers_cpu_us_per_req"],
         })
     for row in rows:
         off = next(r for r in rows if r["load_kind"] == row["load_kind"]
@@ -251,17 +287,21 @@ def latency(pools: dict, inputs, checker: Checker, warmup: int, n: int) -> list[
     before = {name: histogram(pool) for name, pool in pools.items()}
     times = {name: [] for name in pools}
     names = list(pools)
-    for i in range(n):
-        x = inputs[i % len(inputs)]
-        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
-            start = time.perf_counter()
-            output = pools[name].submit(x).result(RESULT_TIMEOUT_S)
-            times[name].append(time.perf_counter() - start)
-            checker.check(i, output)
+    # Blocks of LATENCY_BLOCK requests, pools in rotating order: each pool sees the same
+    # noise, and a pool's worker is not made to run with another pool's weights in cache
+    # on every request (interleaving one by one tripled the worker's compute time).
+    for block, first in enumerate(range(0, n, LATENCY_BLOCK)):
+        shift = block % len(names)
+        for name in names[shift:] + names[:shift]:
+            for i in range(first, min(n, first + LATENCY_BLOCK)):
+                start = time.perf_counter()
+                output = pools[name].submit(inputs[i % len(inputs)]).result(RESULT_TIMEOUT_S)
+                times[name].append(time.perf_counter() - start)
+                checker.check(i, output)
     rows = []
     for name, pool in pools.items():
         stats = pool.stats(memory_usage=False)
-        mean, hist = mean_batch(before[name], collections.Counter(stats["batch_size_histogram"]))
+        mean = mean_batch(before[name], collections.Counter(stats["batch_size_histogram"]))[0]
         rows.append({"batching": name, "config": CONFIGS[name], "requests": n,
                      **percentiles_ms(times[name]), "mean_batch_size": mean,
                      "pool_queue_p50_ms": stats["queue_ms"]["p50"],
@@ -321,7 +361,7 @@ def main() -> None:
                         help="requests per closed-loop trial (all callers together)")
     parser.add_argument("--callers", type=int, default=64, help="closed-loop caller threads")
     parser.add_argument("--map-requests", type=int, default=5000, help="inputs per map trial")
-    parser.add_argument("--rounds", type=int, default=3, help="throughput trials per config")
+    parser.add_argument("--rounds", type=int, default=5, help="throughput trials per config")
     parser.add_argument("--latency-requests", type=int, default=300,
                         help="timed sequential requests per pool")
     parser.add_argument("--warmup", type=int, default=50, help="untimed requests per pool")
@@ -363,7 +403,9 @@ def main() -> None:
         {"what": base["what"], "p50_ms": base["p50_ms"], "p99_ms": base["p99_ms"],
          "req_per_s": base["calls_per_s"], "p50_vs_inprocess": 1.0,
          "req_per_s_vs_inprocess": 1.0},
-        {"what": f"pool off, 1 caller sequential", "p50_ms": off_lat["p50_ms"],
+        {"what": "pool off, 1 caller sequential", "p50_ms": off_lat["p50_ms"],
+         "pool_queue_p50_ms": off_lat["pool_queue_p50_ms"],
+         "pool_compute_p50_ms": off_lat["pool_compute_p50_ms"],
          "p99_ms": off_lat["p99_ms"], "req_per_s": round(1000 / off_lat["mean_ms"], 1),
          "p50_vs_inprocess": ratio(off_lat["p50_ms"], base["p50_ms"]),
          "req_per_s_vs_inprocess": ratio(1000 / off_lat["mean_ms"], base["calls_per_s"])},
@@ -381,34 +423,41 @@ def main() -> None:
               "overhead": overhead, "pool_overhead_p50_ms": overhead_ms, "checks": checks}
 
     markdown = "\n\n".join([
-        f"# Throughput and latency: 512-1024-1024-10 MLP, {args.workers} workers "
+        (f"# Throughput and latency: 512-1024-1024-10 MLP, {args.workers} workers "
         f"(torch {torch.__version__}, {meta['usable_cores']} cores, workerpool "
-        f"{meta['workerpool_commit']})",
-        "Ratios are within one run; the machine is shared, absolute numbers are noisy. "
+        f"{meta['workerpool_commit']})"),
+        ("Ratios are within one run; the machine is shared, absolute numbers are noisy. "
         f"Run: `.venv/bin/python bench/throughput.py --requests {args.requests} "
         f"--callers {args.callers}` ({meta['seconds']} s, load average at start "
-        f"{', '.join(f'{x:.2f}' for x in meta['loadavg_at_start'])}).",
+        f"{', '.join(f'{x:.2f}' for x in meta['loadavg_at_start'])})."),
         f"## 1. Throughput, batching on vs off (median of {args.rounds} alternated trials)",
         markdown_table(tput["rows"], ["load", "batching", "req_per_s", "ratio_vs_off",
                                       "ratio_vs_off_per_round", "mean_batch_size",
-                                      "caller_p50_ms", "caller_p99_ms", "req_per_s_trials"]),
-        "The pools' own figures over all throughput trials (`pool.stats()`; served = "
-        "requests per worker):",
+                                      "caller_p50_ms", "caller_p99_ms", "parent_cpu_us_per_req",
+                                      "workers_cpu_us_per_req", "req_per_s_trials"]),
+        ("parent_cpu / workers_cpu: CPU time (user + system) of this process (callers, "
+        "dispatcher, ZeroMQ I/O thread) and of both workers during the trial, per request."),
+        ("The pools' own figures over all throughput trials (`pool.stats()`; served = "
+        "requests per worker):"),
         markdown_table(tput["pool_stats"], ["batching", "mean_batch_size", "queue_p50_ms",
                                             "queue_p99_ms", "compute_p50_ms", "compute_p99_ms",
                                             "served"]),
-        f"## 2. Latency at low load (1 caller, sequential, {args.latency_requests} requests "
-        "per pool after warm-up, interleaved across pools)",
+        (f"## 2. Latency at low load (1 caller, sequential, {args.latency_requests} requests "
+        "per pool after warm-up, interleaved across pools)"),
         markdown_table(lat, ["batching", "p50_ms", "p99_ms", "mean_ms", "p50_ratio_vs_off",
                              "p99_ratio_vs_off", "mean_batch_size", "pool_queue_p50_ms",
                              "pool_queue_p99_ms", "pool_compute_p50_ms"]),
         "## 3. Baseline: the same model in-process (1 thread, batch 1) vs through the pool",
         markdown_table(overhead, ["what", "p50_ms", "p99_ms", "req_per_s", "p50_vs_inprocess",
-                                  "req_per_s_vs_inprocess"]),
-        f"Pool overhead per lone request (p50, pool off - in-process): {overhead_ms} ms. "
-        f"In-process at batch 32: {base['batch32_rows_per_s']} rows/s on one thread.",
-        f"Checks: every pool output vs the in-process output: max abs diff "
-        f"{checker.max_abs_diff:.3g}, wrong shapes {checker.bad_shapes}.",
+                                  "req_per_s_vs_inprocess", "pool_queue_p50_ms",
+                                  "pool_compute_p50_ms"]),
+        ("pool_queue / pool_compute: the pool's own split (`pool.stats()`): submit to sent, "
+        "and decode + predict in the worker. Rows with callers: p50/p99 are what each caller "
+        "saw per request, under load."),
+        (f"Pool overhead per lone request (p50, pool off - in-process): {overhead_ms} ms. "
+        f"In-process at batch 32: {base['batch32_rows_per_s']} rows/s on one thread."),
+        (f"Checks: every pool output vs the in-process output: max abs diff "
+        f"{checker.max_abs_diff:.3g}, wrong shapes {checker.bad_shapes}."),
     ])
     emit(result, "throughput", markdown)
 

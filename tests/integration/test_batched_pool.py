@@ -195,3 +195,11 @@ def test_stats_report_queue_and_compute_percentiles():
     assert stats["compute_ms"]["p99"] >= stats["compute_ms"]["p50"]
     assert stats["queue_ms"]["p99"] >= stats["queue_ms"]["p50"] >= 0
     assert sum(size * n for size, n in stats["batch_size_histogram"].items()) == 40
+
+
+def test_light_sequential_traffic_keeps_every_worker_warm():
+    with wp.Pool(modelzoo.numpy_model, slow_double, workers=2) as pool:
+        for i in range(10):
+            pool.submit(tagged(i, 1)).result(timeout=60)
+        served = [w["requests_served"] for w in pool.stats(memory_usage=False)["workers"]]
+    assert served == [5, 5]

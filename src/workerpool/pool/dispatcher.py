@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import math
 import os
 import pickle
 import queue
@@ -99,11 +100,12 @@ class WorkerSlot:
 
     __slots__ = ("worker_id", "identity", "pid", "credits", "inflight", "served", "state",
                  "started_at", "ready_at", "last_seen", "isolating", "retire_after",
-                 "hang_reason", "tasks", "slot")
+                 "hang_reason", "tasks", "slot", "last_sent")
 
     def __init__(self, worker_id: int, slot: int):
         self.worker_id = worker_id
         self.slot = slot  # 0..workers-1: which CPUs it is pinned to (pin_cpus)
+        self.last_sent = 0.0
         self.identity = b"%d" % worker_id
         self.pid: int | None = None
         self.credits = 0
@@ -251,7 +253,7 @@ class Dispatcher(threading.Thread):
                            self.deadlines and self.deadlines[0][0], self.batch_wake_at) if t]
         if not due:
             return None
-        return max(0, int((min(due) - time.monotonic()) * 1000) + 1)
+        return max(0, math.ceil((min(due) - time.monotonic()) * 1000))
 
     # -- inbox: requests and commands from callers ----------------------------------------
     def read_inbox(self) -> None:
@@ -311,6 +313,7 @@ class Dispatcher(threading.Thread):
 
     def send(self, worker: WorkerSlot, batch: list[Request]) -> bool:
         """Send one TASK; False (and the requests queued again) if the worker is gone."""
+        now = time.monotonic()  # before sending: the send itself is not queueing
         parts, frames = [], []
         for request in batch:
             parts.append(1 + len(request.frames))
@@ -327,7 +330,7 @@ class Dispatcher(threading.Thread):
             worker.credits = 0
             self.retries.extendleft(reversed(batch))
             return False
-        now = time.monotonic()
+        worker.last_sent = now
         for request in batch:
             request.attempts += 1
             request.sent_at = now
@@ -340,14 +343,16 @@ class Dispatcher(threading.Thread):
         return True
 
     def pick_worker(self, idle: bool) -> WorkerSlot | None:
-        """The ready worker with the most credit; with ``idle``, one running nothing."""
+        """The ready worker with the most credit, the least recently used among equals (so
+        light traffic keeps every worker warm); with ``idle``, one running nothing."""
         best = None
         for worker in self.workers.values():
             if worker.state != "ready" or worker.isolating or worker.credits <= 0:
                 continue
             if idle and worker.inflight:
                 continue
-            if best is None or worker.credits > best.credits:
+            if best is None or (worker.credits, -worker.last_sent) > \
+                    (best.credits, -best.last_sent):
                 best = worker
         return best
 
