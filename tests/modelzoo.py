@@ -73,3 +73,20 @@ def torch_threads(n: int):
 def reference(load, predict, *args):
     with torch_threads(1), torch.inference_mode():
         return predict(load(), *args)
+
+
+def mlp_64mib_builder():
+    """The empty module that a 64 MiB state dict is loaded into."""
+    return mlp_of_size(64)
+
+
+def save_weight_files(directory) -> dict:
+    """The 64 MiB MLP as a safetensors file and as a torch.save state-dict checkpoint."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in mlp_of_size(64).state_dict().items()}
+    paths = {"safetensors": str(directory / "mlp.safetensors"),
+             "checkpoint": str(directory / "mlp.pt")}
+    save_file(state, paths["safetensors"])
+    torch.save(state, paths["checkpoint"])
+    return paths

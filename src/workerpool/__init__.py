@@ -1,13 +1,13 @@
 """workerpool: serve ML models from worker processes that share one copy of the weights."""
 
-from .errors import (BatchShapeError, EncodeError, MessageTooLarge, PoolBroken, PoolClosed,
-                     PoolStartError, ProtocolError, QueueFull, RemoteError, TaskTimeout,
-                     WorkerCrashed, WorkerpoolError)
+from .errors import (BatchShapeError, EncodeError, MessageTooLarge, ModelSourceError,
+                     PoolBroken, PoolClosed, PoolStartError, ProtocolError, QueueFull,
+                     RemoteError, TaskTimeout, WorkerCrashed, WorkerpoolError)
 from .pool.pool import Pool
 
 __all__ = [
     "Pool", "WorkerpoolError", "PoolClosed", "PoolBroken", "PoolStartError", "WorkerCrashed",
     "QueueFull", "TaskTimeout", "EncodeError", "MessageTooLarge", "BatchShapeError",
-    "ProtocolError", "RemoteError",
+    "ProtocolError", "RemoteError", "ModelSourceError",
 ]
 __version__ = "0.1.0"

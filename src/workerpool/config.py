@@ -28,6 +28,9 @@ class PoolConfig:
     max_wait_ms: float = 0.0
     batched: bool = True
     max_queue: int | None = None  # requests waiting in the parent; past it: QueueFull
+    # Weights already in an mmap'd file are served from that file (the page cache is the one
+    # copy); preload copies them into the shared segment at start instead, for slow disks.
+    preload: bool = False
     timeout: float | None = None  # default per-request deadline, seconds
     # One batch running and one waiting in each worker: no worker idles between requests,
     # and no more than one request waits behind a slow one.

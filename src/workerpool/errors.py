@@ -40,6 +40,11 @@ class WorkerCrashed(WorkerpoolError):
         self.crash_traceback = crash_traceback
 
 
+class ModelSourceError(WorkerpoolError, OSError):
+    """A model file or URL cannot be used: missing, unreadable, an unsupported format, or a
+    download that failed. The message names the path and what to do."""
+
+
 class QueueFull(WorkerpoolError):
     """The pool's queue holds ``max_queue`` requests; retry later or slow down."""
 

@@ -10,7 +10,7 @@ def reduce(obj, layout):
         return NotImplemented
     contiguous = np.ascontiguousarray(obj)
     ref = layout.place(("numpy", contiguous.ctypes.data, contiguous.nbytes), contiguous,
-                       contiguous.nbytes)
+                       contiguous.nbytes, address=contiguous.ctypes.data)
     return rebuild_array, (ref, contiguous.dtype, obj.shape)
 
 

@@ -27,7 +27,7 @@ def reduce(obj, layout):
         return NotImplemented
     storage = obj.untyped_storage()
     ref = layout.place(("torch", storage.data_ptr(), storage.nbytes()), storage_bytes(storage),
-                       storage.nbytes())
+                       storage.nbytes(), address=storage.data_ptr())
     layout.repoint_later(repoint, obj, ref, obj.dtype, tuple(obj.shape), tuple(obj.stride()),
                          obj.storage_offset())
     return rebuild_tensor, (ref, obj.dtype, tuple(obj.shape), tuple(obj.stride()),

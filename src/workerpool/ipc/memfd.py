@@ -49,7 +49,7 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 
 def map_readonly(fd: int) -> memoryview:
-    """Map the whole segment shared and read-only (what workers do)."""
+    """Map the whole segment (or weight file) shared and read-only (what workers do)."""
     return _map(fd, mmap.PROT_READ, mmap.MAP_SHARED).toreadonly()
 
 
@@ -71,6 +71,8 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 def _map(fd: int, prot: int, flags: int) -> memoryview:
     size = os.fstat(fd).st_size
+    if size == 0:
+        return memoryview(b"")
     address = _libc.mmap(None, size, prot, flags, fd, 0)
     if address == _MAP_FAILED:
         err = ctypes.get_errno()
@@ -83,5 +85,7 @@ def _map(fd: int, prot: int, flags: int) -> memoryview:
 def is_sealed(fd: int) -> bool:
     return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS == _SEALS
 
-# Persistent-id tag of a weight region inside a pickled model skeleton.
+# Persistent-id tags of weight regions inside a pickled model skeleton: a region of the
+# memfd, or of one of the published weight files.
 BUFFER_TAG = "workerpool-buffer"
+FILE_TAG = "workerpool-file"

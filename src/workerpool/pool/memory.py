@@ -14,10 +14,9 @@ _KB = 1024
 _SEGMENT_NAME = f"memfd:{memfd.MEMFD_NAME}"
 
 
-def process_memory(pid: int | None) -> dict:
-    """PSS, USS, RSS, resident shared bytes, and the weight segment's share, of ``pid``.
-
-    Zeros when the process is gone."""
+def process_memory(pid: int | None, weight_files: tuple[str, ...] = ()) -> dict:
+    """PSS, USS, RSS, resident shared bytes, and the weights' share (the memfd segment and
+    any published ``weight_files``), of ``pid``. Zeros when the process is gone."""
     usage = dict.fromkeys(("pss", "uss", "rss", "shared", "weights_rss", "weights_pss",
                            "weights_copied"), 0)
     usage["weights_mappings"] = []
@@ -30,7 +29,8 @@ def process_memory(pid: int | None) -> dict:
                 key, _, rest = line.partition(" ")
                 if not key.endswith(":"):  # a mapping's header line: "start-end perms ..."
                     segment = None
-                    if _SEGMENT_NAME in rest:
+                    if _SEGMENT_NAME in rest or (
+                            weight_files and _path_of(rest) in weight_files):
                         segment = {"perms": rest.split(None, 1)[0]}
                         usage["weights_mappings"].append(segment)
                     continue
@@ -44,6 +44,12 @@ def process_memory(pid: int | None) -> dict:
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass
     return usage
+
+
+def _path_of(header_rest: str) -> str:
+    """The pathname of an smaps header line (after its address range)."""
+    fields = header_rest.rstrip("\n").split(None, 4)
+    return fields[4] if len(fields) == 5 else ""
 
 
 def _count(usage: dict, key: str, value: int) -> None:

@@ -23,6 +23,7 @@ from ..config import PoolConfig
 from ..errors import PoolBroken, PoolClosed, PoolStartError, QueueFull
 from ..ipc import endpoints
 from ..ipc.codec import Codec
+from ..sources import files
 from . import memory
 from .batching import batch_key_of
 from .dispatcher import Dispatcher, Request
@@ -82,8 +83,11 @@ class Pool:
     future is done.
     """
 
-    def __init__(self, load: Callable[[], Any], predict: Callable[..., Any], workers: int = 2,
-                 **options):
+    def __init__(self, load: Callable[[], Any] | str | os.PathLike, predict: Callable[..., Any],
+                 workers: int = 2, **options):
+        if isinstance(load, (str, os.PathLike)):
+            load = files.loader_for(os.fspath(load), options.pop("builder", None),
+                                    options.pop("trust_pickle", False))
         self.config = PoolConfig(workers=workers, **options)
         self._closed = False
         self._close_lock = threading.Lock()
@@ -91,7 +95,7 @@ class Pool:
         self._codec = Codec(allow_pickle=True, max_message_bytes=self.config.max_message_bytes,
                             zero_copy_threshold=self.config.zero_copy_threshold)
         self._dispatcher: Dispatcher | None = None
-        self._published = publish(load(), predict)
+        self._published = publish(load(), predict, use_files=not self.config.preload)
         self._private_dir = endpoints.make_private_dir()
         endpoint = endpoints.pool_endpoint(self._private_dir)
         self._supervisor = Supervisor(self.config, self._published, self._private_dir, endpoint)
@@ -108,6 +112,25 @@ class Pool:
             self.close()
             raise
         _live_pools.add(self)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, predict: Callable[..., Any], *,
+                  builder: Callable[[], Any] | None = None, trust_pickle: bool = False,
+                  **options) -> "Pool":
+        """A pool serving the model at ``path``, without a private copy in this process.
+
+        ``path``: a ``.safetensors`` file or a ``torch.save`` zip checkpoint (a state dict:
+        with ``builder``, a zero-argument function returning the empty module, the state is
+        assigned into it; built on the ``meta`` device, so nothing is allocated twice), a
+        Hugging Face model directory (``predict`` gets ``.model``, ``.tokenizer``,
+        ``.config``), a TorchScript archive or ``torch.export`` ``.pt2`` file (loaded in the
+        zygote; forked workers share its pages), or a remote URL (``s3://``, ``gs://``,
+        ``hdfs://``, ``https://``... through fsspec, fetched once per machine into a
+        cache). Whole pickled modules load only with ``trust_pickle=True``: unpickling runs
+        code from the file. ``preload=True`` copies the weights into the shared segment
+        instead of serving them from the file's pages.
+        """
+        return cls(files.loader_for(os.fspath(path), builder, trust_pickle), predict, **options)
 
     # -- work ----------------------------------------------------------------------------
     def submit(self, *args, timeout: float | None = None, **kwargs) -> Future:
@@ -192,7 +215,9 @@ class Pool:
         parent = {"pid": os.getpid()}
         stats = {
             "start_method": self.config.start_method,
-            "model_bytes": self._published.weight_bytes,
+            "model_bytes": self._published.weight_bytes + self._published.file_bytes,
+            "file_backed_bytes": self._published.file_bytes,
+            "weight_files": list(self._published.file_paths),
             "model_buffers": self._published.n_buffers,
             "skeleton_bytes": len(self._published.skeleton),
             "workers": workers,
@@ -203,8 +228,9 @@ class Pool:
             **metrics,
         }
         if memory_usage:
+            files = tuple(self._published.file_paths)
             for row in (parent, zygote, *workers):
-                row.update(memory.process_memory(row["pid"]))
+                row.update(memory.process_memory(row["pid"], files))
             stats["total_pss"] = sum(row["pss"] for row in (parent, zygote, *workers))
         return stats
 

@@ -1,13 +1,15 @@
 """Publishing a loaded model: its weights into one sealed memfd, the rest into a skeleton.
 
     load() ──> model object ──SkeletonPickler──> skeleton bytes (small: structure, configs,
-                                  │                tokenizers; each array is a BufferRef)
-                                  └─ every tensor / ndarray ──> SegmentLayout ──> sealed memfd
+                                  │                tokenizers; each array is a reference)
+                                  ├─ tensor / ndarray in private memory ──> sealed memfd
+                                  └─ tensor / ndarray already in an mmap'd weight file
+                                       (safetensors, torch.load(mmap=True)) ──> that file
 
-Workers unpickle the skeleton with each BufferRef resolved to a read-only view of the memfd
-mapping (``workers/attach.py``), so attaching copies no weight. The parent's own torch
-tensors are re-pointed at a copy-on-write mapping of the same memfd, so its private copy is
-freed as soon as nothing else holds it.
+Workers unpickle the skeleton with each reference resolved to a read-only view of the memfd
+or of the weight file (``workers/attach.py``), so attaching copies no weight: for a file, the
+page cache is the one copy. The parent's own torch tensors in the memfd are re-pointed at a
+copy-on-write mapping of it, so its private copy is freed as soon as nothing else holds it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import cloudpickle
 from .. import frameworks
 from ..errors import PoolStartError
 from ..ipc import memfd
+from . import filemaps
 
 
 class BufferRef:
@@ -33,28 +36,75 @@ class BufferRef:
         self.offset = offset
         self.nbytes = nbytes
 
+    def persistent_id(self) -> tuple:
+        return (memfd.BUFFER_TAG, self.offset, self.nbytes)
+
+
+class FileRef:
+    """A region of a published weight file (index into the layout's files)."""
+
+    __slots__ = ("file_index", "offset", "nbytes")
+
+    def __init__(self, file_index: int, offset: int, nbytes: int):
+        self.file_index = file_index
+        self.offset = offset
+        self.nbytes = nbytes
+
+    def persistent_id(self) -> tuple:
+        return (memfd.FILE_TAG, self.file_index, self.offset, self.nbytes)
+
 
 class SegmentLayout:
-    """Assigns each distinct buffer a region of the segment, once."""
+    """Assigns each distinct buffer a place, once: a region of its weight file when it
+    already lives in an unmodified file mapping (and ``use_files``), else of the memfd."""
 
-    def __init__(self):
+    def __init__(self, use_files: bool = True):
         self.size = 0
         self.chunks: list[tuple[int, object]] = []  # (offset, buffer): keeps buffers alive
-        self._refs: dict[tuple, BufferRef] = {}
+        self._refs: dict[tuple, BufferRef | FileRef] = {}
         self._repoints: list[tuple] = []
+        self.file_mappings = filemaps.FileMappings() if use_files else None
+        self.file_fds: list[int] = []
+        self.file_paths: list[str] = []
+        self.file_bytes = 0
+        self._file_index: dict[tuple, int] = {}  # (device, inode) -> index
 
-    def place(self, key: tuple, buffer, nbytes: int) -> BufferRef:
+    def place(self, key: tuple, buffer, nbytes: int, address: int = 0):
         ref = self._refs.get(key)
         if ref is None:
-            offset = memfd.align(self.size)
-            ref = self._refs[key] = BufferRef(offset, nbytes)
-            self.chunks.append((offset, buffer))
-            self.size = offset + nbytes
+            ref = self._refs[key] = self._file_region(address, nbytes) or \
+                self._segment_region(buffer, nbytes)
         return ref
 
-    def repoint_later(self, repoint, obj, ref: BufferRef, *args) -> None:
-        """After sealing, call ``repoint(view_of_ref, obj, *args)`` in the parent."""
-        self._repoints.append((repoint, obj, ref, args))
+    def _segment_region(self, buffer, nbytes: int) -> BufferRef:
+        offset = memfd.align(self.size)
+        self.chunks.append((offset, buffer))
+        self.size = offset + nbytes
+        return BufferRef(offset, nbytes)
+
+    def _file_region(self, address: int, nbytes: int) -> FileRef | None:
+        if self.file_mappings is None or not address:
+            return None
+        mapping = self.file_mappings.find(address, nbytes)
+        if mapping is None:
+            return None
+        identity = (mapping.device, mapping.inode)
+        if identity not in self._file_index:
+            fd = filemaps.open_mapped_file(mapping)
+            if fd is None:
+                return None
+            self._file_index[identity] = len(self.file_fds)
+            self.file_fds.append(fd)
+            self.file_paths.append(mapping.path)
+        self.file_bytes += nbytes
+        return FileRef(self._file_index[identity],
+                       mapping.file_offset + address - mapping.start, nbytes)
+
+    def repoint_later(self, repoint, obj, ref, *args) -> None:
+        """After sealing, call ``repoint(view_of_ref, obj, *args)`` in the parent (memfd
+        regions only: a file region is shared already)."""
+        if isinstance(ref, BufferRef):
+            self._repoints.append((repoint, obj, ref, args))
 
     def repoint_all(self, mapping: memoryview) -> None:
         for repoint, obj, ref, args in self._repoints:
@@ -79,43 +129,56 @@ class SkeletonPickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
     def persistent_id(self, obj):
-        if type(obj) is BufferRef:
-            return (memfd.BUFFER_TAG, obj.offset, obj.nbytes)
+        if type(obj) in (BufferRef, FileRef):
+            return obj.persistent_id()
         return None
 
 
 @dataclasses.dataclass
 class PublishedModel:
-    """The shared form of a model: a sealed memfd of weights plus the pickled skeleton."""
+    """The shared form of a model: a sealed memfd of weights, the weight files it refers
+    to (open read-only), and the pickled skeleton."""
 
     fd: int
-    weight_bytes: int
+    weight_bytes: int  # in the memfd
     n_buffers: int
     skeleton: bytes
+    file_fds: list[int] = dataclasses.field(default_factory=list)
+    file_paths: list[str] = dataclasses.field(default_factory=list)
+    file_bytes: int = 0  # served straight from the weight files' mappings
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in [self.fd, *self.file_fds]:
+            if fd >= 0:
+                os.close(fd)
+        self.fd, self.file_fds = -1, []
 
 
-def publish(model, predict) -> PublishedModel:
-    """Publish ``(model, predict)``: weights into a sealed memfd, the rest into a skeleton.
+def publish(model, predict, use_files: bool = True) -> PublishedModel:
+    """Publish ``(model, predict)``: weights into a sealed memfd (or, when they already
+    live in an mmap'd weight file and ``use_files``, that file), the rest into a skeleton.
 
-    The parent's own torch tensors in ``model`` are re-pointed at a copy-on-write mapping
-    of the memfd (unmapped when the last of them is gone)."""
-    layout = SegmentLayout()
+    The parent's own torch tensors placed in the memfd are re-pointed at a copy-on-write
+    mapping of it (unmapped when the last of them is gone)."""
+    layout = SegmentLayout(use_files)
     stream = io.BytesIO()
     try:
-        SkeletonPickler(stream, layout).dump((model, predict))
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        raise PoolStartError(
-            f"cannot publish the object returned by load(): {exc}. Return torch modules, "
-            "tensors, numpy arrays and picklable objects; define classes and functions at "
-            "module level (or in __main__ under an `if __name__ == '__main__':` guard)") from exc
+        try:
+            SkeletonPickler(stream, layout).dump((model, predict))
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise PoolStartError(
+                f"cannot publish the object returned by load(): {exc}. Return torch modules, "
+                "tensors, numpy arrays and picklable objects; define classes and functions at "
+                "module level (or in __main__ under an `if __name__ == '__main__':` guard)"
+            ) from exc
+    except BaseException:
+        for fd in layout.file_fds:
+            os.close(fd)
+        raise
     fd = memfd.create_sealed(layout.size, layout.chunks)
     n_buffers = len(layout.chunks)
     layout.chunks.clear()  # the private originals may go now
     if layout.size:
         layout.repoint_all(memfd.map_copy_on_write(fd))
-    return PublishedModel(fd, layout.size, n_buffers, stream.getvalue())
+    return PublishedModel(fd, layout.size, n_buffers, stream.getvalue(), layout.file_fds,
+                          layout.file_paths, layout.file_bytes)

@@ -10,20 +10,34 @@ from ..ipc import memfd
 
 
 class SkeletonUnpickler(pickle.Unpickler):
-    def __init__(self, file, mapping):
+    """Resolves each weight reference to a read-only view of the memfd or a weight file."""
+
+    def __init__(self, file, weights_fd: int, file_fds: list[int]):
         super().__init__(file)
-        self._view = mapping
+        self._segment = memfd.map_readonly(weights_fd)
+        self._file_fds = file_fds
+        self._files: dict[int, memoryview] = {}  # mapped on first use
 
     def persistent_load(self, pid):
-        tag, offset, nbytes = pid
-        if tag != memfd.BUFFER_TAG or offset + nbytes > len(self._view):
-            raise ProtocolError(f"bad weight reference in the model skeleton: {pid!r}")
-        return self._view[offset:offset + nbytes]
+        if pid[0] == memfd.BUFFER_TAG and len(pid) == 3:
+            return _region(self._segment, pid[1], pid[2], pid)
+        if pid[0] == memfd.FILE_TAG and len(pid) == 4 and 0 <= pid[1] < len(self._file_fds):
+            if pid[1] not in self._files:
+                self._files[pid[1]] = memfd.map_readonly(self._file_fds[pid[1]])
+            return _region(self._files[pid[1]], pid[2], pid[3], pid)
+        raise ProtocolError(f"bad weight reference in the model skeleton: {pid!r}")
 
 
-def attach(skeleton: bytes, weights_fd: int):
+def _region(view: memoryview, offset: int, nbytes: int, pid) -> memoryview:
+    if offset < 0 or offset + nbytes > len(view):
+        raise ProtocolError(f"weight reference out of bounds in the model skeleton: {pid!r}")
+    return view[offset:offset + nbytes]
+
+
+def attach(skeleton: bytes, weights_fd: int, file_fds: list[int] = ()):
     """Map the weights read-only and rebuild ``(model, predict)`` over them, zero-copy.
 
-    Returns ``(model, predict)``; the model's arrays keep the mapping alive.
+    Returns ``(model, predict)``; the model's arrays keep the mappings alive, so the fds
+    may be closed afterwards.
     """
-    return SkeletonUnpickler(io.BytesIO(skeleton), memfd.map_readonly(weights_fd)).load()
+    return SkeletonUnpickler(io.BytesIO(skeleton), weights_fd, list(file_fds)).load()

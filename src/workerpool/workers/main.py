@@ -113,8 +113,9 @@ def spawned_main(argv: list[str]) -> int:
     try:
         from .attach import attach
 
-        model, predict = attach(boot["skeleton"], int(argv[0]))
-        os.close(int(argv[0]))
+        model, predict = attach(boot["skeleton"], int(argv[0]), boot["file_fds"])
+        for fd in [int(argv[0]), *boot["file_fds"]]:
+            os.close(fd)
     except BaseException:
         write_boot_error(boot)
         return EXIT_BOOT_ERROR

@@ -51,8 +51,10 @@ class Zygote:
             return
         from .attach import attach
 
-        self.model, self.predict = attach(self.boot["skeleton"], self.weights_fd)
-        os.close(self.weights_fd)  # the mapping is all forked workers need
+        self.model, self.predict = attach(self.boot["skeleton"], self.weights_fd,
+                                          self.boot["file_fds"])
+        for fd in [self.weights_fd, *self.boot["file_fds"]]:
+            os.close(fd)  # the mappings are all forked workers need
         self.weights_fd = -1
 
     def start_worker(self, worker_id: int, cpus: list[int] | None) -> None:
@@ -146,7 +148,7 @@ class Zygote:
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         popen = subprocess.Popen(
             [sys.executable, "-m", "workerpool.workers.main", str(self.weights_fd)],
-            stdin=subprocess.PIPE, pass_fds=[self.weights_fd], env=env)
+            stdin=subprocess.PIPE, pass_fds=[self.weights_fd, *self.boot["file_fds"]], env=env)
         popen.stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
         popen.stdin.close()
         return popen
