@@ -13,7 +13,7 @@ import torch
 
 import modelzoo
 import workerpool as wp
-from testkit import segment_ranges
+from workerpool.sources.files import load_huggingface
 
 MIB = modelzoo.MIB
 X = torch.randn(4, 1024, generator=torch.Generator().manual_seed(3))
@@ -162,3 +162,57 @@ def test_missing_and_unsupported_files_say_what_to_do(tmp_path):
     legacy.write_bytes(b"not a zip")
     with pytest.raises(wp.ModelSourceError, match="legacy"):
         wp.Pool(str(legacy), modelzoo.torch_predict)
+
+
+def hf_predict(hf, texts):
+    encoded = hf.tokenizer(texts, return_tensors="pt", padding=True)
+    return hf.model(**encoded).last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def hf_directory(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    directory = tmp_path_factory.mktemp("bert")
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello",
+                                "world", "shared", "weights", "once"]) + "\n")
+    config = transformers.BertConfig(vocab_size=10, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128)
+    torch.manual_seed(0)
+    transformers.BertModel(config).eval().save_pretrained(directory)  # random, no download
+    transformers.BertTokenizer(str(vocab)).save_pretrained(directory)
+    return str(directory)
+
+
+def test_hugging_face_directory_model_and_tokenizer(hf_directory):
+    texts = ["hello world", "shared weights once", "hello"]
+    hf = load_huggingface(hf_directory)
+    with modelzoo.torch_threads(1), torch.inference_mode():
+        expected = hf_predict(hf, texts)
+    with wp.Pool(hf_directory, hf_predict, workers=2, threads_per_worker=1) as pool:
+        results = [f.result(timeout=60) for f in [pool.submit(texts) for _ in range(4)]]
+        stats = pool.stats(memory_usage=False)
+    assert all(torch.equal(y, expected) for y in results)
+    assert stats["weight_files"] == [f"{hf_directory}/model.safetensors"]
+    assert stats["file_backed_bytes"] > 0.9 * sum(
+        p.numel() * p.element_size() for p in hf.model.parameters())
+
+
+def test_remote_url_is_fetched_once_into_the_cache_then_mapped(weight_files, expected,
+                                                               tmp_path, monkeypatch):
+    fsspec = pytest.importorskip("fsspec")
+    monkeypatch.setenv("WORKERPOOL_CACHE", str(tmp_path / "cache"))
+    url = f"memory://models/{tmp_path.name}/mlp.safetensors"
+    with open(weight_files["safetensors"], "rb") as local, fsspec.open(url, "wb") as remote:
+        remote.write(local.read())
+    try:
+        for _ in range(2):  # the second start finds the cached copy
+            with wp.Pool.from_file(url, modelzoo.torch_predict, workers=1,
+                                   builder=modelzoo.mlp_64mib_builder,
+                                   threads_per_worker=1) as pool:
+                assert torch.equal(pool.submit(X).result(timeout=60), expected)
+                (cached,) = pool.stats(memory_usage=False)["weight_files"]
+        assert cached.startswith(str(tmp_path / "cache"))
+        assert len(list((tmp_path / "cache").glob("*/mlp.safetensors"))) == 1
+    finally:
+        fsspec.filesystem("memory").rm(f"models/{tmp_path.name}", recursive=True)

@@ -13,8 +13,8 @@ import fsspec
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from workerpool.errors import WorkerpoolError
-from workerpool.sources.remote import ModelSourceError, fetch
+from workerpool.errors import ModelSourceError, WorkerpoolError
+from workerpool.sources.remote import fetch
 
 
 class GrowingFS(LocalFileSystem):
@@ -127,6 +127,15 @@ def test_directory_url_fetches_every_file(scheme, mem, tmp_path):
     path = fetch(url, cache_dir=str(cache))
     assert os.path.dirname(path) == str(cache) and tree(path) == files
     assert fetch(url, cache_dir=str(cache)) == path and entries(cache) == [os.path.basename(path)]
+
+
+def test_directory_key_escaping_the_directory_is_refused(mem, tmp_path):
+    fs, prefix = mem
+    fs.pipe(f"{prefix}/model/config.json", b"{}")
+    fs.pipe(f"{prefix}/model/a/../../evil", b"x")  # object keys are strings, not paths
+    with pytest.raises(ModelSourceError, match="not a safe local path"):
+        fetch(f"memory://{prefix}/model", cache_dir=str(tmp_path))
+    assert entries(tmp_path) == [] and not (tmp_path.parent / "evil").exists()
 
 
 def test_local_path_is_returned_as_is_made_absolute(tmp_path, monkeypatch):

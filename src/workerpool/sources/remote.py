@@ -40,14 +40,7 @@ import shutil
 import tempfile
 from urllib.parse import urlsplit
 
-from workerpool.errors import WorkerpoolError
-
-
-class ModelSourceError(WorkerpoolError, OSError):
-    """A model's files could not be fetched: unknown scheme, missing fsspec backend, no access,
-    nothing at the URL, or a download that failed or came out the wrong size. The message
-    names the URL and what to do about it."""
-
+from ..errors import ModelSourceError
 
 # fsspec backends are separate packages: the one to install for each scheme.
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hdfs": "pyarrow",
@@ -125,13 +118,15 @@ def _list_files(fs, root: str, url: str) -> tuple[dict[str, dict], bool]:
         found = fs.find(root, detail=True)
     except Exception as exc:  # backends raise their own types (botocore, aiohttp, ...)
         raise _remote_error(url, exc) from exc
-    files = {}
+    files, prefix = {}, root.rstrip("/") + "/"
     for name, info in found.items():
         if info.get("type") == "directory":  # object stores may list "dir/" placeholders
             continue
-        rel = posixpath.relpath(name, root)
-        if rel == ".." or rel.startswith("../") or posixpath.isabs(rel):  # a key like "a/../../x"
-            raise ModelSourceError(f"cannot fetch {url}: {name!r} lies outside the directory")
+        rel = name[len(prefix):] if name.startswith(prefix) else ""
+        # An object key is any string: "a/../../x" must not become a path outside the entry.
+        if not rel or any(part in ("", ".", "..") for part in rel.split("/")):
+            raise ModelSourceError(f"cannot fetch {url}: {name!r} is not a safe local path "
+                                   f"inside the directory; rename it on the source")
         files[rel] = info
     if not files:
         raise ModelSourceError(f"cannot fetch {url}: the directory holds no files; check the URL")
