@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) bench/memory.py
 	$(PY) bench/attach.py
 	$(PY) bench/throughput.py
+	$(PY) bench/load_peak.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
