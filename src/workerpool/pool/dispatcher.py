@@ -100,12 +100,13 @@ class WorkerSlot:
 
     __slots__ = ("worker_id", "identity", "pid", "credits", "inflight", "served", "state",
                  "started_at", "ready_at", "last_seen", "isolating", "retire_after",
-                 "hang_reason", "tasks", "slot", "last_sent")
+                 "hang_reason", "tasks", "slot", "last_sent", "sent")
 
     def __init__(self, worker_id: int, slot: int):
         self.worker_id = worker_id
         self.slot = slot  # 0..workers-1: which CPUs it is pinned to (pin_cpus)
         self.last_sent = 0.0
+        self.sent = 0  # requests sent, retries included
         self.identity = b"%d" % worker_id
         self.pid: int | None = None
         self.credits = 0
@@ -339,6 +340,9 @@ class Dispatcher(threading.Thread):
             self.metrics.queued(now - request.enqueued_at)
         worker.tasks.append([r.id for r in batch])
         worker.credits -= 1
+        worker.sent += len(batch)
+        if worker.retire_after and worker.sent >= worker.retire_after:
+            self.retire_worker(worker)  # it has its share: nothing more is sent to it
         self.metrics.batch(sum(r.rows for r in batch))
         return True
 
@@ -411,9 +415,6 @@ class Dispatcher(threading.Thread):
             requests.append(request)
         if "compute_s" in meta:
             self.metrics.computed(meta["compute_s"], sum(r is not None for r in requests))
-        if worker.retire_after and worker.served >= worker.retire_after \
-                and worker.state == "ready":
-            self.retire_worker(worker)
         if worker.state == "retiring" and not worker.inflight:
             self.stop_worker(worker)
         return requests
@@ -554,7 +555,7 @@ class Dispatcher(threading.Thread):
             self.start_worker()
 
     def retire_worker(self, worker: WorkerSlot) -> None:
-        """It served its share (max_requests_per_worker): no new work, a replacement now."""
+        """It was sent its share (max_requests_per_worker): no new work, a replacement now."""
         worker.state = "retiring"
         self.counters["retired"] += 1
         self.replace_worker()

@@ -95,7 +95,11 @@ class Pool:
         self._codec = Codec(allow_pickle=True, max_message_bytes=self.config.max_message_bytes,
                             zero_copy_threshold=self.config.zero_copy_threshold)
         self._dispatcher: Dispatcher | None = None
-        self._published = publish(load(), predict, use_files=not self.config.preload)
+        model = load()
+        self._published = publish(model, predict, use_files=not self.config.preload)
+        self._weights_source = _weights_source(model, self.config.start_method,
+                                               self._published)
+        del model
         self._private_dir = endpoints.make_private_dir()
         endpoint = endpoints.pool_endpoint(self._private_dir)
         self._supervisor = Supervisor(self.config, self._published, self._private_dir, endpoint)
@@ -217,6 +221,7 @@ class Pool:
             "start_method": self.config.start_method,
             "model_bytes": self._published.weight_bytes + self._published.file_bytes,
             "file_backed_bytes": self._published.file_bytes,
+            "weights_source": self._weights_source,
             "weight_files": list(self._published.file_paths),
             "model_buffers": self._published.n_buffers,
             "skeleton_bytes": len(self._published.skeleton),
@@ -308,6 +313,16 @@ class Pool:
 def _close_live_pools() -> None:
     for pool in list(_live_pools):
         pool.close(drain=True, timeout=pool.config.close_timeout)
+
+
+def _weights_source(model, start_method: str, published) -> str:
+    """Where the workers' weights live, in words for stats()."""
+    if isinstance(model, files.ZygoteLoaded):
+        return ("loaded by the zygote, shared copy-on-write by its workers"
+                if start_method == "zygote" else "loaded by each worker (a copy per worker)")
+    places = [name for name, size in (("shared memfd", published.weight_bytes),
+                                      ("mapped weight file", published.file_bytes)) if size]
+    return " + ".join(places) or "none (no arrays in the model)"
 
 
 async def _aiter(inputs):
