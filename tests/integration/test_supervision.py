@@ -41,10 +41,10 @@ def test_hung_worker_is_aborted_with_its_stack_and_replaced():
 
 
 def test_idle_workers_heartbeat_and_are_left_alone():
-    with wp.Pool(modelzoo.mlp, sleepy_predict, workers=2, heartbeat_interval=0.1,
-                 heartbeat_timeout=0.5) as pool:
+    with wp.Pool(modelzoo.mlp, sleepy_predict, workers=2, heartbeat_interval=0.2,
+                 heartbeat_timeout=1.0) as pool:
         pids = sorted(pool.pids)
-        time.sleep(1.5)  # three heartbeat timeouts of idleness
+        time.sleep(3.0)  # three heartbeat timeouts of idleness
         assert sorted(pool.pids) == pids
         assert pool.stats(memory_usage=False)["hung"] == 0
 
