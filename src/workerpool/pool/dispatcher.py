@@ -187,11 +187,7 @@ class Dispatcher(threading.Thread):
         """Last act of the thread: refuse new items and answer those still in the inbox."""
         with self.accepting_lock:
             self.accepting = False
-        while True:
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
+        for item in self.inbox_items():
             if isinstance(item, Request):
                 self.queue_gauge.remove()
                 settle(item.future, error=self.broken or PoolClosed("the pool is closed"))
@@ -257,16 +253,20 @@ class Dispatcher(threading.Thread):
         return max(0, math.ceil((min(due) - time.monotonic()) * 1000))
 
     # -- inbox: requests and commands from callers ----------------------------------------
+    def inbox_items(self):
+        """What callers posted, until the inbox is empty."""
+        while True:
+            try:
+                yield self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
     def read_inbox(self) -> None:
         try:
             os.eventfd_read(self.wake_fd)
         except BlockingIOError:
             pass
-        while True:
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
+        for item in self.inbox_items():
             if isinstance(item, Request):
                 if self.broken is not None:
                     settle(item.future, error=self.broken)
