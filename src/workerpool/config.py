@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 START_METHODS = ("zygote", "spawn")
+TF_ENGINES = ("tensorflow", "copy")
 
 
 def usable_cores() -> int:
@@ -31,6 +32,9 @@ class PoolConfig:
     # Weights already in an mmap'd file are served from that file (the page cache is the one
     # copy); preload copies them into the shared segment at start instead, for slow disks.
     preload: bool = False
+    # TensorFlow/Keras: "tensorflow" (frozen graph, constants memory-mapped: one copy) or
+    # "copy" (each worker loads its own copy, for models that cannot be frozen).
+    tf_engine: str = "tensorflow"
     timeout: float | None = None  # default per-request deadline, seconds
     # One batch running and one waiting in each worker: no worker idles between requests,
     # and no more than one request waits behind a slow one.
@@ -56,6 +60,8 @@ class PoolConfig:
                 f"start_method must be one of {START_METHODS}, got {self.start_method!r}")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
+        if self.tf_engine not in TF_ENGINES:
+            raise ValueError(f"tf_engine must be one of {TF_ENGINES}, got {self.tf_engine!r}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_wait_ms < 0:

@@ -12,6 +12,7 @@ import sys
 
 # (module that must already be imported, adapter module)
 _ADAPTERS = (
+    ("tensorflow", "workerpool.frameworks.tensorflow"),
     ("torch", "workerpool.frameworks.torch"),
     ("numpy", "workerpool.frameworks.numpy"),
 )

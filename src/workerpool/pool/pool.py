@@ -96,7 +96,8 @@ class Pool:
                             zero_copy_threshold=self.config.zero_copy_threshold)
         self._dispatcher: Dispatcher | None = None
         model = load()
-        self._published = publish(model, predict, use_files=not self.config.preload)
+        self._published = publish(model, predict, use_files=not self.config.preload,
+                                  options={"tf_engine": self.config.tf_engine})
         self._weights_source = _weights_source(model, self.config.start_method,
                                                self._published)
         del model
@@ -219,7 +220,8 @@ class Pool:
         parent = {"pid": os.getpid()}
         stats = {
             "start_method": self.config.start_method,
-            "model_bytes": self._published.weight_bytes + self._published.file_bytes,
+            "model_bytes": (self._published.weight_bytes + self._published.file_bytes
+                            + self._published.region_bytes),
             "file_backed_bytes": self._published.file_bytes,
             "weights_source": self._weights_source,
             "weight_files": list(self._published.file_paths),
@@ -322,7 +324,8 @@ def _weights_source(model, start_method: str, published) -> str:
                 if start_method == "zygote" else "loaded by each worker (a copy per worker)")
     places = [name for name, size in (("shared memfd", published.weight_bytes),
                                       ("mapped weight file", published.file_bytes)) if size]
-    return " + ".join(places) or "none (no arrays in the model)"
+    return "; ".join([" + ".join(places), *published.notes]).strip("; ") or \
+        "none (no arrays in the model)"
 
 
 async def _aiter(inputs):

@@ -44,7 +44,8 @@ class Supervisor:
             self.zygote = subprocess.Popen(
                 [sys.executable, "-m", "workerpool.workers.zygote",
                  str(child_end.fileno()), str(self.published.fd)],
-                pass_fds=[child_end.fileno(), self.published.fd, *self.published.file_fds],
+                pass_fds=[child_end.fileno(), self.published.fd, *self.published.file_fds,
+                          *self.published.region_fds],
                 env=env)
         finally:
             child_end.close()
@@ -71,6 +72,7 @@ class Supervisor:
             "op": "boot",
             "skeleton": self.published.skeleton,
             "file_fds": self.published.file_fds,  # same numbers in the zygote (pass_fds)
+            "region_fds": self.published.region_fds,  # opened by path in every worker
             "start_method": config.start_method,
             "sys_path": list(sys.path),
             "parent_pid": os.getpid(),

@@ -14,7 +14,9 @@ copy-on-write mapping of it, so its private copy is freed as soon as nothing els
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import io
 import os
 import pickle
@@ -22,7 +24,7 @@ import pickle
 import cloudpickle
 
 from .. import frameworks
-from ..errors import PoolStartError
+from ..errors import PoolStartError, WorkerpoolError
 from ..ipc import memfd
 from . import filemaps
 
@@ -58,7 +60,11 @@ class SegmentLayout:
     """Assigns each distinct buffer a place, once: a region of its weight file when it
     already lives in an unmodified file mapping (and ``use_files``), else of the memfd."""
 
-    def __init__(self, use_files: bool = True):
+    def __init__(self, use_files: bool = True, options: dict | None = None):
+        self.options = options or {}  # engine choices of the framework adapters
+        self.notes: list[str] = []  # what adapters did, for stats()
+        self.region_fds: list[int] = []  # one sealed memfd per mapped TF constant
+        self.region_bytes = 0
         self.size = 0
         self.chunks: list[tuple[int, object]] = []  # (offset, buffer): keeps buffers alive
         self._refs: dict[tuple, BufferRef | FileRef] = {}
@@ -99,6 +105,15 @@ class SegmentLayout:
         self.file_bytes += nbytes
         return FileRef(self._file_index[identity],
                        mapping.file_offset + address - mapping.start, nbytes)
+
+    def add_region(self, buffer) -> int:
+        """A sealed memfd of its own holding exactly ``buffer`` (for mappers that map whole
+        files, like TensorFlow's ImmutableConst); its fd reaches the zygote and workers at
+        the same number."""
+        fd = memfd.create_sealed(buffer.nbytes, [(0, buffer)])
+        self.region_fds.append(fd)
+        self.region_bytes += buffer.nbytes
+        return fd
 
     def repoint_later(self, repoint, obj, ref, *args) -> None:
         """After sealing, call ``repoint(view_of_ref, obj, *args)`` in the parent (memfd
@@ -146,33 +161,39 @@ class PublishedModel:
     file_fds: list[int] = dataclasses.field(default_factory=list)
     file_paths: list[str] = dataclasses.field(default_factory=list)
     file_bytes: int = 0  # served straight from the weight files' mappings
+    region_fds: list[int] = dataclasses.field(default_factory=list)
+    region_bytes: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def close(self) -> None:
-        for fd in [self.fd, *self.file_fds]:
+        for fd in [self.fd, *self.file_fds, *self.region_fds]:
             if fd >= 0:
                 os.close(fd)
-        self.fd, self.file_fds = -1, []
+        self.fd, self.file_fds, self.region_fds = -1, [], []
 
 
-def publish(model, predict, use_files: bool = True) -> PublishedModel:
+def publish(model, predict, use_files: bool = True,
+            options: dict | None = None) -> PublishedModel:
     """Publish ``(model, predict)``: weights into a sealed memfd (or, when they already
     live in an mmap'd weight file and ``use_files``, that file), the rest into a skeleton.
 
     The parent's own torch tensors placed in the memfd are re-pointed at a copy-on-write
     mapping of it (unmapped when the last of them is gone)."""
-    layout = SegmentLayout(use_files)
+    layout = SegmentLayout(use_files, options)
     stream = io.BytesIO()
     try:
         try:
             SkeletonPickler(stream, layout).dump((model, predict))
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            if isinstance(exc, WorkerpoolError):
+                raise  # an adapter's own error already says what to do
             raise PoolStartError(
                 f"cannot publish the object returned by load(): {exc}. Return torch modules, "
                 "tensors, numpy arrays and picklable objects; define classes and functions at "
                 "module level (or in __main__ under an `if __name__ == '__main__':` guard)"
             ) from exc
     except BaseException:
-        for fd in layout.file_fds:
+        for fd in layout.file_fds + layout.region_fds:
             os.close(fd)
         raise
     fd = memfd.create_sealed(layout.size, layout.chunks)
@@ -180,5 +201,18 @@ def publish(model, predict, use_files: bool = True) -> PublishedModel:
     layout.chunks.clear()  # the private originals may go now
     if layout.size:
         layout.repoint_all(memfd.map_copy_on_write(fd))
+    return_freed_memory()
     return PublishedModel(fd, layout.size, n_buffers, stream.getvalue(), layout.file_fds,
-                          layout.file_paths, layout.file_bytes)
+                          layout.file_paths, layout.file_bytes, layout.region_fds,
+                          layout.region_bytes, layout.notes)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap freed by publishing (private originals, a frozen TF graph's copies of
+    the weights) back to the OS: glibc keeps it otherwise (measured: +131 MiB retained in
+    the parent after freezing a 64 MiB Keras model, 5 MiB after this)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc

@@ -6,6 +6,7 @@
       TorchScript archive / *.pt2  loaded in the zygote (forked workers share its pages)
       directory with config.json   Hugging Face: from_pretrained aliases model.safetensors;
                                    the tokenizer rides in the pickled skeleton
+      SavedModel directory, .keras to the TensorFlow engines (frameworks/tensorflow.py)
 
 A state dict plus a ``builder`` becomes a module built on the ``meta`` device (no memory)
 whose tensors are then assigned from the mapping, so the parent never makes a transient
@@ -46,15 +47,15 @@ def load_file(path: str, builder=None, trust_pickle: bool = False):
         if os.path.exists(os.path.join(path, "config.json")):
             return load_huggingface(path)
         if _is_tensorflow(path):
-            raise ModelSourceError(f"{path} is a TensorFlow SavedModel: the TensorFlow "
-                                   "engines are not built yet")
+            return load_saved_model(path)
         raise ModelSourceError(f"{path} is a directory without config.json: give a weight "
                                "file, or a Hugging Face model directory")
     if not os.path.exists(path):
         raise ModelSourceError(f"no model file at {path}")
     if path.endswith(".keras"):
-        raise ModelSourceError(f"{path} is a Keras model: the TensorFlow engines are not "
-                               "built yet")
+        import keras
+
+        return keras.saving.load_model(path)
     if path.endswith(".safetensors"):
         return load_safetensors(path, builder)
     if path.endswith(".pt2"):
@@ -162,6 +163,20 @@ def _load_in_worker(path: str, kind: str):
     if kind == "torchscript":
         return torch.jit.load(path, map_location="cpu").eval()
     return torch.export.load(path).module()
+
+
+def load_saved_model(path: str):
+    """A SavedModel's serving signature (the TensorFlow engines freeze it)."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(path)
+    signatures = getattr(loaded, "signatures", {})
+    if "serving_default" not in signatures:
+        raise ModelSourceError(f"{path} has no 'serving_default' signature; export one "
+                               f"(found: {sorted(signatures)})")
+    signature = signatures["serving_default"]
+    signature._workerpool_owner = loaded  # its variables live as long as the object does
+    return signature
 
 
 def _is_torchscript(path: str) -> bool:

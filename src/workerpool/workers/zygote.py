@@ -148,7 +148,8 @@ class Zygote:
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         popen = subprocess.Popen(
             [sys.executable, "-m", "workerpool.workers.main", str(self.weights_fd)],
-            stdin=subprocess.PIPE, pass_fds=[self.weights_fd, *self.boot["file_fds"]], env=env)
+            stdin=subprocess.PIPE, env=env,
+            pass_fds=[self.weights_fd, *self.boot["file_fds"], *self.boot["region_fds"]])
         popen.stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
         popen.stdin.close()
         return popen

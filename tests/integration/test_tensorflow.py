@@ -1,0 +1,169 @@
+"""TensorFlow and Keras: one weight copy for N workers, outputs equal to the Keras call."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import workerpool as wp  # noqa: E402
+from testkit import wait_until  # noqa: E402
+
+# Reference outputs use the workers' threading (TF results depend on it). Set before any op
+# runs in this process.
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+
+MIB = 1024 * 1024
+
+
+def dense_mlp():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32,), name="x")
+    hidden = keras.layers.Dense(256, activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(8)(hidden))
+
+
+def conv_net():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = keras.layers.Conv2D(16, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(5)(x))
+
+
+def two_inputs_dict_output():
+    keras.utils.set_random_seed(0)
+    a = keras.Input((8,), name="a")
+    b = keras.Input((4,), name="b")
+    joined = keras.layers.Concatenate()([a, b])
+    hidden = keras.layers.Dense(64, activation="tanh")(joined)
+    return keras.Model({"a": a, "b": b},
+                       {"score": keras.layers.Dense(1)(hidden),
+                        "embedding": keras.layers.Dense(16)(hidden)})
+
+
+def big_mlp():
+    """About 64 MiB of fp32 weights."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((1024,), name="x")
+    x = inputs
+    for _ in range(16):
+        x = keras.layers.Dense(1024, activation="relu")(x)
+    return keras.Model(inputs, x)
+
+
+def call(model, x):
+    return model(x)
+
+
+RNG = np.random.default_rng(0)
+INPUTS = {
+    "dense_mlp": lambda: RNG.standard_normal((4, 32)).astype(np.float32),
+    "conv_net": lambda: RNG.standard_normal((2, 16, 16, 3)).astype(np.float32),
+    "two_inputs_dict_output": lambda: {"a": RNG.standard_normal((3, 8)).astype(np.float32),
+                                       "b": RNG.standard_normal((3, 4)).astype(np.float32)},
+}
+MODELS = {"dense_mlp": dense_mlp, "conv_net": conv_net,
+          "two_inputs_dict_output": two_inputs_dict_output}
+
+
+def keras_reference(load, x):
+    out = load()(x, training=False)
+    return {k: np.asarray(v) for k, v in out.items()} if isinstance(out, dict) else np.asarray(out)
+
+
+def assert_same(got, want):
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert np.array_equal(got[key], want[key]), key
+    else:
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("engine", ["tensorflow", "copy"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_outputs_equal_the_keras_call(name, engine):
+    inputs = [INPUTS[name]() for _ in range(4)]
+    expected = [keras_reference(MODELS[name], x) for x in inputs]
+    with wp.Pool(MODELS[name], call, workers=2, tf_engine=engine,
+                 threads_per_worker=1) as pool:
+        results = [f.result(timeout=120) for f in [pool.submit(x) for x in inputs]]
+        source = pool.stats(memory_usage=False)["weights_source"]
+    for got, want in zip(results, expected):
+        assert_same(got, want)
+    assert ("memory-mapped" if engine == "tensorflow" else "privately by each worker") in source
+
+
+def test_sixty_four_mib_model_is_shared_by_four_workers():
+    x = RNG.standard_normal((2, 1024)).astype(np.float32)
+    expected = keras_reference(big_mlp, x)
+    totals = {}
+    for n_workers in (1, 4):
+        with wp.Pool(big_mlp, call, workers=n_workers, threads_per_worker=1) as pool:
+            for _ in range(50):
+                assert all(np.array_equal(y, expected) for y in pool.map([x] * (4 * n_workers)))
+                stats = pool.stats()
+                if all(w["requests_served"] for w in stats["workers"]):
+                    break
+            # The test process's own heap drifts between the two pools (it built and froze
+            # the model twice); what workers cost is in the zygote's and workers' PSS.
+            totals[n_workers] = stats["total_pss"] - stats["parent"]["pss"]
+            assert stats["model_bytes"] >= 64 * MIB
+            for worker in stats["workers"]:
+                # TF maps each constant only while a run uses it; a private copy of the
+                # weights in a worker would show as >= 64 MiB of USS
+                assert worker["uss"] < 32 * MIB, worker
+    added = totals[4] - totals[1]
+    assert added < 3 * 60 * MIB, f"4 workers cost {added / MIB:.0f} MiB more than 1"
+
+
+def test_killed_worker_is_replaced_and_answers_the_same():
+    x = INPUTS["conv_net"]()
+    expected = keras_reference(conv_net, x)
+    with wp.Pool(conv_net, call, workers=2, threads_per_worker=1) as pool:
+        victim = pool.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: victim not in pool.pids and all(
+            w["state"] == "ready" for w in pool.stats(memory_usage=False)["workers"]))
+        assert all(np.array_equal(y, expected) for y in pool.map([x] * 8))
+        assert pool.stats(memory_usage=False)["restarts"] == 1
+
+
+class Unbuilt(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def test_a_model_that_cannot_be_traced_says_what_to_do():
+    with pytest.raises(wp.EncodeError, match="keras.Input"):
+        wp.Pool(Unbuilt, call, workers=1)
+
+
+def test_saved_model_and_keras_files_are_served_by_path(tmp_path):
+    x = INPUTS["dense_mlp"]()
+    model = dense_mlp()
+    expected = np.asarray(model(x, training=False))
+    keras_path = str(tmp_path / "mlp.keras")
+    model.save(keras_path)
+    saved_dir = str(tmp_path / "saved")
+    model.export(saved_dir)  # a SavedModel with a serving_default signature
+    with wp.Pool(keras_path, call, workers=1, threads_per_worker=1) as pool:
+        assert np.array_equal(pool.submit(x).result(timeout=120), expected)
+    with wp.Pool(saved_dir, call, workers=1, threads_per_worker=1) as pool:
+        (got,) = pool.submit({"x": x}).result(timeout=120).values()  # named like the input
+        assert "memory-mapped" in pool.stats(memory_usage=False)["weights_source"]
+    assert np.array_equal(got, expected)
