@@ -22,6 +22,7 @@ ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 # A temp root of our own: other programs' workerpool directories are not our leaks.
 TEMP_ROOT = tempfile.mkdtemp(prefix="wp-tests-", dir="/tmp")
 os.environ["TMPDIR"] = tempfile.tempdir = TEMP_ROOT
+os.environ["WORKERPOOL_CACHE"] = os.path.join(TEMP_ROOT, "model-cache")  # not the user's
 
 
 def pytest_unconfigure(config):

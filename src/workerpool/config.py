@@ -6,7 +6,7 @@ import dataclasses
 import os
 
 START_METHODS = ("zygote", "spawn")
-TF_ENGINES = ("tensorflow", "copy")
+TF_ENGINES = ("tensorflow", "copy", "litert")
 
 
 def usable_cores() -> int:
@@ -32,8 +32,9 @@ class PoolConfig:
     # Weights already in an mmap'd file are served from that file (the page cache is the one
     # copy); preload copies them into the shared segment at start instead, for slow disks.
     preload: bool = False
-    # TensorFlow/Keras: "tensorflow" (frozen graph, constants memory-mapped: one copy) or
-    # "copy" (each worker loads its own copy, for models that cannot be frozen).
+    # TensorFlow/Keras: "tensorflow" (frozen graph, constants memory-mapped: one copy, exact),
+    # "litert" (converted once; XNNPACK's packed weights shared through its cache file;
+    # within float32 rounding) or "copy" (each worker loads its own copy).
     tf_engine: str = "tensorflow"
     timeout: float | None = None  # default per-request deadline, seconds
     # One batch running and one waiting in each worker: no worker idles between requests,

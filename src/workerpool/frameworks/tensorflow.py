@@ -13,7 +13,8 @@ for memory-mapped graphs.
 ``predict`` receives the FrozenGraph: call it with a numpy array (or a dict of them keyed by
 the model's input names) and get numpy back (a dict for dict outputs), whatever the engine.
 ``tf_engine="copy"`` instead saves the model once and loads a private copy in each worker
-(for models that cannot be frozen); ``stats()["weights_source"]`` says so.
+(for models that cannot be frozen); ``tf_engine="litert"`` converts it for LiteRT
+(frameworks/litert.py). ``stats()["weights_source"]`` says which.
 """
 
 from __future__ import annotations
@@ -32,8 +33,16 @@ MIN_MAPPED_BYTES = 4096  # smaller constants stay inline in the GraphDef
 def reduce(obj, layout):
     if not _is_tf_model(obj):
         return NotImplemented
-    if layout.options.get("tf_engine", "tensorflow") == "copy":
+    engine = layout.options.get("tf_engine", "tensorflow")
+    if engine == "copy":
         return CopiedModel.reduce_model(obj, layout)
+    if engine == "litert":
+        from . import litert
+
+        model = litert.convert(obj, layout.options["private_dir"])
+        layout.notes.append(f"LiteRT model {model.path}, packed weights shared through the "
+                            "XNNPACK weight cache file")
+        return model.__reduce__()
     return FrozenGraph.freeze(obj, layout).__reduce__()
 
 

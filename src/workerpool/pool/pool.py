@@ -95,13 +95,18 @@ class Pool:
         self._codec = Codec(allow_pickle=True, max_message_bytes=self.config.max_message_bytes,
                             zero_copy_threshold=self.config.zero_copy_threshold)
         self._dispatcher: Dispatcher | None = None
-        model = load()
-        self._published = publish(model, predict, use_files=not self.config.preload,
-                                  options={"tf_engine": self.config.tf_engine})
+        self._private_dir = endpoints.make_private_dir()
+        try:
+            model = load()
+            self._published = publish(model, predict, use_files=not self.config.preload,
+                                      options={"tf_engine": self.config.tf_engine,
+                                               "private_dir": self._private_dir})
+        except BaseException:
+            endpoints.remove_private_dir(self._private_dir)
+            raise
         self._weights_source = _weights_source(model, self.config.start_method,
                                                self._published)
         del model
-        self._private_dir = endpoints.make_private_dir()
         endpoint = endpoints.pool_endpoint(self._private_dir)
         self._supervisor = Supervisor(self.config, self._published, self._private_dir, endpoint)
         try:

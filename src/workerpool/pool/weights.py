@@ -134,7 +134,7 @@ class SkeletonPickler(cloudpickle.Pickler):
     def __init__(self, file, layout: SegmentLayout):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.layout = layout
-        self.adapters = frameworks.active_adapters()
+        self.adapters = [a for a in frameworks.active_adapters() if hasattr(a, "reduce")]
 
     def reducer_override(self, obj):
         for adapter in self.adapters:
