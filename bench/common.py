@@ -1,5 +1,8 @@
 """Shared helpers of the benchmarks: a fp32 MLP of a target size, PSS/USS of processes,
-the model functions the pools run, and JSON + markdown output."""
+the model functions the pools run, and JSON + markdown output.
+
+torch is imported inside the torch helpers, not here, so a benchmark of another framework
+(bench/tf_memory.py) can use the rest without loading torch into its processes."""
 
 from __future__ import annotations
 
@@ -7,10 +10,13 @@ import json
 import os
 import pathlib
 import sys
+from typing import TYPE_CHECKING
 
 import psutil
-import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 MIB = 1024 * 1024
 MAX_WIDTH = 4096
@@ -26,6 +32,8 @@ def mlp_shape(mib: int) -> tuple[int, int]:
 
 
 def mlp_skeleton(width: int, layers: int) -> nn.Sequential:
+    from torch import nn
+
     modules: list[nn.Module] = []
     for _ in range(layers):
         modules += [nn.Linear(width, width), nn.ReLU()]
@@ -34,6 +42,8 @@ def mlp_skeleton(width: int, layers: int) -> nn.Sequential:
 
 def build_mlp(mib: int) -> nn.Sequential:
     """The benchmark model: ``mib`` MiB of fp32 weights, seeded."""
+    import torch
+
     torch.manual_seed(0)
     return mlp_skeleton(*mlp_shape(mib))
 
@@ -43,6 +53,8 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def make_input(mib: int) -> torch.Tensor:
+    import torch
+
     return torch.ones(BATCH, mlp_shape(mib)[0])
 
 
