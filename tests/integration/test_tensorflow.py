@@ -147,6 +147,12 @@ def test_sixty_four_mib_model_is_shared_by_four_workers(engine):
     assert added < 3 * 60 * MIB, f"4 workers cost {added / MIB:.0f} MiB more than 1"
 
 
+def test_copy_engine_workers_hold_their_model_before_they_say_ready():
+    with wp.Pool(big_mlp, call, workers=1, tf_engine="copy", threads_per_worker=1) as pool:
+        (worker,) = pool.stats()["workers"]  # no request yet
+    assert worker["uss"] >= 64 * MIB  # its private copy is already loaded
+
+
 def test_killed_worker_is_replaced_and_answers_the_same():
     x = INPUTS["conv_net"]()
     expected = keras_reference(conv_net, x)

@@ -87,9 +87,13 @@ class LiteRTModel:
     def __reduce__(self):
         return (LiteRTModel, (self.path, self.weight_cache))
 
-    def __call__(self, inputs):
+    def prepare_in_worker(self) -> None:
+        """Open the model (mapping the shared weight cache) before the worker says READY."""
         if self._model is None:
             self._model = _open(self.path, self.weight_cache)
+
+    def __call__(self, inputs):
+        self.prepare_in_worker()
         model = self._model
         signature = model.get_signature_list()["serving_default"]
         names = signature["inputs"]

@@ -156,9 +156,13 @@ class FrozenGraph:
         return cls(graph_def.SerializeToString(), inputs, [t.name for t in frozen.outputs],
                    input_keys, output_keys)
 
-    def __call__(self, inputs):
+    def prepare_in_worker(self) -> None:
+        """Build the session in the worker before it says READY (never in the zygote)."""
         if self._function is None:
             self._function = self._build()
+
+    def __call__(self, inputs):
+        self.prepare_in_worker()
         feeds = [inputs[key] for key in self.input_keys] if self.input_keys else [inputs]
         outputs = self._function(feeds)
         if isinstance(self.output_keys, list):
@@ -238,9 +242,13 @@ class CopiedModel:
         layout.notes.append("Keras model loaded privately by each worker (tf_engine='copy')")
         return cls(data).__reduce__()
 
-    def __call__(self, inputs):
+    def prepare_in_worker(self) -> None:
+        """Load this worker's copy before it says READY."""
         if self._model is None:
             self._model = self._load()
+
+    def __call__(self, inputs):
+        self.prepare_in_worker()
         outputs = self._model(inputs, training=False)
         if isinstance(outputs, dict):
             return {key: np.asarray(value) for key, value in outputs.items()}

@@ -43,6 +43,11 @@ def serve(model, predict, boot: dict) -> int:
         if hasattr(adapter, "set_threads"):
             adapter.set_threads(boot["threads_per_worker"])
 
+    # Models loaded lazily in workers (TF sessions, Keras copies, LiteRT) load now: a worker
+    # says READY only when it can answer.
+    prepare = getattr(model, "prepare_in_worker", None)
+    if callable(prepare):
+        prepare()
     codec = Codec(allow_pickle=True, max_message_bytes=boot["max_message_bytes"],
                   zero_copy_threshold=boot["zero_copy_threshold"], align_arrays=True)
     runner = Runner(model, predict, codec)
