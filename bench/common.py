@@ -121,3 +121,16 @@ def emit(result, name: str, markdown: str) -> None:
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
+
+
+def sizes_and_workers(description: str, default_sizes: str = "256,1024",
+                      default_workers: str = "1,2,4") -> tuple[list[int], list[int]]:
+    """The --sizes and --workers options of the memory benchmarks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", default=default_sizes,
+                        help="model sizes in MiB, comma-separated")
+    parser.add_argument("--workers", default=default_workers, help="worker counts, comma-separated")
+    args = parser.parse_args()
+    return [int(s) for s in args.sizes.split(",")], [int(n) for n in args.workers.split(",")]

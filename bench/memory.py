@@ -18,7 +18,6 @@ ready_s runs from creating the pool to the end of the warm-up: workerpool's incl
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import multiprocessing
@@ -31,7 +30,8 @@ import torch
 
 import workerpool
 from common import (build_mlp, emit, log, make_input, markdown_table, memfd_mappings,
-                    memory_of, mib, mlp_shape, mlp_skeleton, model_bytes, predict, tree_pids)
+                    memory_of, mib, mlp_shape, mlp_skeleton, model_bytes, predict,
+                    sizes_and_workers, tree_pids)
 
 # -- baseline workers (module level: spawn passes them by reference) -----------------------
 _model = _input = _barrier = None
@@ -144,12 +144,7 @@ COLUMNS = ["model_mib", "workers", "method", "total_pss_mib", "ratio_vs_baseline
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="256,1024", help="model sizes in MiB, comma-separated")
-    parser.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    counts = [int(n) for n in args.workers.split(",")]
+    sizes, counts = sizes_and_workers(__doc__.splitlines()[0])
     rows = measure(sizes, counts)
     extra = added_per_worker(rows)
     markdown = "\n\n".join([

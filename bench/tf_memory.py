@@ -52,7 +52,6 @@ Peak memory: the frozen-graph parent peaks near 10x the model size while freezin
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import ctypes
 import functools
@@ -71,7 +70,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's INFO lines; warnings 
 import numpy as np
 
 from common import (BATCH, emit, log, markdown_table, memfd_mappings, memory_of, mib,
-                    mlp_shape, predict, tree_pids)
+                    mlp_shape, predict, sizes_and_workers, tree_pids)
 
 MEMFD_NAME = "memfd:workerpool-weights"
 
@@ -339,12 +338,7 @@ COLUMNS = ["model_mib", "workers", "method", "total_pss_mib", "pool_pss_mib",
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="256,1024", help="model sizes in MiB, comma-separated")
-    parser.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    counts = [int(n) for n in args.workers.split(",")]
+    sizes, counts = sizes_and_workers(__doc__.splitlines()[0])
     rows = measure(sizes, counts)
     import keras  # for the versions only: no op runs here
     import tensorflow as tf
