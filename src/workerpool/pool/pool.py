@@ -215,8 +215,7 @@ class Pool:
         pool's total PSS (parent + zygote + workers); the published model's size; queue
         depth, batch-size histogram (rows per predict call), p50/p99 queue and compute
         time per request (ms). Counters: restarts, crashes, hung, aborted, timeouts,
-        retired, retried_requests, late_replies. With the TensorFlow engine, add
-        ``weights_outside_pss`` to ``total_pss`` for the pool's footprint."""
+        retired, retried_requests, late_replies."""
         if self._closed:
             raise PoolClosed("the pool is closed")
         workers, queued, counters, metrics = self._dispatcher.call(self._dispatcher_snapshot,
@@ -245,9 +244,6 @@ class Pool:
             for row in (parent, zygote, *workers):
                 row.update(memory.process_memory(row["pid"], files))
             stats["total_pss"] = sum(row["pss"] for row in (parent, zygote, *workers))
-            # TensorFlow maps each memory-mapped constant only while a run uses it: between
-            # requests those resident memfd pages are in no process's PSS.
-            stats["weights_outside_pss"] = self._published.region_bytes
         return stats
 
     def _dispatcher_snapshot(self):
