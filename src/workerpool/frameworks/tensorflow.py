@@ -133,18 +133,27 @@ class FrozenGraph:
             convert_variables_to_constants_v2)
 
         function = serving_function(model)
-        try:
-            frozen = convert_variables_to_constants_v2(function)
-        except Exception as exc:
-            raise EncodeError(
-                f"cannot freeze {type(model).__name__}: {exc}. Pass tf_engine='copy' to load "
-                "a private copy in each worker instead") from exc
-        graph_def = frozen.graph.as_graph_def()
-        mapped = sum(_map_constant(node, layout, tf) for node in graph_def.node
-                     if node.op == "Const")
-        layout.notes.append(f"TensorFlow graph frozen; {mapped} constants memory-mapped "
-                            "(ImmutableConst over sealed memfds)")
-        inputs = [t.name for t in frozen.inputs]
+        graph_def = function.graph.as_graph_def()
+        if graph_def.library.function:
+            # Variables read inside nested functions (SavedModel signatures): TF's own
+            # freezer inlines them, at the price of every weight in a GraphDef first.
+            try:
+                frozen = convert_variables_to_constants_v2(function)
+            except Exception as exc:
+                raise EncodeError(
+                    f"cannot freeze {type(model).__name__}: {exc}. Pass tf_engine='copy' to "
+                    "load a private copy in each worker instead") from exc
+            graph_def = frozen.graph.as_graph_def()
+            inputs, outputs = [t.name for t in frozen.inputs], [t.name for t in frozen.outputs]
+        else:
+            captured = _map_variables(function, graph_def, layout, tf)
+            inputs = [t.name for t in function.inputs if t.op.name not in captured]
+            outputs = [t.name for t in function.outputs]
+        for node in graph_def.node:
+            if node.op == "Const":
+                _map_constant(node, layout, tf)
+        layout.notes.append(f"TensorFlow graph frozen; {len(layout.region_fds)} constants "
+                            "memory-mapped (ImmutableConst over sealed memfds)")
         args, kwargs = function.structured_input_signature
         input_keys = None  # one positional array
         if kwargs:  # a SavedModel signature: named inputs only
@@ -154,8 +163,7 @@ class FrozenGraph:
         structure = function.structured_outputs
         output_keys = sorted(structure) if isinstance(structure, dict) else (
             len(structure) if isinstance(structure, (list, tuple)) else None)
-        return cls(graph_def.SerializeToString(), inputs, [t.name for t in frozen.outputs],
-                   input_keys, output_keys)
+        return cls(graph_def.SerializeToString(), inputs, outputs, input_keys, output_keys)
 
     def prepare_in_worker(self) -> None:
         """Build the session in the worker before it says READY (never in the zygote)."""
@@ -240,20 +248,57 @@ def _hold_mapped_constants(graph_def) -> list[str]:
     return names
 
 
-def _map_constant(node, layout, tf) -> bool:
+def _map_variables(function, graph_def, layout, tf) -> set[str]:
+    """Turn each ReadVariableOp of a captured variable into an ImmutableConst over a memfd
+    holding the variable's value, one variable at a time: the parent never holds a second
+    copy of the whole model (TF's convert_variables_to_constants_v2 held ~10x the model
+    for a 1 GiB MLP, and a GraphDef cannot pass 2 GB). Returns the captured placeholders."""
+    variables = {id(v.handle): v for v in function.variables}
+    captured = {internal.op.name: variables.get(id(external))
+                for external, internal in zip(function.graph.external_captures,
+                                              function.graph.internal_captures)}
+    for node in graph_def.node:
+        sources = [name.lstrip("^").split(":")[0] for name in node.input]
+        if not any(source in captured for source in sources):
+            continue
+        variable = captured[sources[0]] if node.op == "ReadVariableOp" else None
+        if variable is None:
+            raise EncodeError(
+                f"cannot freeze: op {node.name!r} ({node.op}) uses a captured resource that "
+                "is not a plain read of a variable. Pass tf_engine='copy' to load a private "
+                "copy in each worker instead")
+        value = np.ascontiguousarray(variable.numpy())
+        node.ClearField("input")
+        if value.nbytes >= MIN_MAPPED_BYTES:
+            _as_immutable_const(node, value, layout, tf)
+        else:
+            dtype = node.attr["dtype"]
+            node.ClearField("attr")
+            node.op = "Const"
+            node.attr["dtype"].CopyFrom(dtype)
+            node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
+    kept = [node for node in graph_def.node if node.name not in captured]
+    del graph_def.node[:]
+    graph_def.node.extend(kept)
+    return set(captured)
+
+
+def _map_constant(node, layout, tf) -> None:
     """Move a big Const node's bytes into a sealed memfd and make it an ImmutableConst."""
     value = tf.make_ndarray(node.attr["value"].tensor)
-    if value.nbytes < MIN_MAPPED_BYTES or value.dtype == object:
-        return False
-    fd = layout.add_region(np.ascontiguousarray(value))
+    if value.nbytes >= MIN_MAPPED_BYTES and value.dtype != object:
+        _as_immutable_const(node, np.ascontiguousarray(value), layout, tf)
+
+
+def _as_immutable_const(node, value: np.ndarray, layout, tf) -> None:
+    """``node`` becomes an ImmutableConst reading ``value`` from a sealed memfd of its own."""
     dtype = node.attr["dtype"]
     node.op = "ImmutableConst"
     node.ClearField("attr")
     node.attr["dtype"].CopyFrom(dtype)
     node.attr["shape"].shape.CopyFrom(tf.TensorShape(value.shape).as_proto())
     # The same fd number is open in the zygote and every worker (pass_fds, fork).
-    node.attr["memory_region_name"].s = f"/proc/self/fd/{fd}".encode()
-    return True
+    node.attr["memory_region_name"].s = f"/proc/self/fd/{layout.add_region(value)}".encode()
 
 
 class CopiedModel:
