@@ -89,22 +89,41 @@ PARENT_SCRIPT = textwrap.dedent("""
     sys.path[:0] = {paths!r}
     import modelzoo, workerpool as wp
     if __name__ == "__main__":
-        pool = wp.Pool(modelzoo.mlp, modelzoo.torch_predict, workers=2,
-                       start_method=sys.argv[1])
+        if sys.argv[2] == "torch":
+            load, predict, options = modelzoo.mlp, modelzoo.torch_predict, {{}}
+        else:  # a Keras model through TensorFlow's engines: memfds, an XNNPACK cache file
+            import test_tensorflow
+            load, predict = test_tensorflow.dense_mlp, test_tensorflow.call
+            options = {{"tf_engine": sys.argv[2]}}
+        pool = wp.Pool(load, predict, workers=2, start_method=sys.argv[1], **options)
         print(json.dumps({{"pids": pool.pids, "zygote": pool.zygote_pid,
                           "dir": pool._private_dir}}), flush=True)
         time.sleep(600)
 """)
 
 
-@pytest.mark.parametrize("start_method", ["zygote", "spawn"])
-def test_sigkill_of_the_parent_takes_every_worker_and_file_with_it(tmp_path, start_method):
+def tensorflow_engines() -> list[str]:
+    try:
+        import ai_edge_litert  # noqa: F401
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return []
+    return ["tensorflow", "litert"]
+
+
+@pytest.mark.parametrize("start_method, framework", [
+    ("zygote", "torch"), ("spawn", "torch"),
+    *[("zygote", engine) for engine in tensorflow_engines()]])
+def test_sigkill_of_the_parent_takes_every_worker_and_file_with_it(tmp_path, start_method,
+                                                                   framework):
     script = tmp_path / "parent.py"
-    script.write_text(PARENT_SCRIPT.format(paths=sys.path))
-    parent = subprocess.Popen([sys.executable, str(script), start_method],
+    script.write_text(PARENT_SCRIPT.format(paths=[*sys.path, os.path.dirname(__file__)]))
+    parent = subprocess.Popen([sys.executable, str(script), start_method, framework],
                               stdout=subprocess.PIPE, text=True)
     try:
-        info = json.loads(parent.stdout.readline())
+        # LiteRT logs to stdout too: the report is the line that starts our JSON
+        line = next(line for line in parent.stdout if line.startswith('{"pids"'))
+        info = json.loads(line)
         processes = info["pids"] + [info["zygote"]]
         assert len(processes) == 3 and all(is_running(pid) for pid in processes)
         assert os.path.exists(info["dir"])
