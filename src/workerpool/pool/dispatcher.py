@@ -58,7 +58,7 @@ ABORT_GRACE_S = 1.0  # SIGABRT (the worker's faulthandler dumps its stack), then
 
 class Request:
     __slots__ = ("id", "future", "body", "frames", "attempts", "batch_key", "rows",
-                 "enqueued_at", "deadline", "timeout", "sent_at", "worker")
+                 "enqueued_at", "deadline", "timeout", "worker")
 
     def __init__(self, request_id: int, future: Future, body: bytes, frames: list, *,
                  batch_key: tuple | None = None, rows: int = 1, timeout: float | None = None):
@@ -72,7 +72,6 @@ class Request:
         self.enqueued_at = time.monotonic()
         self.timeout = timeout
         self.deadline = None if timeout is None else self.enqueued_at + timeout
-        self.sent_at: float | None = None
         self.worker: WorkerSlot | None = None  # where it is in flight
 
 
@@ -136,7 +135,7 @@ class Dispatcher(threading.Thread):
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.started = threading.Event()
         self.start_error: BaseException | None = None
-        self.broken: BaseException | None = None
+        self.broken: PoolBroken | None = None
         self.closing = False
         self.pending: collections.deque[Request] = collections.deque()
         self.retries: collections.deque[Request] = collections.deque()  # from dead workers
@@ -334,7 +333,6 @@ class Dispatcher(threading.Thread):
         worker.last_sent = now
         for request in batch:
             request.attempts += 1
-            request.sent_at = now
             request.worker = worker
             worker.inflight[request.id] = request
             self.metrics.queued(now - request.enqueued_at)
@@ -514,7 +512,7 @@ class Dispatcher(threading.Thread):
             delay = RESTART_BACKOFF_S[min(self.start_deaths, len(RESTART_BACKOFF_S)) - 1]
             self.call_later(delay, self.replace_worker)
 
-    def mark_broken(self, error: BaseException) -> None:
+    def mark_broken(self, error: PoolBroken) -> None:
         if self.broken is None:
             self.broken = error
             self.fail_everything(error)

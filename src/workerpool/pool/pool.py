@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from ..config import PoolConfig
-from ..errors import PoolBroken, PoolClosed, PoolStartError, QueueFull
+from ..errors import PoolClosed, PoolStartError, QueueFull
 from ..ipc import endpoints
 from ..ipc.codec import Codec
 from ..sources import files
@@ -300,8 +300,7 @@ class Pool:
         if self._closed:
             raise PoolClosed("the pool is closed; create a new Pool")
         if self._dispatcher.broken is not None:
-            raise self._dispatcher.broken if isinstance(self._dispatcher.broken, PoolBroken) \
-                else PoolBroken(str(self._dispatcher.broken))
+            raise self._dispatcher.broken
 
     def __enter__(self) -> "Pool":
         return self
