@@ -6,6 +6,14 @@ above ``zero_copy_threshold``. Tuples keep their type. Other objects are pickled
 when the codec is built with ``allow_pickle=True``: the pool's own ipc link (a 0700
 directory of the same user). Decoding validates every array node: dtype on the allow-list,
 frame index used once, bytes equal to shape x itemsize.
+
+What round-trips exactly and what is converted (the README's "Inputs and outputs" table):
+0-d arrays and tensors keep shape ``()``; a numpy scalar comes back a numpy scalar of its
+dtype; arrays in non-native byte order (``>f4``) are converted to native order (same
+values); ``np.matrix`` and other ndarray subclasses arrive as plain ndarrays, numpy strings
+as str/bytes; tensors lose ``requires_grad`` (they are detached); bytearray and memoryview
+arrive as bytes. Masked arrays are refused: dropping the mask would change the values a
+model sees.
 """
 
 from __future__ import annotations
@@ -52,10 +60,18 @@ class Codec:
         def default(obj):
             if type(obj) is tuple:
                 return msgpack.ExtType(_EXT_TUPLE, pack(list(obj)))
+            if isinstance(obj, np.ma.MaskedArray):
+                raise EncodeError(
+                    "numpy masked arrays (np.ma.MaskedArray) cannot cross the pool's link: "
+                    "the mask would be lost; send .filled(value) or the data and the mask "
+                    "as two arrays")
             if isinstance(obj, np.ndarray):
                 return self._array_node(_EXT_NDARRAY, obj, obj.dtype.name, frames)
+            if isinstance(obj, (np.str_, np.bytes_)):
+                return str(obj) if isinstance(obj, str) else bytes(obj)
             if isinstance(obj, np.generic):
-                return self._array_node(_EXT_NDARRAY, np.asarray(obj), obj.dtype.name, frames)
+                return self._array_node(_EXT_NDARRAY, np.asarray(obj), obj.dtype.name, frames,
+                                        scalar=True)
             if _is_torch_tensor(obj):
                 array, name = _tensor_as_array(obj)
                 return self._array_node(_EXT_TENSOR, array, name, frames)
@@ -73,22 +89,25 @@ class Codec:
         except (TypeError, ValueError, OverflowError) as exc:
             raise EncodeError(f"cannot encode a value of type {type(value).__name__}: {exc}") \
                 from exc
-        total = len(header) + sum(_nbytes(f) for f in frames)
+        total = len(header) + sum(frame_nbytes(f) for f in frames)
         if total > self.max_message_bytes:
             raise MessageTooLarge(
                 f"message of {total} bytes exceeds max_message_bytes={self.max_message_bytes}; "
                 "split the input into smaller requests or raise max_message_bytes")
         return header, frames
 
-    def _array_node(self, ext, array: np.ndarray, dtype_name: str, frames: list):
+    def _array_node(self, ext, array: np.ndarray, dtype_name: str, frames: list,
+                    scalar: bool = False):
         if dtype_name not in ALLOWED_DTYPES:
             raise EncodeError(
                 f"arrays of dtype {dtype_name} cannot cross the pool's link; use one of "
                 f"{sorted(ALLOWED_DTYPES)}")
-        array = np.ascontiguousarray(array)
+        array = _native_contiguous(array)
         frames.append(array if array.nbytes >= self.zero_copy_threshold else array.tobytes())
-        meta = msgpack.packb([len(frames) - 1, dtype_name, list(array.shape)])
-        return msgpack.ExtType(ext, meta)
+        node = [len(frames) - 1, dtype_name, list(array.shape)]
+        if scalar:
+            node.append(True)
+        return msgpack.ExtType(ext, msgpack.packb(node))
 
     def _pickle_node(self, obj, frames: list):
         if not self.allow_pickle:
@@ -117,11 +136,13 @@ class Codec:
             if code == _EXT_TUPLE:
                 return tuple(unpack(data))
             if code in (_EXT_NDARRAY, _EXT_TENSOR):
-                index, dtype_name, shape = msgpack.unpackb(data)
+                index, dtype_name, shape, *flags = msgpack.unpackb(data)
                 array = _array_from_buffer(take(index), dtype_name, shape)
                 if self.align_arrays and array.ctypes.data % ARRAY_ALIGNMENT:
                     array = aligned_copy(array)
-                return _array_as_tensor(array, dtype_name) if code == _EXT_TENSOR else array
+                if code == _EXT_TENSOR:
+                    return _array_as_tensor(array, dtype_name)
+                return array[()] if flags == [True] and not shape else array
             if code == _EXT_PICKLE:
                 if not self.allow_pickle:
                     raise ProtocolError("pickled values are refused on this link")
@@ -153,7 +174,16 @@ def aligned_copy(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def _nbytes(frame) -> int:
+def _native_contiguous(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous base-class ndarray in native byte order, with the same values and
+    shape (``np.ascontiguousarray`` would turn a 0-d array into shape (1,))."""
+    array = np.asarray(array)  # np.matrix and other subclasses: plain ndarray
+    if not array.dtype.isnative:
+        return array.astype(array.dtype.newbyteorder("="), order="C")
+    return array if array.flags.c_contiguous else np.array(array, order="C")
+
+
+def frame_nbytes(frame) -> int:
     return frame.nbytes if isinstance(frame, np.ndarray) else len(frame)
 
 
