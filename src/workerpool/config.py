@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 
 START_METHODS = ("zygote", "spawn")
@@ -11,6 +13,19 @@ TF_ENGINES = ("tensorflow", "copy", "litert")
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def deadline_seconds(timeout, name: str = "timeout") -> float | None:
+    """A request deadline in seconds, checked: None or inf mean none; NaN, zero, negative
+    numbers and non-numbers are refused (a NaN deadline would never expire)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds or None, got {timeout!r} "
+                        f"({type(timeout).__name__})")
+    if math.isnan(timeout) or timeout <= 0:
+        raise ValueError(f"{name} must be > 0 seconds (or None, or inf for none), got {timeout}")
+    return None if math.isinf(timeout) else float(timeout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,36 +69,67 @@ class PoolConfig:
     zero_copy_threshold: int = 64 * 1024
 
     def __post_init__(self):
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.start_method not in START_METHODS:
-            raise ValueError(
-                f"start_method must be one of {START_METHODS}, got {self.start_method!r}")
-        if self.threads_per_worker is not None and self.threads_per_worker < 1:
-            raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
-        if self.tf_engine not in TF_ENGINES:
-            raise ValueError(f"tf_engine must be one of {TF_ENGINES}, got {self.tf_engine!r}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if self.max_queue is not None and self.max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1 or None, got {self.max_queue}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"timeout must be > 0 or None, got {self.timeout}")
-        if self.credits_per_worker < 1:
-            raise ValueError(f"credits_per_worker must be >= 1, got {self.credits_per_worker}")
+        # Every option is checked for type and range here, so a bad one fails at once in
+        # the caller instead of later inside the dispatcher thread or a worker.
+        self._integer("workers", minimum=1)
+        self._choice("start_method", START_METHODS)
+        self._integer("threads_per_worker", minimum=1, optional=True)
+        self._flag("pin_cpus")
+        self._integer("max_batch_size", minimum=1)
+        self._number("max_wait_ms", minimum=0)
+        self._flag("batched")
+        self._integer("max_queue", minimum=1, optional=True)
+        self._flag("preload")
+        self._choice("tf_engine", TF_ENGINES)
+        object.__setattr__(self, "timeout", deadline_seconds(self.timeout, "timeout"))
+        self._integer("credits_per_worker", minimum=1)
+        self._integer("max_message_bytes", minimum=1024)
+        self._number("start_timeout", minimum=0, exclusive=True)
+        self._number("close_timeout", minimum=0)
+        self._number("heartbeat_interval", minimum=0, exclusive=True)
+        self._number("heartbeat_timeout", minimum=0, exclusive=True, optional=True)
         if self.heartbeat_timeout is not None and \
                 self.heartbeat_timeout <= 2 * self.heartbeat_interval:
             raise ValueError("heartbeat_timeout must exceed twice heartbeat_interval "
                              f"({self.heartbeat_interval} s), got {self.heartbeat_timeout}")
-        if self.max_requests_per_worker is not None and self.max_requests_per_worker < 1:
-            raise ValueError("max_requests_per_worker must be >= 1 or None, got "
-                             f"{self.max_requests_per_worker}")
-        if self.max_requests_jitter < 0:
-            raise ValueError(f"max_requests_jitter must be >= 0, got {self.max_requests_jitter}")
-        if self.max_message_bytes < 1024:
-            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        self._integer("max_requests_per_worker", minimum=1, optional=True)
+        self._integer("max_requests_jitter", minimum=0)
+        self._integer("zero_copy_threshold", minimum=0)
+
+    def _integer(self, name: str, minimum: int, optional: bool = False) -> None:
+        value = getattr(self, name)
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got "
+                            f"{value!r} ({type(value).__name__})")
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}{' or None' if optional else ''}, "
+                             f"got {value}")
+        object.__setattr__(self, name, int(value))
+
+    def _number(self, name: str, minimum: float, exclusive: bool = False,
+                optional: bool = False) -> None:
+        value = getattr(self, name)
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number{' or None' if optional else ''}, got "
+                            f"{value!r} ({type(value).__name__})")
+        if not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
+            raise ValueError(f"{name} must be a finite number {'>' if exclusive else '>='} "
+                             f"{minimum}, got {value}")
+        object.__setattr__(self, name, float(value))
+
+    def _flag(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+    def _choice(self, name: str, choices: tuple) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
     @property
     def threads(self) -> int:
