@@ -16,6 +16,8 @@ import time
 import psutil
 import pytest
 
+from testkit import our_memfds
+
 PR_SET_CHILD_SUBREAPER = 36
 ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
@@ -40,17 +42,6 @@ def live_descendants() -> list[psutil.Process]:
         except (psutil.NoSuchProcess, ChildProcessError):
             pass
     return alive
-
-
-def our_memfds() -> list[str]:
-    found = []
-    for fd in glob.glob("/proc/self/fd/*"):
-        try:
-            if "memfd:workerpool" in os.readlink(fd):
-                found.append(fd)
-        except OSError:
-            pass
-    return found
 
 
 def snapshot() -> dict:

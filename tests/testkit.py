@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import time
 
 import psutil
@@ -12,6 +14,18 @@ def segment_ranges() -> list[tuple[int, int]]:
     with open("/proc/self/maps") as maps:
         lines = [line for line in maps if "memfd:workerpool-weights" in line]
     return [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in lines]
+
+
+def our_memfds() -> list[str]:
+    """This process's open fds of weight memfds."""
+    found = []
+    for fd in glob.glob("/proc/self/fd/*"):
+        try:
+            if "memfd:workerpool" in os.readlink(fd):
+                found.append(fd)
+        except OSError:
+            pass
+    return found
 
 
 def is_running(pid: int) -> bool:

@@ -2,12 +2,12 @@
 
 from .errors import (BatchShapeError, EncodeError, MessageTooLarge, ModelSourceError,
                      PoolBroken, PoolClosed, PoolStartError, ProtocolError, QueueFull,
-                     RemoteError, TaskTimeout, WorkerCrashed, WorkerpoolError)
+                     RemoteError, TaskTimeout, WorkerCrashed, WorkerpoolError, WrongProcess)
 from .pool.pool import Pool
 
 __all__ = [
     "Pool", "WorkerpoolError", "PoolClosed", "PoolBroken", "PoolStartError", "WorkerCrashed",
     "QueueFull", "TaskTimeout", "EncodeError", "MessageTooLarge", "BatchShapeError",
-    "ProtocolError", "RemoteError", "ModelSourceError",
+    "ProtocolError", "RemoteError", "ModelSourceError", "WrongProcess",
 ]
 __version__ = "0.1.0"

@@ -16,6 +16,11 @@ class PoolClosed(WorkerpoolError):
     """The pool is closed (or closing) and accepts no more work."""
 
 
+class WrongProcess(WorkerpoolError, RuntimeError):
+    """The pool belongs to another process: this one was forked from the pool's owner (a
+    pre-forking web server, ``multiprocessing`` with fork). Create a Pool in this process."""
+
+
 class PoolBroken(WorkerpoolError):
     """The pool cannot serve: its workers could not start. The message carries the cause."""
 

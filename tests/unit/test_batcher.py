@@ -21,6 +21,7 @@ class Item:
     batch_key: tuple | None = KEY
     rows: int = 1
     enqueued_at: float = 0.0
+    nbytes: int = 100
 
 
 def queue(*items):
@@ -103,3 +104,12 @@ def test_empty_queue():
 ])
 def test_batch_key_of(args, kwargs, expected):
     assert batch_key_of(args, kwargs) == expected
+
+
+def test_a_batch_never_exceeds_the_message_size_limit():
+    # Two requests of 600 bytes each fit max_rows but not a 1000-byte message: the second
+    # waits for the next batch instead of making a TASK the worker's socket would refuse.
+    batcher = Batcher(max_rows=8, max_bytes=1000)
+    q = queue(Item("a", nbytes=600), Item("b", nbytes=600), Item("c", nbytes=300))
+    assert names(batcher.take(q, now=0.0)[0]) == ["a", "c"]
+    assert names(batcher.take(q, now=0.0)[0]) == ["b"]

@@ -2,7 +2,7 @@
 
 The socketpair is private to the two processes (inherited, never named), so pickle is safe.
     parent -> zygote   {"op": "boot", ...}      once: what to attach and how to start workers
-                       {"op": "start", "worker_id", "cpus"}
+                       {"op": "start", "worker_id", "identity", "cpus"}
                        {"op": "signal", "worker_id", "signum"}
                        {"op": "exit"}           no more workers: reap them and leave
     zygote -> parent   {"op": "booted", "pid", "threads"} | {"op": "boot_error", "traceback"}

@@ -3,7 +3,8 @@
 A request is batchable when it carries exactly one array (numpy or torch) of at least one
 dimension and no keyword arguments; its ``batch_key`` is (kind, dtype, trailing shape) and
 its ``rows`` the length of axis 0. A batch is the head of the queue plus later requests with
-the same key, in queue order, up to ``max_rows`` rows. The head never waits longer than
+the same key, in queue order, up to ``max_rows`` rows and ``max_bytes`` bytes (a batch
+travels as one message and must fit the link's size limit). The head never waits longer than
 ``max_wait_s`` for company; with ``max_wait_s == 0`` (the default) a batch is only what is
 already queued, so a lone request is dispatched at once. A request with more rows than
 ``max_rows`` is served alone; requests of other keys keep their place in the queue.
@@ -12,6 +13,7 @@ already queued, so a lone request is dispatched at once. A request with more row
 from __future__ import annotations
 
 import collections
+import math
 from typing import Protocol, Sequence
 
 # How far past the head the batcher looks for compatible requests; bounds the work per batch.
@@ -21,6 +23,7 @@ SCAN_LIMIT_PER_ROW = 4
 class Batchable(Protocol):
     batch_key: tuple | None
     rows: int
+    nbytes: int
     enqueued_at: float
 
 
@@ -42,13 +45,14 @@ def batch_key_of(args: tuple, kwargs: dict) -> tuple[tuple | None, int]:
 class Batcher:
     """Takes batches off the head of a deque of Batchable items."""
 
-    def __init__(self, max_rows: int, max_wait_s: float = 0.0):
+    def __init__(self, max_rows: int, max_wait_s: float = 0.0, max_bytes: float = math.inf):
         if max_rows < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_rows}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_s * 1000}")
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
+        self.max_bytes = max_bytes
 
     def take(self, queue: collections.deque, now: float) -> tuple[list, float | None]:
         """``(batch, None)`` to send now, or ``([], wake_at)`` when the head should wait
@@ -68,13 +72,15 @@ class Batcher:
         return batch, None
 
     def _compatible(self, queue: Sequence, head) -> tuple[list[int], int]:
-        chosen, rows = [0], head.rows
+        chosen, rows, nbytes = [0], head.rows, head.nbytes
         limit = min(len(queue), 1 + SCAN_LIMIT_PER_ROW * self.max_rows)
         for index in range(1, limit):
             item = queue[index]
-            if item.batch_key == head.batch_key and rows + item.rows <= self.max_rows:
+            if item.batch_key == head.batch_key and rows + item.rows <= self.max_rows and \
+                    nbytes + item.nbytes <= self.max_bytes:
                 chosen.append(index)
                 rows += item.rows
+                nbytes += item.nbytes
                 if rows == self.max_rows:
                     break
         return chosen, rows

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import collections
 import heapq
+import hmac
 import itertools
+import logging
 import math
 import os
 import pickle
 import queue
 import random
+import secrets
 import signal
 import threading
 import time
@@ -45,10 +48,12 @@ from ..config import PoolConfig
 from ..errors import (PoolBroken, PoolClosed, PoolStartError, ProtocolError, RemoteError,
                       RemoteTraceback, TaskTimeout, WorkerCrashed)
 from ..ipc import protocol
-from ..ipc.codec import Codec
+from ..ipc.codec import Codec, frame_nbytes
 from .batching import Batcher
 from .metrics import Metrics
 from .supervisor import Supervisor, describe_exit
+
+log = logging.getLogger("workerpool")
 
 MAX_ATTEMPTS = 2  # a request that was in flight on this many dying workers fails
 BOOT_FAILURES_BEFORE_BROKEN = 3
@@ -58,7 +63,7 @@ ABORT_GRACE_S = 1.0  # SIGABRT (the worker's faulthandler dumps its stack), then
 
 class Request:
     __slots__ = ("id", "future", "body", "frames", "attempts", "batch_key", "rows",
-                 "enqueued_at", "deadline", "timeout", "worker")
+                 "enqueued_at", "deadline", "timeout", "worker", "nbytes")
 
     def __init__(self, request_id: int, future: Future, body: bytes, frames: list, *,
                  batch_key: tuple | None = None, rows: int = 1, timeout: float | None = None):
@@ -66,6 +71,7 @@ class Request:
         self.future = future
         self.body = body
         self.frames = frames
+        self.nbytes = len(body) + sum(frame_nbytes(f) for f in frames)
         self.attempts = 0
         self.batch_key = batch_key
         self.rows = rows
@@ -99,14 +105,17 @@ class WorkerSlot:
 
     __slots__ = ("worker_id", "identity", "pid", "credits", "inflight", "served", "state",
                  "started_at", "ready_at", "last_seen", "isolating", "retire_after",
-                 "hang_reason", "tasks", "slot", "last_sent", "sent")
+                 "hang_reason", "tasks", "slot", "last_sent", "sent", "admitted")
 
     def __init__(self, worker_id: int, slot: int):
         self.worker_id = worker_id
         self.slot = slot  # 0..workers-1: which CPUs it is pinned to (pin_cpus)
         self.last_sent = 0.0
         self.sent = 0  # requests sent, retries included
-        self.identity = b"%d" % worker_id
+        # Random, so no other process can predict the identity of the next worker and
+        # connect in its place; it reaches the worker through the zygote.
+        self.identity = b"w" + secrets.token_hex(16).encode()
+        self.admitted = False  # presented the pool's secret in READY
         self.pid: int | None = None
         self.credits = 0
         self.inflight: dict[int, Request] = {}
@@ -123,8 +132,9 @@ class WorkerSlot:
 
 class Dispatcher(threading.Thread):
     def __init__(self, config: PoolConfig, supervisor: Supervisor, endpoint: str,
-                 codec: Codec):
+                 codec: Codec, on_exit=None):
         super().__init__(name="workerpool-dispatcher", daemon=True)
+        self.on_exit = on_exit  # called last, on this thread (releases the pool)
         self.config = config
         self.supervisor = supervisor
         self.endpoint = endpoint
@@ -148,8 +158,9 @@ class Dispatcher(threading.Thread):
         self.timer_seq = itertools.count()
         self.counters = collections.Counter()  # restarts, crashes, hung, retired, ...
         self.router: zmq.Socket | None = None
+        # A TASK must fit the worker's message size limit, whatever the rows say.
         self.batcher = Batcher(config.max_batch_size if config.batched else 1,
-                               config.max_wait_ms / 1000)
+                               config.max_wait_ms / 1000, max_bytes=config.max_message_bytes)
         self.queue_gauge = QueueGauge()
         self.deadlines: list[tuple[float, int, Request]] = []
         self.batch_wake_at: float | None = None
@@ -208,6 +219,9 @@ class Dispatcher(threading.Thread):
             self.loop()
         except BaseException as exc:  # a bug here must not leave callers waiting forever
             self.fail_everything(PoolBroken(f"the pool's dispatcher failed: {exc!r}"))
+            if not self.started.is_set():  # nor Pool() waiting out start_timeout
+                self.start_error = PoolStartError(f"the pool's dispatcher failed: {exc!r}")
+                self.started.set()
             raise
         finally:
             self.stop_accepting()
@@ -215,6 +229,8 @@ class Dispatcher(threading.Thread):
             self.router.close(linger=0)
             context.term()
             os.close(self.wake_fd)
+            if self.on_exit is not None:
+                self.on_exit()
 
     def loop(self) -> None:
         poller = zmq.Poller()
@@ -365,27 +381,64 @@ class Dispatcher(threading.Thread):
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            worker = self.by_identity.get(frames[0].bytes)
-            if worker is None or len(frames) < 3:
-                self.counters["late_replies"] += 1  # from a worker we already buried
-                continue
-            worker.last_seen = time.monotonic()
-            kind = frames[1].bytes
             try:
-                meta = protocol.unpack_meta(frames[2])
-            except ProtocolError:
-                continue
-            if kind == protocol.RESULT:
-                self.on_result(worker, meta, frames[3:])
-            elif kind == protocol.ERROR:
-                self.on_error(worker, meta)
-            elif kind == protocol.READY:
+                self.on_message(frames)
+            except ProtocolError as exc:
+                self.count_bad_message("malformed_messages", str(exc))
+
+    def on_message(self, frames: list) -> None:
+        """One message from a peer. Only a worker we started, admitted by the secret in
+        its READY, is read any further: nothing from another peer is ever unpickled."""
+        worker = self.by_identity.get(frames[0].bytes)
+        if worker is None:
+            self.counters["late_replies"] += 1  # from a worker we buried, or a stranger
+            return
+        if len(frames) < 3:
+            raise ProtocolError(f"a message of {len(frames)} frames")
+        kind = frames[1].bytes
+        meta = protocol.unpack_meta(frames[2])
+        if not worker.admitted:
+            if kind != protocol.READY or not self.admit(worker, meta, frames[0]):
+                self.count_bad_message("rejected_peers", "a peer that did not present the "
+                                       "pool's secret, or is not a child of its zygote")
+                return
+        worker.last_seen = time.monotonic()
+        if kind == protocol.RESULT:
+            self.on_result(worker, meta, frames[3:])
+        elif kind == protocol.ERROR:
+            self.on_error(worker, meta)
+        elif kind == protocol.READY:
+            protocol.check_ready(meta)
+            if worker.state == "starting":
                 self.on_ready(worker, meta)
+        elif kind not in (protocol.HEARTBEAT, protocol.BYE):
+            raise ProtocolError(f"unknown message kind {kind[:16]!r}")
+
+    def admit(self, worker: WorkerSlot, meta: dict, frame) -> bool:
+        """READY from a process the pool started: the right secret (compared in constant
+        time) and, where ZeroMQ tells the peer's credentials, our uid and a zygote child."""
+        protocol.check_ready(meta)
+        if not hmac.compare_digest(meta["secret"], self.supervisor.secret):
+            return False
+        peer = peer_credentials(frame)
+        if peer is not None:
+            uid, pid = peer
+            if uid != os.getuid() or pid != meta["pid"] or \
+                    parent_pid(pid) != self.supervisor.zygote_pid:
+                return False
+        worker.admitted = True
+        return True
+
+    def count_bad_message(self, counter: str, what: str) -> None:
+        self.counters[counter] += 1
+        n = self.counters[counter]
+        if n <= 10 or n % 1000 == 0:
+            log.warning("workerpool: dropped a message (%s, %d so far): %s", counter, n, what)
 
     def on_ready(self, worker: WorkerSlot, meta: dict) -> None:
         worker.state = "ready"
-        worker.pid = meta.get("pid", worker.pid)
-        worker.credits = int(meta.get("credits", 1))
+        worker.pid = meta["pid"]
+        worker.credits = meta["credits"]
         worker.ready_at = time.monotonic()
         limit = self.config.max_requests_per_worker
         if limit:
@@ -397,7 +450,7 @@ class Dispatcher(threading.Thread):
 
     def finish_task(self, worker: WorkerSlot, meta: dict) -> list[Request | None]:
         """The requests a reply answers (None for those already given up on)."""
-        ids = meta.get("ids") or []
+        ids = protocol.reply_ids(meta)
         if ids in worker.tasks:
             worker.tasks.remove(ids)
             worker.credits += 1
@@ -418,9 +471,15 @@ class Dispatcher(threading.Thread):
         return requests
 
     def on_result(self, worker: WorkerSlot, meta: dict, frames: list) -> None:
+        protocol.reply_ids(meta)
+        try:
+            protocol.check_result(meta, len(frames))
+        except ProtocolError as exc:
+            self.fail_task(worker, meta, exc)
+            raise
         requests = self.finish_task(worker, meta)
         start = 0
-        for request, n_parts in zip(requests, meta.get("parts", [])):
+        for request, n_parts in zip(requests, meta["parts"]):
             body, part_frames = frames[start], frames[start + 1:start + n_parts]
             start += n_parts
             if request is None:
@@ -433,9 +492,23 @@ class Dispatcher(threading.Thread):
                 settle(request.future, value)
 
     def on_error(self, worker: WorkerSlot, meta: dict) -> None:
+        protocol.reply_ids(meta)
+        try:
+            protocol.check_error(meta)
+        except ProtocolError as exc:
+            self.fail_task(worker, meta, exc)
+            raise
         for request in self.finish_task(worker, meta):
             if request is not None:
                 settle(request.future, error=rebuild_exception(meta))
+
+    def fail_task(self, worker: WorkerSlot, meta: dict, exc: ProtocolError) -> None:
+        """A malformed reply from one of our workers still answers the requests it names."""
+        for request in self.finish_task(worker, meta):
+            if request is not None:
+                settle(request.future, error=ProtocolError(
+                    f"worker {worker.pid} sent a malformed reply ({exc}); this is a bug in "
+                    "workerpool, please report it"))
 
     # -- what the zygote says ------------------------------------------------------------
     def handle_supervisor_event(self, event: dict) -> None:
@@ -545,7 +618,8 @@ class Dispatcher(threading.Thread):
         worker = WorkerSlot(next(self.worker_ids), free[0] if free else 0)
         self.workers[worker.worker_id] = worker
         self.by_identity[worker.identity] = worker
-        self.supervisor.start_worker(worker.worker_id, self.config.cpus_for(worker.slot))
+        self.supervisor.start_worker(worker.worker_id, worker.identity,
+                                     self.config.cpus_for(worker.slot))
 
     def replace_worker(self) -> None:
         if not self.closing and self.broken is None:
@@ -681,20 +755,49 @@ def settle(future: Future, value=None, error: BaseException | None = None) -> No
         pass
 
 
+_NOT_EXCEPTIONS = {"SystemExit", "KeyboardInterrupt", "GeneratorExit"}
+
+
+def peer_credentials(frame) -> tuple[int, int] | None:
+    """(uid, pid) of the process at the other end of an ipc connection, where ZeroMQ
+    reports them ("Peer-Address" is "host:uid:gid:pid" on Linux); else None."""
+    try:
+        fields = frame.get("Peer-Address").rsplit(":", 3)
+        return int(fields[1]), int(fields[3])
+    except (zmq.ZMQError, AttributeError, ValueError, IndexError):
+        return None
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _trim_report(report: str) -> str:
     """faulthandler's dump without its list of loaded extension modules."""
     return report.split("\nExtension modules:", 1)[0].strip()
 
 
-def rebuild_exception(meta: dict) -> BaseException:
-    """The worker's exception, by value where possible, with its traceback as __cause__."""
+def rebuild_exception(meta: dict) -> Exception:
+    """The worker's exception, by value where possible, with its traceback as __cause__.
+
+    Never SystemExit, KeyboardInterrupt or GeneratorExit: raised in the caller, a model's
+    ``sys.exit()`` would end the serving process; those arrive as RemoteError."""
     error = None
     if meta.get("pickled"):
         try:
             error = pickle.loads(meta["pickled"])
         except Exception:
             error = None
-    if not isinstance(error, BaseException):
-        error = RemoteError(meta.get("type", "Exception"), meta.get("message", ""))
+    if not isinstance(error, Exception):
+        remote_type = str(meta.get("type", "Exception"))
+        message = str(meta.get("message", ""))
+        if remote_type.rsplit(".", 1)[-1] in _NOT_EXCEPTIONS:
+            message = (f"{message} (predict raised {remote_type.rsplit('.', 1)[-1]}; it ended "
+                       "no process: the worker is still serving)")
+        error = RemoteError(remote_type, message)
     error.__cause__ = RemoteTraceback(meta.get("traceback", ""))
     return error

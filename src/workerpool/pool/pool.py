@@ -10,27 +10,24 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
 import itertools
 import os
-import threading
-import weakref
+import warnings
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
-from ..config import PoolConfig
-from ..errors import PoolClosed, PoolStartError, QueueFull
+from ..config import PoolConfig, deadline_seconds
+from ..errors import PoolClosed, PoolStartError, QueueFull, WrongProcess
 from ..ipc import endpoints
 from ..ipc.codec import Codec
 from ..sources import files
 from . import memory
 from .batching import batch_key_of
 from .dispatcher import Dispatcher, Request
+from .shutdown import Shutdown
 from .supervisor import Supervisor
 from .weights import publish
-
-_live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
 
 
 class Pool:
@@ -88,30 +85,35 @@ class Pool:
         if isinstance(load, (str, os.PathLike)):
             load = files.loader_for(os.fspath(load), options.pop("builder", None),
                                     options.pop("trust_pickle", False))
+        if not callable(load):
+            raise TypeError(f"load must be a callable or a model path, got {load!r}")
+        if not callable(predict):
+            raise TypeError(f"predict must be a callable predict(model, *args), got {predict!r}")
         self.config = PoolConfig(workers=workers, **options)
-        self._closed = False
-        self._close_lock = threading.Lock()
         self._ids = itertools.count()
         self._codec = Codec(allow_pickle=True, max_message_bytes=self.config.max_message_bytes,
                             zero_copy_threshold=self.config.zero_copy_threshold)
         self._dispatcher: Dispatcher | None = None
-        self._private_dir = endpoints.make_private_dir()
+        self._private_dir = private_dir = endpoints.make_private_dir()
         try:
             model = load()
             self._published = publish(model, predict, use_files=not self.config.preload,
                                       options={"tf_engine": self.config.tf_engine,
-                                               "private_dir": self._private_dir})
+                                               "private_dir": private_dir})
         except BaseException:
-            endpoints.remove_private_dir(self._private_dir)
+            endpoints.remove_private_dir(private_dir)
             raise
         self._weights_source = _weights_source(model, self.config.start_method,
                                                self._published)
         del model
-        endpoint = endpoints.pool_endpoint(self._private_dir)
-        self._supervisor = Supervisor(self.config, self._published, self._private_dir, endpoint)
+        endpoint = endpoints.pool_endpoint(private_dir)
+        self._supervisor = Supervisor(self.config, self._published, private_dir, endpoint)
+        self._shutdown = Shutdown(self.config, self._supervisor, self._published, private_dir)
         try:
             self._supervisor.start_zygote()
-            self._dispatcher = Dispatcher(self.config, self._supervisor, endpoint, self._codec)
+            self._dispatcher = Dispatcher(self.config, self._supervisor, endpoint, self._codec,
+                                          on_exit=self._shutdown.release)
+            self._shutdown.dispatcher = self._dispatcher
             self._dispatcher.start()
             if not self._dispatcher.started.wait(self.config.start_timeout):
                 raise PoolStartError(
@@ -119,9 +121,8 @@ class Pool:
             if self._dispatcher.start_error is not None:
                 raise self._dispatcher.start_error
         except BaseException:
-            self.close()
+            self._shutdown.close(drain=False)
             raise
-        _live_pools.add(self)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, predict: Callable[..., Any], *,
@@ -154,20 +155,20 @@ class Pool:
     def _submit(self, args: tuple, kwargs: dict, timeout: float | None,
                 max_queue: int | None) -> Future:
         self._check_open()
+        timeout = self.config.timeout if timeout is None else deadline_seconds(timeout)
         body, frames = self._codec.encode((args, kwargs))
         batch_key, rows = batch_key_of(args, kwargs)
+        request = Request(next(self._ids), Future(), body, frames, batch_key=batch_key,
+                          rows=rows, timeout=timeout)
         if not self._dispatcher.queue_gauge.try_add(max_queue):
             raise QueueFull(f"{max_queue} requests are already waiting (max_queue); retry "
                             "later, add workers, or raise max_queue")
-        future: Future = Future()
         try:
-            self._dispatcher.submit(Request(
-                next(self._ids), future, body, frames, batch_key=batch_key, rows=rows,
-                timeout=self.config.timeout if timeout is None else timeout))
-        except PoolClosed:
+            self._dispatcher.submit(request)
+        except BaseException:
             self._dispatcher.queue_gauge.remove()
             raise
-        return future
+        return request.future
 
     def map(self, inputs: Iterable, *, window: int | None = None,
             timeout: float | None = None) -> Iterator:
@@ -179,6 +180,7 @@ class Pool:
         yielded.
         """
         window = window or self._default_window()
+        timeout = deadline_seconds(timeout)
         in_flight: collections.deque[Future] = collections.deque()
         for x in inputs:
             in_flight.append(self._submit((x,), {}, timeout, None))
@@ -196,6 +198,7 @@ class Pool:
         """``async for y in pool.map_async(xs)``: :meth:`map` for asyncio; ``inputs`` may be
         an iterable or an async iterable."""
         window = window or self._default_window()
+        timeout = deadline_seconds(timeout)
         in_flight: collections.deque[asyncio.Future] = collections.deque()
         async for x in _aiter(inputs):
             in_flight.append(asyncio.wrap_future(self._submit((x,), {}, timeout, None)))
@@ -255,7 +258,7 @@ class Pool:
                 for w in d.workers.values()]
         counters = {name: d.counters[name] for name in (
             "restarts", "crashes", "hung", "aborted", "timeouts", "retired", "retried_requests",
-            "late_replies")}
+            "late_replies", "rejected_peers", "malformed_messages")}
         return rows, len(d.pending) + len(d.retries), counters, d.metrics.snapshot()
 
     @property
@@ -275,29 +278,23 @@ class Pool:
         ``drain=True`` finishes the requests already accepted first (for at most
         ``timeout`` seconds, then as with ``drain=False``); ``drain=False`` fails every
         unanswered request with PoolClosed at once. Either way no worker, socket or
-        segment is left when it returns.
+        segment is left when it returns. Safe from any thread: called from a future's
+        done-callback (the pool's own thread) it only starts the close, which then
+        finishes by itself; interrupted (Ctrl-C), a second call finishes it. In a process
+        forked from the pool's owner it does nothing: the pool is not that process's.
         """
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        _live_pools.discard(self)
-        dispatcher = self._dispatcher
-        if dispatcher is not None and dispatcher.is_alive():
-            dispatcher.request_close(drain)
-            dispatcher.join(timeout)
-            if dispatcher.is_alive():
-                dispatcher.request_close(drain=False)
-                dispatcher.join(self.config.close_timeout)
-            if dispatcher.is_alive():  # the zygote is not answering: stop it the hard way
-                self._supervisor.kill_zygote()
-                dispatcher.join()
-        self._supervisor.stop_zygote()
-        self._published.close()
-        endpoints.remove_private_dir(self._private_dir)
+        self._shutdown.close(drain, timeout)
+
+    @property
+    def _closed(self) -> bool:
+        return self._shutdown.requested
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._shutdown.foreign:
+            raise WrongProcess(
+                f"this Pool belongs to process {self._shutdown.owner_pid}, and this process "
+                f"({os.getpid()}) was forked from it; create a Pool in this process instead")
+        if self._shutdown.requested:
             raise PoolClosed("the pool is closed; create a new Pool")
         if self._dispatcher.broken is not None:
             raise self._dispatcher.broken
@@ -308,17 +305,22 @@ class Pool:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def __del__(self):
+        shutdown = getattr(self, "_shutdown", None)
+        if shutdown is None or shutdown.requested or shutdown.foreign:
+            return
+        # Like an unclosed file or Popen: say so, and let the pool's own thread wind it
+        # down (drain, stop the workers, release the weights) without blocking here.
+        warnings.warn(f"unclosed {self!r}; call close() or use `with Pool(...) as pool:`",
+                      ResourceWarning, source=self)
+        shutdown.close_soon()
+
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        shutdown = getattr(self, "_shutdown", None)
+        state = "closed" if shutdown is None or shutdown.requested else "open"
         return (f"<workerpool.Pool {state} workers={self.config.workers} "
                 f"start_method={self.config.start_method} "
                 f"model_bytes={self._published.weight_bytes}>")
-
-
-@atexit.register
-def _close_live_pools() -> None:
-    for pool in list(_live_pools):
-        pool.close(drain=True, timeout=pool.config.close_timeout)
 
 
 def _weights_source(model, start_method: str, published) -> str:

@@ -13,6 +13,7 @@ turns them into words (:func:`describe_exit`).
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,6 +33,9 @@ class Supervisor:
         self.private_dir = private_dir
         self.endpoint = endpoint
         self.zygote: subprocess.Popen | None = None
+        # What a worker presents in READY to be admitted: only processes we started know it
+        # (it travels on the zygote's private channel, never through a file or argv).
+        self.secret = secrets.token_bytes(32)
         self.zygote_threads = 0
         self.ctl: socket.socket | None = None
 
@@ -83,6 +87,7 @@ class Supervisor:
             "max_message_bytes": config.max_message_bytes,
             "zero_copy_threshold": config.zero_copy_threshold,
             "heartbeat_interval": config.heartbeat_interval,
+            "secret": self.secret,
         }
 
     @property
@@ -93,8 +98,9 @@ class Supervisor:
     def zygote_pid(self) -> int | None:
         return self.zygote.pid if self.zygote else None
 
-    def start_worker(self, worker_id: int, cpus: list[int] | None = None) -> None:
-        self._send({"op": "start", "worker_id": worker_id, "cpus": cpus})
+    def start_worker(self, worker_id: int, identity: bytes,
+                     cpus: list[int] | None = None) -> None:
+        self._send({"op": "start", "worker_id": worker_id, "identity": identity, "cpus": cpus})
 
     def signal_worker(self, worker_id: int, signum: int) -> None:
         """Delivered by the zygote through the worker's pidfd: never to a recycled pid."""

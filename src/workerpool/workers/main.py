@@ -3,8 +3,8 @@
     zygote fork (or spawn + attach) ──> serve():
         lifeline thread: pidfds of the pool's parent and of our own parent; either gone -> exit
         faulthandler -> crash-<id>.log, so a fatal signal leaves its Python stack for the pool
-        DEALER (identity = worker id) ──connect──> parent's ROUTER
-        READY{pid, credits} ; loop: TASK -> Runner -> RESULT | ERROR ; STOP -> BYE, exit 0
+        DEALER (identity: random, from the pool) ──connect──> parent's ROUTER
+        READY{pid, credits, secret} ; loop: TASK -> Runner -> RESULT | ERROR ; STOP -> BYE, exit 0
                               idle for heartbeat_interval -> HEARTBEAT
 
 Run as ``python -m workerpool.workers.main WEIGHTS_FD`` it is a spawned worker: it reads its
@@ -53,13 +53,13 @@ def serve(model, predict, boot: dict) -> int:
     runner = Runner(model, predict, codec)
     context = zmq.Context(io_threads=1)
     sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, b"%d" % worker_id)
+    sock.setsockopt(zmq.IDENTITY, boot["identity"])
     sock.setsockopt(zmq.LINGER, 1000)
     # Requests are checked against max_message_bytes before sending; this bounds a rogue peer.
     sock.setsockopt(zmq.MAXMSGSIZE, boot["max_message_bytes"] + 1024 * 1024)
     sock.connect(boot["endpoint"])
     sock.send_multipart([protocol.READY, protocol.pack_meta(
-        {"pid": os.getpid(), "credits": boot["credits_per_worker"]})])
+        {"pid": os.getpid(), "credits": boot["credits_per_worker"], "secret": boot["secret"]})])
     heartbeat_ms = int(boot["heartbeat_interval"] * 1000)
     try:
         while True:
@@ -111,7 +111,7 @@ def _alive(pid: int) -> bool:
 
 def spawned_main(argv: list[str]) -> int:
     """Entry of a spawned worker: boot message on stdin, weights fd in argv."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_stop_signals()
     boot = pickle.load(sys.stdin.buffer)
     sys.stdin.close()
     sys.path[:] = boot["sys_path"]
@@ -125,6 +125,13 @@ def spawned_main(argv: list[str]) -> int:
         write_boot_error(boot)
         return EXIT_BOOT_ERROR
     return serve(model, predict, boot)
+
+
+def ignore_stop_signals() -> None:
+    """Ctrl-C and SIGTERM are the pool's process's to act on, not the zygote's or a
+    worker's (the zygote's module docstring says why nothing is left either way)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def write_boot_error(boot: dict) -> None:

@@ -4,8 +4,11 @@ A TASK carries one request or a batch of compatible ones (the dispatcher chose t
 array each, same dtype and trailing shape). A batch is concatenated along axis 0, ``predict``
 runs once, and its output (an array, or a tuple/list/dict of arrays, batch on axis 0) is cut
 back into one result per request. Nothing raised by ``predict`` escapes: it becomes an ERROR
-for every request of the task and the worker goes on serving. Only a fatal signal or
-``os._exit`` ends the process, and the supervisor sees that.
+for every request of the task and the worker goes on serving (SystemExit and
+KeyboardInterrupt included: they end no process, and reach the caller as RemoteError). Only a
+fatal signal or ``os._exit`` ends the process, and the supervisor sees that. Every reply fits
+in ``max_message_bytes``: an error's text is cut to fit, and a batch whose results together
+exceed it is answered with MessageTooLarge.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import sys
 import time
 import traceback
 
-from ..errors import BatchShapeError, EncodeError
+from ..errors import BatchShapeError, EncodeError, MessageTooLarge
 from ..ipc import protocol
-from ..ipc.codec import Codec
+from ..ipc.codec import Codec, frame_nbytes
 
 
 class Runner:
@@ -42,7 +45,7 @@ class Runner:
                     output = self.predict(self.model, concatenate(inputs))
                     values = split_rows(output, [len(x) for x in inputs])
         except BaseException as exc:  # noqa: BLE001 - every failure is the caller's answer
-            return error_reply(ids, exc)
+            return error_reply(ids, exc, self.codec.max_message_bytes)
         compute_s = time.perf_counter() - started
         parts, out_frames = [], []
         try:
@@ -53,7 +56,13 @@ class Runner:
         except BaseException as exc:  # noqa: BLE001
             if not isinstance(exc, EncodeError):
                 exc = EncodeError(f"cannot encode the output of predict(): {exc!r}")
-            return error_reply(ids, exc)
+            return error_reply(ids, exc, self.codec.max_message_bytes)
+        total = sum(frame_nbytes(f) for f in out_frames)
+        if total > self.codec.max_message_bytes:
+            return error_reply(ids, MessageTooLarge(
+                f"the results of a batch of {len(values)} requests add up to {total} bytes, "
+                f"over max_message_bytes={self.codec.max_message_bytes}; lower "
+                "max_batch_size or raise max_message_bytes"), self.codec.max_message_bytes)
         meta = {"ids": ids, "parts": parts, "compute_s": compute_s}
         return [protocol.RESULT, protocol.pack_meta(meta), *out_frames]
 
@@ -104,22 +113,60 @@ def _describe(value) -> str:
         else f"a {type(value).__name__}"
 
 
-def error_reply(ids: list, exc: BaseException) -> list:
-    """An ERROR message carrying the exception, by value when it pickles, always as text."""
+# An error's message and traceback text are cut to this (and to an eighth of
+# max_message_bytes each), so an ERROR always fits in one message.
+MAX_ERROR_TEXT = 64 * 1024
+
+
+def error_reply(ids: list, exc: BaseException, max_bytes: int) -> list:
+    """An ERROR message carrying the exception, by value when it pickles (and is an
+    Exception: SystemExit or KeyboardInterrupt must never end the caller), always as text.
+    The whole message stays well under ``max_bytes``."""
+    text_limit = max(128, min(MAX_ERROR_TEXT, max_bytes // 8))
+    message = _safe_str(exc)
+    short_message = clip(message, text_limit)
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    pickled = None
+    if isinstance(exc, Exception):
+        pickled = _pickled_exception(exc, max_bytes // 2)
+        if pickled is None and short_message != message:
+            # Too big to travel whole: the same type with the cut message, if it has the
+            # usual one-argument constructor.
+            pickled = _pickled_exception(_same_type(exc, short_message), max_bytes // 2)
+    meta = {
+        "ids": ids,
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": short_message,
+        "traceback": clip(tb, text_limit),
+        "pickled": pickled,
+    }
+    return [protocol.ERROR, protocol.pack_meta(meta)]
+
+
+def clip(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and a note saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return (text[:limit] + f"... [{len(text) - limit} more characters cut: the error was "
+            "too large to send whole]")
+
+
+def _pickled_exception(exc: BaseException | None, limit: int) -> bytes | None:
+    if exc is None:
+        return None
     try:
         pickled = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
         pickle.loads(pickled)  # an exception that pickles but cannot be rebuilt is no use
     except Exception:
-        pickled = None
-    meta = {
-        "ids": ids,
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": _safe_str(exc),
-        "traceback": tb,
-        "pickled": pickled,
-    }
-    return [protocol.ERROR, protocol.pack_meta(meta)]
+        return None
+    return pickled if len(pickled) <= limit else None
+
+
+def _same_type(exc: BaseException, message: str) -> BaseException | None:
+    try:
+        return type(exc)(message)
+    except Exception:
+        return None
 
 
 def _safe_str(exc: BaseException) -> str:

@@ -16,6 +16,11 @@ that fd passed on, for libraries where fork is unsafe.
 Either way it reaps its children and reports each exit status to the parent. When the
 parent dies (pidfd) or closes the channel it kills every worker; on its way out it removes
 the pool's private directory.
+
+SIGINT and SIGTERM are ignored here and in the workers: a Ctrl-C or a SIGTERM to the whole
+process group (systemd's stop, ``kill -TERM -PGID``) is the pool's process's to act on. It
+closes the pool (a server drains first) or dies, and then the zygote, which outlives it by
+design, kills the workers and removes the private directory: nothing is left either way.
 """
 
 from __future__ import annotations
@@ -57,8 +62,8 @@ class Zygote:
             os.close(fd)  # the mappings are all forked workers need
         self.weights_fd = -1
 
-    def start_worker(self, worker_id: int, cpus: list[int] | None) -> None:
-        boot = dict(self.boot, worker_id=worker_id, cpus=cpus)
+    def start_worker(self, worker_id: int, identity: bytes, cpus: list[int] | None) -> None:
+        boot = dict(self.boot, worker_id=worker_id, identity=identity, cpus=cpus)
         if self.boot["start_method"] == "zygote":
             pid = os.fork()
             if pid == 0:
@@ -117,7 +122,8 @@ class Zygote:
         op = message["op"]
         if op == "start":
             try:
-                self.start_worker(message["worker_id"], message.get("cpus"))
+                self.start_worker(message["worker_id"], message["identity"],
+                                  message.get("cpus"))
             except Exception:
                 control.send(self.ctl, {"op": "start_error", "worker_id": message["worker_id"],
                                         "traceback": traceback.format_exc()})
@@ -160,7 +166,7 @@ def os_thread_count() -> int:
 
 
 def main(argv: list[str]) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    worker_main.ignore_stop_signals()
     ctl = socket.socket(fileno=int(argv[0]))
     boot = control.recv(ctl)
     if boot is None:
