@@ -16,11 +16,17 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="start a pool on a built-in model and show its memory",
                         add_help=False)
+    commands.add_parser("serve", help="serve models over HTTP (KServe v2); no model: a demo",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from . import demo
 
         return demo.main(rest)
+    if args.command == "serve":
+        from .serve.main import main as serve
+
+        return serve(rest)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -321,7 +321,7 @@ def test_a_forked_child_leaves_the_owners_pool_alone(tmp_path, start_method):
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0, done.stderr
     child = next(line["child"] for line in lines if "child" in line)
-    assert f"belongs to process" in child and "forked" in child
+    assert "belongs to process" in child and "forked" in child
     owner = next(line for line in lines if "owner" in line)
     assert len(owner["owner"]) == 8 and owner["dir"]
 

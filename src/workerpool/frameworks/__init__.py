@@ -9,6 +9,7 @@ imports torch.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 # (module that must already be imported, adapter module)
@@ -22,7 +23,18 @@ _ADAPTERS = (
 
 def active_adapters():
     """The adapter modules whose framework is loaded in this process."""
-    import importlib
-
     return [importlib.import_module(adapter) for framework, adapter in _ADAPTERS
-            if framework in sys.modules]
+            if imported(framework) is not None]
+
+
+def imported(name: str):
+    """The module ``name`` if this process has imported it, else None (never imports it).
+
+    A module another thread is still importing (a server loading a torch model and a
+    TensorFlow model at once) is waited for: half-initialised, it lacks its attributes.
+    """
+    module = sys.modules.get(name)
+    if module is not None and getattr(getattr(module, "__spec__", None), "_initializing",
+                                      False):
+        return importlib.import_module(name)  # blocks on the module's import lock
+    return module

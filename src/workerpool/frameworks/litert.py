@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 
 import numpy as np
 
 from ..errors import EncodeError
+from . import imported
 
 _threads = 1
 
@@ -41,7 +41,7 @@ def convert(model, private_dir: str) -> "LiteRTModel":
 def _cached_tflite(model) -> str:
     import tensorflow as tf
 
-    keras = sys.modules.get("keras")
+    keras = imported("keras")
     if keras is None or not isinstance(model, keras.Model):
         raise EncodeError("tf_engine='litert' converts Keras models; for other TF models "
                           "use the default tf_engine='tensorflow'")

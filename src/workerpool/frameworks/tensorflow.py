@@ -20,12 +20,12 @@ the model's input names) and get numpy back (a dict for dict outputs), whatever 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 import numpy as np
 
 from ..errors import EncodeError
+from . import imported
 
 MIN_MAPPED_BYTES = 4096  # smaller constants stay inline in the GraphDef
 
@@ -69,8 +69,8 @@ def set_threads(threads: int) -> None:
 
 
 def _is_tf_model(obj) -> bool:
-    keras = sys.modules.get("keras")
-    tf = sys.modules.get("tensorflow")
+    keras = imported("keras")
+    tf = imported("tensorflow")
     if keras is not None and isinstance(obj, keras.Model):
         return True
     if tf is None:
@@ -89,7 +89,7 @@ def serving_function(model):
 
     if isinstance(model, ConcreteFunction):
         return model
-    keras = sys.modules.get("keras")
+    keras = imported("keras")
     if keras is not None and isinstance(model, keras.Model):
         inputs = getattr(model, "inputs", None)
         if not inputs:
@@ -315,7 +315,7 @@ class CopiedModel:
 
     @classmethod
     def reduce_model(cls, model, layout):
-        keras = sys.modules.get("keras")
+        keras = imported("keras")
         if keras is None or not isinstance(model, keras.Model):
             raise EncodeError("tf_engine='copy' serves Keras models; save other TF models "
                               "as a SavedModel and give its path")

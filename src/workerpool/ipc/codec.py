@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import math
 import pickle
-import sys
 
 import msgpack
 import numpy as np
 
 from ..errors import EncodeError, MessageTooLarge, ProtocolError
+from ..frameworks import imported
 
 _EXT_NDARRAY = 1
 _EXT_TENSOR = 2
@@ -202,7 +202,7 @@ def _array_from_buffer(buffer, dtype_name, shape) -> np.ndarray:
 
 
 def _is_torch_tensor(obj) -> bool:
-    torch = sys.modules.get("torch")
+    torch = imported("torch")
     return torch is not None and isinstance(obj, torch.Tensor)
 
 

@@ -17,8 +17,9 @@ import warnings
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
+from .. import signature
 from ..config import PoolConfig, deadline_seconds
-from ..errors import PoolClosed, PoolStartError, QueueFull, WrongProcess
+from ..errors import PoolBroken, PoolClosed, PoolStartError, QueueFull, WrongProcess
 from ..ipc import endpoints
 from ..ipc.codec import Codec
 from ..sources import files
@@ -75,6 +76,13 @@ class Pool:
             replacement starts first; queued work is unaffected.
         start_timeout: seconds to wait for every worker to be ready.
         close_timeout: seconds ``close()`` waits for workers to exit before killing them.
+        warmup: inputs to run ``predict(model, x)`` on in every worker before it takes
+            work (replacements included), so no request pays first-call costs (page
+            faults of the mapping, lazy initialisation). A warm-up that raises is a start
+            error naming it.
+        inputs, outputs: what the model takes and returns, declared for servers
+            (:class:`workerpool.TensorSpec`, or dicts/tuples of name, datatype, shape);
+            the pool itself does not check them.
 
     Inputs passed to ``submit`` are sent without a copy: do not modify them until the
     future is done.
@@ -89,11 +97,15 @@ class Pool:
             raise TypeError(f"load must be a callable or a model path, got {load!r}")
         if not callable(predict):
             raise TypeError(f"predict must be a callable predict(model, *args), got {predict!r}")
+        self.inputs = signature.specs(options.pop("inputs", None))
+        self.outputs = signature.specs(options.pop("outputs", None))
+        self.warmup = list(options.pop("warmup", None) or ())
         self.config = PoolConfig(workers=workers, **options)
         self._ids = itertools.count()
         self._codec = Codec(allow_pickle=True, max_message_bytes=self.config.max_message_bytes,
                             zero_copy_threshold=self.config.zero_copy_threshold)
         self._dispatcher: Dispatcher | None = None
+        encoded_warmup = self._codec.encode(self.warmup)
         self._private_dir = private_dir = endpoints.make_private_dir()
         try:
             model = load()
@@ -107,7 +119,8 @@ class Pool:
                                                self._published)
         del model
         endpoint = endpoints.pool_endpoint(private_dir)
-        self._supervisor = Supervisor(self.config, self._published, private_dir, endpoint)
+        self._supervisor = Supervisor(self.config, self._published, private_dir, endpoint,
+                                      encoded_warmup)
         self._shutdown = Shutdown(self.config, self._supervisor, self._published, private_dir)
         try:
             self._supervisor.start_zygote()
@@ -260,6 +273,19 @@ class Pool:
             "restarts", "crashes", "hung", "aborted", "timeouts", "retired", "retried_requests",
             "late_replies", "rejected_peers", "malformed_messages")}
         return rows, len(d.pending) + len(d.retries), counters, d.metrics.snapshot()
+
+    @property
+    def broken(self) -> PoolBroken | None:
+        """Why the pool cannot serve any more (its zygote died, workers keep failing to
+        start), or None."""
+        return self._dispatcher.broken if self._dispatcher is not None else None
+
+    def is_ready(self) -> bool:
+        """True while the pool is open, not broken, and at least one worker (attached and
+        warmed up) takes work. Cheap: no round trip to the pool's thread."""
+        if self._closed or self._dispatcher.broken is not None:
+            return False
+        return any(w.state == "ready" for w in list(self._dispatcher.workers.values()))
 
     @property
     def pids(self) -> list[int]:

@@ -27,8 +27,9 @@ from .weights import PublishedModel
 
 class Supervisor:
     def __init__(self, config: PoolConfig, published: PublishedModel, private_dir: str,
-                 endpoint: str):
+                 endpoint: str, warmup: tuple[bytes, list] = (b"\x90", [])):
         self.config = config
+        self.warmup = warmup  # the codec-encoded warm-up inputs (header, frames)
         self.published = published
         self.private_dir = private_dir
         self.endpoint = endpoint
@@ -88,6 +89,7 @@ class Supervisor:
             "zero_copy_threshold": config.zero_copy_threshold,
             "heartbeat_interval": config.heartbeat_interval,
             "secret": self.secret,
+            "warmup": (self.warmup[0], [bytes(f) for f in self.warmup[1]]),
         }
 
     @property

@@ -21,7 +21,10 @@ import os
 import zipfile
 from typing import Any, Callable
 
+import numpy as np
+
 from ..errors import ModelSourceError
+from ..frameworks import imported
 
 
 @dataclasses.dataclass
@@ -187,3 +190,40 @@ def _is_torchscript(path: str) -> bool:
 
 def _is_tensorflow(path: str) -> bool:
     return os.path.exists(os.path.join(path, "saved_model.pb"))
+
+
+def default_predict(model, x):
+    """The obvious call of a model that came from a file: ``model(x)``.
+
+    A torch module gets tensors (numpy arrays are wrapped without a copy where they are
+    writable; a dict of several inputs becomes keyword arguments) and its tensors come back
+    as numpy arrays; a TensorFlow/Keras model (the pool's frozen graph) is called with the
+    arrays as they are. Anything else needs a ``predict`` of its own.
+    """
+    torch = imported("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        if isinstance(x, dict):
+            return as_numpy(model(**{name: _as_tensor(torch, v) for name, v in x.items()}))
+        return as_numpy(model(_as_tensor(torch, x)))
+    if isinstance(model, (HuggingFaceModel, dict)) or not callable(model):
+        raise TypeError(f"a {type(model).__name__} has no obvious call: give a predict "
+                        "function (workerpool serve --predict module:function)")
+    return model(x)
+
+
+def _as_tensor(torch, value):
+    if isinstance(value, torch.Tensor):
+        return value
+    array = np.asarray(value)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def as_numpy(value):
+    """Torch tensors (also inside tuples, lists and dicts) as numpy arrays."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):
+        return value.detach().cpu().numpy()
+    if isinstance(value, dict):
+        return {key: as_numpy(v) for key, v in value.items()}
+    if type(value) in (tuple, list):
+        return type(value)(as_numpy(v) for v in value)
+    return value

@@ -4,6 +4,7 @@
         lifeline thread: pidfds of the pool's parent and of our own parent; either gone -> exit
         faulthandler -> crash-<id>.log, so a fatal signal leaves its Python stack for the pool
         DEALER (identity: random, from the pool) ──connect──> parent's ROUTER
+        warm-up: predict on each of the pool's warm-up inputs (a failure is a boot error)
         READY{pid, credits, secret} ; loop: TASK -> Runner -> RESULT | ERROR ; STOP -> BYE, exit 0
                               idle for heartbeat_interval -> HEARTBEAT
 
@@ -51,6 +52,7 @@ def serve(model, predict, boot: dict) -> int:
     codec = Codec(allow_pickle=True, max_message_bytes=boot["max_message_bytes"],
                   zero_copy_threshold=boot["zero_copy_threshold"], align_arrays=True)
     runner = Runner(model, predict, codec)
+    runner.warm_up(codec.decode(*boot["warmup"]))
     context = zmq.Context(io_threads=1)
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, boot["identity"])

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import sys
 import time
 import traceback
 
 from ..errors import BatchShapeError, EncodeError, MessageTooLarge
 from ..ipc import protocol
 from ..ipc.codec import Codec, frame_nbytes
+from ..frameworks import imported
 
 
 class Runner:
@@ -66,6 +66,16 @@ class Runner:
         meta = {"ids": ids, "parts": parts, "compute_s": compute_s}
         return [protocol.RESULT, protocol.pack_meta(meta), *out_frames]
 
+    def warm_up(self, inputs: list) -> None:
+        """``predict`` once on each input, before the worker takes work; raises on failure."""
+        for x in inputs:
+            try:
+                with _inference_mode():
+                    self.predict(self.model, x)
+            except Exception as exc:
+                raise RuntimeError(f"warm-up input {_describe(x)} failed in predict: "
+                                   f"{exc!r}") from exc
+
     def decode_calls(self, parts: list[int], frames: list) -> list[tuple[tuple, dict]]:
         calls, start = [], 0
         for n_parts in parts:
@@ -77,7 +87,7 @@ class Runner:
 
 def concatenate(inputs: list):
     """One batch along axis 0 from the requests' arrays (all numpy or all torch)."""
-    torch = sys.modules.get("torch")
+    torch = imported("torch")
     if torch is not None and isinstance(inputs[0], torch.Tensor):
         return torch.cat(inputs)
     import numpy as np
@@ -177,5 +187,5 @@ def _safe_str(exc: BaseException) -> str:
 
 
 def _inference_mode():
-    torch = sys.modules.get("torch")
+    torch = imported("torch")
     return torch.inference_mode() if torch is not None else contextlib.nullcontext()

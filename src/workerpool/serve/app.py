@@ -1,0 +1,241 @@
+"""The HTTP routes: a plain ASGI application on the server's one event loop.
+
+    GET  /v2                                    server metadata
+    GET  /v2/health/live | /v2/health/ready     200, or 503 until every model is ready
+    GET  /v2/models/{m}[/versions/{v}]          model metadata
+    GET  /v2/models/{m}[/versions/{v}]/ready    200 or 503
+    POST /v2/models/{m}[/versions/{v}]/infer    KServe v2 JSON or binary tensors (v2_http.py)
+    GET  /metrics                               Prometheus text format
+    GET  /                                      the operators' status page (static HTML)
+    GET  /status                                what the page shows, as JSON
+
+Handlers await the pool's asyncio API and never block the loop on model work; reading pool
+statistics (smaps) runs in a thread. Every route but health and the static page needs the
+API key when one is set. Errors are ``{"error": ...}`` with the status from errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib.resources
+import json
+import logging
+import time
+
+from .. import __version__
+from . import v2_http
+from .errors import (MethodNotAllowed, ModelNotFound, RequestTooLarge, Unauthorized,
+                     message_of, status_of)
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .registry import Registry
+from .status import status_report
+
+log = logging.getLogger("workerpool.serve")
+
+_JSON = [(b"content-type", b"application/json")]
+_OPEN_ROUTES = {"/v2/health/live", "/v2/health/ready", "/"}  # no API key needed
+
+
+class App:
+    """The ASGI callable ``uvicorn`` runs."""
+
+    def __init__(self, registry: Registry, *, api_key: str | None = None,
+                 max_request_bytes: int = 64 * 1024 * 1024, debug: bool = False):
+        self.registry = registry
+        self.api_key = api_key.encode() if api_key else None
+        self.max_request_bytes = max_request_bytes
+        self.debug = debug
+        self.metrics = ServerMetrics(registry.models)
+        self.status_page = importlib.resources.files(__package__).joinpath(
+            "status.html").read_bytes()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        path = scope["path"]
+        method = scope["method"]
+        try:
+            if self.api_key is not None and path not in _OPEN_ROUTES:
+                self.check_key(scope["headers"])
+            await self.route(method, path, scope, receive, send, started)
+        except Exception as error:  # noqa: BLE001 - every error is an answer, never a crash
+            await self.send_error(send, error)
+
+    def check_key(self, headers) -> None:
+        given = None
+        for name, value in headers:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                given = value[7:].strip()
+            elif name == b"x-api-key":
+                given = value.strip()
+        if given is None or not hmac.compare_digest(given, self.api_key):
+            raise Unauthorized("this server needs its API key: send 'Authorization: Bearer "
+                               "<key>' (or 'X-API-Key: <key>')")
+
+    async def route(self, method: str, path: str, scope, receive, send, started) -> None:
+        parts = path.strip("/").split("/")
+        if parts[:1] == ["v2"]:
+            if len(parts) >= 3 and parts[1] == "models":
+                await self.model_route(method, parts[2:], scope, receive, send, started)
+                return
+            if parts == ["v2"]:
+                self.expect(method, "GET")
+                await send_json(send, 200, {"name": "workerpool", "version": __version__,
+                                            "extensions": ["binary_tensor_data"]})
+                return
+            if parts[1:] == ["health", "live"]:
+                await send_json(send, 200, {"live": True})
+                return
+            if parts[1:] == ["health", "ready"]:
+                ready = self.registry.ready
+                await send_json(send, 200 if ready else 503, {"ready": ready})
+                return
+        elif path == "/metrics":
+            self.expect(method, "GET")
+            body = await asyncio.to_thread(self.metrics.exposition)
+            await send_body(send, 200, body, [(b"content-type", CONTENT_TYPE.encode())])
+            return
+        elif path == "/":
+            self.expect(method, "GET")
+            await send_body(send, 200, self.status_page,
+                            [(b"content-type", b"text/html; charset=utf-8")])
+            return
+        elif path == "/status":
+            self.expect(method, "GET")
+            report = await asyncio.to_thread(status_report, self.registry)
+            await send_json(send, 200, report)
+            return
+        raise ModelNotFound(f"no route {method} {path}")
+
+    async def model_route(self, method: str, parts: list[str], scope, receive, send,
+                          started) -> None:
+        name, rest = parts[0], parts[1:]
+        version = None
+        if rest[:1] == ["versions"]:
+            if len(rest) < 2:
+                raise ModelNotFound("a version is missing after /versions/")
+            version, rest = rest[1], rest[2:]
+        if rest == ["infer"]:
+            self.expect(method, "POST")
+            await self.infer(name, version, scope, receive, send, started)
+            return
+        model = self.registry.get(name, version)
+        if rest == []:
+            self.expect(method, "GET")
+            await send_json(send, 200, model.metadata())
+        elif rest == ["ready"]:
+            self.expect(method, "GET")
+            await send_json(send, 200 if model.ready else 503,
+                            {"name": model.name, "ready": model.ready})
+        else:
+            raise ModelNotFound(f"no route {method} /v2/models/{'/'.join(parts)}")
+
+    async def infer(self, name: str, version: str | None, scope, receive, send,
+                    started: float) -> None:
+        outcome = "error"
+        try:
+            self.registry.get(name, version)  # 404 before reading a body
+            body = await self.read_body(scope, receive)
+            request = v2_http.parse_infer(body, header(scope, b"inference-header-content-length"))
+            model, outputs = await self.registry.infer(name, version, request.inputs)
+            wanted = request.outputs
+            if wanted is not None:
+                unknown = [o.name for o in wanted if o.name not in outputs]
+                if unknown:
+                    raise v2_http.BadRequest(f"model {name} has no outputs {unknown}; it has "
+                                             f"{sorted(outputs)}")
+            try:
+                response, headers = v2_http.encode_response(model.name, model.version,
+                                                            request, outputs)
+            except ValueError as exc:
+                raise RuntimeError(f"the model's output cannot be sent: {exc}") from None
+            outcome = "success"
+            await send_body(send, 200, response,
+                            [(k.encode(), v.encode()) for k, v in headers.items()])
+        except Exception as error:
+            outcome = _outcome(error)
+            raise
+        finally:
+            if name in self.registry.models:
+                self.metrics.observe(name, outcome, time.perf_counter() - started)
+
+    async def read_body(self, scope, receive) -> bytes:
+        """The whole body; 413 before reading it when Content-Length says it is too big,
+        or as soon as a chunked body grows past the limit."""
+        length = header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+            raise RequestTooLarge(f"the body is {length} bytes; this server takes at most "
+                                  f"{self.max_request_bytes} (--max-request-bytes)")
+        if header(scope, b"content-encoding") not in (None, "identity"):
+            raise v2_http.BadRequest("compressed request bodies are not supported; send it "
+                                     "uncompressed")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ConnectionError("the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                raise RequestTooLarge(f"the body is over {self.max_request_bytes} bytes "
+                                      "(--max-request-bytes)")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    @staticmethod
+    def expect(method: str, allowed: str) -> None:
+        if method != allowed:
+            raise MethodNotAllowed(f"use {allowed} here, not {method}")
+
+    async def send_error(self, send, error: BaseException) -> None:
+        status, retry_after = status_of(error)
+        if status >= 500 and not isinstance(error, (ConnectionError,)):
+            log.info("request failed (%d): %s", status, error)
+        headers = list(_JSON)
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        body = json.dumps({"error": message_of(error, self.debug)}).encode()
+        try:
+            await send_body(send, status, body, headers)
+        except Exception:  # noqa: BLE001 - the response had started, or the client is gone
+            pass
+
+
+def _outcome(error: BaseException) -> str:
+    """A metrics label for how a request ended."""
+    status, _ = status_of(error)
+    return {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large",
+            503: "unavailable", 504: "timeout"}.get(status, "error")
+
+
+def header(scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def send_json(send, status: int, payload) -> None:
+    await send_body(send, status, json.dumps(payload).encode(), _JSON)
+
+
+async def send_body(send, status: int, body: bytes, headers: list) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,207 @@
+"""What a server serves: models named on the command line or in a TOML file.
+
+    workerpool serve SPEC [--predict SPEC] [--name NAME] [pool options]
+    workerpool serve --model NAME=SPEC --model NAME2=SPEC2 [pool options for all]
+    workerpool serve --config serve.toml        ([server] and one [models.NAME] table each)
+
+A SPEC is ``module:attr`` or ``path/to/file.py:attr`` (a ``load`` function, or for
+``--predict`` a predict function), or a model path/URL that ``workerpool.sources.files``
+serves. Model paths and functions come from the operator, never from a request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import signature
+from ..sources import files
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+_MODULE_ATTR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_FILE_ATTR = re.compile(r"^(?P<file>.+\.py):(?P<attr>[A-Za-z_][\w.]*)$")
+_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
+
+# Pool options a model may set (per model in TOML, for every model on the command line).
+POOL_OPTIONS = ("workers", "max_batch_size", "max_wait_ms", "max_queue", "timeout",
+                "start_method", "threads_per_worker", "tf_engine", "preload",
+                "max_message_bytes", "heartbeat_timeout", "max_requests_per_worker")
+
+
+class ConfigError(ValueError):
+    """A server configuration that cannot be served; the message says what to fix."""
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """One model to serve: where it comes from and how its pool runs."""
+
+    name: str
+    source: str | Callable[[], Any]
+    predict: str | Callable[..., Any] | None = None
+    builder: str | Callable[[], Any] | None = None
+    warmup: str | list | None = None  # an .npz file (one call: its arrays by name), or inputs
+    inputs: list | None = None
+    outputs: list | None = None
+    trust_pickle: bool = False
+    pool_options: dict = dataclasses.field(default_factory=dict)
+
+    def pool_arguments(self) -> tuple[Callable[[], Any], Callable[..., Any], dict]:
+        """``(load, predict, keyword arguments)`` for ``workerpool.Pool``."""
+        load = self.source if callable(self.source) else None
+        builder = resolve(self.builder) if isinstance(self.builder, str) else self.builder
+        if load is None:
+            if is_function_spec(self.source):
+                load = resolve(self.source)
+            else:
+                load = files.loader_for(self.source, builder, self.trust_pickle)
+        predict = self.predict
+        if isinstance(predict, str):
+            predict = resolve(predict)
+        options = dict(self.pool_options, inputs=self.inputs, outputs=self.outputs,
+                       warmup=[call_argument(s) for s in self.warmup_samples()])
+        return load, predict or files.default_predict, options
+
+    def warmup_samples(self) -> list:
+        """The warm-up inputs: from an .npz file, one sample: a dict of its arrays by name;
+        a list is taken as it is (each item an array, or a dict of arrays by name)."""
+        warmup = self.warmup
+        if warmup is None:
+            return []
+        if not isinstance(warmup, (str, os.PathLike)):
+            return list(warmup)
+        try:
+            with np.load(warmup, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read warm-up inputs from {warmup}: {exc}") from exc
+        if not arrays:
+            raise ConfigError(f"{warmup} holds no arrays")
+        return [arrays]
+
+
+def call_argument(inputs):
+    """What predict gets for named inputs: the one array, or a dict of them by name."""
+    if isinstance(inputs, dict) and len(inputs) == 1:
+        return next(iter(inputs.values()))
+    return inputs
+
+
+def is_function_spec(spec: str) -> bool:
+    return bool(_MODULE_ATTR.match(spec) or _FILE_ATTR.match(spec))
+
+
+def resolve(spec: str):
+    """The object a ``module:attr`` or ``file.py:attr`` names. A file's directory joins
+    sys.path, so its functions reach the workers by reference like any module's."""
+    file_match = _FILE_ATTR.match(spec)
+    if file_match:
+        path = os.path.abspath(file_match["file"])
+        if not os.path.isfile(path):
+            raise ConfigError(f"{spec}: no file {path}")
+        directory, module_name = os.path.split(path[:-3])
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+        attr = file_match["attr"]
+    elif _MODULE_ATTR.match(spec):
+        module_name, attr = spec.split(":")
+    else:
+        raise ConfigError(f"{spec!r} is not module:attr or path/to/file.py:attr")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{spec}: cannot import {module_name}: {exc}") from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"{spec}: {module_name} has no attribute {attr}") from None
+    return obj
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"model name {name!r}: use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def default_name(spec: str) -> str:
+    """A model's name from its SPEC: the attribute, or the file or directory name."""
+    file_match = _FILE_ATTR.match(spec)
+    if file_match or _MODULE_ATTR.match(spec):
+        module = file_match["file"] if file_match else spec.split(":")[0]
+        base = os.path.basename(module)
+        return re.sub(r"[^\w.-]", "_", base[:-3] if base.endswith(".py") else base)
+    base = os.path.basename(spec.rstrip("/")) or "model"
+    return re.sub(r"[^\w.-]", "_", base.split(".")[0]) or "model"
+
+
+def models_from_toml(path: str, cli_options: dict) -> tuple[list[ModelSpec], dict]:
+    """The models of a serve.toml and its [server] settings."""
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    unknown = set(document) - {"server", "models"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown tables {sorted(unknown)} (use [server] and "
+                          "[models.NAME])")
+    models = document.get("models") or {}
+    if not models:
+        raise ConfigError(f"{path} declares no [models.NAME] table")
+    base = os.path.dirname(os.path.abspath(path))
+    specs = []
+    for name, table in models.items():
+        table = dict(table)
+        if "source" not in table:
+            raise ConfigError(f"{path}: [models.{name}] needs a source")
+        known = {"source", "predict", "builder", "warmup", "inputs", "outputs",
+                 "trust_pickle", *POOL_OPTIONS}
+        if set(table) - known:
+            raise ConfigError(f"{path}: [models.{name}] has unknown keys "
+                              f"{sorted(set(table) - known)}; known: {sorted(known)}")
+        warmup = table.get("warmup")
+        if isinstance(warmup, str) and not os.path.isabs(warmup):
+            warmup = os.path.join(base, warmup)
+        options = dict(cli_options)
+        options.update({key: table[key] for key in POOL_OPTIONS if key in table})
+        specs.append(ModelSpec(
+            name=check_name(name), source=_relative(table["source"], base),
+            predict=_relative(table.get("predict"), base),
+            builder=_relative(table.get("builder"), base), warmup=warmup,
+            inputs=table.get("inputs"), outputs=table.get("outputs"),
+            trust_pickle=bool(table.get("trust_pickle", False)), pool_options=options))
+    return specs, dict(document.get("server") or {})
+
+
+def _relative(spec: str | None, base: str) -> str | None:
+    """A relative file path in the TOML is relative to the TOML file's directory."""
+    if spec is None or "://" in spec:
+        return spec
+    file_match = _FILE_ATTR.match(spec)
+    if file_match and not os.path.isabs(file_match["file"]):
+        return os.path.join(base, file_match["file"]) + ":" + file_match["attr"]
+    if not file_match and not _MODULE_ATTR.match(spec) and not os.path.isabs(spec):
+        return os.path.join(base, spec)
+    return spec
+
+
+def check_declarations(spec: ModelSpec) -> None:
+    """Refuse a bad inputs/outputs declaration before anything loads."""
+    for field in ("inputs", "outputs"):
+        try:
+            signature.specs(getattr(spec, field))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model {spec.name}: bad {field}: {exc}") from exc

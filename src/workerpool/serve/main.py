@@ -1,0 +1,132 @@
+"""``workerpool serve``: its command line, turned into models and a running server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import (POOL_OPTIONS, ConfigError, ModelSpec, check_declarations, check_name,
+                     default_name, models_from_toml)
+
+DEFAULT_PORT = 8000
+MIB = 1024 * 1024
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="workerpool serve",
+        description="Serve models over HTTP (KServe Open Inference Protocol v2, Triton's "
+                    "binary tensors, Prometheus metrics) from pools of workers that share "
+                    "one copy of each model's weights. With no model: a built-in demo.")
+    p.add_argument("spec", nargs="?", help="module:load, path/to/file.py:load, or a model "
+                   "path or URL (safetensors with --builder, torch checkpoint, TorchScript, "
+                   "Hugging Face directory, SavedModel directory, .keras)")
+    p.add_argument("--predict", help="module:function or file.py:function; optional for "
+                   "torch modules and Keras/TensorFlow models (the model is called)")
+    p.add_argument("--builder", help="module:function returning the empty module, for "
+                   "state-dict files")
+    p.add_argument("--name", help="the model's name in URLs (default: from the SPEC)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=SPEC",
+                   help="serve several models, each its own pool (repeatable)")
+    p.add_argument("--config", help="a serve.toml: [server] settings and [models.NAME] "
+                   "tables (source, predict, builder, warmup, inputs, outputs, pool options)")
+    p.add_argument("--warmup", help="an .npz of inputs run on every worker before it takes "
+                   "requests (its arrays by name)")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-wait-ms", type=float)
+    p.add_argument("--max-queue", type=int)
+    p.add_argument("--timeout", type=float, help="seconds a request may take (504 after)")
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help=f"default {DEFAULT_PORT}; 0: any")
+    p.add_argument("--metrics-port", type=int, help="also serve /metrics on this port")
+    p.add_argument("--api-key", default=None, help="require this key on every route but "
+                   "health (also WORKERPOOL_API_KEY)")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="largest request body (default 64 MiB)")
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="seconds to finish requests in flight on SIGTERM (default 30)")
+    p.add_argument("--debug", action="store_true",
+                   help="send model tracebacks to clients (never in production)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        specs, settings = models_and_settings(args)
+    except ConfigError as exc:
+        print(f"workerpool serve: {exc}", file=sys.stderr)
+        return 2
+    from .app import App
+    from .registry import Registry
+    from .server import run
+
+    registry = Registry(specs)
+    app = App(registry, api_key=settings["api_key"],
+              max_request_bytes=settings["max_request_bytes"], debug=settings["debug"])
+    return run(registry, app, host=settings["host"], port=settings["port"],
+               drain_timeout=settings["drain_timeout"], metrics_port=settings["metrics_port"])
+
+
+def models_and_settings(args) -> tuple[list[ModelSpec], dict]:
+    """The models to serve and the server's settings: command line over [server] table
+    over defaults."""
+    options = {key: getattr(args, key) for key in POOL_OPTIONS
+               if getattr(args, key, None) is not None}
+    file_settings: dict = {}
+    if args.config:
+        if args.spec or args.model:
+            raise ConfigError("give models either in --config or on the command line")
+        specs, file_settings = models_from_toml(args.config, options)
+    elif args.model:
+        if args.spec:
+            raise ConfigError("give a SPEC or --model NAME=SPEC, not both")
+        specs = []
+        for item in args.model:
+            name, sep, source = item.partition("=")
+            if not sep or not source:
+                raise ConfigError(f"--model {item!r}: use NAME=SPEC")
+            specs.append(ModelSpec(check_name(name), source, predict=args.predict,
+                                   builder=args.builder, warmup=args.warmup,
+                                   pool_options=options))
+    elif args.spec:
+        specs = [ModelSpec(check_name(args.name or default_name(args.spec)), args.spec,
+                           predict=args.predict, builder=args.builder, warmup=args.warmup,
+                           pool_options=options)]
+    else:
+        specs = [demo_spec(args.name or "demo", options)]
+    if len({spec.name for spec in specs}) != len(specs):
+        raise ConfigError(f"model names must be unique: {[spec.name for spec in specs]}")
+    for spec in specs:
+        check_declarations(spec)
+    unknown = set(file_settings) - {"host", "port", "metrics_port", "api_key",
+                                    "max_request_bytes", "drain_timeout", "debug"}
+    if unknown:
+        raise ConfigError(f"unknown [server] settings {sorted(unknown)}")
+
+    def setting(name: str, default):
+        value = getattr(args, name, None)
+        return value if value is not None else file_settings.get(name, default)
+
+    settings = {
+        "host": setting("host", "127.0.0.1"),
+        "port": setting("port", DEFAULT_PORT),
+        "metrics_port": setting("metrics_port", None),
+        "api_key": setting("api_key", os.environ.get("WORKERPOOL_API_KEY") or None),
+        "max_request_bytes": setting("max_request_bytes", 64 * MIB),
+        "drain_timeout": setting("drain_timeout", 30.0),
+        "debug": args.debug or bool(file_settings.get("debug", False)),
+    }
+    return specs, settings
+
+
+def demo_spec(name: str, options: dict) -> ModelSpec:
+    from . import demo_model
+
+    return ModelSpec(name, demo_model.load, predict=demo_model.predict,
+                     warmup=[demo_model.example(1)], inputs=list(demo_model.INPUTS),
+                     outputs=list(demo_model.OUTPUTS), pool_options=options)

@@ -1,0 +1,137 @@
+"""Prometheus metrics of a server: per request as they happen, per pool when scraped.
+
+    each HTTP request ──> requests_total{model, outcome}, request_duration_seconds{model}
+    GET /metrics ──> PoolCollector: pool.stats() of every model, read at scrape time:
+        queue/compute duration and batch-size histograms (cumulative, from the pool),
+        queue depth, live workers, restarts, per-worker PSS/USS, weights' shared bytes
+
+One registry per server (not prometheus-client's global one), so servers in one process
+(tests) never mix their numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.utils import floatToGoString
+
+from ..pool.metrics import LATENCY_BUCKETS_S
+
+log = logging.getLogger("workerpool.serve")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServerMetrics:
+    def __init__(self, registry_of_models):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("workerpool_requests", "Inference requests by outcome",
+                                ["model", "outcome"], registry=self.registry)
+        self.request_duration = Histogram(
+            "workerpool_request_duration_seconds",
+            "Inference requests, from the first byte read to the response, in seconds",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.registry.register(PoolCollector(registry_of_models))
+
+    def observe(self, model: str, outcome: str, seconds: float) -> None:
+        self.requests.labels(model, outcome).inc()
+        self.request_duration.labels(model).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The text format; reads every pool's stats (call it off the event loop)."""
+        return generate_latest(self.registry)
+
+
+class PoolCollector:
+    """Reads each model's pool when Prometheus scrapes."""
+
+    def __init__(self, models):
+        self.models = models
+
+    def describe(self):
+        return []  # the metrics depend on the models loaded; collected fresh every time
+
+    def collect(self):
+        families = {
+            "ready": GaugeMetricFamily("workerpool_model_ready",
+                                       "1 while the model has live, warmed-up workers",
+                                       labels=["model"]),
+            "queued": GaugeMetricFamily("workerpool_queue_depth",
+                                        "Requests waiting in the pool", labels=["model"]),
+            "live": GaugeMetricFamily("workerpool_live_workers",
+                                      "Workers taking work", labels=["model"]),
+            "restarts": CounterMetricFamily("workerpool_worker_restarts",
+                                            "Workers replaced (crashed, hung, recycled)",
+                                            labels=["model"]),
+            "crashes": CounterMetricFamily("workerpool_worker_crashes",
+                                           "Workers that died unasked", labels=["model"]),
+            "pss": GaugeMetricFamily("workerpool_worker_pss_bytes",
+                                     "Proportional set size of each worker process",
+                                     labels=["model", "pid"]),
+            "uss": GaugeMetricFamily("workerpool_worker_uss_bytes",
+                                     "Private memory of each worker process",
+                                     labels=["model", "pid"]),
+            "total": GaugeMetricFamily("workerpool_pool_pss_bytes",
+                                       "PSS of the whole pool: parent, zygote and workers",
+                                       labels=["model"]),
+            "weights": GaugeMetricFamily("workerpool_weights_shared_bytes",
+                                         "Bytes of weights every worker shares (one copy)",
+                                         labels=["model"]),
+            "saved": GaugeMetricFamily("workerpool_weights_saved_bytes",
+                                       "Memory the shared weights save against one copy "
+                                       "per worker", labels=["model"]),
+            "queue_s": HistogramMetricFamily("workerpool_queue_duration_seconds",
+                                             "Time requests waited in the pool",
+                                             labels=["model"]),
+            "compute_s": HistogramMetricFamily("workerpool_compute_duration_seconds",
+                                               "Time predict took per request",
+                                               labels=["model"]),
+            "batch": HistogramMetricFamily("workerpool_batch_size",
+                                           "Rows per predict call", labels=["model"]),
+        }
+        for model in self.models.values():
+            name = model.name
+            families["ready"].add_metric([name], 1.0 if model.ready else 0.0)
+            if model.pool is None or model.state != "ready":
+                continue
+            try:
+                stats = model.pool.stats()
+            except Exception as exc:  # noqa: BLE001 - a closing pool: skip it this time
+                log.debug("no stats for %s: %s", name, exc)
+                continue
+            add_pool_stats(families, name, stats)
+        yield from families.values()
+
+
+def add_pool_stats(families: dict, name: str, stats: dict) -> None:
+    workers = stats["workers"]
+    families["queued"].add_metric([name], stats["queued"])
+    families["live"].add_metric([name], sum(w["state"] == "ready" for w in workers))
+    families["restarts"].add_metric([name], stats["restarts"])
+    families["crashes"].add_metric([name], stats["crashes"])
+    for worker in workers:
+        families["pss"].add_metric([name, str(worker["pid"])], worker["pss"])
+        families["uss"].add_metric([name, str(worker["pid"])], worker["uss"])
+    families["total"].add_metric([name], stats["total_pss"])
+    families["weights"].add_metric([name], stats["model_bytes"])
+    families["saved"].add_metric([name], saved_bytes(stats))
+    for key, histogram in (("queue_s", stats["queue_seconds_histogram"]),
+                           ("compute_s", stats["compute_seconds_histogram"])):
+        buckets = [(floatToGoString(bound), count) for bound, count in histogram["buckets"]]
+        buckets.append(("+Inf", histogram["count"]))
+        families[key].add_metric([name], buckets, histogram["sum"])
+    calls = stats["batch_size_histogram"]  # rows per predict call -> calls
+    cumulative = [(floatToGoString(bound), sum(n for size, n in calls.items() if size <= bound))
+                  for bound in BATCH_BUCKETS]
+    cumulative.append(("+Inf", sum(calls.values())))
+    families["batch"].add_metric([name], cumulative, sum(size * n for size, n in calls.items()))
+
+
+def saved_bytes(stats: dict) -> int:
+    """What one copy per worker would cost beyond the one copy the pool holds."""
+    live = sum(w["state"] != "stopping" for w in stats["workers"])
+    return stats["model_bytes"] * max(0, live - 1)

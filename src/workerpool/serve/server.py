@@ -1,0 +1,102 @@
+"""Running the server: one event loop, uvicorn on it, the models loading beside it.
+
+    run(): bind -> start loading every model (threads) -> uvicorn serves at once ("live")
+    SIGTERM / SIGINT -> stop accepting; requests in flight finish (up to --drain-timeout);
+                        every pool drains and closes; exit 0. A second SIGINT forces it.
+
+uvicorn's own signal handling is off: it re-raises the signal after shutting down, which
+would end the process with the signal instead of 0 after a clean drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+
+import uvicorn
+
+from .app import App
+from .registry import Registry
+
+log = logging.getLogger("workerpool.serve")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield  # run() handles SIGTERM and SIGINT
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(registry: Registry, app: App, *, host: str, port: int,
+                drain_timeout: float, metrics_port: int | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code."""
+    sock = bind(host, port)
+    bound_port = sock.getsockname()[1]
+    config = uvicorn.Config(app, http="httptools" if _has("httptools") else "h11",
+                            lifespan="off", access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=int(max(1, drain_timeout)),
+                            timeout_keep_alive=30)
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+
+    def stop(signum: int) -> None:
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+            return
+        log.warning("workerpool serve: %s: draining, then exiting",
+                    signal.Signals(signum).name)
+        registry.closing = True  # ready turns 503 for load balancers at once
+        server.should_exit = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
+    metrics_server = None
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        metrics_server, _ = start_http_server(metrics_port, addr=host,
+                                              registry=app.metrics.registry)
+    registry.start_loading()
+    if host in ("0.0.0.0", "::"):
+        log.warning("workerpool serve: listening on every interface (%s); anyone who can "
+                    "reach this machine can call the models. Set --api-key", host)
+    print(f"workerpool serve: http://{host}:{bound_port} (models: "
+          f"{', '.join(registry.models)}; loading)", flush=True)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        await asyncio.to_thread(registry.close, drain_timeout)
+    return 0
+
+
+def run(registry: Registry, app: App, **options) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(registry, app, **options))
+    return uvloop.run(serve(registry, app, **options))
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True

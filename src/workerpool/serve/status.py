@@ -1,0 +1,50 @@
+"""What the operators' status page shows (GET /status), from each pool's ``stats()``.
+
+Blocking (it reads every worker's smaps): the app calls it in a thread.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .. import __version__
+from .metrics import saved_bytes
+from .registry import Registry
+
+_STARTED = time.time()
+
+
+def status_report(registry: Registry) -> dict:
+    return {
+        "server": {"version": __version__, "pid": os.getpid(), "ready": registry.ready,
+                   "uptime_s": round(time.time() - _STARTED, 1)},
+        "models": [model_report(model) for model in registry.models.values()],
+    }
+
+
+def model_report(model) -> dict:
+    report = {"name": model.name, "version": model.version, "state": model.state,
+              "ready": model.ready, "error": model.error,
+              "metadata_source": model.metadata_source, "workers": []}
+    if model.pool is None or model.state != "ready":
+        return report
+    try:
+        stats = model.pool.stats()
+    except Exception as exc:  # noqa: BLE001 - closing or broken: say so, show what is known
+        report["error"] = str(exc).splitlines()[0]
+        return report
+    report.update({
+        "queued": stats["queued"],
+        "restarts": stats["restarts"],
+        "crashes": stats["crashes"],
+        "model_bytes": stats["model_bytes"],
+        "total_pss": stats["total_pss"],
+        "saved_bytes": saved_bytes(stats),
+        "parent_pss": stats["parent"]["pss"],
+        "zygote_pid": stats["zygote"]["pid"],
+        "zygote_pss": stats["zygote"]["pss"],
+        "workers": [{"pid": w["pid"], "state": w["state"], "requests": w["requests_served"],
+                     "pss": w["pss"], "uss": w["uss"]} for w in stats["workers"]],
+    })
+    return report

@@ -1,0 +1,283 @@
+"""KServe Open Inference Protocol v2 over HTTP: JSON tensors and Triton's binary extension.
+
+    request body = JSON header [+ raw tensor bytes]      (Inference-Header-Content-Length:
+                                                          the JSON's length when bytes follow)
+      inputs[i]: name, shape, datatype, and either data (flat or nested) or
+                 parameters.binary_data_size (its bytes follow the header, in input order)
+      outputs[j]: name, parameters.binary_data ; parameters.binary_data_output: all binary
+    -> InferRequest(inputs: {name: ndarray | nested list of bytes}, outputs, ...)
+    -> registry.infer(...) -> {name: value}
+    -> response body = JSON header [+ raw output bytes], the same way back
+
+Binary inputs become numpy views of the request body (no copy); the pool sends them to a
+worker as they are. BYTES elements travel as 4-byte little-endian lengths plus the bytes in
+binary, as strings in JSON; ``predict`` gets them as (nested) lists of ``bytes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+
+import numpy as np
+
+from ..signature import DATATYPES, datatype_of
+from .errors import BadRequest
+
+_LENGTH = struct.Struct("<I")
+
+
+@dataclasses.dataclass
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclasses.dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict  # name -> ndarray, or nested list of bytes (BYTES)
+    outputs: list[RequestedOutput] | None  # None: every output
+    binary_output: bool  # the default for outputs not named in ``outputs``
+
+
+def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
+    """Decode an infer request body; BadRequest says what is wrong with it."""
+    if header_length is not None:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not a "
+                             "number") from None
+        if not 0 < length <= len(body):
+            raise BadRequest(f"Inference-Header-Content-Length {length} does not fit a body "
+                             f"of {len(body)} bytes")
+    else:
+        length = len(body)
+    try:
+        header = json.loads(body[:length] if length < len(body) else body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"the request header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequest("the request header must be a JSON object")
+    raw = memoryview(body)[length:]
+    request_id = header.get("id")
+    parameters = _mapping(header.get("parameters"), "parameters")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("the request needs a non-empty 'inputs' list")
+    decoded, offset = {}, 0
+    for tensor in inputs:
+        name, array, used = _decode_input(tensor, raw, offset)
+        if name in decoded:
+            raise BadRequest(f"input {name!r} is given twice")
+        decoded[name] = array
+        offset += used
+    if offset != len(raw):
+        raise BadRequest(f"the binary inputs declare {offset} bytes in all but "
+                         f"{len(raw)} bytes follow the JSON header")
+    return InferRequest(
+        id=str(request_id) if request_id is not None else None,
+        inputs=decoded, outputs=_requested_outputs(header.get("outputs")),
+        binary_output=bool(parameters.get("binary_data_output", False)))
+
+
+def _mapping(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"'{what}' must be a JSON object")
+    return value
+
+
+def _decode_input(tensor, raw: memoryview, offset: int):
+    if not isinstance(tensor, dict):
+        raise BadRequest("each input must be a JSON object")
+    name = tensor.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("an input has no name")
+    datatype = tensor.get("datatype")
+    if datatype not in DATATYPES:
+        raise BadRequest(f"input {name!r}: datatype {datatype!r} is not one of "
+                         f"{sorted(DATATYPES)}")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise BadRequest(f"input {name!r}: shape must be a list of non-negative ints, got "
+                         f"{shape!r}")
+    count = math.prod(shape)
+    parameters = _mapping(tensor.get("parameters"), f"input {name!r} parameters")
+    if "shared_memory_region" in parameters:
+        raise BadRequest(f"input {name!r}: shared-memory tensors are not supported")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative int")
+        if offset + size > len(raw):
+            raise BadRequest(f"input {name!r}: binary_data_size {size} runs past the end of "
+                             f"the body ({len(raw) - offset} bytes left)")
+        return name, _from_binary(name, datatype, shape, count, raw[offset:offset + size]), size
+    if "data" not in tensor:
+        raise BadRequest(f"input {name!r} has neither data nor parameters.binary_data_size")
+    return name, _from_json(name, datatype, shape, count, tensor["data"]), 0
+
+
+def _from_binary(name: str, datatype: str, shape: list, count: int, data: memoryview):
+    if datatype == "BYTES":
+        return _nest(_split_bytes(name, data, count), shape)
+    dtype = DATATYPES[datatype]
+    if len(data) != count * dtype.itemsize:
+        raise BadRequest(f"input {name!r}: shape {shape} of {datatype} needs "
+                         f"{count * dtype.itemsize} bytes, binary_data_size is {len(data)}")
+    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+def _split_bytes(name: str, data: memoryview, count: int) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise BadRequest(f"input {name!r}: a BYTES element's length is cut off")
+        (length,) = _LENGTH.unpack_from(data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise BadRequest(f"input {name!r}: a BYTES element runs past its data")
+        items.append(bytes(data[offset:offset + length]))
+        offset += length
+    if len(items) != count:
+        raise BadRequest(f"input {name!r}: shape needs {count} BYTES elements, got {len(items)}")
+    return items
+
+
+def _from_json(name: str, datatype: str, shape: list, count: int, data):
+    if not isinstance(data, list):
+        data = [data]
+    flat = _flatten(data, name)
+    if len(flat) != count:
+        raise BadRequest(f"input {name!r}: shape {shape} needs {count} values, data has "
+                         f"{len(flat)}")
+    if datatype == "BYTES":
+        if not all(isinstance(v, str) for v in flat):
+            raise BadRequest(f"input {name!r}: BYTES data must be strings")
+        return _nest([v.encode() for v in flat], shape)
+    if datatype == "BOOL":
+        if not all(isinstance(v, bool) for v in flat):
+            raise BadRequest(f"input {name!r}: BOOL data must be true or false")
+    elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+        raise BadRequest(f"input {name!r}: {datatype} data must be numbers")
+    dtype = DATATYPES[datatype]
+    try:
+        array = np.array(flat, dtype=dtype)
+    except (OverflowError, ValueError) as exc:
+        raise BadRequest(f"input {name!r}: data does not fit {datatype}: {exc}") from None
+    if dtype.kind in "iu" and not all(isinstance(v, int) for v in flat):
+        raise BadRequest(f"input {name!r}: {datatype} data must be integers")
+    return array.reshape(shape)
+
+
+def _flatten(data: list, name: str) -> list:
+    flat, stack = [], [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            if isinstance(value, dict) or value is None:
+                raise BadRequest(f"input {name!r}: data holds a {type(value).__name__}")
+            flat.append(value)
+        else:
+            stack.pop()
+    return flat
+
+
+def _nest(items: list, shape: list):
+    """A flat list as nested lists of ``shape`` (BYTES tensors: lists of bytes)."""
+    for size in reversed(shape[1:]):
+        items = [items[i:i + size] for i in range(0, len(items), size)] if size else []
+    return items
+
+
+def _requested_outputs(outputs) -> list[RequestedOutput] | None:
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list):
+        raise BadRequest("'outputs' must be a list")
+    requested = []
+    for output in outputs:
+        if not isinstance(output, dict) or not isinstance(output.get("name"), str):
+            raise BadRequest("each requested output must be an object with a name")
+        parameters = _mapping(output.get("parameters"), f"output {output['name']!r} parameters")
+        requested.append(RequestedOutput(output["name"], parameters.get("binary_data")))
+    return requested
+
+
+# -- responses -------------------------------------------------------------------------
+def as_tensor(name: str, value) -> np.ndarray:
+    """A predict output as an array; lists of str/bytes become a BYTES (object) array."""
+    if isinstance(value, np.ndarray) and value.dtype.kind != "O":
+        return value
+    if hasattr(value, "detach") and hasattr(value, "numpy"):
+        return value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value)
+    except ValueError as exc:
+        raise ValueError(f"output {name!r} is not a rectangular tensor: {exc}") from None
+    if array.dtype.kind in "SUO":
+        flat = array.reshape(-1).tolist()
+        if not all(isinstance(v, (str, bytes)) for v in flat):
+            raise ValueError(f"output {name!r} mixes strings with other values")
+        return np.array([v.encode() if isinstance(v, str) else v for v in flat],
+                        dtype=object).reshape(array.shape)
+    return array
+
+
+def encode_response(model: str, version: str, request: InferRequest,
+                    outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers (Inference-Header-Content-Length when binary
+    outputs follow the JSON)."""
+    wanted = {o.name: o.binary for o in request.outputs} if request.outputs is not None \
+        else None
+    tensors, buffers = [], []
+    for name, array in outputs.items():
+        if wanted is not None and name not in wanted:
+            continue
+        binary = wanted.get(name) if wanted is not None else None
+        if binary is None:
+            binary = request.binary_output
+        datatype = datatype_of(array.dtype)
+        tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary:
+            data = _bytes_of(array, datatype)
+            tensor["parameters"] = {"binary_data_size": len(data)}
+            buffers.append(data)
+        else:
+            tensor["data"] = _json_data(name, array, datatype)
+        tensors.append(tensor)
+    header = {"model_name": model, "model_version": version, "outputs": tensors}
+    if request.id is not None:
+        header["id"] = request.id
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    if not buffers:
+        return header_bytes, {"content-type": "application/json"}
+    return b"".join([header_bytes, *buffers]), {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header_bytes))}
+
+
+def _bytes_of(array: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        return b"".join(_LENGTH.pack(len(item)) + item for item in array.reshape(-1).tolist())
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return np.ascontiguousarray(little).tobytes()
+
+
+def _json_data(name: str, array: np.ndarray, datatype: str) -> list:
+    flat = array.reshape(-1).tolist()
+    if datatype != "BYTES":
+        return flat
+    try:
+        return [item.decode() for item in flat]
+    except UnicodeDecodeError:
+        raise ValueError(f"output {name!r} holds bytes that are not UTF-8; ask for it as "
+                         "binary data") from None

@@ -1,0 +1,94 @@
+"""What a model takes and returns, declared by its user: names, dtypes, shapes.
+
+The pool itself calls ``predict`` with whatever it is given; servers use a declaration to
+describe the model (KServe model metadata) and to refuse a bad tensor before it reaches a
+worker. -1 in a shape is any size (the batch axis, usually the first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# KServe / Triton datatype names and the numpy dtypes they travel as.
+DATATYPES = {
+    "BOOL": np.dtype(bool), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+_NAMES = {dtype: name for name, dtype in DATATYPES.items() if name != "BYTES"}
+
+
+def datatype_of(dtype) -> str:
+    """The KServe datatype name of a numpy dtype (bytes and strings: BYTES)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "OSU":
+        return "BYTES"
+    try:
+        return _NAMES[dtype.newbyteorder("=")]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} has no KServe datatype; use one of "
+                         f"{sorted(DATATYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output: ``TensorSpec("x", "FP32", (-1, 4))``. ``datatype`` is a
+    KServe name (FP32, INT64, BYTES, ...) or a numpy dtype; it is kept as the KServe name."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a tensor needs a name, got {self.name!r}")
+        datatype = self.datatype if self.datatype in DATATYPES else datatype_of(self.datatype)
+        object.__setattr__(self, "datatype", datatype)
+        shape = tuple(self.shape)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape):
+            raise ValueError(f"tensor {self.name!r}: shape {self.shape!r} must be ints >= -1")
+        object.__setattr__(self, "shape", shape)
+
+    @classmethod
+    def of(cls, value) -> "TensorSpec":
+        """From a TensorSpec, a mapping with name/datatype/shape, or a (name, datatype,
+        shape) tuple."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {"name", "datatype", "dtype", "shape"}
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)} in tensor {value!r}")
+            return cls(value.get("name"), value.get("datatype", value.get("dtype")),
+                       value.get("shape", ()))
+        name, datatype, shape = value
+        return cls(name, datatype, shape)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    def mismatch(self, array: np.ndarray) -> str | None:
+        """Why ``array`` does not fit this declaration, or None when it does."""
+        got = datatype_of(array.dtype) if array.dtype.kind in "biufcOSU" else str(array.dtype)
+        if got != self.datatype:
+            return f"input {self.name!r} must be {self.datatype}, got {got}"
+        if len(array.shape) != len(self.shape) or any(
+                want not in (-1, have) for want, have in zip(self.shape, array.shape)):
+            return (f"input {self.name!r} must have shape {list(self.shape)} (-1: any), got "
+                    f"{list(array.shape)}")
+        return None
+
+
+def specs(values) -> tuple[TensorSpec, ...] | None:
+    """A declaration of inputs or outputs (None: not declared)."""
+    if values is None:
+        return None
+    declared = tuple(TensorSpec.of(v) for v in values)
+    names = [spec.name for spec in declared]
+    if len(set(names)) != len(names):
+        raise ValueError(f"tensor names must be unique, got {names}")
+    return declared

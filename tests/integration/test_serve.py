@@ -1,0 +1,464 @@
+"""`workerpool serve` as users meet it: a real server process on 127.0.0.1, real clients.
+
+One server (module scope) holds a torch model, a Keras model and two misbehaving ones, each
+its own pool; it is called with tritonclient.http (binary and JSON), urllib and raw sockets,
+and every case ends by checking that it still serves. Start-up, shutdown and broken states
+get servers of their own.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+import modelzoo
+from testkit import is_running, wait_until
+
+pytestmark = pytest.mark.module_pool
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIB = 1024 * 1024
+
+CONFIG = textwrap.dedent("""
+    [server]
+    max_request_bytes = 1048576
+    drain_timeout = 20
+
+    [models.mlp]
+    source = "modelzoo:mlp"
+    workers = 1
+    warmup = "{warmup}"
+
+    [models.keras]
+    source = "test_tensorflow:dense_mlp"
+    workers = 1
+    inputs = [{{name = "x", datatype = "FP32", shape = [-1, 32]}}]
+
+    [models.sleepy]
+    source = "serve_models:numbers"
+    predict = "serve_models:sleep_then_echo"
+    workers = 1
+    max_queue = 1
+    timeout = 1.5
+
+    [models.faulty]
+    source = "serve_models:numbers"
+    predict = "serve_models:fail"
+    workers = 1
+
+    [models.words]
+    source = "serve_models:numbers"
+    predict = "serve_models:texts"
+    workers = 1
+""")
+
+
+class Server:
+    """A `workerpool serve` process; ``url`` once it listens."""
+
+    def __init__(self, args: list[str], env: dict | None = None):
+        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [TESTS, os.path.join(TESTS, "integration"), os.environ.get("PYTHONPATH", "")]))
+        environment.update(env or {})
+        self.log = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill and block it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "workerpool", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env=environment)
+        line = self.process.stdout.readline()
+        assert line.startswith("workerpool serve: http://"), line + self.stderr()
+        self.url = line.split()[2]
+        self.address = self.url.removeprefix("http://")
+        self.host, self.port = self.address.rsplit(":", 1)
+        self.port = int(self.port)
+
+    def get(self, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+        return request("GET", self.url + path, headers=headers)
+
+    def post(self, path: str, body: bytes, headers: dict | None = None):
+        return request("POST", self.url + path, body, headers)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        assert wait_until(lambda: self.get("/v2/health/ready")[0] == 200, timeout), \
+            self.get("/status")
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self.process.stdout.close()
+            self.log.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.stop()
+
+
+def request(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("serve")
+    np.savez(directory / "warmup.npz", x=np.ones((1, 32), dtype=np.float32))
+    (directory / "serve.toml").write_text(CONFIG.format(warmup=directory / "warmup.npz"))
+    server = Server(["--config", str(directory / "serve.toml")])
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    client = triton.InferenceServerClient(server.address)
+    yield client
+    client.close()
+
+
+def infer(client, model: str, x: np.ndarray, binary: bool, name: str = "x",
+          outputs: list[str] | None = None):
+    tensor = triton.InferInput(name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    requested = [triton.InferRequestedOutput(o, binary_data=binary) for o in outputs or []]
+    return client.infer(model, [tensor], outputs=requested or None)
+
+
+def assert_still_serves(client):
+    x = np.random.default_rng(7).standard_normal((2, 32)).astype(np.float32)
+    got = infer(client, "mlp", x, binary=True).as_numpy("output_0")
+    want = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict, torch.from_numpy(x))
+    assert np.array_equal(got, want.numpy())
+
+
+# -- outputs equal the in-process model ------------------------------------------------------
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_torch_model_equals_in_process(client, binary):
+    x = np.random.default_rng(1).standard_normal((3, 32)).astype(np.float32)
+    result = infer(client, "mlp", x, binary, outputs=["output_0"] if not binary else None)
+    want = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict, torch.from_numpy(x))
+    assert np.array_equal(result.as_numpy("output_0"), want.numpy())
+    output = result.get_output("output_0")
+    assert ("binary_data_size" in output.get("parameters", {})) is binary
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_keras_model_equals_in_process(client, binary):
+    import test_tensorflow  # the Keras model, with the workers' thread settings
+
+    x = np.random.default_rng(2).standard_normal((4, 32)).astype(np.float32)
+    got = infer(client, "keras", x, binary, outputs=["output_0"]).as_numpy("output_0")
+    test_tensorflow.assert_same(got, test_tensorflow.keras_reference(
+        test_tensorflow.dense_mlp, x))
+
+
+def test_raw_json_with_nested_data_over_urllib(server):
+    x = np.random.default_rng(3).standard_normal((2, 32)).astype(np.float32)
+    body = {"id": "req-1", "inputs": [{"name": "x", "shape": [2, 32], "datatype": "FP32",
+                                       "data": x.tolist()}],  # nested rows
+            "parameters": {"unknown_parameter": 1}}  # ignored
+    status, headers, raw = server.post("/v2/models/mlp/versions/1/infer",
+                                       json.dumps(body).encode())
+    assert status == 200 and headers["content-type"] == "application/json"
+    reply = json.loads(raw)
+    assert reply["id"] == "req-1" and reply["model_name"] == "mlp"
+    (output,) = reply["outputs"]
+    want = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict, torch.from_numpy(x))
+    assert output["shape"] == [2, 8] and output["datatype"] == "FP32"
+    assert np.array_equal(np.array(output["data"], dtype=np.float32).reshape(2, 8), want)
+
+
+def test_bytes_tensors_both_ways(client):
+    words = np.array([b"alpha", b"be", "\u03b3".encode()], dtype=np.object_)
+    for binary in (True, False):
+        tensor = triton.InferInput("text", [3], "BYTES")
+        tensor.set_data_from_numpy(words, binary_data=binary)
+        requested = [triton.InferRequestedOutput(n, binary_data=binary)
+                     for n in ("upper", "length")]
+        result = client.infer("words", [tensor], outputs=requested)
+        # bytes.upper() leaves non-ASCII bytes alone; UTF-8 survives both ways (from
+        # JSON, tritonclient hands BYTES back as str, as it does with Triton)
+        upper = [v if isinstance(v, bytes) else v.encode() for v in result.as_numpy("upper")]
+        assert upper == [b"ALPHA", b"BE", "\u03b3".encode()]
+        assert result.as_numpy("length").tolist() == [5, 2, 2]
+
+
+def test_requested_outputs_are_honoured(server):
+    x = np.ones((1, 32), np.float32)
+    body = {"inputs": [{"name": "x", "shape": [1, 32], "datatype": "FP32",
+                        "data": x.ravel().tolist()}], "outputs": [{"name": "nope"}]}
+    status, _, raw = server.post("/v2/models/mlp/infer", json.dumps(body).encode())
+    assert status == 400 and "no outputs ['nope']" in json.loads(raw)["error"]
+
+
+# -- what the server says about itself and its models ------------------------------------
+def test_server_and_model_metadata(client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.get_server_metadata()["name"] == "workerpool"
+    mlp = client.get_model_metadata("mlp")  # inferred from the warm-up call
+    assert mlp["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 32]}]
+    assert mlp["outputs"] == [{"name": "output_0", "datatype": "FP32", "shape": [-1, 8]}]
+    keras = client.get_model_metadata("keras", "1")  # declared
+    assert keras["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 32]}]
+    for model in ("mlp", "keras", "sleepy", "faulty", "words"):
+        assert client.is_model_ready(model)
+
+
+# -- every bad request gets its status, and the server goes on ----------------------------
+def binary_body(header: dict, *buffers: bytes) -> tuple[bytes, dict]:
+    head = json.dumps(header).encode()
+    return head + b"".join(buffers), {"Inference-Header-Content-Length": str(len(head))}
+
+
+X = np.ones((1, 32), np.float32)
+ERRORS = [
+    # id, path, body, headers, status, what the error must say
+    ("malformed JSON", "/v2/models/mlp/infer", b"{not json", {}, 400, "not valid JSON"),
+    ("header length past the body", "/v2/models/mlp/infer", b"{}",
+     {"Inference-Header-Content-Length": "99"}, 400, "does not fit"),
+    ("no inputs", "/v2/models/mlp/infer", b'{"inputs": []}', {}, 400, "non-empty 'inputs'"),
+    ("unknown datatype", "/v2/models/mlp/infer", json.dumps({"inputs": [
+        {"name": "x", "shape": [1], "datatype": "FP8", "data": [1]}]}).encode(), {}, 400,
+     "datatype 'FP8'"),
+    ("wrong dtype for the model", "/v2/models/mlp/infer", json.dumps({"inputs": [
+        {"name": "x", "shape": [1, 32], "datatype": "INT64", "data": [1] * 32}]}).encode(),
+     {}, 400, "must be FP32, got INT64"),
+    ("wrong shape for the model", "/v2/models/keras/infer", json.dumps({"inputs": [
+        {"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}).encode(),
+     {}, 400, "must have shape"),
+    ("shape vs data length", "/v2/models/mlp/infer", json.dumps({"inputs": [
+        {"name": "x", "shape": [1, 32], "datatype": "FP32", "data": [1.0] * 31}]}).encode(),
+     {}, 400, "needs 32 values, data has 31"),
+    ("ragged nested data", "/v2/models/mlp/infer", json.dumps({"inputs": [
+        {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1.0], [2.0, 3.0]]}]
+    }).encode(), {}, 400, "needs 4 values"),
+    ("wrong input name", "/v2/models/keras/infer", json.dumps({"inputs": [
+        {"name": "y", "shape": [1, 32], "datatype": "FP32", "data": [1.0] * 32}]}).encode(),
+     {}, 400, r"takes inputs \['x'\]"),
+    ("binary sizes that do not add up", "/v2/models/mlp/infer", *binary_body(
+        {"inputs": [{"name": "x", "shape": [1, 32], "datatype": "FP32",
+                     "parameters": {"binary_data_size": 128}}]}, X.tobytes() + b"extra"),
+     400, "declare 128 bytes in all but 133"),
+    ("binary size vs shape", "/v2/models/mlp/infer", *binary_body(
+        {"inputs": [{"name": "x", "shape": [1, 32], "datatype": "FP32",
+                     "parameters": {"binary_data_size": 64}}]}, X.tobytes()[:64]),
+     400, "needs 128 bytes"),
+    ("unknown model", "/v2/models/nope/infer", b"{}", {}, 404, "no model named 'nope'"),
+    ("unknown version", "/v2/models/mlp/versions/7/infer", b"{}", {}, 404, "no version '7'"),
+    ("unknown model metadata", "/v2/models/nope", None, {}, 404, "no model named"),
+    ("unknown route", "/v3/anything", None, {}, 404, "no route"),
+    ("model raised", "/v2/models/faulty/infer", json.dumps({"inputs": [
+        {"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}).encode(), {}, 500,
+     "^ValueError: the model refuses this input$"),
+    ("request timeout", "/v2/models/sleepy/infer", json.dumps({"inputs": [
+        {"name": "x", "shape": [1], "datatype": "FP32", "data": [5.0]}]}).encode(), {}, 504,
+     "timeout of 1.5 s"),
+]
+
+
+@pytest.mark.parametrize("path, body, headers, status, match", [c[1:] for c in ERRORS],
+                         ids=[c[0] for c in ERRORS])
+def test_error_table(server, client, path, body, headers, status, match):
+    import re
+
+    if body is None:
+        got, response_headers, raw = server.get(path, headers)
+    else:
+        got, response_headers, raw = server.post(path, body, headers)
+    assert got == status, raw
+    error = json.loads(raw)["error"]
+    assert re.search(match, error), error
+    assert "Traceback" not in error and '.py"' not in error  # no internals without --debug
+    assert_still_serves(client)
+
+
+def test_oversize_body_is_refused_before_it_is_read(server, client):
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 1000000000\r\n\r\n")  # and never a byte of the body
+        response = sock.recv(65536).decode()
+    assert response.startswith("HTTP/1.1 413") and "max-request-bytes" in response
+    assert_still_serves(client)
+
+
+def test_queue_full_is_503_with_retry_after(server, client):
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
+                                   "data": [0.2]}]}).encode()
+    results = []
+
+    def call():
+        results.append(server.post("/v2/models/sleepy/infer", body))
+
+    threads = [threading.Thread(target=call) for _ in range(10)]  # 2 in the worker, 1 queued
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = sorted(status for status, _, _ in results)
+    assert 200 in statuses and 503 in statuses, statuses
+    refused = next(r for r in results if r[0] == 503)
+    assert refused[1]["retry-after"] == "1" and "max_queue" in json.loads(refused[2])["error"]
+    assert_still_serves(client)
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def test_prometheus_metrics_parse_and_count(server, client):
+    before = metric_samples(server)
+    server.post("/v2/models/nope/infer", b"{}")  # not a model: not counted per model
+    assert server.post("/v2/models/mlp/infer", b"{bad")[0] == 400
+    assert_still_serves(client)
+    after = metric_samples(server)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta("workerpool_requests_total", model="mlp", outcome="bad_request") == 1
+    assert delta("workerpool_requests_total", model="mlp", outcome="success") == 1
+    assert delta("workerpool_request_duration_seconds_count", model="mlp") == 2
+    assert delta("workerpool_compute_duration_seconds_count", model="mlp") == 1
+    assert after[("workerpool_live_workers", (("model", "mlp"),))] == 1
+    assert after[("workerpool_model_ready", (("model", "keras"),))] == 1
+    status = json.loads(server.get("/status")[2])
+    mlp = next(m for m in status["models"] if m["name"] == "mlp")
+    assert after[("workerpool_weights_shared_bytes", (("model", "mlp"),))] == mlp["model_bytes"]
+    (pid,) = [w["pid"] for w in mlp["workers"]]
+    pss = after[("workerpool_worker_pss_bytes", (("model", "mlp"), ("pid", str(pid))))]
+    assert 0 < pss < 1024 * MIB
+    # the one successful request: one predict call of 2 rows
+    assert delta("workerpool_batch_size_count", model="mlp") == 1
+    assert delta("workerpool_batch_size_sum", model="mlp") == 2
+    assert delta("workerpool_batch_size_bucket", model="mlp", le="1.0") == 0
+    assert delta("workerpool_batch_size_bucket", model="mlp", le="2.0") == 1
+
+
+def metric_samples(server) -> dict:
+    status, headers, raw = server.get("/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(raw.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+# -- start-up, security, broken pools and shutdown: servers of their own ---------------------
+def test_live_at_once_ready_when_loaded_then_503_when_broken(tmp_path):
+    server = Server(["serve_models:slow_numbers", "--predict", "serve_models:sleep_then_echo",
+                     "--name", "slow", "--workers", "1"], env={"SLOW_LOAD_S": "4"})
+    try:
+        assert server.get("/v2/health/live")[0] == 200  # at once
+        assert server.get("/v2/health/ready")[0] == 503
+        assert server.get("/v2/models/slow/ready")[0] == 503
+        body = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
+                                       "data": [0.0]}]}).encode()
+        status, headers, raw = server.post("/v2/models/slow/infer", body)
+        assert status == 503 and "loading" in json.loads(raw)["error"] and \
+            "retry-after" in headers
+        server.wait_ready()
+        assert server.post("/v2/models/slow/infer", body)[0] == 200
+        (model,) = json.loads(server.get("/status")[2])["models"]
+        os.kill(model["zygote_pid"], signal.SIGKILL)  # the pool cannot start workers now
+        assert wait_until(lambda: server.get("/v2/models/slow/ready")[0] == 503, 30)
+        assert server.get("/v2/health/ready")[0] == 503
+        status, _, raw = server.post("/v2/models/slow/infer", body)
+        assert status == 503 and "broken" in json.loads(raw)["error"]
+        assert server.get("/v2/health/live")[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_api_key_guards_everything_but_health():
+    server = Server(["--api-key", "s3cret", "--workers", "1"])  # the built-in demo model
+    try:
+        server.wait_ready()
+        assert server.get("/v2/health/live")[0] == 200
+        assert server.get("/v2/models/demo")[0] == 401
+        assert server.get("/metrics")[0] == 401
+        assert server.get("/status", {"Authorization": "Bearer wrong"})[0] == 401
+        assert server.get("/v2/models/demo", {"Authorization": "Bearer s3cret"})[0] == 200
+        assert server.get("/v2/models/demo", {"X-API-Key": "s3cret"})[0] == 200
+        client = triton.InferenceServerClient(server.address)
+        tensor = triton.InferInput("features", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        with pytest.raises(InferenceServerException, match="API key"):
+            client.infer("demo", [tensor])
+        result = client.infer("demo", [tensor], headers={"Authorization": "Bearer s3cret"})
+        assert result.as_numpy("probabilities").shape == (1, 10)
+        client.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_under_load_answers_every_accepted_request_and_exits_0():
+    server = Server(["serve_models:numbers", "--predict", "serve_models:sleep_then_echo",
+                     "--name", "numbers", "--workers", "2", "--drain-timeout", "30"])
+    server.wait_ready()
+    status_report = json.loads(server.get("/status")[2])
+    pids = [server.process.pid, status_report["models"][0]["zygote_pid"],
+            *[w["pid"] for w in status_report["models"][0]["workers"]]]
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
+                                   "data": [0.3]}]}).encode()
+    answered, refused, stop = [], [], threading.Event()
+
+    def client_loop():
+        while not stop.is_set():
+            connection = http.client.HTTPConnection(server.host, server.port, timeout=60)
+            try:
+                connection.request("POST", "/v2/models/numbers/infer", body)
+                response = connection.getresponse()
+                answered.append((response.status, response.read()))
+            except (ConnectionError, OSError):
+                refused.append(1)  # not accepted: the server had stopped listening
+            finally:
+                connection.close()
+
+    threads = [threading.Thread(target=client_loop) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: len(answered) >= 8, 60)
+    server.process.send_signal(signal.SIGTERM)
+    code = server.stop()
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert code == 0
+    assert answered and all(status == 200 for status, _ in answered), \
+        [a for a in answered if a[0] != 200][:3]
+    assert wait_until(lambda: not any(is_running(pid) for pid in pids), 10)
+
+
+def test_sigterm_while_a_model_loads_exits_0_and_leaves_nothing():
+    server = Server(["serve_models:slow_numbers", "--predict", "serve_models:sleep_then_echo",
+                     "--workers", "1"], env={"SLOW_LOAD_S": "2"})
+    assert server.get("/v2/health/ready")[0] == 503
+    assert server.stop() == 0
