@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench install clean
+.PHONY: test demo serve bench install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m workerpool.demo
 
+# The built-in demo model over HTTP on 127.0.0.1:8000 (KServe v2); Ctrl-C drains and stops.
+serve: $(STAMP)
+	$(PY) -m workerpool serve
+
 bench: $(STAMP)
 	$(PY) bench/memory.py
 	$(PY) bench/attach.py
 	$(PY) bench/throughput.py
 	$(PY) bench/load_peak.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -4,10 +4,11 @@ from .errors import (BatchShapeError, EncodeError, MessageTooLarge, ModelSourceE
                      PoolBroken, PoolClosed, PoolStartError, ProtocolError, QueueFull,
                      RemoteError, TaskTimeout, WorkerCrashed, WorkerpoolError, WrongProcess)
 from .pool.pool import Pool
+from .signature import TensorSpec
 
 __all__ = [
     "Pool", "WorkerpoolError", "PoolClosed", "PoolBroken", "PoolStartError", "WorkerCrashed",
     "QueueFull", "TaskTimeout", "EncodeError", "MessageTooLarge", "BatchShapeError",
-    "ProtocolError", "RemoteError", "ModelSourceError", "WrongProcess",
+    "ProtocolError", "RemoteError", "ModelSourceError", "WrongProcess", "TensorSpec",
 ]
 __version__ = "0.1.0"

@@ -41,11 +41,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def serve(registry: Registry, app: App, *, host: str, port: int,
-                drain_timeout: float, metrics_port: int | None = None) -> int:
+                drain_timeout: float, metrics_port: int | None = None,
+                http: str = "httptools") -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, http="httptools" if _has("httptools") else "h11",
+    config = uvicorn.Config(app, http=http if _has(http) else "h11",
                             lifespan="off", access_log=False, log_level="warning",
                             timeout_graceful_shutdown=int(max(1, drain_timeout)),
                             timeout_keep_alive=30)
@@ -86,12 +87,14 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
     return 0
 
 
-def run(registry: Registry, app: App, **options) -> int:
-    try:
+def run(registry: Registry, app: App, loop: str = "uvloop", **options) -> int:
+    """Serve on a fresh event loop (uvloop's where installed; ``loop="asyncio"``: the
+    standard one). ``http``: uvicorn's protocol, httptools (default) or h11."""
+    if loop == "uvloop" and _has("uvloop"):
         import uvloop
-    except ImportError:
-        return asyncio.run(serve(registry, app, **options))
-    return uvloop.run(serve(registry, app, **options))
+
+        return uvloop.run(serve(registry, app, **options))
+    return asyncio.run(serve(registry, app, **options))
 
 
 def _has(module: str) -> bool:
