@@ -97,12 +97,9 @@ class PoolConfig:
         self._integer("zero_copy_threshold", minimum=0)
 
     def _integer(self, name: str, minimum: int, optional: bool = False) -> None:
-        value = getattr(self, name)
-        if value is None and optional:
+        value = self._of_type(name, numbers.Integral, "an int", optional)
+        if value is None:
             return
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got "
-                            f"{value!r} ({type(value).__name__})")
         if value < minimum:
             raise ValueError(f"{name} must be >= {minimum}{' or None' if optional else ''}, "
                              f"got {value}")
@@ -110,16 +107,24 @@ class PoolConfig:
 
     def _number(self, name: str, minimum: float, exclusive: bool = False,
                 optional: bool = False) -> None:
-        value = getattr(self, name)
-        if value is None and optional:
+        value = self._of_type(name, numbers.Real, "a number", optional)
+        if value is None:
             return
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a number{' or None' if optional else ''}, got "
-                            f"{value!r} ({type(value).__name__})")
         if not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
             raise ValueError(f"{name} must be a finite number {'>' if exclusive else '>='} "
                              f"{minimum}, got {value}")
         object.__setattr__(self, name, float(value))
+
+    def _of_type(self, name: str, kind, what: str, optional: bool):
+        """The option's value if it is of ``kind`` (never a bool), None if it may be and is
+        None; TypeError otherwise."""
+        value = getattr(self, name)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise TypeError(f"{name} must be {what}{' or None' if optional else ''}, got "
+                            f"{value!r} ({type(value).__name__})")
+        return value
 
     def _flag(self, name: str) -> None:
         value = getattr(self, name)

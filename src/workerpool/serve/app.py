@@ -25,7 +25,7 @@ import time
 
 from .. import __version__
 from . import v2_http
-from .errors import (MethodNotAllowed, ModelNotFound, RequestTooLarge, Unauthorized,
+from .errors import (BadRequest, MethodNotAllowed, ModelNotFound, RequestTooLarge, Unauthorized,
                      message_of, status_of)
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .registry import Registry
@@ -147,7 +147,7 @@ class App:
             if wanted is not None:
                 unknown = [o.name for o in wanted if o.name not in outputs]
                 if unknown:
-                    raise v2_http.BadRequest(f"model {name} has no outputs {unknown}; it has "
+                    raise BadRequest(f"model {name} has no outputs {unknown}; it has "
                                              f"{sorted(outputs)}")
             try:
                 response, headers = v2_http.encode_response(model.name, model.version,
@@ -172,7 +172,7 @@ class App:
             raise RequestTooLarge(f"the body is {length} bytes; this server takes at most "
                                   f"{self.max_request_bytes} (--max-request-bytes)")
         if header(scope, b"content-encoding") not in (None, "identity"):
-            raise v2_http.BadRequest("compressed request bodies are not supported; send it "
+            raise BadRequest("compressed request bodies are not supported; send it "
                                      "uncompressed")
         chunks, size = [], 0
         while True:

@@ -46,6 +46,36 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
+_MODEL, _WORKER = ["model"], ["model", "pid"]
+# (key, kind, metric name, help, labels) of what is read from each pool at scrape time
+FAMILIES = (
+    ("ready", GaugeMetricFamily, "workerpool_model_ready",
+     "1 while the model has live, warmed-up workers", _MODEL),
+    ("queued", GaugeMetricFamily, "workerpool_queue_depth", "Requests waiting in the pool",
+     _MODEL),
+    ("live", GaugeMetricFamily, "workerpool_live_workers", "Workers taking work", _MODEL),
+    ("restarts", CounterMetricFamily, "workerpool_worker_restarts",
+     "Workers replaced (crashed, hung, recycled)", _MODEL),
+    ("crashes", CounterMetricFamily, "workerpool_worker_crashes",
+     "Workers that died unasked", _MODEL),
+    ("pss", GaugeMetricFamily, "workerpool_worker_pss_bytes",
+     "Proportional set size of each worker process", _WORKER),
+    ("uss", GaugeMetricFamily, "workerpool_worker_uss_bytes",
+     "Private memory of each worker process", _WORKER),
+    ("total", GaugeMetricFamily, "workerpool_pool_pss_bytes",
+     "PSS of the whole pool: parent, zygote and workers", _MODEL),
+    ("weights", GaugeMetricFamily, "workerpool_weights_shared_bytes",
+     "Bytes of weights every worker shares (one copy)", _MODEL),
+    ("saved", GaugeMetricFamily, "workerpool_weights_saved_bytes",
+     "Memory the shared weights save against one copy per worker", _MODEL),
+    ("queue_s", HistogramMetricFamily, "workerpool_queue_duration_seconds",
+     "Time requests waited in the pool", _MODEL),
+    ("compute_s", HistogramMetricFamily, "workerpool_compute_duration_seconds",
+     "Time predict took per request", _MODEL),
+    ("batch", HistogramMetricFamily, "workerpool_batch_size", "Rows per predict call", _MODEL),
+)
+
+
 class PoolCollector:
     """Reads each model's pool when Prometheus scrapes."""
 
@@ -56,43 +86,8 @@ class PoolCollector:
         return []  # the metrics depend on the models loaded; collected fresh every time
 
     def collect(self):
-        families = {
-            "ready": GaugeMetricFamily("workerpool_model_ready",
-                                       "1 while the model has live, warmed-up workers",
-                                       labels=["model"]),
-            "queued": GaugeMetricFamily("workerpool_queue_depth",
-                                        "Requests waiting in the pool", labels=["model"]),
-            "live": GaugeMetricFamily("workerpool_live_workers",
-                                      "Workers taking work", labels=["model"]),
-            "restarts": CounterMetricFamily("workerpool_worker_restarts",
-                                            "Workers replaced (crashed, hung, recycled)",
-                                            labels=["model"]),
-            "crashes": CounterMetricFamily("workerpool_worker_crashes",
-                                           "Workers that died unasked", labels=["model"]),
-            "pss": GaugeMetricFamily("workerpool_worker_pss_bytes",
-                                     "Proportional set size of each worker process",
-                                     labels=["model", "pid"]),
-            "uss": GaugeMetricFamily("workerpool_worker_uss_bytes",
-                                     "Private memory of each worker process",
-                                     labels=["model", "pid"]),
-            "total": GaugeMetricFamily("workerpool_pool_pss_bytes",
-                                       "PSS of the whole pool: parent, zygote and workers",
-                                       labels=["model"]),
-            "weights": GaugeMetricFamily("workerpool_weights_shared_bytes",
-                                         "Bytes of weights every worker shares (one copy)",
-                                         labels=["model"]),
-            "saved": GaugeMetricFamily("workerpool_weights_saved_bytes",
-                                       "Memory the shared weights save against one copy "
-                                       "per worker", labels=["model"]),
-            "queue_s": HistogramMetricFamily("workerpool_queue_duration_seconds",
-                                             "Time requests waited in the pool",
-                                             labels=["model"]),
-            "compute_s": HistogramMetricFamily("workerpool_compute_duration_seconds",
-                                               "Time predict took per request",
-                                               labels=["model"]),
-            "batch": HistogramMetricFamily("workerpool_batch_size",
-                                           "Rows per predict call", labels=["model"]),
-        }
+        families = {key: kind(name, text, labels=labels)
+                    for key, kind, name, text, labels in FAMILIES}
         for model in self.models.values():
             name = model.name
             families["ready"].add_metric([name], 1.0 if model.ready else 0.0)
