@@ -63,7 +63,7 @@ ABORT_GRACE_S = 1.0  # SIGABRT (the worker's faulthandler dumps its stack), then
 
 class Request:
     __slots__ = ("id", "future", "body", "frames", "attempts", "batch_key", "rows",
-                 "enqueued_at", "deadline", "timeout", "worker", "nbytes")
+                 "enqueued_at", "deadline", "timeout", "worker")
 
     def __init__(self, request_id: int, future: Future, body: bytes, frames: list, *,
                  batch_key: tuple | None = None, rows: int = 1, timeout: float | None = None):
@@ -71,7 +71,6 @@ class Request:
         self.future = future
         self.body = body
         self.frames = frames
-        self.nbytes = len(body) + sum(frame_nbytes(f) for f in frames)
         self.attempts = 0
         self.batch_key = batch_key
         self.rows = rows
@@ -79,6 +78,11 @@ class Request:
         self.timeout = timeout
         self.deadline = None if timeout is None else self.enqueued_at + timeout
         self.worker: WorkerSlot | None = None  # where it is in flight
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it takes in a TASK; only the batcher asks (not every submit pays for it)."""
+        return len(self.body) + sum(frame_nbytes(f) for f in self.frames)
 
 
 class QueueGauge:
@@ -448,9 +452,25 @@ class Dispatcher(threading.Thread):
                 w.state == "ready" for w in self.workers.values()):
             self.started.set()
 
-    def finish_task(self, worker: WorkerSlot, meta: dict) -> list[Request | None]:
-        """The requests a reply answers (None for those already given up on)."""
+    def finish_reply(self, worker: WorkerSlot, meta: dict, check) -> list[Request | None]:
+        """The requests a RESULT or ERROR answers (None for those already given up on),
+        once ``check(meta)`` passes. A reply that names its ids but fails the check still
+        answers them, with ProtocolError; the check's error is raised to be counted."""
         ids = protocol.reply_ids(meta)
+        try:
+            check(meta)
+        except ProtocolError as exc:
+            for request in self.finish_task(worker, ids, meta):
+                if request is not None:
+                    settle(request.future, error=ProtocolError(
+                        f"worker {worker.pid} sent a malformed reply ({exc}); this is a bug "
+                        "in workerpool, please report it"))
+            raise
+        return self.finish_task(worker, ids, meta)
+
+    def finish_task(self, worker: WorkerSlot, ids: list[int],
+                    meta: dict) -> list[Request | None]:
+        """The requests ``ids`` name (None for those already given up on)."""
         if ids in worker.tasks:
             worker.tasks.remove(ids)
             worker.credits += 1
@@ -471,13 +491,8 @@ class Dispatcher(threading.Thread):
         return requests
 
     def on_result(self, worker: WorkerSlot, meta: dict, frames: list) -> None:
-        protocol.reply_ids(meta)
-        try:
-            protocol.check_result(meta, len(frames))
-        except ProtocolError as exc:
-            self.fail_task(worker, meta, exc)
-            raise
-        requests = self.finish_task(worker, meta)
+        requests = self.finish_reply(
+            worker, meta, lambda meta: protocol.check_result(meta, len(frames)))
         start = 0
         for request, n_parts in zip(requests, meta["parts"]):
             body, part_frames = frames[start], frames[start + 1:start + n_parts]
@@ -492,23 +507,9 @@ class Dispatcher(threading.Thread):
                 settle(request.future, value)
 
     def on_error(self, worker: WorkerSlot, meta: dict) -> None:
-        protocol.reply_ids(meta)
-        try:
-            protocol.check_error(meta)
-        except ProtocolError as exc:
-            self.fail_task(worker, meta, exc)
-            raise
-        for request in self.finish_task(worker, meta):
+        for request in self.finish_reply(worker, meta, protocol.check_error):
             if request is not None:
                 settle(request.future, error=rebuild_exception(meta))
-
-    def fail_task(self, worker: WorkerSlot, meta: dict, exc: ProtocolError) -> None:
-        """A malformed reply from one of our workers still answers the requests it names."""
-        for request in self.finish_task(worker, meta):
-            if request is not None:
-                settle(request.future, error=ProtocolError(
-                    f"worker {worker.pid} sent a malformed reply ({exc}); this is a bug in "
-                    "workerpool, please report it"))
 
     # -- what the zygote says ------------------------------------------------------------
     def handle_supervisor_event(self, event: dict) -> None:
@@ -795,9 +796,10 @@ def rebuild_exception(meta: dict) -> Exception:
     if not isinstance(error, Exception):
         remote_type = str(meta.get("type", "Exception"))
         message = str(meta.get("message", ""))
-        if remote_type.rsplit(".", 1)[-1] in _NOT_EXCEPTIONS:
-            message = (f"{message} (predict raised {remote_type.rsplit('.', 1)[-1]}; it ended "
-                       "no process: the worker is still serving)")
+        name = remote_type.rsplit(".", 1)[-1]
+        if name in _NOT_EXCEPTIONS:
+            message = (f"{message} (predict raised {name}; it ended no process: the worker "
+                       "is still serving)")
         error = RemoteError(remote_type, message)
     error.__cause__ = RemoteTraceback(meta.get("traceback", ""))
     return error

@@ -283,7 +283,7 @@ class Pool:
     def is_ready(self) -> bool:
         """True while the pool is open, not broken, and at least one worker (attached and
         warmed up) takes work. Cheap: no round trip to the pool's thread."""
-        if self._closed or self._dispatcher.broken is not None:
+        if self._closed or self.broken is not None:
             return False
         return any(w.state == "ready" for w in list(self._dispatcher.workers.values()))
 

@@ -27,7 +27,7 @@ from .weights import PublishedModel
 
 class Supervisor:
     def __init__(self, config: PoolConfig, published: PublishedModel, private_dir: str,
-                 endpoint: str, warmup: tuple[bytes, list] = (b"\x90", [])):
+                 endpoint: str, warmup: tuple[bytes, list]):
         self.config = config
         self.warmup = warmup  # the codec-encoded warm-up inputs (header, frames)
         self.published = published
