@@ -2,7 +2,7 @@
 
 from .errors import (BatchShapeError, EncodeError, MessageTooLarge, ModelSourceError,
                      PoolBroken, PoolClosed, PoolStartError, ProtocolError, QueueFull,
-                     RemoteError, TaskTimeout, WorkerCrashed, WorkerpoolError, WrongProcess)
+                     ReloadFailed, RemoteError, TaskTimeout, WorkerCrashed, WorkerpoolError, WrongProcess)
 from .pool.pool import Pool
 from .signature import TensorSpec
 
@@ -10,5 +10,6 @@ __all__ = [
     "Pool", "WorkerpoolError", "PoolClosed", "PoolBroken", "PoolStartError", "WorkerCrashed",
     "QueueFull", "TaskTimeout", "EncodeError", "MessageTooLarge", "BatchShapeError",
     "ProtocolError", "RemoteError", "ModelSourceError", "WrongProcess", "TensorSpec",
+    "ReloadFailed",
 ]
 __version__ = "0.1.0"

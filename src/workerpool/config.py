@@ -67,6 +67,9 @@ class PoolConfig:
     max_requests_jitter: int = 0
     # Frames above this size are sent without copying them into ZeroMQ's buffers.
     zero_copy_threshold: int = 64 * 1024
+    # Keep the next version's zygote started (its frameworks imported), so reload() skips
+    # that part (about 2 s for torch on our machine) at the cost of one idle process.
+    spare_zygote: bool = False
 
     def __post_init__(self):
         # Every option is checked for type and range here, so a bad one fails at once in
@@ -95,6 +98,7 @@ class PoolConfig:
         self._integer("max_requests_per_worker", minimum=1, optional=True)
         self._integer("max_requests_jitter", minimum=0)
         self._integer("zero_copy_threshold", minimum=0)
+        self._flag("spare_zygote")
 
     def _integer(self, name: str, minimum: int, optional: bool = False) -> None:
         value = self._of_type(name, numbers.Integral, "an int", optional)

@@ -45,6 +45,12 @@ class WorkerCrashed(WorkerpoolError):
         self.crash_traceback = crash_traceback
 
 
+class ReloadFailed(WorkerpoolError):
+    """``Pool.reload`` could not bring up the new version (its ``load()`` raised, its
+    workers could not start, its warm-up failed). The old version is still serving; the
+    cause is ``__cause__`` and is named in the message."""
+
+
 class ModelSourceError(WorkerpoolError, OSError):
     """A model file or URL cannot be used: missing, unreadable, an unsupported format, or a
     download that failed. The message names the path and what to do."""

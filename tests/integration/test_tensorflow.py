@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -22,8 +23,8 @@ tf.config.threading.set_inter_op_parallelism_threads(1)
 MIB = 1024 * 1024
 
 
-def dense_mlp():
-    keras.utils.set_random_seed(0)
+def dense_mlp(seed: int = 0):
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input((32,), name="x")
     hidden = keras.layers.Dense(256, activation="relu")(inputs)
     return keras.Model(inputs, keras.layers.Dense(8)(hidden))
@@ -195,3 +196,43 @@ def test_saved_model_and_keras_files_are_served_by_path(tmp_path):
         (got,) = pool.submit({"x": x}).result(timeout=120).values()  # named like the input
         assert "memory-mapped" in pool.stats(memory_usage=False)["weights_source"]
     assert np.array_equal(got, expected)
+
+
+def dense_mlp_retrained():
+    """dense_mlp's architecture with other weights: its next version."""
+    return dense_mlp(seed=1)
+
+
+def test_reload_swaps_a_keras_model_with_no_request_lost():
+    x = INPUTS["dense_mlp"]()
+    old, new = keras_reference(dense_mlp, x), keras_reference(dense_mlp_retrained, x)
+    assert not np.array_equal(old, new)
+    answers, failures, stop = [], [], threading.Event()
+    swapped = [False]
+
+    def caller():
+        while not stop.is_set():
+            after_swap = swapped[0]
+            try:
+                answers.append((after_swap, pool.submit(x).result(timeout=120)))
+            except BaseException as exc:  # noqa: BLE001 - every failure fails the test
+                failures.append(exc)
+
+    with wp.Pool(dense_mlp, call, workers=1, threads_per_worker=1) as pool:
+        callers = [threading.Thread(target=caller) for _ in range(2)]
+        for thread in callers:
+            thread.start()
+        try:
+            old_version = pool.version
+            pool.reload(dense_mlp_retrained)
+            swapped[0] = True
+            assert wait_until(lambda: sum(a for a, _ in answers) >= 5)
+        finally:
+            stop.set()
+            for thread in callers:
+                thread.join()
+        assert pool.version != old_version
+    assert not failures, failures[:3]
+    for after_swap, y in answers:
+        assert np.array_equal(y, new) or (not after_swap and np.array_equal(y, old))
+    assert any(np.array_equal(y, old) for _, y in answers)

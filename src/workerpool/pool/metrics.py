@@ -29,6 +29,10 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += n
         self.sum += value * n
 
+    def absorb(self, other: "Histogram") -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.sum += other.sum
+
     def snapshot(self) -> dict:
         cumulative, total = [], 0
         for bound, count in zip(self.bounds, self.counts):
@@ -55,6 +59,18 @@ class Metrics:
     def computed(self, seconds: float, requests: int) -> None:
         self.compute_s.extend([seconds] * requests)
         self.compute_histogram.observe(seconds, requests)
+
+    def copy(self) -> "Metrics":
+        return Metrics().absorb(self)
+
+    def absorb(self, other: "Metrics") -> "Metrics":
+        """Add ``other``'s observations to these (a retired generation's, say)."""
+        self.batch_rows.update(other.batch_rows)
+        self.queue_s.extend(other.queue_s)
+        self.compute_s.extend(other.compute_s)
+        self.queue_histogram.absorb(other.queue_histogram)
+        self.compute_histogram.absorb(other.compute_histogram)
+        return self
 
     def snapshot(self) -> dict:
         calls = sum(self.batch_rows.values())

@@ -13,22 +13,23 @@ import asyncio
 import collections
 import itertools
 import os
+import threading
 import warnings
+import weakref
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from .. import signature
 from ..config import PoolConfig, deadline_seconds
-from ..errors import PoolBroken, PoolClosed, PoolStartError, QueueFull, WrongProcess
-from ..ipc import endpoints
+from ..errors import PoolBroken, PoolClosed, QueueFull, ReloadFailed, WrongProcess
 from ..ipc.codec import Codec
 from ..sources import files
 from . import memory
 from .batching import batch_key_of
-from .dispatcher import Dispatcher, Request
-from .shutdown import Shutdown
-from .supervisor import Supervisor
-from .weights import publish
+from .dispatcher import Request
+from .generation import Generation
+from .metrics import Metrics
+from .supervisor import PrestartedZygote
 
 
 class Pool:
@@ -90,52 +91,77 @@ class Pool:
 
     def __init__(self, load: Callable[[], Any] | str | os.PathLike, predict: Callable[..., Any],
                  workers: int = 2, **options):
-        if isinstance(load, (str, os.PathLike)):
-            load = files.loader_for(os.fspath(load), options.pop("builder", None),
-                                    options.pop("trust_pickle", False))
-        if not callable(load):
-            raise TypeError(f"load must be a callable or a model path, got {load!r}")
+        self._builder = options.pop("builder", None)
+        self._trust_pickle = options.pop("trust_pickle", False)
+        load = self._loader(load)
         if not callable(predict):
             raise TypeError(f"predict must be a callable predict(model, *args), got {predict!r}")
         self.inputs = signature.specs(options.pop("inputs", None))
         self.outputs = signature.specs(options.pop("outputs", None))
         self.warmup = list(options.pop("warmup", None) or ())
+        version = _version_label(options.pop("version", None))
         self.config = PoolConfig(workers=workers, **options)
         self._ids = itertools.count()
         self._codec = Codec(allow_pickle=True, max_message_bytes=self.config.max_message_bytes,
                             zero_copy_threshold=self.config.zero_copy_threshold)
-        self._dispatcher: Dispatcher | None = None
-        encoded_warmup = self._codec.encode(self.warmup)
-        self._private_dir = private_dir = endpoints.make_private_dir()
-        try:
-            model = load()
-            self._published = publish(model, predict, use_files=not self.config.preload,
-                                      options={"tf_engine": self.config.tf_engine,
-                                               "private_dir": private_dir})
-        except BaseException:
-            endpoints.remove_private_dir(private_dir)
-            raise
-        self._weights_source = _weights_source(model, self.config.start_method,
-                                               self._published)
-        del model
-        endpoint = endpoints.pool_endpoint(private_dir)
-        self._supervisor = Supervisor(self.config, self._published, private_dir, endpoint,
-                                      encoded_warmup)
-        self._shutdown = Shutdown(self.config, self._supervisor, self._published, private_dir)
-        try:
-            self._supervisor.start_zygote()
-            self._dispatcher = Dispatcher(self.config, self._supervisor, endpoint, self._codec,
-                                          on_exit=self._shutdown.release)
-            self._shutdown.dispatcher = self._dispatcher
-            self._dispatcher.start()
-            if not self._dispatcher.started.wait(self.config.start_timeout):
-                raise PoolStartError(
-                    f"workers were not ready within start_timeout={self.config.start_timeout} s")
-            if self._dispatcher.start_error is not None:
-                raise self._dispatcher.start_error
-        except BaseException:
-            self._shutdown.close(drain=False)
-            raise
+        self._encoded_warmup = self._codec.encode(self.warmup)
+        self._load, self._predict = load, predict
+        # submit() reads the serving generation and hands it the request under this lock,
+        # so a swap never leaves a request with a generation that has stopped taking work.
+        self._swap_lock = threading.Lock()
+        self._reload_lock = threading.Lock()  # one reload at a time
+        self._close_requested = False
+        # Figures of retired generations, so counters and histograms never go backwards.
+        self._history_lock = threading.Lock()
+        self._history_counters: collections.Counter = collections.Counter()
+        self._history_metrics = Metrics()
+        self._retiring: list[Generation] = []
+        self._spare: PrestartedZygote | None = None  # the next version's zygote, started
+        self._generation = self._start_generation(1, load, predict, version)
+        self._keep_a_spare()
+
+    def _loader(self, load) -> Callable[[], Any]:
+        if isinstance(load, (str, os.PathLike)):
+            load = files.loader_for(os.fspath(load), self._builder, self._trust_pickle)
+        if not callable(load):
+            raise TypeError(f"load must be a callable or a model path, got {load!r}")
+        return load
+
+    def _start_generation(self, number: int, load, predict, version,
+                          prestarted: PrestartedZygote | None = None) -> Generation:
+        return Generation(number, self.config, self._codec, self._encoded_warmup, load,
+                          predict, version, on_exit=_fold_into_history(self),
+                          prestarted=prestarted)
+
+    def _prestart_zygote(self) -> PrestartedZygote:
+        """The next version's zygote, importing what the serving one imported."""
+        return PrestartedZygote(self._generation.supervisor.zygote_modules)
+
+    def _keep_a_spare(self) -> None:
+        if self.config.spare_zygote and self._spare is None and not self._closed:
+            self._spare = self._prestart_zygote()
+
+    # The serving generation's parts, under the names the rest of the package (and the
+    # tests) use.
+    @property
+    def _dispatcher(self):
+        return self._generation.dispatcher
+
+    @property
+    def _supervisor(self):
+        return self._generation.supervisor
+
+    @property
+    def _published(self):
+        return self._generation.published
+
+    @property
+    def _shutdown(self):
+        return self._generation.shutdown
+
+    @property
+    def _private_dir(self):
+        return self._generation.private_dir
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, predict: Callable[..., Any], *,
@@ -173,14 +199,16 @@ class Pool:
         batch_key, rows = batch_key_of(args, kwargs)
         request = Request(next(self._ids), Future(), body, frames, batch_key=batch_key,
                           rows=rows, timeout=timeout)
-        if not self._dispatcher.queue_gauge.try_add(max_queue):
-            raise QueueFull(f"{max_queue} requests are already waiting (max_queue); retry "
-                            "later, add workers, or raise max_queue")
-        try:
-            self._dispatcher.submit(request)
-        except BaseException:
-            self._dispatcher.queue_gauge.remove()
-            raise
+        with self._swap_lock:
+            dispatcher = self._generation.dispatcher
+            if not dispatcher.queue_gauge.try_add(max_queue):
+                raise QueueFull(f"{max_queue} requests are already waiting (max_queue); "
+                                "retry later, add workers, or raise max_queue")
+            try:
+                dispatcher.submit(request)
+            except BaseException:
+                dispatcher.queue_gauge.remove()
+                raise
         return request.future
 
     def map(self, inputs: Iterable, *, window: int | None = None,
@@ -228,51 +256,74 @@ class Pool:
     def stats(self, memory_usage: bool = True) -> dict:
         """Per-worker pid, state, requests served, start time, and (``memory_usage``) PSS,
         USS, RSS, shared bytes and the weights' resident/proportional/copied bytes; the
-        pool's total PSS (parent + zygote + workers); the published model's size; queue
+        pool's total PSS (parent + zygotes + workers, a retiring version's and the spare
+        zygote included); the
+        published model's size; the serving ``version`` (the label given, or a content
+        hash of the published weights) and ``generation`` (1, then +1 per reload); queue
         depth, batch-size histogram (rows per predict call), p50/p99 queue and compute
-        time per request (ms). Counters: restarts, crashes, hung, aborted, timeouts,
-        retired, retried_requests, late_replies."""
+        time per request (ms). Counters (restarts, crashes, hung, aborted, timeouts,
+        retired, retried_requests, late_replies, ...) and histograms count every version
+        since the pool started."""
         if self._closed:
             raise PoolClosed("the pool is closed")
-        workers, queued, counters, metrics = self._dispatcher.call(self._dispatcher_snapshot,
-                                                                   timeout=30)
-        zygote = {"pid": self._supervisor.zygote_pid,
-                  "threads_at_boot": self._supervisor.zygote_threads}
+        with self._history_lock:
+            serving = self._generation
+            generations = [serving, *self._retiring]
+            snapshots = [g.snapshot(_worker_rows) for g in generations]
+            counters = collections.Counter(self._history_counters)
+            metrics = self._history_metrics.copy()
+        queued, workers, retiring_workers, zygotes = 0, [], [], []
+        for generation, (gen_counters, gen_metrics, rows, gen_queued) in zip(generations,
+                                                                              snapshots):
+            counters.update(gen_counters)
+            if gen_metrics is not None:
+                metrics.absorb(gen_metrics)
+            queued += gen_queued
+            for row in rows:
+                row["version"] = generation.version
+            if generation is serving:
+                workers.extend(rows)
+            else:
+                retiring_workers.extend(rows)
+                if generation.supervisor.zygote_pid and not generation.exited.is_set():
+                    zygotes.append({"pid": generation.supervisor.zygote_pid,
+                                    "version": generation.version})
+        spare_process = getattr(self._spare, "process", None)
+        spare = {"pid": spare_process.pid} if spare_process is not None else None
+        published = serving.published
+        zygote = {"pid": serving.supervisor.zygote_pid,
+                  "threads_at_boot": serving.supervisor.zygote_threads}
         parent = {"pid": os.getpid()}
         stats = {
             "start_method": self.config.start_method,
-            "model_bytes": (self._published.weight_bytes + self._published.file_bytes
-                            + self._published.region_bytes),
-            "file_backed_bytes": self._published.file_bytes,
-            "weights_source": self._weights_source,
-            "weight_files": list(self._published.file_paths),
-            "model_buffers": self._published.n_buffers,
-            "skeleton_bytes": len(self._published.skeleton),
+            "version": serving.version,
+            "generation": serving.number,
+            "retiring_versions": [g.version for g in generations[1:]],
+            "model_bytes": (published.weight_bytes + published.file_bytes
+                            + published.region_bytes),
+            "file_backed_bytes": published.file_bytes,
+            "weights_source": serving.weights_source,
+            "weight_files": list(published.file_paths),
+            "model_buffers": published.n_buffers,
+            "skeleton_bytes": len(published.skeleton),
             "workers": workers,
+            "retiring_workers": retiring_workers,
+            "retiring_zygotes": zygotes,
+            "spare_zygote": spare,
             "parent": parent,
             "zygote": zygote,
             "queued": queued,
-            **counters,
-            **metrics,
+            **{name: counters[name] for name in COUNTERS},
+            **metrics.snapshot(),
         }
         if memory_usage:
-            files = tuple(self._published.file_paths)
-            for row in (parent, zygote, *workers):
+            files = tuple(published.file_paths)
+            rows = (parent, zygote, *workers, *zygotes, *retiring_workers,
+                    *([spare] if spare else []))
+            for row in rows:
                 row.update(memory.process_memory(row["pid"], files))
-            stats["total_pss"] = sum(row["pss"] for row in (parent, zygote, *workers))
+            stats["total_pss"] = sum(row["pss"] for row in rows)
         return stats
-
-    def _dispatcher_snapshot(self):
-        d = self._dispatcher
-        rows = [{"worker_id": w.worker_id, "pid": w.pid, "state": w.state,
-                 "requests_served": w.served, "in_flight": len(w.inflight),
-                 "start_to_ready_ms": None if w.ready_at is None
-                 else round((w.ready_at - w.started_at) * 1000, 3)}
-                for w in d.workers.values()]
-        counters = {name: d.counters[name] for name in (
-            "restarts", "crashes", "hung", "aborted", "timeouts", "retired", "retried_requests",
-            "late_replies", "rejected_peers", "malformed_messages")}
-        return rows, len(d.pending) + len(d.retries), counters, d.metrics.snapshot()
 
     @property
     def broken(self) -> PoolBroken | None:
@@ -290,12 +341,74 @@ class Pool:
     @property
     def pids(self) -> list[int]:
         """Pids of the current workers (ready or starting)."""
-        return [row["pid"] for row in self._dispatcher.call(self._dispatcher_snapshot)[0]
+        dispatcher = self._dispatcher
+        return [row["pid"] for row in dispatcher.call(lambda: _worker_rows(dispatcher))
                 if row["pid"]]
 
     @property
     def zygote_pid(self) -> int | None:
         return self._supervisor.zygote_pid
+
+    # -- versions ------------------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        """The serving version: the label given (``version=``), or ``sha256:`` and the
+        first 16 hex digits of a hash of everything published (weights and skeleton)."""
+        return self._generation.version
+
+    def reload(self, load: Callable[[], Any] | str | os.PathLike | None = None, *,
+               predict: Callable[..., Any] | None = None, version: str | None = None) -> str:
+        """Swap in a new version of the model with no request lost; returns its version.
+
+        ``load`` (default: the pool's own, run again: a model file re-read, say) runs once,
+        here; its weights go into a new segment; a new zygote and a full set of workers
+        attach and warm up beside the serving ones. Then every new request goes to them,
+        at once; requests already accepted finish on the version they were accepted by,
+        whose workers then leave and whose segment is released. Memory during the swap:
+        one copy of each version. ``predict`` replaces the pool's when given.
+
+        A reload that fails (``load()`` raises, workers cannot start, warm-up raises)
+        raises ReloadFailed naming the cause and leaves the old version serving. Reloading
+        a broken pool (its zygote died) replaces it. One reload runs at a time; a second
+        call waits for the first.
+        """
+        self._check_usable()
+        with self._reload_lock:
+            self._check_usable()
+            try:
+                load = self._load if load is None else self._loader(load)
+                predict = self._predict if predict is None else predict
+                if not callable(predict):
+                    raise TypeError(f"predict must be a callable, got {predict!r}")
+                version = _version_label(version)
+                # The new zygote starts now, importing its frameworks while load() runs.
+                prestarted, self._spare = self._spare, None
+                if prestarted is None or prestarted.process.poll() is not None:
+                    if prestarted is not None:
+                        prestarted.discard()  # it died idle: start another
+                    prestarted = self._prestart_zygote()
+                generation = self._start_generation(self._generation.number + 1, load,
+                                                    predict, version, prestarted)
+            except Exception as exc:
+                raise ReloadFailed(f"reload failed, version {self.version} still serving: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            with self._swap_lock:
+                closed = self._closed
+                if not closed:
+                    with self._history_lock:
+                        old, self._generation = self._generation, generation
+                        self._retiring.append(old)
+            if closed:
+                generation.shutdown.close(drain=False)
+                raise PoolClosed("the pool was closed during reload")
+            self._load, self._predict = load, predict
+            old.retire()
+            self._keep_a_spare()
+            return generation.version
+
+    async def reload_async(self, load=None, *, predict=None, version: str | None = None) -> str:
+        """``await``-able :meth:`reload` (it runs in a thread; the event loop keeps serving)."""
+        return await asyncio.to_thread(self.reload, load, predict=predict, version=version)
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -304,24 +417,37 @@ class Pool:
         ``drain=True`` finishes the requests already accepted first (for at most
         ``timeout`` seconds, then as with ``drain=False``); ``drain=False`` fails every
         unanswered request with PoolClosed at once. Either way no worker, socket or
-        segment is left when it returns. Safe from any thread: called from a future's
-        done-callback (the pool's own thread) it only starts the close, which then
-        finishes by itself; interrupted (Ctrl-C), a second call finishes it. In a process
-        forked from the pool's owner it does nothing: the pool is not that process's.
+        segment is left when it returns (a retiring version's included). Safe from any
+        thread: called from a future's done-callback (the pool's own thread) it only
+        starts the close, which then finishes by itself; interrupted (Ctrl-C), a second
+        call finishes it. In a process forked from the pool's owner it does nothing: the
+        pool is not that process's.
         """
-        self._shutdown.close(drain, timeout)
+        with self._swap_lock:
+            self._close_requested = True
+        if self._generation.shutdown.foreign:
+            return
+        with self._reload_lock:  # a reload under way finishes (and sees the close) first
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.discard()
+        for generation in [self._generation, *list(self._retiring)]:
+            generation.shutdown.close(drain, timeout)
 
     @property
     def _closed(self) -> bool:
-        return self._shutdown.requested
+        return self._close_requested or self._generation.shutdown.requested
 
-    def _check_open(self) -> None:
+    def _check_usable(self) -> None:
         if self._shutdown.foreign:
             raise WrongProcess(
                 f"this Pool belongs to process {self._shutdown.owner_pid}, and this process "
                 f"({os.getpid()}) was forked from it; create a Pool in this process instead")
-        if self._shutdown.requested:
+        if self._closed:
             raise PoolClosed("the pool is closed; create a new Pool")
+
+    def _check_open(self) -> None:
+        self._check_usable()
         if self._dispatcher.broken is not None:
             raise self._dispatcher.broken
 
@@ -332,32 +458,64 @@ class Pool:
         self.close()
 
     def __del__(self):
-        shutdown = getattr(self, "_shutdown", None)
-        if shutdown is None or shutdown.requested or shutdown.foreign:
+        generation = getattr(self, "_generation", None)
+        if generation is None or self._closed or generation.shutdown.foreign:
             return
         # Like an unclosed file or Popen: say so, and let the pool's own thread wind it
         # down (drain, stop the workers, release the weights) without blocking here.
         warnings.warn(f"unclosed {self!r}; call close() or use `with Pool(...) as pool:`",
                       ResourceWarning, source=self)
-        shutdown.close_soon()
+        self._close_requested = True
+        for generation in [generation, *self._retiring]:
+            generation.shutdown.close_soon()
 
     def __repr__(self) -> str:
-        shutdown = getattr(self, "_shutdown", None)
-        state = "closed" if shutdown is None or shutdown.requested else "open"
-        return (f"<workerpool.Pool {state} workers={self.config.workers} "
-                f"start_method={self.config.start_method} "
-                f"model_bytes={self._published.weight_bytes}>")
+        generation = getattr(self, "_generation", None)
+        if generation is None:
+            return "<workerpool.Pool (not started)>"
+        state = "closed" if self._closed else "open"
+        return (f"<workerpool.Pool {state} version={generation.version} "
+                f"workers={self.config.workers} start_method={self.config.start_method} "
+                f"model_bytes={generation.published.weight_bytes}>")
 
 
-def _weights_source(model, start_method: str, published) -> str:
-    """Where the workers' weights live, in words for stats()."""
-    if isinstance(model, files.ZygoteLoaded):
-        return ("loaded by the zygote, shared copy-on-write by its workers"
-                if start_method == "zygote" else "loaded by each worker (a copy per worker)")
-    places = [name for name, size in (("shared memfd", published.weight_bytes),
-                                      ("mapped weight file", published.file_bytes)) if size]
-    return "; ".join([" + ".join(places), *published.notes]).strip("; ") or \
-        "none (no arrays in the model)"
+COUNTERS = ("restarts", "crashes", "hung", "aborted", "timeouts", "retired",
+            "retried_requests", "late_replies", "rejected_peers", "malformed_messages")
+
+
+def _worker_rows(dispatcher) -> list[dict]:
+    """The workers of one dispatcher, for stats(); read on its thread."""
+    return [{"worker_id": w.worker_id, "pid": w.pid, "state": w.state,
+             "requests_served": w.served, "in_flight": len(w.inflight),
+             "start_to_ready_ms": None if w.ready_at is None
+             else round((w.ready_at - w.started_at) * 1000, 3)}
+            for w in dispatcher.workers.values()]
+
+
+def _version_label(version) -> str | None:
+    if version is None:
+        return None
+    if not isinstance(version, (str, int)) or isinstance(version, bool) or not str(version):
+        raise TypeError(f"version must be a non-empty str or int label, got {version!r}")
+    return str(version)
+
+
+def _fold_into_history(pool: "Pool"):
+    """on_exit of a generation: a retired one's final figures join the pool's history.
+    Holds the pool weakly: an unreachable pool must stay collectable."""
+    pool_ref = weakref.ref(pool)
+
+    def fold(generation: Generation) -> None:
+        pool = pool_ref()
+        if pool is None:
+            return
+        with pool._history_lock:
+            if generation in pool._retiring:
+                pool._retiring.remove(generation)
+                counters, metrics = generation.final
+                pool._history_counters.update(counters)
+                pool._history_metrics.absorb(metrics)
+    return fold
 
 
 async def _aiter(inputs):

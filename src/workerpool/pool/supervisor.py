@@ -38,24 +38,39 @@ class Supervisor:
         # (it travels on the zygote's private channel, never through a file or argv).
         self.secret = secrets.token_bytes(32)
         self.zygote_threads = 0
+        self.zygote_modules: list[str] = []  # frameworks it imported: a successor preimports
         self.ctl: socket.socket | None = None
 
-    def start_zygote(self) -> None:
-        """Start the zygote and wait until it has attached the model (or failed to)."""
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        try:
-            self.zygote = subprocess.Popen(
-                [sys.executable, "-m", "workerpool.workers.zygote",
-                 str(child_end.fileno()), str(self.published.fd)],
-                pass_fds=[child_end.fileno(), self.published.fd, *self.published.file_fds,
-                          *self.published.region_fds],
-                env=env)
-        finally:
-            child_end.close()
+    def start_zygote(self, prestarted: "PrestartedZygote | None" = None) -> None:
+        """Start the zygote and wait until it has attached the model (or failed to).
+
+        ``prestarted``: a zygote process started earlier (its imports done meanwhile) to
+        use instead of a fresh one; it gets the weights' fds over its socket. Not for
+        models with TensorFlow mapped constants, whose graph names their fd numbers."""
+        if prestarted is not None and self.published.region_fds:
+            prestarted.discard()
+            prestarted = None
+        if prestarted is None:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.zygote = subprocess.Popen(
+                    [sys.executable, "-m", "workerpool.workers.zygote",
+                     str(child_end.fileno()), str(self.published.fd)],
+                    pass_fds=[child_end.fileno(), self.published.fd,
+                              *self.published.file_fds, *self.published.region_fds],
+                    env=zygote_environment())
+            finally:
+                child_end.close()
+        else:
+            self.zygote, parent_end = prestarted.take()
         self.ctl = parent_end
-        control.send(parent_end, self._boot_message())
+        try:
+            control.send(parent_end, self._boot_message())
+            if prestarted is not None:
+                socket.send_fds(parent_end, [b"F"],
+                                [self.published.fd, *self.published.file_fds])
+        except OSError:
+            pass  # it died; its reply (EOF) says so below
         parent_end.settimeout(self.config.start_timeout)
         try:
             reply = control.recv(parent_end)
@@ -70,6 +85,7 @@ class Supervisor:
             self.stop_zygote()
             raise PoolStartError(f"the worker zygote could not attach the model:\n{detail}")
         self.zygote_threads = reply["threads"]
+        self.zygote_modules = reply.get("modules", [])
 
     def _boot_message(self) -> dict:
         config = self.config
@@ -153,6 +169,51 @@ class Supervisor:
         if self.zygote is not None and self.zygote.poll() is None:
             self.zygote.kill()
         self.stop_zygote(grace=5.0)
+
+
+def zygote_environment(**extra: str) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **extra)
+
+
+class PrestartedZygote:
+    """A zygote process started before its model exists, importing ``modules`` (the
+    frameworks of the zygote it will succeed) while the parent loads and publishes the
+    model; ``Supervisor.start_zygote`` then hands it the boot message and the fds. Exits
+    by itself when its socket closes (discard, or this process's death)."""
+
+    def __init__(self, modules: list[str]):
+        from ..workers.zygote import PREIMPORT_ENV
+
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.process: subprocess.Popen | None = subprocess.Popen(
+                [sys.executable, "-m", "workerpool.workers.zygote", str(child_end.fileno()),
+                 "-"], pass_fds=[child_end.fileno()],
+                env=zygote_environment(**{PREIMPORT_ENV: ",".join(modules)}))
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        self.ctl: socket.socket | None = parent_end
+
+    def take(self) -> tuple[subprocess.Popen, socket.socket]:
+        process, ctl = self.process, self.ctl
+        self.process = self.ctl = None
+        return process, ctl
+
+    def discard(self) -> None:
+        """Close its socket (it exits) and reap it. Idempotent."""
+        process, ctl = self.take()
+        if ctl is not None:
+            ctl.close()
+        if process is not None:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 _LIKELY_CAUSE = {

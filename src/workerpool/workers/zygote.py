@@ -161,6 +161,32 @@ class Zygote:
         return popen
 
 
+# What a prestarted zygote may import before its boot message: the frameworks the zygote
+# it replaces had imported (importing them is most of a zygote's start-up time).
+PREIMPORT_ENV = "WORKERPOOL_ZYGOTE_PREIMPORT"
+PREIMPORTABLE = ("torch", "tensorflow", "keras", "safetensors")
+
+
+def preimport(names: str) -> None:
+    for name in names.split(","):
+        if name in PREIMPORTABLE:
+            try:
+                __import__(name)
+            except Exception:  # noqa: BLE001 - attach imports it again and reports
+                pass
+
+
+def receive_fds(ctl: socket.socket, boot: dict) -> int:
+    """The weights fd and weight-file fds, sent after the boot message (SCM_RIGHTS); the
+    boot message's file fds are renumbered to ours. Returns the weights fd."""
+    expected = 1 + len(boot["file_fds"])
+    _, fds, _, _ = socket.recv_fds(ctl, 1, expected)
+    if len(fds) != expected:
+        raise RuntimeError(f"expected {expected} weight fds from the pool, got {len(fds)}")
+    boot["file_fds"] = fds[1:]
+    return fds[0]
+
+
 def os_thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
@@ -168,17 +194,25 @@ def os_thread_count() -> int:
 def main(argv: list[str]) -> int:
     worker_main.ignore_stop_signals()
     ctl = socket.socket(fileno=int(argv[0]))
+    prestarted = argv[1] == "-"
+    if prestarted:  # started before its model existed: import while the parent loads it
+        preimport(os.environ.get(PREIMPORT_ENV, ""))
     boot = control.recv(ctl)
     if boot is None:
         return 0
     sys.path[:] = boot["sys_path"]
     try:
-        zygote = Zygote(ctl, boot, int(argv[1]))
+        if prestarted:
+            weights_fd = receive_fds(ctl, boot)
+        else:
+            weights_fd = int(argv[1])
+        zygote = Zygote(ctl, boot, weights_fd)
         zygote.attach_model()
     except BaseException:
         control.send(ctl, {"op": "boot_error", "traceback": traceback.format_exc()})
         return EXIT_BOOT_ERROR
-    control.send(ctl, {"op": "booted", "pid": os.getpid(), "threads": os_thread_count()})
+    control.send(ctl, {"op": "booted", "pid": os.getpid(), "threads": os_thread_count(),
+                       "modules": [m for m in PREIMPORTABLE if m in sys.modules]})
     try:
         return zygote.run()
     finally:

@@ -1,0 +1,168 @@
+"""One version of a pool's model and everything serving it.
+
+    Generation(load, predict)
+      load() once ──publish──> sealed memfd + skeleton (its own segment)
+      its own private dir, zygote, workers, dispatcher thread, Shutdown
+      version: the user's label, or a content hash of what was published
+
+A Pool serves from one generation at a time; ``Pool.reload`` starts the next one beside it,
+switches new requests to it once its workers are warm, and retires the old one: the old
+dispatcher drains what it holds, stops its workers and releases its segment on its way out.
+Two generations never share a process, a socket or a segment, so a failed start of the new
+one cannot disturb the old.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Any, Callable
+
+from ..config import PoolConfig
+from ..errors import PoolClosed, PoolStartError
+from ..ipc import endpoints
+from ..ipc.codec import Codec
+from ..sources import files
+from .dispatcher import Dispatcher
+from .shutdown import Shutdown
+from .supervisor import PrestartedZygote, Supervisor
+from .weights import PublishedModel, publish
+
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+class Generation:
+    """The published model of one version, its zygote, workers and dispatcher thread.
+
+    ``on_exit(generation)`` runs on the dispatcher thread as its last act, after every
+    worker has stopped and the segment is released.
+    """
+
+    def __init__(self, number: int, config: PoolConfig, codec: Codec, encoded_warmup,
+                 load: Callable[[], Any], predict: Callable[..., Any],
+                 version: str | None = None, on_exit: Callable | None = None,
+                 prestarted: PrestartedZygote | None = None):
+        self.number = number
+        self.config = config
+        self.final: tuple | None = None  # (counters, metrics) once the dispatcher is gone
+        self.exited = threading.Event()
+        self._on_exit = on_exit
+        self.private_dir = private_dir = endpoints.make_private_dir()
+        try:
+            model = load()
+            self.published = publish(model, predict, use_files=not config.preload,
+                                     options={"tf_engine": config.tf_engine,
+                                              "private_dir": private_dir})
+        except BaseException:
+            endpoints.remove_private_dir(private_dir)
+            if prestarted is not None:
+                prestarted.discard()
+            raise
+        self.weights_source = weights_source(model, config.start_method, self.published)
+        del model
+        hasher = None
+        if version is None:  # hashed while the workers start; sha256 reads ~1.4 GiB/s
+            hasher = _Hasher(self.published)
+            hasher.start()
+        endpoint = endpoints.pool_endpoint(private_dir)
+        self.supervisor = Supervisor(config, self.published, private_dir, endpoint,
+                                     encoded_warmup)
+        self.shutdown = Shutdown(config, self.supervisor, self.published, private_dir)
+        self.dispatcher: Dispatcher | None = None
+        try:
+            self.supervisor.start_zygote(prestarted)
+            self.dispatcher = Dispatcher(config, self.supervisor, endpoint, codec,
+                                         on_exit=self._exit)
+            self.shutdown.dispatcher = self.dispatcher
+            self.dispatcher.start()
+            if not self.dispatcher.started.wait(config.start_timeout):
+                raise PoolStartError(
+                    f"workers were not ready within start_timeout={config.start_timeout} s")
+            if self.dispatcher.start_error is not None:
+                raise self.dispatcher.start_error
+            self.version = version if hasher is None else hasher.result()
+        except BaseException:
+            if hasher is not None:
+                hasher.join()
+            if prestarted is not None:
+                prestarted.discard()  # if the supervisor did not take it
+            self.shutdown.close(drain=False)
+            raise
+
+    def _exit(self) -> None:
+        self.shutdown.release()
+        d = self.dispatcher
+        self.final = (dict(d.counters), d.metrics.copy())
+        self.exited.set()
+        if self._on_exit is not None:
+            self._on_exit(self)
+
+    def snapshot(self, worker_rows: Callable, timeout: float = 30) -> tuple:
+        """(counters, metrics copy, worker rows, queued) of this generation, read on its
+        dispatcher thread; its final figures once that thread is gone."""
+        d = self.dispatcher
+
+        def read():
+            return (dict(d.counters), d.metrics.copy(), worker_rows(d),
+                    len(d.pending) + len(d.retries))
+
+        try:
+            return d.call(read, timeout=timeout)
+        except PoolClosed:
+            self.exited.wait(timeout)
+            counters, metrics = self.final or ({}, None)
+            return counters, metrics, [], 0
+
+    def retire(self) -> None:
+        """Take no new work, finish what is accepted, then stop and release (on the
+        dispatcher thread: returns at once)."""
+        self.shutdown.close_soon()
+
+
+def weights_source(model, start_method: str, published: PublishedModel) -> str:
+    """Where the workers' weights live, in words for stats()."""
+    if isinstance(model, files.ZygoteLoaded):
+        return ("loaded by the zygote, shared copy-on-write by its workers"
+                if start_method == "zygote" else "loaded by each worker (a copy per worker)")
+    places = [name for name, size in (("shared memfd", published.weight_bytes),
+                                      ("mapped weight file", published.file_bytes)) if size]
+    return "; ".join([" + ".join(places), *published.notes]).strip("; ") or \
+        "none (no arrays in the model)"
+
+
+class _Hasher(threading.Thread):
+    """sha256 of everything a generation published: the skeleton, the segment, the weight
+    files and mapped constants. hashlib releases the GIL on large updates."""
+
+    def __init__(self, published: PublishedModel):
+        super().__init__(name="workerpool-version-hash", daemon=True)
+        self.fds = [published.fd, *published.file_fds, *published.region_fds]
+        self.skeleton = published.skeleton
+        self.digest: str | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            digest = hashlib.sha256(self.skeleton)
+            buffer = bytearray(_HASH_CHUNK)
+            view = memoryview(buffer)
+            for fd in self.fds:
+                # Read, not mapped: pages of a weight file mapped here would count in this
+                # process's resident set as if it held a copy.
+                offset = 0
+                while True:
+                    n = os.preadv(fd, [view], offset)
+                    if n == 0:
+                        break
+                    digest.update(view[:n])
+                    offset += n
+            self.digest = "sha256:" + digest.hexdigest()[:16]
+        except BaseException as exc:  # noqa: BLE001 - reported by result()
+            self.error = exc
+
+    def result(self) -> str:
+        self.join()
+        if self.error is not None:
+            raise PoolStartError(f"hashing the published weights failed: {self.error!r}")
+        return self.digest
