@@ -354,20 +354,21 @@ def test_prometheus_metrics_parse_and_count(server, client):
     assert delta("workerpool_requests_total", model="mlp", outcome="bad_request") == 1
     assert delta("workerpool_requests_total", model="mlp", outcome="success") == 1
     assert delta("workerpool_request_duration_seconds_count", model="mlp") == 2
-    assert delta("workerpool_compute_duration_seconds_count", model="mlp") == 1
-    assert after[("workerpool_live_workers", (("model", "mlp"),))] == 1
-    assert after[("workerpool_model_ready", (("model", "keras"),))] == 1
+    assert delta("workerpool_compute_duration_seconds_count", model="mlp", version="1") == 1
+    mlp_1 = (("model", "mlp"), ("version", "1"))
+    assert after[("workerpool_live_workers", mlp_1)] == 1
+    assert after[("workerpool_model_ready", (("model", "keras"), ("version", "1")))] == 1
     status = json.loads(server.get("/status")[2])
     mlp = next(m for m in status["models"] if m["name"] == "mlp")
-    assert after[("workerpool_weights_shared_bytes", (("model", "mlp"),))] == mlp["model_bytes"]
+    assert after[("workerpool_weights_shared_bytes", mlp_1)] == mlp["model_bytes"]
     (pid,) = [w["pid"] for w in mlp["workers"]]
-    pss = after[("workerpool_worker_pss_bytes", (("model", "mlp"), ("pid", str(pid))))]
+    pss = after[("workerpool_worker_pss_bytes", tuple(sorted((*mlp_1, ("pid", str(pid))))))]
     assert 0 < pss < 1024 * MIB
     # the one successful request: one predict call of 2 rows
-    assert delta("workerpool_batch_size_count", model="mlp") == 1
-    assert delta("workerpool_batch_size_sum", model="mlp") == 2
-    assert delta("workerpool_batch_size_bucket", model="mlp", le="1.0") == 0
-    assert delta("workerpool_batch_size_bucket", model="mlp", le="2.0") == 1
+    assert delta("workerpool_batch_size_count", model="mlp", version="1") == 1
+    assert delta("workerpool_batch_size_sum", model="mlp", version="1") == 2
+    assert delta("workerpool_batch_size_bucket", model="mlp", version="1", le="1.0") == 0
+    assert delta("workerpool_batch_size_bucket", model="mlp", version="1", le="2.0") == 1
 
 
 def metric_samples(server) -> dict:

@@ -4,7 +4,12 @@
     GET  /v2/health/live | /v2/health/ready     200, or 503 until every model is ready
     GET  /v2/models/{m}[/versions/{v}]          model metadata
     GET  /v2/models/{m}[/versions/{v}]/ready    200 or 503
-    POST /v2/models/{m}[/versions/{v}]/infer    KServe v2 JSON or binary tensors (v2_http.py)
+    POST /v2/models/{m}[/versions/{v}]/infer    KServe v2 JSON or binary tensors (v2_http.py);
+                                                without a version: the newest ready one
+    POST /v2/repository/index                   every model version and its state
+    POST /v2/repository/models/{m}/load         load, or hot-swap a loaded one; optional JSON
+                                                {"parameters": {"version", "source", "config"}}
+    POST /v2/repository/models/{m}/unload       drain, then free (optional "version")
     GET  /metrics                               Prometheus text format
     GET  /                                      the operators' status page (static HTML)
     GET  /status                                what the page shows, as JSON
@@ -46,7 +51,7 @@ class App:
         self.api_key = api_key.encode() if api_key else None
         self.max_request_bytes = max_request_bytes
         self.debug = debug
-        self.metrics = ServerMetrics(registry.models)
+        self.metrics = ServerMetrics(registry)
         self.status_page = importlib.resources.files(__package__).joinpath(
             "status.html").read_bytes()
 
@@ -83,10 +88,14 @@ class App:
             if len(parts) >= 3 and parts[1] == "models":
                 await self.model_route(method, parts[2:], scope, receive, send, started)
                 return
+            if parts[1:2] == ["repository"]:
+                await self.repository_route(method, parts[2:], scope, receive, send)
+                return
             if parts == ["v2"]:
                 self.expect(method, "GET")
                 await send_json(send, 200, {"name": "workerpool", "version": __version__,
-                                            "extensions": ["binary_tensor_data"]})
+                                            "extensions": ["binary_tensor_data",
+                                                           "model_repository"]})
                 return
             if parts[1:] == ["health", "live"]:
                 await send_json(send, 200, {"live": True})
@@ -127,13 +136,41 @@ class App:
         model = self.registry.get(name, version)
         if rest == []:
             self.expect(method, "GET")
-            await send_json(send, 200, model.metadata())
+            await send_json(send, 200, model.metadata(self.registry.version_labels(name)))
         elif rest == ["ready"]:
             self.expect(method, "GET")
             await send_json(send, 200 if model.ready else 503,
                             {"name": model.name, "ready": model.ready})
         else:
             raise ModelNotFound(f"no route {method} /v2/models/{'/'.join(parts)}")
+
+    async def repository_route(self, method: str, parts: list[str], scope, receive,
+                               send) -> None:
+        """The model repository extension; load and unload run in a thread (they wait for
+        workers to start or drain) while the loop keeps serving."""
+        self.expect(method, "POST")
+        body = await self.read_body(scope, receive)
+        try:
+            request = json.loads(body) if body.strip() else {}
+        except ValueError as exc:
+            raise BadRequest(f"the body is not JSON: {exc}") from None
+        if not isinstance(request, dict):
+            raise BadRequest("the body must be a JSON object")
+        if parts == ["index"]:
+            await send_json(send, 200, self.registry.index(request.get("ready") is True))
+            return
+        if len(parts) != 3 or parts[0] != "models" or parts[2] not in ("load", "unload"):
+            raise ModelNotFound(f"no route {method} /v2/repository/{'/'.join(parts)}")
+        name, action = parts[1], parts[2]
+        parameters = request.get("parameters")
+        if action == "load":
+            model = await asyncio.to_thread(self.registry.load, name, parameters)
+            await send_json(send, 200, {"name": model.name, "version": model.version,
+                                        "weights_version": model.weights_version})
+        else:
+            models = await asyncio.to_thread(self.registry.unload, name, parameters)
+            await send_json(send, 200, {"name": name,
+                                        "unloaded": [m.version for m in models]})
 
     async def infer(self, name: str, version: str | None, scope, receive, send,
                     started: float) -> None:
@@ -161,7 +198,7 @@ class App:
             outcome = _outcome(error)
             raise
         finally:
-            if name in self.registry.models:
+            if name in self.registry.versions:
                 self.metrics.observe(name, outcome, time.perf_counter() - started)
 
     async def read_body(self, scope, receive) -> bytes:

@@ -3,6 +3,7 @@
     workerpool serve SPEC [--predict SPEC] [--name NAME] [pool options]
     workerpool serve --model NAME=SPEC --model NAME2=SPEC2 [pool options for all]
     workerpool serve --config serve.toml        ([server] and one [models.NAME] table each)
+    workerpool serve --model NAME=SPEC@1 --model NAME=SPEC2@2     (two live versions)
 
 A SPEC is ``module:attr`` or ``path/to/file.py:attr`` (a ``load`` function, or for
 ``--predict`` a predict function), or a model path/URL that ``workerpool.sources.files``
@@ -32,11 +33,13 @@ except ModuleNotFoundError:  # Python 3.10
 _MODULE_ATTR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _FILE_ATTR = re.compile(r"^(?P<file>.+\.py):(?P<attr>[A-Za-z_][\w.]*)$")
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
 
 # Pool options a model may set (per model in TOML, for every model on the command line).
 POOL_OPTIONS = ("workers", "max_batch_size", "max_wait_ms", "max_queue", "timeout",
                 "start_method", "threads_per_worker", "tf_engine", "preload",
-                "max_message_bytes", "heartbeat_timeout", "max_requests_per_worker")
+                "max_message_bytes", "heartbeat_timeout", "max_requests_per_worker",
+                "spare_zygote")
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,7 @@ class ModelSpec:
 
     name: str
     source: str | Callable[[], Any]
+    version: str = "1"
     predict: str | Callable[..., Any] | None = None
     builder: str | Callable[[], Any] | None = None
     warmup: str | list | None = None  # an .npz file (one call: its arrays by name), or inputs
@@ -130,6 +134,20 @@ def resolve(spec: str):
     return obj
 
 
+def check_version(version) -> str:
+    if not isinstance(version, str) or not _VERSION.match(version):
+        raise ConfigError(f"model version {version!r}: use letters, digits, '.', '_' and '-'")
+    return version
+
+
+def split_version(spec: str) -> tuple[str, str | None]:
+    """``SPEC@VERSION`` -> (SPEC, VERSION); a SPEC without one -> (SPEC, None)."""
+    head, sep, tail = spec.rpartition("@")
+    if sep and head and _VERSION.match(tail):
+        return head, tail
+    return spec, None
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"model name {name!r}: use letters, digits, '.', '_' and '-'")
@@ -165,9 +183,19 @@ def models_from_toml(path: str, cli_options: dict) -> tuple[list[ModelSpec], dic
     specs = []
     for name, table in models.items():
         table = dict(table)
-        if "source" not in table:
-            raise ConfigError(f"{path}: [models.{name}] needs a source")
-        known = {"source", "predict", "builder", "warmup", "inputs", "outputs",
+        versions = table.pop("versions", None)
+        if versions is None:
+            if "source" not in table:
+                raise ConfigError(f"{path}: [models.{name}] needs a source (or versions)")
+            versions = {str(table.pop("version", "1")): table.pop("source")}
+        elif "source" in table or "version" in table:
+            raise ConfigError(f"{path}: [models.{name}]: give source (and version) or "
+                              "versions, not both")
+        if not isinstance(versions, dict) or not versions or not all(
+                isinstance(v, str) for v in versions.values()):
+            raise ConfigError(f"{path}: [models.{name}] versions must be a table of "
+                              'version = "source"')
+        known = {"predict", "builder", "warmup", "inputs", "outputs",
                  "trust_pickle", *POOL_OPTIONS}
         if set(table) - known:
             raise ConfigError(f"{path}: [models.{name}] has unknown keys "
@@ -177,13 +205,18 @@ def models_from_toml(path: str, cli_options: dict) -> tuple[list[ModelSpec], dic
             warmup = os.path.join(base, warmup)
         options = dict(cli_options)
         options.update({key: table[key] for key in POOL_OPTIONS if key in table})
-        specs.append(ModelSpec(
-            name=check_name(name), source=_relative(table["source"], base),
-            predict=_relative(table.get("predict"), base),
-            builder=_relative(table.get("builder"), base), warmup=warmup,
-            inputs=table.get("inputs"), outputs=table.get("outputs"),
-            trust_pickle=bool(table.get("trust_pickle", False)), pool_options=options))
-    return specs, dict(document.get("server") or {})
+        for version, source in versions.items():
+            specs.append(ModelSpec(
+                name=check_name(name), source=_relative(source, base),
+                version=check_version(str(version)),
+                predict=_relative(table.get("predict"), base),
+                builder=_relative(table.get("builder"), base), warmup=warmup,
+                inputs=table.get("inputs"), outputs=table.get("outputs"),
+                trust_pickle=bool(table.get("trust_pickle", False)), pool_options=options))
+    settings = dict(document.get("server") or {})
+    if "allow_sources" in settings:
+        settings["allow_sources"] = [_relative(p, base) for p in settings["allow_sources"]]
+    return specs, settings
 
 
 def _relative(spec: str | None, base: str) -> str | None:

@@ -8,7 +8,7 @@ import os
 import sys
 
 from .config import (POOL_OPTIONS, ConfigError, ModelSpec, check_declarations, check_name,
-                     default_name, models_from_toml)
+                     default_name, models_from_toml, split_version)
 
 DEFAULT_PORT = 8000
 MIB = 1024 * 1024
@@ -28,10 +28,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--builder", help="module:function returning the empty module, for "
                    "state-dict files")
     p.add_argument("--name", help="the model's name in URLs (default: from the SPEC)")
-    p.add_argument("--model", action="append", default=[], metavar="NAME=SPEC",
-                   help="serve several models, each its own pool (repeatable)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=SPEC[@VERSION]",
+                   help="serve several models, each its own pool (repeatable; the same NAME "
+                   "with several @VERSIONs keeps them all live)")
     p.add_argument("--config", help="a serve.toml: [server] settings and [models.NAME] "
                    "tables (source, predict, builder, warmup, inputs, outputs, pool options)")
+    p.add_argument("--allow-source", action="append", default=[], metavar="PATH",
+                   help="a model file or directory that POST /v2/repository/models/NAME/load "
+                   "may name as parameters.source (repeatable; configured sources always are)")
+    p.add_argument("--watch", action="store_true",
+                   help="hot-swap a model when its file or directory changes (a new file "
+                   "renamed in); polls mtime, size and a hash of the first and last MiB")
+    p.add_argument("--watch-interval", type=float, default=None,
+                   help="seconds between --watch polls (default 2)")
     p.add_argument("--warmup", help="an .npz of inputs run on every worker before it takes "
                    "requests (its arrays by name)")
     p.add_argument("--workers", type=int)
@@ -39,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float)
     p.add_argument("--max-queue", type=int)
     p.add_argument("--timeout", type=float, help="seconds a request may take (504 after)")
+    p.add_argument("--spare-zygote", action="store_const", const=True, default=None,
+                   help="keep each model's next zygote started (its framework imported), "
+                   "so a hot swap skips that (about 2 s for torch) for one idle process")
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help=f"default {DEFAULT_PORT}; 0: any")
     p.add_argument("--metrics-port", type=int, help="also serve /metrics on this port")
@@ -69,12 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     from .registry import Registry
     from .server import run
 
-    registry = Registry(specs)
+    registry = Registry(specs, allowed_sources=settings["allow_sources"],
+                        defaults=settings["pool_options"],
+                        drain_timeout=settings["drain_timeout"])
     app = App(registry, api_key=settings["api_key"],
               max_request_bytes=settings["max_request_bytes"], debug=settings["debug"])
+
+    def reread_config() -> list[ModelSpec]:
+        """The models --config declares now (SIGHUP)."""
+        return models_and_settings(args)[0]
+
     return run(registry, app, host=settings["host"], port=settings["port"],
                drain_timeout=settings["drain_timeout"], metrics_port=settings["metrics_port"],
-               http=args.http, loop=args.loop)
+               http=args.http, loop=args.loop,
+               reread_config=reread_config if args.config else None,
+               watch_interval=settings["watch_interval"] if settings["watch"] else None)
 
 
 def models_and_settings(args) -> tuple[list[ModelSpec], dict]:
@@ -94,22 +115,26 @@ def models_and_settings(args) -> tuple[list[ModelSpec], dict]:
         for item in args.model:
             name, sep, source = item.partition("=")
             if not sep or not source:
-                raise ConfigError(f"--model {item!r}: use NAME=SPEC")
-            specs.append(ModelSpec(check_name(name), source, predict=args.predict,
-                                   builder=args.builder, warmup=args.warmup,
-                                   pool_options=options))
+                raise ConfigError(f"--model {item!r}: use NAME=SPEC or NAME=SPEC@VERSION")
+            source, version = split_version(source)
+            specs.append(ModelSpec(check_name(name), source, version=version or "1",
+                                   predict=args.predict, builder=args.builder,
+                                   warmup=args.warmup, pool_options=options))
     elif args.spec:
-        specs = [ModelSpec(check_name(args.name or default_name(args.spec)), args.spec,
-                           predict=args.predict, builder=args.builder, warmup=args.warmup,
-                           pool_options=options)]
+        source, version = split_version(args.spec)
+        specs = [ModelSpec(check_name(args.name or default_name(source)), source,
+                           version=version or "1", predict=args.predict,
+                           builder=args.builder, warmup=args.warmup, pool_options=options)]
     else:
         specs = [demo_spec(args.name or "demo", options)]
-    if len({spec.name for spec in specs}) != len(specs):
-        raise ConfigError(f"model names must be unique: {[spec.name for spec in specs]}")
+    labels = [f"{spec.name}@{spec.version}" for spec in specs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"each model version must be given once: {labels}")
     for spec in specs:
         check_declarations(spec)
     unknown = set(file_settings) - {"host", "port", "metrics_port", "api_key",
-                                    "max_request_bytes", "drain_timeout", "debug"}
+                                    "max_request_bytes", "drain_timeout", "debug",
+                                    "allow_sources", "watch", "watch_interval"}
     if unknown:
         raise ConfigError(f"unknown [server] settings {sorted(unknown)}")
 
@@ -125,6 +150,10 @@ def models_and_settings(args) -> tuple[list[ModelSpec], dict]:
         "max_request_bytes": setting("max_request_bytes", 64 * MIB),
         "drain_timeout": setting("drain_timeout", 30.0),
         "debug": args.debug or bool(file_settings.get("debug", False)),
+        "allow_sources": [*args.allow_source, *file_settings.get("allow_sources", [])],
+        "watch": args.watch or bool(file_settings.get("watch", False)),
+        "watch_interval": setting("watch_interval", 2.0),
+        "pool_options": options,
     }
     return specs, settings
 

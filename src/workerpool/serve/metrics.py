@@ -27,7 +27,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class ServerMetrics:
-    def __init__(self, registry_of_models):
+    def __init__(self, registry):
         self.registry = CollectorRegistry()
         self.requests = Counter("workerpool_requests", "Inference requests by outcome",
                                 ["model", "outcome"], registry=self.registry)
@@ -35,7 +35,7 @@ class ServerMetrics:
             "workerpool_request_duration_seconds",
             "Inference requests, from the first byte read to the response, in seconds",
             ["model"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
-        self.registry.register(PoolCollector(registry_of_models))
+        self.registry.register(PoolCollector(registry))
 
     def observe(self, model: str, outcome: str, seconds: float) -> None:
         self.requests.labels(model, outcome).inc()
@@ -46,7 +46,7 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-_MODEL, _WORKER = ["model"], ["model", "pid"]
+_MODEL, _WORKER = ["model", "version"], ["model", "version", "pid"]
 # (key, kind, metric name, help, labels) of what is read from each pool at scrape time
 FAMILIES = (
     ("ready", GaugeMetricFamily, "workerpool_model_ready",
@@ -77,10 +77,10 @@ FAMILIES = (
 
 
 class PoolCollector:
-    """Reads each model's pool when Prometheus scrapes."""
+    """Reads each model version's pool when Prometheus scrapes."""
 
-    def __init__(self, models):
-        self.models = models
+    def __init__(self, registry):
+        self.registry = registry
 
     def describe(self):
         return []  # the metrics depend on the models loaded; collected fresh every time
@@ -88,13 +88,14 @@ class PoolCollector:
     def collect(self):
         families = {key: kind(name, text, labels=labels)
                     for key, kind, name, text, labels in FAMILIES}
-        for model in self.models.values():
-            name = model.name
-            families["ready"].add_metric([name], 1.0 if model.ready else 0.0)
-            if model.pool is None or model.state != "ready":
+        for model in self.registry.models:
+            name = [model.name, model.version]
+            families["ready"].add_metric(name, 1.0 if model.ready else 0.0)
+            pool = model.pool
+            if pool is None or model.state != "ready":
                 continue
             try:
-                stats = model.pool.stats()
+                stats = pool.stats()
             except Exception as exc:  # noqa: BLE001 - a closing pool: skip it this time
                 log.debug("no stats for %s: %s", name, exc)
                 continue
@@ -102,28 +103,29 @@ class PoolCollector:
         yield from families.values()
 
 
-def add_pool_stats(families: dict, name: str, stats: dict) -> None:
+def add_pool_stats(families: dict, name: list[str], stats: dict) -> None:
+    """One model version's pool figures; ``name``: its [model, version] labels."""
     workers = stats["workers"]
-    families["queued"].add_metric([name], stats["queued"])
-    families["live"].add_metric([name], sum(w["state"] == "ready" for w in workers))
-    families["restarts"].add_metric([name], stats["restarts"])
-    families["crashes"].add_metric([name], stats["crashes"])
-    for worker in workers:
-        families["pss"].add_metric([name, str(worker["pid"])], worker["pss"])
-        families["uss"].add_metric([name, str(worker["pid"])], worker["uss"])
-    families["total"].add_metric([name], stats["total_pss"])
-    families["weights"].add_metric([name], stats["model_bytes"])
-    families["saved"].add_metric([name], saved_bytes(stats))
+    families["queued"].add_metric(name, stats["queued"])
+    families["live"].add_metric(name, sum(w["state"] == "ready" for w in workers))
+    families["restarts"].add_metric(name, stats["restarts"])
+    families["crashes"].add_metric(name, stats["crashes"])
+    for worker in workers + stats["retiring_workers"]:  # both versions' during a swap
+        families["pss"].add_metric([*name, str(worker["pid"])], worker["pss"])
+        families["uss"].add_metric([*name, str(worker["pid"])], worker["uss"])
+    families["total"].add_metric(name, stats["total_pss"])
+    families["weights"].add_metric(name, stats["model_bytes"])
+    families["saved"].add_metric(name, saved_bytes(stats))
     for key, histogram in (("queue_s", stats["queue_seconds_histogram"]),
                            ("compute_s", stats["compute_seconds_histogram"])):
         buckets = [(floatToGoString(bound), count) for bound, count in histogram["buckets"]]
         buckets.append(("+Inf", histogram["count"]))
-        families[key].add_metric([name], buckets, histogram["sum"])
+        families[key].add_metric(name, buckets, histogram["sum"])
     calls = stats["batch_size_histogram"]  # rows per predict call -> calls
     cumulative = [(floatToGoString(bound), sum(n for size, n in calls.items() if size <= bound))
                   for bound in BATCH_BUCKETS]
     cumulative.append(("+Inf", sum(calls.values())))
-    families["batch"].add_metric([name], cumulative, sum(size * n for size, n in calls.items()))
+    families["batch"].add_metric(name, cumulative, sum(size * n for size, n in calls.items()))
 
 
 def saved_bytes(stats: dict) -> int:

@@ -3,6 +3,9 @@
     run(): bind -> start loading every model (threads) -> uvicorn serves at once ("live")
     SIGTERM / SIGINT -> stop accepting; requests in flight finish (up to --drain-timeout);
                         every pool drains and closes; exit 0. A second SIGINT forces it.
+    SIGHUP           -> re-read --config; new models load, removed ones unload, changed
+                        ones are hot-swapped (in a thread: the loop keeps serving)
+    --watch          -> a thread polls model files and hot-swaps replaced ones (watch.py)
 
 uvicorn's own signal handling is off: it re-raises the signal after shutting down, which
 would end the process with the signal instead of 0 after a clean drain.
@@ -42,7 +45,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 async def serve(registry: Registry, app: App, *, host: str, port: int,
                 drain_timeout: float, metrics_port: int | None = None,
-                http: str = "httptools") -> int:
+                http: str = "httptools", reread_config=None,
+                watch_interval: float | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
@@ -64,6 +68,21 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signum)
+    reloading: list[asyncio.Task] = []
+
+    def reload_config() -> None:
+        if reread_config is None:
+            log.warning("workerpool serve: SIGHUP: no --config to re-read; ignored")
+            return
+        reloading.append(asyncio.ensure_future(apply_config(registry, reread_config)))
+
+    loop.add_signal_handler(signal.SIGHUP, reload_config)
+    watcher = None
+    if watch_interval is not None:
+        from .watch import Watcher
+
+        watcher = Watcher(registry, watch_interval)
+        watcher.start()
     metrics_server = None
     if metrics_port is not None:
         from prometheus_client import start_http_server
@@ -75,16 +94,35 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
         log.warning("workerpool serve: listening on every interface (%s); anyone who can "
                     "reach this machine can call the models. Set --api-key", host)
     print(f"workerpool serve: http://{host}:{bound_port} (models: "
-          f"{', '.join(registry.models)}; loading)", flush=True)
+          f"{', '.join(registry.names())}; loading)", flush=True)
     try:
         await server.serve(sockets=[sock])
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        if watcher is not None:
+            watcher.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
         await asyncio.to_thread(registry.close, drain_timeout)
     return 0
+
+
+async def apply_config(registry: Registry, reread_config) -> None:
+    """SIGHUP: the models of the re-read --config, applied in a thread."""
+    try:
+        specs = await asyncio.to_thread(reread_config)
+    except Exception as exc:  # noqa: BLE001 - a bad edit must not stop the server
+        log.error("workerpool serve: SIGHUP: the config cannot be used, nothing changed: %s",
+                  exc)
+        return
+    try:
+        done = await asyncio.to_thread(registry.apply, specs)
+    except Exception as exc:  # noqa: BLE001 - closing, say
+        log.error("workerpool serve: SIGHUP: %s", exc)
+        return
+    log.warning("workerpool serve: SIGHUP applied: %s",
+                ", ".join(f"{k} {v}" for k, v in done.items()) or "nothing changed")
 
 
 def run(registry: Registry, app: App, loop: str = "uvloop", **options) -> int:

@@ -19,22 +19,25 @@ def status_report(registry: Registry) -> dict:
     return {
         "server": {"version": __version__, "pid": os.getpid(), "ready": registry.ready,
                    "uptime_s": round(time.time() - _STARTED, 1)},
-        "models": [model_report(model) for model in registry.models.values()],
+        "models": [model_report(model) for model in registry.models],
     }
 
 
 def model_report(model) -> dict:
     report = {"name": model.name, "version": model.version, "state": model.state,
-              "ready": model.ready, "error": model.error,
+              "ready": model.ready, "error": model.error, "swaps": model.swaps,
               "metadata_source": model.metadata_source, "workers": []}
-    if model.pool is None or model.state != "ready":
+    pool = model.pool
+    if pool is None or model.state != "ready":
         return report
     try:
-        stats = model.pool.stats()
+        stats = pool.stats()
     except Exception as exc:  # noqa: BLE001 - closing or broken: say so, show what is known
         report["error"] = str(exc).splitlines()[0]
         return report
     report.update({
+        "weights_version": stats["version"],
+        "retiring_versions": stats["retiring_versions"],
         "queued": stats["queued"],
         "restarts": stats["restarts"],
         "crashes": stats["crashes"],

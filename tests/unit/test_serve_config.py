@@ -1,0 +1,107 @@
+"""What `workerpool serve` reads: versions on the command line and in TOML, and what a
+repository load/unload request may say."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+pytest.importorskip("uvicorn")
+
+from workerpool.serve.config import ConfigError, models_from_toml, split_version  # noqa: E402
+from workerpool.serve.errors import BadRequest  # noqa: E402
+from workerpool.serve.main import models_and_settings, parser  # noqa: E402
+from workerpool.serve.registry import load_parameters  # noqa: E402
+from workerpool.serve.watch import fingerprint  # noqa: E402
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("model.pt@2", ("model.pt", "2")),
+    ("app:load@v1.0", ("app:load", "v1.0")),
+    ("model.pt", ("model.pt", None)),
+    ("s3://bucket/a@b/model.pt", ("s3://bucket/a@b/model.pt", None)),  # not a version: a path
+    ("user@host:model.pt", ("user@host:model.pt", None)),
+    ("@3", ("@3", None)),
+])
+def test_split_version(spec, expected):
+    assert split_version(spec) == expected
+
+
+def test_the_same_model_twice_on_the_command_line_is_two_versions():
+    args = parser().parse_args(["--model", "m=a.pt@1", "--model", "m=b.pt@2",
+                                "--allow-source", "/models"])
+    specs, settings = models_and_settings(args)
+    assert [(s.name, s.source, s.version) for s in specs] == [("m", "a.pt", "1"),
+                                                               ("m", "b.pt", "2")]
+    assert settings["allow_sources"] == ["/models"]
+    with pytest.raises(ConfigError, match="once"):
+        models_and_settings(parser().parse_args(["--model", "m=a.pt", "--model", "m=b.pt"]))
+
+
+def test_toml_versions_and_allow_sources(tmp_path):
+    config = tmp_path / "serve.toml"
+    config.write_text(textwrap.dedent("""
+        [server]
+        allow_sources = ["staging"]
+
+        [models.m]
+        versions = {"1" = "v1.pt", "2" = "/abs/v2.pt"}
+        workers = 3
+
+        [models.n]
+        source = "n.pt"
+        version = "7"
+    """))
+    specs, settings = models_from_toml(str(config), {})
+    assert [(s.name, s.version, s.source, s.pool_options) for s in specs] == [
+        ("m", "1", str(tmp_path / "v1.pt"), {"workers": 3}),
+        ("m", "2", "/abs/v2.pt", {"workers": 3}),
+        ("n", "7", str(tmp_path / "n.pt"), {})]
+    assert settings["allow_sources"] == [str(tmp_path / "staging")]
+    config.write_text('[models.m]\nsource = "a.pt"\nversions = {"1" = "b.pt"}\n')
+    with pytest.raises(ConfigError, match="not both"):
+        models_from_toml(str(config), {})
+
+
+@pytest.mark.parametrize("parameters, expected", [
+    (None, {}),
+    ({"version": 3}, {"version": "3"}),
+    ({"config": json.dumps({"source": "/m/v2.pt"})}, {"source": "/m/v2.pt"}),
+    ({"unload_dependents": False}, {}),
+])
+def test_load_parameters(parameters, expected):
+    assert load_parameters(parameters) == expected
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ("v2", "JSON object"),
+    ({"config": "{not json"}, "not JSON"),
+    ({"file:1/model.pt": "AAAA"}, "does not take model files"),
+    ({"version": "../../etc"}, "model version"),
+    ({"version": True}, "model version"),
+    ({"path": "/etc/passwd"}, "unknown parameters"),
+])
+def test_bad_load_parameters_are_refused(parameters, message):
+    with pytest.raises(BadRequest, match=message):
+        load_parameters(parameters)
+
+
+def test_unload_takes_only_a_version():
+    with pytest.raises(BadRequest, match="unknown parameters"):
+        load_parameters({"source": "/m/v2.pt"}, unload=True)
+
+
+def test_fingerprint_changes_with_a_renamed_in_file_of_the_same_size(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"a" * 3_000_000)
+    before = fingerprint(str(path))
+    staged = tmp_path / "staged"
+    staged.write_bytes(b"a" * 2_999_999 + b"b")  # differs only in the last MiB
+    staged.rename(path)
+    assert fingerprint(str(path)) != before
+    assert fingerprint(str(tmp_path / "missing")) is None
+    directory_print = fingerprint(str(tmp_path))
+    (tmp_path / "extra").write_bytes(b"x")
+    assert fingerprint(str(tmp_path)) != directory_print
