@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
 import time
 
 import psutil
@@ -44,3 +45,36 @@ def wait_until(condition, timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+class Traffic:
+    """``threads`` callers running ``request(i)`` (i: the caller's index) back to back while
+    the ``with`` block runs. Each answer is kept with the ``floor`` read just before its
+    request was sent (a test raises it when no later request may see what came before);
+    every exception is kept in ``failures``."""
+
+    def __init__(self, request, threads: int, floor=0):
+        self.request = request
+        self.floor = floor
+        self.answers: list[tuple] = []  # (floor when sent, answer)
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, index: int) -> None:
+        while not self._stop.is_set():
+            floor = self.floor
+            try:
+                self.answers.append((floor, self.request(index)))
+            except BaseException as exc:  # noqa: BLE001 - every failure is the test's
+                self.failures.append(exc)
+
+    def __enter__(self) -> "Traffic":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 
 import pytest
@@ -13,7 +12,7 @@ from torch import nn
 
 import modelzoo
 import workerpool as wp
-from testkit import is_running, our_memfds, wait_until
+from testkit import Traffic, is_running, our_memfds, wait_until
 
 X = torch.ones(1, 8)
 
@@ -47,37 +46,20 @@ def old_generation_gone(pool_pids: list[int]) -> bool:
 
 
 def test_ten_hot_swaps_under_eight_callers_lose_nothing_and_never_go_back():
-    floor = [1]  # the version every request submitted from now on must get (or newer)
-    answers: list[tuple[int, int]] = []  # (floor when submitted, version that answered)
-    failures: list[BaseException] = []
-    stop = threading.Event()
-
-    def caller():
-        while not stop.is_set():
-            at_least = floor[0]
-            try:
-                answers.append((at_least, version_of(pool.submit(X).result(timeout=60))))
-            except BaseException as exc:  # noqa: BLE001 - every failure is a test failure
-                failures.append(exc)
-
     with wp.Pool(versioned(1), predict_slowly, workers=2, warmup=[X]) as pool:
-        callers = [threading.Thread(target=caller) for _ in range(8)]
-        for thread in callers:
-            thread.start()
-        retired_pids = []
-        try:
+        # floor: the version every request sent from now on must get (or a newer one)
+        with Traffic(lambda _: version_of(pool.submit(X).result(timeout=60)), 8,
+                     floor=1) as traffic:
+            retired_pids = []
             for version in range(2, 12):
                 time.sleep(0.15)
                 old_pids = pool.pids + [pool.zygote_pid]
                 assert pool.reload(versioned(version), version=f"v{version}") == f"v{version}"
-                floor[0] = version
+                traffic.floor = version
                 retired_pids += old_pids
                 assert not set(pool.pids) & set(old_pids)
             time.sleep(0.15)
-        finally:
-            stop.set()
-            for thread in callers:
-                thread.join()
+        answers, failures = traffic.answers, traffic.failures
         assert not failures, failures[:3]
         assert len(answers) > 200
         for at_least, answered in answers:

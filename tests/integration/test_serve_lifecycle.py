@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from serve_models import save_version, version_of
 from test_serve import Server
-from testkit import is_running, wait_until
+from testkit import Traffic, is_running, wait_until
 
 ONES = np.ones((1, 4), dtype=np.float32)
 BUILDER = "serve_models:linear"
@@ -62,32 +62,14 @@ def test_ten_hot_swaps_under_tritonclient_traffic_fail_nothing(tmp_path, client_
     try:
         server.wait_ready()
         control = client_of(server)
-        floor = [1]
-        answers, failures = [], []
-        stop = threading.Event()
-
-        def caller(client):
-            while not stop.is_set():
-                at_least = floor[0]
-                try:
-                    answers.append((at_least, infer(client)[0]))
-                except Exception as exc:  # noqa: BLE001 - every failure fails the test
-                    failures.append(exc)
-
-        callers = [threading.Thread(target=caller, args=(client_of(server),))
-                   for _ in range(4)]
-        for thread in callers:
-            thread.start()
-        try:
+        clients = [client_of(server) for _ in range(4)]
+        with Traffic(lambda i: infer(clients[i])[0], 4, floor=1) as traffic:
             for version in range(2, 12):
                 time.sleep(0.2)
                 control.load_model("lin", config=json.dumps({"source": str(paths[version])}))
-                floor[0] = version
+                traffic.floor = version
             time.sleep(0.2)
-        finally:
-            stop.set()
-            for thread in callers:
-                thread.join()
+        answers, failures = traffic.answers, traffic.failures
         assert not failures, failures[:3]
         assert {answered for _, answered in answers} == set(range(1, 12))
         assert all(answered >= at_least for at_least, answered in answers), \
@@ -275,24 +257,11 @@ def test_watch_swaps_in_a_renamed_in_file(tmp_path, client_of):
         server.wait_ready()
         client = client_of(server)
         assert infer(client) == (1, "1")
-        failures = []
-        stop = threading.Event()
-
-        def caller(own_client):
-            while not stop.is_set():
-                try:
-                    infer(own_client)
-                except Exception as exc:  # noqa: BLE001 - every failure fails the test
-                    failures.append(exc)
-
-        thread = threading.Thread(target=caller, args=(client_of(server),))
-        thread.start()
-        try:
+        busy_client = client_of(server)
+        with Traffic(lambda _: infer(busy_client), 1) as traffic:
             save_version(path, 2)  # written beside it, renamed over it
             assert wait_until(lambda: infer(client)[0] == 2, 60)
-        finally:
-            stop.set()
-            thread.join()
+        failures = traffic.failures
         assert not failures, failures[:3]
     finally:
         assert server.stop() == 0

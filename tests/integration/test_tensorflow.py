@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import workerpool as wp  # noqa: E402
-from testkit import wait_until  # noqa: E402
+from testkit import Traffic, wait_until  # noqa: E402
 
 # Reference outputs use the workers' threading (TF results depend on it). Set before any op
 # runs in this process.
@@ -207,31 +206,15 @@ def test_reload_swaps_a_keras_model_with_no_request_lost():
     x = INPUTS["dense_mlp"]()
     old, new = keras_reference(dense_mlp, x), keras_reference(dense_mlp_retrained, x)
     assert not np.array_equal(old, new)
-    answers, failures, stop = [], [], threading.Event()
-    swapped = [False]
-
-    def caller():
-        while not stop.is_set():
-            after_swap = swapped[0]
-            try:
-                answers.append((after_swap, pool.submit(x).result(timeout=120)))
-            except BaseException as exc:  # noqa: BLE001 - every failure fails the test
-                failures.append(exc)
-
     with wp.Pool(dense_mlp, call, workers=1, threads_per_worker=1) as pool:
-        callers = [threading.Thread(target=caller) for _ in range(2)]
-        for thread in callers:
-            thread.start()
-        try:
+        # floor 1: sent after reload() returned, so only the new version may answer
+        with Traffic(lambda _: pool.submit(x).result(timeout=120), 2) as traffic:
             old_version = pool.version
             pool.reload(dense_mlp_retrained)
-            swapped[0] = True
-            assert wait_until(lambda: sum(a for a, _ in answers) >= 5)
-        finally:
-            stop.set()
-            for thread in callers:
-                thread.join()
+            traffic.floor = 1
+            assert wait_until(lambda: sum(floor for floor, _ in traffic.answers) >= 5)
         assert pool.version != old_version
+    answers, failures = traffic.answers, traffic.failures
     assert not failures, failures[:3]
     for after_swap, y in answers:
         assert np.array_equal(y, new) or (not after_swap and np.array_equal(y, old))

@@ -61,9 +61,10 @@ class Generation:
             raise
         self.weights_source = weights_source(model, config.start_method, self.published)
         del model
-        hasher = None
-        if version is None:  # hashed while the workers start; sha256 reads ~1.4 GiB/s
-            hasher = _Hasher(self.published)
+        self._version = version
+        self._hasher = hasher = None
+        if version is None:  # hashed beside the start, and never in the way of a swap
+            self._hasher = hasher = _Hasher(self.published)
             hasher.start()
         endpoint = endpoints.pool_endpoint(private_dir)
         self.supervisor = Supervisor(config, self.published, private_dir, endpoint,
@@ -81,7 +82,6 @@ class Generation:
                     f"workers were not ready within start_timeout={config.start_timeout} s")
             if self.dispatcher.start_error is not None:
                 raise self.dispatcher.start_error
-            self.version = version if hasher is None else hasher.result()
         except BaseException:
             if hasher is not None:
                 hasher.join()
@@ -90,7 +90,16 @@ class Generation:
             self.shutdown.close(drain=False)
             raise
 
+    @property
+    def version(self) -> str:
+        """The label given, else a content hash (waits for the hash: about 1 s per GiB)."""
+        if self._version is None:
+            self._version = self._hasher.result()
+        return self._version
+
     def _exit(self) -> None:
+        if self._hasher is not None:
+            self._hasher.join()  # it reads the fds release() closes
         self.shutdown.release()
         d = self.dispatcher
         self.final = (dict(d.counters), d.metrics.copy())
@@ -163,6 +172,6 @@ class _Hasher(threading.Thread):
 
     def result(self) -> str:
         self.join()
-        if self.error is not None:
-            raise PoolStartError(f"hashing the published weights failed: {self.error!r}")
+        if self.error is not None:  # cannot happen short of a bug; the pool serves anyway
+            return f"unhashed ({self.error!r})"
         return self.digest
