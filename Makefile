@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/throughput.py
 	$(PY) bench/load_peak.py
 	$(PY) bench/serve.py
+	$(PY) bench/reload.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from ..config import PoolConfig
 from ..errors import PoolClosed, PoolStartError
-from ..ipc import endpoints
+from ..ipc import endpoints, memfd
 from ..ipc.codec import Codec
 from ..sources import files
 from .dispatcher import Dispatcher
@@ -156,7 +156,11 @@ class _Hasher(threading.Thread):
             digest = hashlib.sha256(self.skeleton)
             buffer = bytearray(_HASH_CHUNK)
             view = memoryview(buffer)
-            for fd in self.fds:
+            segment = memfd.map_readonly(self.fds[0])  # this process maps it anyway
+            for start in range(0, len(segment), _HASH_CHUNK):
+                digest.update(segment[start:start + _HASH_CHUNK])
+            del segment
+            for fd in self.fds[1:]:
                 # Read, not mapped: pages of a weight file mapped here would count in this
                 # process's resident set as if it held a copy.
                 offset = 0

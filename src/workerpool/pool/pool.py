@@ -81,6 +81,10 @@ class Pool:
             work (replacements included), so no request pays first-call costs (page
             faults of the mapping, lazy initialisation). A warm-up that raises is a start
             error naming it.
+        version: a label for this version of the model (default: a content hash of the
+            published weights); see :meth:`reload`.
+        spare_zygote: keep the next version's zygote started (its framework imported), so
+            :meth:`reload` skips that (about 2 s for torch); costs one idle process.
         inputs, outputs: what the model takes and returns, declared for servers
             (:class:`workerpool.TensorSpec`, or dicts/tuples of name, datatype, shape);
             the pool itself does not check them.
@@ -118,7 +122,11 @@ class Pool:
         self._retiring: list[Generation] = []
         self._spare: PrestartedZygote | None = None  # the next version's zygote, started
         self._generation = self._start_generation(1, load, predict, version)
-        self._keep_a_spare()
+        try:
+            self._keep_a_spare()
+        except BaseException:
+            self.close(drain=False)
+            raise
 
     def _loader(self, load) -> Callable[[], Any]:
         if isinstance(load, (str, os.PathLike)):
