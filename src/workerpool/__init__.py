@@ -2,7 +2,8 @@
 
 from .errors import (BatchShapeError, EncodeError, MessageTooLarge, ModelSourceError,
                      PoolBroken, PoolClosed, PoolStartError, ProtocolError, QueueFull,
-                     ReloadFailed, RemoteError, TaskTimeout, WorkerCrashed, WorkerpoolError, WrongProcess)
+                     ReloadFailed, RemoteError, TaskTimeout, WorkerCrashed, WorkerpoolError,
+                     WrongProcess)
 from .pool.pool import Pool
 from .signature import TensorSpec
 
