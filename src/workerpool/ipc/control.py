@@ -2,10 +2,13 @@
 
 The socketpair is private to the two processes (inherited, never named), so pickle is safe.
     parent -> zygote   {"op": "boot", ...}      once: what to attach and how to start workers
+                       then, to a prestarted zygote only: one byte carrying the weights fd
+                       and the weight-file fds (SCM_RIGHTS)
                        {"op": "start", "worker_id", "identity", "cpus"}
                        {"op": "signal", "worker_id", "signum"}
                        {"op": "exit"}           no more workers: reap them and leave
-    zygote -> parent   {"op": "booted", "pid", "threads"} | {"op": "boot_error", "traceback"}
+    zygote -> parent   {"op": "booted", "pid", "threads", "modules"}
+                       | {"op": "boot_error", "traceback"}
                        {"op": "started", "worker_id", "pid"}
                        {"op": "start_error", "worker_id", "traceback"}
                        {"op": "exited", "worker_id", "pid", "status"}

@@ -107,7 +107,7 @@ class Generation:
         if self._on_exit is not None:
             self._on_exit(self)
 
-    def snapshot(self, worker_rows: Callable, timeout: float = 30) -> tuple:
+    def snapshot(self, timeout: float = 30) -> tuple:
         """(counters, metrics copy, worker rows, queued) of this generation, read on its
         dispatcher thread; its final figures once that thread is gone."""
         d = self.dispatcher
@@ -127,6 +127,15 @@ class Generation:
         """Take no new work, finish what is accepted, then stop and release (on the
         dispatcher thread: returns at once)."""
         self.shutdown.close_soon()
+
+
+def worker_rows(dispatcher: Dispatcher) -> list[dict]:
+    """The workers of one dispatcher, for stats(); read on its thread."""
+    return [{"worker_id": w.worker_id, "pid": w.pid, "state": w.state,
+             "requests_served": w.served, "in_flight": len(w.inflight),
+             "start_to_ready_ms": None if w.ready_at is None
+             else round((w.ready_at - w.started_at) * 1000, 3)}
+            for w in dispatcher.workers.values()]
 
 
 def weights_source(model, start_method: str, published: PublishedModel) -> str:

@@ -27,7 +27,7 @@ from ..sources import files
 from . import memory
 from .batching import batch_key_of
 from .dispatcher import Request
-from .generation import Generation
+from .generation import Generation, worker_rows
 from .metrics import Metrics
 from .supervisor import PrestartedZygote
 
@@ -265,9 +265,9 @@ class Pool:
         """Per-worker pid, state, requests served, start time, and (``memory_usage``) PSS,
         USS, RSS, shared bytes and the weights' resident/proportional/copied bytes; the
         pool's total PSS (parent + zygotes + workers, a retiring version's and the spare
-        zygote included); the
-        published model's size; the serving ``version`` (the label given, or a content
-        hash of the published weights) and ``generation`` (1, then +1 per reload); queue
+        zygote included); the published model's size; the serving ``version`` (the label
+        given, or a content hash of the published weights) and ``generation`` (1, then +1
+        per reload); queue
         depth, batch-size histogram (rows per predict call), p50/p99 queue and compute
         time per request (ms). Counters (restarts, crashes, hung, aborted, timeouts,
         retired, retried_requests, late_replies, ...) and histograms count every version
@@ -277,7 +277,7 @@ class Pool:
         with self._history_lock:
             serving = self._generation
             generations = [serving, *self._retiring]
-            snapshots = [g.snapshot(_worker_rows) for g in generations]
+            snapshots = [g.snapshot() for g in generations]
             counters = collections.Counter(self._history_counters)
             metrics = self._history_metrics.copy()
         queued, workers, retiring_workers, zygotes = 0, [], [], []
@@ -350,7 +350,7 @@ class Pool:
     def pids(self) -> list[int]:
         """Pids of the current workers (ready or starting)."""
         dispatcher = self._dispatcher
-        return [row["pid"] for row in dispatcher.call(lambda: _worker_rows(dispatcher))
+        return [row["pid"] for row in dispatcher.call(lambda: worker_rows(dispatcher))
                 if row["pid"]]
 
     @property
@@ -482,22 +482,15 @@ class Pool:
         if generation is None:
             return "<workerpool.Pool (not started)>"
         state = "closed" if self._closed else "open"
-        return (f"<workerpool.Pool {state} version={generation.version} "
+        # The generation, not the version: a content hash may still be computing, and
+        # repr (in a warning from __del__, say) must not wait for it.
+        return (f"<workerpool.Pool {state} generation={generation.number} "
                 f"workers={self.config.workers} start_method={self.config.start_method} "
                 f"model_bytes={generation.published.weight_bytes}>")
 
 
 COUNTERS = ("restarts", "crashes", "hung", "aborted", "timeouts", "retired",
             "retried_requests", "late_replies", "rejected_peers", "malformed_messages")
-
-
-def _worker_rows(dispatcher) -> list[dict]:
-    """The workers of one dispatcher, for stats(); read on its thread."""
-    return [{"worker_id": w.worker_id, "pid": w.pid, "state": w.state,
-             "requests_served": w.served, "in_flight": len(w.inflight),
-             "start_to_ready_ms": None if w.ready_at is None
-             else round((w.ready_at - w.started_at) * 1000, 3)}
-            for w in dispatcher.workers.values()]
 
 
 def _version_label(version) -> str | None:

@@ -51,16 +51,9 @@ class Supervisor:
             prestarted.discard()
             prestarted = None
         if prestarted is None:
-            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.zygote = subprocess.Popen(
-                    [sys.executable, "-m", "workerpool.workers.zygote",
-                     str(child_end.fileno()), str(self.published.fd)],
-                    pass_fds=[child_end.fileno(), self.published.fd,
-                              *self.published.file_fds, *self.published.region_fds],
-                    env=zygote_environment())
-            finally:
-                child_end.close()
+            published = self.published
+            self.zygote, parent_end = spawn_zygote(
+                published.fd, [published.fd, *published.file_fds, *published.region_fds])
         else:
             self.zygote, parent_end = prestarted.take()
         self.ctl = parent_end
@@ -171,9 +164,24 @@ class Supervisor:
         self.stop_zygote(grace=5.0)
 
 
-def zygote_environment(**extra: str) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **extra)
+def spawn_zygote(weights_fd: int | None, pass_fds: list[int],
+                 **environment: str) -> tuple[subprocess.Popen, socket.socket]:
+    """A fresh zygote interpreter and this side of its control socket. ``weights_fd``
+    None: a prestarted zygote, which gets its fds over the socket later."""
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workerpool.workers.zygote", str(child_end.fileno()),
+             "-" if weights_fd is None else str(weights_fd)],
+            pass_fds=[child_end.fileno(), *pass_fds],
+            env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                     PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **environment))
+    except BaseException:
+        parent_end.close()
+        raise
+    finally:
+        child_end.close()
+    return process, parent_end
 
 
 class PrestartedZygote:
@@ -185,18 +193,10 @@ class PrestartedZygote:
     def __init__(self, modules: list[str]):
         from ..workers.zygote import PREIMPORT_ENV
 
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.process: subprocess.Popen | None = subprocess.Popen(
-                [sys.executable, "-m", "workerpool.workers.zygote", str(child_end.fileno()),
-                 "-"], pass_fds=[child_end.fileno()],
-                env=zygote_environment(**{PREIMPORT_ENV: ",".join(modules)}))
-        except BaseException:
-            parent_end.close()
-            raise
-        finally:
-            child_end.close()
-        self.ctl: socket.socket | None = parent_end
+        self.process: subprocess.Popen | None
+        self.ctl: socket.socket | None
+        self.process, self.ctl = spawn_zygote(None, [],
+                                              **{PREIMPORT_ENV: ",".join(modules)})
 
     def take(self) -> tuple[subprocess.Popen, socket.socket]:
         process, ctl = self.process, self.ctl

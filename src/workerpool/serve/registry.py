@@ -104,20 +104,16 @@ class Model:
                 raise errors.ReloadFailed(self.error)
             return
         started = time.monotonic()
+        same_pool = _pool_settings(spec) == _pool_settings(self.spec)
         try:
             load, predict, options = spec.pool_arguments()
+            pool = None if same_pool else Pool(load, predict, **options)
         except Exception as exc:
             raise errors.ReloadFailed(f"reload failed, the old version still serving: "
                                       f"{type(exc).__name__}: {exc}") from exc
-        if _pool_settings(spec) == _pool_settings(self.spec):
-            self.pool.reload(load, predict=predict)
+        if pool is None:
+            self.pool.reload(load, predict=predict)  # raises ReloadFailed itself
         else:
-            try:
-                pool = Pool(load, predict, **options)
-            except Exception as exc:
-                raise errors.ReloadFailed(
-                    f"reload failed, the old version still serving: {type(exc).__name__}: "
-                    f"{exc}") from exc
             old, self.pool = self.pool, pool
             old.close(drain=True)
         self.spec = spec
@@ -283,8 +279,8 @@ class Registry:
 
     def index(self, ready_only: bool = False) -> list[dict]:
         """The repository index (KServe model repository extension)."""
-        rows = [{"name": m.name, "version": m.version, "state": _INDEX_STATE[m.state]
-                 if not (m.state == "ready" and not m.ready) else "UNAVAILABLE",
+        rows = [{"name": m.name, "version": m.version,
+                 "state": "READY" if m.ready else _INDEX_STATE[m.state],
                  "reason": m.error if m.state == "failed" else ""} for m in self.models]
         return [row for row in rows if row["state"] == "READY"] if ready_only else rows
 
@@ -325,7 +321,7 @@ class Registry:
             versions = self.versions.get(name, {})
             version = parameters.get("version")
             model = versions.get(version) if version is not None else (
-                newest_first(list(versions.values()))[0] if versions else None)
+                newest(versions) if versions else None)
             if model is None:
                 spec = self._new_spec(name, versions, version, parameters.get("source"))
                 model = Model(spec)
@@ -369,7 +365,7 @@ class Registry:
                     if not self.versions[model.name]:
                         del self.versions[model.name]
                     done[f"{model.name}@{model.version}"] = "removed"
-            for key, spec in wanted.items():
+            for spec in wanted.values():
                 model = self.versions.get(spec.name, {}).get(spec.version)
                 label = f"{spec.name}@{spec.version}"
                 try:
@@ -425,7 +421,7 @@ class Registry:
     def _new_spec(self, name: str, versions: dict, version: str | None,
                   source) -> ModelSpec:
         if versions:  # a new version of a known model: its newest version's settings
-            template = newest_first(list(versions.values()))[0].spec
+            template = newest(versions).spec
             label = version if version is not None else next_version(versions)
             return dataclasses.replace(template, version=label,
                                        source=self.allowed(source) if source else
@@ -441,8 +437,14 @@ class Registry:
                          version=version or DEFAULT_VERSION, pool_options=dict(self.defaults))
 
 
-_INDEX_STATE = {"loading": "LOADING", "ready": "READY", "failed": "UNAVAILABLE",
+# The index state of a model version that is not ready (Model.ready), by Model.state:
+# "ready" there means its pool has no live worker right now (broken, say).
+_INDEX_STATE = {"loading": "LOADING", "ready": "UNAVAILABLE", "failed": "UNAVAILABLE",
                 "unloading": "UNLOADING", "unavailable": "UNAVAILABLE", "closed": "UNAVAILABLE"}
+
+
+def newest(versions: dict[str, Model]) -> Model:
+    return newest_first(list(versions.values()))[0]
 
 
 def newest_first(models: list[Model]) -> list[Model]:

@@ -68,13 +68,15 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signum)
-    reloading: list[asyncio.Task] = []
+    reloading: set[asyncio.Task] = set()  # the loop holds tasks weakly
 
     def reload_config() -> None:
         if reread_config is None:
             log.warning("workerpool serve: SIGHUP: no --config to re-read; ignored")
             return
-        reloading.append(asyncio.ensure_future(apply_config(registry, reread_config)))
+        task = asyncio.ensure_future(apply_config(registry, reread_config))
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_config)
     watcher = None
