@@ -12,6 +12,9 @@ $(STAMP): setup.cfg pyproject.toml
 	# torch first and pinned: the CPU build on local disk; nothing may pull a newer one.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[torch,dev]'
+	# TF Serving's client package, for the tests: its own requirements would pull the full
+	# tensorflow package beside tensorflow-cpu (already installed by dev).
+	$(PY) -m pip install --quiet --no-deps 'tensorflow-serving-api>=2.21'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -76,10 +76,13 @@ class Server:
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         self.port = int(re.search(r"http://[\w.]+:(\d+)", line)[1])
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + 120
         while not self.ready():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{stack} server not ready")
+                raise RuntimeError("the server is not ready after 120 s")
             time.sleep(0.1)
 
     def ready(self) -> bool:
@@ -100,9 +103,15 @@ class Server:
 
 def http_load(port: int, body: tuple, connections: int, requests: int) -> dict:
     path, headers = body
+    return run_load("http_load.py", ["127.0.0.1", str(port), "/v2/models/demo/infer",
+                                     str(path), "--headers-json", json.dumps(headers)],
+                    connections, requests)
+
+
+def run_load(script: str, arguments: list[str], connections: int, requests: int) -> dict:
+    """One trial of a load generator of bench/ in its own process; its JSON result."""
     done = subprocess.run(
-        [sys.executable, str(HERE / "http_load.py"), "127.0.0.1", str(port),
-         "/v2/models/demo/infer", str(path), "--headers-json", json.dumps(headers),
+        [sys.executable, str(HERE / script), *arguments,
          "--connections", str(connections), "--requests", str(requests),
          "--warmup", str(min(requests // 10, 500))],
         capture_output=True, text=True, check=True)

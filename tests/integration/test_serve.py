@@ -73,7 +73,7 @@ CONFIG = textwrap.dedent("""
 class Server:
     """A `workerpool serve` process; ``url`` once it listens."""
 
-    def __init__(self, args: list[str], env: dict | None = None):
+    def __init__(self, args: list[str], env: dict | None = None, grpc_lines: int = 0):
         environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [TESTS, os.path.join(TESTS, "integration"), os.environ.get("PYTHONPATH", "")]))
         environment.update(env or {})
@@ -87,6 +87,12 @@ class Server:
         self.address = self.url.removeprefix("http://")
         self.host, self.port = self.address.rsplit(":", 1)
         self.port = int(self.port)
+        self.grpc = {}  # what it speaks ("KServe v2", "TensorFlow Serving") -> address
+        for _ in range(grpc_lines):  # "workerpool serve: grpc://HOST:PORT (WHAT)"
+            line = self.process.stdout.readline()
+            assert line.startswith("workerpool serve: grpc://"), line + self.stderr()
+            address, what = line.split(None, 3)[2:]
+            self.grpc[what.strip().strip("()")] = address.removeprefix("grpc://")
 
     def get(self, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
         return request("GET", self.url + path, headers=headers)
@@ -351,9 +357,12 @@ def test_prometheus_metrics_parse_and_count(server, client):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0) - before.get(key, 0)
 
-    assert delta("workerpool_requests_total", model="mlp", outcome="bad_request") == 1
-    assert delta("workerpool_requests_total", model="mlp", outcome="success") == 1
-    assert delta("workerpool_request_duration_seconds_count", model="mlp") == 2
+    assert delta("workerpool_requests_total", model="mlp", outcome="bad_request",
+                 protocol="kserve_http") == 1
+    assert delta("workerpool_requests_total", model="mlp", outcome="success",
+                 protocol="kserve_http") == 1
+    assert delta("workerpool_request_duration_seconds_count", model="mlp",
+                 protocol="kserve_http") == 2
     assert delta("workerpool_compute_duration_seconds_count", model="mlp", version="1") == 1
     mlp_1 = (("model", "mlp"), ("version", "1"))
     assert after[("workerpool_live_workers", mlp_1)] == 1

@@ -15,9 +15,13 @@ import workerpool as wp  # noqa: E402
 from testkit import Traffic, wait_until  # noqa: E402
 
 # Reference outputs use the workers' threading (TF results depend on it). Set before any op
-# runs in this process.
-tf.config.threading.set_intra_op_parallelism_threads(1)
-tf.config.threading.set_inter_op_parallelism_threads(1)
+# runs in this process. A server imports this module to load dense_mlp while another model
+# may already have started TF (models load in threads): there, nothing is computed here.
+try:
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+except RuntimeError:
+    pass
 
 MIB = 1024 * 1024
 

@@ -172,13 +172,26 @@ class FrozenGraph:
 
     def __call__(self, inputs):
         self.prepare_in_worker()
-        feeds = [inputs[key] for key in self.input_keys] if self.input_keys else [inputs]
+        feeds = [inputs] if not self.input_keys else self._feeds(inputs)
         outputs = self._function(feeds)
         if isinstance(self.output_keys, list):
             return dict(zip(self.output_keys, outputs))
         if isinstance(self.output_keys, int):
             return tuple(outputs)
         return outputs[0]
+
+    def _feeds(self, inputs) -> list:
+        """A signature's named inputs, in its order; a bare array for a one-input one."""
+        if not isinstance(inputs, dict):
+            if len(self.input_keys) == 1:
+                return [inputs]
+            raise ValueError(f"this model takes the named inputs {self.input_keys}: pass a "
+                             "dict of them")
+        missing = [key for key in self.input_keys if key not in inputs]
+        if missing:
+            raise ValueError(f"this model takes the inputs {self.input_keys}; missing "
+                             f"{missing}")
+        return [inputs[key] for key in self.input_keys]
 
     def _build(self):
         """A graph-mode session over the imported GraphDef.

@@ -10,6 +10,8 @@
     POST /v2/repository/models/{m}/load         load, or hot-swap a loaded one; optional JSON
                                                 {"parameters": {"version", "source", "config"}}
     POST /v2/repository/models/{m}/unload       drain, then free (optional "version")
+    POST /v1/models/{m}[/versions/{v}]:predict  TensorFlow Serving's REST API (tf_rest.py),
+    GET  /v1/models/{m}[/versions/{v}][/metadata]   and its status and metadata routes
     GET  /metrics                               Prometheus text format
     GET  /                                      the operators' status page (static HTML)
     GET  /status                                what the page shows, as JSON
@@ -29,7 +31,7 @@ import logging
 import time
 
 from .. import __version__
-from . import v2_http
+from . import tf_rest, v2_http
 from .errors import (BadRequest, MethodNotAllowed, ModelNotFound, RequestTooLarge, Unauthorized,
                      message_of, status_of)
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -104,6 +106,9 @@ class App:
                 ready = self.registry.ready
                 await send_json(send, 200 if ready else 503, {"ready": ready})
                 return
+        elif parts[:2] == ["v1", "models"]:
+            await tf_rest.route(self, method, parts, scope, receive, send, started)
+            return
         elif path == "/metrics":
             self.expect(method, "GET")
             body = await asyncio.to_thread(self.metrics.exposition)
@@ -174,8 +179,8 @@ class App:
 
     async def infer(self, name: str, version: str | None, scope, receive, send,
                     started: float) -> None:
-        outcome = "error"
-        try:
+        with self.metrics.counted(name, "kserve_http", lambda: name in self.registry.versions,
+                                  started):
             self.registry.get(name, version)  # 404 before reading a body
             body = await self.read_body(scope, receive)
             request = v2_http.parse_infer(body, header(scope, b"inference-header-content-length"))
@@ -185,21 +190,14 @@ class App:
                 unknown = [o.name for o in wanted if o.name not in outputs]
                 if unknown:
                     raise BadRequest(f"model {name} has no outputs {unknown}; it has "
-                                             f"{sorted(outputs)}")
+                                     f"{sorted(outputs)}")
             try:
                 response, headers = v2_http.encode_response(model.name, model.version,
                                                             request, outputs)
             except ValueError as exc:
                 raise RuntimeError(f"the model's output cannot be sent: {exc}") from None
-            outcome = "success"
             await send_body(send, 200, response,
                             [(k.encode(), v.encode()) for k, v in headers.items()])
-        except Exception as error:
-            outcome = _outcome(error)
-            raise
-        finally:
-            if name in self.registry.versions:
-                self.metrics.observe(name, outcome, time.perf_counter() - started)
 
     async def read_body(self, scope, receive) -> bytes:
         """The whole body; 413 before reading it when Content-Length says it is too big,
@@ -242,13 +240,6 @@ class App:
             await send_body(send, status, body, headers)
         except Exception:  # noqa: BLE001 - the response had started, or the client is gone
             pass
-
-
-def _outcome(error: BaseException) -> str:
-    """A metrics label for how a request ended."""
-    status, _ = status_of(error)
-    return {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large",
-            503: "unavailable", 504: "timeout"}.get(status, "error")
 
 
 def header(scope, name: bytes) -> str | None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import signature
 from ..sources import files
+from . import tf_warmup
 
 try:
     import tomllib
@@ -79,10 +80,17 @@ class ModelSpec:
 
     def warmup_samples(self) -> list:
         """The warm-up inputs: from an .npz file, one sample: a dict of its arrays by name;
-        a list is taken as it is (each item an array, or a dict of arrays by name)."""
+        a list is taken as it is (each item an array, or a dict of arrays by name). None:
+        a SavedModel directory's TF Serving warm-up requests, if it has them."""
         warmup = self.warmup
         if warmup is None:
-            return []
+            recorded = tf_warmup.warmup_file(self.source)  # TF Serving's convention
+            if recorded is None:
+                return []
+            try:
+                return tf_warmup.read_samples(recorded)
+            except tf_warmup.WarmupError as exc:
+                raise ConfigError(str(exc)) from None
         if not isinstance(warmup, (str, os.PathLike)):
             return list(warmup)
         try:

@@ -54,10 +54,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help=f"default {DEFAULT_PORT}; 0: any")
     p.add_argument("--metrics-port", type=int, help="also serve /metrics on this port")
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve KServe v2 over gRPC (inference.GRPCInferenceService: "
+                   "tritonclient.grpc) on this port; 0: any (needs the grpc extra)")
+    p.add_argument("--tf-serving-port", type=int, default=None,
+                   help="also serve TensorFlow Serving's gRPC API (PredictionService, "
+                   "ModelService; TF Serving's own default is 8500) on this port; 0: any "
+                   "(needs the tfserving extra). Its REST API is always on the HTTP port")
     p.add_argument("--api-key", default=None, help="require this key on every route but "
                    "health (also WORKERPOOL_API_KEY)")
     p.add_argument("--max-request-bytes", type=int, default=None,
-                   help="largest request body (default 64 MiB)")
+                   help="largest request body, or gRPC request message (default 64 MiB)")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds to finish requests in flight on SIGTERM (default 30)")
     p.add_argument("--http", choices=("httptools", "h11"), default="httptools",
@@ -77,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"workerpool serve: {exc}", file=sys.stderr)
         return 2
+    missing = missing_extra(settings)
+    if missing:
+        print(f"workerpool serve: {missing}", file=sys.stderr)
+        return 2
     from .app import App
     from .registry import Registry
     from .server import run
@@ -95,7 +106,18 @@ def main(argv: list[str] | None = None) -> int:
                drain_timeout=settings["drain_timeout"], metrics_port=settings["metrics_port"],
                http=args.http, loop=args.loop,
                reread_config=reread_config if args.config else None,
-               watch_interval=settings["watch_interval"] if settings["watch"] else None)
+               watch_interval=settings["watch_interval"] if settings["watch"] else None,
+               grpc_port=settings["grpc_port"], tf_serving_port=settings["tf_serving_port"])
+
+
+def missing_extra(settings: dict) -> str | None:
+    """What to install for the protocols asked for, if it is not installed."""
+    for port, extra in (("grpc_port", "grpc"), ("tf_serving_port", "tfserving")):
+        if settings[port] is not None and not all(
+                _installed(m) for m in ("grpc", "google.protobuf")):
+            return (f"--{port.replace('_', '-')} needs grpcio and protobuf: "
+                    f"pip install 'workerpool[{extra}]'")
+    return None
 
 
 def models_and_settings(args) -> tuple[list[ModelSpec], dict]:
@@ -134,7 +156,8 @@ def models_and_settings(args) -> tuple[list[ModelSpec], dict]:
         check_declarations(spec)
     unknown = set(file_settings) - {"host", "port", "metrics_port", "api_key",
                                     "max_request_bytes", "drain_timeout", "debug",
-                                    "allow_sources", "watch", "watch_interval"}
+                                    "allow_sources", "watch", "watch_interval",
+                                    "grpc_port", "tf_serving_port"}
     if unknown:
         raise ConfigError(f"unknown [server] settings {sorted(unknown)}")
 
@@ -146,6 +169,8 @@ def models_and_settings(args) -> tuple[list[ModelSpec], dict]:
         "host": setting("host", "127.0.0.1"),
         "port": setting("port", DEFAULT_PORT),
         "metrics_port": setting("metrics_port", None),
+        "grpc_port": setting("grpc_port", None),
+        "tf_serving_port": setting("tf_serving_port", None),
         "api_key": setting("api_key", os.environ.get("WORKERPOOL_API_KEY") or None),
         "max_request_bytes": setting("max_request_bytes", 64 * MIB),
         "drain_timeout": setting("drain_timeout", 30.0),
@@ -164,3 +189,12 @@ def demo_spec(name: str, options: dict) -> ModelSpec:
     return ModelSpec(name, demo_model.load, predict=demo_model.predict,
                      warmup=[demo_model.example(1)], inputs=list(demo_model.INPUTS),
                      outputs=list(demo_model.OUTPUTS), pool_options=options)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False

@@ -1,6 +1,8 @@
 """Prometheus metrics of a server: per request as they happen, per pool when scraped.
 
-    each HTTP request ──> requests_total{model, outcome}, request_duration_seconds{model}
+    each inference request ──> requests_total{model, outcome, protocol},
+                               request_duration_seconds{model, protocol}
+        protocol: kserve_http, kserve_grpc, tfserving_grpc, tfserving_rest
     GET /metrics ──> PoolCollector: pool.stats() of every model, read at scrape time:
         queue/compute duration and batch-size histograms (cumulative, from the pool),
         queue depth, live workers, restarts, per-worker PSS/USS, weights' shared bytes
@@ -11,7 +13,9 @@ One registry per server (not prometheus-client's global one), so servers in one 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -19,6 +23,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.utils import floatToGoString
 
 from ..pool.metrics import LATENCY_BUCKETS_S
+from .errors import outcome_of
 
 log = logging.getLogger("workerpool.serve")
 
@@ -30,16 +35,32 @@ class ServerMetrics:
     def __init__(self, registry):
         self.registry = CollectorRegistry()
         self.requests = Counter("workerpool_requests", "Inference requests by outcome",
-                                ["model", "outcome"], registry=self.registry)
+                                ["model", "outcome", "protocol"], registry=self.registry)
         self.request_duration = Histogram(
             "workerpool_request_duration_seconds",
             "Inference requests, from the first byte read to the response, in seconds",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+            ["model", "protocol"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self.registry.register(PoolCollector(registry))
 
-    def observe(self, model: str, outcome: str, seconds: float) -> None:
-        self.requests.labels(model, outcome).inc()
-        self.request_duration.labels(model).observe(seconds)
+    def observe(self, model: str, outcome: str, seconds: float, protocol: str) -> None:
+        self.requests.labels(model, outcome, protocol).inc()
+        self.request_duration.labels(model, protocol).observe(seconds)
+
+    @contextlib.contextmanager
+    def counted(self, model: str, protocol: str, known, started: float | None = None):
+        """Counts the request the block answers, with its outcome (errors.outcome_of);
+        only while ``known()`` (a model this server has: no label per unknown name)."""
+        started = time.perf_counter() if started is None else started
+        outcome = "error"
+        try:
+            yield
+            outcome = "success"
+        except BaseException as error:
+            outcome = outcome_of(error)
+            raise
+        finally:
+            if known():
+                self.observe(model, outcome, time.perf_counter() - started, protocol)
 
     def exposition(self) -> bytes:
         """The text format; reads every pool's stats (call it off the event loop)."""

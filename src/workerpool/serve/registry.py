@@ -286,6 +286,9 @@ class Registry:
 
     async def infer(self, name: str, version: str | None, inputs: dict,
                     timeout: float | None = None) -> tuple[Model, dict[str, np.ndarray]]:
+        """predict on ``inputs`` (by name) in that version's pool: (the model, its outputs
+        by name). ``timeout``: the caller's deadline in seconds (a gRPC client's), which
+        shortens the model's own ``timeout``, never lengthens it."""
         model = self.get(name, version)
         if not model.ready:
             raise NotReady(_not_ready_reason(model))
@@ -294,8 +297,14 @@ class Registry:
         while True:
             if pool is None:  # unloaded since the check
                 raise NotReady(_not_ready_reason(model))
+            limit = timeout
+            if limit is not None and pool.config.timeout is not None:
+                limit = min(limit, pool.config.timeout)
+            if limit is not None and limit <= 0:
+                raise errors.TaskTimeout("the caller's deadline had passed when the request "
+                                         "arrived")
             try:
-                result = await pool.submit_async(argument, timeout=timeout)
+                result = await pool.submit_async(argument, timeout=limit)
                 break
             except errors.PoolClosed as exc:
                 if model.pool is None or model.pool is pool:  # not a swap of pools: closing

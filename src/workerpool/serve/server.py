@@ -1,8 +1,10 @@
 """Running the server: one event loop, uvicorn on it, the models loading beside it.
 
-    run(): bind -> start loading every model (threads) -> uvicorn serves at once ("live")
-    SIGTERM / SIGINT -> stop accepting; requests in flight finish (up to --drain-timeout);
-                        every pool drains and closes; exit 0. A second SIGINT forces it.
+    run(): bind -> gRPC servers (--grpc-port, --tf-serving-port) start on this loop
+           -> start loading every model (threads) -> uvicorn serves at once ("live")
+    SIGTERM / SIGINT -> stop accepting (HTTP and gRPC); requests in flight finish (up to
+                        --drain-timeout); every pool drains and closes; exit 0. A second
+                        SIGINT forces it.
     SIGHUP           -> re-read --config; new models load, removed ones unload, changed
                         ones are hot-swapped (in a thread: the loop keeps serving)
     --watch          -> a thread polls model files and hot-swaps replaced ones (watch.py)
@@ -46,16 +48,25 @@ def bind(host: str, port: int) -> socket.socket:
 async def serve(registry: Registry, app: App, *, host: str, port: int,
                 drain_timeout: float, metrics_port: int | None = None,
                 http: str = "httptools", reread_config=None,
-                watch_interval: float | None = None) -> int:
+                watch_interval: float | None = None, grpc_port: int | None = None,
+                tf_serving_port: int | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
+    grpc_servers = await start_grpc(app, host, grpc_port, tf_serving_port)
     config = uvicorn.Config(app, http=http if _has(http) else "h11",
                             lifespan="off", access_log=False, log_level="warning",
                             timeout_graceful_shutdown=int(max(1, drain_timeout)),
                             timeout_keep_alive=30)
     server = _Server(config)
     loop = asyncio.get_running_loop()
+    grpc_draining: list[asyncio.Task] = []
+
+    def drain_grpc() -> None:
+        """New calls refused at once; those in flight get up to drain_timeout."""
+        if not grpc_draining:
+            grpc_draining.extend(asyncio.ensure_future(g.stop(drain_timeout))
+                                 for g, _, _ in grpc_servers)
 
     def stop(signum: int) -> None:
         if server.should_exit and signum == signal.SIGINT:
@@ -65,6 +76,7 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
                     signal.Signals(signum).name)
         registry.closing = True  # ready turns 503 for load balancers at once
         server.should_exit = True
+        drain_grpc()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signum)
@@ -97,9 +109,13 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
                     "reach this machine can call the models. Set --api-key", host)
     print(f"workerpool serve: http://{host}:{bound_port} (models: "
           f"{', '.join(registry.names())}; loading)", flush=True)
+    for _, grpc_bound, what in grpc_servers:
+        print(f"workerpool serve: grpc://{host}:{grpc_bound} ({what})", flush=True)
     try:
         await server.serve(sockets=[sock])
     finally:
+        drain_grpc()
+        await asyncio.gather(*grpc_draining, return_exceptions=True)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         if watcher is not None:
@@ -108,6 +124,36 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
             metrics_server.shutdown()
         await asyncio.to_thread(registry.close, drain_timeout)
     return 0
+
+
+async def start_grpc(app: App, host: str, grpc_port: int | None,
+                     tf_serving_port: int | None) -> list[tuple]:
+    """The gRPC servers asked for, started: (server, port, what it speaks) each. One port
+    given for both serves both services."""
+    wanted = []
+    if grpc_port is not None:
+        from .v2_grpc import KServeGrpc
+
+        wanted.append(([KServeGrpc], grpc_port, "KServe v2"))
+    if tf_serving_port is not None:
+        from .tf_serving import TFServingGrpc
+
+        if wanted and tf_serving_port == grpc_port != 0:
+            wanted = [([KServeGrpc, TFServingGrpc], grpc_port,
+                       "KServe v2 and TensorFlow Serving")]
+        else:
+            wanted.append(([TFServingGrpc], tf_serving_port, "TensorFlow Serving"))
+    if not wanted:
+        return []
+    from . import grpc_server
+
+    started = []
+    for fronts, port, what in wanted:
+        server, bound = await grpc_server.start(
+            [front(app.registry, app.metrics, api_key=app.api_key, debug=app.debug)
+             for front in fronts], host, port, max_message_bytes=app.max_request_bytes)
+        started.append((server, bound, what))
+    return started
 
 
 async def apply_config(registry: Registry, reread_config) -> None:

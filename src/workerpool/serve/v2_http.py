@@ -118,15 +118,15 @@ def _decode_input(tensor, raw: memoryview, offset: int):
         if offset + size > len(raw):
             raise BadRequest(f"input {name!r}: binary_data_size {size} runs past the end of "
                              f"the body ({len(raw) - offset} bytes left)")
-        return name, _from_binary(name, datatype, shape, count, raw[offset:offset + size]), size
+        return name, from_binary(name, datatype, shape, count, raw[offset:offset + size]), size
     if "data" not in tensor:
         raise BadRequest(f"input {name!r} has neither data nor parameters.binary_data_size")
     return name, _from_json(name, datatype, shape, count, tensor["data"]), 0
 
 
-def _from_binary(name: str, datatype: str, shape: list, count: int, data: memoryview):
+def from_binary(name: str, datatype: str, shape: list, count: int, data: memoryview):
     if datatype == "BYTES":
-        return _nest(_split_bytes(name, data, count), shape)
+        return nest(_split_bytes(name, data, count), shape)
     dtype = DATATYPES[datatype]
     if len(data) != count * dtype.itemsize:
         raise BadRequest(f"input {name!r}: shape {shape} of {datatype} needs "
@@ -160,7 +160,7 @@ def _from_json(name: str, datatype: str, shape: list, count: int, data):
     if datatype == "BYTES":
         if not all(isinstance(v, str) for v in flat):
             raise BadRequest(f"input {name!r}: BYTES data must be strings")
-        return _nest([v.encode() for v in flat], shape)
+        return nest([v.encode() for v in flat], shape)
     if datatype == "BOOL":
         if not all(isinstance(v, bool) for v in flat):
             raise BadRequest(f"input {name!r}: BOOL data must be true or false")
@@ -191,7 +191,7 @@ def _flatten(data: list, name: str) -> list:
     return flat
 
 
-def _nest(items: list, shape: list):
+def nest(items: list, shape: list):
     """A flat list as nested lists of ``shape`` (BYTES tensors: lists of bytes)."""
     for size in reversed(shape[1:]):
         items = [items[i:i + size] for i in range(0, len(items), size)] if size else []
@@ -248,7 +248,7 @@ def encode_response(model: str, version: str, request: InferRequest,
         datatype = datatype_of(array.dtype)
         tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
-            data = _bytes_of(array, datatype)
+            data = bytes_of(array, datatype)
             tensor["parameters"] = {"binary_data_size": len(data)}
             buffers.append(data)
         else:
@@ -265,7 +265,7 @@ def encode_response(model: str, version: str, request: InferRequest,
         "inference-header-content-length": str(len(header_bytes))}
 
 
-def _bytes_of(array: np.ndarray, datatype: str) -> bytes:
+def bytes_of(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         return b"".join(_LENGTH.pack(len(item)) + item for item in array.reshape(-1).tolist())
     little = array.astype(array.dtype.newbyteorder("<"), copy=False)

@@ -1,0 +1,123 @@
+"""The gRPC front ends, on the server's one event loop beside HTTP.
+
+    --grpc-port        inference.GRPCInferenceService                  (v2_grpc.py)
+    --tf-serving-port  tensorflow.serving.PredictionService, ModelService  (tf_serving.py)
+
+One grpcio asyncio server per port, started on the loop uvicorn runs on and calling the
+same registry: the same pools, batching, queue limits and errors as HTTP. Methods are
+registered by their path (``/inference.GRPCInferenceService/ModelInfer``) with message
+classes from our own descriptor pool (proto/), so no generated ``_pb2_grpc`` stubs are
+needed. Every method goes through :func:`method`: the API key is checked, an error becomes
+the gRPC status errors.py maps it to, and the client's deadline becomes the request's
+timeout (never longer than the model's own ``timeout``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from .errors import Unauthorized, grpc_code_of, message_of
+
+log = logging.getLogger("workerpool.serve")
+
+OPEN_METHODS = {"ServerLive", "ServerReady"}  # health: no API key needed, as over HTTP
+
+
+class Call:
+    """What a method needs of its gRPC call beyond the request message."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self.context = context
+
+    def timeout(self) -> float | None:
+        """Seconds left of the client's deadline (None: it set none)."""
+        return self.context.time_remaining()
+
+
+class Front:
+    """One protocol's methods and the server settings they share."""
+
+    protocol = "grpc"  # the metrics' protocol label
+
+    def __init__(self, registry, metrics, *, api_key: bytes | None = None,
+                 debug: bool = False):
+        self.registry = registry
+        self.metrics = metrics
+        self.api_key = api_key
+        self.debug = debug
+
+    def methods(self) -> dict[str, dict[str, tuple]]:
+        """service name -> method name -> (handler, request class, response class);
+        a handler is ``async (request, Call) -> response``."""
+        raise NotImplementedError
+
+    def counted(self, model: str):
+        """Counts one inference request of ``model`` in the metrics, with its outcome."""
+        return self.metrics.counted(model, self.protocol,
+                                    lambda: model in self.registry.versions)
+
+
+def method(front: Front, name: str, handler: Callable[..., Awaitable]):
+    """One unary method as grpcio calls it (a coroutine function, so it runs on the
+    loop): the API key checked, the handler run, an error turned into a gRPC status."""
+    async def call(request, context: grpc.aio.ServicerContext):
+        try:
+            if front.api_key is not None and name not in OPEN_METHODS:
+                check_key(context.invocation_metadata(), front.api_key)
+            return await handler(request, Call(context))
+        except Exception as error:  # noqa: BLE001 - every error is a status, never a crash
+            code = grpc.StatusCode[grpc_code_of(error)]
+            if code == grpc.StatusCode.INTERNAL:
+                log.info("%s failed: %s", name, error)
+            await context.abort(code, message_of(error, front.debug))
+
+    return call
+
+
+def check_key(metadata, key: bytes) -> None:
+    given = None
+    for name, value in metadata or ():
+        value = value.encode() if isinstance(value, str) else value
+        if name == "authorization" and value[:7].lower() == b"bearer ":
+            given = value[7:].strip()
+        elif name == "x-api-key":
+            given = value.strip()
+    if given is None or not hmac.compare_digest(given, key):
+        raise Unauthorized("this server needs its API key: send the metadata "
+                           "'authorization: Bearer <key>' (or 'x-api-key: <key>')")
+
+
+def handlers(front: Front) -> list:
+    """grpcio generic handlers for every method of ``front``."""
+    result = []
+    for service, methods in front.methods().items():
+        table = {
+            name: grpc.unary_unary_rpc_method_handler(
+                method(front, name, handler), request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString)
+            for name, (handler, request, response) in methods.items()}
+        result.append(grpc.method_handlers_generic_handler(service, table))
+    return result
+
+
+async def start(fronts: list[Front], host: str, port: int, *,
+                max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
+    """A started server for ``fronts`` on host:port (0: any); returns it and its port."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", -1),  # the client's own limit applies
+        ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
+    ])
+    for front in fronts:
+        server.add_generic_rpc_handlers(handlers(front))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen for gRPC on {address}: {exc}") from None
+    await server.start()
+    return server, bound

@@ -1,0 +1,166 @@
+"""KServe Open Inference Protocol v2 over gRPC (``inference.GRPCInferenceService``).
+
+    ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata: as the HTTP routes
+    ModelInfer: inputs[i] {name, datatype, shape, contents}  or  raw_input_contents[i]
+                -> registry.infer -> outputs as raw_output_contents when the request sent
+                   raw inputs (or an output has no typed field: FP16), else typed contents
+
+Raw contents are little-endian bytes as in the HTTP binary extension (BYTES: 4-byte lengths
+and the bytes), read as numpy views of the message without a copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import __version__
+from ..signature import DATATYPES, datatype_of
+from .errors import BadRequest
+from .grpc_server import Call, Front
+from .proto import protocol
+from .v2_http import as_tensor, bytes_of, from_binary, nest
+
+SERVICE = "inference.GRPCInferenceService"
+# datatype -> the InferTensorContents field holding its typed values
+CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+                  "INT32": "int_contents", "INT64": "int64_contents",
+                  "UINT8": "uint_contents", "UINT16": "uint_contents",
+                  "UINT32": "uint_contents", "UINT64": "uint64_contents",
+                  "FP32": "fp32_contents", "FP64": "fp64_contents",
+                  "BYTES": "bytes_contents"}  # FP16 travels raw only
+
+
+class KServeGrpc(Front):
+    protocol = "kserve_grpc"
+
+    def methods(self) -> dict:
+        message = protocol("kserve_v2").message
+
+        def method(handler, name: str):
+            return (handler, message(f"inference.{name}Request"),
+                    message(f"inference.{name}Response"))
+
+        self.message = message
+        return {SERVICE: {
+            "ServerLive": method(self.server_live, "ServerLive"),
+            "ServerReady": method(self.server_ready, "ServerReady"),
+            "ServerMetadata": method(self.server_metadata, "ServerMetadata"),
+            "ModelReady": method(self.model_ready, "ModelReady"),
+            "ModelMetadata": method(self.model_metadata, "ModelMetadata"),
+            "ModelInfer": method(self.model_infer, "ModelInfer"),
+        }}
+
+    async def server_live(self, request, call: Call):
+        return self.message("inference.ServerLiveResponse")(live=True)
+
+    async def server_ready(self, request, call: Call):
+        return self.message("inference.ServerReadyResponse")(ready=self.registry.ready)
+
+    async def server_metadata(self, request, call: Call):
+        return self.message("inference.ServerMetadataResponse")(
+            name="workerpool", version=__version__, extensions=["model_repository"])
+
+    async def model_ready(self, request, call: Call):
+        model = self.registry.get(request.name, request.version or None)
+        return self.message("inference.ModelReadyResponse")(ready=model.ready)
+
+    async def model_metadata(self, request, call: Call):
+        model = self.registry.get(request.name, request.version or None)
+        response = self.message("inference.ModelMetadataResponse")(
+            name=model.name, versions=self.registry.version_labels(model.name),
+            platform="workerpool")
+        for specs, field in ((model.inputs, response.inputs), (model.outputs, response.outputs)):
+            for spec in specs or ():
+                field.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+        return response
+
+    async def model_infer(self, request, call: Call):
+        name, version = request.model_name, request.model_version or None
+        with self.counted(name):
+            self.registry.get(name, version)  # NOT_FOUND before decoding
+            inputs = decode_inputs(request)
+            model, outputs = await self.registry.infer(name, version, inputs,
+                                                       timeout=call.timeout())
+            wanted = [o.name for o in request.outputs]
+            unknown = [o for o in wanted if o not in outputs]
+            if unknown:
+                raise BadRequest(f"model {name} has no outputs {unknown}; it has "
+                                 f"{sorted(outputs)}")
+            response = self.message("inference.ModelInferResponse")(
+                model_name=model.name, model_version=model.version, id=request.id)
+            try:
+                encode_outputs(response, {o: outputs[o] for o in wanted} if wanted else outputs,
+                               raw=bool(request.raw_input_contents))
+            except ValueError as exc:
+                raise RuntimeError(f"the model's output cannot be sent: {exc}") from None
+            return response
+
+
+def decode_inputs(request) -> dict:
+    """A ModelInferRequest's inputs by name: arrays, or nested lists of bytes (BYTES)."""
+    if not request.inputs:
+        raise BadRequest("the request has no inputs")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for "
+                         f"{len(request.inputs)} inputs; give one per input, in order")
+    decoded = {}
+    for index, tensor in enumerate(request.inputs):
+        name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
+        if not name:
+            raise BadRequest("an input has no name")
+        if name in decoded:
+            raise BadRequest(f"input {name!r} is given twice")
+        if datatype not in DATATYPES:
+            raise BadRequest(f"input {name!r}: datatype {datatype!r} is not one of "
+                             f"{sorted(DATATYPES)}")
+        if any(d < 0 for d in shape):
+            raise BadRequest(f"input {name!r}: shape {shape} has a negative dimension")
+        count = math.prod(shape)
+        if raw:
+            if tensor.HasField("contents"):
+                raise BadRequest(f"input {name!r}: give its data either in contents or in "
+                                 "raw_input_contents, not both")
+            decoded[name] = from_binary(name, datatype, shape, count, memoryview(raw[index]))
+        else:
+            decoded[name] = _from_contents(name, datatype, shape, count, tensor.contents)
+    return decoded
+
+
+def _from_contents(name: str, datatype: str, shape: list, count: int, contents):
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise BadRequest(f"input {name!r}: {datatype} has no typed contents; send it in "
+                         "raw_input_contents")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise BadRequest(f"input {name!r}: shape {shape} needs {count} values, "
+                         f"{field} has {len(values)}")
+    if datatype == "BYTES":
+        return nest(list(values), shape)
+    dtype = DATATYPES[datatype]
+    if field in ("int_contents", "uint_contents") and dtype.itemsize < 4:
+        wide = np.array(values, dtype=np.int64)
+        limits = np.iinfo(dtype)
+        if wide.size and (wide.min() < limits.min or wide.max() > limits.max):
+            raise BadRequest(f"input {name!r}: values do not fit {datatype}")
+        return wide.astype(dtype).reshape(shape)
+    return np.array(values, dtype=dtype).reshape(shape)
+
+
+def encode_outputs(response, outputs: dict, raw: bool) -> None:
+    """Named outputs into a ModelInferResponse: raw bytes when ``raw`` or when an output
+    has no typed field, typed contents otherwise."""
+    arrays = {name: as_tensor(name, value) for name, value in outputs.items()}
+    datatypes = {name: datatype_of(array.dtype) for name, array in arrays.items()}
+    raw = raw or any(d not in CONTENTS_FIELD for d in datatypes.values())
+    for name, array in arrays.items():
+        datatype = datatypes[name]
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        if raw:
+            response.raw_output_contents.append(bytes_of(array, datatype))
+        else:
+            getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(
+                array.reshape(-1).tolist())
