@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(PY) bench/load_peak.py
 	$(PY) bench/serve.py
 	$(PY) bench/reload.py
+	$(PY) bench/protocols.py
+	$(PY) bench/score.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

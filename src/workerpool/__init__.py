@@ -11,6 +11,15 @@ __all__ = [
     "Pool", "WorkerpoolError", "PoolClosed", "PoolBroken", "PoolStartError", "WorkerCrashed",
     "QueueFull", "TaskTimeout", "EncodeError", "MessageTooLarge", "BatchShapeError",
     "ProtocolError", "RemoteError", "ModelSourceError", "WrongProcess", "TensorSpec",
-    "ReloadFailed",
+    "ReloadFailed", "score",
 ]
 __version__ = "0.1.0"
+
+
+def score(pool, source: str, sink: str, **options):
+    """Score the file ``source`` with ``pool`` into ``sink``, streamed and resumable
+    (``workerpool score`` as a function; needs the ``score`` extra). See
+    :func:`workerpool.scoring.run.score` for the options."""
+    from .scoring.run import score as run
+
+    return run(pool, source, sink, **options)

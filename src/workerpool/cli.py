@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
                         add_help=False)
     commands.add_parser("serve", help="serve models over HTTP (KServe v2); no model: a demo",
                         add_help=False)
+    commands.add_parser("score", help="score a file (parquet, csv, jsonl, npy) with a model: "
+                        "streamed, resumable", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from . import demo
@@ -27,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from .serve.main import main as serve
 
         return serve(rest)
+    if args.command == "score":
+        from .scoring.main import main as score
+
+        return score(rest)
     parser.error(f"unknown command {args.command}")
     return 2
 

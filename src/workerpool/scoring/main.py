@@ -1,0 +1,122 @@
+"""``workerpool score``: its command line, progress and exit codes.
+
+Exit codes:
+    0  every row scored (with --on-error skip: every row but those in OUTPUT.errors.jsonl)
+    1  predict failed on a chunk (--on-error fail), or predict's output cannot be written
+    2  a bad command line, input or model spec; or a resume refused (another input, model
+       or settings than the parts were written with)
+    3  stopped by SIGINT/SIGTERM after finishing the chunks in flight: resume with --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from .progress import reporter
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="workerpool score",
+        description="Score a file with a model in a pool of workers that share one copy of "
+                    "its weights: streamed, resumable, with progress.",
+        epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="module:load, path/to/file.py:load, or a model path or URL "
+                   "(as in workerpool serve)")
+    p.add_argument("--predict", help="module:function or file.py:function; optional for "
+                   "torch and Keras/TensorFlow models (the model is called)")
+    p.add_argument("--builder", help="module:function returning the empty module, for "
+                   "state-dict files")
+    p.add_argument("--input", required=True, help="a .parquet, .csv, .jsonl or .npy file")
+    p.add_argument("--output", required=True, help="a .parquet, .csv, .jsonl or .npy file; "
+                   "written only when every chunk is done")
+    p.add_argument("--columns", help="a,b,c: the feature columns predict gets, in this order "
+                   "(default: every column but the id column; for .npy: column numbers)")
+    p.add_argument("--dtype", help="cast the features to this numpy dtype (float32, ...): "
+                   "CSV and JSON numbers read as float64")
+    p.add_argument("--id-column", help="a column carried to the output beside each row's "
+                   "outputs")
+    p.add_argument("--chunk-rows", type=int, default=10_000,
+                   help="rows per chunk: the unit of work, of resume and of memory "
+                   "(default 10000)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--max-batch-size", type=int, help="rows per predict call (default: a "
+                   "whole chunk)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped or crashed run from its OUTPUT.parts/")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="fail (default): stop at the first chunk predict fails on; skip: "
+                   "isolate the bad rows, list them in OUTPUT.errors.jsonl, score the rest")
+    p.add_argument("--log-every", type=float, default=5.0,
+                   help="seconds between progress lines when stderr is not a terminal")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from .. import Pool
+    from ..errors import ModelSourceError, WorkerpoolError
+    from ..serve.config import ConfigError, ModelSpec
+    from .outputs import OutputError
+    from .parts import ResumeRefused
+    from ..sources.remote import fetch
+    from .readers import InputError, Reader
+    from .run import Interrupted, ScoreFailed, score
+
+    def fail(code: int, message: str) -> int:
+        print(f"workerpool score: {message}", file=sys.stderr)
+        return code
+
+    columns = args.columns.split(",") if args.columns else None
+    try:
+        total = Reader(fetch(args.input), columns, args.id_column, args.dtype).total_rows
+        spec = ModelSpec("score", args.spec, predict=args.predict, builder=args.builder)
+        load, predict, _ = spec.pool_arguments()
+    except (InputError, ConfigError, ModelSourceError, OSError, TypeError) as exc:
+        return fail(2, str(exc))
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print(f"workerpool score: {signal.Signals(signum).name}: finishing the chunks in "
+              "flight, then stopping (again to stop at once)", file=sys.stderr)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    started = time.monotonic()
+    progress = reporter(total, args.log_every)
+    try:
+        with Pool(load, predict, workers=args.workers) as pool:
+            identity = f"{args.spec} {args.predict or ''} {pool.version}"
+            summary = score(pool, args.input, args.output, columns=columns,
+                            id_column=args.id_column, chunk_rows=args.chunk_rows,
+                            batch_rows=args.max_batch_size, resume=args.resume,
+                            on_error=args.on_error, progress=progress.update, stop=stop,
+                            model_identity=identity, dtype=args.dtype)
+    except (InputError, ResumeRefused) as exc:
+        return fail(2, str(exc))
+    except (ScoreFailed, OutputError) as exc:
+        return fail(1, str(exc).split("\n", 1)[0])
+    except (Interrupted, KeyboardInterrupt) as exc:  # a second signal: at once
+        return fail(3, str(exc) or "stopped at once; resume with --resume (the chunks that "
+                    "were in flight are scored again)")
+    except WorkerpoolError as exc:  # the pool itself: broken, closed, ...
+        return fail(1, str(exc).split("\n", 1)[0])
+    finally:
+        progress.close()
+    seconds = time.monotonic() - started
+    print(f"workerpool score: {summary.rows} rows in {seconds:.1f} s "
+          f"({summary.rows / seconds if seconds else 0:.0f} rows/s), {summary.errors} errors"
+          + (f" (see {args.output}.errors.jsonl)" if summary.errors else "")
+          + (f", {summary.resumed_chunks} chunks resumed" if summary.resumed_chunks else "")
+          + f" -> {args.output}", file=sys.stderr)
+    return 0
