@@ -172,6 +172,7 @@ def test_sigkill_then_resume_is_byte_identical_to_an_uninterrupted_run(tmp_path)
     assert code == 0, stderr
     assert f"{len(done)} chunks resumed" in stderr
     assert (tmp_path / "out.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["in.parquet", "out.parquet", "whole.parquet"]
 
 
 def test_sigterm_finishes_parts_in_flight_then_resume_completes(tmp_path):

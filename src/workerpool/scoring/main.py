@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     from .. import Pool
     from ..errors import ModelSourceError, WorkerpoolError
     from ..serve.config import ConfigError, ModelSpec
+    from ..sources.remote import fetch
     from .outputs import OutputError
     from .parts import ResumeRefused
-    from ..sources.remote import fetch
     from .readers import InputError, Reader
     from .run import Interrupted, ScoreFailed, score
 

@@ -7,8 +7,8 @@
         tuple/list of arrays     -> output_0, output_1, ... each as above
     preceded by the id column when there is one.
 
-    OutputWriter: each chunk's table, in chunk order -> <output>.tmp-<pid> -> at the end
-    fsync -> rename (as chunks finish: no second pass over the parts)
+    OutputWriter: each chunk's table, in chunk order -> <output>.parts/output.tmp -> at
+    the end fsync -> rename to <output> (as chunks finish: no second pass over the parts)
         .parquet  one row group per part      .csv    a header, then every part's rows
         .jsonl    one JSON object per row     .npy    (rows, columns) of one dtype, no ids
 Every step is deterministic, so a resumed run writes the same bytes as one that never
@@ -71,9 +71,9 @@ class OutputWriter:
     fsynced and renamed into place by :meth:`finish` (:meth:`abort` deletes it). A .npy
     output is built from the parts by ``finish`` instead: its header needs the row count."""
 
-    def __init__(self, output: str, output_format: str):
+    def __init__(self, output: str, output_format: str, temporary: str):
         self.output, self.format = output, output_format
-        self.temporary = f"{output}.tmp-{os.getpid()}"
+        self.temporary = temporary  # in the parts directory: a killed run's is cleaned up
         self.writer = None
         self.rows = 0
 

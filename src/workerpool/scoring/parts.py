@@ -6,6 +6,7 @@
         part-00000042.arrow           chunk 42's output rows (Arrow IPC), complete: it is
                                       written as a .tmp file and renamed
         part-00000042.errors.jsonl    chunk 42's bad rows (--on-error skip), renamed first
+        output.tmp                    the output as it is written, chunk after chunk
 
 A part exists only complete, so a resumed run scores exactly the chunks without one.
 Leftover .tmp files (a SIGKILL mid-write) are deleted on resume.

@@ -99,7 +99,8 @@ def score(pool, source: str, sink: str, *, columns: list[str] | None = None,
     chunks = 0
     in_flight: collections.deque = collections.deque()
 
-    writer = OutputWriter(local_sink, output_format)
+    writer = OutputWriter(local_sink, output_format,
+                          os.path.join(parts.directory, "output.tmp"))
 
     def finish_oldest() -> None:
         index, ids, features, futures = in_flight.popleft()
