@@ -73,7 +73,7 @@ def in_process(load, source: str, sink: str) -> float:
     model = load()
     writer, rows = None, 0
     with torch.inference_mode():
-        for ids, x in Reader(source, None, "id").chunks(CHUNK_ROWS):
+        for _, ids, x in Reader(source, None, "id").chunks(CHUNK_ROWS):
             table = output_table("id", ids, output_columns(default_predict(model, x), len(x)))
             writer = writer or pq.ParquetWriter(sink, table.schema)
             writer.write_table(table)

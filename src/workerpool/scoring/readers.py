@@ -5,7 +5,7 @@
     .jsonl    pyarrow.json.open_json, block by block (one JSON object per line)
     .npy      np.load(mmap_mode="r"): a 2-D array (rows x features), sliced
 
-A chunk is (ids: a pyarrow Array, or None; features): ``features`` is what predict gets, a 2-D array of the
+A chunk is (rows, ids: a pyarrow Array or None, features): ``features`` is what predict gets, a 2-D array of the
 chosen columns (``--columns`` in that order, else every column but the id column) in their
 common dtype. Chunk boundaries depend only on the file and ``chunk_rows``, so a resumed run
 cuts the same chunks and skips the ones already scored.
@@ -89,18 +89,26 @@ class Reader:
 
         return pj.open_json(self.path, read_options=pj.ReadOptions(block_size=1 << 22))
 
-    def chunks(self, chunk_rows: int) -> Iterator[tuple[list | None, np.ndarray]]:
-        """(ids, features) for each chunk, in input order."""
+    def chunks(self, chunk_rows: int, skip=frozenset()) -> Iterator[tuple]:
+        """(rows, ids, features) for each chunk, in input order; for the chunk numbers in
+        ``skip`` (done by an earlier run) only their row count: (rows, None, None)."""
         if self.format == "npy":
-            for start in range(0, self.total_rows, chunk_rows):
-                yield None, np.ascontiguousarray(
-                    self.array[start:start + chunk_rows][:, self.indices], dtype=self.dtype)
-                self._release(start + chunk_rows)
+            for index, start in enumerate(range(0, self.total_rows, chunk_rows)):
+                rows = min(chunk_rows, self.total_rows - start)
+                if index in skip:
+                    yield rows, None, None
+                    continue
+                yield rows, None, np.ascontiguousarray(
+                    self.array[start:start + rows][:, self.indices], dtype=self.dtype)
+                self._release(start + rows)
             return
         wanted = self.columns + ([self.id_column] if self.id_column else [])
-        for table in _rechunked(self._batches(wanted), chunk_rows):
+        for index, table in enumerate(_rechunked(self._batches(wanted), chunk_rows)):
+            if index in skip:
+                yield table.num_rows, None, None
+                continue
             ids = table.column(self.id_column).combine_chunks() if self.id_column else None
-            yield ids, _features(self.path, table, self.columns, self.dtype)
+            yield table.num_rows, ids, _features(self.path, table, self.columns, self.dtype)
 
     def _release(self, rows: int) -> None:
         """Drop the mapped pages of rows already read from this process's RSS (they stay

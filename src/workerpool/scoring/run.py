@@ -115,12 +115,12 @@ def score(pool, source: str, sink: str, *, columns: list[str] | None = None,
             progress(table.num_rows + len(bad), len(bad), False)
 
     try:
-        for index, (ids, features) in enumerate(reader.chunks(chunk_rows)):
+        for index, (size, ids, features) in enumerate(reader.chunks(chunk_rows, done)):
             chunks = index + 1
             if index in done:
                 in_flight.append((index, None, None, None))
                 if progress is not None:
-                    progress(len(features), 0, True)
+                    progress(size, 0, True)
             elif stop is not None and stop.is_set():
                 break
             else:
@@ -132,12 +132,11 @@ def score(pool, source: str, sink: str, *, columns: list[str] | None = None,
         if stop is not None and stop.is_set():
             raise Interrupted(f"stopped; {len(parts.done())} chunks are done in "
                               f"{parts.directory}: resume with --resume")
-        count = chunks
-        rows = writer.finish([parts.path(i) for i in range(count)])
+        rows = writer.finish([parts.path(i) for i in range(chunks)])
     except BaseException:
         writer.abort()
         raise
-    error_lines = parts.errors(count)
+    error_lines = parts.errors(chunks)
     errors_path = f"{local_sink}.errors.jsonl"
     if error_lines:
         with open(errors_path, "w") as f:

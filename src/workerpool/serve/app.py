@@ -35,7 +35,7 @@ from . import tf_rest, v2_http
 from .errors import (BadRequest, MethodNotAllowed, ModelNotFound, RequestTooLarge, Unauthorized,
                      message_of, status_of)
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .registry import Registry
+from .registry import Registry, select_outputs
 from .status import status_report
 
 log = logging.getLogger("workerpool.serve")
@@ -74,13 +74,7 @@ class App:
             await self.send_error(send, error)
 
     def check_key(self, headers) -> None:
-        given = None
-        for name, value in headers:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                given = value[7:].strip()
-            elif name == b"x-api-key":
-                given = value.strip()
-        if given is None or not hmac.compare_digest(given, self.api_key):
+        if not key_matches(headers, self.api_key):
             raise Unauthorized("this server needs its API key: send 'Authorization: Bearer "
                                "<key>' (or 'X-API-Key: <key>')")
 
@@ -179,18 +173,12 @@ class App:
 
     async def infer(self, name: str, version: str | None, scope, receive, send,
                     started: float) -> None:
-        with self.metrics.counted(name, "kserve_http", lambda: name in self.registry.versions,
-                                  started):
+        with self.metrics.counted(name, "kserve_http", started):
             self.registry.get(name, version)  # 404 before reading a body
             body = await self.read_body(scope, receive)
             request = v2_http.parse_infer(body, header(scope, b"inference-header-content-length"))
             model, outputs = await self.registry.infer(name, version, request.inputs)
-            wanted = request.outputs
-            if wanted is not None:
-                unknown = [o.name for o in wanted if o.name not in outputs]
-                if unknown:
-                    raise BadRequest(f"model {name} has no outputs {unknown}; it has "
-                                     f"{sorted(outputs)}")
+            select_outputs(name, outputs, [o.name for o in request.outputs or ()])
             try:
                 response, headers = v2_http.encode_response(model.name, model.version,
                                                             request, outputs)
@@ -240,6 +228,21 @@ class App:
             await send_body(send, status, body, headers)
         except Exception:  # noqa: BLE001 - the response had started, or the client is gone
             pass
+
+
+def key_matches(pairs, key: bytes) -> bool:
+    """Whether HTTP headers or gRPC metadata (name, value pairs; bytes or str) carry the
+    API key, as ``authorization: Bearer <key>`` or ``x-api-key: <key>``; compared in
+    constant time."""
+    given = None
+    for name, value in pairs or ():
+        name = name.encode() if isinstance(name, str) else name
+        value = value.encode() if isinstance(value, str) else value
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            given = value[7:].strip()
+        elif name == b"x-api-key":
+            given = value.strip()
+    return given is not None and hmac.compare_digest(given, key)
 
 
 def header(scope, name: bytes) -> str | None:

@@ -7,41 +7,32 @@ One grpcio asyncio server per port, started on the loop uvicorn runs on and call
 same registry: the same pools, batching, queue limits and errors as HTTP. Methods are
 registered by their path (``/inference.GRPCInferenceService/ModelInfer``) with message
 classes from our own descriptor pool (proto/), so no generated ``_pb2_grpc`` stubs are
-needed. Every method goes through :func:`method`: the API key is checked, an error becomes
-the gRPC status errors.py maps it to, and the client's deadline becomes the request's
-timeout (never longer than the model's own ``timeout``).
+needed. Every method goes through :func:`method`: the API key is checked and an error
+becomes the gRPC status errors.py maps it to. Inference methods pass the client's deadline
+(``context.time_remaining()``) as the request's timeout (never longer than the model's own).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 
 import grpc
 
+from .app import key_matches
 from .errors import Unauthorized, grpc_code_of, message_of
+from .proto import protocol
 
 log = logging.getLogger("workerpool.serve")
 
 OPEN_METHODS = {"ServerLive", "ServerReady"}  # health: no API key needed, as over HTTP
 
 
-class Call:
-    """What a method needs of its gRPC call beyond the request message."""
-
-    def __init__(self, context: grpc.aio.ServicerContext):
-        self.context = context
-
-    def timeout(self) -> float | None:
-        """Seconds left of the client's deadline (None: it set none)."""
-        return self.context.time_remaining()
-
-
 class Front:
     """One protocol's methods and the server settings they share."""
 
     protocol = "grpc"  # the metrics' protocol label
+    descriptors = ""  # its module of proto/
 
     def __init__(self, registry, metrics, *, api_key: bytes | None = None,
                  debug: bool = False):
@@ -49,16 +40,16 @@ class Front:
         self.metrics = metrics
         self.api_key = api_key
         self.debug = debug
+        self.message = protocol(self.descriptors).message  # a message class by full name
 
     def methods(self) -> dict[str, dict[str, tuple]]:
         """service name -> method name -> (handler, request class, response class);
-        a handler is ``async (request, Call) -> response``."""
+        a handler is ``async (request, grpc.aio.ServicerContext) -> response``."""
         raise NotImplementedError
 
     def counted(self, model: str):
         """Counts one inference request of ``model`` in the metrics, with its outcome."""
-        return self.metrics.counted(model, self.protocol,
-                                    lambda: model in self.registry.versions)
+        return self.metrics.counted(model, self.protocol)
 
 
 def method(front: Front, name: str, handler: Callable[..., Awaitable]):
@@ -66,9 +57,11 @@ def method(front: Front, name: str, handler: Callable[..., Awaitable]):
     loop): the API key checked, the handler run, an error turned into a gRPC status."""
     async def call(request, context: grpc.aio.ServicerContext):
         try:
-            if front.api_key is not None and name not in OPEN_METHODS:
-                check_key(context.invocation_metadata(), front.api_key)
-            return await handler(request, Call(context))
+            if front.api_key is not None and name not in OPEN_METHODS and \
+                    not key_matches(context.invocation_metadata(), front.api_key):
+                raise Unauthorized("this server needs its API key: send the metadata "
+                                   "'authorization: Bearer <key>' (or 'x-api-key: <key>')")
+            return await handler(request, context)
         except Exception as error:  # noqa: BLE001 - every error is a status, never a crash
             code = grpc.StatusCode[grpc_code_of(error)]
             if code == grpc.StatusCode.INTERNAL:
@@ -76,19 +69,6 @@ def method(front: Front, name: str, handler: Callable[..., Awaitable]):
             await context.abort(code, message_of(error, front.debug))
 
     return call
-
-
-def check_key(metadata, key: bytes) -> None:
-    given = None
-    for name, value in metadata or ():
-        value = value.encode() if isinstance(value, str) else value
-        if name == "authorization" and value[:7].lower() == b"bearer ":
-            given = value[7:].strip()
-        elif name == "x-api-key":
-            given = value.strip()
-    if given is None or not hmac.compare_digest(given, key):
-        raise Unauthorized("this server needs its API key: send the metadata "
-                           "'authorization: Bearer <key>' (or 'x-api-key: <key>')")
 
 
 def handlers(front: Front) -> list:

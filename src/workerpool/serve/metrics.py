@@ -33,6 +33,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 class ServerMetrics:
     def __init__(self, registry):
+        self.models = registry  # the server's Registry (self.registry: Prometheus')
         self.registry = CollectorRegistry()
         self.requests = Counter("workerpool_requests", "Inference requests by outcome",
                                 ["model", "outcome", "protocol"], registry=self.registry)
@@ -47,9 +48,9 @@ class ServerMetrics:
         self.request_duration.labels(model, protocol).observe(seconds)
 
     @contextlib.contextmanager
-    def counted(self, model: str, protocol: str, known, started: float | None = None):
+    def counted(self, model: str, protocol: str, started: float | None = None):
         """Counts the request the block answers, with its outcome (errors.outcome_of);
-        only while ``known()`` (a model this server has: no label per unknown name)."""
+        only for a model this server has (no label per unknown name)."""
         started = time.perf_counter() if started is None else started
         outcome = "error"
         try:
@@ -59,7 +60,7 @@ class ServerMetrics:
             outcome = outcome_of(error)
             raise
         finally:
-            if known():
+            if model in self.models.versions:
                 self.observe(model, outcome, time.perf_counter() - started, protocol)
 
     def exposition(self) -> bytes:

@@ -225,6 +225,17 @@ def name_outputs(result, names: list[str] | None) -> dict[str, np.ndarray]:
     return {name: as_tensor(name, value) for name, value in zip(names, values)}
 
 
+def select_outputs(model: str, outputs: dict, wanted: list[str]) -> dict:
+    """The outputs a request asked for, in its order (all when it named none); an unknown
+    name is a BadRequest listing the model's outputs."""
+    if not wanted:
+        return outputs
+    unknown = [name for name in wanted if name not in outputs]
+    if unknown:
+        raise BadRequest(f"model {model} has no outputs {unknown}; it has {sorted(outputs)}")
+    return {name: outputs[name] for name in wanted}
+
+
 class Registry:
     """Every model version the server knows, and the one lock its lifecycle changes take.
 

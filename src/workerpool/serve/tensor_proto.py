@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import BadRequest
 from .proto import protocol
-from .v2_http import nest
+from .v2_http import narrowed, nest
 
 # TensorFlow dtype name -> (numpy dtype, the TensorProto field of its typed values)
 _BY_NAME = {
@@ -84,13 +84,9 @@ def to_array(name: str, tensor):
         return np.frombuffer(content, dtype=dtype.newbyteorder("<")).reshape(shape)
     values = getattr(tensor, field)
     if field == "half_val":
-        array = np.array(values, dtype=np.int64)
-        _check_range(name, array, np.dtype(np.uint16))
-        array = array.astype(np.uint16).view(np.float16)
+        array = narrowed(name, values, np.dtype(np.uint16), "uint16").view(np.float16)
     elif field == "int_val" and dtype != np.int32:
-        array = np.array(values, dtype=np.int64)
-        _check_range(name, array, dtype)
-        array = array.astype(dtype)
+        array = narrowed(name, values, dtype, dtype.name)
     else:
         array = np.array(values, dtype=dtype)
     if array.size == count:
@@ -108,12 +104,6 @@ def _filled(name: str, items: list, count: int, shape: list) -> list:
         return items * count
     raise BadRequest(f"input {name!r}: shape {shape} needs {count} strings, string_val "
                      f"has {len(items)}")
-
-
-def _check_range(name: str, array: np.ndarray, dtype: np.dtype) -> None:
-    limits = np.iinfo(dtype)
-    if array.size and (array.min() < limits.min or array.max() > limits.max):
-        raise BadRequest(f"input {name!r}: values do not fit {dtype}")
 
 
 def from_array(array: np.ndarray, tensor) -> None:

@@ -37,15 +37,6 @@ def check_signature(name: str) -> None:
         raise BadRequest(f"signature {name!r} not found; this model has {SIGNATURE!r}")
 
 
-def filtered(model: str, outputs: dict, wanted: list[str]) -> dict:
-    if not wanted:
-        return outputs
-    unknown = [name for name in wanted if name not in outputs]
-    if unknown:
-        raise BadRequest(f"model {model} has no outputs {unknown}; it has {sorted(outputs)}")
-    return {name: outputs[name] for name in wanted}
-
-
 def model_status(registry, name: str, version: str | None) -> list[dict]:
     """Each version's status as TF Serving's REST API gives it."""
     labels = [version] if version is not None else registry.version_labels(name)

@@ -58,8 +58,7 @@ async def route(app, method: str, parts: list[str], scope, receive, send, starte
         if verb != "predict":
             raise ModelNotFound(f"no method :{verb}; use :predict")
         app.expect(method, "POST")
-        with app.metrics.counted(name, PROTOCOL, lambda: name in app.registry.versions,
-                                 started):
+        with app.metrics.counted(name, PROTOCOL, started):
             app.registry.get(name, version)
             body = await app.read_body(scope, receive)
             await send_json(send, 200, await predict(app.registry, name, version, body))

@@ -18,11 +18,12 @@ that number, ``version_label`` any label.
 from __future__ import annotations
 
 from .errors import BadRequest, Unimplemented
-from .grpc_server import Call, Front
+from .grpc_server import Front
 from .proto import protocol
+from .registry import select_outputs
 from .tensor_proto import from_array, to_array, types
 from .tf_model import (PREDICT_METHOD, SIGNATURE, check_signature, dtype_name,
-                       filtered, state_of)
+                       state_of)
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
@@ -30,14 +31,13 @@ MODEL_SERVICE = "tensorflow.serving.ModelService"
 
 class TFServingGrpc(Front):
     protocol = "tfserving_grpc"
+    descriptors = "tf_serving"
 
     def methods(self) -> dict:
-        message = protocol("tf_serving").message
-        self.message = message
         serving = "tensorflow.serving."
 
         def method(handler, request: str, response: str):
-            return handler, message(serving + request), message(serving + response)
+            return handler, self.message(serving + request), self.message(serving + response)
 
         return {
             PREDICTION_SERVICE: {
@@ -59,7 +59,7 @@ class TFServingGrpc(Front):
             },
         }
 
-    async def predict(self, request, call: Call):
+    async def predict(self, request, context):
         name = request.model_spec.name
         with self.counted(name):
             version = version_of(request.model_spec)
@@ -69,8 +69,8 @@ class TFServingGrpc(Front):
                 raise BadRequest("the request has no inputs")
             inputs = {key: to_array(key, tensor) for key, tensor in request.inputs.items()}
             model, outputs = await self.registry.infer(name, version, inputs,
-                                                       timeout=call.timeout())
-            outputs = filtered(name, outputs, list(request.output_filter))
+                                                       timeout=context.time_remaining())
+            outputs = select_outputs(name, outputs, list(request.output_filter))
             response = self.message("tensorflow.serving.PredictResponse")()
             fill_model_spec(response.model_spec, model)
             try:
@@ -80,7 +80,7 @@ class TFServingGrpc(Front):
                 raise RuntimeError(f"the model's output cannot be sent: {exc}") from None
             return response
 
-    async def get_model_metadata(self, request, call: Call):
+    async def get_model_metadata(self, request, context):
         fields = list(request.metadata_field)
         if fields and fields != ["signature_def"]:
             raise BadRequest(f"metadata_field {fields}: only 'signature_def' is available")
@@ -95,7 +95,7 @@ class TFServingGrpc(Front):
         packed.value = signatures.SerializeToString()
         return response
 
-    async def get_model_status(self, request, call: Call):
+    async def get_model_status(self, request, context):
         spec = request.model_spec
         version = version_of(spec)
         name = spec.name
@@ -112,7 +112,7 @@ class TFServingGrpc(Front):
                 status.status.error_message = model.error
         return response
 
-    async def unimplemented(self, request, call: Call):
+    async def unimplemented(self, request, context):
         raise Unimplemented("workerpool serves Predict, GetModelMetadata and GetModelStatus "
                             "of TF Serving's API; Classify, Regress, MultiInference and "
                             "HandleReloadConfigRequest are not offered")

@@ -18,9 +18,9 @@ import numpy as np
 from .. import __version__
 from ..signature import DATATYPES, datatype_of
 from .errors import BadRequest
-from .grpc_server import Call, Front
-from .proto import protocol
-from .v2_http import as_tensor, bytes_of, from_binary, nest
+from .grpc_server import Front
+from .registry import select_outputs
+from .v2_http import as_tensor, bytes_of, from_binary, narrowed, nest
 
 SERVICE = "inference.GRPCInferenceService"
 # datatype -> the InferTensorContents field holding its typed values
@@ -34,15 +34,13 @@ CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int
 
 class KServeGrpc(Front):
     protocol = "kserve_grpc"
+    descriptors = "kserve_v2"
 
     def methods(self) -> dict:
-        message = protocol("kserve_v2").message
-
         def method(handler, name: str):
-            return (handler, message(f"inference.{name}Request"),
-                    message(f"inference.{name}Response"))
+            return (handler, self.message(f"inference.{name}Request"),
+                    self.message(f"inference.{name}Response"))
 
-        self.message = message
         return {SERVICE: {
             "ServerLive": method(self.server_live, "ServerLive"),
             "ServerReady": method(self.server_ready, "ServerReady"),
@@ -52,21 +50,21 @@ class KServeGrpc(Front):
             "ModelInfer": method(self.model_infer, "ModelInfer"),
         }}
 
-    async def server_live(self, request, call: Call):
+    async def server_live(self, request, context):
         return self.message("inference.ServerLiveResponse")(live=True)
 
-    async def server_ready(self, request, call: Call):
+    async def server_ready(self, request, context):
         return self.message("inference.ServerReadyResponse")(ready=self.registry.ready)
 
-    async def server_metadata(self, request, call: Call):
+    async def server_metadata(self, request, context):
         return self.message("inference.ServerMetadataResponse")(
             name="workerpool", version=__version__, extensions=["model_repository"])
 
-    async def model_ready(self, request, call: Call):
+    async def model_ready(self, request, context):
         model = self.registry.get(request.name, request.version or None)
         return self.message("inference.ModelReadyResponse")(ready=model.ready)
 
-    async def model_metadata(self, request, call: Call):
+    async def model_metadata(self, request, context):
         model = self.registry.get(request.name, request.version or None)
         response = self.message("inference.ModelMetadataResponse")(
             name=model.name, versions=self.registry.version_labels(model.name),
@@ -76,23 +74,18 @@ class KServeGrpc(Front):
                 field.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
         return response
 
-    async def model_infer(self, request, call: Call):
+    async def model_infer(self, request, context):
         name, version = request.model_name, request.model_version or None
         with self.counted(name):
             self.registry.get(name, version)  # NOT_FOUND before decoding
             inputs = decode_inputs(request)
             model, outputs = await self.registry.infer(name, version, inputs,
-                                                       timeout=call.timeout())
-            wanted = [o.name for o in request.outputs]
-            unknown = [o for o in wanted if o not in outputs]
-            if unknown:
-                raise BadRequest(f"model {name} has no outputs {unknown}; it has "
-                                 f"{sorted(outputs)}")
+                                                       timeout=context.time_remaining())
+            outputs = select_outputs(name, outputs, [o.name for o in request.outputs])
             response = self.message("inference.ModelInferResponse")(
                 model_name=model.name, model_version=model.version, id=request.id)
             try:
-                encode_outputs(response, {o: outputs[o] for o in wanted} if wanted else outputs,
-                               raw=bool(request.raw_input_contents))
+                encode_outputs(response, outputs, raw=bool(request.raw_input_contents))
             except ValueError as exc:
                 raise RuntimeError(f"the model's output cannot be sent: {exc}") from None
             return response
@@ -142,11 +135,7 @@ def _from_contents(name: str, datatype: str, shape: list, count: int, contents):
         return nest(list(values), shape)
     dtype = DATATYPES[datatype]
     if field in ("int_contents", "uint_contents") and dtype.itemsize < 4:
-        wide = np.array(values, dtype=np.int64)
-        limits = np.iinfo(dtype)
-        if wide.size and (wide.min() < limits.min or wide.max() > limits.max):
-            raise BadRequest(f"input {name!r}: values do not fit {datatype}")
-        return wide.astype(dtype).reshape(shape)
+        return narrowed(name, values, dtype, datatype).reshape(shape)
     return np.array(values, dtype=dtype).reshape(shape)
 
 

@@ -176,6 +176,16 @@ def _from_json(name: str, datatype: str, shape: list, count: int, data):
     return array.reshape(shape)
 
 
+def narrowed(name: str, values, dtype: np.dtype, label: str) -> np.ndarray:
+    """Integers a protocol carries in a wider field (int32 on the wire) as ``dtype``;
+    BadRequest naming ``label`` when one does not fit."""
+    wide = np.array(values, dtype=np.int64)
+    limits = np.iinfo(dtype)
+    if wide.size and (wide.min() < limits.min or wide.max() > limits.max):
+        raise BadRequest(f"input {name!r}: values do not fit {label}")
+    return wide.astype(dtype)
+
+
 def _flatten(data: list, name: str) -> list:
     flat, stack = [], [iter(data)]
     while stack:
