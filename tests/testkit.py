@@ -78,3 +78,28 @@ class Traffic:
         self._stop.set()
         for thread in self._threads:
             thread.join()
+
+
+def one_tensorflow_thread(tf) -> None:
+    """One intra-op and one inter-op TensorFlow thread in this process, as the pools' workers
+    run (TF's results depend on it), so references computed here compare bit for bit. Must
+    come before this process's first op; where TF already ran one (a server importing a test
+    module to load a model while another model started TF), nothing changes."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
+
+
+def kill_a_worker_and_wait_for_its_replacement(pool) -> int:
+    """SIGKILL the pool's first worker; return its pid once a replacement took its place
+    and every worker is ready (asserted)."""
+    import signal
+
+    victim = pool.pids[0]
+    workers = len(pool.pids)
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: victim not in pool.pids and len(pool.pids) == workers and all(
+        w["state"] == "ready" for w in pool.stats(memory_usage=False)["workers"]))
+    return victim

@@ -72,6 +72,11 @@ class MessageTooLarge(EncodeError, ValueError):
     """A request or result is larger than ``max_message_bytes``."""
 
 
+class InputMismatch(WorkerpoolError, ValueError):
+    """The inputs do not fit the model's: a missing or unknown input name, or a list of
+    the wrong length. The message lists the names the model takes."""
+
+
 class BatchShapeError(WorkerpoolError, ValueError):
     """A batched ``predict`` returned something that cannot be split back per request."""
 

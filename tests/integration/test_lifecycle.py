@@ -16,7 +16,7 @@ import torch
 
 import modelzoo
 import workerpool as wp
-from testkit import is_running, wait_until
+from testkit import is_running, kill_a_worker_and_wait_for_its_replacement, wait_until
 
 
 def slow_predict(model, x, delay=0.05):
@@ -51,10 +51,7 @@ def test_killed_worker_is_replaced_from_the_zygote_without_reloading():
     expected = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict, x)
     with wp.Pool(modelzoo.mlp, modelzoo.torch_predict, workers=2) as pool:
         zygote = pool.zygote_pid
-        victim = pool.pids[0]
-        os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: victim not in pool.pids and len(pool.pids) == 2 and all(
-            w["state"] == "ready" for w in pool.stats(memory_usage=False)["workers"]))
+        kill_a_worker_and_wait_for_its_replacement(pool)
         stats = pool.stats()
         assert stats["restarts"] == 1
         assert pool.zygote_pid == zygote

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 import numpy as np
 import pytest
 
@@ -12,16 +9,10 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import workerpool as wp  # noqa: E402
-from testkit import Traffic, wait_until  # noqa: E402
+from testkit import (Traffic, kill_a_worker_and_wait_for_its_replacement,  # noqa: E402
+                     one_tensorflow_thread, wait_until)
 
-# Reference outputs use the workers' threading (TF results depend on it). Set before any op
-# runs in this process. A server imports this module to load dense_mlp while another model
-# may already have started TF (models load in threads): there, nothing is computed here.
-try:
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-except RuntimeError:
-    pass
+one_tensorflow_thread(tf)  # references run as the workers do
 
 MIB = 1024 * 1024
 
@@ -103,7 +94,7 @@ try:
 except ImportError:  # the LiteRT engine's tests skip cleanly without the package
     pass
 
-SOURCES = {"tensorflow": "memory-mapped", "copy": "privately by each worker",
+SOURCES = {"tensorflow": "mapped by ImmutableConst", "copy": "privately by each worker",
            "litert": "XNNPACK weight cache"}
 
 
@@ -143,8 +134,9 @@ def test_sixty_four_mib_model_is_shared_by_four_workers(engine):
             if engine == "tensorflow":
                 assert stats["model_bytes"] >= 64 * MIB
                 for worker in stats["workers"]:  # the constants stay mapped, not copied
-                    assert worker["weights_rss"] >= 64 * MIB * 0.95
+                    assert worker["weights_mapped"] >= 64 * MIB * 0.95
                     assert worker["weights_copied"] == 0
+                    assert worker["private"] < 32 * MIB, worker
             for worker in stats["workers"] if n_workers > 1 else []:
                 # pages only one process maps count as its USS, hence n > 1; a private copy
                 # of the weights in a worker would be >= 64 MiB of USS
@@ -163,10 +155,7 @@ def test_killed_worker_is_replaced_and_answers_the_same():
     x = INPUTS["conv_net"]()
     expected = keras_reference(conv_net, x)
     with wp.Pool(conv_net, call, workers=2, threads_per_worker=1) as pool:
-        victim = pool.pids[0]
-        os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: victim not in pool.pids and all(
-            w["state"] == "ready" for w in pool.stats(memory_usage=False)["workers"]))
+        kill_a_worker_and_wait_for_its_replacement(pool)
         assert all(np.array_equal(y, expected) for y in pool.map([x] * 8))
         assert pool.stats(memory_usage=False)["restarts"] == 1
 
@@ -197,7 +186,7 @@ def test_saved_model_and_keras_files_are_served_by_path(tmp_path):
         assert np.array_equal(pool.submit(x).result(timeout=120), expected)
     with wp.Pool(saved_dir, call, workers=1, threads_per_worker=1) as pool:
         (got,) = pool.submit({"x": x}).result(timeout=120).values()  # named like the input
-        assert "memory-mapped" in pool.stats(memory_usage=False)["weights_source"]
+        assert "mapped by ImmutableConst" in pool.stats(memory_usage=False)["weights_source"]
     assert np.array_equal(got, expected)
 
 

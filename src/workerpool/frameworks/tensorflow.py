@@ -1,20 +1,24 @@
 """TensorFlow and Keras models: one weight copy for N workers, through TF's own mechanism
 for memory-mapped graphs.
 
-    parent: Keras model / tf.Module / SavedModel signature
-      └─ trace the serving function ── freeze variables into constants
-           └─ every constant >= MIN_MAPPED_BYTES ──> its own sealed memfd; the node becomes
-              ImmutableConst(memory_region_name="/proc/self/fd/<n>"): TF maps the file
-              read-only instead of holding the bytes
+    parent: Keras model / tf.Module / concrete function / SavedModel signature
+      └─ trace the serving function; inline its nested functions; every captured variable
+         and big constant ──> its own sealed memfd, the node an ImmutableConst(
+         memory_region_name="/proc/self/fd/<n>"): TF maps the file read-only instead of
+         holding the bytes (frameworks/tf_freeze.py). A SavedModel's variables are read from
+         its checkpoint one at a time, never restored (frameworks/saved_model.py)
       the GraphDef left (kilobytes) travels in the skeleton as a FrozenGraph
     worker (forked from a zygote that imported TensorFlow but never ran an op, since a fork
-    after any op hangs): on the first call, import the GraphDef and prune it to a callable.
+    after any op hangs): before READY, import the GraphDef into a session that holds each
+    mapped constant.
 
-``predict`` receives the FrozenGraph: call it with a numpy array (or a dict of them keyed by
-the model's input names) and get numpy back (a dict for dict outputs), whatever the engine.
-``tf_engine="copy"`` instead saves the model once and loads a private copy in each worker
-(for models that cannot be frozen); ``tf_engine="litert"`` converts it for LiteRT
-(frameworks/litert.py). ``stats()["weights_source"]`` says which.
+``predict`` receives the FrozenGraph: call it like the model: one array for a model of one
+input; for several, a dict by input name or a list in the model's order. Outputs come back
+as numpy (a dict for dict outputs), whatever the engine. ``tf_engine="copy"`` instead loads
+a private copy of a Keras model (saved once) or SavedModel directory in each worker (for
+models that cannot be frozen); ``tf_engine="litert"`` converts a Keras model for LiteRT
+(frameworks/litert.py).
+``stats()["weights_source"]`` says which.
 """
 
 from __future__ import annotations
@@ -24,16 +28,17 @@ import tempfile
 
 import numpy as np
 
-from ..errors import EncodeError
-from . import imported
-
-MIN_MAPPED_BYTES = 4096  # smaller constants stay inline in the GraphDef
+from ..errors import EncodeError, InputMismatch
+from . import imported, tf_freeze
+from .saved_model import SavedSignature
 
 
 def reduce(obj, layout):
     if not _is_tf_model(obj):
         return NotImplemented
     engine = layout.options.get("tf_engine", "tensorflow")
+    if engine == "copy" and isinstance(obj, SavedSignature):
+        return CopiedSavedModel.reduce_model(obj, layout)
     if engine == "copy":
         return CopiedModel.reduce_model(obj, layout)
     if engine == "litert":
@@ -69,6 +74,8 @@ def set_threads(threads: int) -> None:
 
 
 def _is_tf_model(obj) -> bool:
+    if isinstance(obj, SavedSignature):
+        return True
     keras = imported("keras")
     tf = imported("tensorflow")
     if keras is not None and isinstance(obj, keras.Model):
@@ -87,6 +94,8 @@ def serving_function(model):
     import tensorflow as tf
     from tensorflow.python.eager.polymorphic_function.concrete_function import ConcreteFunction
 
+    if isinstance(model, SavedSignature):
+        return model.function
     if isinstance(model, ConcreteFunction):
         return model
     keras = imported("keras")
@@ -106,6 +115,49 @@ def serving_function(model):
     except (TypeError, ValueError) as exc:
         raise EncodeError(f"cannot trace {type(model).__name__}.__call__: give its tf.function "
                           f"an input_signature ({exc})") from exc
+
+
+def input_names(model, function) -> tuple[list[str], list[str]] | None:
+    """The names of ``function``'s inputs in the model's own order (a Keras model's inputs,
+    a signature's keyword order, positional order) and in the order the function flattens
+    them; None for one positional array."""
+    args, kwargs = function.structured_input_signature
+    keywords = list(getattr(function, "_arg_keywords", None) or ())
+    if kwargs:  # a signature: named inputs only
+        flat = sorted(kwargs)  # tf.nest flattens dicts by sorted key
+    elif len(args) == 1 and isinstance(args[0], dict):
+        flat = sorted(args[0])
+    elif len(args) > 1 and all(hasattr(arg, "dtype") for arg in args):
+        flat = [keywords[i] if i < len(keywords) else arg.name or f"input_{i}"
+                for i, arg in enumerate(args)]
+        return flat, flat
+    else:
+        return None
+    keras = imported("keras")
+    if keras is not None and isinstance(model, keras.Model):
+        keywords = [t.name for t in model.inputs]
+    ordered = [name for name in keywords if name in flat]
+    return ordered + [name for name in flat if name not in ordered], flat
+
+
+def ordered_inputs(keys: list[str], inputs) -> list:
+    """A model's named inputs, in its order ``keys``: from a dict by name, a list in that
+    order, or a bare array when the model has one input."""
+    if isinstance(inputs, dict):
+        missing = [key for key in keys if key not in inputs]
+        unknown = sorted(str(key) for key in inputs if key not in keys)
+        if missing or unknown:
+            raise InputMismatch(
+                f"this model takes the inputs {keys}; "
+                + "; ".join(f"{what} {names}" for what, names in
+                            (("missing", missing), ("unknown", unknown)) if names))
+        return [inputs[key] for key in keys]
+    if len(keys) == 1:
+        return [inputs]
+    if isinstance(inputs, (list, tuple)) and len(inputs) == len(keys):
+        return list(inputs)
+    raise InputMismatch(f"this model takes {len(keys)} inputs {keys}: pass a dict of them by "
+                        "name, or a list in this order")
 
 
 class FrozenGraph:
@@ -128,38 +180,25 @@ class FrozenGraph:
 
     @classmethod
     def freeze(cls, model, layout) -> "FrozenGraph":
-        import tensorflow as tf
-        from tensorflow.python.framework.convert_to_constants import (
-            convert_variables_to_constants_v2)
-
         function = serving_function(model)
-        graph_def = function.graph.as_graph_def()
-        if graph_def.library.function:
-            # Variables read inside nested functions (SavedModel signatures): TF's own
-            # freezer inlines them, at the price of every weight in a GraphDef first.
-            try:
-                frozen = convert_variables_to_constants_v2(function)
-            except Exception as exc:
-                raise EncodeError(
-                    f"cannot freeze {type(model).__name__}: {exc}. Pass tf_engine='copy' to "
-                    "load a private copy in each worker instead") from exc
-            graph_def = frozen.graph.as_graph_def()
-            inputs, outputs = [t.name for t in frozen.inputs], [t.name for t in frozen.outputs]
-        else:
-            captured = _map_variables(function, graph_def, layout, tf)
-            inputs = [t.name for t in function.inputs if t.op.name not in captured]
-            outputs = [t.name for t in function.outputs]
-        for node in graph_def.node:
-            if node.op == "Const":
-                _map_constant(node, layout, tf)
+        graph_def = tf_freeze.flat_graph_def(function)
+        value_of = model.value_of if isinstance(model, SavedSignature) else None
+        captured = tf_freeze.map_captures(function, graph_def, layout, value_of)
+        tf_freeze.map_constants(graph_def, layout)
+        inputs = [t.name for t in function.inputs if t.op.name not in captured]
+        outputs = [t.name for t in function.outputs]
+        if isinstance(model, SavedSignature):
+            layout.notes.append(model.describe())
+            layout.source = {"path": model.path, "version": model.version}
         layout.notes.append(f"TensorFlow graph frozen; {len(layout.region_fds)} constants "
-                            "memory-mapped (ImmutableConst over sealed memfds)")
-        args, kwargs = function.structured_input_signature
-        input_keys = None  # one positional array
-        if kwargs:  # a SavedModel signature: named inputs only
-            input_keys = sorted(kwargs)  # the order tf.nest flattens them in
-        elif len(args) == 1 and isinstance(args[0], dict):
-            input_keys = sorted(args[0])
+                            f"({layout.region_bytes} bytes) in sealed memfds, mapped by "
+                            "ImmutableConst")
+        input_keys = None
+        names = input_names(model, function)
+        if names is not None:  # feed them in the order a list is given in
+            input_keys, flat = names
+            by_name = dict(zip(flat, inputs))
+            inputs = [by_name[key] for key in input_keys]
         structure = function.structured_outputs
         output_keys = sorted(structure) if isinstance(structure, dict) else (
             len(structure) if isinstance(structure, (list, tuple)) else None)
@@ -172,26 +211,13 @@ class FrozenGraph:
 
     def __call__(self, inputs):
         self.prepare_in_worker()
-        feeds = [inputs] if not self.input_keys else self._feeds(inputs)
+        feeds = [inputs] if not self.input_keys else ordered_inputs(self.input_keys, inputs)
         outputs = self._function(feeds)
         if isinstance(self.output_keys, list):
             return dict(zip(self.output_keys, outputs))
         if isinstance(self.output_keys, int):
             return tuple(outputs)
         return outputs[0]
-
-    def _feeds(self, inputs) -> list:
-        """A signature's named inputs, in its order; a bare array for a one-input one."""
-        if not isinstance(inputs, dict):
-            if len(self.input_keys) == 1:
-                return [inputs]
-            raise ValueError(f"this model takes the named inputs {self.input_keys}: pass a "
-                             "dict of them")
-        missing = [key for key in self.input_keys if key not in inputs]
-        if missing:
-            raise ValueError(f"this model takes the inputs {self.input_keys}; missing "
-                             f"{missing}")
-        return [inputs[key] for key in self.input_keys]
 
     def _build(self):
         """A graph-mode session over the imported GraphDef.
@@ -208,8 +234,8 @@ class FrozenGraph:
 
         graph_def = tf.compat.v1.GraphDef()
         graph_def.ParseFromString(self.graph_def)
-        held = _hold_mapped_constants(graph_def)
-        graph = tf.Graph()
+        held = tf_freeze.hold_mapped_constants(graph_def)
+        graph = tf.Graph()  # starts a thread: never in the zygote
         with graph.as_default():
             tf.compat.v1.import_graph_def(graph_def, name="")
         optimizer = config_pb2.OptimizerOptions(opt_level=config_pb2.OptimizerOptions.L0,
@@ -222,96 +248,12 @@ class FrozenGraph:
                     disable_meta_optimizer=True)))
         session = tf.compat.v1.Session(graph=graph, config=config)
         # A TensorHandle deletes its session tensor when collected: keep them alive here.
-        self._handles = session.run([f"{name}{_HANDLE}:0" for name in held])
-        fixed = {graph.get_tensor_by_name(f"{name}{_HANDLE_FEED}:0"): handle.handle
+        self._handles = session.run([f"{name}{tf_freeze.HANDLE}:0" for name in held])
+        fixed = {graph.get_tensor_by_name(f"{name}{tf_freeze.HANDLE_FEED}:0"): handle.handle
                  for name, handle in zip(held, self._handles)}
         feeds = [graph.get_tensor_by_name(name) for name in self.inputs]
         fetches = [graph.get_tensor_by_name(name) for name in self.outputs]
         return lambda values: session.run(fetches, {**fixed, **dict(zip(feeds, values))})
-
-
-_HANDLE = "/workerpool_handle"
-_HANDLE_FEED = "/workerpool_handle_feed"
-_HELD = "/workerpool_held"
-
-
-def _hold_mapped_constants(graph_def) -> list[str]:
-    """Rewrite ``graph_def`` so every ImmutableConst is read through a session handle:
-    W -> GetSessionHandle(W) (run once), and consumers of W read GetSessionTensor(feed)."""
-    names = [node.name for node in graph_def.node if node.op == "ImmutableConst"]
-    if not names:
-        return []
-    dtypes = {node.name: node.attr["dtype"] for node in graph_def.node if node.name in names}
-    held = set(names)
-    for node in graph_def.node:
-        for index, source in enumerate(node.input):
-            control = source.startswith("^")
-            base = source.lstrip("^").split(":")[0]
-            if base in held and source.lstrip("^") in (base, f"{base}:0"):
-                node.input[index] = f"{'^' if control else ''}{base}{_HELD}"
-    for name in names:
-        handle = graph_def.node.add(name=f"{name}{_HANDLE}", op="GetSessionHandle",
-                                    input=[name])
-        handle.attr["T"].CopyFrom(dtypes[name])
-        feed = graph_def.node.add(name=f"{name}{_HANDLE_FEED}", op="Placeholder")
-        feed.attr["dtype"].type = 7  # DT_STRING
-        tensor = graph_def.node.add(name=f"{name}{_HELD}", op="GetSessionTensor",
-                                    input=[feed.name])
-        tensor.attr["dtype"].CopyFrom(dtypes[name])
-    return names
-
-
-def _map_variables(function, graph_def, layout, tf) -> set[str]:
-    """Turn each ReadVariableOp of a captured variable into an ImmutableConst over a memfd
-    holding the variable's value, one variable at a time: the parent never holds a second
-    copy of the whole model (TF's convert_variables_to_constants_v2 held ~10x the model
-    for a 1 GiB MLP, and a GraphDef cannot pass 2 GB). Returns the captured placeholders."""
-    variables = {id(v.handle): v for v in function.variables}
-    captured = {internal.op.name: variables.get(id(external))
-                for external, internal in zip(function.graph.external_captures,
-                                              function.graph.internal_captures)}
-    for node in graph_def.node:
-        sources = [name.lstrip("^").split(":")[0] for name in node.input]
-        if not any(source in captured for source in sources):
-            continue
-        variable = captured[sources[0]] if node.op == "ReadVariableOp" else None
-        if variable is None:
-            raise EncodeError(
-                f"cannot freeze: op {node.name!r} ({node.op}) uses a captured resource that "
-                "is not a plain read of a variable. Pass tf_engine='copy' to load a private "
-                "copy in each worker instead")
-        value = np.ascontiguousarray(variable.numpy())
-        node.ClearField("input")
-        if value.nbytes >= MIN_MAPPED_BYTES:
-            _as_immutable_const(node, value, layout, tf)
-        else:
-            dtype = node.attr["dtype"]
-            node.ClearField("attr")
-            node.op = "Const"
-            node.attr["dtype"].CopyFrom(dtype)
-            node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
-    kept = [node for node in graph_def.node if node.name not in captured]
-    del graph_def.node[:]
-    graph_def.node.extend(kept)
-    return set(captured)
-
-
-def _map_constant(node, layout, tf) -> None:
-    """Move a big Const node's bytes into a sealed memfd and make it an ImmutableConst."""
-    value = tf.make_ndarray(node.attr["value"].tensor)
-    if value.nbytes >= MIN_MAPPED_BYTES and value.dtype != object:
-        _as_immutable_const(node, np.ascontiguousarray(value), layout, tf)
-
-
-def _as_immutable_const(node, value: np.ndarray, layout, tf) -> None:
-    """``node`` becomes an ImmutableConst reading ``value`` from a sealed memfd of its own."""
-    dtype = node.attr["dtype"]
-    node.op = "ImmutableConst"
-    node.ClearField("attr")
-    node.attr["dtype"].CopyFrom(dtype)
-    node.attr["shape"].shape.CopyFrom(tf.TensorShape(value.shape).as_proto())
-    # The same fd number is open in the zygote and every worker (pass_fds, fork).
-    node.attr["memory_region_name"].s = f"/proc/self/fd/{layout.add_region(value)}".encode()
 
 
 class CopiedModel:
@@ -330,8 +272,9 @@ class CopiedModel:
     def reduce_model(cls, model, layout):
         keras = imported("keras")
         if keras is None or not isinstance(model, keras.Model):
-            raise EncodeError("tf_engine='copy' serves Keras models; save other TF models "
-                              "as a SavedModel and give its path")
+            raise EncodeError("tf_engine='copy' serves Keras models and SavedModel "
+                              "directories; save other TF models as a SavedModel and give "
+                              "its path")
         with tempfile.TemporaryDirectory(prefix="workerpool-copy-") as directory:
             path = os.path.join(directory, "model.keras")
             model.save(path)
@@ -362,3 +305,41 @@ class CopiedModel:
             with open(path, "wb") as saved:
                 saved.write(self.data)
             return keras.saving.load_model(path)
+
+
+class CopiedSavedModel:
+    """tf_engine="copy" for a SavedModel directory: each worker loads its own copy with
+    ``tf.saved_model.load`` and calls its serving signature (for signatures that cannot be
+    frozen: lookup tables, other resources)."""
+
+    def __init__(self, path: str, input_keys: list[str]):
+        self.path = path
+        self.input_keys = input_keys
+        self._signature = None
+        _import_tensorflow()
+
+    def __reduce__(self):
+        return (CopiedSavedModel, (self.path, self.input_keys))
+
+    @classmethod
+    def reduce_model(cls, model: SavedSignature, layout):
+        names = input_names(model, model.function)
+        layout.notes.append(f"{model.describe()} loaded privately by each worker "
+                            "(tf_engine='copy')")
+        layout.source = {"path": model.path, "version": model.version}
+        return cls(model.path, names[0] if names else []).__reduce__()
+
+    def prepare_in_worker(self) -> None:
+        """Load this worker's copy before it says READY."""
+        if self._signature is None:
+            import tensorflow as tf
+
+            loaded = tf.saved_model.load(self.path)
+            self._signature = loaded.signatures["serving_default"]
+            self._signature._workerpool_owner = loaded  # its variables live with it
+
+    def __call__(self, inputs):
+        self.prepare_in_worker()
+        values = ordered_inputs(self.input_keys, inputs)
+        outputs = self._signature(**dict(zip(self.input_keys, values)))
+        return {key: np.asarray(value) for key, value in outputs.items()}

@@ -41,6 +41,26 @@ def create_sealed(size: int, chunks) -> int:
     return fd
 
 
+def create_sealed_from_file(path: str, offset: int, nbytes: int) -> int:
+    """A sealed memfd holding ``nbytes`` of the file ``path`` from ``offset``, copied inside
+    the kernel (sendfile): the bytes never pass through this process's memory."""
+    fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, max(nbytes, 1))
+        with open(path, "rb") as source:
+            copied = 0
+            while copied < nbytes:
+                sent = os.sendfile(fd, source.fileno(), offset + copied, nbytes - copied)
+                if sent == 0:
+                    raise OSError(f"{path} ends before byte {offset + nbytes}")
+                copied += sent
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view:
         written = os.pwrite(fd, view, offset)

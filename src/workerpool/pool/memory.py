@@ -2,8 +2,13 @@
 
 PSS (proportional set size) splits each shared page among the processes mapping it, so the
 PSS summed over the parent, the zygote and the workers is the pool's true footprint; USS
-(private pages) is what one process costs on its own. For the weight segment we also count
-pages copied privately (``Anonymous`` in its mapping): that must stay 0.
+(private pages) is what one process costs on its own. For the published weights (the memfd
+segments, TF's mapped constants, the weight files) we count what each process maps of them
+(``weights_mapped``: resident bytes of those mappings, shared with every other process that
+maps them) apart from everything else it holds alone (``private``: USS less the weight pages
+only this process happens to map), and pages copied privately inside a weight mapping
+(``weights_copied``, ``Anonymous``): that must stay 0. A worker holding its own copy of the
+model shows it in ``private``, whatever the adapter claims in ``weights_source``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ def process_memory(pid: int | None, weight_files: tuple[str, ...] = ()) -> dict:
     """PSS, USS, RSS, resident shared bytes, and the weights' share (the memfd segment and
     any published ``weight_files``), of ``pid``. Zeros when the process is gone."""
     usage = dict.fromkeys(("pss", "uss", "rss", "shared", "weights_rss", "weights_pss",
-                           "weights_copied"), 0)
+                           "weights_copied", "weights_private"), 0)
     usage["weights_mappings"] = []
     if not pid:
         return usage
@@ -43,6 +48,8 @@ def process_memory(pid: int | None, weight_files: tuple[str, ...] = ()) -> dict:
                     _count_segment(usage, key, value)
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass
+    usage["weights_mapped"] = usage["weights_rss"]
+    usage["private"] = usage["uss"] - usage.pop("weights_private")
     return usage
 
 
@@ -70,3 +77,5 @@ def _count_segment(usage: dict, key: str, value: int) -> None:
         usage["weights_pss"] += value
     elif key == "Anonymous:":
         usage["weights_copied"] += value
+    elif key in ("Private_Clean:", "Private_Dirty:"):
+        usage["weights_private"] += value

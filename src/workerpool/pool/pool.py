@@ -263,9 +263,15 @@ class Pool:
     # -- observation ---------------------------------------------------------------------
     def stats(self, memory_usage: bool = True) -> dict:
         """Per-worker pid, state, requests served, start time, and (``memory_usage``) PSS,
-        USS, RSS, shared bytes and the weights' resident/proportional/copied bytes; the
+        USS, RSS, shared bytes, the weights' resident/proportional/copied bytes, and what
+        is really shared: ``weights_mapped`` (bytes of the published weights this process
+        reads from the shared mappings) against ``private`` (bytes it alone holds, weights
+        it only happens to be the sole mapper of left out: a private copy of the model shows
+        here); the
         pool's total PSS (parent + zygotes + workers, a retiring version's and the spare
-        zygote included); the published model's size; the serving ``version`` (the label
+        zygote included); the published model's size and ``model_source`` (for a SavedModel
+        directory: the ``path`` served and its ``version`` number when it came from a base
+        path of numbered versions; else None); the serving ``version`` (the label
         given, or a content hash of the published weights) and ``generation`` (1, then +1
         per reload); queue
         depth, batch-size histogram (rows per predict call), p50/p99 queue and compute
@@ -311,6 +317,7 @@ class Pool:
                             + published.region_bytes),
             "file_backed_bytes": published.file_bytes,
             "weights_source": serving.weights_source,
+            "model_source": published.source,
             "weight_files": list(published.file_paths),
             "model_buffers": published.n_buffers,
             "skeleton_bytes": len(published.skeleton),

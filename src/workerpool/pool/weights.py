@@ -63,6 +63,7 @@ class SegmentLayout:
     def __init__(self, use_files: bool = True, options: dict | None = None):
         self.options = options or {}  # engine choices of the framework adapters
         self.notes: list[str] = []  # what adapters did, for stats()
+        self.source: dict | None = None  # where an adapter read the model from, for stats()
         self.region_fds: list[int] = []  # one sealed memfd per mapped TF constant
         self.region_bytes = 0
         self.size = 0
@@ -110,9 +111,18 @@ class SegmentLayout:
         """A sealed memfd of its own holding exactly ``buffer`` (for mappers that map whole
         files, like TensorFlow's ImmutableConst); its fd reaches the zygote and workers at
         the same number."""
-        fd = memfd.create_sealed(buffer.nbytes, [(0, buffer)])
+        return self._add_region_fd(memfd.create_sealed(buffer.nbytes, [(0, buffer)]),
+                                   buffer.nbytes)
+
+    def add_region_from_file(self, path: str, offset: int, nbytes: int) -> int:
+        """``add_region`` of ``nbytes`` of the file ``path`` from ``offset``, copied by the
+        kernel: they never enter this process's memory."""
+        return self._add_region_fd(memfd.create_sealed_from_file(path, offset, nbytes),
+                                   nbytes)
+
+    def _add_region_fd(self, fd: int, nbytes: int) -> int:
         self.region_fds.append(fd)
-        self.region_bytes += buffer.nbytes
+        self.region_bytes += nbytes
         return fd
 
     def repoint_later(self, repoint, obj, ref, *args) -> None:
@@ -164,6 +174,7 @@ class PublishedModel:
     region_fds: list[int] = dataclasses.field(default_factory=list)
     region_bytes: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
+    source: dict | None = None
 
     def close(self) -> None:
         for fd in [self.fd, *self.file_fds, *self.region_fds]:
@@ -204,7 +215,7 @@ def publish(model, predict, use_files: bool = True,
     return_freed_memory()
     return PublishedModel(fd, layout.size, n_buffers, stream.getvalue(), layout.file_fds,
                           layout.file_paths, layout.file_bytes, layout.region_fds,
-                          layout.region_bytes, layout.notes)
+                          layout.region_bytes, layout.notes, layout.source)
 
 
 def return_freed_memory() -> None:

@@ -51,6 +51,7 @@ STATUS_TABLE = [
     (BadRequest, 400, None, "INVALID_ARGUMENT"),
     (errors.MessageTooLarge, 413, None, "RESOURCE_EXHAUSTED"),
     (errors.EncodeError, 400, None, "INVALID_ARGUMENT"),
+    (errors.InputMismatch, 400, None, "INVALID_ARGUMENT"),
     (Unauthorized, 401, None, "UNAUTHENTICATED"),
     (ModelNotFound, 404, None, "NOT_FOUND"),
     (MethodNotAllowed, 405, None, "UNIMPLEMENTED"),

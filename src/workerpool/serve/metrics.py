@@ -83,7 +83,12 @@ FAMILIES = (
     ("pss", GaugeMetricFamily, "workerpool_worker_pss_bytes",
      "Proportional set size of each worker process", _WORKER),
     ("uss", GaugeMetricFamily, "workerpool_worker_uss_bytes",
-     "Private memory of each worker process", _WORKER),
+     "Memory only this worker process maps (USS)", _WORKER),
+    ("private", GaugeMetricFamily, "workerpool_worker_private_bytes",
+     "Memory each worker holds alone, shared weights left out (a copy of the model shows "
+     "here)", _WORKER),
+    ("mapped", GaugeMetricFamily, "workerpool_worker_weights_mapped_bytes",
+     "Bytes of the shared weights each worker maps", _WORKER),
     ("total", GaugeMetricFamily, "workerpool_pool_pss_bytes",
      "PSS of the whole pool: parent, zygote and workers", _MODEL),
     ("weights", GaugeMetricFamily, "workerpool_weights_shared_bytes",
@@ -134,7 +139,9 @@ def add_pool_stats(families: dict, name: list[str], stats: dict) -> None:
     families["crashes"].add_metric(name, stats["crashes"])
     for worker in workers + stats["retiring_workers"]:  # both versions' during a swap
         families["pss"].add_metric([*name, str(worker["pid"])], worker["pss"])
-        families["uss"].add_metric([*name, str(worker["pid"])], worker["uss"])
+        for key, field in (("uss", "uss"), ("private", "private"),
+                           ("mapped", "weights_mapped")):
+            families[key].add_metric([*name, str(worker["pid"])], worker[field])
     families["total"].add_metric(name, stats["total_pss"])
     families["weights"].add_metric(name, stats["model_bytes"])
     families["saved"].add_metric(name, saved_bytes(stats))
@@ -151,6 +158,7 @@ def add_pool_stats(families: dict, name: list[str], stats: dict) -> None:
 
 
 def saved_bytes(stats: dict) -> int:
-    """What one copy per worker would cost beyond the one copy the pool holds."""
-    live = sum(w["state"] != "stopping" for w in stats["workers"])
-    return stats["model_bytes"] * max(0, live - 1)
+    """What the workers' shared weights save against a copy each: the weight bytes every
+    live worker maps, less the one copy they all map (measured, never assumed)."""
+    mapped = [w["weights_mapped"] for w in stats["workers"] if w["state"] != "stopping"]
+    return max(0, sum(mapped) - max(mapped, default=0))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import struct
 
+from ..frameworks import saved_model
+
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_RECORDS = 1000  # TF Serving's own limit on warm-up records
 
@@ -24,10 +26,11 @@ class WarmupError(ValueError):
 
 
 def warmup_file(source) -> str | None:
-    """The warm-up file of a SavedModel directory ``source``, if it has one."""
-    if not isinstance(source, str) or not os.path.isdir(source):
+    """The warm-up file of a SavedModel directory ``source`` (of its highest version, for a
+    base path of numbered versions), if it has one."""
+    if not isinstance(source, str) or not saved_model.is_saved_model(source):
         return None
-    path = os.path.join(source, WARMUP_FILE)
+    path = os.path.join(saved_model.resolve(source)[0], WARMUP_FILE)
     return path if os.path.isfile(path) else None
 
 

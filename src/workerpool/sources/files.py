@@ -6,7 +6,8 @@
       TorchScript archive / *.pt2  loaded in the zygote (forked workers share its pages)
       directory with config.json   Hugging Face: from_pretrained aliases model.safetensors;
                                    the tokenizer rides in the pickled skeleton
-      SavedModel directory, .keras to the TensorFlow engines (frameworks/tensorflow.py)
+      SavedModel directory         (or a base path of numbered versions: the highest),
+      .keras                       to the TensorFlow engines (frameworks/tensorflow.py)
 
 A state dict plus a ``builder`` becomes a module built on the ``meta`` device (no memory)
 whose tensors are then assigned from the mapping, so the parent never makes a transient
@@ -51,8 +52,10 @@ def load_file(path: str, builder=None, trust_pickle: bool = False):
             return load_huggingface(path)
         if _is_tensorflow(path):
             return load_saved_model(path)
-        raise ModelSourceError(f"{path} is a directory without config.json: give a weight "
-                               "file, or a Hugging Face model directory")
+        raise ModelSourceError(f"{path} is a directory without config.json or saved_model.pb:"
+                               " give a weight file, a Hugging Face model directory, or a "
+                               "SavedModel directory (or a base path of numbered versions "
+                               "1/, 2/, ... holding SavedModels)")
     if not os.path.exists(path):
         raise ModelSourceError(f"no model file at {path}")
     if path.endswith(".keras"):
@@ -169,17 +172,11 @@ def _load_in_worker(path: str, kind: str):
 
 
 def load_saved_model(path: str):
-    """A SavedModel's serving signature (the TensorFlow engines freeze it)."""
-    import tensorflow as tf
+    """A SavedModel's serving signature, its variables read only when the TensorFlow
+    engine maps them (frameworks/saved_model.py)."""
+    from ..frameworks import saved_model
 
-    loaded = tf.saved_model.load(path)
-    signatures = getattr(loaded, "signatures", {})
-    if "serving_default" not in signatures:
-        raise ModelSourceError(f"{path} has no 'serving_default' signature; export one "
-                               f"(found: {sorted(signatures)})")
-    signature = signatures["serving_default"]
-    signature._workerpool_owner = loaded  # its variables live as long as the object does
-    return signature
+    return saved_model.load(path)
 
 
 def _is_torchscript(path: str) -> bool:
@@ -189,7 +186,9 @@ def _is_torchscript(path: str) -> bool:
 
 
 def _is_tensorflow(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "saved_model.pb"))
+    from ..frameworks.saved_model import is_saved_model
+
+    return is_saved_model(path)
 
 
 def default_predict(model, x):
