@@ -63,6 +63,12 @@ def predict(model, x):
     return os.getpid(), float(model(x).sum())
 
 
+def predict_named(model, x):
+    """``predict`` for a model whose one output comes back by name (a SavedModel)."""
+    (y,) = model(x).values()
+    return os.getpid(), float(y.sum())
+
+
 # -- memory ------------------------------------------------------------------------------
 def memory_of(pids) -> dict[int, dict]:
     """{pid: {"pss", "uss"}} in bytes for each live pid (psutil memory_full_info)."""
@@ -124,13 +130,24 @@ def log(*args) -> None:
 
 
 def sizes_and_workers(description: str, default_sizes: str = "256,1024",
-                      default_workers: str = "1,2,4") -> tuple[list[int], list[int]]:
-    """The --sizes and --workers options of the memory benchmarks."""
+                      default_workers: str = "1,2,4", methods: tuple[str, ...] = ()):
+    """The --sizes and --workers options of the memory benchmarks (and --methods, a
+    comma-separated subset of ``methods``, when given: then a third list is returned)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--sizes", default=default_sizes,
                         help="model sizes in MiB, comma-separated")
     parser.add_argument("--workers", default=default_workers, help="worker counts, comma-separated")
+    if methods:
+        parser.add_argument("--methods", default=",".join(methods),
+                            help=f"comma-separated subset of {','.join(methods)}")
     args = parser.parse_args()
-    return [int(s) for s in args.sizes.split(",")], [int(n) for n in args.workers.split(",")]
+    sizes, counts = [int(s) for s in args.sizes.split(",")], [int(n) for n in args.workers.split(",")]
+    if not methods:
+        return sizes, counts
+    chosen = args.methods.split(",")
+    unknown = sorted(set(chosen) - set(methods))
+    if unknown:
+        parser.error(f"unknown methods {unknown}")
+    return sizes, counts, chosen

@@ -16,6 +16,11 @@ measured after every worker has run at least one prediction on a (8, width) batc
   total PSS = ``stats()["total_pss"]`` (parent + zygote + workers); "pool PSS" = zygote +
   workers only (without the parent, which holds TensorFlow and what load() left behind);
 - ``workerpool copy``: the same with ``tf_engine="copy"`` (each worker loads its own copy);
+- ``savedmodel export``: ``Pool(<dir>, ...)`` on the SavedModel that ``model.export(dir)``
+  wrote for the same Keras model (served by path, TF Serving's format);
+- ``savedmodel module``: ``Pool(<dir>, ...)`` on a SavedModel written by
+  ``tf.saved_model.save`` of a ``tf.Module`` MLP of the same shapes (its own seeded weights)
+  whose signature calls one nested ``tf.function`` per layer;
 - ``baseline``: ``multiprocessing.get_context("spawn").Pool(N, initializer=...)`` whose
   initializer sets TF to 1 intra/1 inter-op thread and ``keras.saving.load_model``s a
   ``.keras`` file saved once; each of N tasks runs one prediction and then waits on a
@@ -31,6 +36,12 @@ measurement, ``weights_pss_mib`` the PSS of their mappings summed over the pool'
 ``total_with_memfd_mib`` / ``ratio_with_memfd`` add it back. ``checksum_ok``: every reply's
 output sum equals the Keras call's where the model was saved (also 1 thread).
 
+The SavedModel rows' references are the SavedModel loaded in the measuring process with
+``tf.saved_model.load`` (1 thread). ``publish_peak_x_model``: (the parent's peak RSS while
+starting the pool - its RSS just before, TensorFlow already imported - + the memfds it
+published) / the model's bytes: the most memory publishing held at once, as a multiple of
+the model (an upper bound: the two peaks may not coincide).
+
 Also per row: ``parent_peak_rss_mib`` (the measuring process's peak RSS: for workerpool it
 includes load() and freezing), ``worker_peak_rss_mib`` (the baseline's largest worker peak),
 ``load_s`` (load(): building the model), ``start_s`` (creating the Pool: load + freeze +
@@ -45,9 +56,10 @@ total PSS / the baseline's at the same size and N. The baseline's ready_s does n
 building the model (its .keras file is saved beforehand).
 
     .venv/bin/python bench/tf_memory.py [--sizes 256,1024] [--workers 1,2,4]
+        [--methods baseline,tensorflow,copy,savedmodel_export,savedmodel_module]
 
-Peak memory: the frozen-graph parent peaks near 10x the model size while freezing (measured:
-~11 GiB for 1 GiB), each baseline worker near 3.7x while loading; run one at a time.
+Peak memory: building and saving the models holds a few copies at once; each baseline worker
+peaks near 3.7x the model while loading; run one at a time.
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ import multiprocessing
 import os
 import pathlib
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -70,7 +83,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's INFO lines; warnings 
 import numpy as np
 
 from common import (BATCH, emit, log, markdown_table, memfd_mappings, memory_of, mib,
-                    mlp_shape, predict, sizes_and_workers, tree_pids)
+                    mlp_shape, predict, predict_named, sizes_and_workers, tree_pids)
 
 MEMFD_NAME = "memfd:workerpool-weights"
 
@@ -99,6 +112,11 @@ def timed_build(size: int):
     model = build_keras_mlp(size)
     _load_s = time.perf_counter() - start
     return model
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_rss(who=resource.RUSAGE_SELF) -> int:
@@ -181,13 +199,20 @@ def run_baseline(size: int, n: int, path: str, reference: float) -> dict:
 
 
 # -- workerpool ---------------------------------------------------------------------------------
-def run_workerpool(size: int, n: int, engine: str, reference: float) -> dict:
+def run_workerpool(size: int, n: int, engine: str, reference: float,
+                   saved_model: str | None = None) -> dict:
+    import tensorflow  # noqa: F401 - the pool's parent imports it anyway: not publishing's cost
+
     import workerpool
 
     x = make_input(size)
+    source, function = functools.partial(timed_build, size), predict
+    if saved_model is not None:
+        source, function = saved_model, predict_named
+    before_rss = current_rss()
     start = time.perf_counter()
-    with workerpool.Pool(functools.partial(timed_build, size), predict, workers=n,
-                         threads_per_worker=1, tf_engine=engine) as pool:
+    with workerpool.Pool(source, function, workers=n, threads_per_worker=1,
+                         tf_engine=engine) as pool:
         started_s = time.perf_counter() - start
         start_peak = peak_rss()
         checksums = []
@@ -209,12 +234,17 @@ def run_workerpool(size: int, n: int, engine: str, reference: float) -> dict:
         weights_pss = sum(p["weights_pss"] for p in (stats["parent"], stats["zygote"],
                                                      *stats["workers"]))
         method = "workerpool" if engine == "tensorflow" else f"workerpool {engine}"
+        if saved_model is not None:
+            method = f"savedmodel {os.path.basename(saved_model)}"
         out = row(size, n, method, ready_s, total=stats["total_pss"],
                   parent=stats["parent"]["pss"], zygote=stats["zygote"]["pss"],
                   workers=stats["workers"], memfd=memfd_bytes, weights_pss=weights_pss,
                   checksum_ok=all(c == checksums[0] == reference for c in checksums),
                   request_ms=round(statistics.median(latencies) * 1000, 1),
-                  parent_peak_rss_mib=mib(start_peak), load_s=round(_load_s, 2),
+                  parent_peak_rss_mib=mib(start_peak),
+                  publish_peak_x_model=round(
+                      (start_peak - before_rss + memfd_bytes) / stats["model_bytes"], 2),
+                  load_s=None if saved_model else round(_load_s, 2),
                   start_s=round(started_s, 2), warmup_rounds=attempt,
                   zygote_uss_mib=mib(stats["zygote"]["uss"]),
                   start_to_ready_ms=[w["start_to_ready_ms"] for w in stats["workers"]],
@@ -262,21 +292,78 @@ def row(size, n, method, ready_s, *, total, parent, zygote, workers, memfd=0, we
 
 
 # -- the run ------------------------------------------------------------------------------------
-def save_model(size: int, path: str) -> float:
-    """Build the model, save it as ``path``; returns its output sum (1 TF thread)."""
+def save_models(size: int, directory: str) -> dict:
+    """Build the models of ``size`` MiB and save them under ``directory``: the Keras MLP as
+    mlp.keras and (model.export) export/, the tf.Module MLP as module/. Returns
+    {method: (path, output sum)} (1 TF thread)."""
+    import tensorflow as tf
+
     set_tf_threads(1)
     model = build_keras_mlp(size)
-    reference = keras_checksum(model, make_input(size))
+    x = make_input(size)
+    reference = keras_checksum(model, x)
     log(f"model {size} MiB: {mlp_shape(size)} (width, layers), "
         f"{mib(keras_bytes(model))} MiB of weights; output sum {reference}")
-    model.save(path)
-    return reference
+    keras_path = os.path.join(directory, "mlp.keras")
+    model.save(keras_path)
+    export = os.path.join(directory, "export")
+    model.export(export, verbose=False)
+    del model
+    module = os.path.join(directory, "module")
+    tf.saved_model.save(MLPModule(*mlp_shape(size)), module)
+    paths = {"baseline": keras_path, "tensorflow": keras_path, "copy": keras_path}
+    out = {method: (path, reference) for method, path in paths.items()}
+    for method, path in (("savedmodel_export", export), ("savedmodel_module", module)):
+        signature = tf.saved_model.load(path).signatures["serving_default"]
+        (y,) = signature(tf.constant(x)).values()
+        out[method] = (path, float(np.asarray(y).sum()))
+        del signature
+    return out
+
+
+def _module_classes():
+    import tensorflow as tf
+
+    class Dense(tf.Module):
+        def __init__(self, width: int, rng):
+            super().__init__()
+            scale = np.float32(1 / np.sqrt(width))
+            self.kernel = tf.Variable(
+                rng.standard_normal((width, width), np.float32) * scale)
+            self.bias = tf.Variable(np.zeros(width, np.float32))
+
+        @tf.function
+        def __call__(self, x):
+            return tf.nn.relu(tf.matmul(x, self.kernel) + self.bias)
+
+    class MLP(tf.Module):
+        def __init__(self, width: int, layers: int):
+            super().__init__()
+            rng = np.random.default_rng(0)
+            self.layers = [Dense(width, rng) for _ in range(layers)]
+            self.__call__ = tf.function(
+                self._call, input_signature=[tf.TensorSpec([None, width], tf.float32,
+                                                           name="x")])
+
+        def _call(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return {"y": x}
+
+    return MLP
+
+
+def MLPModule(width: int, layers: int):
+    """A tf.Module MLP of ``layers`` Dense layers, each a nested tf.function."""
+    return _module_classes()(width, layers)
 
 
 def measure_one(size: int, n: int, method: str, path: str, reference: float) -> dict:
     """One row, in a fresh process."""
     if method == "baseline":
         return run_baseline(size, n, path, reference)
+    if method.startswith("savedmodel"):
+        return run_workerpool(size, n, "tensorflow", reference, saved_model=path)
     return run_workerpool(size, n, method, reference)
 
 
@@ -288,31 +375,36 @@ def in_fresh_process(function, *args):
         return executor.submit(function, *args).result()
 
 
-METHODS = ("baseline", "tensorflow", "copy")
+METHODS = ("baseline", "tensorflow", "copy", "savedmodel_export", "savedmodel_module")
 
 
-def measure(sizes: list[int], counts: list[int]) -> list[dict]:
+def measure(sizes: list[int], counts: list[int], methods=METHODS) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="wp-tf-bench-") as tmp:
         for size in sizes:
-            path = str(pathlib.Path(tmp) / f"mlp{size}.keras")
-            reference = in_fresh_process(save_model, size, path)
+            directory = str(pathlib.Path(tmp) / f"mlp{size}")
+            os.makedirs(directory)
+            saved = in_fresh_process(save_models, size, directory)
             for n in counts:
                 base = None
-                for method in METHODS:
+                for method in methods:
+                    path, reference = saved[method]
                     out = in_fresh_process(measure_one, size, n, method, path, reference)
-                    base = base or out
-                    out["ratio_vs_baseline"] = round(
-                        out["total_pss_mib"] / base["total_pss_mib"], 3)
-                    out["ratio_with_memfd"] = round(
-                        out["total_with_memfd_mib"] / base["total_pss_mib"], 3)
+                    if method == "baseline":
+                        base = out
+                    out["ratio_vs_baseline"] = out["ratio_with_memfd"] = None
+                    if base is not None:
+                        out["ratio_vs_baseline"] = round(
+                            out["total_pss_mib"] / base["total_pss_mib"], 3)
+                        out["ratio_with_memfd"] = round(
+                            out["total_with_memfd_mib"] / base["total_pss_mib"], 3)
                     log(f"  N={n} {out['method']:<24} total PSS {out['total_pss_mib']} MiB "
                         f"({out['ratio_vs_baseline']}x), pool {out['pool_pss_mib']} MiB, "
                         f"+{out['unmapped_memfd_mib']} MiB memfd mapped by no process, "
                         f"parent peak RSS {out['parent_peak_rss_mib']} MiB, "
                         f"ready {out['ready_s']} s, request {out['request_ms']} ms")
                     rows.append(out)
-            os.unlink(path)
+            shutil.rmtree(directory)
     return rows
 
 
@@ -334,12 +426,12 @@ def added_per_worker(rows: list[dict]) -> list[dict]:
 COLUMNS = ["model_mib", "workers", "method", "total_pss_mib", "pool_pss_mib",
            "per_worker_uss_mib", "ratio_vs_baseline", "parent_pss_mib", "zygote_pss_mib",
            "unmapped_memfd_mib", "total_with_memfd_mib", "ratio_with_memfd",
-           "parent_peak_rss_mib", "load_s", "start_s", "ready_s", "request_ms", "checksum_ok"]
+           "parent_peak_rss_mib", "publish_peak_x_model", "load_s", "start_s", "ready_s", "request_ms", "checksum_ok"]
 
 
 def main() -> None:
-    sizes, counts = sizes_and_workers(__doc__.splitlines()[0])
-    rows = measure(sizes, counts)
+    sizes, counts, methods = sizes_and_workers(__doc__.splitlines()[0], methods=METHODS)
+    rows = measure(sizes, counts, methods)
     import keras  # for the versions only: no op runs here
     import tensorflow as tf
 
