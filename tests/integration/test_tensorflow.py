@@ -136,11 +136,13 @@ def test_sixty_four_mib_model_is_shared_by_four_workers(engine):
                 for worker in stats["workers"]:  # the constants stay mapped, not copied
                     assert worker["weights_mapped"] >= 64 * MIB * 0.95
                     assert worker["weights_copied"] == 0
-                    assert worker["private"] < 32 * MIB, worker
+                    # TF's own runtime state after a request is ~30-35 MiB here; a copy of
+                    # the weights would add 64 more
+                    assert worker["private"] < 48 * MIB, worker
             for worker in stats["workers"] if n_workers > 1 else []:
                 # pages only one process maps count as its USS, hence n > 1; a private copy
-                # of the weights in a worker would be >= 64 MiB of USS
-                assert worker["uss"] < 32 * MIB, worker
+                # of the weights in a worker would be >= 64 MiB of USS on top of the runtime's
+                assert worker["uss"] < 48 * MIB, worker
     added = totals[4] - totals[1]
     assert added < 3 * 60 * MIB, f"4 workers cost {added / MIB:.0f} MiB more than 1"
 
