@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/reload.py
 	$(PY) bench/protocols.py
 	$(PY) bench/score.py
+	$(PY) bench/overhead.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
