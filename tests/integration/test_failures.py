@@ -7,6 +7,8 @@ every case ends by checking that the same pool still answers correctly.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
+import logging
 import os
 import signal
 import threading
@@ -34,6 +36,30 @@ class UnpicklableError(Exception):
         self.lock = threading.Lock()
 
 
+class CrashesWhenUnpickled:
+    """An argument whose unpickling (in the worker, decoding the call) crashes it."""
+
+    def __reduce__(self):
+        return (faulthandler._sigsegv, ())
+
+
+class FailsWhenUnpickled:
+    def __reduce__(self):
+        return (int, ("not a number",))
+
+
+class CrashesWhenPickled:
+    """A result whose pickling (in the worker, encoding the reply) crashes it."""
+
+    def __reduce__(self):
+        faulthandler._sigsegv()
+
+
+class FailsWhenPickled:
+    def __reduce__(self):
+        raise TypeError("refuses to be pickled")
+
+
 def misbehaving_predict(model, x, mode="ok", marker=None):
     if mode == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -54,6 +80,18 @@ def misbehaving_predict(model, x, mode="ok", marker=None):
         os.kill(os.getpid(), signal.SIGKILL)
     elif mode == "raise":
         raise CustomError(42, "bad input")
+    elif mode == "break_work_loop":
+        # From inside the worker: its next message can no longer be read, an exception in
+        # the work loop itself rather than in predict.
+        from workerpool.ipc import wire
+
+        def broken(frame):
+            raise RuntimeError("the work loop is broken")
+        wire.read_head = broken
+    elif mode == "crash_pickling_result":
+        return CrashesWhenPickled()
+    elif mode == "error_pickling_result":
+        return FailsWhenPickled()
     elif mode == "huge_output":
         return np.zeros(2 * 1024 * 1024, dtype=np.uint8)
     return model(x)
@@ -87,14 +125,21 @@ CRASH_TABLE = [
     ("memory_error", MemoryError, "cannot allocate the activations"),
     ("unpicklable_error", wp.RemoteError, "UnpicklableError: holds a lock"),
     ("unencodable_output", wp.EncodeError, "dtype object"),
+    # CPython's ProcessPoolExecutor table: failures around the pickles themselves
+    ("crash_unpickling_args", wp.WorkerCrashed, "SIGSEGV"),
+    ("error_unpickling_args", ValueError, "invalid literal for int"),
+    ("crash_pickling_result", wp.WorkerCrashed, "SIGSEGV"),
+    ("error_pickling_result", wp.EncodeError, "refuses to be pickled"),
 ]
+ARGUMENTS = {"crash_unpickling_args": {"marker": CrashesWhenUnpickled()},
+             "error_unpickling_args": {"marker": FailsWhenUnpickled()}}
 
 
 @pytest.mark.parametrize("mode, error, match", CRASH_TABLE, ids=[c[0] for c in CRASH_TABLE])
 def test_crash_table(pool, x_and_expected, mode, error, match):
     x, expected = x_and_expected
     innocent = [pool.submit(x) for _ in range(10)]
-    culprit = pool.submit(x, mode=mode)
+    culprit = pool.submit(x, mode=mode, **ARGUMENTS.get(mode, {}))
     innocent += [pool.submit(x) for _ in range(10)]
     with pytest.raises(error, match=match):
         culprit.result(timeout=60)
@@ -181,3 +226,20 @@ def test_attach_failure_is_a_start_error_with_the_cause(start_method):
     with pytest.raises(wp.PoolStartError, match="cannot be imported in a worker"):
         wp.Pool(lambda: NotImportableInWorker(), modelzoo.torch_predict, workers=2,
                 start_method=start_method)
+
+
+def test_a_worker_whose_own_loop_fails_says_so_and_loses_nothing(pool, x_and_expected, caplog):
+    """Past READY, a failure of the worker's loop is exit code 72 (not 70, "could not attach
+    the model"), logged with its cause; its requests in flight are retried elsewhere."""
+    x, expected = x_and_expected
+    crashes = pool.stats(memory_usage=False)["crashes"]
+    with caplog.at_level(logging.INFO, logger="workerpool"):
+        assert torch.equal(pool.submit(x, mode="break_work_loop").result(timeout=60), expected)
+        results = [f.result(timeout=60) for f in [pool.submit(x) for _ in range(20)]]
+        assert all(torch.equal(r, expected) for r in results)
+        assert_serves(pool, x_and_expected)
+    assert pool.stats(memory_usage=False)["crashes"] == crashes + 1
+    died = [r for r in caplog.records if "exited with code 72" in r.getMessage()]
+    assert len(died) == 1 and died[0].levelno == logging.WARNING
+    assert "work loop failed after it was ready" in died[0].getMessage()
+    assert any("replacing a worker" in r.getMessage() for r in caplog.records)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import time
 from concurrent.futures import Future
 
@@ -19,17 +20,30 @@ import zmq
 
 import workerpool as wp
 from workerpool.config import PoolConfig
-from workerpool.ipc import protocol
+from workerpool.ipc import wire
 from workerpool.ipc.codec import Codec
-from workerpool.pool.dispatcher import Dispatcher, Request, WorkerSlot
+from workerpool.pool.dispatcher import Dispatcher, Request, Task, WorkerSlot
 
 SECRET = os.urandom(32)
 
 
 class ZygoteFacts:
+    """The supervisor as admission sees it; process control is only recorded."""
+
     def __init__(self, zygote_pid: int):
         self.secret = SECRET
         self.zygote_pid = zygote_pid
+        self.signals: list[tuple[int, int]] = []
+        self.started: list[int] = []
+
+    def signal_worker(self, worker_id: int, signum: int) -> None:
+        self.signals.append((worker_id, signum))
+
+    def start_worker(self, worker_id: int, identity: bytes, cpus) -> None:
+        self.started.append(worker_id)
+
+    def crash_report(self, worker_id: int) -> str:
+        return ""
 
 
 class RunsCode:
@@ -69,6 +83,7 @@ def link(tmp_path):
 
 
 def deliver(dispatcher, peer, *frames):
+    """Send a message as the peer and let the dispatcher read it."""
     peer.send_multipart(list(frames))
     assert dispatcher.router.poll(5000)
     time.sleep(0.01)  # every frame of the multipart is in
@@ -76,8 +91,8 @@ def deliver(dispatcher, peer, *frames):
 
 
 def ready(secret=SECRET, pid=None, credits=2):
-    return [protocol.READY, protocol.pack_meta(
-        {"pid": os.getpid() if pid is None else pid, "credits": credits, "secret": secret})]
+    return [wire.head(wire.READY, {"pid": os.getpid() if pid is None else pid,
+                                   "credits": credits, "secret": secret})]
 
 
 ADMISSION = [
@@ -105,43 +120,115 @@ def test_nothing_is_unpickled_from_a_peer_before_it_is_admitted(link, tmp_path):
     dispatcher, worker, peer = link()
     request = Request(0, Future(), b"", [])
     worker.inflight[0] = request  # as if sent to this slot
-    deliver(dispatcher, peer, protocol.ERROR, protocol.pack_meta(
+    deliver(dispatcher, peer, wire.head(wire.ERROR,
         {"ids": [0], "type": "x.Y", "message": "", "traceback": "",
          "pickled": pickle.dumps(RunsCode(marker))}))
     assert not os.path.exists(marker) and not request.future.done()
     assert dispatcher.counters["rejected_peers"] == 1
 
 
+def result_head(**meta):
+    return wire.head(wire.RESULT, meta)
+
+
 MALFORMED = [
-    # id, frames after admission; the dispatcher counts each and keeps going
-    ("one frame", [b"D"]),
-    ("header not msgpack", [protocol.RESULT, b"\xc1\xc1"]),
-    ("header not a map", [protocol.RESULT, msgpack.packb([1, 2])]),
-    ("ids not a list", [protocol.RESULT, msgpack.packb({"ids": "0", "parts": [1]}), b""]),
-    ("parts do not add up", [protocol.RESULT, msgpack.packb({"ids": [0], "parts": [3]}), b""]),
-    ("error texts not strings", [protocol.ERROR, msgpack.packb({"ids": [0], "message": 5})]),
-    ("credits out of range", [protocol.READY, protocol.pack_meta(
-        {"pid": os.getpid(), "credits": 10**9, "secret": SECRET})]),
-    ("unknown kind", [b"Z", msgpack.packb({})]),
+    # id, frames after admission, naming request 0; the dispatcher answers it with
+    # ProtocolError, counts the message and keeps going
+    ("parts overrun the frames", [result_head(ids=[0], bodies=[None], parts=[3]), b""]),
+    ("parts short of the frames", [result_head(ids=[0], bodies=[b""], parts=[0]), b"", b""]),
+    ("bodies missing", [result_head(ids=[0], parts=[1]), b""]),
+    ("a body that is not bytes", [result_head(ids=[0], bodies=[5], parts=[0])]),
+    ("compute_s not a number", [result_head(ids=[0], bodies=[b"\xc0"], parts=[0],
+                                            compute_s="x")]),
+    ("error texts not strings", [wire.head(wire.ERROR, {"ids": [0], "message": 5})]),
+]
+MALFORMED_OTHER = [
+    # not a reply: counted, nothing answered
+    ("credits out of range", [wire.head(wire.READY, {"pid": os.getpid(), "credits": 10**9,
+                                                      "secret": SECRET})]),
+    ("unknown kind", [b"Z" + msgpack.packb({})]),
 ]
 
 
-@pytest.mark.parametrize("frames", [c[1] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
-def test_malformed_messages_are_counted_never_fatal(link, frames):
+def admitted_with_request_in_flight(link):
     dispatcher, worker, peer = link()
     deliver(dispatcher, peer, *ready())
     request = Request(0, Future(), b"", [])
+    request.worker, request.attempts = worker, 1
     worker.inflight[0] = request
-    worker.tasks.append([0])
+    worker.tasks.append(Task([0], each=False))
+    worker.credits -= 1
+    return dispatcher, worker, peer, request
+
+
+def answer_42(dispatcher, peer):
+    body, frames_out = Codec(allow_pickle=False, max_message_bytes=1 << 20).encode(42)
+    deliver(dispatcher, peer, *wire.result([0], [(body, frames_out)], 0.0))
+
+
+@pytest.mark.parametrize("frames", [c[1] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
+def test_a_malformed_reply_answers_its_request_with_protocol_error(link, frames):
+    dispatcher, worker, peer, request = admitted_with_request_in_flight(link)
     deliver(dispatcher, peer, *frames)
     assert dispatcher.counters["malformed_messages"] == 1
-    if request.future.done():  # a reply naming it answers it, with the reason
-        with pytest.raises(wp.ProtocolError, match="malformed reply"):
-            request.future.result()
-    # and the link still works: a well-formed result settles the request
-    if not request.future.done():
-        body, frames_out = Codec(allow_pickle=False, max_message_bytes=1 << 20).encode(42)
-        deliver(dispatcher, peer, protocol.RESULT,
-                protocol.pack_meta({"ids": [0], "parts": [1 + len(frames_out)]}), body,
-                *frames_out)
-        assert request.future.result(timeout=0) == 42
+    with pytest.raises(wp.ProtocolError, match="malformed reply"):
+        request.future.result(timeout=0)
+    assert worker.credits == 2 and not worker.tasks  # the task is over: its credit is back
+
+
+@pytest.mark.parametrize("frames", [c[1] for c in MALFORMED_OTHER],
+                         ids=[c[0] for c in MALFORMED_OTHER])
+def test_other_malformed_messages_are_counted_never_fatal(link, frames):
+    dispatcher, worker, peer, request = admitted_with_request_in_flight(link)
+    deliver(dispatcher, peer, *frames)
+    assert dispatcher.counters["malformed_messages"] == 1
+    assert not request.future.done()
+    answer_42(dispatcher, peer)  # and the link still works
+    assert request.future.result(timeout=0) == 42
+
+
+def test_a_late_reply_that_overruns_its_frames_is_counted_not_fatal(link):
+    """Checked before anything is indexed, even when no request waits for it any more."""
+    dispatcher, worker, peer, request = admitted_with_request_in_flight(link)
+    deliver(dispatcher, peer, result_head(ids=[99], bodies=[None, None], parts=[1, 5]), b"")
+    assert dispatcher.counters["malformed_messages"] == 1
+    answer_42(dispatcher, peer)
+    assert request.future.result(timeout=0) == 42
+
+
+UNREADABLE = [
+    # id, frames after admission: which requests they answer cannot be known
+    ("one frame", []),
+    ("empty head", [b""]),
+    ("head not msgpack", [wire.RESULT + b"\xc1\xc1"]),
+    ("head not a map", [wire.RESULT + msgpack.packb([1, 2])]),
+    ("ids not a list", [result_head(ids="0", bodies=[b""], parts=[0])]),
+]
+
+
+@pytest.mark.parametrize("frames", [c[1] for c in UNREADABLE], ids=[c[0] for c in UNREADABLE])
+def test_an_unreadable_reply_replaces_its_worker_and_retries_its_requests(link, frames):
+    """Its requests are not left in flight until their deadline: the worker is aborted,
+    and when its exit is reported they are retried on another."""
+    dispatcher, worker, peer, request = admitted_with_request_in_flight(link)
+    if frames:
+        deliver(dispatcher, peer, *frames)
+    else:  # the identity frame alone
+        peer.send(b"")
+        dispatcher.router.poll(5000)
+        dispatcher.read_workers()
+    assert dispatcher.counters["malformed_messages"] == 1
+    assert worker.state == "garbled"
+    assert dispatcher.supervisor.signals == [(worker.worker_id, signal.SIGABRT)]
+    assert not request.future.done()
+    dispatcher.on_worker_exit(worker, -signal.SIGABRT)
+    assert list(dispatcher.retries) == [request] and not request.future.done()
+    assert dispatcher.supervisor.started  # a replacement is on its way
+
+
+def test_a_worker_saying_bye_is_sent_nothing_more(link):
+    dispatcher, worker, peer, request = admitted_with_request_in_flight(link)
+    answer_42(dispatcher, peer)
+    assert worker.credits == 2 and dispatcher.pick_worker(idle=False) is worker
+    deliver(dispatcher, peer, wire.head(wire.BYE, {}))
+    assert worker.state == "stopping" and dispatcher.pick_worker(idle=False) is None

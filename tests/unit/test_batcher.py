@@ -113,3 +113,39 @@ def test_a_batch_never_exceeds_the_message_size_limit():
     q = queue(Item("a", nbytes=600), Item("b", nbytes=600), Item("c", nbytes=300))
     assert names(batcher.take(q, now=0.0)[0]) == ["a", "c"]
     assert names(batcher.take(q, now=0.0)[0]) == ["b"]
+
+
+# -- chunks: calls that run alone, sent together under a backlog ------------------------------
+def test_a_chunk_is_the_run_of_lone_requests_at_the_head():
+    batcher = Batcher(max_rows=8)
+    q = queue(Item("n1", batch_key=None), Item("n2", batch_key=None),
+              Item("big", rows=8), Item("n3", batch_key=None), Item("a"))
+    chunk, wake_at = batcher.take(q, now=0.0, chunk=16)
+    assert names(chunk) == ["n1", "n2", "big", "n3"] and wake_at is None
+    assert not batcher.together(chunk)  # run one by one, each answered alone
+    assert names(q) == ["a"]
+
+
+def test_a_chunk_never_takes_a_batchable_request_nor_more_than_asked():
+    batcher = Batcher(max_rows=8)
+    q = queue(*[Item(f"n{i}", batch_key=None) for i in range(5)], Item("a"))
+    assert names(batcher.take(q, now=0.0, chunk=3)[0]) == ["n0", "n1", "n2"]
+    assert names(batcher.take(q, now=0.0, chunk=3)[0]) == ["n3", "n4"]
+    batch, _ = batcher.take(q, now=0.0, chunk=3)
+    assert names(batch) == ["a"]
+
+
+def test_without_batching_every_request_can_join_a_chunk():
+    batcher = Batcher(max_rows=1)
+    q = queue(Item("a"), Item("x", batch_key=OTHER), Item("n", batch_key=None))
+    chunk, _ = batcher.take(q, now=0.0, chunk=16)
+    assert names(chunk) == ["a", "x", "n"] and not batcher.together(chunk)
+
+
+def test_chunk_one_is_the_plain_take_and_batches_stay_batches():
+    batcher = Batcher(max_rows=8)
+    q = queue(Item("n", batch_key=None), Item("m", batch_key=None), Item("a"), Item("b"))
+    assert names(batcher.take(q, now=0.0)[0]) == ["n"]
+    assert names(batcher.take(q, now=0.0)[0]) == ["m"]
+    batch, _ = batcher.take(q, now=0.0, chunk=16)
+    assert names(batch) == ["a", "b"] and batcher.together(batch)

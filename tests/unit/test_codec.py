@@ -10,10 +10,28 @@ import pytest
 import torch
 
 from workerpool.errors import EncodeError, MessageTooLarge, ProtocolError
-from workerpool.ipc.codec import ALLOWED_DTYPES, Codec
+from workerpool.ipc.codec import ALLOWED_DTYPES, INLINE_ARRAY_BYTES, Codec
 
 CODEC = Codec(allow_pickle=True, max_message_bytes=1 << 20, zero_copy_threshold=1024)
 NETWORK_CODEC = Codec(allow_pickle=False, max_message_bytes=1 << 20)
+
+
+def assert_same(got, want):
+    """Equal values of the same types, arrays of the same dtype and shape, all the way down."""
+    assert type(got) is type(want)
+    if isinstance(want, (tuple, list)):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_same(g, w)
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert_same(got[key], want[key])
+    elif isinstance(want, (np.ndarray, np.generic)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.array_equal(got, want)
+    else:
+        assert got == want
 
 
 def roundtrip(value, codec=CODEC):
@@ -93,6 +111,8 @@ def node(code, index, dtype, shape):
     (msgpack.packb([node(1, 0, "uint8", [1]), node(1, 0, "uint8", [1])]), [b"\0"],
      "bad frame reference"),
     (msgpack.packb(node(1, 0, "uint8", [-1])), [b""], "bad shape"),
+    (msgpack.packb(node(1, b"\0" * 3, "float32", [3])), [], "does not match"),
+    (msgpack.packb(node(1, "0", "uint8", [1])), [b"\0"], "bad frame reference"),
     (msgpack.packb(msgpack.ExtType(99, b"")), [], "unknown extension"),
     (b"\xc1", [], "undecodable"),
 ])
@@ -103,8 +123,41 @@ def test_malformed_messages_are_rejected(header, frames, match):
 
 def test_decoded_arrays_can_be_aligned_for_exact_math():
     codec = Codec(allow_pickle=False, max_message_bytes=1 << 20, align_arrays=True)
-    header, frames = codec.encode(np.arange(10, dtype=np.float32))
-    misaligned = memoryview(bytearray(41))[1:]
+    want = np.arange(2048, dtype=np.float32)  # over INLINE_ARRAY_BYTES: a frame of its own
+    header, frames = codec.encode(want)
+    misaligned = memoryview(bytearray(want.nbytes + 1))[1:]
     misaligned[:] = memoryview(frames[0]).cast("B")
     got = codec.decode(header, [misaligned])
-    assert got.ctypes.data % 64 == 0 and np.array_equal(got, np.arange(10, dtype=np.float32))
+    assert got.ctypes.data % 64 == 0 and np.array_equal(got, want)
+    header, frames = codec.encode(want[:10])  # inline: aligned all the same
+    got = codec.decode(header, frames)
+    assert not frames and got.ctypes.data % 64 == 0 and np.array_equal(got, want[:10])
+
+
+@pytest.mark.parametrize("value", [
+    np.arange(INLINE_ARRAY_BYTES // 8, dtype=np.float64),  # exactly the limit
+    np.float32(1.5), np.array(3, dtype=np.int8), np.zeros((0, 4), np.float32),
+    (np.ones(3, np.bool_), {"k": np.arange(4, dtype=np.uint64)}),
+], ids=["at the limit", "numpy scalar", "0-d", "empty", "nested"])
+def test_small_arrays_travel_inside_the_header(value):
+    header, frames = CODEC.encode(value)
+    assert frames == []
+    assert_same(CODEC.decode(header, frames), value)
+
+
+def test_arrays_over_the_inline_limit_get_a_frame():
+    value = np.arange(INLINE_ARRAY_BYTES // 8 + 1, dtype=np.float64)
+    header, frames = CODEC.encode(value)
+    assert len(frames) == 1 and len(header) < 100
+    assert_same(roundtrip(value), value)
+
+
+def test_calls_round_trip_with_their_inner_tuples():
+    args = (1.0, (2, "t"), np.arange(3, dtype=np.int32))
+    kwargs = {"k": (np.float32(0.5),), "n": None}
+    header, frames = CODEC.encode_call(args, kwargs)
+    got_args, got_kwargs = CODEC.decode_call(header, frames)
+    assert_same(tuple(got_args), args)
+    assert_same(got_kwargs, kwargs)
+    with pytest.raises(ProtocolError, match=r"not \[args, kwargs\]"):
+        CODEC.decode_call(*CODEC.encode((1, 2)))

@@ -1,10 +1,11 @@
 """Values <-> (header bytes, raw frames): how requests and results cross the ZeroMQ link.
 
-The header is msgpack; arrays (numpy, torch CPU tensors) become an extension node naming a
-frame index, dtype and shape, and their bytes travel as their own frame, without a copy
-above ``zero_copy_threshold``. Tuples keep their type. Other objects are pickled, and only
-when the codec is built with ``allow_pickle=True``: the pool's own ipc link (a 0700
-directory of the same user). Decoding validates every array node: dtype on the allow-list,
+The header is msgpack; arrays (numpy, torch CPU tensors) become an extension node holding
+their bytes (up to INLINE_ARRAY_BYTES) or naming a frame index, with dtype and shape; larger
+arrays travel as their own frame, without a copy above ``zero_copy_threshold``. Tuples keep
+their type. Other objects are pickled, and only when the codec is built with
+``allow_pickle=True``: the pool's own ipc link (a 0700 directory of the same user); an
+object whose unpickling raises gives its own exception, with a note saying where. Decoding validates every array node: dtype on the allow-list,
 frame index used once, bytes equal to shape x itemsize.
 
 What round-trips exactly and what is converted (the README's "Inputs and outputs" table):
@@ -53,6 +54,20 @@ class Codec:
         self.zero_copy_threshold = zero_copy_threshold
 
     # -- encoding -----------------------------------------------------------------------
+    def encode_call(self, args: tuple, kwargs: dict) -> tuple[bytes, list]:
+        """:meth:`encode` of a call's arguments; :meth:`decode_call` gives them back. The
+        outer pair and ``args`` travel as plain lists (``*args`` takes either), which
+        spares two nested packs per request; tuples inside them keep their type."""
+        return self.encode([list(args), kwargs])
+
+    def decode_call(self, header, frames: list) -> tuple[list, dict]:
+        """``(args, kwargs)`` of a call encoded by :meth:`encode_call`."""
+        call = self.decode(header, frames)
+        if not (isinstance(call, list) and len(call) == 2 and isinstance(call[0], list)
+                and isinstance(call[1], dict)):
+            raise ProtocolError("a call's body is not [args, kwargs]")
+        return call[0], call[1]
+
     def encode(self, value) -> tuple[bytes, list]:
         """Return ``(header, frames)``; frames are buffers to send as they are."""
         frames: list = []
@@ -103,8 +118,13 @@ class Codec:
                 f"arrays of dtype {dtype_name} cannot cross the pool's link; use one of "
                 f"{sorted(ALLOWED_DTYPES)}")
         array = _native_contiguous(array)
-        frames.append(array if array.nbytes >= self.zero_copy_threshold else array.tobytes())
-        node = [len(frames) - 1, dtype_name, list(array.shape)]
+        if array.nbytes <= INLINE_ARRAY_BYTES:
+            where = array.tobytes()  # in the header: no frame of its own
+        else:
+            frames.append(array if array.nbytes >= self.zero_copy_threshold
+                          else array.tobytes())
+            where = len(frames) - 1
+        node = [where, dtype_name, list(array.shape)]
         if scalar:
             node.append(True)
         return msgpack.ExtType(ext, msgpack.packb(node))
@@ -136,8 +156,9 @@ class Codec:
             if code == _EXT_TUPLE:
                 return tuple(unpack(data))
             if code in (_EXT_NDARRAY, _EXT_TENSOR):
-                index, dtype_name, shape, *flags = msgpack.unpackb(data)
-                array = _array_from_buffer(take(index), dtype_name, shape)
+                where, dtype_name, shape, *flags = msgpack.unpackb(data)
+                buffer = where if isinstance(where, bytes) else take(where)
+                array = _array_from_buffer(buffer, dtype_name, shape)
                 if self.align_arrays and array.ctypes.data % ARRAY_ALIGNMENT:
                     array = aligned_copy(array)
                 if code == _EXT_TENSOR:
@@ -146,7 +167,11 @@ class Codec:
             if code == _EXT_PICKLE:
                 if not self.allow_pickle:
                     raise ProtocolError("pickled values are refused on this link")
-                return pickle.loads(take(msgpack.unpackb(data)))
+                frame = take(msgpack.unpackb(data))
+                try:
+                    return pickle.loads(frame)
+                except Exception as exc:  # the object's own code failed: its error, as is
+                    raise _UnpicklingFailed(exc) from exc
             raise ProtocolError(f"unknown extension type {code}")
 
         def unpack(data):
@@ -155,6 +180,9 @@ class Codec:
 
         try:
             value = unpack(header)
+        except _UnpicklingFailed as failed:
+            failed.error.add_note("(raised while unpickling a value sent through the pool)")
+            raise failed.error from None
         except ProtocolError:
             raise
         except Exception as exc:
@@ -162,7 +190,17 @@ class Codec:
         return value
 
 
+class _UnpicklingFailed(Exception):
+    """Carries an exception raised by a pickled object's own reconstruction out of msgpack."""
+
+    def __init__(self, error: Exception):
+        super().__init__(error)
+        self.error = error
+
+
 ARRAY_ALIGNMENT = 64
+# Arrays up to this size travel inside the header (a frame each would cost more than the copy).
+INLINE_ARRAY_BYTES = 4096
 
 
 def aligned_copy(array: np.ndarray) -> np.ndarray:

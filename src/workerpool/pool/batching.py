@@ -8,6 +8,8 @@ travels as one message and must fit the link's size limit). The head never waits
 ``max_wait_s`` for company; with ``max_wait_s == 0`` (the default) a batch is only what is
 already queued, so a lone request is dispatched at once. A request with more rows than
 ``max_rows`` is served alone; requests of other keys keep their place in the queue.
+Requests that run alone may still travel together, as a chunk of separate calls, when the
+dispatcher has a backlog (``chunk``).
 """
 
 from __future__ import annotations
@@ -54,14 +56,20 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_bytes = max_bytes
 
-    def take(self, queue: collections.deque, now: float) -> tuple[list, float | None]:
+    def take(self, queue: collections.deque, now: float,
+             chunk: int = 1) -> tuple[list, float | None]:
         """``(batch, None)`` to send now, or ``([], wake_at)`` when the head should wait
-        for company until ``wake_at``; ``([], None)`` for an empty queue."""
+        for company until ``wake_at``; ``([], None)`` for an empty queue. A head that runs
+        alone comes with up to ``chunk - 1`` more such requests queued right behind it: a
+        chunk, run one by one in one worker (see :meth:`together`)."""
         if not queue:
             return [], None
         head = queue[0]
-        if head.batch_key is None or head.rows >= self.max_rows or self.max_rows == 1:
-            return [queue.popleft()], None
+        if self.alone(head):
+            taken = [queue.popleft()]
+            while len(taken) < chunk and queue and self.alone(queue[0]):
+                taken.append(queue.popleft())
+            return taken, None
         chosen, rows = self._compatible(queue, head)
         wake_at = head.enqueued_at + self.max_wait_s
         if rows < self.max_rows and now < wake_at:
@@ -70,6 +78,14 @@ class Batcher:
         for index in reversed(chosen):
             del queue[index]
         return batch, None
+
+    def alone(self, item) -> bool:
+        """Runs by itself: unbatchable, as large as a batch, or the pool does not batch."""
+        return item.batch_key is None or item.rows >= self.max_rows or self.max_rows == 1
+
+    def together(self, taken: list) -> bool:
+        """A batch (one ``predict`` on the rows of all), not a chunk of separate calls."""
+        return len(taken) > 1 and not self.alone(taken[0])
 
     def _compatible(self, queue: Sequence, head) -> tuple[list[int], int]:
         chosen, rows, nbytes = [0], head.rows, head.nbytes

@@ -4,8 +4,9 @@
                                                                                           ▼
     Dispatcher.run():  poll [ROUTER, wake eventfd, zygote control socket] + timers
         ROUTER  <- READY{credits} | RESULT | ERROR | HEARTBEAT | BYE   (per worker identity)
-        ROUTER  -> TASK (a batch of compatible requests, pool/batching.py) to a ready
-                   worker with credit; STOP to one leaving
+        ROUTER  -> TASK to a ready worker with credit: one request, a batch of compatible
+                   ones (pool/batching.py), or under a backlog a chunk of calls run one by
+                   one; STOP to one leaving. Message layout: ipc/wire.py
         control <- started / exited{status} / start_error              (from the zygote)
         futures <- result, the remote exception, or WorkerCrashed / PoolClosed / PoolBroken
 
@@ -20,8 +21,8 @@ A request past its deadline fails with TaskTimeout: unsent if still queued; if r
 worker is aborted and replaced and the other requests it held are retried.
 
 A worker's life: starting -> ready -> (retiring: served max_requests | hung: silent past
-heartbeat_timeout | aborted: ran past a request's deadline; both SIGABRT, then SIGKILL)
--> stopping -> gone.
+heartbeat_timeout | aborted: ran past a request's deadline | garbled: sent a message that
+cannot be read; all three SIGABRT, then SIGKILL) -> stopping (told to, or said BYE) -> gone.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import itertools
 import logging
 import math
 import os
-import pickle
 import queue
 import random
 import secrets
@@ -45,9 +45,9 @@ from concurrent.futures import Future, InvalidStateError
 import zmq
 
 from ..config import PoolConfig
-from ..errors import (PoolBroken, PoolClosed, PoolStartError, ProtocolError, RemoteError,
-                      RemoteTraceback, TaskTimeout, WorkerCrashed)
-from ..ipc import protocol
+from ..errors import (PoolBroken, PoolClosed, PoolStartError, ProtocolError, TaskTimeout,
+                      WorkerCrashed)
+from ..ipc import wire
 from ..ipc.codec import Codec, frame_nbytes
 from .batching import Batcher
 from .metrics import Metrics
@@ -59,6 +59,9 @@ MAX_ATTEMPTS = 2  # a request that was in flight on this many dying workers fail
 BOOT_FAILURES_BEFORE_BROKEN = 3
 RESTART_BACKOFF_S = (0.0, 0.1, 0.5, 2.0)
 ABORT_GRACE_S = 1.0  # SIGABRT (the worker's faulthandler dumps its stack), then SIGKILL
+# Unbatchable calls sent in one TASK when more are queued than workers have credit for, like
+# multiprocessing's chunksize; bounded, so a slow call holds few others behind it.
+MAX_CHUNK = 16
 
 
 class Request:
@@ -83,6 +86,21 @@ class Request:
     def nbytes(self) -> int:
         """Bytes it takes in a TASK; only the batcher asks (not every submit pays for it)."""
         return len(self.body) + sum(frame_nbytes(f) for f in self.frames)
+
+
+class Task:
+    """A TASK sent to a worker and not yet wholly answered: the ids still unanswered.
+    ``each``: its calls run one by one (a chunk), so only the first is running; else a
+    batch, all running together."""
+
+    __slots__ = ("ids", "each")
+
+    def __init__(self, ids: list[int], each: bool):
+        self.ids = ids
+        self.each = each
+
+    def running(self) -> list[int]:
+        return self.ids[:1] if self.each else self.ids
 
 
 class QueueGauge:
@@ -123,8 +141,8 @@ class WorkerSlot:
         self.pid: int | None = None
         self.credits = 0
         self.inflight: dict[int, Request] = {}
-        self.tasks: collections.deque[list[int]] = collections.deque()  # ids per TASK sent;
-        # the first one is running
+        self.tasks: collections.deque[Task] = collections.deque()  # sent, in order: the
+        # worker runs them in this order
         self.served = 0
         self.state = "starting"
         self.started_at = self.last_seen = time.monotonic()
@@ -147,6 +165,7 @@ class Dispatcher(threading.Thread):
         self.accepting = True
         self.accepting_lock = threading.Lock()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wake_pending = False  # a wake-up is written and the inbox not yet drained
         self.started = threading.Event()
         self.start_error: BaseException | None = None
         self.broken: PoolBroken | None = None
@@ -190,12 +209,17 @@ class Dispatcher(threading.Thread):
 
     def _post(self, item) -> None:
         # The lock makes "posted" and "the thread has left" exclusive: nothing posted is
-        # ever left unread in the inbox.
+        # ever left unread in the inbox. Only the first item after a drain wakes the thread
+        # (a system call, and a GIL hand-over, less per request under load): read_inbox
+        # clears ``wake_pending`` before it drains, so an item put while the flag is still
+        # set is drained after it.
         with self.accepting_lock:
             if not self.accepting:
                 raise PoolClosed("the pool is closed")
             self.inbox.put(item)
-            os.eventfd_write(self.wake_fd, 1)
+            if not self.wake_pending:
+                self.wake_pending = True
+                os.eventfd_write(self.wake_fd, 1)
 
     def stop_accepting(self) -> None:
         """Last act of the thread: refuse new items and answer those still in the inbox."""
@@ -285,6 +309,7 @@ class Dispatcher(threading.Thread):
             os.eventfd_read(self.wake_fd)
         except BlockingIOError:
             pass
+        self.wake_pending = False
         for item in self.inbox_items():
             if isinstance(item, Request):
                 if self.broken is not None:
@@ -322,27 +347,37 @@ class Dispatcher(threading.Thread):
             worker = self.pick_worker(idle=False)
             if worker is None:
                 return
-            batch, wake_at = self.batcher.take(self.pending, time.monotonic())
+            batch, wake_at = self.batcher.take(self.pending, time.monotonic(),
+                                               chunk=self.chunk_size(worker))
             if not batch:
                 self.batch_wake_at = wake_at  # the head waits for company until then
                 return
             self.queue_gauge.remove(len(batch))
+            each = not self.batcher.together(batch)
             batch = [request for request in batch if mark_running(request.future)]
             if batch:
-                self.send(worker, batch)
+                self.send(worker, batch, each)
 
-    def send(self, worker: WorkerSlot, batch: list[Request]) -> bool:
+    def chunk_size(self, worker: WorkerSlot) -> int:
+        """Calls per TASK: one while workers have credit for all that is queued; under a
+        backlog, the queue shared out over that credit (at most MAX_CHUNK, and never past
+        the worker's share before it retires)."""
+        credit = sum(w.credits for w in self.workers.values()
+                     if w.state == "ready" and not w.isolating and w.credits > 0)
+        if len(self.pending) <= credit:
+            return 1
+        chunk = min(MAX_CHUNK, -(-len(self.pending) // max(credit, 1)))
+        if worker.retire_after:
+            chunk = max(1, min(chunk, worker.retire_after - worker.sent))
+        return chunk
+
+    def send(self, worker: WorkerSlot, batch: list[Request], each: bool = False) -> bool:
         """Send one TASK; False (and the requests queued again) if the worker is gone."""
         now = time.monotonic()  # before sending: the send itself is not queueing
-        parts, frames = [], []
-        for request in batch:
-            parts.append(1 + len(request.frames))
-            frames += [request.body, *request.frames]
+        ids = [r.id for r in batch]
         try:
-            self.router.send_multipart(
-                [worker.identity, protocol.TASK,
-                 protocol.pack_meta({"ids": [r.id for r in batch], "parts": parts}), *frames],
-                copy=False)
+            wire.send(self.router, [worker.identity,
+                                    *wire.task(ids, [(r.body, r.frames) for r in batch], each)])
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
@@ -356,7 +391,7 @@ class Dispatcher(threading.Thread):
             request.worker = worker
             worker.inflight[request.id] = request
             self.metrics.queued(now - request.enqueued_at)
-        worker.tasks.append([r.id for r in batch])
+        worker.tasks.append(Task(list(ids), each))
         worker.credits -= 1
         worker.sent += len(batch)
         if worker.retire_after and worker.sent >= worker.retire_after:
@@ -382,7 +417,8 @@ class Dispatcher(threading.Thread):
     def read_workers(self) -> None:
         while True:
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                # The head as a zmq Frame: admission asks it for the peer's credentials.
+                frames = wire.recv(self.router, zmq.NOBLOCK, copied=1)
             except zmq.Again:
                 return
             try:
@@ -393,35 +429,49 @@ class Dispatcher(threading.Thread):
     def on_message(self, frames: list) -> None:
         """One message from a peer. Only a worker we started, admitted by the secret in
         its READY, is read any further: nothing from another peer is ever unpickled."""
-        worker = self.by_identity.get(frames[0].bytes)
+        worker = self.by_identity.get(frames[0])
         if worker is None:
             self.counters["late_replies"] += 1  # from a worker we buried, or a stranger
             return
-        if len(frames) < 3:
+        if len(frames) < 2:
             raise ProtocolError(f"a message of {len(frames)} frames")
-        kind = frames[1].bytes
-        meta = protocol.unpack_meta(frames[2])
+        try:
+            kind, meta = wire.read_head(frames[1])
+            if kind in (wire.RESULT, wire.ERROR):
+                wire.reply_ids(meta)
+        except ProtocolError as exc:
+            if worker.admitted and worker.state in ("ready", "retiring"):
+                # Which requests it answered cannot be known: rather than leave them in
+                # flight until their deadline (or forever), replace the worker; its
+                # requests are retried like a crash's.
+                self.abort_worker(worker, f"it sent a message the pool cannot read ({exc})",
+                                  state="garbled")
+            raise
         if not worker.admitted:
-            if kind != protocol.READY or not self.admit(worker, meta, frames[0]):
+            if kind != wire.READY or not self.admit(worker, meta, frames[1]):
                 self.count_bad_message("rejected_peers", "a peer that did not present the "
                                        "pool's secret, or is not a child of its zygote")
                 return
         worker.last_seen = time.monotonic()
-        if kind == protocol.RESULT:
-            self.on_result(worker, meta, frames[3:])
-        elif kind == protocol.ERROR:
+        if kind == wire.RESULT:
+            self.on_result(worker, meta, frames[2:])
+        elif kind == wire.ERROR:
             self.on_error(worker, meta)
-        elif kind == protocol.READY:
-            protocol.check_ready(meta)
+        elif kind == wire.READY:
+            wire.check_ready(meta)
             if worker.state == "starting":
                 self.on_ready(worker, meta)
-        elif kind not in (protocol.HEARTBEAT, protocol.BYE):
+        elif kind == wire.BYE:
+            if worker.state != "stopping":  # it leaves: send it nothing more
+                worker.state = "stopping"
+            log.debug("workerpool: worker %s (pid %s) is leaving", worker.worker_id, worker.pid)
+        elif kind != wire.HEARTBEAT:
             raise ProtocolError(f"unknown message kind {kind[:16]!r}")
 
     def admit(self, worker: WorkerSlot, meta: dict, frame) -> bool:
         """READY from a process the pool started: the right secret (compared in constant
         time) and, where ZeroMQ tells the peer's credentials, our uid and a zygote child."""
-        protocol.check_ready(meta)
+        wire.check_ready(meta)
         if not hmac.compare_digest(meta["secret"], self.supervisor.secret):
             return False
         peer = peer_credentials(frame)
@@ -448,6 +498,8 @@ class Dispatcher(threading.Thread):
         if limit:
             worker.retire_after = limit + random.randint(0, self.config.max_requests_jitter)
         self.boot_failures = self.start_deaths = 0
+        log.info("workerpool: worker %s (pid %s) ready in %.3f s", worker.worker_id, worker.pid,
+                 worker.ready_at - worker.started_at)
         if not self.started.is_set() and all(
                 w.state == "ready" for w in self.workers.values()):
             self.started.set()
@@ -456,11 +508,11 @@ class Dispatcher(threading.Thread):
         """The requests a RESULT or ERROR answers (None for those already given up on),
         once ``check(meta)`` passes. A reply that names its ids but fails the check still
         answers them, with ProtocolError; the check's error is raised to be counted."""
-        ids = protocol.reply_ids(meta)
+        ids = wire.reply_ids(meta)
         try:
             check(meta)
         except ProtocolError as exc:
-            for request in self.finish_task(worker, ids, meta):
+            for request in self.finish_task(worker, ids, {}):  # nothing of meta is trusted
                 if request is not None:
                     settle(request.future, error=ProtocolError(
                         f"worker {worker.pid} sent a malformed reply ({exc}); this is a bug "
@@ -471,10 +523,7 @@ class Dispatcher(threading.Thread):
     def finish_task(self, worker: WorkerSlot, ids: list[int],
                     meta: dict) -> list[Request | None]:
         """The requests ``ids`` name (None for those already given up on)."""
-        if ids in worker.tasks:
-            worker.tasks.remove(ids)
-            worker.credits += 1
-            worker.isolating = False
+        self.answered(worker, ids)
         requests = []
         for request_id in ids:
             request = worker.inflight.pop(request_id, None)
@@ -490,26 +539,47 @@ class Dispatcher(threading.Thread):
             self.stop_worker(worker)
         return requests
 
+    @staticmethod
+    def answered(worker: WorkerSlot, ids: list[int]) -> None:
+        """Strike ``ids`` off the task they belong to; a task wholly answered gives its
+        credit back (the worker answers its tasks in order: it is the first, but a stray
+        reply naming other ids is looked for in all of them)."""
+        for task in worker.tasks:
+            if ids[0] in task.ids:
+                for request_id in ids:
+                    if request_id in task.ids:
+                        task.ids.remove(request_id)
+                if not task.ids:
+                    worker.tasks.remove(task)
+                    worker.credits += 1
+                    worker.isolating = False
+                return
+
+    def running_ids(self, worker: WorkerSlot) -> list[int]:
+        return worker.tasks[0].running() if worker.tasks else []
+
     def on_result(self, worker: WorkerSlot, meta: dict, frames: list) -> None:
-        requests = self.finish_reply(
-            worker, meta, lambda meta: protocol.check_result(meta, len(frames)))
-        start = 0
-        for request, n_parts in zip(requests, meta["parts"]):
-            body, part_frames = frames[start], frames[start + 1:start + n_parts]
-            start += n_parts
+        items = []
+
+        def check(meta):
+            wire.check_compute_s(meta)
+            items.extend(wire.split_items(meta, frames))
+
+        requests = self.finish_reply(worker, meta, check)
+        for request, (body, part_frames) in zip(requests, items):
             if request is None:
                 continue  # a late answer to a request already failed: never re-deliver
             try:
-                value = self.codec.decode(body.bytes, part_frames)
+                value = self.codec.decode(body, part_frames)
             except BaseException as exc:  # noqa: BLE001
                 settle(request.future, error=exc)
             else:
                 settle(request.future, value)
 
     def on_error(self, worker: WorkerSlot, meta: dict) -> None:
-        for request in self.finish_reply(worker, meta, protocol.check_error):
+        for request in self.finish_reply(worker, meta, wire.check_error):
             if request is not None:
-                settle(request.future, error=rebuild_exception(meta))
+                settle(request.future, error=wire.rebuild_exception(meta))
 
     # -- what the zygote says ------------------------------------------------------------
     def handle_supervisor_event(self, event: dict) -> None:
@@ -533,7 +603,10 @@ class Dispatcher(threading.Thread):
         self.forget(worker)
         report = self.supervisor.crash_report(worker.worker_id)
         if worker.state == "stopping":
-            return  # told to leave (or killed by close(drain=False)), with nothing in flight
+            # told to leave (or killed by close(drain=False)), with nothing in flight
+            log.info("workerpool: worker %s (pid %s) left: %s", worker.worker_id, worker.pid,
+                     describe_exit(worker.pid, status))
+            return
         if worker.state == "starting":
             self.on_boot_failure(f"{describe_exit(worker.pid, status)} while starting" +
                                  (f":\n{report}" if report else ""),
@@ -542,7 +615,7 @@ class Dispatcher(threading.Thread):
         if worker.state != "aborted":  # aborted: we killed it for a request's deadline
             self.counters["crashes"] += 1
         description = describe_exit(worker.pid, status)
-        running_ids = set(worker.tasks[0]) if worker.tasks else set()
+        running_ids = set(self.running_ids(worker))
         requests = list(worker.inflight.values())
         worker.inflight.clear()
         for request in reversed(requests):
@@ -559,6 +632,11 @@ class Dispatcher(threading.Thread):
             else:
                 self.counters["retried_requests"] += 1
                 self.retries.appendleft(request)
+        retried = sum(not r.future.done() for r in requests)
+        log.warning("workerpool: worker %s %s%s; %d of its %d requests in flight retried%s",
+                    worker.worker_id, description,
+                    f" ({worker.hang_reason})" if worker.hang_reason else "", retried,
+                    len(requests), f"\n{_trim_report(report)}" if report else "")
         if worker.state not in ("retiring", "stopping"):  # those were replaced already
             self.replace_worker()
 
@@ -584,10 +662,13 @@ class Dispatcher(threading.Thread):
                 f"trying; the last one: {message}"))
         elif not self.closing:
             delay = RESTART_BACKOFF_S[min(self.start_deaths, len(RESTART_BACKOFF_S)) - 1]
+            log.warning("workerpool: a worker failed to start (%d in a row); the next starts "
+                        "in %.1f s: %s", self.start_deaths, delay, message)
             self.call_later(delay, self.replace_worker)
 
     def mark_broken(self, error: PoolBroken) -> None:
         if self.broken is None:
+            log.error("workerpool: %s", error)
             self.broken = error
             self.fail_everything(error)
 
@@ -621,22 +702,26 @@ class Dispatcher(threading.Thread):
         self.by_identity[worker.identity] = worker
         self.supervisor.start_worker(worker.worker_id, worker.identity,
                                      self.config.cpus_for(worker.slot))
+        log.info("workerpool: starting worker %s", worker.worker_id)
 
     def replace_worker(self) -> None:
         if not self.closing and self.broken is None:
             self.counters["restarts"] += 1
+            log.info("workerpool: replacing a worker")
             self.start_worker()
 
     def retire_worker(self, worker: WorkerSlot) -> None:
         """It was sent its share (max_requests_per_worker): no new work, a replacement now."""
         worker.state = "retiring"
         self.counters["retired"] += 1
+        log.info("workerpool: worker %s (pid %s) retires after %d requests", worker.worker_id,
+                 worker.pid, worker.sent)
         self.replace_worker()
 
     def stop_worker(self, worker: WorkerSlot) -> None:
         worker.state = "stopping"
         try:
-            self.router.send_multipart([worker.identity, protocol.STOP, b""], zmq.NOBLOCK)
+            wire.send(self.router, [worker.identity, wire.head(wire.STOP, {})], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # gone already; the zygote reports its exit
 
@@ -644,7 +729,7 @@ class Dispatcher(threading.Thread):
         """Abort workers silent past heartbeat_timeout, or not ready after start_timeout."""
         now = time.monotonic()
         for worker in list(self.workers.values()):
-            if worker.pid is None or worker.state in ("hung", "aborted", "stopping"):
+            if worker.pid is None or worker.state in ("hung", "aborted", "garbled", "stopping"):
                 continue
             if worker.state == "starting":
                 if now - worker.started_at > self.config.start_timeout:
@@ -677,7 +762,7 @@ class Dispatcher(threading.Thread):
             worker.inflight.pop(request.id, None)
             request.worker = None
             self.counters["timeouts"] += 1
-            running = bool(worker.tasks) and request.id in worker.tasks[0]
+            running = request.id in self.running_ids(worker)
             if not running:  # still waiting inside the worker: its late answer is dropped
                 settle(request.future, error=TaskTimeout(
                     f"the request was not answered within its timeout of {request.timeout} s"))
@@ -694,6 +779,8 @@ class Dispatcher(threading.Thread):
         self.counters[state] += 1
         worker.state = state if worker.state != "starting" else worker.state
         worker.hang_reason = reason
+        log.warning("workerpool: aborting worker %s (pid %s): %s", worker.worker_id,
+                    worker.pid, reason)
         self.supervisor.signal_worker(worker.worker_id, signal.SIGABRT)
 
         def kill_if_still_there():
@@ -756,9 +843,6 @@ def settle(future: Future, value=None, error: BaseException | None = None) -> No
         pass
 
 
-_NOT_EXCEPTIONS = {"SystemExit", "KeyboardInterrupt", "GeneratorExit"}
-
-
 def peer_credentials(frame) -> tuple[int, int] | None:
     """(uid, pid) of the process at the other end of an ipc connection, where ZeroMQ
     reports them ("Peer-Address" is "host:uid:gid:pid" on Linux); else None."""
@@ -780,26 +864,3 @@ def parent_pid(pid: int) -> int | None:
 def _trim_report(report: str) -> str:
     """faulthandler's dump without its list of loaded extension modules."""
     return report.split("\nExtension modules:", 1)[0].strip()
-
-
-def rebuild_exception(meta: dict) -> Exception:
-    """The worker's exception, by value where possible, with its traceback as __cause__.
-
-    Never SystemExit, KeyboardInterrupt or GeneratorExit: raised in the caller, a model's
-    ``sys.exit()`` would end the serving process; those arrive as RemoteError."""
-    error = None
-    if meta.get("pickled"):
-        try:
-            error = pickle.loads(meta["pickled"])
-        except Exception:
-            error = None
-    if not isinstance(error, Exception):
-        remote_type = str(meta.get("type", "Exception"))
-        message = str(meta.get("message", ""))
-        name = remote_type.rsplit(".", 1)[-1]
-        if name in _NOT_EXCEPTIONS:
-            message = (f"{message} (predict raised {name}; it ended no process: the worker "
-                       "is still serving)")
-        error = RemoteError(remote_type, message)
-    error.__cause__ = RemoteTraceback(meta.get("traceback", ""))
-    return error

@@ -26,7 +26,7 @@ from ..ipc.codec import Codec
 from ..sources import files
 from . import memory
 from .batching import batch_key_of
-from .dispatcher import Request
+from .dispatcher import MAX_CHUNK, Request
 from .generation import Generation, worker_rows
 from .metrics import Metrics
 from .supervisor import PrestartedZygote
@@ -203,7 +203,7 @@ class Pool:
                 max_queue: int | None) -> Future:
         self._check_open()
         timeout = self.config.timeout if timeout is None else deadline_seconds(timeout)
-        body, frames = self._codec.encode((args, kwargs))
+        body, frames = self._codec.encode_call(args, kwargs)
         batch_key, rows = batch_key_of(args, kwargs)
         request = Request(next(self._ids), Future(), body, frames, batch_key=batch_key,
                           rows=rows, timeout=timeout)
@@ -257,8 +257,10 @@ class Pool:
             yield await in_flight.popleft()
 
     def _default_window(self) -> int:
+        # Enough for full batches, or for chunks of unbatchable calls (a chunk per credit).
         config = self.config
-        return config.workers * config.credits_per_worker * max(config.max_batch_size, 2)
+        return config.workers * config.credits_per_worker * max(config.max_batch_size,
+                                                                MAX_CHUNK)
 
     # -- observation ---------------------------------------------------------------------
     def stats(self, memory_usage: bool = True) -> dict:

@@ -21,7 +21,7 @@ import sys
 
 from ..config import PoolConfig
 from ..errors import PoolStartError
-from ..ipc import control, endpoints, protocol
+from ..ipc import control, endpoints, wire
 from .weights import PublishedModel
 
 
@@ -246,6 +246,8 @@ def describe_exit(pid: int, status: int | None) -> str:
 
 
 _EXIT_CODES = {
-    protocol.EXIT_BOOT_ERROR: "it could not attach the model or connect to the pool",
-    protocol.EXIT_PARENT_GONE: "the pool's process or the zygote died",
+    wire.EXIT_BOOT_ERROR: "it could not attach the model or connect to the pool",
+    wire.EXIT_PARENT_GONE: "the pool's process or the zygote died",
+    wire.EXIT_SERVING_ERROR: "its work loop failed after it was ready: a bug in workerpool, "
+                             "please report it with the traceback below",
 }

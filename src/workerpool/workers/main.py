@@ -7,6 +7,8 @@
         warm-up: predict on each of the pool's warm-up inputs (a failure is a boot error)
         READY{pid, credits, secret} ; loop: TASK -> Runner -> RESULT | ERROR ; STOP -> BYE, exit 0
                               idle for heartbeat_interval -> HEARTBEAT
+        an exception out of the loop: its traceback in the crash log, exit 72 (not 70: the
+        model was attached; the failure is the worker's own)
 
 Run as ``python -m workerpool.workers.main WEIGHTS_FD`` it is a spawned worker: it reads its
 boot message (pickled, from the zygote over stdin), attaches the weights and serves.
@@ -22,7 +24,7 @@ import signal
 import sys
 import threading
 
-from ..ipc.protocol import EXIT_BOOT_ERROR, EXIT_OK, EXIT_PARENT_GONE
+from ..ipc.wire import EXIT_BOOT_ERROR, EXIT_OK, EXIT_PARENT_GONE, EXIT_SERVING_ERROR
 
 
 def serve(model, predict, boot: dict) -> int:
@@ -30,7 +32,7 @@ def serve(model, predict, boot: dict) -> int:
     import zmq
 
     from ..frameworks import active_adapters
-    from ..ipc import endpoints, protocol
+    from ..ipc import endpoints, wire
     from ..ipc.codec import Codec
     from .runner import Runner
 
@@ -60,26 +62,40 @@ def serve(model, predict, boot: dict) -> int:
     # Requests are checked against max_message_bytes before sending; this bounds a rogue peer.
     sock.setsockopt(zmq.MAXMSGSIZE, boot["max_message_bytes"] + 1024 * 1024)
     sock.connect(boot["endpoint"])
-    sock.send_multipart([protocol.READY, protocol.pack_meta(
-        {"pid": os.getpid(), "credits": boot["credits_per_worker"], "secret": boot["secret"]})])
-    heartbeat_ms = int(boot["heartbeat_interval"] * 1000)
+    sock.send(wire.head(wire.READY, {"pid": os.getpid(), "credits": boot["credits_per_worker"],
+                                     "secret": boot["secret"]}))
     try:
-        while True:
-            if not sock.poll(heartbeat_ms):
-                # from the work loop itself: a worker stuck in predict stays silent
-                sock.send_multipart([protocol.HEARTBEAT, protocol.pack_meta({})])
-                continue
-            frames = sock.recv_multipart(copy=False)
-            kind = frames[0].bytes
-            if kind == protocol.TASK:
-                reply = runner.run(protocol.unpack_meta(frames[1]), frames[2:])
-                sock.send_multipart(reply, copy=False)
-            elif kind == protocol.STOP:
-                sock.send_multipart([protocol.BYE, protocol.pack_meta({})])
-                return EXIT_OK
+        return work_loop(sock, runner, int(boot["heartbeat_interval"] * 1000))
+    except BaseException:
+        # Past READY a failure is ours, not the model's attach: say so in the exit code,
+        # and leave the traceback where the pool reads crash reports.
+        import traceback
+
+        traceback.print_exc(file=crash_log)
+        crash_log.flush()
+        return EXIT_SERVING_ERROR
     finally:
-        sock.close()
+        sock.close(linger=1000)
         context.term()
+
+
+def work_loop(sock, runner, heartbeat_ms: int) -> int:
+    """TASK -> replies, until STOP; HEARTBEAT when idle for ``heartbeat_ms``."""
+    from ..ipc import wire
+
+    while True:
+        if not sock.poll(heartbeat_ms):
+            # from the work loop itself: a worker stuck in predict stays silent
+            sock.send(wire.head(wire.HEARTBEAT, {}))
+            continue
+        frames = wire.recv(sock)
+        kind, meta = wire.read_head(frames[0])
+        if kind == wire.TASK:
+            for reply in runner.run(meta, frames[1:]):
+                wire.send(sock, reply)
+        elif kind == wire.STOP:
+            sock.send(wire.head(wire.BYE, {}))
+            return EXIT_OK
 
 
 def start_lifeline(pool_parent_pid: int) -> None:

@@ -38,7 +38,7 @@ import traceback
 from ..ipc import control, endpoints
 from . import main as worker_main
 
-from ..ipc.protocol import EXIT_BOOT_ERROR, EXIT_PARENT_GONE
+from ..ipc.wire import EXIT_BOOT_ERROR, EXIT_PARENT_GONE
 
 
 class Zygote:
