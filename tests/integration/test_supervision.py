@@ -40,6 +40,27 @@ def test_hung_worker_is_aborted_with_its_stack_and_replaced():
         assert pool.stats(memory_usage=False)["hung"] == 1
 
 
+def test_a_hang_inside_a_chunk_is_pinned_on_the_request_that_hangs():
+    """Under a backlog calls travel in chunks whose answers come together, so which call
+    hung is not known when the worker is aborted: the whole chunk is retried, each call
+    alone, and only the one that hangs again fails."""
+    x = torch.randn(2, 32)
+    expected = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict, x)
+    with wp.Pool(modelzoo.mlp, sleepy_predict, workers=1, threads_per_worker=1,
+                 heartbeat_interval=0.1, heartbeat_timeout=1.0) as pool:
+        # the first call keeps the worker busy while the rest queue up: they leave as a chunk
+        seconds = {0: 0.5, 5: 3600}
+        futures = [pool.submit(x, seconds=seconds.get(i, 0.0)) for i in range(12)]
+        with pytest.raises(wp.WorkerCrashed, match="silent for more than"):
+            futures[5].result(timeout=120)
+        for i, future in enumerate(futures):
+            if i != 5:
+                assert torch.equal(future.result(timeout=120), expected)
+        stats = pool.stats(memory_usage=False)
+        assert stats["hung"] == 2  # the chunk's worker, then the one running it alone
+        assert stats["mean_batch_size"] == 1.0  # a chunk is separate calls, not a batch
+
+
 def test_idle_workers_heartbeat_and_are_left_alone():
     with wp.Pool(modelzoo.mlp, sleepy_predict, workers=2, heartbeat_interval=0.2,
                  heartbeat_timeout=1.0) as pool:

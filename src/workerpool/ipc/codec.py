@@ -5,8 +5,9 @@ their bytes (up to INLINE_ARRAY_BYTES) or naming a frame index, with dtype and s
 arrays travel as their own frame, without a copy above ``zero_copy_threshold``. Tuples keep
 their type. Other objects are pickled, and only when the codec is built with
 ``allow_pickle=True``: the pool's own ipc link (a 0700 directory of the same user); an
-object whose unpickling raises gives its own exception, with a note saying where. Decoding validates every array node: dtype on the allow-list,
-frame index used once, bytes equal to shape x itemsize.
+object whose unpickling raises gives its own exception, with a note saying where. Decoding
+validates every array node: dtype on the allow-list, frame index used once, bytes equal to
+shape x itemsize.
 
 What round-trips exactly and what is converted (the README's "Inputs and outputs" table):
 0-d arrays and tensors keep shape ``()``; a numpy scalar comes back a numpy scalar of its

@@ -12,9 +12,11 @@ frame is one ``send`` and, under load, one chance for another thread to take the
                        ERROR     {ids, type, message, traceback, pickled}: for every id
                        HEARTBEAT {}   idle this long: the loop is alive
                        BYE       {}   leaving, as told by STOP
-    parent -> worker   TASK      {ids, bodies, parts, each} + frames: several calls. ``each``:
-                                 run them one by one and answer each as it is done (a chunk
-                                 of unbatchable calls); else they are one batch, run together
+    parent -> worker   TASK      {ids, bodies, parts, each, coalesce} + frames: several
+                                 calls. ``each``: run them one by one (a chunk of unbatchable
+                                 calls), each answered when done, or with ``coalesce`` the
+                                 answers of fast calls together (one message for many: see
+                                 workers/runner.py); else they are one batch, run together
                        STOP      {}   finish the current task, then exit
 
 A call or a value travels as a codec body and its frames (ipc/codec.py). ``bodies[i]`` is the
@@ -145,9 +147,11 @@ def _n(ids) -> str:
     return str(len(ids)) if isinstance(ids, list) else "missing"
 
 
-def task(ids: list[int], items: list[tuple[bytes, list]], each: bool) -> list:
+def task(ids: list[int], items: list[tuple[bytes, list]], each: bool,
+         coalesce: bool = False) -> list:
     bodies, parts, frames = pack_items(items)
-    return [head(TASK, {"ids": ids, "bodies": bodies, "parts": parts, "each": each}), *frames]
+    return [head(TASK, {"ids": ids, "bodies": bodies, "parts": parts, "each": each,
+                        "coalesce": coalesce}), *frames]
 
 
 def result(ids: list[int], items: list[tuple[bytes, list]], compute_s: float) -> list:

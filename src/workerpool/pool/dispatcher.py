@@ -1,8 +1,8 @@
 """The dispatcher thread: the only owner of the ROUTER socket and of all request state.
 
-    caller threads ── submit(Request) / call(fn) / close ──> SimpleQueue + eventfd wake-up ─┐
+    caller threads ── submit(Request) / call(fn) / close ──> Inbox (pool/inbox.py) ───────┐
                                                                                           ▼
-    Dispatcher.run():  poll [ROUTER, wake eventfd, zygote control socket] + timers
+    Dispatcher.run():  poll [ROUTER, inbox eventfd, zygote control socket] + timers
         ROUTER  <- READY{credits} | RESULT | ERROR | HEARTBEAT | BYE   (per worker identity)
         ROUTER  -> TASK to a ready worker with credit: one request, a batch of compatible
                    ones (pool/batching.py), or under a backlog a chunk of calls run one by
@@ -28,13 +28,13 @@ cannot be read; all three SIGABRT, then SIGKILL) -> stopping (told to, or said B
 from __future__ import annotations
 
 import collections
+import enum
 import heapq
 import hmac
 import itertools
 import logging
 import math
 import os
-import queue
 import random
 import secrets
 import signal
@@ -50,6 +50,7 @@ from ..errors import (PoolBroken, PoolClosed, PoolStartError, ProtocolError, Tas
 from ..ipc import wire
 from ..ipc.codec import Codec, frame_nbytes
 from .batching import Batcher
+from .inbox import Inbox
 from .metrics import Metrics
 from .supervisor import Supervisor, describe_exit
 
@@ -90,16 +91,20 @@ class Request:
 
 class Task:
     """A TASK sent to a worker and not yet wholly answered: the ids still unanswered.
-    ``each``: its calls run one by one (a chunk), so only the first is running; else a
-    batch, all running together."""
+    ``each``: its calls run one by one (a chunk), so only the first unanswered is running;
+    with ``coalesced`` answers come together, so which one runs is not known; else a batch,
+    all running together."""
 
-    __slots__ = ("ids", "each")
+    __slots__ = ("ids", "each", "coalesced")
 
-    def __init__(self, ids: list[int], each: bool):
+    def __init__(self, ids: list[int], each: bool, coalesced: bool = False):
         self.ids = ids
         self.each = each
+        self.coalesced = coalesced
 
     def running(self) -> list[int]:
+        if self.coalesced:
+            return []
         return self.ids[:1] if self.each else self.ids
 
 
@@ -120,6 +125,31 @@ class QueueGauge:
     def remove(self, n: int = 1) -> None:
         with self._lock:
             self.count -= n
+
+
+class WorkerState(str, enum.Enum):
+    """Where a worker is in its life; ``WorkerSlot.become`` allows only TRANSITIONS."""
+
+    STARTING = "starting"  # forked or spawned, not yet READY
+    READY = "ready"  # takes work
+    RETIRING = "retiring"  # sent its share (max_requests_per_worker): finishes, then STOP
+    HUNG = "hung"  # silent past heartbeat_timeout: SIGABRT, then SIGKILL
+    ABORTED = "aborted"  # ran past a request's deadline: SIGABRT, then SIGKILL
+    GARBLED = "garbled"  # sent a message that cannot be read: SIGABRT, then SIGKILL
+    STOPPING = "stopping"  # told to leave (STOP, or killed by close), or said BYE
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_ABORTED = {WorkerState.HUNG, WorkerState.ABORTED, WorkerState.GARBLED}
+TRANSITIONS = {
+    WorkerState.STARTING: {WorkerState.READY, WorkerState.STOPPING},
+    WorkerState.READY: {WorkerState.RETIRING, WorkerState.STOPPING, *_ABORTED},
+    WorkerState.RETIRING: {WorkerState.STOPPING, *_ABORTED},
+    **{state: {WorkerState.STOPPING} for state in _ABORTED},
+    WorkerState.STOPPING: set(),
+}
 
 
 class WorkerSlot:
@@ -144,12 +174,20 @@ class WorkerSlot:
         self.tasks: collections.deque[Task] = collections.deque()  # sent, in order: the
         # worker runs them in this order
         self.served = 0
-        self.state = "starting"
+        self.state = WorkerState.STARTING
         self.started_at = self.last_seen = time.monotonic()
         self.ready_at: float | None = None
         self.isolating = False  # running a retried request alone
         self.retire_after: int | None = None
         self.hang_reason = ""
+
+    def become(self, state: WorkerState) -> None:
+        """Move to ``state``; the same state is no move, one not in TRANSITIONS is a bug."""
+        if state != self.state:
+            if state not in TRANSITIONS[self.state]:
+                raise RuntimeError(f"worker {self.worker_id}: no transition from "
+                                   f"{self.state} to {state}")
+            self.state = state
 
 
 class Dispatcher(threading.Thread):
@@ -161,11 +199,7 @@ class Dispatcher(threading.Thread):
         self.supervisor = supervisor
         self.endpoint = endpoint
         self.codec = codec
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.accepting = True
-        self.accepting_lock = threading.Lock()
-        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.wake_pending = False  # a wake-up is written and the inbox not yet drained
+        self.inbox = Inbox()
         self.started = threading.Event()
         self.start_error: BaseException | None = None
         self.broken: PoolBroken | None = None
@@ -192,40 +226,24 @@ class Dispatcher(threading.Thread):
     # -- called from other threads -------------------------------------------------------
     def submit(self, request: Request) -> None:
         """Hand over a request; PoolClosed once the thread has stopped taking them."""
-        self._post(request)
+        self.inbox.post(request)
 
     def call(self, fn, timeout: float | None = None):
         """Run ``fn()`` on the dispatcher thread and return its result."""
         future: Future = Future()
-        self._post((fn, future))
+        self.inbox.post((fn, future))
         return future.result(timeout)
 
     def request_close(self, drain: bool) -> None:
         """Accept nothing more; ``drain``: finish accepted work, else fail it (PoolClosed)."""
         try:
-            self._post(_Close(drain))
+            self.inbox.post(_Close(drain))
         except PoolClosed:
             pass
 
-    def _post(self, item) -> None:
-        # The lock makes "posted" and "the thread has left" exclusive: nothing posted is
-        # ever left unread in the inbox. Only the first item after a drain wakes the thread
-        # (a system call, and a GIL hand-over, less per request under load): read_inbox
-        # clears ``wake_pending`` before it drains, so an item put while the flag is still
-        # set is drained after it.
-        with self.accepting_lock:
-            if not self.accepting:
-                raise PoolClosed("the pool is closed")
-            self.inbox.put(item)
-            if not self.wake_pending:
-                self.wake_pending = True
-                os.eventfd_write(self.wake_fd, 1)
-
     def stop_accepting(self) -> None:
         """Last act of the thread: refuse new items and answer those still in the inbox."""
-        with self.accepting_lock:
-            self.accepting = False
-        for item in self.inbox_items():
+        for item in self.inbox.close():
             if isinstance(item, Request):
                 self.queue_gauge.remove()
                 settle(item.future, error=self.broken or PoolClosed("the pool is closed"))
@@ -256,14 +274,14 @@ class Dispatcher(threading.Thread):
             self.shutdown_workers()
             self.router.close(linger=0)
             context.term()
-            os.close(self.wake_fd)
+            self.inbox.release()
             if self.on_exit is not None:
                 self.on_exit()
 
     def loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
-        poller.register(self.wake_fd, zmq.POLLIN)
+        poller.register(self.inbox.fd, zmq.POLLIN)
         control_fd = self.supervisor.control_fd
         poller.register(control_fd, zmq.POLLIN)
         while not self.finished():
@@ -276,7 +294,7 @@ class Dispatcher(threading.Thread):
                     poller.unregister(control_fd)  # EOF would stay readable forever
                     control_fd = -1
                 self.handle_supervisor_event(event)
-            if self.wake_fd in events:
+            if self.inbox.fd in events:
                 self.read_inbox()
             self.run_due_timers()
             self.expire_deadlines()
@@ -296,21 +314,8 @@ class Dispatcher(threading.Thread):
         return max(0, math.ceil((min(due) - time.monotonic()) * 1000))
 
     # -- inbox: requests and commands from callers ----------------------------------------
-    def inbox_items(self):
-        """What callers posted, until the inbox is empty."""
-        while True:
-            try:
-                yield self.inbox.get_nowait()
-            except queue.Empty:
-                return
-
     def read_inbox(self) -> None:
-        try:
-            os.eventfd_read(self.wake_fd)
-        except BlockingIOError:
-            pass
-        self.wake_pending = False
-        for item in self.inbox_items():
+        for item in self.inbox.drain():
             if isinstance(item, Request):
                 if self.broken is not None:
                     settle(item.future, error=self.broken)
@@ -363,7 +368,7 @@ class Dispatcher(threading.Thread):
         backlog, the queue shared out over that credit (at most MAX_CHUNK, and never past
         the worker's share before it retires)."""
         credit = sum(w.credits for w in self.workers.values()
-                     if w.state == "ready" and not w.isolating and w.credits > 0)
+                     if w.state == WorkerState.READY and not w.isolating and w.credits > 0)
         if len(self.pending) <= credit:
             return 1
         chunk = min(MAX_CHUNK, -(-len(self.pending) // max(credit, 1)))
@@ -375,9 +380,13 @@ class Dispatcher(threading.Thread):
         """Send one TASK; False (and the requests queued again) if the worker is gone."""
         now = time.monotonic()  # before sending: the send itself is not queueing
         ids = [r.id for r in batch]
+        # Answers may come together only where no deadline needs to know which call runs;
+        # a worker that hangs on such a chunk has all of it retried, each call alone, and
+        # the one that hangs again is then known.
+        coalesce = each and len(batch) > 1 and all(r.deadline is None for r in batch)
         try:
-            wire.send(self.router, [worker.identity,
-                                    *wire.task(ids, [(r.body, r.frames) for r in batch], each)])
+            wire.send(self.router, [worker.identity, *wire.task(
+                ids, [(r.body, r.frames) for r in batch], each, coalesce)])
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
@@ -391,12 +400,16 @@ class Dispatcher(threading.Thread):
             request.worker = worker
             worker.inflight[request.id] = request
             self.metrics.queued(now - request.enqueued_at)
-        worker.tasks.append(Task(list(ids), each))
+        worker.tasks.append(Task(list(ids), each, coalesce))
         worker.credits -= 1
         worker.sent += len(batch)
         if worker.retire_after and worker.sent >= worker.retire_after:
             self.retire_worker(worker)  # it has its share: nothing more is sent to it
-        self.metrics.batch(sum(r.rows for r in batch))
+        if each:  # a chunk: a predict call each
+            for request in batch:
+                self.metrics.batch(request.rows)
+        else:
+            self.metrics.batch(sum(r.rows for r in batch))
         return True
 
     def pick_worker(self, idle: bool) -> WorkerSlot | None:
@@ -404,7 +417,7 @@ class Dispatcher(threading.Thread):
         light traffic keeps every worker warm); with ``idle``, one running nothing."""
         best = None
         for worker in self.workers.values():
-            if worker.state != "ready" or worker.isolating or worker.credits <= 0:
+            if worker.state != WorkerState.READY or worker.isolating or worker.credits <= 0:
                 continue
             if idle and worker.inflight:
                 continue
@@ -440,12 +453,12 @@ class Dispatcher(threading.Thread):
             if kind in (wire.RESULT, wire.ERROR):
                 wire.reply_ids(meta)
         except ProtocolError as exc:
-            if worker.admitted and worker.state in ("ready", "retiring"):
+            if worker.admitted and worker.state in (WorkerState.READY, WorkerState.RETIRING):
                 # Which requests it answered cannot be known: rather than leave them in
                 # flight until their deadline (or forever), replace the worker; its
                 # requests are retried like a crash's.
                 self.abort_worker(worker, f"it sent a message the pool cannot read ({exc})",
-                                  state="garbled")
+                                  state=WorkerState.GARBLED)
             raise
         if not worker.admitted:
             if kind != wire.READY or not self.admit(worker, meta, frames[1]):
@@ -459,11 +472,10 @@ class Dispatcher(threading.Thread):
             self.on_error(worker, meta)
         elif kind == wire.READY:
             wire.check_ready(meta)
-            if worker.state == "starting":
+            if worker.state == WorkerState.STARTING:
                 self.on_ready(worker, meta)
         elif kind == wire.BYE:
-            if worker.state != "stopping":  # it leaves: send it nothing more
-                worker.state = "stopping"
+            worker.become(WorkerState.STOPPING)  # it leaves: send it nothing more
             log.debug("workerpool: worker %s (pid %s) is leaving", worker.worker_id, worker.pid)
         elif kind != wire.HEARTBEAT:
             raise ProtocolError(f"unknown message kind {kind[:16]!r}")
@@ -490,7 +502,7 @@ class Dispatcher(threading.Thread):
             log.warning("workerpool: dropped a message (%s, %d so far): %s", counter, n, what)
 
     def on_ready(self, worker: WorkerSlot, meta: dict) -> None:
-        worker.state = "ready"
+        worker.become(WorkerState.READY)
         worker.pid = meta["pid"]
         worker.credits = meta["credits"]
         worker.ready_at = time.monotonic()
@@ -501,7 +513,7 @@ class Dispatcher(threading.Thread):
         log.info("workerpool: worker %s (pid %s) ready in %.3f s", worker.worker_id, worker.pid,
                  worker.ready_at - worker.started_at)
         if not self.started.is_set() and all(
-                w.state == "ready" for w in self.workers.values()):
+                w.state == WorkerState.READY for w in self.workers.values()):
             self.started.set()
 
     def finish_reply(self, worker: WorkerSlot, meta: dict, check) -> list[Request | None]:
@@ -535,7 +547,7 @@ class Dispatcher(threading.Thread):
             requests.append(request)
         if "compute_s" in meta:
             self.metrics.computed(meta["compute_s"], sum(r is not None for r in requests))
-        if worker.state == "retiring" and not worker.inflight:
+        if worker.state == WorkerState.RETIRING and not worker.inflight:
             self.stop_worker(worker)
         return requests
 
@@ -602,17 +614,17 @@ class Dispatcher(threading.Thread):
     def on_worker_exit(self, worker: WorkerSlot, status: int | None) -> None:
         self.forget(worker)
         report = self.supervisor.crash_report(worker.worker_id)
-        if worker.state == "stopping":
+        if worker.state == WorkerState.STOPPING:
             # told to leave (or killed by close(drain=False)), with nothing in flight
             log.info("workerpool: worker %s (pid %s) left: %s", worker.worker_id, worker.pid,
                      describe_exit(worker.pid, status))
             return
-        if worker.state == "starting":
+        if worker.state == WorkerState.STARTING:
             self.on_boot_failure(f"{describe_exit(worker.pid, status)} while starting" +
                                  (f":\n{report}" if report else ""),
                                  self_inflicted=status not in _KILLED_FROM_OUTSIDE)
             return
-        if worker.state != "aborted":  # aborted: we killed it for a request's deadline
+        if worker.state != WorkerState.ABORTED:  # we killed it for a request's deadline
             self.counters["crashes"] += 1
         description = describe_exit(worker.pid, status)
         running_ids = set(self.running_ids(worker))
@@ -620,11 +632,11 @@ class Dispatcher(threading.Thread):
         worker.inflight.clear()
         for request in reversed(requests):
             request.worker = None
-            if worker.state == "hung" and request.id in running_ids:
+            if worker.state == WorkerState.HUNG and request.id in running_ids:
                 # It hung the worker: running it again would hang another one.
                 settle(request.future, error=self.crash_error(
                     worker, status, report, f"{worker.hang_reason}, so it was aborted"))
-            elif request.attempts >= MAX_ATTEMPTS and worker.state != "aborted":
+            elif request.attempts >= MAX_ATTEMPTS and worker.state != WorkerState.ABORTED:
                 settle(request.future, error=self.crash_error(
                     worker, status, report,
                     f"{description}. The request was in flight on {request.attempts} workers "
@@ -637,7 +649,8 @@ class Dispatcher(threading.Thread):
                     worker.worker_id, description,
                     f" ({worker.hang_reason})" if worker.hang_reason else "", retried,
                     len(requests), f"\n{_trim_report(report)}" if report else "")
-        if worker.state not in ("retiring", "stopping"):  # those were replaced already
+        # (retiring and stopping ones were replaced already)
+        if worker.state not in (WorkerState.RETIRING, WorkerState.STOPPING):
             self.replace_worker()
 
     @staticmethod
@@ -688,14 +701,15 @@ class Dispatcher(threading.Thread):
         any of them may be running a request that was just failed."""
         self.fail_everything(PoolClosed("the pool was closed before this request finished"))
         for worker in self.workers.values():
-            worker.state = "stopping"
+            worker.become(WorkerState.STOPPING)
             self.supervisor.signal_worker(worker.worker_id, signal.SIGKILL)
 
     # -- starting, retiring, stopping, aborting workers -----------------------------------
     def start_worker(self) -> None:
         if self.closing or self.broken is not None:
             return
-        taken = {w.slot for w in self.workers.values() if w.state not in ("retiring", "stopping")}
+        taken = {w.slot for w in self.workers.values()
+                 if w.state not in (WorkerState.RETIRING, WorkerState.STOPPING)}
         free = [slot for slot in range(self.config.workers) if slot not in taken]
         worker = WorkerSlot(next(self.worker_ids), free[0] if free else 0)
         self.workers[worker.worker_id] = worker
@@ -712,14 +726,14 @@ class Dispatcher(threading.Thread):
 
     def retire_worker(self, worker: WorkerSlot) -> None:
         """It was sent its share (max_requests_per_worker): no new work, a replacement now."""
-        worker.state = "retiring"
+        worker.become(WorkerState.RETIRING)
         self.counters["retired"] += 1
         log.info("workerpool: worker %s (pid %s) retires after %d requests", worker.worker_id,
                  worker.pid, worker.sent)
         self.replace_worker()
 
     def stop_worker(self, worker: WorkerSlot) -> None:
-        worker.state = "stopping"
+        worker.become(WorkerState.STOPPING)
         try:
             wire.send(self.router, [worker.identity, wire.head(wire.STOP, {})], zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -729,9 +743,9 @@ class Dispatcher(threading.Thread):
         """Abort workers silent past heartbeat_timeout, or not ready after start_timeout."""
         now = time.monotonic()
         for worker in list(self.workers.values()):
-            if worker.pid is None or worker.state in ("hung", "aborted", "garbled", "stopping"):
+            if worker.pid is None or worker.state in (*_ABORTED, WorkerState.STOPPING):
                 continue
-            if worker.state == "starting":
+            if worker.state == WorkerState.STARTING:
                 if now - worker.started_at > self.config.start_timeout:
                     self.abort_worker(worker, f"not ready after {self.config.start_timeout} s")
             elif self.config.heartbeat_timeout is not None and \
@@ -770,14 +784,16 @@ class Dispatcher(threading.Thread):
             settle(request.future, error=TaskTimeout(
                 f"predict ran past the request's timeout of {request.timeout} s (in worker "
                 f"{worker.pid}); the worker was aborted and is being replaced"))
-            if worker.state in ("ready", "retiring"):
+            if worker.state in (WorkerState.READY, WorkerState.RETIRING):
                 self.abort_worker(worker, f"a request ran past its timeout of {request.timeout} s",
-                                  state="aborted")
+                                  state=WorkerState.ABORTED)
 
-    def abort_worker(self, worker: WorkerSlot, reason: str, state: str = "hung") -> None:
+    def abort_worker(self, worker: WorkerSlot, reason: str,
+                     state: WorkerState = WorkerState.HUNG) -> None:
         """SIGABRT (its faulthandler writes where it was stuck), SIGKILL after a grace."""
-        self.counters[state] += 1
-        worker.state = state if worker.state != "starting" else worker.state
+        self.counters[state.value] += 1
+        if worker.state != WorkerState.STARTING:  # not ready: it stays a start failure
+            worker.become(state)
         worker.hang_reason = reason
         log.warning("workerpool: aborting worker %s (pid %s): %s", worker.worker_id,
                     worker.pid, reason)
@@ -796,7 +812,7 @@ class Dispatcher(threading.Thread):
         """STOP every worker, then let the zygote reap them and exit. A worker still
         starting may not be connected yet, so a STOP could never reach it: kill it."""
         for worker in self.workers.values():
-            if worker.state == "starting":
+            if worker.state == WorkerState.STARTING:
                 self.supervisor.signal_worker(worker.worker_id, signal.SIGKILL)
             else:
                 self.stop_worker(worker)

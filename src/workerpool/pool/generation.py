@@ -131,7 +131,7 @@ class Generation:
 
 def worker_rows(dispatcher: Dispatcher) -> list[dict]:
     """The workers of one dispatcher, for stats(); read on its thread."""
-    return [{"worker_id": w.worker_id, "pid": w.pid, "state": w.state,
+    return [{"worker_id": w.worker_id, "pid": w.pid, "state": str(w.state),
              "requests_served": w.served, "in_flight": len(w.inflight),
              "start_to_ready_ms": None if w.ready_at is None
              else round((w.ready_at - w.started_at) * 1000, 3)}

@@ -24,10 +24,11 @@ from ..frameworks import imported
 
 
 class Runner:
-    def __init__(self, model, predict, codec: Codec):
+    def __init__(self, model, predict, codec: Codec, clock=time.perf_counter):
         self.model = model
         self.predict = predict
         self.codec = codec
+        self.clock = clock
 
     def run(self, meta: dict, frames: list):
         """The replies (RESULT or ERROR messages) to one TASK, each as soon as it is ready:
@@ -38,11 +39,48 @@ class Runner:
         except BaseException as exc:  # noqa: BLE001 - every failure is the caller's answer
             yield self.error(ids, exc)
             return
-        if meta.get("each") or len(items) == 1:
+        if meta.get("coalesce") and len(items) > 1:
+            yield from self.run_coalesced(ids, items)
+        elif meta.get("each") or len(items) == 1:
             for request_id, item in zip(ids, items):
                 yield self.answer([request_id], lambda: [self.call(*item)])
         else:
             yield self.answer(ids, lambda: self.call_batch(items))
+
+    def run_coalesced(self, ids: list, items: list):
+        """A chunk's calls one by one, the answers of fast ones sent together: held until
+        one was held FLUSH_AFTER_S, a call took longer than SLOW_CALL_S (slow calls gain
+        nothing from company, and their answers must not wait for the next), an error (sent
+        alone, after what is held), the size limit, or the chunk's end."""
+        held_ids, held_items, held_compute, held_bytes, held_since = [], [], 0.0, 0, 0.0
+
+        def flush():
+            reply = wire.result(list(held_ids), list(held_items), held_compute / len(held_ids))
+            held_ids.clear()
+            held_items.clear()
+            return reply
+
+        for position, (request_id, item) in enumerate(zip(ids, items)):
+            started = self.clock()
+            encoded, compute_s, error = self.outcome(lambda: [self.call(*item)])
+            now = self.clock()
+            if error is not None:
+                if held_ids:
+                    yield flush()
+                yield self.error([request_id], error)
+                continue
+            size = _items_nbytes(encoded)
+            if held_ids and held_bytes + size > self.codec.max_message_bytes:
+                yield flush()
+            if not held_ids:
+                held_compute, held_bytes, held_since = 0.0, 0, now
+            held_ids.append(request_id)
+            held_items.extend(encoded)
+            held_compute += compute_s
+            held_bytes += size
+            if position == len(ids) - 1 or now - started > SLOW_CALL_S or \
+                    now - held_since > FLUSH_AFTER_S:
+                yield flush()
 
     def call(self, body: bytes, frames: list):
         args, kwargs = self.codec.decode_call(body, frames)
@@ -55,27 +93,34 @@ class Runner:
 
     def answer(self, ids: list, compute) -> list:
         """RESULT with the values ``compute()`` returns (one per id), or ERROR."""
-        started = time.perf_counter()
+        items, compute_s, error = self.outcome(compute)
+        if error is not None:
+            return self.error(ids, error)
+        return wire.result(ids, items, compute_s)
+
+    def outcome(self, compute) -> tuple[list, float, BaseException | None]:
+        """``(encoded values, compute seconds, None)`` of ``compute()``, or the exception
+        that is its answer instead, as ``([], 0.0, exception)``."""
+        started = self.clock()
         try:
             with _inference_mode():
                 values = compute()
         except BaseException as exc:  # noqa: BLE001 - every failure is the caller's answer
-            return self.error(ids, exc)
-        compute_s = time.perf_counter() - started
+            return [], 0.0, exc
+        compute_s = self.clock() - started
         try:
             items = [self.codec.encode(value) for value in values]
         except BaseException as exc:  # noqa: BLE001
             if not isinstance(exc, EncodeError):
                 exc = EncodeError(f"cannot encode the output of predict(): {exc!r}")
-            return self.error(ids, exc)
-        total = sum(len(body) + sum(frame_nbytes(f) for f in value_frames)
-                    for body, value_frames in items)
+            return [], 0.0, exc
+        total = _items_nbytes(items)
         if total > self.codec.max_message_bytes:
-            return self.error(ids, MessageTooLarge(
+            return [], 0.0, MessageTooLarge(
                 f"the results of a batch of {len(values)} requests add up to {total} bytes, "
                 f"over max_message_bytes={self.codec.max_message_bytes}; lower "
-                "max_batch_size or raise max_message_bytes"))
-        return wire.result(ids, items, compute_s)
+                "max_batch_size or raise max_message_bytes")
+        return items, compute_s, None
 
     def error(self, ids: list, exc: BaseException) -> list:
         return wire.error(ids, exc, self.codec.max_message_bytes)
@@ -89,6 +134,15 @@ class Runner:
             except Exception as exc:
                 raise RuntimeError(f"warm-up input {_describe(x)} failed in predict: "
                                    f"{exc!r}") from exc
+
+
+# A chunk's fast answers wait at most this long for company (see Runner.run_coalesced).
+FLUSH_AFTER_S = 0.001
+SLOW_CALL_S = 0.0002
+
+
+def _items_nbytes(items: list) -> int:
+    return sum(len(body) + sum(frame_nbytes(f) for f in frames) for body, frames in items)
 
 
 def concatenate(inputs: list):
