@@ -22,8 +22,8 @@ import workerpool as wp
 from workerpool.config import PoolConfig
 from workerpool.ipc import wire
 from workerpool.ipc.codec import Codec
-from workerpool.pool.dispatcher import (TRANSITIONS, Dispatcher, Request, Task, WorkerSlot,
-                                       WorkerState)
+from workerpool.pool.dispatcher import Dispatcher, Request
+from workerpool.pool.scheduling import Task, WorkerSlot
 
 SECRET = os.urandom(32)
 
@@ -233,19 +233,3 @@ def test_a_worker_saying_bye_is_sent_nothing_more(link):
     assert worker.credits == 2 and dispatcher.pick_worker(idle=False) is worker
     deliver(dispatcher, peer, wire.head(wire.BYE, {}))
     assert worker.state == "stopping" and dispatcher.pick_worker(idle=False) is None
-
-
-def test_worker_states_move_only_along_their_transitions():
-    worker = WorkerSlot(1, 0)
-    with pytest.raises(RuntimeError, match="no transition from starting to retiring"):
-        worker.become(WorkerState.RETIRING)
-    for state in (WorkerState.READY, WorkerState.RETIRING, WorkerState.HUNG,
-                  WorkerState.STOPPING, WorkerState.STOPPING):  # the same state: no move
-        worker.become(state)
-    assert worker.state == "stopping" and str(worker.state) == "stopping"
-    with pytest.raises(RuntimeError):
-        worker.become(WorkerState.READY)
-    # every state can stop; none comes back to starting
-    assert all(WorkerState.STOPPING in TRANSITIONS[s] for s in WorkerState
-               if s != WorkerState.STOPPING)
-    assert not any(WorkerState.STARTING in targets for targets in TRANSITIONS.values())

@@ -28,7 +28,6 @@ cannot be read; all three SIGABRT, then SIGKILL) -> stopping (told to, or said B
 from __future__ import annotations
 
 import collections
-import enum
 import heapq
 import hmac
 import itertools
@@ -36,7 +35,6 @@ import logging
 import math
 import os
 import random
-import secrets
 import signal
 import threading
 import time
@@ -52,17 +50,14 @@ from ..ipc.codec import Codec, frame_nbytes
 from .batching import Batcher
 from .inbox import Inbox
 from .metrics import Metrics
+from .scheduling import (ABORTED_STATES, AfterBootFailure, Fate, Overdue, Task, WorkerSlot,
+                         WorkerState, after_boot_failure, chunk_size, fate, overdue,
+                         pick_worker)
 from .supervisor import Supervisor, describe_exit
 
 log = logging.getLogger("workerpool")
 
-MAX_ATTEMPTS = 2  # a request that was in flight on this many dying workers fails
-BOOT_FAILURES_BEFORE_BROKEN = 3
-RESTART_BACKOFF_S = (0.0, 0.1, 0.5, 2.0)
 ABORT_GRACE_S = 1.0  # SIGABRT (the worker's faulthandler dumps its stack), then SIGKILL
-# Unbatchable calls sent in one TASK when more are queued than workers have credit for, like
-# multiprocessing's chunksize; bounded, so a slow call holds few others behind it.
-MAX_CHUNK = 16
 
 
 class Request:
@@ -89,25 +84,6 @@ class Request:
         return len(self.body) + sum(frame_nbytes(f) for f in self.frames)
 
 
-class Task:
-    """A TASK sent to a worker and not yet wholly answered: the ids still unanswered.
-    ``each``: its calls run one by one (a chunk), so only the first unanswered is running;
-    with ``coalesced`` answers come together, so which one runs is not known; else a batch,
-    all running together."""
-
-    __slots__ = ("ids", "each", "coalesced")
-
-    def __init__(self, ids: list[int], each: bool, coalesced: bool = False):
-        self.ids = ids
-        self.each = each
-        self.coalesced = coalesced
-
-    def running(self) -> list[int]:
-        if self.coalesced:
-            return []
-        return self.ids[:1] if self.each else self.ids
-
-
 class QueueGauge:
     """Requests accepted but not yet sent; checked by submit() in callers' threads."""
 
@@ -125,69 +101,6 @@ class QueueGauge:
     def remove(self, n: int = 1) -> None:
         with self._lock:
             self.count -= n
-
-
-class WorkerState(str, enum.Enum):
-    """Where a worker is in its life; ``WorkerSlot.become`` allows only TRANSITIONS."""
-
-    STARTING = "starting"  # forked or spawned, not yet READY
-    READY = "ready"  # takes work
-    RETIRING = "retiring"  # sent its share (max_requests_per_worker): finishes, then STOP
-    HUNG = "hung"  # silent past heartbeat_timeout: SIGABRT, then SIGKILL
-    ABORTED = "aborted"  # ran past a request's deadline: SIGABRT, then SIGKILL
-    GARBLED = "garbled"  # sent a message that cannot be read: SIGABRT, then SIGKILL
-    STOPPING = "stopping"  # told to leave (STOP, or killed by close), or said BYE
-
-    def __str__(self) -> str:
-        return self.value
-
-
-_ABORTED = {WorkerState.HUNG, WorkerState.ABORTED, WorkerState.GARBLED}
-TRANSITIONS = {
-    WorkerState.STARTING: {WorkerState.READY, WorkerState.STOPPING},
-    WorkerState.READY: {WorkerState.RETIRING, WorkerState.STOPPING, *_ABORTED},
-    WorkerState.RETIRING: {WorkerState.STOPPING, *_ABORTED},
-    **{state: {WorkerState.STOPPING} for state in _ABORTED},
-    WorkerState.STOPPING: set(),
-}
-
-
-class WorkerSlot:
-    """The dispatcher's view of one worker process."""
-
-    __slots__ = ("worker_id", "identity", "pid", "credits", "inflight", "served", "state",
-                 "started_at", "ready_at", "last_seen", "isolating", "retire_after",
-                 "hang_reason", "tasks", "slot", "last_sent", "sent", "admitted")
-
-    def __init__(self, worker_id: int, slot: int):
-        self.worker_id = worker_id
-        self.slot = slot  # 0..workers-1: which CPUs it is pinned to (pin_cpus)
-        self.last_sent = 0.0
-        self.sent = 0  # requests sent, retries included
-        # Random, so no other process can predict the identity of the next worker and
-        # connect in its place; it reaches the worker through the zygote.
-        self.identity = b"w" + secrets.token_hex(16).encode()
-        self.admitted = False  # presented the pool's secret in READY
-        self.pid: int | None = None
-        self.credits = 0
-        self.inflight: dict[int, Request] = {}
-        self.tasks: collections.deque[Task] = collections.deque()  # sent, in order: the
-        # worker runs them in this order
-        self.served = 0
-        self.state = WorkerState.STARTING
-        self.started_at = self.last_seen = time.monotonic()
-        self.ready_at: float | None = None
-        self.isolating = False  # running a retried request alone
-        self.retire_after: int | None = None
-        self.hang_reason = ""
-
-    def become(self, state: WorkerState) -> None:
-        """Move to ``state``; the same state is no move, one not in TRANSITIONS is a bug."""
-        if state != self.state:
-            if state not in TRANSITIONS[self.state]:
-                raise RuntimeError(f"worker {self.worker_id}: no transition from "
-                                   f"{self.state} to {state}")
-            self.state = state
 
 
 class Dispatcher(threading.Thread):
@@ -353,7 +266,8 @@ class Dispatcher(threading.Thread):
             if worker is None:
                 return
             batch, wake_at = self.batcher.take(self.pending, time.monotonic(),
-                                               chunk=self.chunk_size(worker))
+                                               chunk=chunk_size(self.workers.values(),
+                                                                len(self.pending), worker))
             if not batch:
                 self.batch_wake_at = wake_at  # the head waits for company until then
                 return
@@ -362,19 +276,6 @@ class Dispatcher(threading.Thread):
             batch = [request for request in batch if mark_running(request.future)]
             if batch:
                 self.send(worker, batch, each)
-
-    def chunk_size(self, worker: WorkerSlot) -> int:
-        """Calls per TASK: one while workers have credit for all that is queued; under a
-        backlog, the queue shared out over that credit (at most MAX_CHUNK, and never past
-        the worker's share before it retires)."""
-        credit = sum(w.credits for w in self.workers.values()
-                     if w.state == WorkerState.READY and not w.isolating and w.credits > 0)
-        if len(self.pending) <= credit:
-            return 1
-        chunk = min(MAX_CHUNK, -(-len(self.pending) // max(credit, 1)))
-        if worker.retire_after:
-            chunk = max(1, min(chunk, worker.retire_after - worker.sent))
-        return chunk
 
     def send(self, worker: WorkerSlot, batch: list[Request], each: bool = False) -> bool:
         """Send one TASK; False (and the requests queued again) if the worker is gone."""
@@ -413,18 +314,7 @@ class Dispatcher(threading.Thread):
         return True
 
     def pick_worker(self, idle: bool) -> WorkerSlot | None:
-        """The ready worker with the most credit, the least recently used among equals (so
-        light traffic keeps every worker warm); with ``idle``, one running nothing."""
-        best = None
-        for worker in self.workers.values():
-            if worker.state != WorkerState.READY or worker.isolating or worker.credits <= 0:
-                continue
-            if idle and worker.inflight:
-                continue
-            if best is None or (worker.credits, -worker.last_sent) > \
-                    (best.credits, -best.last_sent):
-                best = worker
-        return best
+        return pick_worker(self.workers.values(), idle)
 
     # -- what workers say ----------------------------------------------------------------
     def read_workers(self) -> None:
@@ -567,9 +457,6 @@ class Dispatcher(threading.Thread):
                     worker.isolating = False
                 return
 
-    def running_ids(self, worker: WorkerSlot) -> list[int]:
-        return worker.tasks[0].running() if worker.tasks else []
-
     def on_result(self, worker: WorkerSlot, meta: dict, frames: list) -> None:
         items = []
 
@@ -627,16 +514,15 @@ class Dispatcher(threading.Thread):
         if worker.state != WorkerState.ABORTED:  # we killed it for a request's deadline
             self.counters["crashes"] += 1
         description = describe_exit(worker.pid, status)
-        running_ids = set(self.running_ids(worker))
         requests = list(worker.inflight.values())
+        fates = {request.id: fate(worker, request.id, request.attempts) for request in requests}
         worker.inflight.clear()
         for request in reversed(requests):
             request.worker = None
-            if worker.state == WorkerState.HUNG and request.id in running_ids:
-                # It hung the worker: running it again would hang another one.
+            if fates[request.id] is Fate.FAILED_HUNG:
                 settle(request.future, error=self.crash_error(
                     worker, status, report, f"{worker.hang_reason}, so it was aborted"))
-            elif request.attempts >= MAX_ATTEMPTS and worker.state != WorkerState.ABORTED:
+            elif fates[request.id] is Fate.FAILED_CRASHES:
                 settle(request.future, error=self.crash_error(
                     worker, status, report,
                     f"{description}. The request was in flight on {request.attempts} workers "
@@ -666,15 +552,16 @@ class Dispatcher(threading.Thread):
         count toward broken."""
         self.start_deaths += 1
         self.boot_failures += self_inflicted
-        if not self.started.is_set():
+        then, delay = after_boot_failure(self.started.is_set(), self.closing,
+                                         self.boot_failures, self.start_deaths)
+        if then is AfterBootFailure.START_ERROR:
             self.start_error = PoolStartError(f"a worker failed to start: {message}")
             self.started.set()
-        elif self.boot_failures >= BOOT_FAILURES_BEFORE_BROKEN:
+        elif then is AfterBootFailure.BROKEN:
             self.mark_broken(PoolBroken(
                 f"{self.boot_failures} workers in a row failed to start, so the pool stopped "
                 f"trying; the last one: {message}"))
-        elif not self.closing:
-            delay = RESTART_BACKOFF_S[min(self.start_deaths, len(RESTART_BACKOFF_S)) - 1]
+        elif then is AfterBootFailure.RESTART:
             log.warning("workerpool: a worker failed to start (%d in a row); the next starts "
                         "in %.1f s: %s", self.start_deaths, delay, message)
             self.call_later(delay, self.replace_worker)
@@ -743,7 +630,7 @@ class Dispatcher(threading.Thread):
         """Abort workers silent past heartbeat_timeout, or not ready after start_timeout."""
         now = time.monotonic()
         for worker in list(self.workers.values()):
-            if worker.pid is None or worker.state in (*_ABORTED, WorkerState.STOPPING):
+            if worker.pid is None or worker.state in (*ABORTED_STATES, WorkerState.STOPPING):
                 continue
             if worker.state == WorkerState.STARTING:
                 if now - worker.started_at > self.config.start_timeout:
@@ -763,7 +650,8 @@ class Dispatcher(threading.Thread):
             if request.future.done():
                 continue
             worker = request.worker
-            if worker is None:
+            cost = overdue(worker, request.id)
+            if cost is Overdue.UNSENT:
                 if request in self.pending:
                     self.pending.remove(request)
                     self.queue_gauge.remove()
@@ -776,8 +664,7 @@ class Dispatcher(threading.Thread):
             worker.inflight.pop(request.id, None)
             request.worker = None
             self.counters["timeouts"] += 1
-            running = request.id in self.running_ids(worker)
-            if not running:  # still waiting inside the worker: its late answer is dropped
+            if cost is Overdue.WAITING:  # its late answer is dropped
                 settle(request.future, error=TaskTimeout(
                     f"the request was not answered within its timeout of {request.timeout} s"))
                 continue

@@ -26,7 +26,8 @@ from ..ipc.codec import Codec
 from ..sources import files
 from . import memory
 from .batching import batch_key_of
-from .dispatcher import MAX_CHUNK, Request
+from .dispatcher import Request
+from .scheduling import MAX_CHUNK
 from .generation import Generation, worker_rows
 from .metrics import Metrics
 from .supervisor import PrestartedZygote
