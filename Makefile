@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/protocols.py
 	$(PY) bench/score.py
 	$(PY) bench/overhead.py
+	$(PY) bench/thread_hops.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
