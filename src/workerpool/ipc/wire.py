@@ -68,7 +68,7 @@ def head(kind: bytes, meta: dict) -> bytes:
 
 def read_head(frame) -> tuple[bytes, dict]:
     """(kind, meta) of a message's first frame; ProtocolError if it is not one."""
-    data = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    data = _frame_bytes(frame)
     if not data:
         raise ProtocolError("an empty message head")
     try:

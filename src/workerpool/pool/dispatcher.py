@@ -340,8 +340,7 @@ class Dispatcher(threading.Thread):
             raise ProtocolError(f"a message of {len(frames)} frames")
         try:
             kind, meta = wire.read_head(frames[1])
-            if kind in (wire.RESULT, wire.ERROR):
-                wire.reply_ids(meta)
+            ids = wire.reply_ids(meta) if kind in (wire.RESULT, wire.ERROR) else None
         except ProtocolError as exc:
             if worker.admitted and worker.state in (WorkerState.READY, WorkerState.RETIRING):
                 # Which requests it answered cannot be known: rather than leave them in
@@ -357,9 +356,9 @@ class Dispatcher(threading.Thread):
                 return
         worker.last_seen = time.monotonic()
         if kind == wire.RESULT:
-            self.on_result(worker, meta, frames[2:])
+            self.on_result(worker, ids, meta, frames[2:])
         elif kind == wire.ERROR:
-            self.on_error(worker, meta)
+            self.on_error(worker, ids, meta)
         elif kind == wire.READY:
             wire.check_ready(meta)
             if worker.state == WorkerState.STARTING:
@@ -406,11 +405,11 @@ class Dispatcher(threading.Thread):
                 w.state == WorkerState.READY for w in self.workers.values()):
             self.started.set()
 
-    def finish_reply(self, worker: WorkerSlot, meta: dict, check) -> list[Request | None]:
-        """The requests a RESULT or ERROR answers (None for those already given up on),
-        once ``check(meta)`` passes. A reply that names its ids but fails the check still
-        answers them, with ProtocolError; the check's error is raised to be counted."""
-        ids = wire.reply_ids(meta)
+    def finish_reply(self, worker: WorkerSlot, ids: list[int], meta: dict,
+                     check) -> list[Request | None]:
+        """The requests a RESULT or ERROR answers, ``ids`` (None for those already given up
+        on), once ``check(meta)`` passes. A reply that fails the check still answers them,
+        with ProtocolError; the check's error is raised to be counted."""
         try:
             check(meta)
         except ProtocolError as exc:
@@ -457,14 +456,14 @@ class Dispatcher(threading.Thread):
                     worker.isolating = False
                 return
 
-    def on_result(self, worker: WorkerSlot, meta: dict, frames: list) -> None:
+    def on_result(self, worker: WorkerSlot, ids: list[int], meta: dict, frames: list) -> None:
         items = []
 
         def check(meta):
             wire.check_compute_s(meta)
             items.extend(wire.split_items(meta, frames))
 
-        requests = self.finish_reply(worker, meta, check)
+        requests = self.finish_reply(worker, ids, meta, check)
         for request, (body, part_frames) in zip(requests, items):
             if request is None:
                 continue  # a late answer to a request already failed: never re-deliver
@@ -475,8 +474,8 @@ class Dispatcher(threading.Thread):
             else:
                 settle(request.future, value)
 
-    def on_error(self, worker: WorkerSlot, meta: dict) -> None:
-        for request in self.finish_reply(worker, meta, wire.check_error):
+    def on_error(self, worker: WorkerSlot, ids: list[int], meta: dict) -> None:
+        for request in self.finish_reply(worker, ids, meta, wire.check_error):
             if request is not None:
                 settle(request.future, error=wire.rebuild_exception(meta))
 
