@@ -1,5 +1,6 @@
 """Shared helpers of the benchmarks: a fp32 MLP of a target size, PSS/USS of processes,
-the model functions the pools run, and JSON + markdown output.
+the model functions the pools run, a raw ZeroMQ echo peer and a p50 timer for the overhead
+benchmarks, and JSON + markdown output.
 
 torch is imported inside the torch helpers, not here, so a benchmark of another framework
 (bench/tf_memory.py) can use the rest without loading torch into its processes."""
@@ -7,9 +8,13 @@ torch is imported inside the torch helpers, not here, so a benchmark of another 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import pathlib
+import statistics
 import sys
+import tempfile
+import time
 from typing import TYPE_CHECKING
 
 import psutil
@@ -151,3 +156,60 @@ def sizes_and_workers(description: str, default_sizes: str = "256,1024",
     if unknown:
         parser.error(f"unknown methods {unknown}")
     return sizes, counts, chosen
+
+
+# -- raw ZeroMQ: the baseline link of the overhead benchmarks -------------------------------
+def zmq_echo(endpoint: str) -> None:
+    """A DEALER that sends back every message it gets, frames untouched (zero-copy)."""
+    import zmq
+
+    context = zmq.Context(io_threads=1)
+    sock = context.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    sock.send(b"ready")
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if frames[0].bytes == b"stop":
+            break
+        sock.send_multipart(frames, copy=False)
+    sock.close()
+    context.term()
+
+
+class ZmqEcho:
+    """A ROUTER here (``router``, the peer's ``identity``), an echo DEALER in a spawned
+    process, over ipc:// like the pool's own link."""
+
+    def __init__(self):
+        import zmq
+
+        self.directory = tempfile.TemporaryDirectory(prefix="wp-echo-")
+        endpoint = f"ipc://{self.directory.name}/echo"
+        self.context = zmq.Context(io_threads=1)
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.bind(endpoint)
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=zmq_echo, args=(endpoint,), daemon=True)
+        self.process.start()
+        self.identity, _ = self.router.recv_multipart()
+
+    def round_trip(self, frames: list) -> list:
+        self.router.send_multipart([self.identity, *frames], copy=False)
+        return self.router.recv_multipart(copy=False)[1:]
+
+    def close(self) -> None:
+        self.router.send_multipart([self.identity, b"stop"])
+        self.process.join(10)
+        self.router.close(linger=0)
+        self.context.term()
+        self.directory.cleanup()
+
+
+def p50_us(call, n: int) -> float:
+    """Median wall time of ``n`` calls of ``call()``, in microseconds."""
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6

@@ -38,14 +38,12 @@ import multiprocessing
 import os
 import pstats
 import statistics
-import tempfile
 import threading
 import time
 
 import numpy as np
-import zmq
 
-from common import emit, log, markdown_table
+from common import ZmqEcho, emit, log, markdown_table, p50_us
 
 WORKERS = 2
 
@@ -63,57 +61,7 @@ def echo_one(x):
     return x
 
 
-def zmq_echo(endpoint: str) -> None:
-    """A DEALER that sends back every message it gets, frames untouched (zero-copy)."""
-    context = zmq.Context(io_threads=1)
-    sock = context.socket(zmq.DEALER)
-    sock.connect(endpoint)
-    sock.send(b"ready")
-    while True:
-        frames = sock.recv_multipart(copy=False)
-        if frames[0].bytes == b"stop":
-            break
-        sock.send_multipart(frames, copy=False)
-    sock.close()
-    context.term()
-
-
-class RawEcho:
-    """The baseline link: a ROUTER here, an echo DEALER in a spawned process."""
-
-    def __init__(self):
-        self.directory = tempfile.TemporaryDirectory(prefix="wp-overhead-")
-        endpoint = f"ipc://{self.directory.name}/echo"  # the transport the pool uses
-        self.context = zmq.Context(io_threads=1)
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.bind(endpoint)
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=zmq_echo, args=(endpoint,), daemon=True)
-        self.process.start()
-        self.identity, _ = self.router.recv_multipart()
-
-    def round_trip(self, frames: list) -> list:
-        self.router.send_multipart([self.identity, *frames], copy=False)
-        return self.router.recv_multipart(copy=False)[1:]
-
-    def close(self) -> None:
-        self.router.send_multipart([self.identity, b"stop"])
-        self.process.join(10)
-        self.router.close(linger=0)
-        self.context.term()
-        self.directory.cleanup()
-
-
 # -- the rows -------------------------------------------------------------------------------
-def p50_us(call, n: int) -> float:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
-
-
 def burst_rate(submit, n: int) -> tuple[float, float]:
     """(requests/s, parent CPU us per request) of n submits, then waiting on all."""
     cpu, start = time.process_time(), time.perf_counter()
@@ -163,7 +111,7 @@ def async_rate(pool, n: int, callers: int = 64) -> float:
     return asyncio.run(run())
 
 
-def one_round(pool, raw: RawEcho, mp_pool, executor, args) -> dict:
+def one_round(pool, raw: ZmqEcho, mp_pool, executor, args) -> dict:
     header, _ = pool._codec.encode_call((1.0,), {})
     array = np.ones(256 * 1024, np.float32)  # 1 MiB
     out = {}
@@ -243,7 +191,7 @@ def main() -> None:
     with wp.Pool(load, echo, workers=WORKERS) as pool, \
             context.Pool(WORKERS) as mp_pool, \
             concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=context) as executor:
-        raw = RawEcho()
+        raw = ZmqEcho()
         try:
             mp_pool.map(echo_one, range(100))  # spawned and warm before the first round
             list(executor.map(echo_one, range(100)))

@@ -18,43 +18,17 @@ Prints JSON and writes bench/results/thread_hops.md.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import queue
 import statistics
-import tempfile
 import threading
-import time
 from concurrent.futures import Future
 
 import zmq
 
-from common import emit, markdown_table
+from common import ZmqEcho, emit, markdown_table, p50_us
 
 MESSAGE = b"T" + b"x" * 29
-
-
-def echo(endpoint: str) -> None:
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.connect(endpoint)
-    sock.send(b"ready")
-    while True:
-        frames = sock.recv_multipart(copy=False)
-        if frames[0].bytes == b"stop":
-            break
-        sock.send_multipart(frames, copy=False)
-    sock.close()
-    context.term()
-
-
-def p50_us(call, n: int) -> float:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 class Link:
@@ -62,15 +36,8 @@ class Link:
     thread polls the socket's own fd and touches the socket only under ``lock``."""
 
     def __init__(self):
-        self.directory = tempfile.TemporaryDirectory(prefix="wp-hops-")
-        endpoint = f"ipc://{self.directory.name}/echo"
-        self.context = zmq.Context()
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.bind(endpoint)
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=echo, args=(endpoint,), daemon=True)
-        self.process.start()
-        self.identity, _ = self.router.recv_multipart()
+        self.echo = ZmqEcho()
+        self.router, self.identity = self.echo.router, self.echo.identity
         self.lock = threading.Lock()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
@@ -133,12 +100,8 @@ class Link:
     def close(self) -> None:
         self.stopping = True
         self.thread.join()
-        self.router.send_multipart([self.identity, b"stop"])
-        self.process.join(10)
-        self.router.close(linger=0)
-        self.context.term()
+        self.echo.close()
         os.close(self.wake_fd)
-        self.directory.cleanup()
 
 
 def main() -> None:
