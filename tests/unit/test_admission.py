@@ -23,7 +23,7 @@ from workerpool.config import PoolConfig
 from workerpool.ipc import wire
 from workerpool.ipc.codec import Codec
 from workerpool.pool.dispatcher import Dispatcher, Request
-from workerpool.pool.scheduling import Task, WorkerSlot
+from workerpool.pool.scheduling import Task, WorkerSlot, pick_worker
 
 SECRET = os.urandom(32)
 
@@ -68,7 +68,7 @@ def link(tmp_path):
         dispatcher.router.bind(endpoint)
         worker = WorkerSlot(1, 0)
         dispatcher.workers[1] = worker
-        dispatcher.by_identity[worker.identity] = worker
+        dispatcher.scheduler.by_identity[worker.identity] = worker
         peer = context.socket(zmq.DEALER)
         peer.setsockopt(zmq.IDENTITY, identity or worker.identity)
         peer.setsockopt(zmq.LINGER, 0)
@@ -222,14 +222,16 @@ def test_an_unreadable_reply_replaces_its_worker_and_retries_its_requests(link, 
     assert worker.state == "garbled"
     assert dispatcher.supervisor.signals == [(worker.worker_id, signal.SIGABRT)]
     assert not request.future.done()
-    dispatcher.on_worker_exit(worker, -signal.SIGABRT)
-    assert list(dispatcher.retries) == [request] and not request.future.done()
+    dispatcher.carry_out(dispatcher.scheduler.on_exit(worker.worker_id, -signal.SIGABRT, "",
+                                                      time.monotonic()))
+    assert list(dispatcher.scheduler.retries) == [request] and not request.future.done()
     assert dispatcher.supervisor.started  # a replacement is on its way
 
 
 def test_a_worker_saying_bye_is_sent_nothing_more(link):
     dispatcher, worker, peer, request = admitted_with_request_in_flight(link)
     answer_42(dispatcher, peer)
-    assert worker.credits == 2 and dispatcher.pick_worker(idle=False) is worker
+    assert worker.credits == 2 and pick_worker(dispatcher.workers.values(), False) is worker
     deliver(dispatcher, peer, wire.head(wire.BYE, {}))
-    assert worker.state == "stopping" and dispatcher.pick_worker(idle=False) is None
+    assert worker.state == "stopping"
+    assert pick_worker(dispatcher.workers.values(), idle=False) is None

@@ -74,6 +74,7 @@ def meta_of(**fields):
 @pytest.mark.parametrize("meta, n_frames", [
     (meta_of(bodies=[b""], parts=[1]), 0),  # overruns
     (meta_of(bodies=[None], parts=[2]), 1),  # overruns with the body as a frame
+    (meta_of(bodies=[None], parts=[1]), 0),  # the body's frame missing: none at all
     (meta_of(bodies=[b""], parts=[0]), 2),  # frames left over
     (meta_of(bodies=[None], parts=[0]), 0),  # a body said to be a frame, and no frame
     (meta_of(bodies=[b"", b""], parts=[0, 0]), 0),  # more items than ids
@@ -83,7 +84,7 @@ def meta_of(**fields):
     (meta_of(bodies=[b""], parts=[-1]), 0),
     (meta_of(bodies=[b""], parts=[True]), 0),
     ({"bodies": [b""], "parts": [0]}, 0),  # no ids
-], ids=["overrun", "overrun framed body", "left over", "missing body frame", "items > ids",
+], ids=["overrun", "overrun framed body", "no frame at all", "left over", "missing body frame", "items > ids",
         "no bodies", "no parts", "str body", "negative", "bool parts", "no ids"])
 def test_items_that_do_not_add_up_are_protocol_errors(meta, n_frames):
     with pytest.raises(ProtocolError):

@@ -128,6 +128,9 @@ def split_items(meta: dict, frames: list) -> list[tuple[bytes, list]]:
         if type(n_frames) is not int or n_frames < (body is None) or \
                 not (body is None or isinstance(body, bytes)):
             raise ProtocolError(f"a message with bad parts {parts!r}")
+        if start + n_frames > len(frames):  # checked before any frame is indexed
+            raise ProtocolError(f"a message whose parts {parts!r} overrun its "
+                                f"{len(frames)} frames")
         item_frames = frames[start:start + n_frames]
         start += n_frames
         if body is None:

@@ -113,8 +113,7 @@ class Generation:
         d = self.dispatcher
 
         def read():
-            return (dict(d.counters), d.metrics.copy(), worker_rows(d),
-                    len(d.pending) + len(d.retries))
+            return (dict(d.counters), d.metrics.copy(), worker_rows(d), d.scheduler.queued())
 
         try:
             return d.call(read, timeout=timeout)

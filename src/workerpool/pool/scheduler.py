@@ -1,0 +1,692 @@
+"""The pool's state machine: every request and worker the pool holds, and what to do next.
+
+The scheduler owns the tables (queued requests, retries, worker slots, tasks in flight,
+deadlines, timers, counters) and makes every decision on them, but performs no I/O and
+reads no clock: each event handler takes ``now`` and returns the actions that follow, for
+pool/dispatcher.py to carry out in order:
+
+    Send(worker, frames, requests)   a TASK to a worker (handed back by ``unreachable``
+                                     if the worker's connection is gone)
+    Stop(worker)                     STOP to a worker, best effort
+    Answer(request, value, error)    settle the request's future
+    Deliver(request, body, frames)   decode a worker's answer, then settle the future
+    StartWorker(worker_id, identity, cpus) / Signal(worker_id, signum)   via the zygote
+
+Events: ``submit``, ``close``, ``on_message`` (anything a worker sent), ``on_started``,
+``on_exit``, ``on_start_error``, ``on_zygote_died``, and ``tick(now)`` (timers, deadlines,
+then sending what can be sent). tests/unit/test_scheduler.py drives it by hand: no
+sockets, processes or sleeps. The policies it applies are the pure functions of
+pool/scheduling.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import random
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable, NamedTuple
+
+from ..config import PoolConfig
+from ..errors import PoolBroken, PoolClosed, PoolStartError, ProtocolError, TaskTimeout, \
+    WorkerCrashed
+from ..ipc import wire
+from ..ipc.codec import frame_nbytes
+from .batching import Batcher
+from .metrics import Metrics
+from .scheduling import (ABORTED_STATES, AfterBootFailure, Fate, Overdue, Task, WorkerSlot,
+                         WorkerState, after_boot_failure, chunk_size, fate, overdue,
+                         pick_worker)
+from .supervisor import describe_exit
+
+log = logging.getLogger("workerpool")
+
+ABORT_GRACE_S = 1.0  # SIGABRT (the worker's faulthandler dumps its stack), then SIGKILL
+
+
+class Request:
+    __slots__ = ("id", "future", "body", "frames", "attempts", "batch_key", "rows",
+                 "enqueued_at", "deadline", "timeout", "worker", "answered")
+
+    def __init__(self, request_id: int, future: Future, body: bytes, frames: list, *,
+                 batch_key: tuple | None = None, rows: int = 1, timeout: float | None = None,
+                 now: float | None = None):
+        self.id = request_id
+        self.future = future
+        self.body = body
+        self.frames = frames
+        self.attempts = 0
+        self.batch_key = batch_key
+        self.rows = rows
+        self.enqueued_at = time.monotonic() if now is None else now
+        self.timeout = timeout
+        self.deadline = None if timeout is None else self.enqueued_at + timeout
+        self.worker: WorkerSlot | None = None  # where it is in flight
+        self.answered = False  # an Answer or Deliver was issued for it
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it takes in a TASK; only the batcher asks (not every submit pays for it)."""
+        return len(self.body) + sum(frame_nbytes(f) for f in self.frames)
+
+    def done(self) -> bool:
+        """Answered, or given up on by its caller (a cancelled future)."""
+        return self.answered or self.future.done()
+
+
+class QueueGauge:
+    """Requests accepted but not yet sent; checked by submit() in callers' threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def try_add(self, limit: int | None) -> bool:
+        with self._lock:
+            if limit is not None and self.count >= limit:
+                return False
+            self.count += 1
+            return True
+
+    def remove(self, n: int = 1) -> None:
+        with self._lock:
+            self.count -= n
+
+
+# -- actions --------------------------------------------------------------------------------
+class Send(NamedTuple):
+    worker: WorkerSlot
+    frames: list  # the worker's identity first, for wire.send
+    requests: list  # what it carries (empty for a STOP)
+
+
+class Stop(NamedTuple):
+    worker: WorkerSlot
+
+
+class Answer(NamedTuple):
+    request: Request
+    value: object = None
+    error: BaseException | None = None
+
+
+class Deliver(NamedTuple):
+    request: Request
+    body: bytes
+    frames: list
+
+
+class StartWorker(NamedTuple):
+    worker_id: int
+    identity: bytes
+    cpus: list[int] | None
+
+
+class Signal(NamedTuple):
+    worker_id: int
+    signum: int
+
+
+# Deaths before READY that say nothing about the worker's own code.
+_KILLED_FROM_OUTSIDE = (-signal.SIGKILL, -signal.SIGTERM, None)
+
+
+class Scheduler:
+    """See the module docstring. ``admit(meta, head_frame) -> bool`` says whether a READY
+    comes from a process the pool started (the secret and peer credentials live with the
+    dispatcher)."""
+
+    def __init__(self, config: PoolConfig, admit: Callable[[dict, object], bool]):
+        self.config = config
+        self.admit = admit
+        self.started = False  # every first worker was READY once
+        self.start_error: BaseException | None = None
+        self.broken: PoolBroken | None = None
+        self.closing = False
+        self.pending: collections.deque[Request] = collections.deque()
+        self.retries: collections.deque[Request] = collections.deque()  # from dead workers
+        self.workers: dict[int, WorkerSlot] = {}  # worker id -> slot
+        self.by_identity: dict[bytes, WorkerSlot] = {}
+        self.worker_ids = itertools.count(1)
+        self.boot_failures = 0  # in a row: workers that failed by themselves before READY
+        self.start_deaths = 0  # in a row: workers that died before READY, for any reason
+        self.timers: list[tuple[float, int, Callable[[float], None]]] = []
+        self.timer_seq = itertools.count()
+        self.counters = collections.Counter()  # restarts, crashes, hung, retired, ...
+        # A TASK must fit the worker's message size limit, whatever the rows say.
+        self.batcher = Batcher(config.max_batch_size if config.batched else 1,
+                               config.max_wait_ms / 1000, max_bytes=config.max_message_bytes)
+        self.queue_gauge = QueueGauge()
+        self.deadlines: list[tuple[float, int, Request]] = []
+        self.batch_wake_at: float | None = None
+        self.metrics = Metrics()
+        self._actions: list = []
+
+    def _take_actions(self) -> list:
+        actions, self._actions = self._actions, []
+        return actions
+
+    def _answer(self, request: Request, value=None, error: BaseException | None = None):
+        request.answered = True
+        self._actions.append(Answer(request, value, error))
+
+    # -- life of the pool ----------------------------------------------------------------
+    def start(self, now: float) -> list:
+        """The first workers, and the liveness check's first round."""
+        for _ in range(self.config.workers):
+            self.start_worker(now)
+        self.call_later(now, self.config.heartbeat_interval, self.check_liveness)
+        return self._take_actions()
+
+    def submit(self, request: Request) -> list:
+        """A request posted by a caller (already counted in ``queue_gauge``)."""
+        if self.broken is not None or self.closing:
+            self.queue_gauge.remove()
+            self._answer(request, error=self.broken or PoolClosed("the pool is closed"))
+        else:
+            self.pending.append(request)
+            if request.deadline is not None:
+                heapq.heappush(self.deadlines, (request.deadline, request.id, request))
+        return self._take_actions()
+
+    def close(self, drain: bool) -> list:
+        """Accept nothing more; ``drain``: finish accepted work, else fail it (PoolClosed)
+        and kill the workers (any of them may be running a request just failed)."""
+        self.closing = True
+        if not drain:
+            self.fail_all(PoolClosed("the pool was closed before this request finished"))
+            for worker in self.workers.values():
+                worker.become(WorkerState.STOPPING)
+                self._actions.append(Signal(worker.worker_id, signal.SIGKILL))
+        return self._take_actions()
+
+    def shutdown(self) -> list:
+        """STOP every worker; one still starting may not be connected yet, so a STOP could
+        never reach it: kill it."""
+        for worker in self.workers.values():
+            if worker.state == WorkerState.STARTING:
+                self._actions.append(Signal(worker.worker_id, signal.SIGKILL))
+            else:
+                self.stop_worker(worker)
+        return self._take_actions()
+
+    def finished(self) -> bool:
+        if self.start_error is not None:
+            return True
+        return self.closing and not self.pending and not self.retries and not any(
+            w.inflight for w in self.workers.values())
+
+    def queued(self) -> int:
+        """Requests waiting to be sent (retries included)."""
+        return len(self.pending) + len(self.retries)
+
+    def next_wake(self) -> float | None:
+        """When ``tick`` has something to do next (None: only an event can bring work)."""
+        due = [t for t in (self.timers and self.timers[0][0],
+                           self.deadlines and self.deadlines[0][0], self.batch_wake_at) if t]
+        return min(due) if due else None
+
+    def tick(self, now: float) -> list:
+        """Due timers, requests past their deadline, then send what workers can take."""
+        while self.timers and self.timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self.timers)
+            fn(now)
+        self.expire_deadlines(now)
+        self.dispatch(now)
+        return self._take_actions()
+
+    def fail_everything(self, error: BaseException) -> list:
+        """Answer every request the pool holds with ``error``."""
+        self.fail_all(error)
+        return self._take_actions()
+
+    def fail_all(self, error: BaseException) -> None:
+        while self.retries:
+            self._answer(self.retries.popleft(), error=error)
+        self.queue_gauge.remove(len(self.pending))
+        while self.pending:
+            self._answer(self.pending.popleft(), error=error)
+        for worker in self.workers.values():
+            for request in worker.inflight.values():
+                self._answer(request, error=error)
+            worker.inflight.clear()
+
+    # -- sending work --------------------------------------------------------------------
+    def dispatch(self, now: float) -> None:
+        while self.retries:
+            worker = pick_worker(self.workers.values(), idle=True)
+            if worker is None:
+                break
+            request = self.retries.popleft()
+            if not request.done():
+                worker.isolating = True
+                self.send(worker, [request], False, now)
+        self.batch_wake_at = None
+        while self.pending:
+            worker = pick_worker(self.workers.values(), idle=False)
+            if worker is None:
+                return
+            batch, wake_at = self.batcher.take(self.pending, now,
+                                               chunk=chunk_size(self.workers.values(),
+                                                                len(self.pending), worker))
+            if not batch:
+                self.batch_wake_at = wake_at  # the head waits for company until then
+                return
+            self.queue_gauge.remove(len(batch))
+            each = not self.batcher.together(batch)
+            batch = [request for request in batch if mark_running(request)]
+            if batch:
+                self.send(worker, batch, each, now)
+
+    def send(self, worker: WorkerSlot, batch: list[Request], each: bool, now: float) -> None:
+        ids = [r.id for r in batch]
+        # Answers may come together only where no deadline needs to know which call runs;
+        # a worker that hangs on such a chunk has all of it retried, each call alone, and
+        # the one that hangs again is then known.
+        coalesce = each and len(batch) > 1 and all(r.deadline is None for r in batch)
+        self._actions.append(Send(worker, [worker.identity, *wire.task(
+            ids, [(r.body, r.frames) for r in batch], each, coalesce)], batch))
+        worker.last_sent = now
+        for request in batch:
+            request.attempts += 1
+            request.worker = worker
+            worker.inflight[request.id] = request
+            self.metrics.queued(now - request.enqueued_at)
+        worker.tasks.append(Task(list(ids), each, coalesce))
+        worker.credits -= 1
+        worker.sent += len(batch)
+        if worker.retire_after and worker.sent >= worker.retire_after:
+            self.retire_worker(worker, now)  # it has its share: nothing more is sent to it
+        if each:  # a chunk: a predict call each
+            for request in batch:
+                self.metrics.batch(request.rows)
+        else:
+            self.metrics.batch(sum(r.rows for r in batch))
+
+    def unreachable(self, sent: Send, now: float) -> list:
+        """``sent`` could not be sent: the worker's connection is gone (the zygote will
+        report its exit). Its requests go back to the front of the retries, as unsent."""
+        worker = sent.worker
+        worker.credits = 0
+        for request in sent.requests:
+            if worker.inflight.pop(request.id, None) is not None:
+                request.attempts -= 1
+                request.worker = None
+        ids = {r.id for r in sent.requests}
+        for task in list(worker.tasks):
+            if ids.intersection(task.ids):
+                worker.tasks.remove(task)
+        if worker.isolating and not worker.inflight:
+            worker.isolating = False
+        self.retries.extendleft(reversed(sent.requests))
+        self.dispatch(now)
+        return self._take_actions()
+
+    # -- what workers say ----------------------------------------------------------------
+    def on_message(self, frames: list, now: float) -> list:
+        """One message from a peer, ``[identity, head, *frames]``. Only a worker we
+        started, admitted by ``admit``, is read any further: nothing from another peer is
+        ever unpickled. A malformed message is counted and dropped, never raised."""
+        try:
+            self._on_message(frames, now)
+        except ProtocolError as exc:
+            self.count_bad_message("malformed_messages", str(exc))
+        return self._take_actions()
+
+    def _on_message(self, frames: list, now: float) -> None:
+        worker = self.by_identity.get(frames[0])
+        if worker is None:
+            self.counters["late_replies"] += 1  # from a worker we buried, or a stranger
+            return
+        if len(frames) < 2:
+            raise ProtocolError(f"a message of {len(frames)} frames")
+        try:
+            kind, meta = wire.read_head(frames[1])
+            ids = wire.reply_ids(meta) if kind in (wire.RESULT, wire.ERROR) else None
+        except ProtocolError as exc:
+            if worker.admitted and worker.state in (WorkerState.READY, WorkerState.RETIRING):
+                # Which requests it answered cannot be known: rather than leave them in
+                # flight until their deadline (or forever), replace the worker; its
+                # requests are retried like a crash's.
+                self.abort_worker(worker, f"it sent a message the pool cannot read ({exc})",
+                                  now, state=WorkerState.GARBLED)
+            raise
+        if not worker.admitted:
+            if kind != wire.READY or not self.admit(meta, frames[1]):
+                self.count_bad_message("rejected_peers", "a peer that did not present the "
+                                       "pool's secret, or is not a child of its zygote")
+                return
+            worker.admitted = True
+        worker.last_seen = now
+        if kind == wire.RESULT:
+            self.on_result(worker, ids, meta, frames[2:])
+        elif kind == wire.ERROR:
+            self.on_error(worker, ids, meta)
+        elif kind == wire.READY:
+            wire.check_ready(meta)
+            if worker.state == WorkerState.STARTING:
+                self.on_ready(worker, meta, now)
+        elif kind == wire.BYE:
+            worker.become(WorkerState.STOPPING)  # it leaves: send it nothing more
+            log.debug("workerpool: worker %s (pid %s) is leaving", worker.worker_id, worker.pid)
+        elif kind != wire.HEARTBEAT:
+            raise ProtocolError(f"unknown message kind {kind[:16]!r}")
+
+    def count_bad_message(self, counter: str, what: str) -> None:
+        self.counters[counter] += 1
+        n = self.counters[counter]
+        if n <= 10 or n % 1000 == 0:
+            log.warning("workerpool: dropped a message (%s, %d so far): %s", counter, n, what)
+
+    def on_ready(self, worker: WorkerSlot, meta: dict, now: float) -> None:
+        worker.become(WorkerState.READY)
+        worker.pid = meta["pid"]
+        worker.credits = meta["credits"]
+        worker.ready_at = now
+        limit = self.config.max_requests_per_worker
+        if limit:
+            worker.retire_after = limit + random.randint(0, self.config.max_requests_jitter)
+        self.boot_failures = self.start_deaths = 0
+        log.info("workerpool: worker %s (pid %s) ready in %.3f s", worker.worker_id, worker.pid,
+                 worker.ready_at - worker.started_at)
+        if not self.started and all(w.state == WorkerState.READY
+                                    for w in self.workers.values()):
+            self.started = True
+
+    def on_result(self, worker: WorkerSlot, ids: list[int], meta: dict, frames: list) -> None:
+        items = []
+
+        def check(meta):
+            wire.check_compute_s(meta)
+            items.extend(wire.split_items(meta, frames))
+
+        requests = self.finish_reply(worker, ids, meta, check)
+        for request, (body, part_frames) in zip(requests, items):
+            if request is not None:  # else a late answer to one already failed: dropped
+                request.answered = True
+                self._actions.append(Deliver(request, body, part_frames))
+
+    def on_error(self, worker: WorkerSlot, ids: list[int], meta: dict) -> None:
+        for request in self.finish_reply(worker, ids, meta, wire.check_error):
+            if request is not None:
+                self._answer(request, error=wire.rebuild_exception(meta))
+
+    def finish_reply(self, worker: WorkerSlot, ids: list[int], meta: dict,
+                     check) -> list[Request | None]:
+        """The requests a RESULT or ERROR answers, ``ids`` (None for those already given up
+        on), once ``check(meta)`` passes. A reply that fails the check still answers them,
+        with ProtocolError; the check's error is raised to be counted."""
+        try:
+            check(meta)
+        except ProtocolError as exc:
+            for request in self.finish_task(worker, ids, {}):  # nothing of meta is trusted
+                if request is not None:
+                    self._answer(request, error=ProtocolError(
+                        f"worker {worker.pid} sent a malformed reply ({exc}); this is a bug "
+                        "in workerpool, please report it"))
+            raise
+        return self.finish_task(worker, ids, meta)
+
+    def finish_task(self, worker: WorkerSlot, ids: list[int],
+                    meta: dict) -> list[Request | None]:
+        """The requests ``ids`` name (None for those already given up on)."""
+        answered(worker, ids)
+        requests = []
+        for request_id in ids:
+            request = worker.inflight.pop(request_id, None)
+            if request is None:
+                self.counters["late_replies"] += 1
+            else:
+                request.worker = None
+                worker.served += 1
+            requests.append(request)
+        if "compute_s" in meta:
+            self.metrics.computed(meta["compute_s"], sum(r is not None for r in requests))
+        if worker.state == WorkerState.RETIRING and not worker.inflight:
+            self.stop_worker(worker)
+        return requests
+
+    # -- what the zygote says ------------------------------------------------------------
+    def on_started(self, worker_id: int, pid: int) -> list:
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.pid = pid
+        return self._take_actions()
+
+    def on_start_error(self, worker_id: int, traceback: str, now: float) -> list:
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            self.forget(worker)
+            self.on_boot_failure(f"the zygote could not start a worker:\n{traceback}", now)
+        return self._take_actions()
+
+    def on_zygote_died(self, now: float) -> list:
+        self.mark_broken(PoolBroken(
+            "the worker zygote died; the pool cannot start workers any more. Close it "
+            "and create a new Pool"))
+        for worker in list(self.workers.values()):
+            self.worker_exited(worker, None, "", now)
+        return self._take_actions()
+
+    def on_exit(self, worker_id: int, status: int | None, report: str, now: float) -> list:
+        """A worker's process ended with ``status`` (a negative signal number, an exit
+        code, None when unknown); ``report``: what its faulthandler left."""
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            self.worker_exited(worker, status, report, now)
+        return self._take_actions()
+
+    def worker_exited(self, worker: WorkerSlot, status: int | None, report: str,
+                      now: float) -> None:
+        self.forget(worker)
+        if worker.state == WorkerState.STOPPING:
+            # told to leave (or killed by close(drain=False)), with nothing in flight
+            log.info("workerpool: worker %s (pid %s) left: %s", worker.worker_id, worker.pid,
+                     describe_exit(worker.pid, status))
+            return
+        if worker.state == WorkerState.STARTING:
+            self.on_boot_failure(f"{describe_exit(worker.pid, status)} while starting" +
+                                 (f":\n{report}" if report else ""), now,
+                                 self_inflicted=status not in _KILLED_FROM_OUTSIDE)
+            return
+        if worker.state != WorkerState.ABORTED:  # we killed it for a request's deadline
+            self.counters["crashes"] += 1
+        description = describe_exit(worker.pid, status)
+        requests = list(worker.inflight.values())
+        worker.inflight.clear()
+        retried = 0
+        for request in reversed(requests):
+            request.worker = None
+            if request.done():
+                continue
+            what = fate(worker, request.id, request.attempts)
+            if what is Fate.FAILED_HUNG:
+                self._answer(request, error=crash_error(
+                    worker, status, report, f"{worker.hang_reason}, so it was aborted"))
+            elif what is Fate.FAILED_CRASHES:
+                self._answer(request, error=crash_error(
+                    worker, status, report,
+                    f"{description}. The request was in flight on {request.attempts} workers "
+                    "that died, so it is not retried again"))
+            else:
+                retried += 1
+                self.counters["retried_requests"] += 1
+                self.retries.appendleft(request)
+        log.warning("workerpool: worker %s %s%s; %d of its %d requests in flight retried%s",
+                    worker.worker_id, description,
+                    f" ({worker.hang_reason})" if worker.hang_reason else "", retried,
+                    len(requests), f"\n{trim_report(report)}" if report else "")
+        # (retiring and stopping ones were replaced already)
+        if worker.state not in (WorkerState.RETIRING, WorkerState.STOPPING):
+            self.replace_worker(now)
+
+    def on_boot_failure(self, message: str, now: float, self_inflicted: bool = True) -> None:
+        """A worker died before READY: restart with backoff; after several that failed by
+        themselves (an import error, a crash), stop trying and mark the pool broken. A
+        worker killed from outside while starting backs off the restarts but does not
+        count toward broken."""
+        self.start_deaths += 1
+        self.boot_failures += self_inflicted
+        then, delay = after_boot_failure(self.started, self.closing,
+                                         self.boot_failures, self.start_deaths)
+        if then is AfterBootFailure.START_ERROR:
+            self.start_error = PoolStartError(f"a worker failed to start: {message}")
+        elif then is AfterBootFailure.BROKEN:
+            self.mark_broken(PoolBroken(
+                f"{self.boot_failures} workers in a row failed to start, so the pool stopped "
+                f"trying; the last one: {message}"))
+        elif then is AfterBootFailure.RESTART:
+            log.warning("workerpool: a worker failed to start (%d in a row); the next starts "
+                        "in %.1f s: %s", self.start_deaths, delay, message)
+            self.call_later(now, delay, self.replace_worker)
+
+    def mark_broken(self, error: PoolBroken) -> None:
+        if self.broken is None:
+            log.error("workerpool: %s", error)
+            self.broken = error
+            self.fail_all(error)
+
+    # -- starting, retiring, stopping, aborting workers -----------------------------------
+    def start_worker(self, now: float) -> None:
+        if self.closing or self.broken is not None:
+            return
+        taken = {w.slot for w in self.workers.values()
+                 if w.state not in (WorkerState.RETIRING, WorkerState.STOPPING)}
+        free = [slot for slot in range(self.config.workers) if slot not in taken]
+        worker = WorkerSlot(next(self.worker_ids), free[0] if free else 0, now=now)
+        self.workers[worker.worker_id] = worker
+        self.by_identity[worker.identity] = worker
+        self._actions.append(StartWorker(worker.worker_id, worker.identity,
+                                         self.config.cpus_for(worker.slot)))
+        log.info("workerpool: starting worker %s", worker.worker_id)
+
+    def replace_worker(self, now: float) -> None:
+        if not self.closing and self.broken is None:
+            self.counters["restarts"] += 1
+            log.info("workerpool: replacing a worker")
+            self.start_worker(now)
+
+    def retire_worker(self, worker: WorkerSlot, now: float) -> None:
+        """It was sent its share (max_requests_per_worker): no new work, a replacement now."""
+        worker.become(WorkerState.RETIRING)
+        self.counters["retired"] += 1
+        log.info("workerpool: worker %s (pid %s) retires after %d requests", worker.worker_id,
+                 worker.pid, worker.sent)
+        self.replace_worker(now)
+
+    def stop_worker(self, worker: WorkerSlot) -> None:
+        worker.become(WorkerState.STOPPING)
+        self._actions.append(Stop(worker))
+
+    def check_liveness(self, now: float) -> None:
+        """Abort workers silent past heartbeat_timeout, or not ready after start_timeout."""
+        for worker in list(self.workers.values()):
+            if worker.pid is None or worker.state in (*ABORTED_STATES, WorkerState.STOPPING):
+                continue
+            if worker.state == WorkerState.STARTING:
+                if now - worker.started_at > self.config.start_timeout:
+                    self.abort_worker(worker, f"not ready after {self.config.start_timeout} s",
+                                      now)
+            elif self.config.heartbeat_timeout is not None and \
+                    now - worker.last_seen > self.config.heartbeat_timeout:
+                self.abort_worker(worker, f"worker {worker.pid} was silent for more than "
+                                          f"heartbeat_timeout={self.config.heartbeat_timeout} s",
+                                  now)
+        self.call_later(now, self.config.heartbeat_interval, self.check_liveness)
+
+    def expire_deadlines(self, now: float) -> None:
+        """Fail requests past their deadline: unsent ones stay unsent; a running one takes
+        its worker down with it (the other requests there are retried)."""
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, _, request = heapq.heappop(self.deadlines)
+            if request.done():
+                continue
+            worker = request.worker
+            cost = overdue(worker, request.id)
+            if cost is Overdue.UNSENT:
+                if request in self.pending:
+                    self.pending.remove(request)
+                    self.queue_gauge.remove()
+                elif request in self.retries:
+                    self.retries.remove(request)
+                self._answer(request, error=TaskTimeout(
+                    f"the request waited {now - request.enqueued_at:.3f} s in the queue, past "
+                    f"its timeout of {request.timeout} s; it was never sent to a worker"))
+                continue
+            worker.inflight.pop(request.id, None)
+            request.worker = None
+            self.counters["timeouts"] += 1
+            if cost is Overdue.WAITING:  # its late answer is dropped
+                self._answer(request, error=TaskTimeout(
+                    f"the request was not answered within its timeout of {request.timeout} s"))
+                continue
+            self._answer(request, error=TaskTimeout(
+                f"predict ran past the request's timeout of {request.timeout} s (in worker "
+                f"{worker.pid}); the worker was aborted and is being replaced"))
+            if worker.state in (WorkerState.READY, WorkerState.RETIRING):
+                self.abort_worker(worker, f"a request ran past its timeout of {request.timeout} s",
+                                  now, state=WorkerState.ABORTED)
+
+    def abort_worker(self, worker: WorkerSlot, reason: str, now: float,
+                     state: WorkerState = WorkerState.HUNG) -> None:
+        """SIGABRT (its faulthandler writes where it was stuck), SIGKILL after a grace."""
+        self.counters[state.value] += 1
+        if worker.state != WorkerState.STARTING:  # not ready: it stays a start failure
+            worker.become(state)
+        worker.hang_reason = reason
+        log.warning("workerpool: aborting worker %s (pid %s): %s", worker.worker_id,
+                    worker.pid, reason)
+        self._actions.append(Signal(worker.worker_id, signal.SIGABRT))
+
+        def kill_if_still_there(now: float) -> None:
+            if self.workers.get(worker.worker_id) is worker:
+                self._actions.append(Signal(worker.worker_id, signal.SIGKILL))
+        self.call_later(now, ABORT_GRACE_S, kill_if_still_there)
+
+    def forget(self, worker: WorkerSlot) -> None:
+        self.workers.pop(worker.worker_id, None)
+        self.by_identity.pop(worker.identity, None)
+
+    def call_later(self, now: float, delay: float, fn: Callable[[float], None]) -> None:
+        heapq.heappush(self.timers, (now + delay, next(self.timer_seq), fn))
+
+
+def answered(worker: WorkerSlot, ids: list[int]) -> None:
+    """Strike ``ids`` off the task they belong to; a task wholly answered gives its credit
+    back (the worker answers its tasks in order: it is the first, but a stray reply naming
+    other ids is looked for in all of them)."""
+    for task in worker.tasks:
+        if ids[0] in task.ids:
+            for request_id in ids:
+                if request_id in task.ids:
+                    task.ids.remove(request_id)
+            if not task.ids:
+                worker.tasks.remove(task)
+                worker.credits += 1
+                worker.isolating = False
+            return
+
+
+def mark_running(request: Request) -> bool:
+    """Move a queued request's future to running; False if it was answered, cancelled by
+    its caller, or has timed out."""
+    if request.done():
+        return False
+    future = request.future
+    return future.running() or future.set_running_or_notify_cancel()
+
+
+def crash_error(worker: WorkerSlot, status, report: str, message: str) -> WorkerCrashed:
+    if report:
+        message += f".\nPython stack at the crash:\n{trim_report(report)}"
+    return WorkerCrashed(message, pid=worker.pid, exitcode=status, crash_traceback=report)
+
+
+def trim_report(report: str) -> str:
+    """faulthandler's dump without its list of loaded extension modules."""
+    return report.split("\nExtension modules:", 1)[0].strip()

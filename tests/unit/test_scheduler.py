@@ -1,0 +1,387 @@
+"""The pool's state machine driven by hand: events in, actions out, an explicit ``now``.
+
+No sockets, processes or sleeps: a READY or RESULT is the bytes a worker would send
+(ipc/wire.py), an exit is the status the zygote would report, and time moves only when a
+test passes a later ``now``. Each test checks a decision by the actions it yields and the
+answers the futures would get.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import Future
+
+import pytest
+
+import workerpool as wp
+from workerpool.config import PoolConfig
+from workerpool.ipc import wire
+from workerpool.ipc.codec import Codec
+from workerpool.pool.scheduler import (ABORT_GRACE_S, Answer, Deliver, Request, Scheduler,
+                                       Send, Signal, StartWorker, Stop)
+from workerpool.pool.scheduling import MAX_ATTEMPTS, RESTART_BACKOFF_S, WorkerState
+
+CODEC = Codec(allow_pickle=True, max_message_bytes=1 << 20)
+
+
+class Harness:
+    """A scheduler, the actions it gave, and helpers that speak as its workers."""
+
+    def __init__(self, now: float = 100.0, **config):
+        config.setdefault("workers", 2)
+        self.config = PoolConfig(**config)
+        self.scheduler = Scheduler(self.config, admit=lambda meta, frame: True)
+        self.now = now
+        self.ids = iter(range(1, 10**6))
+        self.actions: list = []
+        self.take(self.scheduler.start(now))
+
+    def take(self, actions: list) -> list:
+        self.actions.extend(actions)
+        return actions
+
+    def of(self, kind, actions=None) -> list:
+        return [a for a in (self.actions if actions is None else actions) if type(a) is kind]
+
+    def ready_all(self, credits: int = 1) -> None:
+        for worker in list(self.scheduler.workers.values()):
+            if worker.state == WorkerState.STARTING:
+                self.ready(worker, credits)
+
+    def ready(self, worker, credits: int = 1) -> list:
+        self.scheduler.on_started(worker.worker_id, 1000 + worker.worker_id)
+        return self.take(self.scheduler.on_message([worker.identity, wire.head(
+            wire.READY, {"pid": 1000 + worker.worker_id, "credits": credits,
+                         "secret": b"s"})], self.now))
+
+    def submit(self, x=1.0, timeout=None) -> Request:
+        body, frames = CODEC.encode_call((x,), {})
+        request = Request(next(self.ids), Future(), body, frames, timeout=timeout, now=self.now)
+        self.scheduler.queue_gauge.try_add(None)
+        self.take(self.scheduler.submit(request))
+        return request
+
+    def tick(self, later: float = 0.0) -> list:
+        self.now += later
+        return self.take(self.scheduler.tick(self.now))
+
+    def sent_to(self, worker, actions=None) -> list[list[int]]:
+        """The request ids of each TASK sent to ``worker``."""
+        return [[r.id for r in a.requests] for a in self.of(Send, actions) if a.worker is worker]
+
+    def reply(self, worker, requests, value=None) -> list:
+        items = [CODEC.encode(r.id if value is None else value) for r in requests]
+        return self.take(self.scheduler.on_message(
+            [worker.identity, *wire.result([r.id for r in requests], items, 0.001)], self.now))
+
+    def fail(self, worker, requests, exc: BaseException) -> list:
+        return self.take(self.scheduler.on_message(
+            [worker.identity, *wire.error([r.id for r in requests], exc, 1 << 20)], self.now))
+
+    def exit(self, worker, status: int | None, report: str = "") -> list:
+        return self.take(self.scheduler.on_exit(worker.worker_id, status, report, self.now))
+
+    def answer_of(self, request: Request):
+        """(value, error) the request's future would get; AssertionError if none or two."""
+        answers = [a for a in self.actions if type(a) in (Answer, Deliver)
+                   and a.request is request]
+        assert len(answers) == 1, answers
+        answer = answers[0]
+        if type(answer) is Deliver:
+            return CODEC.decode(answer.body, answer.frames), None
+        return answer.value, answer.error
+
+    def unanswered(self, request: Request) -> bool:
+        return not any(type(a) in (Answer, Deliver) and a.request is request
+                       for a in self.actions)
+
+    def workers(self, state=None) -> list:
+        return [w for w in self.scheduler.workers.values() if state is None or w.state == state]
+
+
+@pytest.fixture
+def pool():
+    harness = Harness()
+    harness.ready_all()
+    assert harness.scheduler.started
+    return harness
+
+
+def test_start_asks_for_every_worker_and_is_started_once_all_are_ready():
+    harness = Harness(workers=3)
+    starts = harness.of(StartWorker)
+    assert [s.worker_id for s in starts] == [1, 2, 3]
+    assert len({s.identity for s in starts}) == 3
+    first, *others = harness.workers()
+    harness.ready(first)
+    assert not harness.scheduler.started
+    for worker in others:
+        harness.ready(worker)
+    assert harness.scheduler.started
+
+
+def test_a_request_is_sent_to_a_ready_worker_and_its_result_delivered(pool):
+    request = pool.submit(7.0)
+    actions = pool.tick()
+    (send,) = pool.of(Send, actions)
+    assert send.requests == [request] and send.frames[0] == send.worker.identity
+    assert send.worker.credits == 0 and request.worker is send.worker
+    assert pool.scheduler.queue_gauge.count == 0
+    pool.reply(send.worker, [request], value=14.0)
+    assert pool.answer_of(request) == (14.0, None)
+    assert send.worker.credits == 1 and not send.worker.inflight
+
+
+def test_no_credit_means_queued_and_the_next_send_follows_a_reply(pool):
+    first, _ = pool.submit(), pool.submit()
+    sends = pool.of(Send, pool.tick())
+    assert len(sends) == 2 and {s.worker.worker_id for s in sends} == {1, 2}
+    third = pool.submit()
+    assert pool.of(Send, pool.tick()) == [] and list(pool.scheduler.pending) == [third]
+    pool.reply(first.worker, [first])
+    assert pool.sent_to(sends[0].worker, pool.tick()) == [[third.id]]
+
+
+def test_a_remote_error_answers_with_the_same_exception_type(pool):
+    request = pool.submit()
+    pool.tick()
+    (send,) = pool.of(Send)
+    pool.fail(send.worker, [request], KeyError("no such feature"))
+    _, error = pool.answer_of(request)
+    assert isinstance(error, KeyError) and "no such feature" in str(error)
+
+
+def test_a_crash_retries_its_requests_alone_and_a_second_crash_fails_them(pool):
+    poison, innocent = pool.submit(), pool.submit()
+    pool.tick()
+    first = next(w for w in pool.workers() if poison.id in w.inflight)
+    pool.exit(first, -signal.SIGSEGV, report="Fatal Python error: Segmentation fault")
+    assert pool.unanswered(poison) and list(pool.scheduler.retries) == [poison]
+    assert len(pool.of(StartWorker)) == 3  # a replacement
+    # the retry goes only to an idle worker, and nothing else is sent there meanwhile
+    pool.reply(innocent.worker, [innocent])
+    actions = pool.tick()
+    (retry,) = pool.of(Send, actions)
+    assert retry.requests == [poison] and retry.worker.isolating
+    later = pool.submit()
+    assert pool.sent_to(retry.worker, pool.tick()) == []
+    assert poison.attempts == MAX_ATTEMPTS
+    pool.exit(retry.worker, -signal.SIGSEGV)
+    _, error = pool.answer_of(poison)
+    assert isinstance(error, wp.WorkerCrashed) and "not retried again" in str(error)
+    assert pool.answer_of(innocent) == (innocent.id, None)
+    assert pool.unanswered(later)
+
+
+def test_a_crash_report_reaches_the_caller(pool):
+    request = pool.submit()
+    pool.tick()
+    pool.exit(request.worker, -signal.SIGSEGV, report="Current thread 0x1:\n  File x")
+    pool.ready_all()
+    pool.tick()
+    pool.exit(request.worker, -signal.SIGSEGV, report="Current thread 0x2:\n  File y")
+    _, error = pool.answer_of(request)
+    assert error.crash_traceback.startswith("Current thread 0x2")
+    assert "Python stack at the crash" in str(error) and error.exitcode == -signal.SIGSEGV
+
+
+def test_an_unsent_request_past_its_deadline_fails_and_is_never_sent(pool):
+    for worker in pool.workers():
+        worker.credits = 0
+    request = pool.submit(timeout=0.5)
+    assert pool.scheduler.next_wake() == pytest.approx(request.deadline)
+    pool.tick(0.6)
+    _, error = pool.answer_of(request)
+    assert isinstance(error, wp.TaskTimeout) and "never sent" in str(error)
+    assert not pool.scheduler.pending and pool.scheduler.queue_gauge.count == 0
+    for worker in pool.workers():
+        worker.credits = 1
+    assert pool.of(Send, pool.tick()) == []
+
+
+def test_a_running_request_past_its_deadline_takes_its_worker_down(pool):
+    slow = pool.submit(timeout=1.0)
+    pool.tick()
+    worker = slow.worker
+    pool.tick(1.5)
+    _, error = pool.answer_of(slow)
+    assert isinstance(error, wp.TaskTimeout) and "aborted" in str(error)
+    assert worker.state == WorkerState.ABORTED
+    assert pool.of(Signal) == [Signal(worker.worker_id, signal.SIGABRT)]
+    pool.tick(ABORT_GRACE_S + 0.01)  # still there after the grace: SIGKILL
+    assert pool.of(Signal)[-1] == Signal(worker.worker_id, signal.SIGKILL)
+    pool.exit(worker, -signal.SIGKILL)
+    assert pool.scheduler.counters["crashes"] == 0  # we killed it: not the model's crash
+    assert len(pool.of(StartWorker)) == 3
+    pool.reply(worker, [slow])  # its late answer is dropped, never re-delivered
+    pool.answer_of(slow)
+
+
+def test_a_silent_worker_is_aborted_and_its_running_request_not_retried():
+    harness = Harness(heartbeat_timeout=5.0, heartbeat_interval=1.0)
+    harness.ready_all(credits=2)
+    silent, alive = harness.scheduler.workers[1], harness.scheduler.workers[2]
+    alive.credits = 0  # both requests go to the silent one, a TASK each
+    running, waiting = harness.submit(), harness.submit()
+    harness.tick()
+    assert running.worker is silent and waiting.worker is silent
+    harness.now += 5.5
+    harness.take(harness.scheduler.on_message([alive.identity, wire.head(wire.HEARTBEAT, {})],
+                                              harness.now))
+    harness.tick(0.5)
+    assert silent.state == WorkerState.HUNG and alive.state == WorkerState.READY
+    assert harness.of(Signal) == [Signal(silent.worker_id, signal.SIGABRT)]
+    harness.exit(silent, -signal.SIGABRT)
+    _, error = harness.answer_of(running)
+    assert isinstance(error, wp.WorkerCrashed) and "silent" in str(error)
+    assert harness.unanswered(waiting) and list(harness.scheduler.retries) == [waiting]
+
+
+def test_start_failures_back_off_then_break_the_pool(pool):
+    waiting = pool.submit()
+    for worker in pool.workers():
+        worker.credits = 0
+    starts = len(pool.of(StartWorker))
+    victim = pool.workers()[0]
+    pool.exit(victim, -signal.SIGSEGV)  # a ready worker crashed: replaced at once
+    assert len(pool.of(StartWorker)) == starts + 1
+    for n in range(1, 3):
+        starting = pool.workers(WorkerState.STARTING)[0]
+        pool.scheduler.on_started(starting.worker_id, 2000 + n)
+        pool.exit(starting, 70, report="ImportError: no module named model")
+        delay = RESTART_BACKOFF_S[n - 1]
+        before = len(pool.of(StartWorker))
+        if delay:
+            pool.tick(delay / 2)
+            assert len(pool.of(StartWorker)) == before  # not yet
+        pool.tick(delay / 2 + 0.001)
+        assert len(pool.of(StartWorker)) == before + 1
+    assert pool.scheduler.broken is None
+    starting = pool.workers(WorkerState.STARTING)[0]
+    pool.exit(starting, 70, report="ImportError: no module named model")
+    assert isinstance(pool.scheduler.broken, wp.PoolBroken)
+    assert "ImportError" in str(pool.scheduler.broken)
+    _, error = pool.answer_of(waiting)
+    assert error is pool.scheduler.broken
+    late = pool.submit()
+    assert pool.answer_of(late)[1] is pool.scheduler.broken
+
+
+def test_a_worker_killed_from_outside_while_starting_does_not_count_toward_broken(pool):
+    for _ in range(5):
+        pool.exit(pool.workers()[0], -signal.SIGKILL)
+        pool.tick(0.5)
+        starting = pool.workers(WorkerState.STARTING)[0]
+        pool.exit(starting, -signal.SIGKILL)
+        pool.tick(0.5)
+        pool.ready_all()
+    assert pool.scheduler.broken is None
+
+
+def test_a_failed_first_start_is_a_start_error():
+    harness = Harness()
+    harness.exit(harness.workers()[0], 70, report="SyntaxError in load()")
+    assert isinstance(harness.scheduler.start_error, wp.PoolStartError)
+    assert "SyntaxError" in str(harness.scheduler.start_error)
+    assert harness.scheduler.finished()
+
+
+def test_an_unreachable_worker_gives_its_requests_back_unsent(pool):
+    request = pool.submit()
+    (send,) = pool.of(Send, pool.tick())
+    actions = pool.take(pool.scheduler.unreachable(send, pool.now))
+    other = next(w for w in pool.workers() if w is not send.worker)
+    assert pool.sent_to(other, actions) == [[request.id]]  # at once, to the other one
+    assert request.attempts == 1 and not send.worker.inflight and send.worker.credits == 0
+
+
+def test_retirement_after_its_share_then_stop_when_drained():
+    harness = Harness(workers=1, max_requests_per_worker=2)
+    harness.ready_all(credits=2)
+    first = harness.workers()[0]
+    a, b = harness.submit(), harness.submit()
+    harness.tick()
+    harness.tick()
+    assert first.state == WorkerState.RETIRING and len(harness.of(StartWorker)) == 2
+    c = harness.submit()
+    assert harness.sent_to(first, harness.tick()) == []  # nothing more for it
+    harness.reply(first, [a])
+    assert harness.of(Stop) == []
+    harness.reply(first, [b])
+    assert harness.of(Stop) == [Stop(first)] and first.state == WorkerState.STOPPING
+    harness.ready_all()
+    assert [r.id for r in harness.of(Send, harness.tick())[0].requests] == [c.id]
+
+
+def test_close_without_drain_fails_everything_and_kills_the_workers(pool):
+    first, second = pool.submit(), pool.submit()
+    pool.tick()
+    waiting = pool.submit()  # no credit left: it stays queued
+    pool.tick()
+    pool.take(pool.scheduler.close(drain=False))
+    for request in (first, second, waiting):
+        assert isinstance(pool.answer_of(request)[1], wp.PoolClosed)
+    assert {s.signum for s in pool.of(Signal)} == {signal.SIGKILL}
+    assert pool.scheduler.finished()
+    assert isinstance(pool.answer_of(pool.submit())[1], wp.PoolClosed)
+
+
+def test_close_with_drain_finishes_accepted_work_first(pool):
+    request = pool.submit()
+    pool.tick()
+    pool.take(pool.scheduler.close(drain=True))
+    assert not pool.scheduler.finished()
+    pool.reply(request.worker, [request])
+    assert pool.scheduler.finished() and pool.answer_of(request) == (request.id, None)
+
+
+def test_a_zygote_death_breaks_the_pool_and_answers_everything(pool):
+    running = pool.submit()
+    pool.tick()
+    pool.take(pool.scheduler.on_zygote_died(pool.now))
+    assert isinstance(pool.answer_of(running)[1], wp.PoolBroken)
+    assert not pool.scheduler.workers and pool.scheduler.finished() is False
+    pool.take(pool.scheduler.close(drain=True))
+    assert pool.scheduler.finished()
+
+
+@pytest.mark.parametrize("frames", [
+    [],  # identity alone
+    [b""],
+    [wire.RESULT + b"\xc1"],
+    [wire.head(wire.RESULT, {"ids": [1], "bodies": [None], "parts": [4]})],
+], ids=["no head", "empty head", "not msgpack", "parts overrun"])
+def test_malformed_messages_are_counted_never_raised(pool, frames):
+    request = pool.submit()
+    pool.tick()
+    worker = request.worker
+    pool.take(pool.scheduler.on_message([worker.identity, *frames], pool.now))
+    assert pool.scheduler.counters["malformed_messages"] == 1
+
+
+def test_a_message_from_a_stranger_is_dropped_unread(pool):
+    actions = pool.scheduler.on_message([b"stranger", b"garbage"], pool.now)
+    assert actions == [] and pool.scheduler.counters["late_replies"] == 1
+
+
+def test_admission_is_asked_and_a_refused_peer_is_never_read():
+    refused: list = []
+    scheduler = Scheduler(PoolConfig(workers=1),
+                          admit=lambda meta, frame: refused.append(meta["pid"]) and False)
+    scheduler.start(0.0)
+    (worker,) = scheduler.workers.values()
+    scheduler.on_message([worker.identity, wire.head(
+        wire.READY, {"pid": os.getpid(), "credits": 1, "secret": b"x"})], 0.0)
+    assert refused == [os.getpid()] and not worker.admitted
+    assert worker.state == WorkerState.STARTING
+    assert scheduler.counters["rejected_peers"] == 1
+
+
+def test_next_wake_is_the_earliest_timer_or_deadline(pool):
+    liveness = pool.scheduler.timers[0][0]
+    assert pool.scheduler.next_wake() == liveness
+    for worker in pool.workers():
+        worker.credits = 0
+    request = pool.submit(timeout=0.01)
+    assert pool.scheduler.next_wake() == request.deadline < liveness
