@@ -9,6 +9,9 @@ there, a 30-byte message), p50 of ``--calls`` each, medians of ``--rounds`` roun
                  receives the reply and settles a Future the caller waits on (workerpool's
                  shape)
     direct_send  the caller sends under a lock; the thread receives and settles the Future
+    leader       the caller sends under the lock, then reads the socket itself until its
+                 own reply is in (leader/follower: the thread reads only while no caller
+                 does)
 
 Prints JSON and writes bench/results/thread_hops.md.
 
@@ -44,6 +47,8 @@ class Link:
         self.waiting: dict[int, Future] = {}
         self.ids = iter(range(1 << 62))
         self.stopping = False
+        self.leading = threading.Lock()  # held by whoever reads the socket
+        self.router_fd = self.router.get(zmq.FD)
         self.thread = threading.Thread(target=self.loop, daemon=True)
         self.thread.start()
 
@@ -67,14 +72,21 @@ class Link:
                     self.waiting[request_id] = future
                     with self.lock:
                         self.send(request_id)
-            while True:  # the fd is edge-triggered: read all there is
-                with self.lock:
-                    try:
-                        frames = self.router.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                request_id = int.from_bytes(frames[1][:8], "little")
-                self.waiting.pop(request_id).set_result(frames[1])
+            if self.leading.acquire(blocking=False):
+                try:
+                    self.read_all()
+                finally:
+                    self.leading.release()
+
+    def read_all(self) -> None:
+        while True:  # the fd is edge-triggered: read all there is
+            with self.lock:
+                try:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+            request_id = int.from_bytes(frames[1][:8], "little")
+            self.waiting.pop(request_id).set_result(frames[1])
 
     def raw(self) -> None:
         with self.lock:
@@ -97,6 +109,21 @@ class Link:
             self.send(request_id)
         future.result()
 
+    def leader(self) -> None:
+        future: Future = Future()
+        request_id = next(self.ids)
+        self.waiting[request_id] = future
+        with self.lock:
+            self.send(request_id)
+        poller = zmq.Poller()
+        poller.register(self.router_fd, zmq.POLLIN)
+        with self.leading:
+            while True:
+                self.read_all()
+                if future.done():
+                    return
+                poller.poll(10)
+
     def close(self) -> None:
         self.stopping = True
         self.thread.join()
@@ -110,7 +137,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3000)
     args = parser.parse_args()
     link = Link()
-    ways = {"raw": link.raw, "two_hops": link.two_hops, "direct_send": link.direct_send}
+    ways = {"raw": link.raw, "two_hops": link.two_hops, "direct_send": link.direct_send,
+            "leader": link.leader}
     rounds = []
     try:
         for call in ways.values():
