@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -214,3 +216,32 @@ def test_reload_swaps_a_keras_model_with_no_request_lost():
     for after_swap, y in answers:
         assert np.array_equal(y, new) or (not after_swap and np.array_equal(y, old))
     assert any(np.array_equal(y, old) for _, y in answers)
+
+
+ABSL_INFO = re.compile(r"^(\[[^]]*\] )?I\d{4} [\d:.]+ +(\d+) \S+:\d+\]")
+
+
+def info_lines_from(err: str, pids: set[int]) -> list[str]:
+    """TensorFlow's INFO lines in ``err`` written by one of ``pids`` (their main thread)."""
+    return [line for line in err.splitlines()
+            if (m := ABSL_INFO.match(line)) and int(m[2]) in pids]
+
+
+def test_zygote_and_workers_leave_out_tensorflow_info_unless_a_level_is_set(capfd,
+                                                                            monkeypatch):
+    """Importing TensorFlow prints INFO lines before any log level applies; a pool's zygote
+    and workers drop them, unless the user chose TF_CPP_MIN_LOG_LEVEL themselves."""
+    x = INPUTS["dense_mlp"]()
+    seen = {}
+    for level in (None, "0"):
+        if level is None:
+            monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+        else:
+            monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", level)
+        capfd.readouterr()
+        with wp.Pool(dense_mlp, call, workers=1) as pool:
+            pool.submit(x).result()
+            pids = {pool.zygote_pid, *pool.pids}
+        seen[level] = info_lines_from(capfd.readouterr().err, pids)
+    assert seen[None] == []
+    assert seen["0"], "the zygote's import of TensorFlow printed no INFO line to drop"

@@ -517,7 +517,7 @@ class Scheduler:
                 retried += 1
                 self.counters["retried_requests"] += 1
                 self.retries.appendleft(request)
-        log.warning("workerpool: worker %s %s%s; %d of its %d requests in flight retried%s",
+        log.warning("workerpool: worker %s: %s%s; %d of its %d requests in flight retried%s",
                     worker.worker_id, description,
                     f" ({worker.hang_reason})" if worker.hang_reason else "", retried,
                     len(requests), f"\n{trim_report(report)}" if report else "")

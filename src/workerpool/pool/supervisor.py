@@ -22,6 +22,7 @@ import sys
 from ..config import PoolConfig
 from ..errors import PoolStartError
 from ..ipc import control, endpoints, wire
+from ..workers.output import quiet_environment
 from .weights import PublishedModel
 
 
@@ -175,7 +176,8 @@ def spawn_zygote(weights_fd: int | None, pass_fds: list[int],
              "-" if weights_fd is None else str(weights_fd)],
             pass_fds=[child_end.fileno(), *pass_fds],
             env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                     PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **environment))
+                     PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+                     **quiet_environment(os.environ), **environment))
     except BaseException:
         parent_end.close()
         raise

@@ -13,7 +13,8 @@ multi-threaded op can hang in OpenMP forever).
 In spawn mode it keeps the weights fd and starts ``python -m workerpool.workers.main`` with
 that fd passed on, for libraries where fork is unsafe.
 
-Either way it reaps its children and reports each exit status to the parent. When the
+Either way it reaps its children and reports each exit status to the parent, and relays
+what they write to stderr, a line at a time with the worker's id (workers/output.py). When the
 parent dies (pidfd) or closes the channel it kills every worker; on its way out it removes
 the pool's private directory.
 
@@ -37,6 +38,7 @@ import traceback
 
 from ..ipc import control, endpoints
 from . import main as worker_main
+from .output import HeldBack, Relay, is_quiet
 
 from ..ipc.wire import EXIT_BOOT_ERROR, EXIT_PARENT_GONE
 
@@ -48,6 +50,8 @@ class Zygote:
         self.weights_fd = weights_fd
         self.parent_pidfd = os.pidfd_open(boot["parent_pid"])
         self.children: dict[int, tuple[int, int, subprocess.Popen | None]] = {}  # pidfd ->
+        self.output_of: dict[int, int] = {}  # pidfd -> read end of the worker's stderr pipe
+        self.relay = Relay(is_quiet())
         self.exiting = False
         self.model = self.predict = None
 
@@ -71,15 +75,28 @@ class Zygote:
 
     def start_worker(self, worker_id: int, identity: bytes, cpus: list[int] | None) -> None:
         boot = dict(self.boot, worker_id=worker_id, identity=identity, cpus=cpus)
-        if self.boot["start_method"] == "zygote":
-            pid = os.fork()
-            if pid == 0:
-                self._become_worker(boot)  # never returns
-            popen = None
-        else:
-            popen = self._spawn_worker(boot)
-            pid = popen.pid
-        self.children[os.pidfd_open(pid)] = (worker_id, pid, popen)
+        read_fd, write_fd = self.relay.open()
+        try:
+            if self.boot["start_method"] == "zygote":
+                pid = os.fork()
+                if pid == 0:
+                    os.dup2(write_fd, 2)
+                    os.close(write_fd)
+                    os.close(read_fd)
+                    self._become_worker(boot)  # never returns
+                popen = None
+            else:
+                popen = self._spawn_worker(boot, stderr=write_fd)
+                pid = popen.pid
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.relay.watch(read_fd, f"[worker {worker_id} pid {pid}] ")
+        pidfd = os.pidfd_open(pid)
+        self.children[pidfd] = (worker_id, pid, popen)
+        self.output_of[pidfd] = read_fd
         control.send(self.ctl, {"op": "started", "worker_id": worker_id, "pid": pid})
 
     def reap_worker(self, pidfd: int) -> None:
@@ -90,6 +107,7 @@ class Zygote:
         else:
             _, wait_status = os.waitpid(pid, 0)
             status = os.waitstatus_to_exitcode(wait_status)
+        self.relay.finish(self.output_of.pop(pidfd))
         control.send(self.ctl, {"op": "exited", "worker_id": worker_id, "pid": pid,
                                 "status": status})
 
@@ -105,13 +123,16 @@ class Zygote:
                 os.waitpid(pid, 0)
             os.close(pidfd)
         self.children.clear()
+        self.output_of.clear()
+        self.relay.close_all()
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> int:
         while True:
             if self.exiting and not self.children:
                 return 0
-            readable, _, _ = select.select([self.ctl, self.parent_pidfd, *self.children], [], [])
+            readable, _, _ = select.select(
+                [self.ctl, self.parent_pidfd, *self.children, *self.relay.fds()], [], [])
             for fd in readable:
                 if fd is self.ctl:
                     message = control.recv(self.ctl)
@@ -124,6 +145,8 @@ class Zygote:
                     return EXIT_PARENT_GONE
                 elif fd in self.children:
                     self.reap_worker(fd)
+                elif fd in self.output_of.values():
+                    self.relay.read(fd)
 
     def handle(self, message: dict) -> None:
         op = message["op"]
@@ -149,6 +172,7 @@ class Zygote:
             os.close(self.parent_pidfd)
             for pidfd in self.children:
                 os.close(pidfd)
+            self.relay.close_in_child()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             code = worker_main.serve(self.model, self.predict, boot)
         except BaseException:
@@ -156,12 +180,12 @@ class Zygote:
         finally:
             os._exit(code)
 
-    def _spawn_worker(self, boot: dict) -> subprocess.Popen:
+    def _spawn_worker(self, boot: dict, stderr: int) -> subprocess.Popen:
         threads = str(self.boot["threads_per_worker"])
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         popen = subprocess.Popen(
             [sys.executable, "-m", "workerpool.workers.main", str(self.weights_fd)],
-            stdin=subprocess.PIPE, env=env,
+            stdin=subprocess.PIPE, stderr=stderr, env=env,
             pass_fds=[self.weights_fd, *self.boot["file_fds"], *self.boot["region_fds"]])
         popen.stdin.write(pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL))
         popen.stdin.close()
@@ -201,23 +225,29 @@ def os_thread_count() -> int:
 def main(argv: list[str]) -> int:
     worker_main.ignore_stop_signals()
     ctl = socket.socket(fileno=int(argv[0]))
-    prestarted = argv[1] == "-"
-    if prestarted:  # started before its model existed: import while the parent loads it
-        preimport(os.environ.get(PREIMPORT_ENV, ""))
-    boot = control.recv(ctl)
-    if boot is None:
-        return 0
-    sys.path[:] = boot["sys_path"]
+    # Importing a framework prints before its log level applies: held back, then filtered.
+    held = HeldBack("[workerpool zygote] ", quiet=True) if is_quiet() else None
     try:
-        if prestarted:
-            weights_fd = receive_fds(ctl, boot)
-        else:
-            weights_fd = int(argv[1])
-        zygote = Zygote(ctl, boot, weights_fd)
-        zygote.attach_model()
-    except BaseException:
-        control.send(ctl, {"op": "boot_error", "traceback": traceback.format_exc()})
-        return EXIT_BOOT_ERROR
+        prestarted = argv[1] == "-"
+        if prestarted:  # started before its model existed: import while the parent loads it
+            preimport(os.environ.get(PREIMPORT_ENV, ""))
+        boot = control.recv(ctl)
+        if boot is None:
+            return 0
+        sys.path[:] = boot["sys_path"]
+        try:
+            if prestarted:
+                weights_fd = receive_fds(ctl, boot)
+            else:
+                weights_fd = int(argv[1])
+            zygote = Zygote(ctl, boot, weights_fd)
+            zygote.attach_model()
+        except BaseException:
+            control.send(ctl, {"op": "boot_error", "traceback": traceback.format_exc()})
+            return EXIT_BOOT_ERROR
+    finally:
+        if held is not None:
+            held.release()
     control.send(ctl, {"op": "booted", "pid": os.getpid(), "threads": os_thread_count(),
                        "modules": [m for m in PREIMPORTABLE if m in sys.modules]})
     try:
