@@ -24,9 +24,30 @@ def fail(model, x):
 
 
 def slow_numbers():
-    """Loads in $SLOW_LOAD_S seconds (default 3): long enough to see the server loading."""
+    """Loads in $SLOW_LOAD_S seconds (default 3): long enough to see the server loading.
+    With $UNATTACHABLE_ONCE, no new zygote can attach it once that file exists."""
     time.sleep(float(os.environ.get("SLOW_LOAD_S", "3")))
-    return numbers()
+    model = numbers()
+    if os.environ.get("UNATTACHABLE_ONCE"):
+        model["guard"] = AttachGuard(os.environ["UNATTACHABLE_ONCE"])
+    return model
+
+
+class AttachGuard:
+    """Rides along in a model; unpickled by each zygote that attaches it, where it fails
+    once ``marker`` exists: a pool whose zygote dies then cannot start another."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (attach_guard, (self.marker,))
+
+
+def attach_guard(marker: str) -> AttachGuard:
+    if os.path.exists(marker):
+        raise ImportError(f"cannot attach: {marker} exists")
+    return AttachGuard(marker)
 
 
 def texts(model, x):

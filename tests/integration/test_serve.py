@@ -392,8 +392,14 @@ def metric_samples(server) -> dict:
 
 # -- start-up, security, broken pools and shutdown: servers of their own ---------------------
 def test_live_at_once_ready_when_loaded_then_503_when_broken(tmp_path):
+    marker = tmp_path / "armed"
     server = Server(["serve_models:slow_numbers", "--predict", "serve_models:sleep_then_echo",
-                     "--name", "slow", "--workers", "1"], env={"SLOW_LOAD_S": "4"})
+                     "--name", "slow", "--workers", "1"],
+                    env={"SLOW_LOAD_S": "4", "UNATTACHABLE_ONCE": str(marker)})
+
+    def zygote_pid():  # (the page also works while a new zygote's workers start)
+        return json.loads(server.get("/status")[2])["models"][0]["zygote_pid"]
+
     try:
         assert server.get("/v2/health/live")[0] == 200  # at once
         assert server.get("/v2/health/ready")[0] == 503
@@ -405,12 +411,22 @@ def test_live_at_once_ready_when_loaded_then_503_when_broken(tmp_path):
             "retry-after" in headers
         server.wait_ready()
         assert server.post("/v2/models/slow/infer", body)[0] == 200
-        (model,) = json.loads(server.get("/status")[2])["models"]
-        os.kill(model["zygote_pid"], signal.SIGKILL)  # the pool cannot start workers now
+        first = zygote_pid()
+        os.kill(first, signal.SIGKILL)  # a new zygote takes its place
+        assert wait_until(lambda: zygote_pid() not in (first, None) and
+                          server.post("/v2/models/slow/infer", body)[0] == 200, 30)
+        marker.touch()
+        os.kill(zygote_pid(), signal.SIGKILL)  # and now no new one can attach the model
         assert wait_until(lambda: server.get("/v2/models/slow/ready")[0] == 503, 30)
         assert server.get("/v2/health/ready")[0] == 503
-        status, _, raw = server.post("/v2/models/slow/infer", body)
-        assert status == 503 and "broken" in json.loads(raw)["error"]
+
+        def broken():  # after its tries at a new zygote (503 "no ready worker" meanwhile)
+            status, _, raw = server.post("/v2/models/slow/infer", body)
+            assert status == 503
+            return "broken" in json.loads(raw)["error"] and json.loads(raw)["error"]
+        assert wait_until(broken, 30)
+        assert "zygote died and 3 new ones failed to start" in broken()
+        assert server.get("/v2/models/slow/ready")[0] == 503
         assert server.get("/v2/health/live")[0] == 200
     finally:
         assert server.stop() == 0

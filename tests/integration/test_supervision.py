@@ -15,7 +15,7 @@ import torch
 
 import modelzoo
 import workerpool as wp
-from testkit import is_running
+from testkit import is_running, wait_until
 
 
 def sleepy_predict(model, x, seconds=0.0):
@@ -121,6 +121,44 @@ def test_boot_failures_back_off_then_mark_the_pool_broken(tmp_path):
         assert pool.stats(memory_usage=False)["restarts"] == 3  # backed off, not a storm
 
 
+def slow_echo(model, x, seconds=0.0):
+    time.sleep(seconds)
+    return x
+
+
+def test_a_killed_zygote_is_replaced_and_its_workers_requests_retried():
+    """The zygote's workers die with it (they watch it); a new zygote attaches the weights
+    the pool still holds and starts a full set: every request answered, none failed."""
+    with wp.Pool(modelzoo.numpy_model, slow_echo, workers=2) as pool:
+        zygote, workers = pool.zygote_pid, pool.pids
+        running = [pool.submit(i, seconds=0.5) for i in range(4)]
+        time.sleep(0.2)  # two of them running, two queued behind
+        os.kill(zygote, signal.SIGKILL)
+        assert [f.result(timeout=60) for f in running] == [0, 1, 2, 3]
+        stats = pool.stats(memory_usage=False)
+        assert pool.zygote_pid not in (zygote, None) and is_running(pool.zygote_pid)
+        assert stats["zygote_restarts"] == 1 and stats["crashes"] == 0
+        assert stats["retried_requests"] >= 2
+        assert not set(pool.pids) & set(workers)
+        assert pool.submit(7).result(timeout=30) == 7
+    assert not is_running(zygote) and not any(is_running(p) for p in workers)
+
+
+def test_a_zygote_that_cannot_be_replaced_breaks_the_pool_with_its_reason(tmp_path):
+    marker = str(tmp_path / "armed")
+    with wp.Pool(lambda: FailsInWorkersOnceArmed(marker), identity_predict,
+                 workers=1) as pool:
+        assert pool.submit(1).result(timeout=60) == 1
+        open(marker, "w").close()  # no new zygote can attach the model now
+        os.kill(pool.zygote_pid, signal.SIGKILL)
+        assert wait_until(lambda: pool.broken is not None, 60)
+        assert "3 new ones failed to start" in str(pool.broken)
+        assert "cannot attach" in str(pool.broken)  # the new zygotes' own traceback
+        with pytest.raises(wp.PoolBroken):
+            pool.submit(2)
+        assert pool.stats(memory_usage=False)["zygote_restarts"] == 0
+
+
 def test_close_without_drain_fails_pending_work_at_once():
     x = torch.randn(2, 32)
     pool = wp.Pool(modelzoo.mlp, sleepy_predict, workers=2)
@@ -155,24 +193,29 @@ def double_predict(model, x):
 
 @pytest.mark.slow
 def test_chaos_random_kills_lose_nothing():
-    """Kill a random worker every ~50 ms while 2,000 requests with known answers run.
+    """Kill a random worker every ~50 ms, and the zygote every second, while 2,000
+    requests with known answers run.
 
     Zygote workers only: a spawned worker needs ~1.5 s to start, longer than the interval
     between kills (the crash table covers spawn's retries)."""
     n_requests = 2000
-    kills = []
+    kills, zygote_kills = [], []
     with wp.Pool(modelzoo.numpy_model, double_predict, workers=2) as pool:
         stop = threading.Event()
 
         def killer():
             rng = random.Random(0)
+            rounds = 0
             while not stop.wait(0.05):
-                pids = pool.pids
-                if pids:
+                rounds += 1
+                # the zygote too, every second (a new one starts in well under that)
+                pids = [pool.zygote_pid] if rounds % 20 == 0 else pool.pids
+                if pids and pids[0]:
                     victim = rng.choice(pids)
                     try:
                         os.kill(victim, signal.SIGKILL)
                         kills.append(victim)
+                        zygote_kills.append(victim) if rounds % 20 == 0 else None
                     except ProcessLookupError:
                         pass
 
@@ -194,10 +237,12 @@ def test_chaos_random_kills_lose_nothing():
                   if isinstance(o, np.ndarray) and np.array_equal(o, np.full(4, 2 * i)))
     crashed = sum(1 for o in outcomes if isinstance(o, wp.WorkerCrashed))
     wrong = len(outcomes) - correct - crashed
-    print(f"\nchaos: {n_requests} requests, {len(kills)} kills, "
+    print(f"\nchaos: {n_requests} requests, {len(kills)} kills "
+          f"({len(zygote_kills)} zygotes, {stats['zygote_restarts']} restarted), "
           f"{correct} correct, {crashed} WorkerCrashed, {wrong} wrong, 0 lost; "
           f"{stats['retried_requests']} retried, {stats['late_replies']} late replies dropped")
     assert len(outcomes) == n_requests  # none lost: every future answered
     assert wrong == 0
     assert len(kills) >= 5, "the chaos did not happen"
     assert stats["crashes"] >= 5
+    assert zygote_kills and stats["zygote_restarts"] >= 1

@@ -336,13 +336,45 @@ def test_close_with_drain_finishes_accepted_work_first(pool):
     assert pool.scheduler.finished() and pool.answer_of(request) == (request.id, None)
 
 
-def test_a_zygote_death_breaks_the_pool_and_answers_everything(pool):
+def test_a_zygote_death_retries_its_workers_requests_once_a_new_zygote_starts(pool):
+    running = pool.submit()
+    pool.tick()
+    running.worker.credits = 0
+    queued = pool.submit()
+    starts = len(pool.of(StartWorker))
+    pool.take(pool.scheduler.on_zygote_died(pool.now))
+    assert not pool.scheduler.workers and pool.scheduler.broken is None
+    assert running.attempts == 0  # not its death: no attempt counted against it
+    assert pool.unanswered(running) and pool.unanswered(queued)
+    pool.tick(5.0)  # nothing is started on a zygote that is not there, not even later
+    assert len(pool.of(StartWorker)) == starts
+    pool.take(pool.scheduler.on_zygote_restarted(pool.now))
+    assert len(pool.of(StartWorker)) == starts + 2  # a full set
+    pool.ready_all()
+    sent = pool.of(Send, pool.tick())
+    assert sorted(r.id for s in sent for r in s.requests) == [running.id, queued.id]
+    assert pool.scheduler.counters["zygote_restarts"] == 1
+    assert pool.scheduler.counters["crashes"] == 0
+
+
+def test_a_zygote_that_cannot_be_restarted_breaks_the_pool(pool):
     running = pool.submit()
     pool.tick()
     pool.take(pool.scheduler.on_zygote_died(pool.now))
-    assert isinstance(pool.answer_of(running)[1], wp.PoolBroken)
-    assert not pool.scheduler.workers and pool.scheduler.finished() is False
+    pool.take(pool.scheduler.on_zygote_lost("3 new ones failed to start"))
+    _, error = pool.answer_of(running)
+    assert isinstance(error, wp.PoolBroken) and "3 new ones failed" in str(error)
+    assert isinstance(pool.answer_of(pool.submit())[1], wp.PoolBroken)
     pool.take(pool.scheduler.close(drain=True))
+    assert pool.scheduler.finished()
+
+
+def test_a_zygote_death_while_closing_fails_what_is_left(pool):
+    running = pool.submit()
+    pool.tick()
+    pool.take(pool.scheduler.close(drain=True))
+    pool.take(pool.scheduler.on_zygote_died(pool.now))
+    assert isinstance(pool.answer_of(running)[1], wp.PoolBroken)
     assert pool.scheduler.finished()
 
 

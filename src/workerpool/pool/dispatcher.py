@@ -21,6 +21,7 @@ credentials (admission), and decoding answers.
 from __future__ import annotations
 
 import hmac
+import logging
 import math
 import os
 import threading
@@ -36,7 +37,10 @@ from ..ipc.codec import Codec
 from .inbox import Inbox
 from .scheduler import (Answer, Deliver, QueueGauge, Request, Scheduler, Send, Signal,
                         StartWorker, Stop)
+from .scheduling import BOOT_FAILURES_BEFORE_BROKEN, RESTART_BACKOFF_S
 from .supervisor import Supervisor
+
+log = logging.getLogger("workerpool")
 
 __all__ = ["Dispatcher", "QueueGauge", "Request"]
 
@@ -152,7 +156,12 @@ class Dispatcher(threading.Thread):
                 if event["op"] == "zygote_died":
                     poller.unregister(control_fd)  # EOF would stay readable forever
                     control_fd = -1
-                self.on_supervisor_event(event)
+                    self.carry_out(scheduler.on_zygote_died(time.monotonic()))
+                    if self.restart_zygote():
+                        control_fd = self.supervisor.control_fd
+                        poller.register(control_fd, zmq.POLLIN)
+                else:
+                    self.on_supervisor_event(event)
             if self.inbox.fd in events:
                 self.read_inbox()
             self.carry_out(scheduler.tick(time.monotonic()))
@@ -243,6 +252,30 @@ class Dispatcher(threading.Thread):
         return True
 
     # -- what the zygote says ------------------------------------------------------------
+    def restart_zygote(self) -> bool:
+        """A new zygote after the last one died, with the workers' start backoff between
+        tries; after BOOT_FAILURES_BEFORE_BROKEN failed tries the pool is broken. This
+        thread waits meanwhile: no worker is left to send work to anyway (callers' requests
+        wait in the inbox)."""
+        if self.scheduler.broken is not None or self.scheduler.closing:
+            return False
+        for attempt in range(BOOT_FAILURES_BEFORE_BROKEN):
+            time.sleep(RESTART_BACKOFF_S[attempt])
+            try:
+                self.supervisor.restart_zygote()
+            except PoolStartError as exc:
+                error = exc
+                log.warning("workerpool: could not restart the worker zygote (try %d of %d): "
+                            "%s", attempt + 1, BOOT_FAILURES_BEFORE_BROKEN, exc)
+                continue
+            log.warning("workerpool: the worker zygote was restarted (pid %s)",
+                        self.supervisor.zygote_pid)
+            self.carry_out(self.scheduler.on_zygote_restarted(time.monotonic()))
+            return True
+        self.carry_out(self.scheduler.on_zygote_lost(
+            f"{BOOT_FAILURES_BEFORE_BROKEN} new ones failed to start; the last: {error}"))
+        return False
+
     def on_supervisor_event(self, event: dict) -> None:
         scheduler, op, now = self.scheduler, event["op"], time.monotonic()
         if op == "started":
@@ -255,8 +288,6 @@ class Dispatcher(threading.Thread):
         elif op == "start_error":
             self.carry_out(scheduler.on_start_error(event.get("worker_id"),
                                                     event["traceback"], now))
-        elif op == "zygote_died":
-            self.carry_out(scheduler.on_zygote_died(now))
 
 
 class _Close:

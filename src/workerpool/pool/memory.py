@@ -25,8 +25,14 @@ def process_memory(pid: int | None, weight_files: tuple[str, ...] = ()) -> dict:
     usage = dict.fromkeys(("pss", "uss", "rss", "shared", "weights_rss", "weights_pss",
                            "weights_copied", "weights_private"), 0)
     usage["weights_mappings"] = []
-    if not pid:
-        return usage
+    if pid:  # (none yet: a worker just asked for; zeros, every key there)
+        _read_smaps(pid, weight_files, usage)
+    usage["weights_mapped"] = usage["weights_rss"]
+    usage["private"] = usage["uss"] - usage.pop("weights_private")
+    return usage
+
+
+def _read_smaps(pid: int, weight_files: tuple[str, ...], usage: dict) -> None:
     segment = None
     try:
         with open(f"/proc/{pid}/smaps") as smaps:
@@ -48,9 +54,6 @@ def process_memory(pid: int | None, weight_files: tuple[str, ...] = ()) -> dict:
                     _count_segment(usage, key, value)
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass
-    usage["weights_mapped"] = usage["weights_rss"]
-    usage["private"] = usage["uss"] - usage.pop("weights_private")
-    return usage
 
 
 def _path_of(header_rest: str) -> str:

@@ -500,7 +500,8 @@ class Pool:
 
 
 COUNTERS = ("restarts", "crashes", "hung", "aborted", "timeouts", "retired",
-            "retried_requests", "late_replies", "rejected_peers", "malformed_messages")
+            "retried_requests", "late_replies", "rejected_peers", "malformed_messages",
+            "zygote_restarts")
 
 
 def _version_label(version) -> str | None:

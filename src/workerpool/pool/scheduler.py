@@ -13,7 +13,8 @@ pool/dispatcher.py to carry out in order:
     StartWorker(worker_id, identity, cpus) / Signal(worker_id, signum)   via the zygote
 
 Events: ``submit``, ``close``, ``on_message`` (anything a worker sent), ``on_started``,
-``on_exit``, ``on_start_error``, ``on_zygote_died``, and ``tick(now)`` (timers, deadlines,
+``on_exit``, ``on_start_error``, ``on_zygote_died`` / ``on_zygote_restarted`` /
+``on_zygote_lost``, and ``tick(now)`` (timers, deadlines,
 then sending what can be sent). tests/unit/test_scheduler.py drives it by hand: no
 sockets, processes or sleeps. The policies it applies are the pure functions of
 pool/scheduling.py.
@@ -145,6 +146,7 @@ class Scheduler:
         self.config = config
         self.admit = admit
         self.started = False  # every first worker was READY once
+        self.zygote_up = True  # workers can be started
         self.start_error: BaseException | None = None
         self.broken: PoolBroken | None = None
         self.closing = False
@@ -466,11 +468,43 @@ class Scheduler:
         return self._take_actions()
 
     def on_zygote_died(self, now: float) -> list:
-        self.mark_broken(PoolBroken(
-            "the worker zygote died; the pool cannot start workers any more. Close it "
-            "and create a new Pool"))
+        """The zygote is gone, and its workers with it (they watch it and exit): their
+        requests are retried, and this death does not count as an attempt against them
+        (it was not theirs). No worker starts until ``on_zygote_restarted``."""
+        self.zygote_up = False
+        lost = 0
         for worker in list(self.workers.values()):
-            self.worker_exited(worker, None, "", now)
+            self.forget(worker)
+            requests = list(worker.inflight.values())
+            worker.inflight.clear()
+            for request in reversed(requests):
+                request.worker = None
+                request.attempts -= 1
+                if not request.done():
+                    lost += 1
+                    self.retries.appendleft(request)
+        self.counters["retried_requests"] += lost
+        log.warning("workerpool: the worker zygote died, and its workers with it; %d requests "
+                    "in flight will be retried once a new zygote has started", lost)
+        if self.closing:
+            self.mark_broken(PoolBroken("the worker zygote died while the pool was closing"))
+        return self._take_actions()
+
+    def on_zygote_restarted(self, now: float) -> list:
+        """A new zygote holds the model: start a full set of workers from it."""
+        self.zygote_up = True
+        self.counters["zygote_restarts"] += 1
+        live = sum(w.state not in (WorkerState.RETIRING, WorkerState.STOPPING)
+                   for w in self.workers.values())
+        for _ in range(self.config.workers - live):
+            self.start_worker(now)
+        return self._take_actions()
+
+    def on_zygote_lost(self, message: str) -> list:
+        """No new zygote could be started, after retries: the pool is broken."""
+        self.mark_broken(PoolBroken(
+            f"the worker zygote died and {message}; the pool cannot start workers any more. "
+            "Close it and create a new Pool (or reload it)"))
         return self._take_actions()
 
     def on_exit(self, worker_id: int, status: int | None, report: str, now: float) -> list:
@@ -553,8 +587,8 @@ class Scheduler:
 
     # -- starting, retiring, stopping, aborting workers -----------------------------------
     def start_worker(self, now: float) -> None:
-        if self.closing or self.broken is not None:
-            return
+        if self.closing or self.broken is not None or not self.zygote_up:
+            return  # (a new zygote starts a full set)
         taken = {w.slot for w in self.workers.values()
                  if w.state not in (WorkerState.RETIRING, WorkerState.STOPPING)}
         free = [slot for slot in range(self.config.workers) if slot not in taken]

@@ -81,6 +81,19 @@ class Supervisor:
         self.zygote_threads = reply["threads"]
         self.zygote_modules = reply.get("modules", [])
 
+    def restart_zygote(self) -> None:
+        """Reap the zygote that died and start a new one on the weights this process still
+        holds (the segments and file mappings are unchanged): PoolStartError if it cannot
+        attach them."""
+        if self.zygote is not None:
+            self.zygote.wait()
+        if self.ctl is not None:
+            self.ctl.close()
+            self.ctl = None
+        if not os.path.isdir(self.private_dir):  # it left the usual way, and cleaned up
+            raise PoolStartError("the pool's private directory is gone")
+        self.start_zygote()
+
     def _boot_message(self) -> dict:
         config = self.config
         return {
