@@ -7,6 +7,9 @@ For each model size and worker count N, after every worker has run at least one 
   ``torch.load``s a state_dict saved once to a temp file (no mmap); total PSS is this process
   plus all its descendants (psutil ``memory_full_info``), taken while the workers are alive.
   Each of N tasks runs a forward pass and then waits on a Barrier(N), so every worker runs one.
+- at N = 1, one plain process: a spawned process that loads the same state_dict and runs a
+  forward pass; its RSS (what it costs when no other process shares its pages) is the
+  figure a one-worker pool is compared with (``ratio_vs_plain``).
 
 Prints JSON (rows + the PSS each extra workerpool worker adds) and writes
 bench/results/memory.md. Memory is PSS/USS in MiB; ratio is total PSS / the baseline's.
@@ -26,6 +29,7 @@ import pathlib
 import tempfile
 import time
 
+import psutil
 import torch
 
 import workerpool
@@ -65,6 +69,29 @@ def run_baseline(size: int, n: int, path: str) -> dict:
     return row(size, n, "baseline (own copy each)", ready_s,
                total=sum(m["pss"] for m in memory.values()),
                parent=memory[os.getpid()]["pss"], workers=workers)
+
+
+def _plain(path: str, size: int, conn) -> None:
+    _init_baseline(path, size, None)
+    with torch.inference_mode():
+        predict(_model, _input)
+    info = psutil.Process().memory_full_info()
+    conn.send({"rss": info.rss, "pss": info.pss, "uss": info.uss})
+    conn.recv()  # measured; now it may go
+
+
+def run_plain(size: int, path: str) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    start = time.perf_counter()
+    process = ctx.Process(target=_plain, args=(path, size, theirs))
+    process.start()
+    usage = ours.recv()
+    ready_s = time.perf_counter() - start
+    ours.send(None)
+    process.join()
+    return row(size, 1, "one plain process (its RSS)", ready_s, total=usage["rss"],
+               parent=usage["rss"], workers=[])
 
 
 # -- workerpool ----------------------------------------------------------------------------
@@ -111,6 +138,10 @@ def measure(sizes: list[int], counts: list[int]) -> list[dict]:
             torch.save(model.state_dict(), path)
             del model
             gc.collect()
+            plain = run_plain(size, path) if 1 in counts else None
+            if plain is not None:
+                log(f"  one plain process: RSS {plain['total_pss_mib']} MiB")
+                rows.append(plain)
             for n in counts:
                 base = run_baseline(size, n, path)
                 log(f"  N={n} baseline   total PSS {base['total_pss_mib']} MiB")
@@ -119,6 +150,10 @@ def measure(sizes: list[int], counts: list[int]) -> list[dict]:
                 ours["parent_memfd_maps_after"] = memfd_mappings()
                 ours["ratio_vs_baseline"] = round(ours["total_pss_mib"] / base["total_pss_mib"], 3)
                 base["ratio_vs_baseline"] = 1.0
+                if n == 1 and plain is not None:
+                    for r in (base, ours):
+                        r["ratio_vs_plain"] = round(r["total_pss_mib"] / plain["total_pss_mib"],
+                                                    3)
                 log(f"  N={n} workerpool total PSS {ours['total_pss_mib']} MiB "
                     f"({ours['ratio_vs_baseline']}x)")
                 rows += [base, ours]
@@ -140,6 +175,7 @@ def added_per_worker(rows: list[dict]) -> list[dict]:
 
 
 COLUMNS = ["model_mib", "workers", "method", "total_pss_mib", "ratio_vs_baseline",
+           "ratio_vs_plain",
            "parent_pss_mib", "zygote_pss_mib", "workers_pss_mib", "per_worker_uss_mib", "ready_s"]
 
 

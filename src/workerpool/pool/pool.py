@@ -345,8 +345,8 @@ class Pool:
 
     @property
     def broken(self) -> PoolBroken | None:
-        """Why the pool cannot serve any more (its zygote died, workers keep failing to
-        start), or None."""
+        """Why the pool cannot serve any more (its zygote died and no new one could attach
+        the model, or new workers keep failing to start), or None."""
         return self._dispatcher.broken if self._dispatcher is not None else None
 
     def is_ready(self) -> bool:
@@ -387,7 +387,7 @@ class Pool:
 
         A reload that fails (``load()`` raises, workers cannot start, warm-up raises)
         raises ReloadFailed naming the cause and leaves the old version serving. Reloading
-        a broken pool (its zygote died) replaces it. One reload runs at a time; a second
+        a broken pool replaces it. One reload runs at a time; a second
         call waits for the first.
         """
         self._check_usable()
