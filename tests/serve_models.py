@@ -34,8 +34,9 @@ def slow_numbers():
 
 
 class AttachGuard:
-    """Rides along in a model; unpickled by each zygote that attaches it, where it fails
-    once ``marker`` exists: a pool whose zygote dies then cannot start another."""
+    """Rides along in a model (or is one); unpickled wherever the model is attached (each
+    zygote, each spawned worker), where it fails once ``marker`` exists: a pool whose
+    zygote or workers die then cannot start others."""
 
     def __init__(self, marker: str):
         self.marker = marker

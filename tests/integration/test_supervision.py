@@ -15,6 +15,7 @@ import torch
 
 import modelzoo
 import workerpool as wp
+from serve_models import AttachGuard
 from testkit import is_running, wait_until
 
 
@@ -85,29 +86,13 @@ def test_workers_are_recycled_after_max_requests_without_losing_work():
         assert not first & set(pool.pids)
 
 
-class FailsInWorkersOnceArmed:
-    """Unpickles fine until the marker file exists, then fails (in new spawned workers)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (check_marker, (self.marker,))
-
-
-def check_marker(marker):
-    if os.path.exists(marker):
-        raise ImportError(f"cannot attach: {marker} exists")
-    return FailsInWorkersOnceArmed(marker)
-
-
 def identity_predict(model, x):
     return x
 
 
 def test_boot_failures_back_off_then_mark_the_pool_broken(tmp_path):
     marker = str(tmp_path / "armed")
-    with wp.Pool(lambda: FailsInWorkersOnceArmed(marker), identity_predict, workers=1,
+    with wp.Pool(lambda: AttachGuard(marker), identity_predict, workers=1,
                  start_method="spawn") as pool:
         assert pool.submit(1).result(timeout=60) == 1
         open(marker, "w").close()
@@ -146,7 +131,7 @@ def test_a_killed_zygote_is_replaced_and_its_workers_requests_retried():
 
 def test_a_zygote_that_cannot_be_replaced_breaks_the_pool_with_its_reason(tmp_path):
     marker = str(tmp_path / "armed")
-    with wp.Pool(lambda: FailsInWorkersOnceArmed(marker), identity_predict,
+    with wp.Pool(lambda: AttachGuard(marker), identity_predict,
                  workers=1) as pool:
         assert pool.submit(1).result(timeout=60) == 1
         open(marker, "w").close()  # no new zygote can attach the model now
@@ -215,7 +200,8 @@ def test_chaos_random_kills_lose_nothing():
                     try:
                         os.kill(victim, signal.SIGKILL)
                         kills.append(victim)
-                        zygote_kills.append(victim) if rounds % 20 == 0 else None
+                        if rounds % 20 == 0:
+                            zygote_kills.append(victim)
                     except ProcessLookupError:
                         pass
 

@@ -134,7 +134,7 @@ class Signal(NamedTuple):
 
 
 # Deaths before READY that say nothing about the worker's own code.
-_KILLED_FROM_OUTSIDE = (-signal.SIGKILL, -signal.SIGTERM, None)
+_KILLED_FROM_OUTSIDE = (-signal.SIGKILL, -signal.SIGTERM)
 
 
 class Scheduler:
@@ -507,15 +507,15 @@ class Scheduler:
             "Close it and create a new Pool (or reload it)"))
         return self._take_actions()
 
-    def on_exit(self, worker_id: int, status: int | None, report: str, now: float) -> list:
-        """A worker's process ended with ``status`` (a negative signal number, an exit
-        code, None when unknown); ``report``: what its faulthandler left."""
+    def on_exit(self, worker_id: int, status: int, report: str, now: float) -> list:
+        """A worker's process ended with ``status`` (a negative signal number or an exit
+        code, as the zygote reaped it); ``report``: what its faulthandler left."""
         worker = self.workers.get(worker_id)
         if worker is not None:
             self.worker_exited(worker, status, report, now)
         return self._take_actions()
 
-    def worker_exited(self, worker: WorkerSlot, status: int | None, report: str,
+    def worker_exited(self, worker: WorkerSlot, status: int, report: str,
                       now: float) -> None:
         self.forget(worker)
         if worker.state == WorkerState.STOPPING:

@@ -244,10 +244,8 @@ _LIKELY_CAUSE = {
 }
 
 
-def describe_exit(pid: int, status: int | None) -> str:
+def describe_exit(pid: int, status: int) -> str:
     """Words for how a worker ended: exit code or signal, and the likely cause."""
-    if status is None:
-        return f"worker {pid} vanished (its zygote died)"
     if status < 0:
         try:
             sig = signal.Signals(-status)

@@ -141,12 +141,11 @@ class Relay:
 
 
 class HeldBack:
-    """The zygote's own fd 2 held in a file while it starts (imports, attaching), then
-    replayed filtered: nothing can block on a pipe nobody reads yet."""
+    """In quiet mode, the zygote's own fd 2 held in a file while it starts (imports,
+    attaching), then replayed filtered: nothing can block on a pipe nobody reads yet."""
 
-    def __init__(self, prefix: str, quiet: bool):
+    def __init__(self, prefix: str):
         self.prefix = prefix.encode()
-        self.quiet = quiet
         self.saved = os.dup(2)
         self.file = tempfile.TemporaryFile()
         os.dup2(self.file.fileno(), 2)
@@ -161,6 +160,6 @@ class HeldBack:
         self.file.seek(0)
         lines = self.file.read().splitlines()
         self.file.close()
-        out = b"".join(self.prefix + line + b"\n" for line in lines if keep(line, self.quiet))
+        out = b"".join(self.prefix + line + b"\n" for line in lines if keep(line, quiet=True))
         if out:
             write_out(out)

@@ -226,7 +226,7 @@ def main(argv: list[str]) -> int:
     worker_main.ignore_stop_signals()
     ctl = socket.socket(fileno=int(argv[0]))
     # Importing a framework prints before its log level applies: held back, then filtered.
-    held = HeldBack("[workerpool zygote] ", quiet=True) if is_quiet() else None
+    held = HeldBack("[workerpool zygote] ") if is_quiet() else None
     try:
         prestarted = argv[1] == "-"
         if prestarted:  # started before its model existed: import while the parent loads it
