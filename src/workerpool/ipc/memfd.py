@@ -12,12 +12,16 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import mmap
+import errno
 import os
+import time
 import weakref
 
 MEMFD_NAME = "workerpool-weights"
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 ALIGNMENT = 64  # bytes; what torch's CPU allocator guarantees, enough for any SIMD load
+# How long sealing waits out pages the kernel holds pinned (see seal).
+SEAL_PATIENCE_S = 10.0
 
 
 def align(offset: int) -> int:
@@ -34,7 +38,7 @@ def create_sealed(size: int, chunks) -> int:
         os.ftruncate(fd, max(size, 1))
         for offset, buf in chunks:
             _pwrite_all(fd, memoryview(buf).cast("B"), offset)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        seal(fd)
     except BaseException:
         os.close(fd)
         raise
@@ -54,11 +58,36 @@ def create_sealed_from_file(path: str, offset: int, nbytes: int) -> int:
                 if sent == 0:
                     raise OSError(f"{path} ends before byte {offset + nbytes}")
                 copied += sent
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        seal(fd)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def seal(fd: int, patience_s: float = SEAL_PATIENCE_S) -> None:
+    """Seal ``fd`` against writing, growing and shrinking, waiting out transient pins.
+
+    The kernel refuses F_SEAL_WRITE (EBUSY) while any page of the memfd has a reference
+    beyond its mappings, and itself waits only ~0.15 s for them to go. Such references are
+    transient on a busy machine (page migration, compaction, a pipe still holding a spliced
+    page), so a refusal is retried with growing pauses for up to ``patience_s`` seconds.
+    """
+    give_up_at = time.monotonic() + patience_s
+    pause = 0.01
+    while True:
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            return
+        except OSError as error:
+            if error.errno != errno.EBUSY or time.monotonic() + pause > give_up_at:
+                if error.errno == errno.EBUSY:
+                    raise OSError(errno.EBUSY, "the kernel kept pages of the weight segment "
+                                  f"pinned for {patience_s:g} s and would not seal it; "
+                                  "retry once the machine is less busy") from error
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
