@@ -4,9 +4,10 @@ for memory-mapped graphs.
     parent: Keras model / tf.Module / concrete function / SavedModel signature
       └─ trace the serving function; inline its nested functions; every captured variable
          and big constant ──> its own sealed memfd, the node an ImmutableConst(
-         memory_region_name="/proc/self/fd/<n>"): TF maps the file read-only instead of
-         holding the bytes (frameworks/tf_freeze.py). A SavedModel's variables are read from
-         its checkpoint one at a time, never restored (frameworks/saved_model.py)
+         memory_region_name="workerpool-region:<i>", made /proc/self/fd/<n> in each
+         worker): TF maps the file read-only instead of holding the bytes (tf_freeze.py).
+         A SavedModel's variables are read from its checkpoint one at a time, never
+         restored (frameworks/saved_model.py)
       the GraphDef left (kilobytes) travels in the skeleton as a FrozenGraph
     worker (forked from a zygote that imported TensorFlow but never ran an op, since a fork
     after any op hangs): before READY, import the GraphDef into a session that holds each
@@ -234,6 +235,7 @@ class FrozenGraph:
 
         graph_def = tf.compat.v1.GraphDef()
         graph_def.ParseFromString(self.graph_def)
+        tf_freeze.open_regions(graph_def)
         held = tf_freeze.hold_mapped_constants(graph_def)
         graph = tf.Graph()  # starts a thread: never in the zygote
         with graph.as_default():

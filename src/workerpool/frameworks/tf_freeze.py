@@ -19,6 +19,7 @@ import collections
 import numpy as np
 
 from ..errors import EncodeError
+from ..ipc import memfd
 from .saved_model import TensorSlice
 
 MIN_MAPPED_BYTES = 4096  # smaller constants stay inline in the GraphDef
@@ -187,17 +188,24 @@ def as_constant(node, value, layout) -> None:
     node.ClearField("attr")
     node.attr["dtype"].type = dtype
     if isinstance(value, TensorSlice):
-        fd = layout.add_region_from_file(value.path, value.offset, value.nbytes)
+        region = layout.add_region_from_file(value.path, value.offset, value.nbytes)
     elif value.nbytes < MIN_MAPPED_BYTES or value.dtype == object:
         node.op = "Const"
         node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
         return
     else:
-        fd = layout.add_region(np.ascontiguousarray(value))
+        region = layout.add_region(np.ascontiguousarray(value))
     node.op = "ImmutableConst"
     node.attr["shape"].shape.CopyFrom(tf.TensorShape(value.shape).as_proto())
-    # The same fd number is open in the zygote and every worker (pass_fds, fork).
-    node.attr["memory_region_name"].s = f"/proc/self/fd/{fd}".encode()
+    node.attr["memory_region_name"].s = region.encode()  # resolved by open_regions
+
+
+def open_regions(graph_def) -> None:
+    """Point each ImmutableConst of ``graph_def`` at this process's fd of its region."""
+    for node in graph_def.node:
+        if node.op == "ImmutableConst":
+            name = node.attr["memory_region_name"].s.decode()
+            node.attr["memory_region_name"].s = memfd.region_path(name).encode()
 
 
 HANDLE = "/workerpool_handle"

@@ -134,6 +134,28 @@ def _map(fd: int, prot: int, flags: int) -> memoryview:
 def is_sealed(fd: int) -> bool:
     return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS == _SEALS
 
+# Mapped TensorFlow constants: each is a sealed memfd of its own, named in a graph by its
+# index ("workerpool-region:3"), never by fd number, since the process that published it
+# (the pool's, or a loader's) and the processes that map it hold it at different numbers.
+REGION_PREFIX = "workerpool-region:"
+attached_regions: list[int] = []  # this process's fd of each region, by index
+
+
+def region_name(index: int) -> str:
+    return f"{REGION_PREFIX}{index}"
+
+
+def region_path(name: str) -> str:
+    """The path a worker opens for the region named ``name`` (see ``attach``)."""
+    if not name.startswith(REGION_PREFIX):
+        return name
+    index = int(name[len(REGION_PREFIX):])
+    if not 0 <= index < len(attached_regions):
+        raise ValueError(f"mapped constant {name!r}: this process attached "
+                         f"{len(attached_regions)} regions")
+    return f"/proc/self/fd/{attached_regions[index]}"
+
+
 # Persistent-id tags of weight regions inside a pickled model skeleton: a region of the
 # memfd, or of one of the published weight files.
 BUFFER_TAG = "workerpool-buffer"

@@ -46,23 +46,16 @@ class Supervisor:
         """Start the zygote and wait until it has attached the model (or failed to).
 
         ``prestarted``: a zygote process started earlier (its imports done meanwhile) to
-        use instead of a fresh one; it gets the weights' fds over its socket. Not for
-        models with TensorFlow mapped constants, whose graph names their fd numbers."""
-        if prestarted is not None and self.published.region_fds:
-            prestarted.discard()
-            prestarted = None
+        use instead of a fresh one; it gets the weights' fds over its socket."""
         if prestarted is None:
-            published = self.published
-            self.zygote, parent_end = spawn_zygote(
-                published.fd, [published.fd, *published.file_fds, *published.region_fds])
+            self.zygote, parent_end = spawn_zygote(self.published.fd, self.published.all_fds())
         else:
             self.zygote, parent_end = prestarted.take()
         self.ctl = parent_end
         try:
             control.send(parent_end, self._boot_message())
             if prestarted is not None:
-                socket.send_fds(parent_end, [b"F"],
-                                [self.published.fd, *self.published.file_fds])
+                control.send_fds(parent_end, self.published.all_fds())
         except OSError:
             pass  # it died; its reply (EOF) says so below
         parent_end.settimeout(self.config.start_timeout)
@@ -100,7 +93,7 @@ class Supervisor:
             "op": "boot",
             "skeleton": self.published.skeleton,
             "file_fds": self.published.file_fds,  # same numbers in the zygote (pass_fds)
-            "region_fds": self.published.region_fds,  # opened by path in every worker
+            "region_fds": self.published.region_fds,  # kept open: opened by path in workers
             "start_method": config.start_method,
             "sys_path": list(sys.path),
             "parent_pid": os.getpid(),

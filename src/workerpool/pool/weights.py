@@ -107,23 +107,23 @@ class SegmentLayout:
         return FileRef(self._file_index[identity],
                        mapping.file_offset + address - mapping.start, nbytes)
 
-    def add_region(self, buffer) -> int:
+    def add_region(self, buffer) -> str:
         """A sealed memfd of its own holding exactly ``buffer`` (for mappers that map whole
-        files, like TensorFlow's ImmutableConst); its fd reaches the zygote and workers at
-        the same number."""
+        files, like TensorFlow's ImmutableConst). Returns its name (``memfd.region_path``
+        gives the path to open in a process that attached the model)."""
         return self._add_region_fd(memfd.create_sealed(buffer.nbytes, [(0, buffer)]),
                                    buffer.nbytes)
 
-    def add_region_from_file(self, path: str, offset: int, nbytes: int) -> int:
+    def add_region_from_file(self, path: str, offset: int, nbytes: int) -> str:
         """``add_region`` of ``nbytes`` of the file ``path`` from ``offset``, copied by the
         kernel: they never enter this process's memory."""
         return self._add_region_fd(memfd.create_sealed_from_file(path, offset, nbytes),
                                    nbytes)
 
-    def _add_region_fd(self, fd: int, nbytes: int) -> int:
+    def _add_region_fd(self, fd: int, nbytes: int) -> str:
         self.region_fds.append(fd)
         self.region_bytes += nbytes
-        return fd
+        return memfd.region_name(len(self.region_fds) - 1)
 
     def repoint_later(self, repoint, obj, ref, *args) -> None:
         """After sealing, call ``repoint(view_of_ref, obj, *args)`` in the parent (memfd
@@ -176,8 +176,30 @@ class PublishedModel:
     notes: list[str] = dataclasses.field(default_factory=list)
     source: dict | None = None
 
+    def all_fds(self) -> list[int]:
+        """The segment's fd, then the weight files', then the mapped constants'."""
+        return [self.fd, *self.file_fds, *self.region_fds]
+
+    def described(self) -> dict:
+        """Everything but the descriptors (what a loader process sends as data)."""
+        fields = dataclasses.asdict(self)
+        for name in ("fd", "file_fds", "region_fds"):
+            fields.pop(name)
+        return {**fields, "n_file_fds": len(self.file_fds),
+                "n_region_fds": len(self.region_fds)}
+
+    @classmethod
+    def received(cls, described: dict, fds: list[int]) -> "PublishedModel":
+        """The inverse of ``described`` given ``all_fds()`` as this process numbers them."""
+        fields = dict(described)
+        n_files, n_regions = fields.pop("n_file_fds"), fields.pop("n_region_fds")
+        if len(fds) != 1 + n_files + n_regions:
+            raise ValueError(f"expected {1 + n_files + n_regions} descriptors, got {len(fds)}")
+        return cls(fd=fds[0], file_fds=fds[1:1 + n_files], region_fds=fds[1 + n_files:],
+                   **fields)
+
     def close(self) -> None:
-        for fd in [self.fd, *self.file_fds, *self.region_fds]:
+        for fd in self.all_fds():
             if fd >= 0:
                 os.close(fd)
         self.fd, self.file_fds, self.region_fds = -1, [], []

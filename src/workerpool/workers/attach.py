@@ -34,10 +34,13 @@ def _region(view: memoryview, offset: int, nbytes: int, pid) -> memoryview:
     return view[offset:offset + nbytes]
 
 
-def attach(skeleton: bytes, weights_fd: int, file_fds: list[int] = ()):
+def attach(skeleton: bytes, weights_fd: int, file_fds: list[int] = (),
+           region_fds: list[int] = ()):
     """Map the weights read-only and rebuild ``(model, predict)`` over them, zero-copy.
 
-    Returns ``(model, predict)``; the model's arrays keep the mappings alive, so the fds
-    may be closed afterwards.
+    Returns ``(model, predict)``; the model's arrays keep the mappings alive, so the
+    weights and file fds may be closed afterwards. ``region_fds`` (mapped TensorFlow
+    constants, opened by path when a worker builds its graph) must stay open.
     """
+    memfd.attached_regions[:] = region_fds
     return SkeletonUnpickler(io.BytesIO(skeleton), weights_fd, list(file_fds)).load()

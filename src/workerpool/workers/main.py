@@ -136,7 +136,8 @@ def spawned_main(argv: list[str]) -> int:
     try:
         from .attach import attach
 
-        model, predict = attach(boot["skeleton"], int(argv[0]), boot["file_fds"])
+        model, predict = attach(boot["skeleton"], int(argv[0]), boot["file_fds"],
+                                boot["region_fds"])
         for fd in [int(argv[0]), *boot["file_fds"]]:
             os.close(fd)
     except BaseException:

@@ -62,7 +62,7 @@ class Zygote:
         from .attach import attach
 
         self.model, self.predict = attach(self.boot["skeleton"], self.weights_fd,
-                                          self.boot["file_fds"])
+                                          self.boot["file_fds"], self.boot["region_fds"])
         for fd in [self.weights_fd, *self.boot["file_fds"]]:
             os.close(fd)  # the mappings are all forked workers need
         self.weights_fd = -1
@@ -208,13 +208,13 @@ def preimport(names: str) -> None:
 
 
 def receive_fds(ctl: socket.socket, boot: dict) -> int:
-    """The weights fd and weight-file fds, sent after the boot message (SCM_RIGHTS); the
-    boot message's file fds are renumbered to ours. Returns the weights fd."""
-    expected = 1 + len(boot["file_fds"])
-    _, fds, _, _ = socket.recv_fds(ctl, 1, expected)
-    if len(fds) != expected:
-        raise RuntimeError(f"expected {expected} weight fds from the pool, got {len(fds)}")
-    boot["file_fds"] = fds[1:]
+    """The weights fd, weight-file fds and region fds, sent after the boot message
+    (SCM_RIGHTS); the boot message's fds are renumbered to ours. Returns the weights fd."""
+    n_files = len(boot["file_fds"])
+    expected = 1 + n_files + len(boot["region_fds"])
+    fds = control.recv_fds(ctl, expected)
+    boot["file_fds"] = fds[1:1 + n_files]
+    boot["region_fds"] = fds[1 + n_files:]
     return fds[0]
 
 
