@@ -9,6 +9,7 @@ import os
 
 START_METHODS = ("zygote", "spawn")
 TF_ENGINES = ("tensorflow", "copy", "litert")
+LOAD_IN = ("parent", "loader")
 
 
 def usable_cores() -> int:
@@ -51,6 +52,14 @@ class PoolConfig:
     # "litert" (converted once; XNNPACK's packed weights shared through its cache file;
     # within float32 rounding) or "copy" (each worker loads its own copy).
     tf_engine: str = "tensorflow"
+    # Where load() runs: "parent" (this process, which then holds the framework it imported)
+    # or "loader" (a short-lived process that publishes the weights and exits, so this
+    # process never imports torch or TensorFlow; costs a process start and an import).
+    # Pool's default (None): "loader" for a TensorFlow model file or directory, else "parent".
+    load_in: str | None = None
+    # Torch tensors in results arrive as numpy arrays (bfloat16 as float32), so a process
+    # that never imported torch (a server) does not import it to decode them.
+    numpy_results: bool = False
     timeout: float | None = None  # default per-request deadline, seconds
     # One batch running and one waiting in each worker: no worker idles between requests,
     # and no more than one request waits behind a slow one.
@@ -84,6 +93,9 @@ class PoolConfig:
         self._integer("max_queue", minimum=1, optional=True)
         self._flag("preload")
         self._choice("tf_engine", TF_ENGINES)
+        if self.load_in is not None:
+            self._choice("load_in", LOAD_IN)
+        self._flag("numpy_results")
         object.__setattr__(self, "timeout", deadline_seconds(self.timeout, "timeout"))
         self._integer("credits_per_worker", minimum=1)
         self._integer("max_message_bytes", minimum=1024)

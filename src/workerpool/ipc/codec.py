@@ -45,8 +45,12 @@ class Codec:
     """Encodes values for one link; one instance per process side is enough."""
 
     def __init__(self, *, allow_pickle: bool, max_message_bytes: int,
-                 zero_copy_threshold: int = 64 * 1024, align_arrays: bool = False):
+                 zero_copy_threshold: int = 64 * 1024, align_arrays: bool = False,
+                 tensors_as_arrays: bool = False):
         self.allow_pickle = allow_pickle
+        # Decode torch tensors as numpy arrays (bfloat16 widened to float32, exactly): for a
+        # process that must not import torch to read a result.
+        self.tensors_as_arrays = tensors_as_arrays
         # Math libraries pick kernels by address alignment (MKL gave different low bits for
         # the same input at 4 bytes past a 16-byte boundary); where results must equal an
         # in-process call (in workers), arrays are moved to 64-byte aligned memory.
@@ -163,6 +167,9 @@ class Codec:
                 if self.align_arrays and array.ctypes.data % ARRAY_ALIGNMENT:
                     array = aligned_copy(array)
                 if code == _EXT_TENSOR:
+                    if self.tensors_as_arrays:
+                        return bfloat16_as_float32(array) if dtype_name == "bfloat16" \
+                            else array
                     return _array_as_tensor(array, dtype_name)
                 return array[()] if flags == [True] and not shape else array
             if code == _EXT_PICKLE:
@@ -238,6 +245,11 @@ def _array_from_buffer(buffer, dtype_name, shape) -> np.ndarray:
             f"array of shape {shape} and dtype {dtype_name} does not match its "
             f"{len(buffer)}-byte frame")
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def bfloat16_as_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values, given as their 16-bit patterns, as the float32 numbers they are."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _is_torch_tensor(obj) -> bool:

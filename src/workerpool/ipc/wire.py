@@ -203,6 +203,12 @@ def error(ids: list, exc: BaseException, max_bytes: int) -> list:
     """An ERROR message carrying the exception, by value when it pickles (and is an
     Exception: SystemExit or KeyboardInterrupt must never end the caller), always as text.
     The whole message stays well under ``max_bytes``."""
+    return [head(ERROR, {"ids": ids, **describe_error(exc, max_bytes)})]
+
+
+def describe_error(exc: BaseException, max_bytes: int) -> dict:
+    """``exc`` as ``rebuild_exception`` takes it: type, message, traceback and, when it
+    pickles, the exception itself; under ``max_bytes`` together."""
     text_limit = max(128, min(MAX_ERROR_TEXT, max_bytes // 8))
     message = _safe_str(exc)
     short_message = clip(message, text_limit)
@@ -214,13 +220,12 @@ def error(ids: list, exc: BaseException, max_bytes: int) -> list:
             # Too big to travel whole: the same type with the cut message, if it has the
             # usual one-argument constructor.
             pickled = _pickled_exception(_same_type(exc, short_message), max_bytes // 2)
-    return [head(ERROR, {
-        "ids": ids,
+    return {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
         "message": short_message,
         "traceback": clip(tb, text_limit),
         "pickled": pickled,
-    })]
+    }
 
 
 def clip(text: str, limit: int) -> str:
@@ -259,7 +264,7 @@ def _safe_str(exc: BaseException) -> str:
 _NOT_EXCEPTIONS = {"SystemExit", "KeyboardInterrupt", "GeneratorExit"}
 
 
-def rebuild_exception(meta: dict) -> Exception:
+def rebuild_exception(meta: dict, raised_by: str = "predict") -> Exception:
     """The worker's exception, by value where possible, with its traceback as __cause__.
 
     Never SystemExit, KeyboardInterrupt or GeneratorExit: raised in the caller, a model's
@@ -275,8 +280,9 @@ def rebuild_exception(meta: dict) -> Exception:
         message = str(meta.get("message", ""))
         name = remote_type.rsplit(".", 1)[-1]
         if name in _NOT_EXCEPTIONS:
-            message = (f"{message} (predict raised {name}; it ended no process: the worker "
-                       "is still serving)")
+            message = f"{message} ({raised_by} raised {name})"
+            if raised_by == "predict":
+                message = message[:-1] + "; it ended no process: the worker is still serving)"
         exc = RemoteError(remote_type, message)
     exc.__cause__ = RemoteTraceback(meta.get("traceback", ""))
     return exc

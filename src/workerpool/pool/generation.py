@@ -1,7 +1,8 @@
 """One version of a pool's model and everything serving it.
 
     Generation(load, predict)
-      load() once ──publish──> sealed memfd + skeleton (its own segment)
+      load() once, here or in a loader process ──publish──> sealed memfd + skeleton (its
+      own segment)
       its own private dir, zygote, workers, dispatcher thread, Shutdown
       version: the user's label, or a content hash of what was published
 
@@ -21,13 +22,13 @@ from typing import Any, Callable
 
 from ..config import PoolConfig
 from ..errors import PoolClosed, PoolStartError
-from ..ipc import endpoints, memfd
+from ..ipc import endpoints
 from ..ipc.codec import Codec
-from ..sources import files
 from .dispatcher import Dispatcher
 from .shutdown import Shutdown
 from .supervisor import PrestartedZygote, Supervisor
-from .weights import PublishedModel, publish
+from .loading import load_and_publish
+from .weights import PublishedModel
 
 _HASH_CHUNK = 8 * 1024 * 1024
 
@@ -50,17 +51,13 @@ class Generation:
         self._on_exit = on_exit
         self.private_dir = private_dir = endpoints.make_private_dir()
         try:
-            model = load()
-            self.published = publish(model, predict, use_files=not config.preload,
-                                     options={"tf_engine": config.tf_engine,
-                                              "private_dir": private_dir})
+            self.published, self.weights_source = load_and_publish(load, predict, config,
+                                                                   private_dir)
         except BaseException:
             endpoints.remove_private_dir(private_dir)
             if prestarted is not None:
                 prestarted.discard()
             raise
-        self.weights_source = weights_source(model, config.start_method, self.published)
-        del model
         self._version = version
         self._hasher = hasher = None
         if version is None:  # hashed beside the start, and never in the way of a swap
@@ -137,24 +134,13 @@ def worker_rows(dispatcher: Dispatcher) -> list[dict]:
             for w in dispatcher.workers.values()]
 
 
-def weights_source(model, start_method: str, published: PublishedModel) -> str:
-    """Where the workers' weights live, in words for stats()."""
-    if isinstance(model, files.ZygoteLoaded):
-        return ("loaded by the zygote, shared copy-on-write by its workers"
-                if start_method == "zygote" else "loaded by each worker (a copy per worker)")
-    places = [name for name, size in (("shared memfd", published.weight_bytes),
-                                      ("mapped weight file", published.file_bytes)) if size]
-    return "; ".join([" + ".join(places), *published.notes]).strip("; ") or \
-        "none (no arrays in the model)"
-
-
 class _Hasher(threading.Thread):
     """sha256 of everything a generation published: the skeleton, the segment, the weight
     files and mapped constants. hashlib releases the GIL on large updates."""
 
     def __init__(self, published: PublishedModel):
         super().__init__(name="workerpool-version-hash", daemon=True)
-        self.fds = [published.fd, *published.file_fds, *published.region_fds]
+        self.fds = published.all_fds()
         self.skeleton = published.skeleton
         self.digest: str | None = None
         self.error: BaseException | None = None
@@ -162,15 +148,10 @@ class _Hasher(threading.Thread):
     def run(self) -> None:
         try:
             digest = hashlib.sha256(self.skeleton)
-            buffer = bytearray(_HASH_CHUNK)
-            view = memoryview(buffer)
-            segment = memfd.map_readonly(self.fds[0])  # this process maps it anyway
-            for start in range(0, len(segment), _HASH_CHUNK):
-                digest.update(segment[start:start + _HASH_CHUNK])
-            del segment
-            for fd in self.fds[1:]:
-                # Read, not mapped: pages of a weight file mapped here would count in this
-                # process's resident set as if it held a copy.
+            view = memoryview(bytearray(_HASH_CHUNK))
+            for fd in self.fds:
+                # Read, not mapped: pages mapped here would count in this process's
+                # resident set as if it held a copy.
                 offset = 0
                 while True:
                     n = os.preadv(fd, [view], offset)

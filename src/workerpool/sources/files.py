@@ -185,6 +185,12 @@ def _is_torchscript(path: str) -> bool:
                    for name in archive.namelist())
 
 
+def is_tensorflow_file(path: str) -> bool:
+    """A local ``.keras`` file, SavedModel directory or base path of SavedModel versions
+    (a URL is not looked at: it is fetched only when load() runs)."""
+    return path.endswith(".keras") or (os.path.isdir(path) and _is_tensorflow(path))
+
+
 def _is_tensorflow(path: str) -> bool:
     from ..frameworks.saved_model import is_saved_model
 

@@ -1,0 +1,108 @@
+"""Where ``load()`` runs: in this process, or in a loader process that hands over the
+published weights (``Pool(load_in="loader")``).
+
+    load_in="parent"   load() ──publish──> PublishedModel         (this process imports the
+                                                                   framework and, for Keras,
+                                                                   keeps about a copy)
+    load_in="loader"   spawn workers/loader.py ──(load, predict)──> load(), publish()
+                       <──PublishedModel's data + its fds (SCM_RIGHTS)── the loader exits
+
+Either way the caller gets the same PublishedModel: descriptors of sealed memfds and weight
+files, and the skeleton. An exception of ``load()`` in a loader reaches the caller as its own
+type where it pickles (else RemoteError), with the loader's traceback as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import cloudpickle
+
+from ..config import PoolConfig
+from ..errors import PoolStartError
+from ..ipc import control, wire
+from ..sources import files
+from ..workers.output import quiet_environment
+from .weights import PublishedModel, publish
+
+
+def load_and_publish(load, predict, config: PoolConfig,
+                     private_dir: str) -> tuple[PublishedModel, str]:
+    """Run ``load()`` where ``config.load_in`` says and publish ``(model, predict)``.
+
+    Returns the PublishedModel (this process owns its fds) and where the workers' weights
+    live, in words for stats()."""
+    options = {"tf_engine": config.tf_engine, "private_dir": private_dir}
+    if config.load_in == "loader":
+        return _in_loader(load, predict, config, options)
+    model = load()
+    published = publish(model, predict, use_files=not config.preload, options=options)
+    return published, weights_source(model, config.start_method, published)
+
+
+def _in_loader(load, predict, config: PoolConfig, options: dict):
+    try:
+        call = cloudpickle.dumps((load, predict))
+    except Exception as exc:
+        raise PoolStartError(
+            f"load_in='loader' sends load and predict to a loader process, and they do not "
+            f"pickle: {exc}. Define them at module level, or use load_in='parent'") from exc
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        loader = subprocess.Popen(
+            [sys.executable, "-m", "workerpool.workers.loader", str(child_end.fileno()),
+             str(os.getpid())],
+            pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+                     **quiet_environment(os.environ)))
+    except BaseException:
+        parent_end.close()
+        raise
+    finally:
+        child_end.close()
+    published = None
+    try:
+        control.send(parent_end, {"op": "load", "call": call, "sys_path": list(sys.path),
+                                  "use_files": not config.preload, "options": options,
+                                  "start_method": config.start_method})
+        reply = control.recv(parent_end)
+        if reply is None:
+            raise PoolStartError(f"the loader process {_ended(loader)} before publishing "
+                                 "the model (out of memory? a crash in native code?)")
+        if reply["op"] == "error":
+            raise wire.rebuild_exception(reply, raised_by="load")
+        described = reply["model"]
+        fds = control.recv_fds(parent_end,
+                               1 + described["n_file_fds"] + described["n_region_fds"])
+        published = PublishedModel.received(described, fds)
+        return published, reply["weights_source"]
+    finally:
+        parent_end.close()
+        # It leaves by itself once it has replied; a Ctrl-C or a failure here leaves it
+        # inside load(), where only a kill stops it.
+        if published is None and loader.poll() is None:
+            loader.kill()
+        try:
+            loader.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            loader.kill()
+            loader.wait()
+
+
+def _ended(loader: subprocess.Popen) -> str:
+    status = loader.wait()
+    return f"was killed by signal {-status}" if status < 0 else f"exited with code {status}"
+
+
+def weights_source(model, start_method: str, published: PublishedModel) -> str:
+    """Where the workers' weights live, in words for stats()."""
+    if isinstance(model, files.ZygoteLoaded):
+        return ("loaded by the zygote, shared copy-on-write by its workers"
+                if start_method == "zygote" else "loaded by each worker (a copy per worker)")
+    places = [name for name, size in (("shared memfd", published.weight_bytes),
+                                      ("mapped weight file", published.file_bytes)) if size]
+    return "; ".join([" + ".join(places), *published.notes]).strip("; ") or \
+        "none (no arrays in the model)"
