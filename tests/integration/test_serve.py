@@ -187,6 +187,15 @@ def test_tritonclient_keras_model_equals_in_process(client, binary):
         test_tensorflow.dense_mlp, x))
 
 
+def test_the_server_process_imports_no_framework(server, client):
+    # it serves a torch and a Keras model, loaded by loader processes (--load-in's default);
+    # the modules their specs name (modelzoo, test_tensorflow) import torch and TensorFlow
+    assert_still_serves(client)
+    with open(f"/proc/{server.process.pid}/maps") as maps:
+        libraries = {line.split()[-1] for line in maps if ".so" in line}
+    assert not [path for path in libraries if "libtorch" in path or "tensorflow" in path]
+
+
 def test_raw_json_with_nested_data_over_urllib(server):
     x = np.random.default_rng(3).standard_normal((2, 32)).astype(np.float32)
     body = {"id": "req-1", "inputs": [{"name": "x", "shape": [2, 32], "datatype": "FP32",

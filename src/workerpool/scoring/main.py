@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+from ..config import LOAD_IN
 from .progress import reporter
 
 
@@ -46,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
                    help="rows per chunk: the unit of work, of resume and of memory "
                    "(default 10000)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--load-in", choices=LOAD_IN, default="loader",
+                   help="where load() runs: a loader process (default: this process then "
+                   "imports no framework and holds no weights) or this one")
     p.add_argument("--max-batch-size", type=int, help="rows per predict call (default: a "
                    "whole chunk)")
     p.add_argument("--resume", action="store_true",
@@ -77,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     columns = args.columns.split(",") if args.columns else None
     try:
         total = Reader(fetch(args.input), columns, args.id_column, args.dtype).total_rows
-        spec = ModelSpec("score", args.spec, predict=args.predict, builder=args.builder)
-        load, predict, _ = spec.pool_arguments()
+        spec = ModelSpec("score", args.spec, predict=args.predict, builder=args.builder,
+                         pool_options={"load_in": args.load_in})
+        load, predict, options = spec.pool_arguments()
     except (InputError, ConfigError, ModelSourceError, OSError, TypeError) as exc:
         return fail(2, str(exc))
     stop = threading.Event()
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     progress = reporter(total, args.log_every)
     try:
-        with Pool(load, predict, workers=args.workers) as pool:
+        with Pool(load, predict, workers=args.workers, **options) as pool:
             identity = f"{args.spec} {args.predict or ''} {pool.version}"
             summary = score(pool, args.input, args.output, columns=columns,
                             id_column=args.id_column, chunk_rows=args.chunk_rows,

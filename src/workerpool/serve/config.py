@@ -40,7 +40,10 @@ _VERSION = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
 POOL_OPTIONS = ("workers", "max_batch_size", "max_wait_ms", "max_queue", "timeout",
                 "start_method", "threads_per_worker", "tf_engine", "preload",
                 "max_message_bytes", "heartbeat_timeout", "max_requests_per_worker",
-                "spare_zygote")
+                "spare_zygote", "load_in")
+# A server runs load() in a loader process, so its own process imports no framework and
+# holds no weights, whatever models it serves.
+SERVER_LOAD_IN = "loader"
 
 
 class ConfigError(ValueError):
@@ -63,19 +66,26 @@ class ModelSpec:
     pool_options: dict = dataclasses.field(default_factory=dict)
 
     def pool_arguments(self) -> tuple[Callable[[], Any], Callable[..., Any], dict]:
-        """``(load, predict, keyword arguments)`` for ``workerpool.Pool``."""
+        """``(load, predict, keyword arguments)`` for ``workerpool.Pool``.
+
+        With ``load_in="loader"`` (the default here) the functions named by spec are
+        imported in the loader and the workers, never in this process (their modules
+        may import torch or TensorFlow)."""
+        options = dict(self.pool_options, inputs=self.inputs, outputs=self.outputs,
+                       warmup=[call_argument(s) for s in self.warmup_samples()],
+                       numpy_results=True)
+        options.setdefault("load_in", SERVER_LOAD_IN)
+        named = Named if options["load_in"] == "loader" else resolve
         load = self.source if callable(self.source) else None
-        builder = resolve(self.builder) if isinstance(self.builder, str) else self.builder
+        builder = named(self.builder) if isinstance(self.builder, str) else self.builder
         if load is None:
             if is_function_spec(self.source):
-                load = resolve(self.source)
+                load = named(self.source)
             else:
                 load = files.loader_for(self.source, builder, self.trust_pickle)
         predict = self.predict
         if isinstance(predict, str):
-            predict = resolve(predict)
-        options = dict(self.pool_options, inputs=self.inputs, outputs=self.outputs,
-                       warmup=[call_argument(s) for s in self.warmup_samples()])
+            predict = named(predict)
         return load, predict or files.default_predict, options
 
     def warmup_samples(self) -> list:
@@ -114,9 +124,29 @@ def is_function_spec(spec: str) -> bool:
     return bool(_MODULE_ATTR.match(spec) or _FILE_ATTR.match(spec))
 
 
-def resolve(spec: str):
-    """The object a ``module:attr`` or ``file.py:attr`` names. A file's directory joins
-    sys.path, so its functions reach the workers by reference like any module's."""
+class Named:
+    """The function a ``module:attr`` or ``file.py:attr`` spec names, imported wherever it
+    is unpickled (a loader process, the zygote) or first called, not where it is named.
+    Pickles as its spec."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        locate(spec)  # a bad spec or a missing file fails here, at once
+
+    def __call__(self, *args, **kwargs):
+        return resolve(self.spec)(*args, **kwargs)
+
+    def __reduce__(self):
+        return (resolve, (self.spec,))
+
+    def __repr__(self) -> str:
+        return f"Named({self.spec!r})"
+
+
+def locate(spec: str) -> tuple[str, str]:
+    """``(module name, attribute)`` of a ``module:attr`` or ``file.py:attr`` spec. A file's
+    directory joins sys.path, so its functions reach the workers by reference like any
+    module's."""
     file_match = _FILE_ATTR.match(spec)
     if file_match:
         path = os.path.abspath(file_match["file"])
@@ -125,11 +155,16 @@ def resolve(spec: str):
         directory, module_name = os.path.split(path[:-3])
         if directory not in sys.path:
             sys.path.insert(0, directory)
-        attr = file_match["attr"]
-    elif _MODULE_ATTR.match(spec):
+        return module_name, file_match["attr"]
+    if _MODULE_ATTR.match(spec):
         module_name, attr = spec.split(":")
-    else:
-        raise ConfigError(f"{spec!r} is not module:attr or path/to/file.py:attr")
+        return module_name, attr
+    raise ConfigError(f"{spec!r} is not module:attr or path/to/file.py:attr")
+
+
+def resolve(spec: str):
+    """The object a ``module:attr`` or ``file.py:attr`` names (imported here)."""
+    module_name, attr = locate(spec)
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:

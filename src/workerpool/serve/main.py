@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from ..config import LOAD_IN
 from .config import (POOL_OPTIONS, ConfigError, ModelSpec, check_declarations, check_name,
                      default_name, models_from_toml, split_version)
 
@@ -51,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--spare-zygote", action="store_const", const=True, default=None,
                    help="keep each model's next zygote started (its framework imported), "
                    "so a hot swap skips that (about 2 s for torch) for one idle process")
+    p.add_argument("--load-in", choices=LOAD_IN, default=None,
+                   help="where load() runs: 'loader' (default: a short-lived process, so the "
+                   "server's own imports no framework and holds no weights) or 'parent'")
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help=f"default {DEFAULT_PORT}; 0: any")
     p.add_argument("--metrics-port", type=int, help="also serve /metrics on this port")
