@@ -31,6 +31,8 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/memory.py
+	$(PY) bench/load_in.py
+	$(PY) bench/server_memory.py
 	$(PY) bench/attach.py
 	$(PY) bench/throughput.py
 	$(PY) bench/load_peak.py

@@ -1,8 +1,11 @@
 """Memory of N workers serving one fp32 MLP: workerpool vs each worker loading its own copy.
 
 For each model size and worker count N, after every worker has run at least one forward pass:
-- workerpool: ``Pool(load, predict, workers=N)`` (zygote start method); total PSS is
-  ``pool.stats()["total_pss"]`` (parent + zygote + workers), USS per worker from stats();
+- workerpool: ``Pool(load, predict, workers=N)`` (zygote start method), created in a fresh
+  interpreter that imported only numpy and workerpool (the input is a numpy array), once
+  with ``load_in="parent"`` (load() runs there: it imports torch) and once with
+  ``load_in="loader"`` (it never does); total PSS is ``pool.stats()["total_pss"]`` (parent +
+  zygote + workers), USS per worker from stats();
 - baseline: ``multiprocessing.get_context("spawn").Pool(N, initializer=...)`` whose initializer
   ``torch.load``s a state_dict saved once to a temp file (no mmap); total PSS is this process
   plus all its descendants (psutil ``memory_full_info``), taken while the workers are alive.
@@ -29,19 +32,26 @@ import pathlib
 import tempfile
 import time
 
-import psutil
-import torch
+import json
+import subprocess
+import sys
 
-import workerpool
-from common import (build_mlp, emit, log, make_input, markdown_table, memfd_mappings,
-                    memory_of, mib, mlp_shape, mlp_skeleton, model_bytes, predict,
+import numpy as np
+import psutil
+
+from common import (build_mlp, emit, log, make_input, markdown_table, memory_of,
+                    mib, mlp_shape, mlp_skeleton, model_bytes, predict,
                     sizes_and_workers, tree_pids)
+
+# torch is imported inside functions: the pool's process (--pool-child) must not import it.
 
 # -- baseline workers (module level: spawn passes them by reference) -----------------------
 _model = _input = _barrier = None
 
 
 def _init_baseline(path: str, size: int, barrier) -> None:
+    import torch
+
     global _model, _input, _barrier
     torch.set_num_threads(1)
     with torch.device("meta"):
@@ -51,6 +61,8 @@ def _init_baseline(path: str, size: int, barrier) -> None:
 
 
 def _warm(_) -> int:
+    import torch
+
     with torch.inference_mode():
         predict(_model, _input)
     _barrier.wait(timeout=300)  # holds this worker until all N ran one: one task per worker
@@ -72,6 +84,8 @@ def run_baseline(size: int, n: int, path: str) -> dict:
 
 
 def _plain(path: str, size: int, conn) -> None:
+    import torch
+
     _init_baseline(path, size, None)
     with torch.inference_mode():
         predict(_model, _input)
@@ -95,10 +109,29 @@ def run_plain(size: int, path: str) -> dict:
 
 
 # -- workerpool ----------------------------------------------------------------------------
-def run_workerpool(size: int, n: int) -> dict:
-    x = make_input(size)
+def predict_array(model, x):
+    """``predict`` for a numpy input, from a caller that never imports torch."""
+    import torch
+
+    return predict(model, torch.from_numpy(x))
+
+
+def run_workerpool(size: int, n: int, load_in: str) -> dict:
+    """``pool_child`` in a fresh interpreter; its row."""
+    done = subprocess.run([sys.executable, __file__, "--pool-child", str(size), str(n),
+                           load_in], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the workerpool run failed:\n{done.stderr}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def pool_child(size: int, n: int, load_in: str) -> None:
+    import workerpool
+
+    x = np.ones((8, mlp_shape(size)[0]), np.float32)
     start = time.perf_counter()
-    with workerpool.Pool(functools.partial(build_mlp, size), predict, workers=n) as pool:
+    with workerpool.Pool(functools.partial(build_mlp, size), predict_array, workers=n,
+                         load_in=load_in) as pool:
         for _ in range(5):  # every worker serves at least one request
             for future in [pool.submit(x) for _ in range(4 * n)]:
                 future.result()
@@ -108,9 +141,12 @@ def run_workerpool(size: int, n: int) -> dict:
         else:
             raise RuntimeError(f"some worker never served a request: {stats['workers']}")
         ready_s = time.perf_counter() - start
-    return row(size, n, "workerpool", ready_s, total=stats["total_pss"],
-               parent=stats["parent"]["pss"], workers=stats["workers"],
-               zygote=stats["zygote"]["pss"], model=stats["model_bytes"])
+        imported_torch = "torch" in sys.modules
+    method = "workerpool" if load_in == "parent" else f"workerpool, load_in={load_in}"
+    print(json.dumps(row(size, n, method, ready_s, total=stats["total_pss"],
+                         parent=stats["parent"]["pss"], workers=stats["workers"],
+                         zygote=stats["zygote"]["pss"], model=stats["model_bytes"],
+                         parent_imported_torch=imported_torch)))
 
 
 def row(size, n, method, ready_s, *, total, parent, workers, zygote=None, model=None,
@@ -128,6 +164,8 @@ def row(size, n, method, ready_s, *, total, parent, workers, zygote=None, model=
 
 # -- the run -------------------------------------------------------------------------------
 def measure(sizes: list[int], counts: list[int]) -> list[dict]:
+    import torch
+
     rows = []
     with tempfile.TemporaryDirectory(prefix="wp-bench-") as tmp:
         for size in sizes:
@@ -145,18 +183,19 @@ def measure(sizes: list[int], counts: list[int]) -> list[dict]:
             for n in counts:
                 base = run_baseline(size, n, path)
                 log(f"  N={n} baseline   total PSS {base['total_pss_mib']} MiB")
-                ours = run_workerpool(size, n)
-                gc.collect()  # the Pool is gone: nothing of its weights may stay mapped here
-                ours["parent_memfd_maps_after"] = memfd_mappings()
-                ours["ratio_vs_baseline"] = round(ours["total_pss_mib"] / base["total_pss_mib"], 3)
                 base["ratio_vs_baseline"] = 1.0
+                rows.append(base)
+                for load_in in ("parent", "loader"):
+                    ours = run_workerpool(size, n, load_in)
+                    ours["ratio_vs_baseline"] = round(
+                        ours["total_pss_mib"] / base["total_pss_mib"], 3)
+                    log(f"  N={n} {ours['method']} total PSS {ours['total_pss_mib']} MiB "
+                        f"({ours['ratio_vs_baseline']}x)")
+                    rows.append(ours)
                 if n == 1 and plain is not None:
-                    for r in (base, ours):
+                    for r in rows[-3:]:
                         r["ratio_vs_plain"] = round(r["total_pss_mib"] / plain["total_pss_mib"],
                                                     3)
-                log(f"  N={n} workerpool total PSS {ours['total_pss_mib']} MiB "
-                    f"({ours['ratio_vs_baseline']}x)")
-                rows += [base, ours]
             os.unlink(path)
     return rows
 
@@ -176,10 +215,13 @@ def added_per_worker(rows: list[dict]) -> list[dict]:
 
 COLUMNS = ["model_mib", "workers", "method", "total_pss_mib", "ratio_vs_baseline",
            "ratio_vs_plain",
-           "parent_pss_mib", "zygote_pss_mib", "workers_pss_mib", "per_worker_uss_mib", "ready_s"]
+           "parent_pss_mib", "parent_imported_torch", "zygote_pss_mib", "workers_pss_mib",
+           "per_worker_uss_mib", "ready_s"]
 
 
 def main() -> None:
+    import torch
+
     sizes, counts = sizes_and_workers(__doc__.splitlines()[0])
     rows = measure(sizes, counts)
     extra = added_per_worker(rows)
@@ -193,4 +235,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--pool-child"]:
+        pool_child(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    else:
+        main()

@@ -15,6 +15,11 @@ measured after every worker has run at least one prediction on a (8, width) batc
   ``pool.map`` until ``stats()["workers"][i]["requests_served"] > 0`` for every worker.
   total PSS = ``stats()["total_pss"]`` (parent + zygote + workers); "pool PSS" = zygote +
   workers only (without the parent, which holds TensorFlow and what load() left behind);
+- ``workerpool, load_in=loader``: the same with ``load_in="loader"``: load() and the
+  freezing run in a loader process; the measuring process never imports TensorFlow;
+- ``one plain process``: at N = 1 only, a process that loads the ``.keras`` file and runs
+  one prediction (1 thread); its RSS (nothing shares its pages) is what the N = 1 rows
+  are compared with (``ratio_vs_plain``);
 - ``workerpool copy``: the same with ``tf_engine="copy"`` (each worker loads its own copy);
 - ``savedmodel export``: ``Pool(<dir>, ...)`` on the SavedModel that ``model.export(dir)``
   wrote for the same Keras model (served by path, TF Serving's format);
@@ -75,12 +80,14 @@ import resource
 import shutil
 import statistics
 import tempfile
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # inherited by the spawned workers
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's INFO lines; warnings stay
 
 import numpy as np
+import psutil
 
 from common import (BATCH, emit, log, markdown_table, memfd_mappings, memory_of, mib,
                     mlp_shape, predict, predict_named, sizes_and_workers, tree_pids)
@@ -199,22 +206,47 @@ def run_baseline(size: int, n: int, path: str, reference: float) -> dict:
 
 
 # -- workerpool ---------------------------------------------------------------------------------
+def run_plain(size: int, path: str, reference: float) -> dict:
+    set_tf_threads(1)
+    import keras
+
+    start = time.perf_counter()
+    model = keras.saving.load_model(path)
+    x = make_input(size)
+    checksum = keras_checksum(model, x)
+    ready_s = time.perf_counter() - start
+    begin = time.perf_counter()
+    keras_checksum(model, x)
+    request_s = time.perf_counter() - begin
+    rss = psutil.Process().memory_full_info().rss
+    return row(size, 1, "one plain process (its RSS)", ready_s, total=rss, parent=rss,
+               zygote=None, workers=[], checksum_ok=checksum == reference,
+               request_ms=round(request_s * 1000, 1), parent_peak_rss_mib=mib(peak_rss()),
+               load_s=None, start_s=None)
+
+
 def run_workerpool(size: int, n: int, engine: str, reference: float,
-                   saved_model: str | None = None) -> dict:
-    import tensorflow  # noqa: F401 - the pool's parent imports it anyway: not publishing's cost
+                   saved_model: str | None = None, load_in: str = "parent") -> dict:
+    if load_in == "parent":
+        import tensorflow  # noqa: F401 - the pool's parent imports it anyway: not publishing's
 
     import workerpool
 
     x = make_input(size)
     source, function = functools.partial(timed_build, size), predict
+    if load_in == "loader":  # by reference: this module is __mp_main__ here, not importable
+        import tf_memory
+
+        source = functools.partial(tf_memory.timed_build, size)
     if saved_model is not None:
         source, function = saved_model, predict_named
     before_rss = current_rss()
     start = time.perf_counter()
     with workerpool.Pool(source, function, workers=n, threads_per_worker=1,
-                         tf_engine=engine) as pool:
+                         tf_engine=engine, load_in=load_in) as pool:
         started_s = time.perf_counter() - start
         start_peak = peak_rss()
+        loader_peak = peak_rss(resource.RUSAGE_CHILDREN)  # the loader is reaped, no other
         checksums = []
         for attempt in range(1, 21):  # every worker serves at least one request
             checksums += [c for _, c in pool.map([x] * (4 * n))]
@@ -234,6 +266,8 @@ def run_workerpool(size: int, n: int, engine: str, reference: float,
         weights_pss = sum(p["weights_pss"] for p in (stats["parent"], stats["zygote"],
                                                      *stats["workers"]))
         method = "workerpool" if engine == "tensorflow" else f"workerpool {engine}"
+        if load_in != "parent":
+            method += f", load_in={load_in}"
         if saved_model is not None:
             method = f"savedmodel {os.path.basename(saved_model)}"
         out = row(size, n, method, ready_s, total=stats["total_pss"],
@@ -243,8 +277,11 @@ def run_workerpool(size: int, n: int, engine: str, reference: float,
                   request_ms=round(statistics.median(latencies) * 1000, 1),
                   parent_peak_rss_mib=mib(start_peak),
                   publish_peak_x_model=round(
-                      (start_peak - before_rss + memfd_bytes) / stats["model_bytes"], 2),
-                  load_s=None if saved_model else round(_load_s, 2),
+                      (start_peak - before_rss + memfd_bytes) / stats["model_bytes"], 2)
+                  if load_in == "parent" else None,
+                  loader_peak_rss_mib=mib(loader_peak) if load_in != "parent" else None,
+                  parent_imported_tensorflow="tensorflow" in sys.modules,
+                  load_s=None if saved_model or _load_s is None else round(_load_s, 2),
                   start_s=round(started_s, 2), warmup_rounds=attempt,
                   zygote_uss_mib=mib(stats["zygote"]["uss"]),
                   start_to_ready_ms=[w["start_to_ready_ms"] for w in stats["workers"]],
@@ -311,7 +348,8 @@ def save_models(size: int, directory: str) -> dict:
     del model
     module = os.path.join(directory, "module")
     tf.saved_model.save(MLPModule(*mlp_shape(size)), module)
-    paths = {"baseline": keras_path, "tensorflow": keras_path, "copy": keras_path}
+    paths = {"baseline": keras_path, "tensorflow": keras_path, "copy": keras_path,
+             "plain": keras_path, "loader": keras_path}
     out = {method: (path, reference) for method, path in paths.items()}
     for method, path in (("savedmodel_export", export), ("savedmodel_module", module)):
         signature = tf.saved_model.load(path).signatures["serving_default"]
@@ -362,6 +400,10 @@ def measure_one(size: int, n: int, method: str, path: str, reference: float) -> 
     """One row, in a fresh process."""
     if method == "baseline":
         return run_baseline(size, n, path, reference)
+    if method == "plain":
+        return run_plain(size, path, reference)
+    if method == "loader":
+        return run_workerpool(size, n, "tensorflow", reference, load_in="loader")
     if method.startswith("savedmodel"):
         return run_workerpool(size, n, "tensorflow", reference, saved_model=path)
     return run_workerpool(size, n, method, reference)
@@ -375,10 +417,12 @@ def in_fresh_process(function, *args):
         return executor.submit(function, *args).result()
 
 
-METHODS = ("baseline", "tensorflow", "copy", "savedmodel_export", "savedmodel_module")
+METHODS = ("plain", "baseline", "tensorflow", "loader", "copy", "savedmodel_export",
+           "savedmodel_module")
 
 
 def measure(sizes: list[int], counts: list[int], methods=METHODS) -> list[dict]:
+    methods = [m for m in METHODS if m in methods]  # the plain process and baseline first
     rows = []
     with tempfile.TemporaryDirectory(prefix="wp-tf-bench-") as tmp:
         for size in sizes:
@@ -388,10 +432,17 @@ def measure(sizes: list[int], counts: list[int], methods=METHODS) -> list[dict]:
             for n in counts:
                 base = None
                 for method in methods:
+                    if method == "plain" and n != 1:
+                        continue
                     path, reference = saved[method]
                     out = in_fresh_process(measure_one, size, n, method, path, reference)
+                    if method == "plain":
+                        plain = out
                     if method == "baseline":
                         base = out
+                    if n == 1 and "plain" in methods and method != "plain":
+                        out["ratio_vs_plain"] = round(
+                            out["total_pss_mib"] / plain["total_pss_mib"], 3)
                     out["ratio_vs_baseline"] = out["ratio_with_memfd"] = None
                     if base is not None:
                         out["ratio_vs_baseline"] = round(
@@ -424,7 +475,8 @@ def added_per_worker(rows: list[dict]) -> list[dict]:
 
 
 COLUMNS = ["model_mib", "workers", "method", "total_pss_mib", "pool_pss_mib",
-           "per_worker_uss_mib", "ratio_vs_baseline", "parent_pss_mib", "zygote_pss_mib",
+           "per_worker_uss_mib", "ratio_vs_baseline", "ratio_vs_plain", "parent_pss_mib",
+           "zygote_pss_mib",
            "unmapped_memfd_mib", "total_with_memfd_mib", "ratio_with_memfd",
            "parent_peak_rss_mib", "publish_peak_x_model", "load_s", "start_s", "ready_s", "request_ms", "checksum_ok"]
 
