@@ -114,3 +114,19 @@ def test_a_pool_worker_killed_inside_the_actor_loses_no_row(cluster):
     finally:
         ray.get(scorer.close.remote())
         ray.kill(scorer)
+
+
+def test_score_with_the_ray_engine_writes_the_local_engines_bytes(cluster, tmp_path):
+    import test_score  # its input files, command and reference
+
+    test_score.make_input(tmp_path / "in.parquet", 30_000)
+    common = ["--input", tmp_path / "in.parquet", "--id-column", "id", "--chunk-rows", 4000,
+              "--workers", 2]
+    code, stderr = test_score.run_score(*common, "--output", tmp_path / "local.parquet")
+    assert code == 0, stderr
+    address = ray.get_runtime_context().gcs_address  # the cluster this module started
+    code, stderr = test_score.run_score(*common, "--output", tmp_path / "ray.parquet",
+                                        "--engine", "ray", "--address", address)
+    assert code == 0, stderr
+    assert "30000 rows" in stderr
+    assert (tmp_path / "ray.parquet").read_bytes() == (tmp_path / "local.parquet").read_bytes()

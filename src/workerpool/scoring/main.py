@@ -11,6 +11,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -46,7 +47,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=10_000,
                    help="rows per chunk: the unit of work, of resume and of memory "
                    "(default 10000)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: this machine's CPUs; with --engine ray: "
+                   "per actor, default its node's CPUs)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default): a Pool here; ray: a Pool in an actor per node of "
+                   "a Ray cluster (pip install 'workerpool[ray]'); the same output bytes")
+    p.add_argument("--address", default=None,
+                   help="with --engine ray: the cluster to join (auto, or HOST:PORT; "
+                   "default: start a local one)")
     p.add_argument("--load-in", choices=LOAD_IN, default="loader",
                    help="where load() runs: a loader process (default: this process then "
                    "imports no framework and holds no weights) or this one")
@@ -62,10 +71,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def open_pool(args, load, predict, options):
+    """The pool chunks go to: a Pool here, or a RayPool (a Pool per Ray actor)."""
+    if args.engine == "local":
+        from .. import Pool
+
+        return Pool(load, predict, workers=args.workers or os.cpu_count() or 1, **options)
+    return ray_pool(args, load, predict, options)
+
+
+@contextlib.contextmanager
+def ray_pool(args, load, predict, options):
+    import ray
+
+    from ..ray.scoring import RayPool
+
+    # Ray's workers import predict and load by reference: this process's path goes along.
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path
+                                                                      if p)}})
+    try:
+        with RayPool(load, predict, cpus_per_actor=args.workers, **options) as pool:
+            yield pool
+    finally:
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from .. import Pool
     from ..errors import ModelSourceError, WorkerpoolError
     from ..serve.config import ConfigError, ModelSpec
     from ..sources.remote import fetch
@@ -100,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     progress = reporter(total, args.log_every)
     try:
-        with Pool(load, predict, workers=args.workers, **options) as pool:
+        with open_pool(args, load, predict, options) as pool:
             identity = f"{args.spec} {args.predict or ''} {pool.version}"
             summary = score(pool, args.input, args.output, columns=columns,
                             id_column=args.id_column, chunk_rows=args.chunk_rows,
