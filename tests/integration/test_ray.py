@@ -130,3 +130,41 @@ def test_score_with_the_ray_engine_writes_the_local_engines_bytes(cluster, tmp_p
     assert code == 0, stderr
     assert "30000 rows" in stderr
     assert (tmp_path / "ray.parquet").read_bytes() == (tmp_path / "local.parquet").read_bytes()
+
+
+def test_a_serve_deployment_answers_tritonclient_from_a_pool_per_replica(cluster):
+    import socket
+
+    import tritonclient.http as triton
+    from ray import serve
+
+    from workerpool.ray.serving import deployment
+
+    with socket.socket() as probe:  # a free port for Serve's HTTP proxy
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        handle = serve.run(deployment(modelzoo.mlp, default_predict, name="mlp",
+                                      cpus_per_replica=2, threads_per_worker=1),
+                           name="mlp", route_prefix="/v2/models/mlp/infer")
+        x = np.random.default_rng(3).standard_normal((3, 32)).astype(np.float32)
+        want = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict,
+                                  torch.from_numpy(x)).numpy()
+        assert np.array_equal(handle.predict.remote(x).result(), want)
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        for binary in (True, False):
+            tensor = triton.InferInput("x", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=binary)
+            got = client.infer("mlp", [tensor]).as_numpy("output_0")
+            assert np.array_equal(got, want)
+        bad = triton.InferInput("x", [3, 5], "FP32")  # the wrong width: the model's error
+        bad.set_data_from_numpy(np.ones((3, 5), np.float32))
+        with pytest.raises(triton.InferenceServerException, match="mat1 and mat2"):
+            client.infer("mlp", [bad])
+        assert np.array_equal(client.infer("mlp", [tensor]).as_numpy("output_0"), want)
+        client.close()
+        workers = handle.stats.remote().result()["workers"]
+        assert len(workers) == 2  # the replica's 2 CPUs: one Pool, two workers
+    finally:
+        serve.shutdown()

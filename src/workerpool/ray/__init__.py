@@ -6,6 +6,9 @@ model's weights per Ray actor (a node, or a share of one), not one per CPU.
         each actor: a workerpool Pool (loader process, zygote, one worker per CPU Ray gave
         it); a batch is cut into one slice per worker and scored in parallel
 
+    workerpool score --engine ray: scoring.RayPool, chunks to a Pool per actor
+    Ray Serve: serving.deployment(load, predict, num_replicas=nodes), a Pool per replica
+
 Ray's usual actor pool loads the model once per actor, so an actor per CPU means a copy
 per CPU; here an actor per node serves all its CPUs from one copy.
 """
