@@ -15,7 +15,6 @@ type where it pickles (else RemoteError), with the loader's traceback as ``__cau
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ from ..config import PoolConfig
 from ..errors import PoolStartError
 from ..ipc import control, wire
 from ..sources import files
-from ..workers.output import quiet_environment
+from .supervisor import spawn_with_channel
 from .weights import PublishedModel, publish
 
 
@@ -50,19 +49,8 @@ def _in_loader(load, predict, config: PoolConfig, options: dict):
         raise PoolStartError(
             f"load_in='loader' sends load and predict to a loader process, and they do not "
             f"pickle: {exc}. Define them at module level, or use load_in='parent'") from exc
-    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        loader = subprocess.Popen(
-            [sys.executable, "-m", "workerpool.workers.loader", str(child_end.fileno()),
-             str(os.getpid())],
-            pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
-                     **quiet_environment(os.environ)))
-    except BaseException:
-        parent_end.close()
-        raise
-    finally:
-        child_end.close()
+    loader, parent_end = spawn_with_channel("workerpool.workers.loader", [str(os.getpid())],
+                                            stdin=subprocess.DEVNULL)
     published = None
     try:
         control.send(parent_end, {"op": "load", "call": call, "sys_path": list(sys.path),

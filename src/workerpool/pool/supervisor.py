@@ -175,14 +175,22 @@ def spawn_zygote(weights_fd: int | None, pass_fds: list[int],
                  **environment: str) -> tuple[subprocess.Popen, socket.socket]:
     """A fresh zygote interpreter and this side of its control socket. ``weights_fd``
     None: a prestarted zygote, which gets its fds over the socket later."""
+    return spawn_with_channel("workerpool.workers.zygote",
+                              ["-" if weights_fd is None else str(weights_fd)], pass_fds,
+                              OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **environment)
+
+
+def spawn_with_channel(module: str, args: list[str], pass_fds: list[int] = (), stdin=None,
+                       **environment: str) -> tuple[subprocess.Popen, socket.socket]:
+    """``python -m module <its socket's fd> *args``, a fresh interpreter with this process's
+    sys.path, the frameworks' quiet mode and ``environment``; returns it and this side of
+    the socketpair between us."""
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "workerpool.workers.zygote", str(child_end.fileno()),
-             "-" if weights_fd is None else str(weights_fd)],
-            pass_fds=[child_end.fileno(), *pass_fds],
-            env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                     PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+            [sys.executable, "-m", module, str(child_end.fileno()), *args],
+            pass_fds=[child_end.fileno(), *pass_fds], stdin=stdin,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
                      **quiet_environment(os.environ), **environment))
     except BaseException:
         parent_end.close()
