@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import select
 import socket
 import sys
-import threading
 
 from ..ipc import control, endpoints, wire
+from ..ipc.wire import EXIT_PARENT_GONE
+from .main import exit_when_any_dies
 
 # An error's text and pickled exception together stay under this.
 _MAX_ERROR_BYTES = 1024 * 1024
@@ -32,15 +32,13 @@ def start_lifeline(parent_pid: int, private_dir: list[str]) -> None:
     try:
         pidfd = os.pidfd_open(parent_pid)
     except ProcessLookupError:
-        os._exit(1)
+        os._exit(EXIT_PARENT_GONE)
 
-    def wait_for_death():
-        select.select([pidfd], [], [])
+    def remove_private_dir():
         if private_dir:
             endpoints.remove_private_dir(private_dir[0])
-        os._exit(1)
 
-    threading.Thread(target=wait_for_death, name="workerpool-lifeline", daemon=True).start()
+    exit_when_any_dies([pidfd], remove_private_dir)
 
 
 def load_and_publish(request: dict):

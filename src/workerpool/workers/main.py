@@ -109,9 +109,18 @@ def start_lifeline(pool_parent_pid: int) -> None:
         pidfds.append(os.pidfd_open(own_parent))
     if os.getppid() != own_parent or not _alive(pool_parent_pid):
         os._exit(EXIT_PARENT_GONE)  # died before we watched it
+    exit_when_any_dies(pidfds)
+
+
+def exit_when_any_dies(pidfds: list[int], before_exit=None) -> None:
+    """A thread that waits on ``pidfds`` and, once one of those processes is gone, runs
+    ``before_exit()`` and ends this process at once (EXIT_PARENT_GONE), whatever the other
+    threads are doing."""
 
     def wait_for_death():
         select.select(pidfds, [], [])
+        if before_exit is not None:
+            before_exit()
         os._exit(EXIT_PARENT_GONE)
 
     threading.Thread(target=wait_for_death, name="workerpool-lifeline", daemon=True).start()
