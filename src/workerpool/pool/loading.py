@@ -63,8 +63,7 @@ def _in_loader(load, predict, config: PoolConfig, options: dict):
         if reply["op"] == "error":
             raise wire.rebuild_exception(reply, raised_by="load")
         described = reply["model"]
-        fds = control.recv_fds(parent_end,
-                               1 + described["n_file_fds"] + described["n_region_fds"])
+        fds = control.recv_fds(parent_end, PublishedModel.fd_count(described))
         published = PublishedModel.received(described, fds)
         return published, reply["weights_source"]
     finally:

@@ -38,10 +38,11 @@ class Pool:
 
     ``load()`` runs once, in this process (or a loader process: ``load_in``). It may
     return a torch ``nn.Module``, any object graph holding torch tensors and numpy arrays
-    (a dict of modules plus a tokenizer, say), or a plain numpy model. Every tensor and array goes into one sealed, read-only memfd;
-    workers rebuild the object over it without copying. ``predict(model, *args, **kwargs)``
-    runs in a worker (under ``torch.inference_mode()`` when torch is loaded) and returns
-    arrays, tensors, numbers, strings, or lists/tuples/dicts of them.
+    (a dict of modules plus a tokenizer, say), or a plain numpy model. Every tensor and
+    array goes into one sealed, read-only memfd; workers rebuild the object over it
+    without copying. ``predict(model, *args, **kwargs)`` runs in a worker (under
+    ``torch.inference_mode()`` when torch is loaded) and returns arrays, tensors, numbers,
+    strings, or lists/tuples/dicts of them.
 
     Args:
         load: called with no arguments; returns the model.

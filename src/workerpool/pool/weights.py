@@ -188,13 +188,19 @@ class PublishedModel:
         return {**fields, "n_file_fds": len(self.file_fds),
                 "n_region_fds": len(self.region_fds)}
 
+    @staticmethod
+    def fd_count(described: dict) -> int:
+        """How many descriptors go with ``described`` (``all_fds()``'s length)."""
+        return 1 + described["n_file_fds"] + described["n_region_fds"]
+
     @classmethod
     def received(cls, described: dict, fds: list[int]) -> "PublishedModel":
         """The inverse of ``described`` given ``all_fds()`` as this process numbers them."""
+        if len(fds) != cls.fd_count(described):
+            raise ValueError(f"expected {cls.fd_count(described)} descriptors, got {len(fds)}")
         fields = dict(described)
-        n_files, n_regions = fields.pop("n_file_fds"), fields.pop("n_region_fds")
-        if len(fds) != 1 + n_files + n_regions:
-            raise ValueError(f"expected {1 + n_files + n_regions} descriptors, got {len(fds)}")
+        n_files = fields.pop("n_file_fds")
+        fields.pop("n_region_fds")
         return cls(fd=fds[0], file_fds=fds[1:1 + n_files], region_fds=fds[1 + n_files:],
                    **fields)
 

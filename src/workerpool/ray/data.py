@@ -11,6 +11,14 @@ from ..pool.pool import Pool
 from ..scoring.outputs import output_columns
 
 
+def actor_pool(load, predict, workers: int | None, pool_options: dict) -> Pool:
+    """The Pool of a Ray actor: a worker per CPU Ray assigned it unless ``workers`` says,
+    load() in a loader (the actor's process never imports the framework) and results as
+    numpy arrays, unless the options say otherwise."""
+    pool_options = {"load_in": "loader", "numpy_results": True, **pool_options}
+    return Pool(load, predict, workers=workers or assigned_cpus(), **pool_options)
+
+
 def assigned_cpus() -> int:
     """The CPUs Ray reserved for this actor (1 outside Ray, or with fractional CPUs)."""
     import ray
@@ -43,12 +51,10 @@ class PoolPredictor:
     def __init__(self, load: Callable[[], Any] | str, predict: Callable[..., Any], *,
                  columns: list[str] | None = None, passthrough: tuple | list = (),
                  workers: int | None = None, dtype: str | None = None, **pool_options):
-        pool_options.setdefault("load_in", "loader")
-        pool_options.setdefault("numpy_results", True)
         self.columns = list(columns) if columns is not None else None
         self.passthrough = list(passthrough)
         self.dtype = dtype
-        self.pool = Pool(load, predict, workers=workers or assigned_cpus(), **pool_options)
+        self.pool = actor_pool(load, predict, workers, pool_options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.columns or [c for c in batch if c not in self.passthrough]

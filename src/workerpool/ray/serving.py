@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from ..pool.pool import Pool
 from ..serve.config import call_argument
 from ..serve.errors import message_of, status_of
 from ..serve.registry import name_outputs
 from ..serve.v2_http import encode_response, parse_infer
-from .data import assigned_cpus
+from .data import actor_pool
 from .scoring import node_cpus
 
 
@@ -32,10 +31,8 @@ class PoolDeployment:
 
     def __init__(self, load: Callable[[], Any] | str, predict: Callable[..., Any], *,
                  name: str = "model", workers: int | None = None, **pool_options):
-        pool_options.setdefault("load_in", "loader")
-        pool_options.setdefault("numpy_results", True)
         self.name = name
-        self.pool = Pool(load, predict, workers=workers or assigned_cpus(), **pool_options)
+        self.pool = actor_pool(load, predict, workers, pool_options)
 
     async def predict(self, *args, **kwargs):
         """``predict(model, *args, **kwargs)`` on this replica's pool."""
