@@ -1,0 +1,27 @@
+"""workerpool serve: one pool of N workers sharing one copy of the weights, KServe v2 JSON."""
+
+import json
+import os
+
+NAME = "workerpool serve"
+PEERS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(PEERS, "peer_model.py")
+
+
+def command(python, model_dir, workers, port, workdir):
+    return [python, "-m", "workerpool", "serve", f"{MODEL}:load",
+            "--predict", f"{MODEL}:predict", "--name", "model", "--workers", str(workers),
+            "--host", "127.0.0.1", "--port", str(port)], {}
+
+
+def request(inputs):
+    datatype = "INT64" if isinstance(inputs[0], int) else "FP32"
+    body = {"inputs": [{"name": "inputs", "shape": [1, len(inputs)], "datatype": datatype,
+                        "data": inputs}]}
+    return "/v2/models/model/infer", json.dumps(body).encode(), {
+        "Content-Type": "application/json"}
+
+
+def parse(status, body):
+    outputs = {o["name"]: o["data"] for o in json.loads(body)["outputs"]}
+    return {"y": outputs["y"], "pid": int(outputs["pid"][0])}

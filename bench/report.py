@@ -1,0 +1,163 @@
+"""The benchmark report: workerpool side by side with the servers users would pick instead,
+on the same machine, the same model files, in the same run.
+
+Each contender (bench/peers/<name>/) runs from its own virtual environment, built here
+from its pinned requirements file. For every repetition, model and N, each contender in
+turn (interleaved, so a noisy stretch of the machine hits them all) is launched, measured
+(reporting/trial.py: start, memory after every worker served, throughput and latency,
+restart after a SIGKILL) and stopped. A contender that cannot be installed or run gets a
+row saying why. Writes bench/results/report.json, report.md and PNG plots; the results are
+saved after every trial and ``--resume`` keeps them.
+
+    .venv/bin/python bench/report.py                       # make report: everything
+    .venv/bin/python bench/report.py --contenders workerpool,litserve --models mlp256 \
+        --workers 1,2 --repeats 1 --seconds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import shlex
+import subprocess
+import sys
+import traceback
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from reporting import machine, models, plots, render, trial, venvs  # noqa: E402
+from reporting.loadgen import load_peer  # noqa: E402
+
+HTTP = ["workerpool", "rayserve", "litserve", "torchserve", "mlserver", "gunicorn"]
+CONTENDERS = HTTP + list(trial.EMBEDDED)
+PACKAGES = ["workerpool", "torch", "ray", "litserve", "torchserve", "torch-model-archiver",
+            "mlserver", "gunicorn", "uvicorn", "fastapi", "safetensors", "numpy"]
+RESULTS = venvs.BENCH / "results"
+
+
+def environment(name: str) -> str:
+    """The venv that runs ``name`` (the embedded ones run in workerpool's)."""
+    return "workerpool" if name in trial.EMBEDDED else name
+
+
+def python_for(name: str, given: dict[str, str], log) -> str:
+    env = environment(name)
+    return given.get(env) or venvs.build(env, log)
+
+
+def names() -> dict[str, str]:
+    out = {}
+    for name in HTTP:
+        try:
+            out[name] = load_peer(str(venvs.PEERS / name)).NAME
+        except (OSError, AttributeError):
+            out[name] = name
+    return out
+
+
+def run_overhead(python: str, args) -> list[dict] | None:
+    argv = [python, str(venvs.BENCH / "overhead.py"), *shlex.split(args.overhead_args)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode:
+        print(f"[report] bench/overhead.py failed: {done.stderr[-1500:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout)["rows"]
+
+
+def write(data: dict, out: pathlib.Path) -> pathlib.Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(data, indent=1))
+    report = render.Report(data, names())
+    data["plots"] = plots.draw(report, out)
+    report = render.Report(data, names())
+    (out / "report.json").write_text(json.dumps(data, indent=1))
+    (out / "report.md").write_text(report.markdown() + "\n")
+    return out / "report.md"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--models", default="mlp256,mlp1024,bert",
+                        help="mlp<MiB> (any size) and bert")
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="seconds of load at 32 clients (half that at 1 client)")
+    parser.add_argument("--per-worker", type=int, default=100)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--port", type=int, default=18500)
+    parser.add_argument("--python", action="append", default=[], metavar="NAME=PATH",
+                        help="run contender NAME with this interpreter instead of building "
+                             "its venv (e.g. workerpool=.venv/bin/python)")
+    parser.add_argument("--overhead-args", default="--rounds 3",
+                        help="bench/overhead.py's arguments ('' skips it)")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the trials already in OUT/report.json")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    contenders = [c for c in args.contenders.split(",") if c]
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"unknown contenders {sorted(unknown)}; known: {CONTENDERS}")
+    given = {name: str(pathlib.Path(path).absolute())
+             for name, path in (item.split("=", 1) for item in args.python)}
+    settings = trial.Settings(seconds=args.seconds, per_worker=args.per_worker,
+                              clients=args.clients)
+    data = {"command": "bench/report.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": machine.describe(), "contenders": contenders,
+            "models": args.models.split(","), "settings": vars(settings),
+            "trials": [], "unavailable": {}, "versions": {}, "model_info": {}}
+    if args.resume and (out / "report.json").exists():
+        old = json.loads((out / "report.json").read_text())
+        data["trials"] = [t for t in old["trials"] if "error" not in t]
+    done = {(t["model"], t["contender"], t["workers"], t.get("rep")) for t in data["trials"]}
+    log = sys.stderr
+    pythons: dict[str, str] = {}
+    for name in contenders:
+        try:
+            pythons[name] = python_for(name, given, log)
+            data["versions"][name] = venvs.versions(pythons[name], PACKAGES)
+        except venvs.Unavailable as error:
+            data["unavailable"][name] = str(error)
+            print(f"[report] {name}: {error}", file=log, flush=True)
+    directories = {}
+    for model in data["models"]:
+        directories[model] = models.ensure(model)
+        data["model_info"][model] = models.describe(directories[model])
+    workers = [int(n) for n in args.workers.split(",")]
+    for rep in range(args.repeats):
+        for model in data["models"]:
+            for n in workers:
+                for name in pythons:
+                    if (model, name, n, rep) in done or name in data["unavailable"]:
+                        continue
+                    print(f"[report] rep {rep} {model} N={n} {name}", file=log, flush=True)
+                    try:
+                        if name in trial.EMBEDDED:
+                            result = trial.run_embedded(name, pythons[name], directories[model],
+                                                        n, settings, log)
+                        else:
+                            result = trial.run(name, pythons[name], directories[model], n,
+                                               args.port, settings, log)
+                    except Exception as error:  # one contender's failure is its row
+                        traceback.print_exc(file=log)
+                        result = {"contender": name, "workers": n, "model": model,
+                                  "error": f"{type(error).__name__}: {error}"}
+                    result["rep"] = rep
+                    data["trials"].append(result)
+                    print(f"[report] {json.dumps(result)}", file=log, flush=True)
+                    write(data, out)
+    if args.overhead_args and "workerpool" in pythons:
+        data["overhead_args"] = args.overhead_args
+        data["overhead"] = run_overhead(pythons["workerpool"], args)
+    data["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    print(f"wrote {write(data, out)}", file=log)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The report's load generator, one for every contender: asyncio clients on aiohttp, each
+sending the same fixed POST again and again, each reading the whole answer.
+
+It runs in its own process (so its CPU is not the harness's) and prints one JSON object.
+Each answer goes through the contender's ``parse`` (its peer.py), which gives the pid of
+the worker that ran it, so the modes can say which workers served:
+
+- ``spread``: ``--clients`` clients until each of ``--workers`` distinct pids has answered
+  ``--per-worker`` times (or ``--max-requests`` were sent);
+- ``load``: ``--clients`` clients for ``--seconds`` (after ``--warmup-seconds``):
+  requests/s, latency p50/p99, errors;
+- ``restart``: ``--clients`` clients; after ``--seconds`` of load, SIGKILL the worker that
+  answered last; a probe on a fresh connection every 50 ms until a pid never seen before
+  answers it (the replacement is serving) or ``--recover-timeout`` passes: seconds to
+  that answer, and the load's requests that failed from the kill on.
+
+    python -m reporting.loadgen --peer bench/peers/litserve --port 18200 \
+        --model-dir DIR --mode load --clients 32 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import sys
+import time
+
+import aiohttp
+
+REQUEST_TIMEOUT = 120.0
+
+
+def load_peer(folder: str):
+    spec = importlib.util.spec_from_file_location(
+        f"peer_{os.path.basename(folder.rstrip('/'))}", os.path.join(folder, "peer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Client:
+    """One keep-alive session posting the contender's request; records every outcome."""
+
+    def __init__(self, peer, port: int, inputs: list):
+        path, self.body, headers = peer.request(inputs)
+        self.url = f"http://127.0.0.1:{port}{path}"
+        self.headers = dict(headers)
+        self.parse = peer.parse
+        self.outcomes: list[tuple[float, float, bool, int | None]] = []  # end, secs, ok, pid
+        self.failures: dict[str, int] = {}  # HTTP status or exception type -> count
+
+    async def post(self, session: aiohttp.ClientSession, record: bool = True
+                   ) -> tuple[bool, int | None]:
+        started = time.perf_counter()
+        ok, pid, failure = False, None, None
+        try:
+            async with session.post(self.url, data=self.body, headers=self.headers) as r:
+                body = await r.read()
+                if r.status == 200:
+                    ok, pid = True, int(self.parse(r.status, body)["pid"])
+                else:
+                    failure = str(r.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as error:
+            failure = type(error).__name__
+        ended = time.perf_counter()
+        if record:
+            self.outcomes.append((ended, ended - started, ok, pid))
+            if failure:
+                self.failures[failure] = self.failures.get(failure, 0) + 1
+        return ok, pid
+
+
+async def drive(client: Client, clients: int, keep_going, fresh: bool = False) -> None:
+    """``clients`` concurrent loops posting while ``keep_going()``; ``fresh``: a new
+    connection for every request."""
+    connector = aiohttp.TCPConnector(limit=clients, force_close=fresh)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def loop():
+            while keep_going():
+                ok, _ = await client.post(session)
+                if not ok:
+                    await asyncio.sleep(0.01)  # a refused connection must not spin
+        await asyncio.gather(*[loop() for _ in range(clients)])
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def spread(client: Client, args) -> dict:
+    counts: dict[int, int] = {}
+    tally = {"read": 0, "failed": 0}
+
+    def keep_going():
+        for _, _, ok, pid in client.outcomes[tally["read"]:]:
+            if ok:
+                counts[pid] = counts.get(pid, 0) + 1
+            else:
+                tally["failed"] += 1
+        tally["read"] = len(client.outcomes)
+        busiest = sorted(counts.values(), reverse=True)[:args.workers]
+        enough = len(busiest) >= args.workers and min(busiest) >= args.per_worker
+        return not enough and tally["read"] < args.max_requests
+    # Fresh connections, so that servers whose workers share accept() (gunicorn) spread
+    # them; kept-alive ones would stay with whichever worker accepted them first.
+    await drive(client, args.clients, keep_going, fresh=True)
+    keep_going()
+    return {"requests": len(client.outcomes), "failed": tally["failed"],
+            "pids": {str(pid): n for pid, n in sorted(counts.items())}}
+
+
+async def load(client: Client, args) -> dict:
+    start = time.perf_counter()
+    measured_from = start + args.warmup_seconds
+    until = measured_from + args.seconds
+    await drive(client, args.clients, lambda: time.perf_counter() < until)
+    window = [o for o in client.outcomes if o[0] >= measured_from and o[0] <= until]
+    ok = [secs for _, secs, good, _ in window if good]
+    return {"clients": args.clients, "seconds": args.seconds, "requests": len(window),
+            "failed": len(window) - len(ok), "rps": len(ok) / args.seconds,
+            "p50_ms": _ms(percentile(ok, 50)), "p99_ms": _ms(percentile(ok, 99)),
+            "pids": len({o[3] for o in window if o[2]}), "failures": client.failures}
+
+
+async def restart(client: Client, args) -> dict:
+    state: dict = {"killed": None, "killed_at": None, "recovered_at": None}
+
+    async def kill_then_probe():
+        await asyncio.sleep(args.seconds)
+        state["seen"] = {o[3] for o in client.outcomes if o[2]}
+        state["killed"] = next(o[3] for o in reversed(client.outcomes) if o[2])
+        state["killed_at"] = time.perf_counter()
+        os.kill(state["killed"], signal.SIGKILL)
+        # A fresh connection for every probe: the load's keep-alive connections stay with
+        # the workers that accepted them, so a new worker of an accept()-sharing server
+        # (gunicorn) would never see them.
+        connector = aiohttp.TCPConnector(force_close=True)
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            while time.perf_counter() < state["killed_at"] + args.recover_timeout:
+                ok, pid = await client.post(session, record=False)
+                if ok and pid not in state["seen"]:
+                    state["recovered_at"] = time.perf_counter()
+                    return
+                await asyncio.sleep(0.05)
+
+    def keep_going():
+        if state["recovered_at"] is not None:
+            return time.perf_counter() < state["recovered_at"] + 1.0  # a second after it
+        return state["killed_at"] is None or \
+            time.perf_counter() < state["killed_at"] + args.recover_timeout
+    await asyncio.gather(drive(client, args.clients, keep_going), kill_then_probe())
+    after = [o for o in client.outcomes if o[0] >= state["killed_at"]]
+    recovered = state["recovered_at"]
+    return {"killed_pid": state["killed"],
+            "recover_s": None if recovered is None else recovered - state["killed_at"],
+            "failed": sum(1 for o in after if not o[2]), "after_kill": len(after),
+            "failures": client.failures, "recover_timeout": args.recover_timeout}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peer", required=True, help="the contender's folder (peer.py)")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--inputs-json", required=True, help="a file holding the payload")
+    parser.add_argument("--mode", choices=["spread", "load", "restart"], required=True)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--per-worker", type=int, default=100)
+    parser.add_argument("--max-requests", type=int, default=5000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup-seconds", type=float, default=1.0)
+    parser.add_argument("--recover-timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    with open(args.inputs_json) as file:
+        inputs = json.load(file)
+    client = Client(load_peer(args.peer), args.port, inputs)
+    mode = {"spread": spread, "load": load, "restart": restart}[args.mode]
+    json.dump(asyncio.run(mode(client, args)), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

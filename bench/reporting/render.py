@@ -1,0 +1,228 @@
+"""The report as markdown: machine, headline ratios, then per model memory, start/restart
+and throughput/latency tables (medians over the repetitions), the embedded overhead rows,
+and every contender that could not run with the reason."""
+
+from __future__ import annotations
+
+import statistics
+
+BASELINE = "workerpool"           # the HTTP contenders' ratios are against workerpool serve
+EMBEDDED_BASELINE = "workerpool-pool"
+LABELS = {"workerpool-pool": "workerpool Pool (embedded)",
+          "multiprocessing": "multiprocessing.Pool(initializer=load)"}
+
+
+def dig(trial: dict, path: str):
+    value = trial
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def median(trials: list[dict], path: str):
+    values = [v for v in (dig(t, path) for t in trials) if isinstance(v, (int, float))]
+    return statistics.median(values) if values else None
+
+
+def grouped(trials: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for trial in trials:
+        groups.setdefault((trial["model"], trial["contender"], trial["workers"]), []).append(trial)
+    return groups
+
+
+def fmt(value, digits: int = 1, suffix: str = "") -> str:
+    if not isinstance(value, (int, float)):
+        return "—"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def ratio(value, base) -> str:
+    if value is None or not base:
+        return "—"
+    return f"{value / base:.2f}x"
+
+
+class Report:
+    def __init__(self, data: dict, names: dict[str, str]):
+        self.data = data
+        self.names = {**names, **LABELS}
+        self.trials = [t for t in data["trials"] if "error" not in t]
+        self.failures = [t for t in data["trials"] if "error" in t]
+        self.groups = grouped(self.trials)
+        self.contenders = [c for c in data["contenders"]
+                           if any(t["contender"] == c for t in self.trials)]
+        self.models = [m for m in data["models"] if any(t["model"] == m for t in self.trials)]
+        self.workers = sorted({t["workers"] for t in self.trials})
+
+    def name(self, contender: str) -> str:
+        return self.names.get(contender, contender)
+
+    def value(self, model: str, contender: str, workers: int, path: str):
+        return median(self.groups.get((model, contender, workers), []), path)
+
+    def repeats(self, model: str) -> int:
+        counts = [len(v) for k, v in self.groups.items() if k[0] == model]
+        return min(counts) if counts else 0
+
+    # -- sections ------------------------------------------------------------------------
+    def machine(self) -> list[str]:
+        m = self.data["machine"]
+        lines = ["## Machine", "",
+                 f"- {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB memory, "
+                 f"kernel {m['kernel']}, {m['os']}, Python {m['python']}",
+                 f"- run: `{self.data['command']}` ({self.data['started']} to "
+                 f"{self.data.get('finished', '?')})",
+                 "- versions, each contender in its own virtual environment "
+                 "(bench/peers/NAME/requirements.txt):"]
+        for contender, versions in self.data.get("versions", {}).items():
+            listed = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+            lines.append(f"  - {self.name(contender)}: {listed}")
+        return lines + [""]
+
+    def headline(self) -> list[str]:
+        top = max(self.workers) if self.workers else 0
+        lines = [f"## Headline: N = {top} workers, as ratios to workerpool", "",
+                 "Total PSS of the whole process tree, requests/s and p99 latency at 32 "
+                 "concurrent clients, each divided by workerpool's in the same run "
+                 "(`workerpool serve` for the servers, workerpool's `Pool` for "
+                 "`multiprocessing.Pool`). Memory and p99: above 1.00x is worse than "
+                 "workerpool; req/s: below 1.00x is worse.", ""]
+        header = "| contender |" + "".join(
+            f" {m}: memory | {m}: req/s | {m}: p99 |" for m in self.models)
+        lines += [header, "|---|" + "---|---|---|" * len(self.models)]
+        for contender in self.contenders:
+            base = EMBEDDED_BASELINE if contender in LABELS else BASELINE
+            row = f"| {self.name(contender)} |"
+            for model in self.models:
+                row += " " + " | ".join([
+                    ratio(self.value(model, contender, top, "pss_mib"),
+                          self.value(model, base, top, "pss_mib")),
+                    ratio(self.value(model, contender, top, "load.rps"),
+                          self.value(model, base, top, "load.rps")),
+                    ratio(self.value(model, contender, top, "load.p99_ms"),
+                          self.value(model, base, top, "load.p99_ms"))]) + " |"
+            lines.append(row)
+        return lines + [""]
+
+    def model_tables(self, model: str) -> list[str]:
+        info = self.data["model_info"].get(model, {})
+        config = info.get("config", {})
+        shape = (f"{config.get('layers')} x {config.get('width')} fp32 Linear layers"
+                 if config.get("kind") == "mlp" else
+                 "BERT-base-sized encoder (12 x 768, 12 heads, 3072 FFN, 30522 tokens), "
+                 f"{config.get('seq')} tokens a request")
+        lines = [f"## {model}: {shape}, {info.get('mib', 0):.0f} MiB of weights", "",
+                 f"Medians of {self.repeats(model)} interleaved repetition(s). "
+                 "Every output checked against the model run in-process "
+                 "(largest difference in the last column of the first table).", ""]
+        ns = self.workers
+        lines += [f"### Memory: total PSS of the process tree (MiB) after every worker "
+                  f"served >= {self.data['settings']['per_worker']} requests", "",
+                  "| contender | " + " | ".join(f"N={n}" for n in ns) +
+                  " | per extra worker | processes at N=" + str(ns[-1]) + " | max abs diff |",
+                  "|---|" + "---|" * (len(ns) + 3)]
+        for contender in self.contenders:
+            values = [self.value(model, contender, n, "pss_mib") for n in ns]
+            extra = None
+            if len(ns) > 1 and values[0] is not None and values[-1] is not None:
+                extra = (values[-1] - values[0]) / (ns[-1] - ns[0])
+            diffs = [t.get("max_abs_diff") for k, v in self.groups.items()
+                     if k[0] == model and k[1] == contender for t in v]
+            diffs = [d for d in diffs if d is not None]
+            processes = self.value(model, contender, ns[-1], "processes")
+            lines.append(f"| {self.name(contender)} | " +
+                         " | ".join(fmt(v) for v in values) +
+                         f" | {fmt(extra)} | {fmt(processes, 0)} | "
+                         f"{f'{max(diffs):.1e}' if diffs else '—'} |")
+        lines += ["", "### Start and restart", "",
+                  "Start: launch to the first successful answer. Restart: under load "
+                  f"({self.data['settings']['clients']} clients), SIGKILL the worker that "
+                  "answered last; seconds until a worker never seen before answers, and "
+                  "requests that failed from the kill on (not replaced within the "
+                  f"{self.data['settings']['recover_timeout']:.0f} s limit: —).", "",
+                  "| contender | " + " | ".join(f"start N={n} (s)" for n in ns) + " | " +
+                  " | ".join(f"restart N={n}: s / failed" for n in ns) + " |",
+                  "|---|" + "---|" * (2 * len(ns))]
+        for contender in self.contenders:
+            starts = [fmt(self.value(model, contender, n, "start_s"), 2) for n in ns]
+            restarts = [f"{fmt(self.value(model, contender, n, 'restart.recover_s'), 2)} / "
+                        f"{fmt(self.value(model, contender, n, 'restart.failed'), 0)}"
+                        for n in ns]
+            lines.append(f"| {self.name(contender)} | " + " | ".join(starts + restarts) + " |")
+        lines += ["", "### Throughput and latency over each one's own HTTP API", "",
+                  f"{self.data['settings']['clients']} concurrent clients for "
+                  f"{self.data['settings']['seconds']:.0f} s (req/s, p50, p99), then 1 "
+                  "client (p50, p99); latencies in ms. Failed requests in brackets when "
+                  "any. Each client keeps its connection alive, as client libraries do, "
+                  "so a server whose workers share accept() serves a client from the "
+                  "worker that accepted it (last column).", "",
+                  "| contender | N | req/s | p50 | p99 | 1 client p50 | 1 client p99 | "
+                  "workers that answered |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for contender in self.contenders:
+            if contender in LABELS:
+                continue
+            for n in ns:
+                failed = self.value(model, contender, n, "load.failed")
+                note = f" ({failed:.0f} failed)" if failed else ""
+                lines.append(
+                    f"| {self.name(contender)} | {n} | "
+                    f"{fmt(self.value(model, contender, n, 'load.rps'))}{note} | "
+                    f"{fmt(self.value(model, contender, n, 'load.p50_ms'))} | "
+                    f"{fmt(self.value(model, contender, n, 'load.p99_ms'))} | "
+                    f"{fmt(self.value(model, contender, n, 'single.p50_ms'))} | "
+                    f"{fmt(self.value(model, contender, n, 'single.p99_ms'))} | "
+                    f"{fmt(self.value(model, contender, n, 'load.pids'), 0)} |")
+        plots = self.data.get("plots", {}).get(model, [])
+        lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
+        return lines
+
+    def overhead(self) -> list[str]:
+        rows = self.data.get("overhead")
+        if not rows:
+            return []
+        lines = ["## Embedded: the Pool against multiprocessing.Pool and "
+                 "ProcessPoolExecutor", "",
+                 "Per-request overhead with a model that does nothing (`bench/overhead.py "
+                 f"{self.data.get('overhead_args', '')}`, its rows as it prints them; "
+                 "workerpool / baseline, medians of its rounds).", "",
+                 "| row | what | workerpool | baseline | ratio |", "|---|---|---|---|---|"]
+        for row in rows:
+            lines.append(f"| {row.get('row', '')} | {row.get('what', '')} | "
+                         f"{fmt(row.get('workerpool'))} | {fmt(row.get('baseline'))} | "
+                         f"{fmt(row.get('ratio'), 2)} |")
+        return lines + [""]
+
+    def problems(self) -> list[str]:
+        lines = []
+        for contender, reason in self.data.get("unavailable", {}).items():
+            lines.append(f"- {self.name(contender)}: could not be installed or run here: "
+                         f"{reason}")
+        for trial in self.failures:
+            lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
+                         f"N={trial['workers']}, repetition {trial.get('rep')}: "
+                         f"{trial['error']}")
+        for trial in self.trials:
+            if trial.get("left_running"):
+                lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
+                             f"N={trial['workers']}: still running 30 s after SIGTERM "
+                             f"(killed): {', '.join(sorted(set(trial['left_running'])))}")
+        if not lines:
+            return []
+        return ["## What did not run, or did not stop", ""] + lines + [""]
+
+    def markdown(self) -> str:
+        lines = ["# workerpool against the servers users would pick instead", "",
+                 "Written by `bench/report.py`. Every contender serves the same model files "
+                 "(bench/peers/peer_model.py: seeded weights saved as safetensors) with the "
+                 "same predict, one torch thread per worker, no batching, and is called "
+                 "over its own native HTTP API by one load generator "
+                 "(bench/reporting/loadgen.py: asyncio + aiohttp, fixed payloads).", ""]
+        lines += self.machine() + self.headline()
+        for model in self.models:
+            lines += self.model_tables(model)
+        lines += self.overhead() + self.problems()
+        return "\n".join(lines)

@@ -1,0 +1,217 @@
+"""One trial: one contender serving one model with N workers, measured from launch to stop.
+
+1. start: seconds from launch to the first successful answer (polled), whose output is
+   checked against the model run in-process;
+2. memory: every worker serves >= ``per_worker`` requests (32 clients), then the total PSS
+   of the whole process tree (copy-on-write decay shows here);
+3. throughput/latency: 32 clients (req/s, p50, p99), then 1 client (p50, p99);
+4. restart: under load, SIGKILL the worker that answered last; seconds until a new worker
+   answers, and the requests that failed meanwhile;
+5. stop: SIGTERM to the tree (SIGKILL after 30 s); any process left is reported and killed.
+
+The load generator runs as its own process (``reporting.loadgen``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+
+from reporting.loadgen import load_peer
+from reporting.models import reference
+from reporting.venvs import BENCH, PEERS, Unavailable
+
+WORK = BENCH / ".work"
+STOP_GRACE = 30.0
+
+
+class Settings:
+    """How long each phase runs; the smoke run in CI shrinks them."""
+
+    def __init__(self, seconds: float = 10.0, per_worker: int = 100, clients: int = 32,
+                 start_timeout: float = 600.0, recover_timeout: float = 60.0):
+        self.seconds = seconds
+        self.per_worker = per_worker
+        self.clients = clients
+        self.start_timeout = start_timeout
+        self.recover_timeout = recover_timeout
+
+
+def tree(root: int) -> list[psutil.Process]:
+    """``root`` and its descendants, and any process that kept its session (a daemon that
+    re-parented itself to init but never called setsid)."""
+    found: dict[int, psutil.Process] = {}
+    try:
+        parent = psutil.Process(root)
+        for process in [parent, *parent.children(recursive=True)]:
+            found[process.pid] = process
+    except psutil.NoSuchProcess:
+        pass
+    for process in psutil.process_iter():
+        try:
+            if process.pid not in found and os.getsid(process.pid) == root:
+                found[process.pid] = process
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return list(found.values())
+
+
+def tree_pss(root: int) -> tuple[float, int]:
+    """(total PSS in MiB, processes) of the tree."""
+    total, count = 0, 0
+    for process in tree(root):
+        try:
+            total += process.memory_full_info().pss
+            count += 1
+        except psutil.Error:
+            pass
+    return total / 2**20, count
+
+
+def post_once(peer, port: int, inputs: list, timeout: float = 60.0):
+    path, body, headers = peer.request(inputs)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
+                                     headers=dict(headers), method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return peer.parse(response.status, response.read())
+
+
+def wait_first_answer(peer, process, port: int, inputs: list, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise Unavailable(f"the server exited with {process.returncode} before answering")
+        try:
+            return post_once(peer, port, inputs)
+        except (urllib.error.URLError, ConnectionError, OSError, ValueError, KeyError):
+            time.sleep(0.1)
+    raise Unavailable(f"no successful answer within {timeout:.0f} s of launch")
+
+
+def loadgen(folder: pathlib.Path, port: int, model_dir: pathlib.Path, mode: str,
+            **options) -> dict:
+    argv = [sys.executable, "-m", "reporting.loadgen", "--peer", str(folder),
+            "--port", str(port), "--inputs-json", str(model_dir / "input.json"),
+            "--mode", mode]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "PYTHONPATH": str(BENCH)}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"loadgen {mode} failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def stop(process: subprocess.Popen) -> list[str]:
+    """SIGTERM the tree, wait, SIGKILL what is left; the names of processes that outlived
+    the grace period (or escaped the tree)."""
+    members = tree(process.pid)
+    process.send_signal(signal.SIGTERM)  # the server stops its own workers, as in production
+    try:
+        process.wait(STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        pass
+    _, alive = psutil.wait_procs(members, timeout=5)
+    left = []
+    for member in alive:
+        try:
+            left.append(member.name())
+            member.kill()
+        except psutil.Error:
+            pass
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    return left
+
+
+def prepare_once(peer, name: str, python: str, model_dir: pathlib.Path) -> pathlib.Path:
+    """The contender's working directory for this model, prepared once (an archive)."""
+    workdir = WORK / name / model_dir.name
+    stamp = workdir / ".prepared"
+    if not stamp.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        if hasattr(peer, "prepare"):
+            peer.prepare(python, str(model_dir), str(workdir))
+        stamp.touch()
+    return workdir
+
+
+def run(name: str, python: str, model_dir: pathlib.Path, workers: int, port: int,
+        settings: Settings, log) -> dict:
+    """Measure one contender at ``workers`` workers; raises Unavailable when it cannot run."""
+    folder = PEERS / name
+    peer = load_peer(str(folder))
+    inputs = json.loads((model_dir / "input.json").read_text())
+    workdir = prepare_once(peer, name, python, model_dir)
+    argv, extra_env = peer.command(python, str(model_dir), workers, port, str(workdir))
+    env = {**os.environ, **extra_env, "PEER_MODEL_DIR": str(model_dir),
+           "PEER_WORKERS": str(workers), "PEER_PORT": str(port),
+           "PYTHONPATH": os.pathsep.join([str(PEERS), str(folder)])}
+    env.pop("VIRTUAL_ENV", None)
+    result: dict = {"contender": name, "workers": workers, "model": model_dir.name}
+    launched = time.perf_counter()
+    process = subprocess.Popen(argv, cwd=workdir, env=env, stdout=log, stderr=log,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        first = wait_first_answer(peer, process, port, inputs, settings.start_timeout)
+        result["start_s"] = time.perf_counter() - launched
+        result["max_abs_diff"] = max(abs(a - b) for a, b in zip(first["y"], reference(model_dir)))
+        spread = loadgen(folder, port, model_dir, "spread", clients=settings.clients,
+                         workers=workers, per_worker=settings.per_worker,
+                         max_requests=settings.per_worker * workers * 4)
+        result["served"] = spread
+        result["pss_mib"], result["processes"] = tree_pss(process.pid)
+        result["load"] = loadgen(folder, port, model_dir, "load", clients=settings.clients,
+                                 seconds=settings.seconds)
+        result["single"] = loadgen(folder, port, model_dir, "load", clients=1,
+                                   seconds=settings.seconds / 2)
+        result["restart"] = loadgen(folder, port, model_dir, "restart",
+                                    clients=settings.clients, seconds=2,
+                                    recover_timeout=settings.recover_timeout)
+    finally:
+        result["left_running"] = stop(process)
+    return result
+
+
+EMBEDDED = ("workerpool-pool", "multiprocessing")
+
+
+def run_embedded(name: str, python: str, model_dir: pathlib.Path, workers: int,
+                 settings: Settings, log) -> dict:
+    """An embedded contender (reporting.embedded): start, memory after every worker served
+    ``per_worker`` calls, restart; no HTTP, so no throughput rows."""
+    kind = "workerpool" if name == "workerpool-pool" else "multiprocessing"
+    argv = [python, "-m", "reporting.embedded", "--kind", kind, "--model-dir",
+            str(model_dir), "--workers", str(workers), "--per-worker",
+            str(settings.per_worker), "--recover-timeout", str(settings.recover_timeout)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), str(PEERS)])}
+    result: dict = {"contender": name, "workers": workers, "model": model_dir.name}
+    process = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=log, text=True, start_new_session=True)
+    try:
+        line = process.stdout.readline()
+        if not line:
+            raise Unavailable(f"the embedded driver exited with {process.wait()} before "
+                              "answering")
+        warm = json.loads(line)
+        result["start_s"] = warm["start_s"]
+        result["max_abs_diff"] = max(abs(a - b) for a, b in zip(warm["y"], reference(model_dir)))
+        result["served"] = {"pids": warm["served"]}
+        result["pss_mib"], result["processes"] = tree_pss(process.pid)
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        line = process.stdout.readline()
+        if line:
+            result["restart"] = json.loads(line)
+    finally:
+        result["left_running"] = stop(process)
+    return result
