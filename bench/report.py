@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import shlex
 import subprocess
@@ -57,9 +58,10 @@ def names() -> dict[str, str]:
     return out
 
 
-def run_overhead(python: str, args) -> list[dict] | None:
+def run_overhead(python: str, args, out: pathlib.Path) -> list[dict] | None:
     argv = [python, str(venvs.BENCH / "overhead.py"), *shlex.split(args.overhead_args)]
-    done = subprocess.run(argv, capture_output=True, text=True)
+    env = {**os.environ, "WORKERPOOL_BENCH_RESULTS": str(out)}  # not bench/results/overhead.md
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
     if done.returncode:
         print(f"[report] bench/overhead.py failed: {done.stderr[-1500:]}", file=sys.stderr)
         return None
@@ -154,7 +156,7 @@ def main(argv=None) -> None:
                     write(data, out)
     if args.overhead_args and "workerpool" in pythons:
         data["overhead_args"] = args.overhead_args
-        data["overhead"] = run_overhead(pythons["workerpool"], args)
+        data["overhead"] = run_overhead(pythons["workerpool"], args, out)
     data["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"wrote {write(data, out)}", file=log)
 
