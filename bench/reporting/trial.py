@@ -64,16 +64,18 @@ def tree(root: int) -> list[psutil.Process]:
     return list(found.values())
 
 
-def tree_pss(root: int) -> tuple[float, int]:
-    """(total PSS in MiB, processes) of the tree."""
-    total, count = 0, 0
+def tree_pss(root: int) -> tuple[float, list[list]]:
+    """(total PSS in MiB, [[command, PSS MiB], ...] per process) of the tree."""
+    total, each = 0, []
     for process in tree(root):
         try:
-            total += process.memory_full_info().pss
-            count += 1
+            pss = process.memory_full_info().pss
+            command = " ".join(process.cmdline())[-100:] or process.name()
         except psutil.Error:
-            pass
-    return total / 2**20, count
+            continue
+        total += pss
+        each.append([command, round(pss / 2**20, 1)])
+    return total / 2**20, each
 
 
 def post_once(peer, port: int, inputs: list, timeout: float = 60.0):
@@ -123,7 +125,7 @@ def stop(process: subprocess.Popen) -> list[str]:
     left = []
     for member in alive:
         try:
-            left.append(member.name())
+            left.append(" ".join(member.cmdline())[:120] or member.name())
             member.kill()
         except psutil.Error:
             pass
@@ -169,7 +171,8 @@ def run(name: str, python: str, model_dir: pathlib.Path, workers: int, port: int
                          workers=workers, per_worker=settings.per_worker,
                          max_requests=settings.per_worker * workers * 4)
         result["served"] = spread
-        result["pss_mib"], result["processes"] = tree_pss(process.pid)
+        result["pss_mib"], result["pss_by_process"] = tree_pss(process.pid)
+        result["processes"] = len(result["pss_by_process"])
         result["load"] = loadgen(folder, port, model_dir, "load", clients=settings.clients,
                                  seconds=settings.seconds)
         result["single"] = loadgen(folder, port, model_dir, "load", clients=1,
@@ -206,12 +209,17 @@ def run_embedded(name: str, python: str, model_dir: pathlib.Path, workers: int,
         result["start_s"] = warm["start_s"]
         result["max_abs_diff"] = max(abs(a - b) for a, b in zip(warm["y"], reference(model_dir)))
         result["served"] = {"pids": warm["served"]}
-        result["pss_mib"], result["processes"] = tree_pss(process.pid)
+        result["pss_mib"], result["pss_by_process"] = tree_pss(process.pid)
+        result["processes"] = len(result["pss_by_process"])
         process.stdin.write("go\n")
         process.stdin.flush()
         line = process.stdout.readline()
         if line:
             result["restart"] = json.loads(line)
+        try:
+            process.wait(STOP_GRACE)  # it closes its pool itself after that line
+        except subprocess.TimeoutExpired:
+            pass
     finally:
         result["left_running"] = stop(process)
     return result

@@ -1,0 +1,86 @@
+"""The benchmark report's machinery, on workerpool alone at a small size, so it cannot rot:
+bench/report.py run as `make report` runs it (a real `workerpool serve`, the embedded Pool
+and multiprocessing.Pool, the load generator, the restart, the plots), with this
+interpreter standing in for workerpool's own venv. The other contenders run only under
+`make report` (each builds a venv with its own torch)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MODEL_MIB = 128
+PER_WORKER = 10
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "report.py"),
+         "--contenders", "workerpool,workerpool-pool,multiprocessing",
+         "--models", f"mlp{MODEL_MIB}", "--workers", "1,2", "--repeats", "1",
+         "--seconds", "1", "--per-worker", str(PER_WORKER), "--clients", "8",
+         "--port", "18790", "--python", f"workerpool={sys.executable}",
+         "--overhead-args", "--rounds 1 --burst 300 --sequential 50 --array-calls 10",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, json.loads((out / "report.json").read_text())
+
+
+def trials(data, contender):
+    found = {t["workers"]: t for t in data["trials"] if t["contender"] == contender}
+    assert set(found) == {1, 2}, data["trials"]
+    return found
+
+
+@pytest.mark.slow
+def test_every_trial_ran_answered_right_and_stopped(report):
+    _, data = report
+    assert not data["unavailable"]
+    for trial in data["trials"]:
+        assert "error" not in trial, trial
+        assert trial["max_abs_diff"] < 1e-5, trial   # same answer as the model in-process
+        served = sorted(trial["served"]["pids"].values(), reverse=True)[:trial["workers"]]
+        assert len(served) == trial["workers"] and min(served) >= PER_WORKER, trial
+        assert trial["left_running"] == [] or trial["contender"] == "multiprocessing", trial
+    for n, trial in trials(data, "workerpool").items():
+        assert trial["load"]["requests"] > 0 and trial["load"]["failed"] == 0
+        assert trial["load"]["pids"] == n and trial["single"]["p99_ms"] > 0
+        assert trial["restart"]["recover_s"] is not None, trial   # a new worker answered
+    assert trials(data, "workerpool-pool")[2]["restart"]["failed"] == 0
+
+
+@pytest.mark.slow
+def test_the_report_shows_sharing_where_there_is_sharing(report):
+    """A second worker costs workerpool far less than the model; multiprocessing.Pool's
+    initializer loads a whole copy into it."""
+    _, data = report
+    for contender in ("workerpool", "workerpool-pool"):
+        by_n = trials(data, contender)
+        assert by_n[2]["pss_mib"] - by_n[1]["pss_mib"] < MODEL_MIB / 2, by_n
+    copies = trials(data, "multiprocessing")
+    assert copies[2]["pss_mib"] - copies[1]["pss_mib"] > MODEL_MIB * 0.9, copies
+
+
+@pytest.mark.slow
+def test_markdown_headline_plots_and_overhead_are_written(report):
+    out, data = report
+    markdown = (out / "report.md").read_text()
+    assert "## Headline: N = 2 workers" in markdown
+    assert "| workerpool serve | 1.00x | 1.00x | 1.00x |" in markdown
+    assert data["machine"]["cpus"] and "Python" in markdown
+    plots = data["plots"][f"mlp{MODEL_MIB}"]
+    assert len(plots) == 2
+    for name in plots:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in markdown
+    rows = {row["row"] for row in data["overhead"]}
+    assert {"1", "2", "3a", "3b"} <= {str(r) for r in rows}
+    assert "## Embedded: the Pool against multiprocessing.Pool" in markdown
