@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo serve bench install clean
+.PHONY: test demo serve bench report install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ bench: $(STAMP)
 	$(PY) bench/score.py
 	$(PY) bench/overhead.py
 	$(PY) bench/thread_hops.py
+
+# The benchmark report (docs/benchmarks.md): workerpool against Ray Serve, LitServe, TorchServe,
+# MLServer, gunicorn --preload and multiprocessing.Pool, each installed into its own venv
+# (bench/.venvs) from bench/peers/NAME/requirements.txt. Hours on a 2-core machine.
+report: $(STAMP)
+	$(PY) bench/report.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -99,8 +99,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--resume", action="store_true",
                         help="keep the trials already in OUT/report.json")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite OUT/report.md and the plots from OUT/report.json")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
+    if args.render_only:
+        print(f"wrote {write(json.loads((out / 'report.json').read_text()), out)}")
+        return
     contenders = [c for c in args.contenders.split(",") if c]
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
@@ -109,14 +114,22 @@ def main(argv=None) -> None:
              for name, path in (item.split("=", 1) for item in args.python)}
     settings = trial.Settings(seconds=args.seconds, per_worker=args.per_worker,
                               clients=args.clients)
-    data = {"command": "bench/report.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    command = "bench/report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    data = {"commands": [command],
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine.describe(), "contenders": contenders,
             "models": args.models.split(","), "settings": vars(settings),
             "trials": [], "unavailable": {}, "versions": {}, "model_info": {}}
     if args.resume and (out / "report.json").exists():
         old = json.loads((out / "report.json").read_text())
-        data["trials"] = [t for t in old["trials"] if "error" not in t]
+        data["trials"] = [{"settings": old["settings"], **t} for t in old["trials"]
+                          if "error" not in t]
+        data["commands"] = old.get("commands", [old.get("command")]) + data["commands"]
+        data["started"] = old["started"]
+        data["models"] = list(dict.fromkeys(old["models"] + data["models"]))
+        for key in ("overhead", "overhead_args"):
+            if key in old:
+                data[key] = old[key]
     done = {(t["model"], t["contender"], t["workers"], t.get("rep")) for t in data["trials"]}
     log = sys.stderr
     pythons: dict[str, str] = {}
@@ -128,12 +141,12 @@ def main(argv=None) -> None:
             data["unavailable"][name] = str(error)
             print(f"[report] {name}: {error}", file=log, flush=True)
     directories = {}
-    for model in data["models"]:
+    for model in data["models"]:  # a resumed run's models too, for their descriptions
         directories[model] = models.ensure(model)
         data["model_info"][model] = models.describe(directories[model])
     workers = [int(n) for n in args.workers.split(",")]
     for rep in range(args.repeats):
-        for model in data["models"]:
+        for model in args.models.split(","):
             for n in workers:
                 for name in pythons:
                     if (model, name, n, rep) in done or name in data["unavailable"]:
@@ -151,6 +164,7 @@ def main(argv=None) -> None:
                         result = {"contender": name, "workers": n, "model": model,
                                   "error": f"{type(error).__name__}: {error}"}
                     result["rep"] = rep
+                    result["settings"] = vars(settings)
                     data["trials"].append(result)
                     print(f"[report] {json.dumps(result)}", file=log, flush=True)
                     write(data, out)

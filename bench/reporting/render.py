@@ -63,6 +63,13 @@ class Report:
     def value(self, model: str, contender: str, workers: int, path: str):
         return median(self.groups.get((model, contender, workers), []), path)
 
+    def settings(self, model: str) -> dict:
+        """The settings the model's trials ran with (a resumed run may have changed them)."""
+        for trial in self.trials:
+            if trial["model"] == model and "settings" in trial:
+                return trial["settings"]
+        return self.data["settings"]
+
     def repeats(self, model: str) -> int:
         counts = [len(v) for k, v in self.groups.items() if k[0] == model]
         return min(counts) if counts else 0
@@ -73,8 +80,8 @@ class Report:
         lines = ["## Machine", "",
                  f"- {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB memory, "
                  f"kernel {m['kernel']}, {m['os']}, Python {m['python']}",
-                 f"- run: `{self.data['command']}` ({self.data['started']} to "
-                 f"{self.data.get('finished', '?')})",
+                 f"- run from {self.data['started']} to {self.data.get('finished', '?')} by "
+                 + "; then ".join(f"`{c}`" for c in self.data.get("commands", [])),
                  "- versions, each contender in its own virtual environment "
                  "(bench/peers/NAME/requirements.txt):"]
         for contender, versions in self.data.get("versions", {}).items():
@@ -114,13 +121,17 @@ class Report:
                  if config.get("kind") == "mlp" else
                  "BERT-base-sized encoder (12 x 768, 12 heads, 3072 FFN, 30522 tokens), "
                  f"{config.get('seq')} tokens a request")
+        settings = self.settings(model)
         lines = [f"## {model}: {shape}, {info.get('mib', 0):.0f} MiB of weights", "",
+                 f"Reproduce: `.venv/bin/python bench/report.py --models {model} "
+                 f"--repeats {self.repeats(model)} --seconds {settings['seconds']:g}`"
+                 " (add `--contenders NAME,...` for fewer rows).", "",
                  f"Medians of {self.repeats(model)} interleaved repetition(s). "
                  "Every output checked against the model run in-process "
                  "(largest difference in the last column of the first table).", ""]
         ns = self.workers
         lines += [f"### Memory: total PSS of the process tree (MiB) after every worker "
-                  f"served >= {self.data['settings']['per_worker']} requests", "",
+                  f"served >= {settings['per_worker']} requests", "",
                   "| contender | " + " | ".join(f"N={n}" for n in ns) +
                   " | per extra worker | processes at N=" + str(ns[-1]) + " | max abs diff |",
                   "|---|" + "---|" * (len(ns) + 3)]
@@ -139,10 +150,10 @@ class Report:
                          f"{f'{max(diffs):.1e}' if diffs else '—'} |")
         lines += ["", "### Start and restart", "",
                   "Start: launch to the first successful answer. Restart: under load "
-                  f"({self.data['settings']['clients']} clients), SIGKILL the worker that "
+                  f"({settings['clients']} clients), SIGKILL the worker that "
                   "answered last; seconds until a worker never seen before answers, and "
                   "requests that failed from the kill on (not replaced within the "
-                  f"{self.data['settings']['recover_timeout']:.0f} s limit: —).", "",
+                  f"{settings['recover_timeout']:.0f} s limit: —).", "",
                   "| contender | " + " | ".join(f"start N={n} (s)" for n in ns) + " | " +
                   " | ".join(f"restart N={n}: s / failed" for n in ns) + " |",
                   "|---|" + "---|" * (2 * len(ns))]
@@ -153,8 +164,8 @@ class Report:
                         for n in ns]
             lines.append(f"| {self.name(contender)} | " + " | ".join(starts + restarts) + " |")
         lines += ["", "### Throughput and latency over each one's own HTTP API", "",
-                  f"{self.data['settings']['clients']} concurrent clients for "
-                  f"{self.data['settings']['seconds']:.0f} s (req/s, p50, p99), then 1 "
+                  f"{settings['clients']} concurrent clients for "
+                  f"{settings['seconds']:.0f} s (req/s, p50, p99), then 1 "
                   "client (p50, p99); latencies in ms. Failed requests in brackets when "
                   "any. Each client keeps its connection alive, as client libraries do, "
                   "so a server whose workers share accept() serves a client from the "
@@ -186,8 +197,9 @@ class Report:
             return []
         lines = ["## Embedded: the Pool against multiprocessing.Pool and "
                  "ProcessPoolExecutor", "",
-                 "Per-request overhead with a model that does nothing (`bench/overhead.py "
-                 f"{self.data.get('overhead_args', '')}`, its rows as it prints them; "
+                 "Per-request overhead with a model that does nothing (reproduce: "
+                 f"`.venv/bin/python bench/overhead.py {self.data.get('overhead_args', '')}`;"
+                 " its rows as it prints them, "
                  "workerpool / baseline, medians of its rounds).", "",
                  "| row | what | workerpool | baseline | ratio |", "|---|---|---|---|---|"]
         for row in rows:
