@@ -127,6 +127,9 @@ def main(argv=None) -> None:
         data["commands"] = old.get("commands", [old.get("command")]) + data["commands"]
         data["started"] = old["started"]
         data["models"] = list(dict.fromkeys(old["models"] + data["models"]))
+        data["contenders"] = list(dict.fromkeys(old["contenders"] + data["contenders"]))
+        for key in ("versions", "unavailable"):
+            data[key] = {**old.get(key, {}), **data[key]}
         for key in ("overhead", "overhead_args"):
             if key in old:
                 data[key] = old[key]

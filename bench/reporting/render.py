@@ -152,8 +152,16 @@ class Report:
                   "Start: launch to the first successful answer. Restart: under load "
                   f"({settings['clients']} clients), SIGKILL the worker that "
                   "answered last; seconds until a worker never seen before answers, and "
-                  "requests that failed from the kill on (not replaced within the "
-                  f"{settings['recover_timeout']:.0f} s limit: —).", "",
+                  "the load's requests that failed from the kill on (—: no new worker "
+                  f"answered within {settings['recover_timeout']:.0f} s). Over HTTP the "
+                  "new worker must answer a probe sent on a fresh connection every 50 ms, "
+                  "so a server that queues requests in order (workerpool, TorchServe, "
+                  "MLServer) adds the probe's wait behind the queued load and the odds of "
+                  "it reaching an older worker; a server whose idle new worker accepts the "
+                  "connection itself (gunicorn) does not. Embedded, any call's answer "
+                  "from the new worker counts. A failed request is one answered with an "
+                  "error or a broken connection; each client retries after 10 ms, so a "
+                  "server that fails fast while it has no worker counts many.", "",
                   "| contender | " + " | ".join(f"start N={n} (s)" for n in ns) + " | " +
                   " | ".join(f"restart N={n}: s / failed" for n in ns) + " |",
                   "|---|" + "---|" * (2 * len(ns))]
@@ -217,11 +225,18 @@ class Report:
             lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
                          f"N={trial['workers']}, repetition {trial.get('rep')}: "
                          f"{trial['error']}")
+        stuck: dict[tuple, list[dict]] = {}
         for trial in self.trials:
-            if trial.get("left_running"):
-                lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
-                             f"N={trial['workers']}: still running 30 s after SIGTERM "
-                             f"(killed): {', '.join(sorted(set(trial['left_running'])))}")
+            stuck.setdefault((trial["contender"], trial["model"]), []).append(trial)
+        for (contender, model), trials in stuck.items():
+            left = [t for t in trials if t.get("left_running")]
+            if left:
+                commands = sorted({" ".join(w.rsplit("/", 1)[-1] for w in c.split()[:6])[:80]
+                                   for t in left for c in t["left_running"]})
+                lines.append(f"- {self.name(contender)}, {model}: still running 30 s after "
+                             f"SIGTERM (then killed) in {len(left)} of {len(trials)} trials "
+                             "(each stop follows the restart test): "
+                             + "; ".join(f"`{c}`" for c in commands))
         if not lines:
             return []
         return ["## What did not run, or did not stop", ""] + lines + [""]

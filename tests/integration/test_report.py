@@ -16,6 +16,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_MIB = 128
 PER_WORKER = 10
+# The module's fixture runs the whole report (a few minutes) inside the first test's setup.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,6 @@ def trials(data, contender):
     return found
 
 
-@pytest.mark.slow
 def test_every_trial_ran_answered_right_and_stopped(report):
     _, data = report
     assert not data["unavailable"]
@@ -57,7 +58,6 @@ def test_every_trial_ran_answered_right_and_stopped(report):
     assert trials(data, "workerpool-pool")[2]["restart"]["failed"] == 0
 
 
-@pytest.mark.slow
 def test_the_report_shows_sharing_where_there_is_sharing(report):
     """A second worker costs workerpool far less than the model; multiprocessing.Pool's
     initializer loads a whole copy into it."""
@@ -69,7 +69,6 @@ def test_the_report_shows_sharing_where_there_is_sharing(report):
     assert copies[2]["pss_mib"] - copies[1]["pss_mib"] > MODEL_MIB * 0.9, copies
 
 
-@pytest.mark.slow
 def test_markdown_headline_plots_and_overhead_are_written(report):
     out, data = report
     markdown = (out / "report.md").read_text()
