@@ -96,7 +96,9 @@ class Report:
                  "concurrent clients, each divided by workerpool's in the same run "
                  "(`workerpool serve` for the servers, workerpool's `Pool` for "
                  "`multiprocessing.Pool`). Memory and p99: above 1.00x is worse than "
-                 "workerpool; req/s: below 1.00x is worse.", ""]
+                 "workerpool; req/s: below 1.00x is worse. Medians of "
+                 + ", ".join(f"{self.repeats(m)} repetition(s) for {m}" for m in self.models)
+                 + ".", ""]
         header = "| contender |" + "".join(
             f" {m}: memory | {m}: req/s | {m}: p99 |" for m in self.models)
         lines += [header, "|---|" + "---|---|---|" * len(self.models)]
