@@ -122,17 +122,33 @@ def stop(process: subprocess.Popen) -> list[str]:
     except subprocess.TimeoutExpired:
         pass
     _, alive = psutil.wait_procs(members, timeout=5)
-    left = []
+    left = [_command(member) for member in alive]
+    # multiprocessing's resource tracker goes last: once every process using it is dead it
+    # unlinks the semaphores they left in /dev/shm and exits by itself.
+    trackers = [m for m in alive if "resource_tracker" in _command(m)]
     for member in alive:
-        try:
-            left.append(" ".join(member.cmdline())[:120] or member.name())
-            member.kill()
-        except psutil.Error:
-            pass
+        if member not in trackers:
+            _kill(member)
+    for member in psutil.wait_procs(trackers, timeout=5)[1]:
+        _kill(member)
     if process.poll() is None:
         process.kill()
         process.wait()
     return left
+
+
+def _command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())[:120] or process.name()
+    except psutil.Error:
+        return "?"
+
+
+def _kill(process: psutil.Process) -> None:
+    try:
+        process.kill()
+    except psutil.Error:
+        pass
 
 
 def prepare_once(peer, name: str, python: str, model_dir: pathlib.Path) -> pathlib.Path:
