@@ -87,7 +87,8 @@ def read_config(directory: str | os.PathLike) -> dict:
 def load(directory: str | os.PathLike | None = None):
     """The model in ``directory`` (default: $PEER_MODEL_DIR), ready for ``predict``.
 
-    Every contender runs its workers on one intra-op thread each, as workerpool's do, so
+    Every contender runs its workers on one intra-op thread each (workerpool's peer and the
+    embedded Pool set threads_per_worker=1: its default gives one worker every core), so
     N workers on a small machine compete for cores the same way in every row."""
     import torch
     from safetensors.torch import load_file

@@ -45,7 +45,10 @@ def open_pool(kind: str, workers: int):
         return call, pool.terminate
     import workerpool
 
-    pool = workerpool.Pool(peer_model.load, peer_model.predict, workers=workers)
+    # One intra-op thread per worker, as multiprocessing's workers get from load(); the
+    # Pool's default would give a single worker every core.
+    pool = workerpool.Pool(peer_model.load, peer_model.predict, workers=workers,
+                           threads_per_worker=1)
 
     def call(inputs, timeout):
         return pool.submit(inputs).result(timeout)
