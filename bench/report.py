@@ -140,6 +140,7 @@ def main(argv=None) -> None:
         try:
             pythons[name] = python_for(name, given, log)
             data["versions"][name] = venvs.versions(pythons[name], PACKAGES)
+            data["unavailable"].pop(name, None)  # a resumed run's old failure, now mended
         except venvs.Unavailable as error:
             data["unavailable"][name] = str(error)
             print(f"[report] {name}: {error}", file=log, flush=True)
