@@ -227,10 +227,10 @@ class Report:
             lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
                          f"N={trial['workers']}, repetition {trial.get('rep')}: "
                          f"{trial['error']}")
-        stuck: dict[tuple, list[dict]] = {}
+        by_contender_model: dict[tuple, list[dict]] = {}
         for trial in self.trials:
-            stuck.setdefault((trial["contender"], trial["model"]), []).append(trial)
-        for (contender, model), trials in stuck.items():
+            by_contender_model.setdefault((trial["contender"], trial["model"]), []).append(trial)
+        for (contender, model), trials in by_contender_model.items():
             left = [t for t in trials if t.get("left_running")]
             if left:
                 commands = sorted({" ".join(w.rsplit("/", 1)[-1] for w in c.split()[:6])[:80]
