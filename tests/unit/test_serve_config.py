@@ -40,6 +40,15 @@ def test_the_same_model_twice_on_the_command_line_is_two_versions():
         models_and_settings(parser().parse_args(["--model", "m=a.pt", "--model", "m=b.pt"]))
 
 
+def test_pool_options_on_the_command_line_reach_every_models_pool():
+    args = parser().parse_args(["--model", "a=a.pt", "--model", "b=b.pt", "--workers", "3",
+                                "--threads-per-worker", "1", "--max-queue", "8"])
+    specs, _ = models_and_settings(args)
+    for spec in specs:
+        assert spec.pool_options == {"workers": 3, "threads_per_worker": 1, "max_queue": 8}
+        assert spec.pool_arguments()[2]["threads_per_worker"] == 1
+
+
 def test_toml_versions_and_allow_sources(tmp_path):
     config = tmp_path / "serve.toml"
     config.write_text(textwrap.dedent("""

@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", help="an .npz of inputs run on every worker before it takes "
                    "requests (its arrays by name)")
     p.add_argument("--workers", type=int)
+    p.add_argument("--threads-per-worker", type=int,
+                   help="intra-op threads of each worker (default: usable cores // workers, "
+                   "at least 1)")
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-wait-ms", type=float)
     p.add_argument("--max-queue", type=int)
