@@ -70,10 +70,11 @@ class Harness:
         """The request ids of each TASK sent to ``worker``."""
         return [[r.id for r in a.requests] for a in self.of(Send, actions) if a.worker is worker]
 
-    def reply(self, worker, requests, value=None) -> list:
+    def reply(self, worker, requests, value=None, compute_s=0.001) -> list:
         items = [CODEC.encode(r.id if value is None else value) for r in requests]
         return self.take(self.scheduler.on_message(
-            [worker.identity, *wire.result([r.id for r in requests], items, 0.001)], self.now))
+            [worker.identity, *wire.result([r.id for r in requests], items, compute_s)],
+            self.now))
 
     def fail(self, worker, requests, exc: BaseException) -> list:
         return self.take(self.scheduler.on_message(
@@ -141,6 +142,40 @@ def test_no_credit_means_queued_and_the_next_send_follows_a_reply(pool):
     assert pool.of(Send, pool.tick()) == [] and list(pool.scheduler.pending) == [third]
     pool.reply(first.worker, [first])
     assert pool.sent_to(sends[0].worker, pool.tick()) == [[third.id]]
+
+
+def backlog_behind_a_reply(pool, compute_s: float, warmup_s: float | None = None) -> list:
+    """Both workers busy, 10 queued; the first worker answers, its call having taken
+    ``compute_s`` (after 15 replies of ``warmup_s`` each, if given): the TASK it gets next."""
+    if warmup_s is not None:
+        for _ in range(15):
+            request = pool.submit()
+            pool.tick()
+            pool.reply(request.worker, [request], compute_s=warmup_s)
+            pool.tick()
+    first, _ = pool.submit(), pool.submit()
+    pool.tick()
+    queued = [pool.submit() for _ in range(10)]
+    pool.tick()
+    worker = first.worker
+    assert list(pool.scheduler.pending) == queued
+    pool.reply(worker, [first], compute_s=compute_s)
+    (sent,) = pool.sent_to(worker, pool.tick())
+    return sent
+
+
+def test_a_backlog_of_fast_calls_leaves_in_chunks_of_slow_calls_one_by_one(pool):
+    # 10 queued, 1 credit free: all of it goes, 0.1 ms apiece
+    assert len(backlog_behind_a_reply(pool, compute_s=0.0001)) == 10
+    pool = Harness()
+    pool.ready_all()
+    # a BERT-like 0.3 s call: a chunk would hold the calls at its end 0.3 s apiece
+    assert len(backlog_behind_a_reply(pool, compute_s=0.3)) == 1
+
+
+def test_one_slow_call_does_not_stop_a_fast_models_chunks(pool):
+    # the typical call is the median of the latest: one 0.5 s call among fast ones
+    assert len(backlog_behind_a_reply(pool, compute_s=0.5, warmup_s=0.0001)) == 10
 
 
 def test_a_remote_error_answers_with_the_same_exception_type(pool):

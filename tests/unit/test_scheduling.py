@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from workerpool.pool.scheduling import (BOOT_FAILURES_BEFORE_BROKEN, MAX_ATTEMPTS, MAX_CHUNK,
-                                        RESTART_BACKOFF_S, TRANSITIONS, AfterBootFailure,
+from workerpool.pool.scheduling import (BOOT_FAILURES_BEFORE_BROKEN, CHUNK_BUDGET_S,
+                                        MAX_ATTEMPTS, MAX_CHUNK, RESTART_BACKOFF_S, TRANSITIONS, AfterBootFailure,
                                         Fate, Overdue, Task, WorkerSlot, WorkerState,
                                         after_boot_failure, chunk_size, fate, overdue,
                                         pick_worker)
@@ -75,6 +75,14 @@ def test_a_backlog_is_shared_out_over_the_credit_up_to_max_chunk():
     # credit of workers that cannot take work does not count
     workers.append(slot(3, state=WorkerState.STARTING, credits=2))
     assert chunk_size(workers, 10, workers[0]) == 3
+
+
+def test_a_chunk_holds_at_most_the_budget_of_the_typical_call():
+    workers = [slot(1), slot(2)]
+    assert chunk_size(workers, 10_000, workers[0], call_s=1e-5) == MAX_CHUNK
+    assert chunk_size(workers, 10_000, workers[0], call_s=CHUNK_BUDGET_S / 3.5) == 3
+    assert chunk_size(workers, 10_000, workers[0], call_s=0.3) == 1
+    assert chunk_size(workers, 10_000, workers[0], call_s=None) == MAX_CHUNK  # not timed yet
 
 
 def test_a_chunk_never_takes_a_worker_past_its_share():

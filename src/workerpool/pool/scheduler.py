@@ -40,9 +40,9 @@ from ..ipc import wire
 from ..ipc.codec import frame_nbytes
 from .batching import Batcher
 from .metrics import Metrics
-from .scheduling import (ABORTED_STATES, AfterBootFailure, Fate, Overdue, Task, WorkerSlot,
-                         WorkerState, after_boot_failure, chunk_size, fate, overdue,
-                         pick_worker)
+from .scheduling import (ABORTED_STATES, CALL_SAMPLES, AfterBootFailure, Fate, Overdue, Task,
+                         WorkerSlot, WorkerState, after_boot_failure, chunk_size, fate,
+                         overdue, pick_worker)
 from .supervisor import describe_exit
 
 log = logging.getLogger("workerpool")
@@ -167,6 +167,10 @@ class Scheduler:
         self.deadlines: list[tuple[float, int, Request]] = []
         self.batch_wake_at: float | None = None
         self.metrics = Metrics()
+        # The compute seconds of the latest replies (a call each, or a batch): their median
+        # is the typical call that sizes chunks; a median, so one slow call does not stop
+        # a fast model's chunking.
+        self.call_seconds: collections.deque[float] = collections.deque(maxlen=CALL_SAMPLES)
         self._actions: list = []
 
     def _take_actions(self) -> list:
@@ -269,13 +273,15 @@ class Scheduler:
                 worker.isolating = True
                 self.send(worker, [request], False, now)
         self.batch_wake_at = None
+        call_s = self.typical_call_s() if len(self.pending) > 1 else None
         while self.pending:
             worker = pick_worker(self.workers.values(), idle=False)
             if worker is None:
                 return
             batch, wake_at = self.batcher.take(self.pending, now,
                                                chunk=chunk_size(self.workers.values(),
-                                                                len(self.pending), worker))
+                                                                len(self.pending), worker,
+                                                                call_s))
             if not batch:
                 self.batch_wake_at = wake_at  # the head waits for company until then
                 return
@@ -284,6 +290,12 @@ class Scheduler:
             batch = [request for request in batch if mark_running(request)]
             if batch:
                 self.send(worker, batch, each, now)
+
+    def typical_call_s(self) -> float | None:
+        """The median compute seconds of the latest replies; None before the first."""
+        if not self.call_seconds:
+            return None
+        return sorted(self.call_seconds)[len(self.call_seconds) // 2]
 
     def send(self, worker: WorkerSlot, batch: list[Request], each: bool, now: float) -> None:
         ids = [r.id for r in batch]
@@ -449,6 +461,7 @@ class Scheduler:
             requests.append(request)
         if "compute_s" in meta:
             self.metrics.computed(meta["compute_s"], sum(r is not None for r in requests))
+            self.call_seconds.append(meta["compute_s"])
         if worker.state == WorkerState.RETIRING and not worker.inflight:
             self.stop_worker(worker)
         return requests

@@ -22,6 +22,12 @@ RESTART_BACKOFF_S = (0.0, 0.1, 0.5, 2.0)
 # Unbatchable calls sent in one TASK when more are queued than workers have credit for, like
 # multiprocessing's chunksize; bounded, so a slow call holds few others behind it.
 MAX_CHUNK = 16
+# At most this much of a worker's time in one chunk, by the typical call's compute time: a
+# chunk pays for itself only where a call costs about as little as a message (tens of us);
+# a chunk of slow calls keeps its last ones waiting while other workers finish and idle
+# (BERT at 0.3 s a call, 4 workers, 32 clients: p99 12.4 s against p50 3.4 s).
+CHUNK_BUDGET_S = 0.003
+CALL_SAMPLES = 16  # the latest replies' compute times that say what a typical call takes
 
 
 class WorkerState(str, enum.Enum):
@@ -126,15 +132,19 @@ def pick_worker(workers: Iterable[WorkerSlot], idle: bool) -> WorkerSlot | None:
     return best
 
 
-def chunk_size(workers: Iterable[WorkerSlot], queued: int, worker: WorkerSlot) -> int:
+def chunk_size(workers: Iterable[WorkerSlot], queued: int, worker: WorkerSlot,
+               call_s: float | None = None) -> int:
     """Calls per TASK for ``worker``: one while workers have credit for all ``queued``;
-    under a backlog, the queue shared out over that credit (at most MAX_CHUNK, and never
-    past the worker's share before it retires)."""
+    under a backlog, the queue shared out over that credit, at most MAX_CHUNK, at most
+    CHUNK_BUDGET_S of calls taking ``call_s`` each (the typical call's compute seconds;
+    None while none has been timed), and never past the worker's share before it retires."""
     credit = sum(w.credits for w in workers
                  if w.state == WorkerState.READY and not w.isolating and w.credits > 0)
     if queued <= credit:
         return 1
     chunk = min(MAX_CHUNK, -(-queued // max(credit, 1)))
+    if call_s:
+        chunk = min(chunk, max(1, int(CHUNK_BUDGET_S / call_s)))
     if worker.retire_after:
         chunk = max(1, min(chunk, worker.retire_after - worker.sent))
     return chunk
