@@ -32,6 +32,7 @@ from reporting import machine, models, plots, render, trial, venvs  # noqa: E402
 from reporting.loadgen import load_peer  # noqa: E402
 
 HTTP = ["workerpool", "rayserve", "litserve", "torchserve", "mlserver", "gunicorn"]
+OURS = ("workerpool", "workerpool-pool")  # the rows that run workerpool's package
 CONTENDERS = HTTP + list(trial.EMBEDDED)
 PACKAGES = ["workerpool", "torch", "ray", "litserve", "torchserve", "torch-model-archiver",
             "mlserver", "gunicorn", "uvicorn", "fastapi", "safetensors", "numpy"]
@@ -149,6 +150,7 @@ def main(argv=None) -> None:
         directories[model] = models.ensure(model)
         data["model_info"][model] = models.describe(directories[model])
     workers = [int(n) for n in args.workers.split(",")]
+    source = venvs.source_commit()  # workerpool's package that its rows run
     for rep in range(args.repeats):
         for model in args.models.split(","):
             for n in workers:
@@ -168,6 +170,8 @@ def main(argv=None) -> None:
                         result = {"contender": name, "workers": n, "model": model,
                                   "error": f"{type(error).__name__}: {error}"}
                     result["rep"] = rep
+                    if name in OURS:
+                        result["workerpool_source"] = source
                     result["settings"] = vars(settings)
                     data["trials"].append(result)
                     print(f"[report] {json.dumps(result)}", file=log, flush=True)

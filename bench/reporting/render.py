@@ -4,6 +4,7 @@ and every contender that could not run with the reason."""
 
 from __future__ import annotations
 
+import collections
 import statistics
 
 BASELINE = "workerpool"           # the HTTP contenders' ratios are against workerpool serve
@@ -87,6 +88,12 @@ class Report:
         for contender, versions in self.data.get("versions", {}).items():
             listed = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
             lines.append(f"  - {self.name(contender)}: {listed}")
+        sources = collections.Counter(t["workerpool_source"] for t in self.data["trials"]
+                                      if "workerpool_source" in t)
+        if sources:
+            lines.append("- workerpool's rows ran its package as of commit "
+                         + ", ".join(f"{commit} ({count} trials)"
+                                     for commit, count in sources.items()))
         return lines + [""]
 
     def headline(self) -> list[str]:

@@ -3,6 +3,7 @@ their dependencies never touch ours (bench/.venvs/<name>, rebuilt when the file 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -23,12 +24,41 @@ def interpreter(name: str) -> pathlib.Path:
     return VENVS / name / "bin" / "python"
 
 
+def source_fingerprint() -> str:
+    """A hash of what ``pip install`` of this checkout installs (the package's files and
+    its build metadata): a venv holding workerpool is rebuilt when it changes, so a trial
+    never measures an older copy than the checkout's."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in (ROOT / "src" / "workerpool").rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts)
+    for path in [ROOT / "pyproject.toml", ROOT / "setup.cfg", *files]:
+        if path.exists():
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def source_commit() -> str:
+    """The last commit that changed workerpool's package (src/, its build files), with
+    ``+local changes`` if the checkout differs from it there: what workerpool's rows ran."""
+    paths = ["src", "pyproject.toml", "setup.cfg"]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("log", "-1", "--format=%h", "--", *paths) or "unknown"
+    return commit + (" +local changes" if git("status", "--porcelain", "--", *paths) else "")
+
+
 def build(name: str, log) -> str:
-    """The python of ``name``'s environment, built first if its requirements changed."""
+    """The python of ``name``'s environment, built first if its requirements changed (or,
+    for one installing this checkout, the checkout's package did)."""
     requirements = PEERS / name / "requirements.txt"
     venv = VENVS / name
     stamp = venv / ".requirements"
     wanted = requirements.read_text()
+    if "${WORKERPOOL_ROOT}" in wanted:
+        wanted += f"# workerpool source {source_fingerprint()}\n"
     if stamp.exists() and stamp.read_text() == wanted:
         return str(interpreter(name))
     print(f"[report] building {venv} from {requirements.relative_to(ROOT)}", file=log,
