@@ -9,18 +9,12 @@ MODEL = os.path.join(PEERS, "peer_model.py")
 
 
 def command(python, model_dir, workers, port, workdir):
-    # threads_per_worker = 1: every contender's workers run on one intra-op thread
+    # --threads-per-worker 1: every contender's workers run on one intra-op thread
     # (peer_model.load sets it for the others); workerpool's default would give a single
-    # worker all the cores. The option is a serve.toml key, not a command-line flag.
-    config = os.path.join(workdir, f"serve-{workers}.toml")
-    with open(config, "w") as file:
-        file.write("[models.model]\n"
-                   f"source = {json.dumps(MODEL + ':load')}\n"
-                   f"predict = {json.dumps(MODEL + ':predict')}\n"
-                   f"workers = {int(workers)}\n"
-                   "threads_per_worker = 1\n")
-    return [python, "-m", "workerpool", "serve", "--config", config,
-            "--host", "127.0.0.1", "--port", str(port)], {}
+    # worker all the cores.
+    return [python, "-m", "workerpool", "serve", f"{MODEL}:load",
+            "--predict", f"{MODEL}:predict", "--name", "model", "--workers", str(workers),
+            "--threads-per-worker", "1", "--host", "127.0.0.1", "--port", str(port)], {}
 
 
 def request(inputs):
