@@ -14,6 +14,8 @@ BENCH = pathlib.Path(__file__).resolve().parents[1]
 ROOT = BENCH.parent
 PEERS = BENCH / "peers"
 VENVS = BENCH / ".venvs"
+# What ``pip install`` of this checkout installs from: workerpool's package and its build files.
+PACKAGE_PATHS = ("src/workerpool", "pyproject.toml", "setup.cfg")
 
 
 class Unavailable(Exception):
@@ -29,25 +31,24 @@ def source_fingerprint() -> str:
     its build metadata): a venv holding workerpool is rebuilt when it changes, so a trial
     never measures an older copy than the checkout's."""
     digest = hashlib.sha256()
-    files = sorted(p for p in (ROOT / "src" / "workerpool").rglob("*")
-                   if p.is_file() and "__pycache__" not in p.parts)
-    for path in [ROOT / "pyproject.toml", ROOT / "setup.cfg", *files]:
-        if path.exists():
-            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    for top in (ROOT / name for name in PACKAGE_PATHS):
+        files = sorted(top.rglob("*")) if top.is_dir() else [top]
+        for path in files:
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
 def source_commit() -> str:
-    """The last commit that changed workerpool's package (src/, its build files), with
+    """The last commit that changed workerpool's package (PACKAGE_PATHS), with
     ``+local changes`` if the checkout differs from it there: what workerpool's rows ran."""
-    paths = ["src", "pyproject.toml", "setup.cfg"]
-
     def git(*args: str) -> str:
         done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    commit = git("log", "-1", "--format=%h", "--", *paths) or "unknown"
-    return commit + (" +local changes" if git("status", "--porcelain", "--", *paths) else "")
+    commit = git("log", "-1", "--format=%h", "--", *PACKAGE_PATHS) or "unknown"
+    return commit + (" +local changes" if git("status", "--porcelain", "--", *PACKAGE_PATHS)
+                     else "")
 
 
 def build(name: str, log) -> str:

@@ -83,9 +83,9 @@ def test_markdown_headline_plots_and_overhead_are_written(report):
     # which workerpool its rows measured: the checkout's package, named by its last commit
     sources = {t["workerpool_source"] for t in data["trials"]
                if t["contender"] in ("workerpool", "workerpool-pool")}
-    commit = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--", "src",
-                             "pyproject.toml", "setup.cfg"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--",
+                             "src/workerpool", "pyproject.toml", "setup.cfg"],
+                            capture_output=True, text=True).stdout.strip()
     assert len(sources) == 1 and sources.pop().split()[0] == commit
     assert f"ran its package as of commit {commit}" in markdown
     assert not any("workerpool_source" in t for t in data["trials"]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from workerpool.pool.scheduling import (BOOT_FAILURES_BEFORE_BROKEN, CHUNK_BUDGET_S,
-                                        MAX_ATTEMPTS, MAX_CHUNK, RESTART_BACKOFF_S, TRANSITIONS, AfterBootFailure,
-                                        Fate, Overdue, Task, WorkerSlot, WorkerState,
-                                        after_boot_failure, chunk_size, fate, overdue,
-                                        pick_worker)
+                                        MAX_ATTEMPTS, MAX_CHUNK, RESTART_BACKOFF_S, TRANSITIONS,
+                                        AfterBootFailure, Fate, Overdue, Task, WorkerSlot,
+                                        WorkerState, after_boot_failure, chunk_size, fate,
+                                        overdue, pick_worker)
 
 
 def slot(worker_id, state=WorkerState.READY, credits=2, last_sent=0.0, inflight=(),
