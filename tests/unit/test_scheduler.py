@@ -253,6 +253,42 @@ def test_a_running_request_past_its_deadline_takes_its_worker_down(pool):
     pool.answer_of(slow)
 
 
+def test_a_request_that_queued_past_its_deadline_does_not_abort_a_worker_it_barely_ran_on(
+        pool):
+    """The timeout counts queueing (the caller waits for all of it), but a worker is
+    aborted only for a call that has itself run the whole timeout: a request that waited
+    0.8 s of its 1 s fails at 1 s, its worker goes on, and is aborted only if that call
+    still runs 1 s after it began."""
+    first, second = pool.workers()
+    second.credits = 0  # one worker: the second request waits for the first
+    busy = pool.submit()
+    pool.tick()
+    late = pool.submit(timeout=1.0)
+    pool.tick(0.8)
+    pool.reply(first, [busy])  # the worker turns to the late request 0.8 s after it came
+    pool.tick()
+    assert late.worker is first
+    pool.tick(0.3)  # past its deadline, 0.3 s into its call
+    _, error = pool.answer_of(late)
+    assert isinstance(error, wp.TaskTimeout) and "waited 0.800 s" in str(error)
+    assert first.state == WorkerState.READY and pool.of(Signal) == []
+    pool.reply(first, [late])  # finished in time after all: the late answer is dropped
+    pool.tick(1.0)
+    assert first.state == WorkerState.READY and pool.of(Signal) == []
+    pool.answer_of(late)  # still the one answer
+    stuck = pool.submit(timeout=1.0)  # queued 0.5 s, then a call that never returns
+    first.credits = 0
+    pool.tick(0.5)
+    first.credits = 1
+    pool.tick()
+    assert stuck.worker is first
+    pool.tick(0.6)  # its deadline: a 504, the worker left running
+    assert isinstance(pool.answer_of(stuck)[1], wp.TaskTimeout) and pool.of(Signal) == []
+    pool.tick(0.5)  # its call has now run 1.1 s: the worker is aborted
+    assert first.state == WorkerState.ABORTED
+    assert pool.of(Signal) == [Signal(first.worker_id, signal.SIGABRT)]
+
+
 def test_a_silent_worker_is_aborted_and_its_running_request_not_retried():
     harness = Harness(heartbeat_timeout=5.0, heartbeat_interval=1.0)
     harness.ready_all(credits=2)

@@ -9,7 +9,7 @@ from workerpool.pool.scheduling import (BOOT_FAILURES_BEFORE_BROKEN, CHUNK_BUDGE
                                         MAX_ATTEMPTS, MAX_CHUNK, RESTART_BACKOFF_S, TRANSITIONS,
                                         AfterBootFailure, Fate, Overdue, Task, WorkerSlot,
                                         WorkerState, after_boot_failure, chunk_size, fate,
-                                        overdue, pick_worker)
+                                        overdue, pick_worker, still_running)
 
 
 def slot(worker_id, state=WorkerState.READY, credits=2, last_sent=0.0, inflight=(),
@@ -160,3 +160,12 @@ def test_what_a_late_request_costs_depends_on_where_it_is():
     assert overdue(worker, 3) is Overdue.WAITING  # in the worker's next task
     batch = slot(2, tasks=[Task([4, 5], each=False)])
     assert overdue(batch, 5) is Overdue.RUNNING
+
+
+def test_a_late_request_aborts_its_worker_only_once_its_call_has_run_its_timeout():
+    worker = slot(1, tasks=[Task([1], each=False, started_at=10.0), Task([2], each=False)])
+    assert overdue(worker, 1, now=10.4, timeout=1.0) is Overdue.STARTED_LATE  # it queued
+    assert overdue(worker, 1, now=11.0, timeout=1.0) is Overdue.RUNNING
+    assert overdue(worker, 2, now=11.0, timeout=1.0) is Overdue.WAITING
+    assert still_running(worker, worker.tasks[0], 1)
+    assert not still_running(worker, worker.tasks[1], 2)

@@ -65,10 +65,12 @@ class Pool:
             batch only what is already queued; a lone request never waits).
         batched: False never merges requests, whatever ``max_batch_size`` says.
         max_queue: requests waiting in this process; past it ``submit`` raises QueueFull
-            at once (``map`` never does). Default: unbounded.
-        timeout: default deadline of each request, in seconds (``submit(..., timeout=)``
-            overrides it). A request still queued at its deadline fails with TaskTimeout
-            unsent; a running one fails with TaskTimeout and its worker is replaced.
+            at once (``map`` never does). Each worker also holds up to 2 tasks beyond it.
+            Default: unbounded.
+        timeout: default deadline of each request, in seconds from ``submit``, queueing
+            included (``submit(..., timeout=)`` overrides it). At its deadline a request
+            fails with TaskTimeout (a queued one is never sent); its worker is aborted and
+            replaced only once the call itself has run ``timeout`` seconds.
         max_message_bytes: largest request or result; larger ones raise MessageTooLarge.
         heartbeat_interval, heartbeat_timeout: a worker silent for ``heartbeat_timeout``
             seconds (stuck inside ``predict``, or deadlocked) is aborted (SIGABRT, then

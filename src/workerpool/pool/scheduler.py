@@ -42,7 +42,7 @@ from .batching import Batcher
 from .metrics import Metrics
 from .scheduling import (ABORTED_STATES, CALL_SAMPLES, AfterBootFailure, Fate, Overdue, Task,
                          WorkerSlot, WorkerState, after_boot_failure, chunk_size, fate,
-                         overdue, pick_worker)
+                         overdue, pick_worker, still_running)
 from .supervisor import describe_exit
 
 log = logging.getLogger("workerpool")
@@ -311,7 +311,8 @@ class Scheduler:
             request.worker = worker
             worker.inflight[request.id] = request
             self.metrics.queued(now - request.enqueued_at)
-        worker.tasks.append(Task(list(ids), each, coalesce))
+        worker.tasks.append(Task(list(ids), each, coalesce,
+                                 started_at=None if worker.tasks else now))
         worker.credits -= 1
         worker.sent += len(batch)
         if worker.retire_after and worker.sent >= worker.retire_after:
@@ -378,9 +379,9 @@ class Scheduler:
             worker.admitted = True
         worker.last_seen = now
         if kind == wire.RESULT:
-            self.on_result(worker, ids, meta, frames[2:])
+            self.on_result(worker, ids, meta, frames[2:], now)
         elif kind == wire.ERROR:
-            self.on_error(worker, ids, meta)
+            self.on_error(worker, ids, meta, now)
         elif kind == wire.READY:
             wire.check_ready(meta)
             if worker.state == WorkerState.STARTING:
@@ -412,44 +413,45 @@ class Scheduler:
                                     for w in self.workers.values()):
             self.started = True
 
-    def on_result(self, worker: WorkerSlot, ids: list[int], meta: dict, frames: list) -> None:
+    def on_result(self, worker: WorkerSlot, ids: list[int], meta: dict, frames: list,
+                  now: float) -> None:
         items = []
 
         def check(meta):
             wire.check_compute_s(meta)
             items.extend(wire.split_items(meta, frames))
 
-        requests = self.finish_reply(worker, ids, meta, check)
+        requests = self.finish_reply(worker, ids, meta, check, now)
         for request, (body, part_frames) in zip(requests, items):
             if request is not None:  # else a late answer to one already failed: dropped
                 request.answered = True
                 self._actions.append(Deliver(request, body, part_frames))
 
-    def on_error(self, worker: WorkerSlot, ids: list[int], meta: dict) -> None:
-        for request in self.finish_reply(worker, ids, meta, wire.check_error):
+    def on_error(self, worker: WorkerSlot, ids: list[int], meta: dict, now: float) -> None:
+        for request in self.finish_reply(worker, ids, meta, wire.check_error, now):
             if request is not None:
                 self._answer(request, error=wire.rebuild_exception(meta))
 
-    def finish_reply(self, worker: WorkerSlot, ids: list[int], meta: dict,
-                     check) -> list[Request | None]:
+    def finish_reply(self, worker: WorkerSlot, ids: list[int], meta: dict, check,
+                     now: float) -> list[Request | None]:
         """The requests a RESULT or ERROR answers, ``ids`` (None for those already given up
         on), once ``check(meta)`` passes. A reply that fails the check still answers them,
         with ProtocolError; the check's error is raised to be counted."""
         try:
             check(meta)
         except ProtocolError as exc:
-            for request in self.finish_task(worker, ids, {}):  # nothing of meta is trusted
+            for request in self.finish_task(worker, ids, {}, now):  # meta is not trusted
                 if request is not None:
                     self._answer(request, error=ProtocolError(
                         f"worker {worker.pid} sent a malformed reply ({exc}); this is a bug "
                         "in workerpool, please report it"))
             raise
-        return self.finish_task(worker, ids, meta)
+        return self.finish_task(worker, ids, meta, now)
 
-    def finish_task(self, worker: WorkerSlot, ids: list[int],
-                    meta: dict) -> list[Request | None]:
+    def finish_task(self, worker: WorkerSlot, ids: list[int], meta: dict,
+                    now: float) -> list[Request | None]:
         """The requests ``ids`` name (None for those already given up on)."""
-        answered(worker, ids)
+        answered(worker, ids, now)
         requests = []
         for request_id in ids:
             request = worker.inflight.pop(request_id, None)
@@ -654,7 +656,7 @@ class Scheduler:
             if request.done():
                 continue
             worker = request.worker
-            cost = overdue(worker, request.id)
+            cost = overdue(worker, request.id, now, request.timeout)
             if cost is Overdue.UNSENT:
                 if request in self.pending:
                     self.pending.remove(request)
@@ -672,12 +674,31 @@ class Scheduler:
                 self._answer(request, error=TaskTimeout(
                     f"the request was not answered within its timeout of {request.timeout} s"))
                 continue
+            if cost is Overdue.STARTED_LATE:  # its late answer is dropped
+                task = worker.tasks[0]
+                self._answer(request, error=TaskTimeout(
+                    f"the request was not answered within its timeout of {request.timeout} s "
+                    f"(it waited {task.started_at - request.enqueued_at:.3f} s for a worker)"))
+                self.call_later(now, task.started_at + request.timeout - now,
+                                self._abort_if_still_running(worker, task, request))
+                continue
             self._answer(request, error=TaskTimeout(
                 f"predict ran past the request's timeout of {request.timeout} s (in worker "
                 f"{worker.pid}); the worker was aborted and is being replaced"))
             if worker.state in (WorkerState.READY, WorkerState.RETIRING):
                 self.abort_worker(worker, f"a request ran past its timeout of {request.timeout} s",
                                   now, state=WorkerState.ABORTED)
+
+    def _abort_if_still_running(self, worker: WorkerSlot, task: Task, request: Request):
+        """A timer: abort ``worker`` if it still runs ``request``'s call, which has then
+        run for the request's whole timeout."""
+        def check(now: float) -> None:
+            if self.workers.get(worker.worker_id) is worker and worker.state in (
+                    WorkerState.READY, WorkerState.RETIRING) and \
+                    still_running(worker, task, request.id):
+                self.abort_worker(worker, f"predict ran past a request's timeout of "
+                                          f"{request.timeout} s", now, state=WorkerState.ABORTED)
+        return check
 
     def abort_worker(self, worker: WorkerSlot, reason: str, now: float,
                      state: WorkerState = WorkerState.HUNG) -> None:
@@ -703,10 +724,10 @@ class Scheduler:
         heapq.heappush(self.timers, (now + delay, next(self.timer_seq), fn))
 
 
-def answered(worker: WorkerSlot, ids: list[int]) -> None:
+def answered(worker: WorkerSlot, ids: list[int], now: float) -> None:
     """Strike ``ids`` off the task they belong to; a task wholly answered gives its credit
     back (the worker answers its tasks in order: it is the first, but a stray reply naming
-    other ids is looked for in all of them)."""
+    other ids is looked for in all of them). What runs next began ``now``."""
     for task in worker.tasks:
         if ids[0] in task.ids:
             for request_id in ids:
@@ -716,6 +737,10 @@ def answered(worker: WorkerSlot, ids: list[int]) -> None:
                 worker.tasks.remove(task)
                 worker.credits += 1
                 worker.isolating = False
+                if worker.tasks and worker.tasks[0].started_at is None:
+                    worker.tasks[0].started_at = now
+            elif task.each and task is worker.tasks[0]:
+                task.started_at = now  # a chunk's next call
             return
 
 

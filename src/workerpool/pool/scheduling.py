@@ -61,12 +61,17 @@ class Task:
     with ``coalesced`` answers come together, so which one runs is not known; else a batch,
     all running together."""
 
-    __slots__ = ("ids", "each", "coalesced")
+    __slots__ = ("ids", "each", "coalesced", "started_at")
 
-    def __init__(self, ids: list[int], each: bool, coalesced: bool = False):
+    def __init__(self, ids: list[int], each: bool, coalesced: bool = False,
+                 started_at: float | None = None):
         self.ids = ids
         self.each = each
         self.coalesced = coalesced
+        # When what it runs now began, as far as the pool can know: when it was sent to an
+        # idle worker, when the task before it was answered, or (a chunk) when its previous
+        # call was. None while it waits in the worker behind another task.
+        self.started_at = started_at
 
     def running(self) -> list[int]:
         if self.coalesced:
@@ -190,16 +195,30 @@ def after_boot_failure(started: bool, closing: bool, boot_failures: int,
 
 
 class Overdue(enum.Enum):
-    """What a request past its deadline costs."""
+    """What a request past its deadline costs. Its timeout counts from submit, queueing
+    included (the caller's deadline); a worker is aborted only for a call that has itself
+    run that long, never for time the request spent waiting for it."""
 
     UNSENT = "unsent"  # still queued: fails, never sent
     WAITING = "waiting"  # sent, not yet running in its worker: fails, its late answer dropped
-    RUNNING = "running"  # running: fails, and its worker is aborted and replaced
+    RUNNING = "running"  # has run its whole timeout: fails, its worker is aborted and replaced
+    STARTED_LATE = "started_late"  # running for less than its timeout (it waited first):
+    # fails, its late answer dropped; the worker is aborted only if the call still runs
+    # once it has run for the whole timeout
 
 
-def overdue(worker: WorkerSlot | None, request_id: int) -> Overdue:
+def overdue(worker: WorkerSlot | None, request_id: int, now: float | None = None,
+            timeout: float | None = None) -> Overdue:
     if worker is None:
         return Overdue.UNSENT
-    if request_id in worker.running_ids():
-        return Overdue.RUNNING
-    return Overdue.WAITING
+    if request_id not in worker.running_ids():
+        return Overdue.WAITING
+    started = worker.tasks[0].started_at
+    if timeout is not None and started is not None and now - started < timeout:
+        return Overdue.STARTED_LATE
+    return Overdue.RUNNING
+
+
+def still_running(worker: WorkerSlot, task: Task, request_id: int) -> bool:
+    """Whether ``worker`` is still running ``request_id`` of ``task``."""
+    return bool(worker.tasks) and worker.tasks[0] is task and request_id in task.running()
