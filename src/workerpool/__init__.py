@@ -1,7 +1,7 @@
 """workerpool: serve ML models from worker processes that share one copy of the weights."""
 
 from .errors import (BatchShapeError, EncodeError, InputMismatch, MessageTooLarge,
-                     ModelSourceError, PoolBroken, PoolClosed, PoolStartError, ProtocolError, QueueFull,
+                     ModelSourceError, OutputEncodeError, OutputTooLarge, PoolBroken, PoolClosed, PoolStartError, ProtocolError, QueueFull,
                      ReloadFailed, RemoteError, TaskTimeout, WorkerCrashed, WorkerpoolError,
                      WrongProcess)
 from .pool.pool import Pool
@@ -11,7 +11,7 @@ __all__ = [
     "Pool", "WorkerpoolError", "PoolClosed", "PoolBroken", "PoolStartError", "WorkerCrashed",
     "QueueFull", "TaskTimeout", "EncodeError", "MessageTooLarge", "BatchShapeError",
     "ProtocolError", "RemoteError", "ModelSourceError", "WrongProcess", "TensorSpec",
-    "ReloadFailed", "InputMismatch", "score",
+    "ReloadFailed", "InputMismatch", "OutputEncodeError", "OutputTooLarge", "score",
 ]
 __version__ = "0.1.0"
 

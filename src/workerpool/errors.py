@@ -72,6 +72,16 @@ class MessageTooLarge(EncodeError, ValueError):
     """A request or result is larger than ``max_message_bytes``."""
 
 
+class OutputEncodeError(EncodeError):
+    """``predict`` returned something that cannot be sent back (a lambda, a lock, an
+    object array, results over ``max_message_bytes``): the model's fault, not the
+    caller's. Raised by the worker; its message names the value."""
+
+
+class OutputTooLarge(OutputEncodeError, MessageTooLarge):
+    """``predict``'s results are larger than ``max_message_bytes``."""
+
+
 class InputMismatch(WorkerpoolError, ValueError):
     """The inputs do not fit the model's: a missing or unknown input name, or a list of
     the wrong length. The message lists the names the model takes."""

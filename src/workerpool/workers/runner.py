@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import time
 
-from ..errors import BatchShapeError, EncodeError, MessageTooLarge
+from ..errors import (BatchShapeError, EncodeError, MessageTooLarge, OutputEncodeError,
+                      OutputTooLarge)
 from ..ipc import wire
 from ..ipc.codec import Codec, frame_nbytes
 from ..frameworks import imported
@@ -111,12 +112,10 @@ class Runner:
         try:
             items = [self.codec.encode(value) for value in values]
         except BaseException as exc:  # noqa: BLE001
-            if not isinstance(exc, EncodeError):
-                exc = EncodeError(f"cannot encode the output of predict(): {exc!r}")
-            return [], 0.0, exc
+            return [], 0.0, _output_error(exc)
         total = _items_nbytes(items)
         if total > self.codec.max_message_bytes:
-            return [], 0.0, MessageTooLarge(
+            return [], 0.0, OutputTooLarge(
                 f"the results of a batch of {len(values)} requests add up to {total} bytes, "
                 f"over max_message_bytes={self.codec.max_message_bytes}; lower "
                 "max_batch_size or raise max_message_bytes")
@@ -139,6 +138,15 @@ class Runner:
 # A chunk's fast answers wait at most this long for company (see Runner.run_coalesced).
 FLUSH_AFTER_S = 0.001
 SLOW_CALL_S = 0.0002
+
+
+def _output_error(exc: BaseException) -> OutputEncodeError:
+    """Why predict's output cannot be sent, as the model's error (not the caller's)."""
+    if isinstance(exc, MessageTooLarge):
+        return OutputTooLarge(str(exc))
+    if isinstance(exc, EncodeError):
+        return OutputEncodeError(str(exc))
+    return OutputEncodeError(f"cannot encode the output of predict(): {exc!r}")
 
 
 def _items_nbytes(items: list) -> int:
