@@ -9,6 +9,9 @@
                         ones are hot-swapped (in a thread: the loop keeps serving)
     --watch          -> a thread polls model files and hot-swaps replaced ones (watch.py)
 
+Every request head is bounded in bytes, lines and time (http_protocol.py), on the main
+port and on --metrics-port, which serves the same app's /metrics (API key included).
+
 uvicorn's own signal handling is off: it re-raises the signal after shutting down, which
 would end the process with the signal instead of 0 after a clean drain.
 """
@@ -23,7 +26,8 @@ import socket
 
 import uvicorn
 
-from .app import App
+from .app import App, MetricsPortApp
+from .http_protocol import HeadLimits, protocol_class
 from .registry import Registry
 
 log = logging.getLogger("workerpool.serve")
@@ -45,20 +49,32 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def http_server(app, http: str, head: HeadLimits, drain_timeout: float) -> _Server:
+    """A uvicorn server for the ASGI ``app``, its request heads bounded (http_protocol.py)."""
+    http = http if _has(http) else "h11"
+    config = uvicorn.Config(app, http=protocol_class(http, head),
+                            h11_max_incomplete_event_size=head.max_bytes,
+                            lifespan="off", access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=int(max(1, drain_timeout)),
+                            timeout_keep_alive=30)
+    return _Server(config)
+
+
 async def serve(registry: Registry, app: App, *, host: str, port: int,
                 drain_timeout: float, metrics_port: int | None = None,
                 http: str = "httptools", reread_config=None,
                 watch_interval: float | None = None, grpc_port: int | None = None,
-                tf_serving_port: int | None = None) -> int:
+                tf_serving_port: int | None = None,
+                head_limits: HeadLimits = HeadLimits()) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
+    metrics_sock = bind(host, metrics_port) if metrics_port is not None else None
     grpc_servers = await start_grpc(app, host, grpc_port, tf_serving_port)
-    config = uvicorn.Config(app, http=http if _has(http) else "h11",
-                            lifespan="off", access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=int(max(1, drain_timeout)),
-                            timeout_keep_alive=30)
-    server = _Server(config)
+    server = http_server(app, http, head_limits, drain_timeout)
+    # --metrics-port: the same app, answering only /metrics (API key included) and health
+    metrics_server = http_server(MetricsPortApp(app), http, head_limits, drain_timeout) \
+        if metrics_sock is not None else None
     loop = asyncio.get_running_loop()
     grpc_draining: list[asyncio.Task] = []
 
@@ -76,6 +92,8 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
                     signal.Signals(signum).name)
         registry.closing = True  # ready turns 503 for load balancers at once
         server.should_exit = True
+        if metrics_server is not None:
+            metrics_server.should_exit = True
         drain_grpc()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -97,12 +115,8 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
 
         watcher = Watcher(registry, watch_interval)
         watcher.start()
-    metrics_server = None
-    if metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        metrics_server, _ = start_http_server(metrics_port, addr=host,
-                                              registry=app.metrics.registry)
+    metrics_task = asyncio.ensure_future(metrics_server.serve(sockets=[metrics_sock])) \
+        if metrics_server is not None else None
     registry.start_loading()
     if host in ("0.0.0.0", "::"):
         log.warning("workerpool serve: listening on every interface (%s); anyone who can "
@@ -111,6 +125,9 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
           f"{', '.join(registry.names())}; loading)", flush=True)
     for _, grpc_bound, what in grpc_servers:
         print(f"workerpool serve: grpc://{host}:{grpc_bound} ({what})", flush=True)
+    if metrics_sock is not None:
+        print(f"workerpool serve: metrics http://{host}:{metrics_sock.getsockname()[1]}"
+              "/metrics", flush=True)
     try:
         await server.serve(sockets=[sock])
     finally:
@@ -120,8 +137,9 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
             loop.remove_signal_handler(signum)
         if watcher is not None:
             watcher.stop()
-        if metrics_server is not None:
-            metrics_server.shutdown()
+        if metrics_task is not None:
+            metrics_server.should_exit = True
+            await asyncio.gather(metrics_task, return_exceptions=True)
         await asyncio.to_thread(registry.close, drain_timeout)
     return 0
 
@@ -150,8 +168,8 @@ async def start_grpc(app: App, host: str, grpc_port: int | None,
     started = []
     for fronts, port, what in wanted:
         server, bound = await grpc_server.start(
-            [front(app.registry, app.metrics, api_key=app.api_key, debug=app.debug)
-             for front in fronts], host, port, max_message_bytes=app.max_request_bytes)
+            [front(app.registry, app.metrics, api_key=app.api_key, debug=app.debug,
+                   max_request_bytes=app.max_request_bytes) for front in fronts], host, port, max_message_bytes=app.max_request_bytes)
         started.append((server, bound, what))
     return started
 
