@@ -19,6 +19,7 @@ from typing import Any, Callable
 from ..serve.config import call_argument
 from ..serve.errors import message_of, status_of
 from ..serve.registry import name_outputs
+from ..serve.limits import DEFAULT_MAX_REQUEST_BYTES
 from ..serve.v2_http import encode_response, parse_infer
 from .data import actor_pool
 from .scoring import node_cpus
@@ -46,7 +47,8 @@ class PoolDeployment:
 
         try:
             infer = parse_infer(await request.body(),
-                                request.headers.get("inference-header-content-length"))
+                                request.headers.get("inference-header-content-length"),
+                                DEFAULT_MAX_REQUEST_BYTES)
             result = await self.pool.submit_async(call_argument(infer.inputs))
             body, headers = encode_response(self.name, self.pool.version, infer,
                                             name_outputs(result, None))

@@ -34,6 +34,7 @@ from .. import __version__
 from . import tf_rest, v2_http
 from .errors import (BadRequest, MethodNotAllowed, ModelNotFound, RequestTooLarge, Unauthorized,
                      message_of, status_of)
+from .limits import DEFAULT_MAX_REQUEST_BYTES, parse_json
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .registry import Registry, select_outputs
 from .status import status_report
@@ -48,7 +49,7 @@ class App:
     """The ASGI callable ``uvicorn`` runs."""
 
     def __init__(self, registry: Registry, *, api_key: str | None = None,
-                 max_request_bytes: int = 64 * 1024 * 1024, debug: bool = False):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, debug: bool = False):
         self.registry = registry
         self.api_key = api_key.encode() if api_key else None
         self.max_request_bytes = max_request_bytes
@@ -149,10 +150,7 @@ class App:
         workers to start or drain) while the loop keeps serving."""
         self.expect(method, "POST")
         body = await self.read_body(scope, receive)
-        try:
-            request = json.loads(body) if body.strip() else {}
-        except ValueError as exc:
-            raise BadRequest(f"the body is not JSON: {exc}") from None
+        request = parse_json(body) if body.strip() else {}
         if not isinstance(request, dict):
             raise BadRequest("the body must be a JSON object")
         if parts == ["index"]:
@@ -176,7 +174,8 @@ class App:
         with self.metrics.counted(name, "kserve_http", started):
             self.registry.get(name, version)  # 404 before reading a body
             body = await self.read_body(scope, receive)
-            request = v2_http.parse_infer(body, header(scope, b"inference-header-content-length"))
+            request = v2_http.parse_infer(body, header(scope, b"inference-header-content-length"),
+                                          self.max_request_bytes)
             model, outputs = await self.registry.infer(name, version, request.inputs)
             select_outputs(name, outputs, [o.name for o in request.outputs or ()])
             try:
@@ -194,7 +193,7 @@ class App:
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
             raise RequestTooLarge(f"the body is {length} bytes; this server takes at most "
                                   f"{self.max_request_bytes} (--max-request-bytes)")
-        if header(scope, b"content-encoding") not in (None, "identity"):
+        if (header(scope, b"content-encoding") or "identity").strip().lower() != "identity":
             raise BadRequest("compressed request bodies are not supported; send it "
                                      "uncompressed")
         chunks, size = [], 0
@@ -228,6 +227,23 @@ class App:
             await send_body(send, status, body, headers)
         except Exception:  # noqa: BLE001 - the response had started, or the client is gone
             pass
+
+
+class MetricsPortApp:
+    """The app of ``--metrics-port``: /metrics (with the API key, as on the main port) and
+    the health routes; nothing else."""
+
+    ROUTES = {"/metrics", "/v2/health/live", "/v2/health/ready"}
+
+    def __init__(self, app: App):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.ROUTES:
+            await self.app.send_error(send, ModelNotFound(
+                f"no route {scope['path']} on the metrics port; it serves /metrics"))
+            return
+        await self.app(scope, receive, send)
 
 
 def key_matches(pairs, key: bytes) -> bool:

@@ -12,6 +12,10 @@ import traceback
 
 from .. import errors
 
+# The longest error message a client is sent: a request naming 100,000 unknown inputs once
+# got a 1 MB answer, and gRPC refuses status messages over its 8 KiB metadata limit.
+MAX_ERROR_CHARS = 2000
+
 
 class ServeError(Exception):
     """An error a client caused or can act on; the message is safe to send."""
@@ -37,8 +41,17 @@ class NotReady(ServeError):
     """The model is loading, warming up, broken or closing."""
 
 
+class NoWorkerNow(NotReady):
+    """The model is loaded but none of its workers is ready right now (a crashed one is
+    being replaced: milliseconds to its warm-up's length)."""
+
+
 class MethodNotAllowed(ServeError):
     """The route exists, the method does not."""
+
+
+class TooManyModels(ServeError):
+    """A repository load would pass --max-models loaded model versions."""
 
 
 class Unimplemented(ServeError):
@@ -49,6 +62,7 @@ class Unimplemented(ServeError):
 # first match wins.
 STATUS_TABLE = [
     (BadRequest, 400, None, "INVALID_ARGUMENT"),
+    (errors.OutputEncodeError, 500, None, "INTERNAL"),  # the model's output: its fault
     (errors.MessageTooLarge, 413, None, "RESOURCE_EXHAUSTED"),
     (errors.EncodeError, 400, None, "INVALID_ARGUMENT"),
     (errors.InputMismatch, 400, None, "INVALID_ARGUMENT"),
@@ -56,8 +70,10 @@ STATUS_TABLE = [
     (ModelNotFound, 404, None, "NOT_FOUND"),
     (MethodNotAllowed, 405, None, "UNIMPLEMENTED"),
     (RequestTooLarge, 413, None, "RESOURCE_EXHAUSTED"),
+    (TooManyModels, 409, None, "RESOURCE_EXHAUSTED"),
     (Unimplemented, 501, None, "UNIMPLEMENTED"),
     (errors.QueueFull, 503, 1, "RESOURCE_EXHAUSTED"),
+    (NoWorkerNow, 503, 1, "UNAVAILABLE"),
     (NotReady, 503, 5, "UNAVAILABLE"),
     (errors.PoolClosed, 503, 5, "UNAVAILABLE"),
     (errors.PoolBroken, 503, 30, "UNAVAILABLE"),
@@ -92,8 +108,11 @@ def outcome_of(error: BaseException) -> str:
     return _OUTCOMES.get(_row(error)[0], "error")
 
 
-def message_of(error: BaseException, debug: bool = False) -> str:
-    """What the client is told: the message; with ``debug``, the remote traceback too."""
+def message_of(error: BaseException, debug: bool = False,
+               limit: int = MAX_ERROR_CHARS) -> str:
+    """What the client is told: the message; with ``debug``, the remote traceback too.
+    At most ``limit`` characters (a request naming 100,000 unknown inputs must not get a
+    megabyte back); the traceback of ``debug`` keeps its last ``limit`` characters."""
     if isinstance(error, (ServeError, errors.WorkerpoolError)) and \
             not isinstance(error, errors.RemoteError):
         # Our messages put stacks and tracebacks (with file paths) after the first line.
@@ -103,5 +122,22 @@ def message_of(error: BaseException, debug: bool = False) -> str:
     if debug:
         cause = error.__cause__
         detail = getattr(cause, "tb", None) or "".join(traceback.format_exception(error))
-        text += f"\n{detail}"
-    return text
+        if len(detail) > limit:  # the innermost frames say most
+            detail = f"[{len(detail) - limit} characters cut]...{detail[-limit:]}"
+        return f"{clip(text, limit)}\n{detail}"
+    return clip(text, limit)
+
+
+def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text``, or its first ``limit`` characters and how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters]"
+
+
+def clip_utf8(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, on a character boundary."""
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) <= limit:
+        return text
+    return encoded[:limit].decode("utf-8", "ignore") + "..."

@@ -7,8 +7,9 @@ One grpcio asyncio server per port, started on the loop uvicorn runs on and call
 same registry: the same pools, batching, queue limits and errors as HTTP. Methods are
 registered by their path (``/inference.GRPCInferenceService/ModelInfer``) with message
 classes from our own descriptor pool (proto/), so no generated ``_pb2_grpc`` stubs are
-needed. Every method goes through :func:`method`: the API key is checked and an error
-becomes the gRPC status errors.py maps it to. Inference methods pass the client's deadline
+needed. Every method goes through :func:`method`: the API key is checked, then the request
+is decoded (malformed bytes: INVALID_ARGUMENT), and an error becomes the gRPC status
+errors.py maps it to, its message cut to what gRPC metadata carries. Inference methods pass the client's deadline
 (``context.time_remaining()``) as the request's timeout (never longer than the model's own).
 """
 
@@ -18,14 +19,18 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from .app import key_matches
-from .errors import Unauthorized, grpc_code_of, message_of
+from .errors import MAX_ERROR_CHARS, BadRequest, Unauthorized, clip_utf8, grpc_code_of, message_of
+from .limits import DEFAULT_MAX_REQUEST_BYTES
 from .proto import protocol
 
 log = logging.getLogger("workerpool.serve")
 
 OPEN_METHODS = {"ServerLive", "ServerReady"}  # health: no API key needed, as over HTTP
+# Non-ASCII bytes of a status message take 3 once percent-encoded: 2,400 stays under 8 KiB.
+GRPC_MESSAGE_BYTES = 2400
 
 
 class Front:
@@ -35,11 +40,12 @@ class Front:
     descriptors = ""  # its module of proto/
 
     def __init__(self, registry, metrics, *, api_key: bytes | None = None,
-                 debug: bool = False):
+                 debug: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.registry = registry
         self.metrics = metrics
         self.api_key = api_key
         self.debug = debug
+        self.max_request_bytes = max_request_bytes  # also what one tensor may decode to
         self.message = protocol(self.descriptors).message  # a message class by full name
 
     def methods(self) -> dict[str, dict[str, tuple]]:
@@ -52,23 +58,39 @@ class Front:
         return self.metrics.counted(model, self.protocol)
 
 
-def method(front: Front, name: str, handler: Callable[..., Awaitable]):
+def method(front: Front, name: str, handler: Callable[..., Awaitable], request_class):
     """One unary method as grpcio calls it (a coroutine function, so it runs on the
-    loop): the API key checked, the handler run, an error turned into a gRPC status."""
-    async def call(request, context: grpc.aio.ServicerContext):
+    loop): the API key checked, the request decoded (bytes that are not the message are
+    the client's error, INVALID_ARGUMENT, so grpcio never decodes them itself), the handler
+    run, an error turned into a gRPC status."""
+    async def call(raw: bytes, context: grpc.aio.ServicerContext):
         try:
             if front.api_key is not None and name not in OPEN_METHODS and \
                     not key_matches(context.invocation_metadata(), front.api_key):
                 raise Unauthorized("this server needs its API key: send the metadata "
                                    "'authorization: Bearer <key>' (or 'x-api-key: <key>')")
+            try:
+                request = request_class.FromString(raw)
+            except DecodeError as exc:
+                raise BadRequest(f"the request is not a {request_class.DESCRIPTOR.full_name} "
+                                 f"message: {exc}") from None
             return await handler(request, context)
         except Exception as error:  # noqa: BLE001 - every error is a status, never a crash
             code = grpc.StatusCode[grpc_code_of(error)]
             if code == grpc.StatusCode.INTERNAL:
                 log.info("%s failed: %s", name, error)
-            await context.abort(code, message_of(error, front.debug))
+            await context.abort(code, status_message(error, front.debug))
 
     return call
+
+
+def status_message(error: BaseException, debug: bool) -> str:
+    """The status message of a failed call: it travels as percent-encoded metadata, which
+    clients refuse past 8 KiB (RESOURCE_EXHAUSTED instead of the real status), so at most
+    GRPC_MESSAGE_BYTES of UTF-8; with ``debug``, half the text and half the traceback."""
+    text = message_of(error, debug, limit=GRPC_MESSAGE_BYTES // 2 if debug else
+                      MAX_ERROR_CHARS)
+    return clip_utf8(text, GRPC_MESSAGE_BYTES)
 
 
 def handlers(front: Front) -> list:
@@ -77,7 +99,7 @@ def handlers(front: Front) -> list:
     for service, methods in front.methods().items():
         table = {
             name: grpc.unary_unary_rpc_method_handler(
-                method(front, name, handler), request_deserializer=request.FromString,
+                method(front, name, handler, request),
                 response_serializer=response.SerializeToString)
             for name, (handler, request, response) in methods.items()}
         result.append(grpc.method_handlers_generic_handler(service, table))

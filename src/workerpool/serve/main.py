@@ -10,9 +10,10 @@ import sys
 from ..config import LOAD_IN
 from .config import (POOL_OPTIONS, ConfigError, ModelSpec, check_declarations, check_name,
                      default_name, models_from_toml, split_version)
+from .limits import (DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_MODELS,
+                     DEFAULT_MAX_REQUEST_BYTES, MAX_HEADERS)
 
 DEFAULT_PORT = 8000
-MIB = 1024 * 1024
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,8 +51,12 @@ def parser() -> argparse.ArgumentParser:
                    "at least 1)")
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-wait-ms", type=float)
-    p.add_argument("--max-queue", type=int)
-    p.add_argument("--timeout", type=float, help="seconds a request may take (504 after)")
+    p.add_argument("--max-queue", type=int,
+                   help="requests waiting for a worker past which 503 (each worker also "
+                   "holds up to 2 tasks beyond it)")
+    p.add_argument("--timeout", type=float,
+                   help="seconds a request may take from its arrival, queueing included "
+                   "(504 after); a worker is aborted only for a call that ran this long")
     p.add_argument("--spare-zygote", action="store_const", const=True, default=None,
                    help="keep each model's next zygote started (its framework imported), "
                    "so a hot swap skips that (about 2 s for torch) for one idle process")
@@ -72,6 +77,16 @@ def parser() -> argparse.ArgumentParser:
                    "health (also WORKERPOOL_API_KEY)")
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="largest request body, or gRPC request message (default 64 MiB)")
+    p.add_argument("--max-models", type=int, default=None,
+                   help="model versions loaded at once past which a repository load is "
+                   f"refused (409; default {DEFAULT_MAX_MODELS}); each is a pool of processes")
+    p.add_argument("--max-header-bytes", type=int, default=None,
+                   help="largest HTTP request line and headers together; 431 past it "
+                   f"(default {DEFAULT_MAX_HEADER_BYTES // 1024} KiB; at most {MAX_HEADERS} "
+                   "header lines)")
+    p.add_argument("--header-timeout", type=float, default=None,
+                   help="seconds a connection may take to send a request's line and "
+                   f"headers; 408 after (default {DEFAULT_HEADER_TIMEOUT_S:g})")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds to finish requests in flight on SIGTERM (default 30)")
     p.add_argument("--http", choices=("httptools", "h11"), default="httptools",
@@ -96,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workerpool serve: {missing}", file=sys.stderr)
         return 2
     from .app import App
+    from .http_protocol import HeadLimits
     from .registry import Registry
     from .server import run
 
     registry = Registry(specs, allowed_sources=settings["allow_sources"],
                         defaults=settings["pool_options"],
-                        drain_timeout=settings["drain_timeout"])
+                        drain_timeout=settings["drain_timeout"],
+                        max_models=settings["max_models"])
     app = App(registry, api_key=settings["api_key"],
               max_request_bytes=settings["max_request_bytes"], debug=settings["debug"])
 
@@ -114,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                http=args.http, loop=args.loop,
                reread_config=reread_config if args.config else None,
                watch_interval=settings["watch_interval"] if settings["watch"] else None,
-               grpc_port=settings["grpc_port"], tf_serving_port=settings["tf_serving_port"])
+               grpc_port=settings["grpc_port"], tf_serving_port=settings["tf_serving_port"],
+               head_limits=HeadLimits(max_bytes=settings["max_header_bytes"],
+                                      timeout=settings["header_timeout"]))
 
 
 def missing_extra(settings: dict) -> str | None:
@@ -164,7 +183,8 @@ def models_and_settings(args) -> tuple[list[ModelSpec], dict]:
     unknown = set(file_settings) - {"host", "port", "metrics_port", "api_key",
                                     "max_request_bytes", "drain_timeout", "debug",
                                     "allow_sources", "watch", "watch_interval",
-                                    "grpc_port", "tf_serving_port"}
+                                    "grpc_port", "tf_serving_port", "max_header_bytes",
+                                    "header_timeout", "max_models"}
     if unknown:
         raise ConfigError(f"unknown [server] settings {sorted(unknown)}")
 
@@ -179,14 +199,23 @@ def models_and_settings(args) -> tuple[list[ModelSpec], dict]:
         "grpc_port": setting("grpc_port", None),
         "tf_serving_port": setting("tf_serving_port", None),
         "api_key": setting("api_key", os.environ.get("WORKERPOOL_API_KEY") or None),
-        "max_request_bytes": setting("max_request_bytes", 64 * MIB),
+        "max_request_bytes": setting("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
         "drain_timeout": setting("drain_timeout", 30.0),
         "debug": args.debug or bool(file_settings.get("debug", False)),
         "allow_sources": [*args.allow_source, *file_settings.get("allow_sources", [])],
         "watch": args.watch or bool(file_settings.get("watch", False)),
         "watch_interval": setting("watch_interval", 2.0),
+        "max_header_bytes": setting("max_header_bytes", DEFAULT_MAX_HEADER_BYTES),
+        "header_timeout": setting("header_timeout", DEFAULT_HEADER_TIMEOUT_S),
+        "max_models": setting("max_models", DEFAULT_MAX_MODELS),
         "pool_options": options,
     }
+    for key in ("max_request_bytes", "max_header_bytes", "header_timeout", "max_models"):
+        value, integer = settings[key], key != "header_timeout"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+                or value <= 0:
+            raise ConfigError(f"{key} must be a positive {'integer' if integer else 'number'}, "
+                              f"got {value!r}")
     return specs, settings
 
 

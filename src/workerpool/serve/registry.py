@@ -3,8 +3,9 @@
     start_loading() ── one thread per model version ──> Pool(load, predict, warmup=...)
     every protocol ── await registry.infer(model, version, inputs) ──> pool.submit_async
                                                                   <── {name: array}
-    load(name, parameters)    a new model or version; a loaded one is hot-swapped
-                              (Pool.reload: the old version serves until the new is warm)
+    load(name, parameters)    a new model or version (at most max_models loaded in all);
+                              a loaded one is hot-swapped (Pool.reload: the old version
+                              serves until the new is warm)
     unload(name, parameters)  stop taking requests, drain, free
     apply(specs)              a re-read --config: add, remove, swap what changed
     close()                   every pool: close(drain)
@@ -38,7 +39,8 @@ from ..pool.pool import Pool
 from ..signature import TensorSpec, datatype_of
 from .config import (ConfigError, ModelSpec, call_argument, check_name, check_version,
                      is_function_spec)
-from .errors import BadRequest, ModelNotFound, NotReady
+from .errors import BadRequest, ModelNotFound, NotReady, NoWorkerNow, TooManyModels, clip
+from .limits import DEFAULT_MAX_MODELS
 from .v2_http import as_tensor
 
 log = logging.getLogger("workerpool.serve")
@@ -213,16 +215,30 @@ def _inferred_spec(name: str, value) -> TensorSpec:
 def name_outputs(result, names: list[str] | None) -> dict[str, np.ndarray]:
     """predict's result as named tensors: a dict by its keys; a tuple/list of arrays as
     output_0..k (or the declared names); anything else as one output."""
+    if result is None:
+        raise errors.OutputEncodeError(
+            "predict returned None; return an array, a list or tuple of arrays, or a dict "
+            "of arrays by output name")
     if isinstance(result, dict):
-        return {str(key): as_tensor(str(key), value) for key, value in result.items()}
-    if type(result) in (tuple, list) and result and all(
-            hasattr(v, "shape") for v in result):
-        values = list(result)
+        unnamed = [key for key in result if not isinstance(key, str)]
+        if unnamed:
+            raise errors.OutputEncodeError(
+                f"predict returned a dict whose keys {clip(repr(unnamed[:10]), 200)} are "
+                "not strings; name each output with a string")
+        named = result
     else:
-        values = [result]
-    if names is None or len(names) != len(values):
-        names = [f"output_{i}" for i in range(len(values))]
-    return {name: as_tensor(name, value) for name, value in zip(names, values)}
+        if type(result) in (tuple, list) and result and all(
+                hasattr(v, "shape") for v in result):
+            values = list(result)
+        else:
+            values = [result]
+        if names is None or len(names) != len(values):
+            names = [f"output_{i}" for i in range(len(values))]
+        named = dict(zip(names, values))
+    try:
+        return {name: as_tensor(name, value) for name, value in named.items()}
+    except ValueError as exc:
+        raise errors.OutputEncodeError(str(exc)) from None
 
 
 def select_outputs(model: str, outputs: dict, wanted: list[str]) -> dict:
@@ -244,13 +260,14 @@ class Registry:
     """
 
     def __init__(self, specs: list[ModelSpec], *, allowed_sources=(), defaults: dict | None = None,
-                 drain_timeout: float = 30.0):
+                 drain_timeout: float = 30.0, max_models: int = DEFAULT_MAX_MODELS):
         self.versions: dict[str, dict[str, Model]] = {}
         for spec in specs:
             self.versions.setdefault(spec.name, {})[spec.version] = Model(spec)
         self.allowed_sources = [os.path.realpath(p) for p in allowed_sources]
         self.defaults = defaults or {}  # pool options of a model loaded by name only
         self.drain_timeout = drain_timeout
+        self.max_models = max_models  # loaded versions a repository load may bring it to
         self.closing = False
         self.lifecycle = threading.Lock()
 
@@ -302,12 +319,12 @@ class Registry:
         shortens the model's own ``timeout``, never lengthens it."""
         model = self.get(name, version)
         if not model.ready:
-            raise NotReady(_not_ready_reason(model))
+            raise not_ready(model)
         argument = model.call_argument(inputs)
         pool = model.pool
         while True:
             if pool is None:  # unloaded since the check
-                raise NotReady(_not_ready_reason(model))
+                raise not_ready(model)
             limit = timeout
             if limit is not None and pool.config.timeout is not None:
                 limit = min(limit, pool.config.timeout)
@@ -344,6 +361,7 @@ class Registry:
                 newest(versions) if versions else None)
             if model is None:
                 spec = self._new_spec(name, versions, version, parameters.get("source"))
+                self._check_room(f"{name}@{spec.version}")
                 model = Model(spec)
                 model.load()
                 if model.state != "ready":
@@ -351,6 +369,8 @@ class Registry:
                                               f"to load: {model.error}")
                 self.versions.setdefault(name, {})[spec.version] = model
                 return model
+            if model.state not in ("loading", "ready", "unloading"):  # a pool comes back
+                self._check_room(f"{name}@{model.version}")
             spec = model.spec
             if "source" in parameters:
                 spec = dataclasses.replace(spec, source=self.allowed(parameters["source"]))
@@ -419,6 +439,16 @@ class Registry:
             if model.pool is not None:
                 model.pool.close(drain=True, timeout=max(0.0, deadline - time.monotonic()))
             model.state = "closed"
+
+    def _check_room(self, label: str) -> None:
+        """TooManyModels unless one more version may load: each is a pool (a zygote and its
+        workers), so a client of the repository API must not add them without end."""
+        loaded = [f"{m.name}@{m.version}" for m in self.models
+                  if m.state in ("loading", "ready", "unloading")]
+        if len(loaded) >= self.max_models:
+            raise TooManyModels(f"cannot load {label}: {len(loaded)} model versions are "
+                                f"loaded, this server's most (--max-models "
+                                f"{self.max_models}); unload one first")
 
     def _check_open(self) -> None:
         if self.closing:
@@ -515,17 +545,19 @@ def load_parameters(parameters, unload: bool = False) -> dict:
     return parameters
 
 
-def _not_ready_reason(model: Model) -> str:
+def not_ready(model: Model) -> NotReady:
+    """Why ``model`` cannot answer now, as the error its caller gets."""
     if model.state == "loading":
-        return f"model {model.name} is loading"
+        return NotReady(f"model {model.name} is loading")
     if model.state == "failed":
-        return f"model {model.name} failed to load: {model.error.splitlines()[0]}"
+        return NotReady(f"model {model.name} failed to load: {model.error.splitlines()[0]}")
     if model.state in ("closed", "unloading"):
-        return f"model {model.name} is shutting down"
+        return NotReady(f"model {model.name} is shutting down")
     if model.state == "unavailable":
-        return (f"model {model.name} version {model.version} is unloaded; load it with "
-                f"POST /v2/repository/models/{model.name}/load")
+        return NotReady(f"model {model.name} version {model.version} is unloaded; load it "
+                        f"with POST /v2/repository/models/{model.name}/load")
     broken = model.pool.broken if model.pool else None
     if broken is not None:
-        return f"model {model.name} is broken: {str(broken).splitlines()[0]}"
-    return f"model {model.name} has no ready worker right now"
+        return NotReady(f"model {model.name} is broken: {str(broken).splitlines()[0]}")
+    return NoWorkerNow(f"model {model.name} has no ready worker right now; its workers are "
+                       "being replaced")

@@ -12,11 +12,10 @@ in TensorFlow's own ``make_ndarray``, a single value fills the whole shape.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .errors import BadRequest
+from .limits import check_fill, check_shape
 from .proto import protocol
 from .v2_http import narrowed, nest
 
@@ -58,8 +57,10 @@ def types() -> _Types:
     return _types
 
 
-def to_array(name: str, tensor):
-    """A request's TensorProto as what predict gets; BadRequest says what is wrong."""
+def to_array(name: str, tensor, max_tensor_bytes: int):
+    """A request's TensorProto as what predict gets; BadRequest says what is wrong.
+    ``max_tensor_bytes`` bounds the shape (limits.check_shape) and what one sent value may
+    fill (limits.check_fill), before anything is allocated."""
     known = types()
     spec = known.by_number.get(tensor.dtype)
     if spec is None:
@@ -71,10 +72,12 @@ def to_array(name: str, tensor):
     shape = [dim.size for dim in tensor.tensor_shape.dim]
     if any(size < 0 for size in shape):
         raise BadRequest(f"input {name!r}: shape {shape} has a negative dimension")
-    count = math.prod(shape)
+    count = check_shape(name, shape, dtype.itemsize, max_tensor_bytes)
     if dtype.kind == "O":
-        items = list(tensor.string_val)
-        return nest(_filled(name, items, count, shape), shape)
+        items = tensor.string_val
+        if len(items) == 1 and count != 1:
+            check_fill(name, shape, count, None, max_tensor_bytes)
+        return nest(_filled(name, list(items), count, shape), shape)
     if tensor.tensor_content:
         content = tensor.tensor_content
         if len(content) != count * dtype.itemsize:
@@ -83,6 +86,8 @@ def to_array(name: str, tensor):
                              f"{len(content)}")
         return np.frombuffer(content, dtype=dtype.newbyteorder("<")).reshape(shape)
     values = getattr(tensor, field)
+    if len(values) == 1 and count != 1:
+        check_fill(name, shape, count, dtype.itemsize, max_tensor_bytes)
     if field == "half_val":
         array = narrowed(name, values, np.dtype(np.uint16), "uint16").view(np.float16)
     elif field == "int_val" and dtype != np.int32:

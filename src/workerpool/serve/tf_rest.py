@@ -10,7 +10,9 @@
                                                            {"signature_def": ...}}
 
 Strings may be sent as {"b64": "..."}; string outputs come back as text, or as {"b64": ...}
-when they are not UTF-8. A number's dtype is the input's declared (or warm-up) datatype;
+when they are not UTF-8. NaN and infinities are the bare tokens NaN, Infinity and -Infinity
+both ways, as TF Serving's own REST API writes and reads them (not strict JSON; its docs
+say so). A number's dtype is the input's declared (or warm-up) datatype;
 a model that declares none gets float32 for numbers with a fraction, int64 for integers.
 """
 
@@ -18,11 +20,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 
 import numpy as np
 
 from .errors import BadRequest, ModelNotFound, Unimplemented
+from .limits import MAX_RANK, parse_json
 from .tf_model import PREDICT_METHOD, SIGNATURE, check_signature, dtype_name, model_status
 from .v2_http import DATATYPES, as_tensor
 
@@ -74,10 +76,7 @@ async def route(app, method: str, parts: list[str], scope, receive, send, starte
 
 
 async def predict(registry, name: str, version: str | None, body: bytes) -> dict:
-    try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    request = parse_json(body)
     if not isinstance(request, dict):
         raise BadRequest("the body must be a JSON object")
     signature = request.get("signature_name", "")
@@ -137,10 +136,13 @@ def _is_b64(value) -> bool:
     return isinstance(value, dict) and list(value) == ["b64"]
 
 
-def _decoded(value):
-    """JSON data with {"b64": ...} objects as bytes."""
+def _decoded(value, depth: int = 0):
+    """JSON data with {"b64": ...} objects as bytes; nested at most MAX_RANK deep (600
+    levels of valid JSON once ran this recursion out of stack: a 500)."""
     if isinstance(value, list):
-        return [_decoded(item) for item in value]
+        if depth >= MAX_RANK:
+            raise BadRequest(f"an input value is nested deeper than {MAX_RANK} levels")
+        return [_decoded(item, depth + 1) for item in value]
     if _is_b64(value):
         try:
             return base64.b64decode(value["b64"], validate=True)

@@ -67,7 +67,8 @@ class TFServingGrpc(Front):
             self.registry.get(name, version)  # NOT_FOUND before decoding
             if not request.inputs:
                 raise BadRequest("the request has no inputs")
-            inputs = {key: to_array(key, tensor) for key, tensor in request.inputs.items()}
+            inputs = {key: to_array(key, tensor, self.max_request_bytes)
+                      for key, tensor in request.inputs.items()}
             model, outputs = await self.registry.infer(name, version, inputs,
                                                        timeout=context.time_remaining())
             outputs = select_outputs(name, outputs, list(request.output_filter))

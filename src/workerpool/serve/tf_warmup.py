@@ -19,6 +19,8 @@ from ..frameworks import saved_model
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_RECORDS = 1000  # TF Serving's own limit on warm-up records
+# The operator's file, not a client's: a tensor there may fill (one value, a shape) this much.
+MAX_TENSOR_BYTES = 1024 * 1024 * 1024
 
 
 class WarmupError(ValueError):
@@ -57,8 +59,8 @@ def read_samples(path: str) -> list[dict]:
             raise WarmupError(f"{path}: record {index} is a {entry.WhichOneof('log_type')}; "
                               "only predict_log warm-up requests are supported")
         try:
-            samples.append({name: to_array(name, tensor) for name, tensor in
-                            entry.predict_log.request.inputs.items()})
+            samples.append({name: to_array(name, tensor, MAX_TENSOR_BYTES) for name, tensor
+                            in entry.predict_log.request.inputs.items()})
         except ValueError as exc:  # BadRequest: the tensor's fault
             raise WarmupError(f"{path}: record {index}: {exc}") from None
     if not samples:

@@ -11,14 +11,13 @@ and the bytes), read as numpy views of the message without a copy.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .. import __version__
 from ..signature import DATATYPES, datatype_of
 from .errors import BadRequest
 from .grpc_server import Front
+from .limits import check_shape
 from .registry import select_outputs
 from .v2_http import as_tensor, bytes_of, from_binary, narrowed, nest
 
@@ -78,7 +77,7 @@ class KServeGrpc(Front):
         name, version = request.model_name, request.model_version or None
         with self.counted(name):
             self.registry.get(name, version)  # NOT_FOUND before decoding
-            inputs = decode_inputs(request)
+            inputs = decode_inputs(request, self.max_request_bytes)
             model, outputs = await self.registry.infer(name, version, inputs,
                                                        timeout=context.time_remaining())
             outputs = select_outputs(name, outputs, [o.name for o in request.outputs])
@@ -91,8 +90,9 @@ class KServeGrpc(Front):
             return response
 
 
-def decode_inputs(request) -> dict:
-    """A ModelInferRequest's inputs by name: arrays, or nested lists of bytes (BYTES)."""
+def decode_inputs(request, max_tensor_bytes: int) -> dict:
+    """A ModelInferRequest's inputs by name: arrays, or nested lists of bytes (BYTES).
+    ``max_tensor_bytes``: the bound of limits.check_shape (--max-request-bytes)."""
     if not request.inputs:
         raise BadRequest("the request has no inputs")
     raw = request.raw_input_contents
@@ -111,7 +111,7 @@ def decode_inputs(request) -> dict:
                              f"{sorted(DATATYPES)}")
         if any(d < 0 for d in shape):
             raise BadRequest(f"input {name!r}: shape {shape} has a negative dimension")
-        count = math.prod(shape)
+        count = check_shape(name, shape, DATATYPES[datatype].itemsize, max_tensor_bytes)
         if raw:
             if tensor.HasField("contents"):
                 raise BadRequest(f"input {name!r}: give its data either in contents or in "

@@ -25,8 +25,15 @@ import numpy as np
 
 from ..signature import DATATYPES, datatype_of
 from .errors import BadRequest
+from .limits import MAX_RANK, check_shape, parse_json
 
 _LENGTH = struct.Struct("<I")
+_FLOATS = {"FP16", "FP32", "FP64"}
+# JSON has no NaN or Infinity: responses write them as the protobuf JSON mapping does (strict
+# parsers read them; tritonclient's as_numpy turns them back into floats); requests may use
+# those strings or the bare tokens Python's json module (and so tritonclient) writes.
+NON_FINITE_OUT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+NON_FINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 @dataclasses.dataclass
@@ -43,8 +50,10 @@ class InferRequest:
     binary_output: bool  # the default for outputs not named in ``outputs``
 
 
-def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
-    """Decode an infer request body; BadRequest says what is wrong with it."""
+def parse_infer(body: bytes, header_length: str | None,
+                max_tensor_bytes: int) -> InferRequest:
+    """Decode an infer request body; BadRequest says what is wrong with it.
+    ``max_tensor_bytes``: the bound of limits.check_shape (--max-request-bytes)."""
     if header_length is not None:
         try:
             length = int(header_length)
@@ -56,10 +65,7 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
                              f"of {len(body)} bytes")
     else:
         length = len(body)
-    try:
-        header = json.loads(body[:length] if length < len(body) else body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"the request header is not valid JSON: {exc}") from None
+    header = parse_json(body[:length] if length < len(body) else body, "the request header")
     if not isinstance(header, dict):
         raise BadRequest("the request header must be a JSON object")
     raw = memoryview(body)[length:]
@@ -70,7 +76,7 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
         raise BadRequest("the request needs a non-empty 'inputs' list")
     decoded, offset = {}, 0
     for tensor in inputs:
-        name, array, used = _decode_input(tensor, raw, offset)
+        name, array, used = _decode_input(tensor, raw, offset, max_tensor_bytes)
         if name in decoded:
             raise BadRequest(f"input {name!r} is given twice")
         decoded[name] = array
@@ -92,7 +98,7 @@ def _mapping(value, what: str) -> dict:
     return value
 
 
-def _decode_input(tensor, raw: memoryview, offset: int):
+def _decode_input(tensor, raw: memoryview, offset: int, max_tensor_bytes: int):
     if not isinstance(tensor, dict):
         raise BadRequest("each input must be a JSON object")
     name = tensor.get("name")
@@ -107,7 +113,7 @@ def _decode_input(tensor, raw: memoryview, offset: int):
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadRequest(f"input {name!r}: shape must be a list of non-negative ints, got "
                          f"{shape!r}")
-    count = math.prod(shape)
+    count = check_shape(name, shape, DATATYPES[datatype].itemsize, max_tensor_bytes)
     parameters = _mapping(tensor.get("parameters"), f"input {name!r} parameters")
     if "shared_memory_region" in parameters:
         raise BadRequest(f"input {name!r}: shared-memory tensors are not supported")
@@ -165,7 +171,11 @@ def _from_json(name: str, datatype: str, shape: list, count: int, data):
         if not all(isinstance(v, bool) for v in flat):
             raise BadRequest(f"input {name!r}: BOOL data must be true or false")
     elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
-        raise BadRequest(f"input {name!r}: {datatype} data must be numbers")
+        flat = _with_non_finite(flat) if datatype in _FLOATS else None
+        if flat is None:
+            raise BadRequest(f"input {name!r}: {datatype} data must be numbers"
+                             + (' (or "NaN", "Infinity", "-Infinity")'
+                                if datatype in _FLOATS else ""))
     dtype = DATATYPES[datatype]
     try:
         array = np.array(flat, dtype=dtype)
@@ -186,11 +196,27 @@ def narrowed(name: str, values, dtype: np.dtype, label: str) -> np.ndarray:
     return wide.astype(dtype)
 
 
+def _with_non_finite(flat: list) -> list | None:
+    """``flat`` with "NaN", "Infinity" and "-Infinity" as floats (how responses write
+    them), or None when it holds anything else that is not a number."""
+    values = []
+    for value in flat:
+        if isinstance(value, str):
+            value = NON_FINITE_IN.get(value)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        values.append(value)
+    return values
+
+
 def _flatten(data: list, name: str) -> list:
     flat, stack = [], [iter(data)]
     while stack:
         for value in stack[-1]:
             if isinstance(value, list):
+                if len(stack) >= MAX_RANK:
+                    raise BadRequest(f"input {name!r}: data is nested deeper than {MAX_RANK} "
+                                     "levels")
                 stack.append(iter(value))
                 break
             if isinstance(value, dict) or value is None:
@@ -235,8 +261,11 @@ def as_tensor(name: str, value) -> np.ndarray:
         raise ValueError(f"output {name!r} is not a rectangular tensor: {exc}") from None
     if array.dtype.kind in "SUO":
         flat = array.reshape(-1).tolist()
-        if not all(isinstance(v, (str, bytes)) for v in flat):
-            raise ValueError(f"output {name!r} mixes strings with other values")
+        texts = [isinstance(v, (str, bytes)) for v in flat]
+        if not all(texts):
+            other = type(flat[texts.index(False)]).__name__
+            raise ValueError(f"output {name!r} mixes strings with {other} values" if any(texts)
+                             else f"output {name!r} is not a tensor: it holds {other} values")
         return np.array([v.encode() if isinstance(v, str) else v for v in flat],
                         dtype=object).reshape(array.shape)
     return array
@@ -284,6 +313,11 @@ def bytes_of(array: np.ndarray, datatype: str) -> bytes:
 
 def _json_data(name: str, array: np.ndarray, datatype: str) -> list:
     flat = array.reshape(-1).tolist()
+    if datatype in _FLOATS:
+        if not np.isfinite(array).all():  # strict JSON has no NaN or Infinity
+            return [NON_FINITE_OUT.get(str(v), v) if not math.isfinite(v) else v
+                    for v in flat]
+        return flat
     if datatype != "BYTES":
         return flat
     try:
