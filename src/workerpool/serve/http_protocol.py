@@ -48,10 +48,19 @@ class _HeadGuard:
 
     limits: HeadLimits  # set on the class protocol_class() makes
 
-    def _guard_init(self) -> None:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._head_bytes: int | None = 0  # None: the head is complete, a body may follow
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: tuple[int, str] | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_started()  # a connection that never sends a byte is timed out too
+
+    def connection_lost(self, exc) -> None:
+        self._head_done()
+        super().connection_lost(exc)
 
     def _head_started(self) -> None:
         if self._head_timer is None:
@@ -112,18 +121,6 @@ class _HeadGuard:
 class GuardedHttpTools(_HeadGuard, HttpToolsProtocol):
     """uvicorn's httptools protocol (the default) with the head bounded."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._guard_init()
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._head_started()
-
-    def connection_lost(self, exc) -> None:
-        self._head_done()
-        super().connection_lost(exc)
-
     def data_received(self, data: bytes) -> None:
         if self._count_head(data):
             super().data_received(data)  # a _Refused from a callback: send_400_response
@@ -160,18 +157,6 @@ class GuardedHttpTools(_HeadGuard, HttpToolsProtocol):
 class GuardedH11(_HeadGuard, H11Protocol):
     """uvicorn's h11 protocol (``--http h11``): h11 bounds the head's size itself
     (``h11_max_incomplete_event_size``: answered 400); the guard adds the timeout."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._guard_init()
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._head_started()
-
-    def connection_lost(self, exc) -> None:
-        self._head_done()
-        super().connection_lost(exc)
 
     def handle_events(self) -> None:
         super().handle_events()
