@@ -86,3 +86,35 @@ def version_of(output) -> int:
     version = int(output.reshape(-1)[0]) // 4
     assert np.array_equal(output, np.full(output.shape, 4.0 * version, np.float32)), output
     return version
+
+
+def echo(model, x):
+    return x
+
+
+def misbehaving_output(model, x):
+    """What predict returns, chosen by x's first value: outputs the server cannot send."""
+    import threading
+
+    choice = int(np.asarray(x).reshape(-1)[0])
+    return {
+        1: lambda: None,  # the worker cannot encode it
+        2: threading.Lock(),
+        3: np.array([object(), 1], dtype=object),
+        4: None,  # the server cannot name it
+        5: {1: np.zeros(1, np.float32), (2, 3): np.zeros(1, np.float32)},
+        6: np.array([np.nan, np.inf, -np.inf, 1.5], dtype=np.float32),  # strict JSON
+    }.get(choice, x)
+
+
+WARM_UP_VALUE = -1.0
+
+
+def slow_warm_up(model, x):
+    """Echoes x; on the warm-up input (WARM_UP_VALUE) first sleeps $WARM_UP_S seconds, then
+    leaves a file warm-PID in $WARM_MARKERS: which workers finished their warm-up, when."""
+    if float(np.asarray(x).reshape(-1)[0]) == WARM_UP_VALUE:
+        time.sleep(float(os.environ.get("WARM_UP_S", "2")))
+        with open(os.path.join(os.environ["WARM_MARKERS"], f"warm-{os.getpid()}"), "w"):
+            pass
+    return x

@@ -73,7 +73,8 @@ CONFIG = textwrap.dedent("""
 class Server:
     """A `workerpool serve` process; ``url`` once it listens."""
 
-    def __init__(self, args: list[str], env: dict | None = None, grpc_lines: int = 0):
+    def __init__(self, args: list[str], env: dict | None = None, grpc_lines: int = 0,
+                 metrics_line: bool = False):
         environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [TESTS, os.path.join(TESTS, "integration"), os.environ.get("PYTHONPATH", "")]))
         environment.update(env or {})
@@ -93,6 +94,11 @@ class Server:
             assert line.startswith("workerpool serve: grpc://"), line + self.stderr()
             address, what = line.split(None, 3)[2:]
             self.grpc[what.strip().strip("()")] = address.removeprefix("grpc://")
+        self.metrics_url = None  # "workerpool serve: metrics http://HOST:PORT/metrics"
+        if metrics_line:
+            line = self.process.stdout.readline()
+            assert line.startswith("workerpool serve: metrics http://"), line + self.stderr()
+            self.metrics_url = line.split()[3]
 
     def get(self, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
         return request("GET", self.url + path, headers=headers)
@@ -442,12 +448,21 @@ def test_live_at_once_ready_when_loaded_then_503_when_broken(tmp_path):
 
 
 def test_api_key_guards_everything_but_health():
-    server = Server(["--api-key", "s3cret", "--workers", "1"])  # the built-in demo model
+    server = Server(["--api-key", "s3cret", "--workers", "1", "--metrics-port", "0"],
+                    metrics_line=True)  # the built-in demo model
     try:
         server.wait_ready()
         assert server.get("/v2/health/live")[0] == 200
         assert server.get("/v2/models/demo")[0] == 401
         assert server.get("/metrics")[0] == 401
+        # --metrics-port: its bound port printed, the key asked there too, nothing else served
+        assert request("GET", server.metrics_url)[0] == 401
+        status, _, raw = request("GET", server.metrics_url, headers={"X-API-Key": "s3cret"})
+        assert status == 200 and b"workerpool_requests_total" in raw
+        metrics_root = server.metrics_url.removesuffix("/metrics")
+        assert request("GET", metrics_root + "/v2/health/live")[0] == 200
+        assert request("GET", metrics_root + "/v2/models/demo",
+                       headers={"X-API-Key": "s3cret"})[0] == 404
         assert server.get("/status", {"Authorization": "Bearer wrong"})[0] == 401
         assert server.get("/v2/models/demo", {"Authorization": "Bearer s3cret"})[0] == 200
         assert server.get("/v2/models/demo", {"X-API-Key": "s3cret"})[0] == 200

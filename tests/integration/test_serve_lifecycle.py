@@ -89,7 +89,7 @@ def test_versions_unload_and_load_through_the_repository_api(tmp_path, client_of
     save_version(elsewhere / "v9.pt", 9)
     server = Server(["--model", f"lin={paths[1]}@1", "--model", f"lin={paths[2]}@2",
                      "--builder", BUILDER, "--workers", "1",
-                     "--allow-source", str(paths[3])])
+                     "--allow-source", str(paths[3]), "--max-models", "3"])
     try:
         server.wait_ready()
         client = client_of(server)
@@ -115,6 +115,12 @@ def test_versions_unload_and_load_through_the_repository_api(tmp_path, client_of
         assert infer(client) == (3, "3")
         client.load_model("lin", config=json.dumps({"version": "2"}))  # back from unloaded
         assert infer(client, version="2") == (2, "2")
+        # three versions loaded, --max-models 3: a fourth pool is refused until one goes
+        status, _, body = server.post(
+            "/v2/repository/models/lin/load",
+            json.dumps({"parameters": {"version": "4", "source": str(paths[3])}}).encode())
+        assert status == 409 and "--max-models 3" in json.loads(body)["error"], body
+        assert [m["version"] for m in client.get_model_repository_index()] == ["1", "2", "3"]
 
         refused = [
             ({"parameters": {"source": str(elsewhere / "v9.pt")}}, 400, "allow-list"),

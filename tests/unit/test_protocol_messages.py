@@ -21,6 +21,7 @@ from workerpool.serve.tensor_proto import from_array, to_array  # noqa: E402
 from workerpool.serve.tf_warmup import WarmupError, records  # noqa: E402
 from workerpool.serve.v2_grpc import decode_inputs, encode_outputs  # noqa: E402
 
+LIMIT = 64 * 1024 * 1024  # what one tensor may decode to (--max-request-bytes)
 DTYPES = [np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64,
           np.uint8, np.uint16, np.uint32, np.uint64, np.bool_]
 # the typed field TensorFlow reads each dtype from
@@ -59,7 +60,7 @@ def test_our_datatype_enum_is_tensorflows():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_tensor_content_from_make_tensor_proto(dtype):
     x = sample(dtype)
-    got = to_array("x", ours("tensorflow.TensorProto", tf.make_tensor_proto(x)))
+    got = to_array("x", ours("tensorflow.TensorProto", tf.make_tensor_proto(x)), LIMIT)
     assert got.dtype == x.dtype and np.array_equal(got, x)
 
 
@@ -71,7 +72,7 @@ def test_typed_fields_read_as_tensorflow_reads_them(dtype):
     values = x.view(np.uint16) if dtype is np.float16 else x
     getattr(proto, TYPED_FIELD[dtype]).extend(values.ravel().tolist())
     want = tf.make_ndarray(proto)
-    got = to_array("x", ours("tensorflow.TensorProto", proto))
+    got = to_array("x", ours("tensorflow.TensorProto", proto), LIMIT)
     assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
@@ -86,15 +87,21 @@ def test_outputs_read_back_by_make_ndarray(dtype):
 
 def test_strings_both_ways_and_one_value_fills_the_shape():
     words = np.array([[b"alpha", b"be"], [b"\xce\xb3", b""]], dtype=object)
-    got = to_array("s", ours("tensorflow.TensorProto", tf.make_tensor_proto(words)))
+    got = to_array("s", ours("tensorflow.TensorProto", tf.make_tensor_proto(words)), LIMIT)
     assert got == words.tolist()
     tensor = protocol("tf_serving").message("tensorflow.TensorProto")()
     from_array(words, tensor)
     back = tf.make_ndarray(tensor_pb2.TensorProto.FromString(tensor.SerializeToString()))
     assert back.tolist() == words.tolist()
     filled = to_array("f", ours("tensorflow.TensorProto",
-                                tf.make_tensor_proto(1.5, dtype=tf.float32, shape=[2, 3])))
+                                tf.make_tensor_proto(1.5, dtype=tf.float32, shape=[2, 3])), LIMIT)
     assert np.array_equal(filled, np.full((2, 3), 1.5, np.float32))
+    # a fill up to the limit is what an honest client could have sent whole; past it, no
+    with pytest.raises(BadRequest, match="one value would fill shape"):
+        to_array("f", ours("tensorflow.TensorProto", tf.make_tensor_proto(
+            1.5, dtype=tf.float32, shape=[2, 3])), 23)
+    assert to_array("f", ours("tensorflow.TensorProto", tf.make_tensor_proto(
+        1.5, dtype=tf.float32, shape=[2, 3])), 24).shape == (2, 3)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -106,7 +113,7 @@ def test_strings_both_ways_and_one_value_fills_the_shape():
 ])
 def test_bad_tensors_are_bad_requests(make, message):
     with pytest.raises(BadRequest, match=message):
-        to_array("x", ours("tensorflow.TensorProto", make()))
+        to_array("x", ours("tensorflow.TensorProto", make()), LIMIT)
 
 
 def _content(x, shape):
@@ -139,7 +146,7 @@ def test_kserve_typed_contents_both_ways(datatype, dtype, field):
     tensor = request.inputs.add(name="x", datatype=datatype, shape=list(x.shape))
     getattr(tensor.contents, field).extend(x.ravel().tolist())
     ours_ = protocol("kserve_v2").message("inference.ModelInferRequest")
-    got = decode_inputs(ours_.FromString(request.SerializeToString()))["x"]
+    got = decode_inputs(ours_.FromString(request.SerializeToString()), LIMIT)["x"]
     assert got.dtype == x.dtype and np.array_equal(got, x)
     response = protocol("kserve_v2").message("inference.ModelInferResponse")()
     encode_outputs(response, {"y": x}, raw=False)
@@ -160,7 +167,7 @@ def test_kserve_fp16_goes_raw_and_mixed_forms_are_refused():
     tensor.contents.fp32_contents.append(1.0)
     request.raw_input_contents.append(np.float32(1).tobytes())
     with pytest.raises(BadRequest, match="not both"):
-        decode_inputs(request)
+        decode_inputs(request, LIMIT)
 
 
 # -- TF Serving's warm-up file: TFRecord framing ---------------------------------------------
