@@ -1,6 +1,6 @@
 """workerpool: serve ML models from worker processes that share one copy of the weights."""
 
-from .errors import (BatchShapeError, EncodeError, InputMismatch, MessageTooLarge,
+from .errors import (BatchShapeError, ConfigError, EncodeError, InputMismatch, MessageTooLarge,
                      ModelSourceError, OutputEncodeError, OutputTooLarge, PoolBroken, PoolClosed, PoolStartError, ProtocolError, QueueFull,
                      ReloadFailed, RemoteError, TaskTimeout, WorkerCrashed, WorkerpoolError,
                      WrongProcess)
@@ -11,7 +11,7 @@ __all__ = [
     "Pool", "WorkerpoolError", "PoolClosed", "PoolBroken", "PoolStartError", "WorkerCrashed",
     "QueueFull", "TaskTimeout", "EncodeError", "MessageTooLarge", "BatchShapeError",
     "ProtocolError", "RemoteError", "ModelSourceError", "WrongProcess", "TensorSpec",
-    "ReloadFailed", "InputMismatch", "OutputEncodeError", "OutputTooLarge", "score",
+    "ReloadFailed", "InputMismatch", "ConfigError", "OutputEncodeError", "OutputTooLarge", "score",
 ]
 __version__ = "0.1.0"
 

@@ -51,6 +51,11 @@ class ReloadFailed(WorkerpoolError):
     cause is ``__cause__`` and is named in the message."""
 
 
+class ConfigError(WorkerpoolError, ValueError):
+    """A model or server configuration that cannot be used (a SPEC that names nothing, a
+    bad serve.toml key); the message says what to fix."""
+
+
 class ModelSourceError(WorkerpoolError, OSError):
     """A model file or URL cannot be used: missing, unreadable, an unsupported format, or a
     download that failed. The message names the path and what to do."""

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from workerpool.ipc import memfd
+from workerpool import memfd
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

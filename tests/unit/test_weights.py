@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from testkit import segment_ranges
-from workerpool.ipc import memfd
-from workerpool.pool.weights import publish
+from workerpool import memfd
+from workerpool.publishing import publish
 from workerpool.workers.attach import attach
 
 

@@ -10,7 +10,8 @@ imports torch.
 from __future__ import annotations
 
 import importlib
-import sys
+
+from ..modules import imported
 
 # (module that must already be imported, adapter module)
 _ADAPTERS = (
@@ -25,16 +26,3 @@ def active_adapters():
     """The adapter modules whose framework is loaded in this process."""
     return [importlib.import_module(adapter) for framework, adapter in _ADAPTERS
             if imported(framework) is not None]
-
-
-def imported(name: str):
-    """The module ``name`` if this process has imported it, else None (never imports it).
-
-    A module another thread is still importing (a server loading a torch model and a
-    TensorFlow model at once) is waited for: half-initialised, it lacks its attributes.
-    """
-    module = sys.modules.get(name)
-    if module is not None and getattr(getattr(module, "__spec__", None), "_initializing",
-                                      False):
-        return importlib.import_module(name)  # blocks on the module's import lock
-    return module

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from ..errors import EncodeError
-from . import imported
+from ..modules import imported
 
 _threads = 1
 

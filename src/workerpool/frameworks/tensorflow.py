@@ -30,7 +30,8 @@ import tempfile
 import numpy as np
 
 from ..errors import EncodeError, InputMismatch
-from . import imported, tf_freeze
+from ..modules import imported
+from . import tf_freeze
 from .saved_model import SavedSignature
 
 

@@ -19,7 +19,7 @@ import collections
 import numpy as np
 
 from ..errors import EncodeError
-from ..ipc import memfd
+from .. import memfd
 from .saved_model import TensorSlice
 
 MIN_MAPPED_BYTES = 4096  # smaller constants stay inline in the GraphDef

@@ -27,7 +27,7 @@ import msgpack
 import numpy as np
 
 from ..errors import EncodeError, MessageTooLarge, ProtocolError
-from ..frameworks import imported
+from ..modules import imported
 
 _EXT_NDARRAY = 1
 _EXT_TENSOR = 2

@@ -24,11 +24,11 @@ from ..config import PoolConfig
 from ..errors import PoolClosed, PoolStartError
 from ..ipc import endpoints
 from ..ipc.codec import Codec
+from ..publishing import PublishedModel
 from .dispatcher import Dispatcher
+from .loading import load_and_publish
 from .shutdown import Shutdown
 from .supervisor import PrestartedZygote, Supervisor
-from .loading import load_and_publish
-from .weights import PublishedModel
 
 _HASH_CHUNK = 8 * 1024 * 1024
 

@@ -23,9 +23,8 @@ import cloudpickle
 from ..config import PoolConfig
 from ..errors import PoolStartError
 from ..ipc import control, wire
-from ..sources import files
+from ..publishing import PublishedModel, publish, weights_source
 from .supervisor import spawn_with_channel
-from .weights import PublishedModel, publish
 
 
 def load_and_publish(load, predict, config: PoolConfig,
@@ -82,14 +81,3 @@ def _in_loader(load, predict, config: PoolConfig, options: dict):
 def _ended(loader: subprocess.Popen) -> str:
     status = loader.wait()
     return f"was killed by signal {-status}" if status < 0 else f"exited with code {status}"
-
-
-def weights_source(model, start_method: str, published: PublishedModel) -> str:
-    """Where the workers' weights live, in words for stats()."""
-    if isinstance(model, files.ZygoteLoaded):
-        return ("loaded by the zygote, shared copy-on-write by its workers"
-                if start_method == "zygote" else "loaded by each worker (a copy per worker)")
-    places = [name for name, size in (("shared memfd", published.weight_bytes),
-                                      ("mapped weight file", published.file_bytes)) if size]
-    return "; ".join([" + ".join(places), *published.notes]).strip("; ") or \
-        "none (no arrays in the model)"

@@ -13,7 +13,7 @@ model shows it in ``private``, whatever the adapter claims in ``weights_source``
 
 from __future__ import annotations
 
-from ..ipc import memfd
+from .. import memfd
 
 _KB = 1024
 _SEGMENT_NAME = f"memfd:{memfd.MEMFD_NAME}"

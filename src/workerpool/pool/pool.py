@@ -1,7 +1,7 @@
 """The public Pool: one shared copy of a model, served by N worker processes.
 
     Pool(load, predict)
-      load() in this process ──publish──> sealed memfd + skeleton (pool/weights.py)
+      load() in this process ──publish──> sealed memfd + skeleton (publishing/)
       Supervisor ──spawn──> zygote: attach once ──fork──> workers (pool/supervisor.py)
       Dispatcher thread ── ROUTER ipc://<0700 dir>/pool.sock ──> workers (pool/dispatcher.py)
       submit()/map() encode in the caller's thread and hand a Request to the dispatcher.

@@ -22,8 +22,8 @@ import sys
 from ..config import PoolConfig
 from ..errors import PoolStartError
 from ..ipc import control, endpoints, wire
+from ..publishing import PublishedModel
 from ..workers.output import quiet_environment
-from .weights import PublishedModel
 
 
 class Supervisor:

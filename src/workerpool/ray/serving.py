@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from ..serve.config import call_argument
 from ..serve.errors import message_of, status_of
-from ..serve.registry import name_outputs
 from ..serve.limits import DEFAULT_MAX_REQUEST_BYTES
 from ..serve.v2_http import encode_response, parse_infer
+from ..tensors import call_argument, name_outputs
 from .data import actor_pool
 from .scoring import node_cpus
 

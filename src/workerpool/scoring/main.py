@@ -100,8 +100,8 @@ def ray_pool(args, load, predict, options):
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from ..errors import ModelSourceError, WorkerpoolError
-    from ..serve.config import ConfigError, ModelSpec
+    from ..errors import ConfigError, ModelSourceError, WorkerpoolError
+    from ..specs import load_and_predict
     from ..sources.remote import fetch
     from .outputs import OutputError
     from .parts import ResumeRefused
@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     columns = args.columns.split(",") if args.columns else None
     try:
         total = Reader(fetch(args.input), columns, args.id_column, args.dtype).total_rows
-        spec = ModelSpec("score", args.spec, predict=args.predict, builder=args.builder,
-                         pool_options={"load_in": args.load_in})
-        load, predict, options = spec.pool_arguments()
+        load, predict = load_and_predict(args.spec, args.predict, args.builder,
+                                         import_here=args.load_in != "loader")
+        options = {"load_in": args.load_in, "numpy_results": True}
     except (InputError, ConfigError, ModelSourceError, OSError, TypeError) as exc:
         return fail(2, str(exc))
     stop = threading.Event()

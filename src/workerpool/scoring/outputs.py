@@ -22,18 +22,19 @@ import os
 
 import numpy as np
 
+from ..errors import OutputEncodeError
+from ..tensors import output_items
+
 
 class OutputError(ValueError):
     """predict returned something that cannot become output columns."""
 
 
 def output_columns(result, rows: int) -> dict[str, np.ndarray]:
-    if isinstance(result, dict):
-        items = [(str(key), value) for key, value in result.items()]
-    elif type(result) in (tuple, list) and result and all(hasattr(v, "shape") for v in result):
-        items = [(f"output_{i}", value) for i, value in enumerate(result)]
-    else:
-        items = [("output", result)]
+    try:
+        items = output_items(result, single="output")
+    except OutputEncodeError as exc:
+        raise OutputError(str(exc)) from None
     columns = {}
     for name, value in items:
         if hasattr(value, "detach") and hasattr(value, "numpy"):

@@ -13,17 +13,16 @@ serves. Model paths and functions come from the operator, never from a request.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import os
 import re
-import sys
 from typing import Any, Callable
 
 import numpy as np
 
 from .. import signature
-from ..sources import files
+from ..errors import ConfigError
+from ..specs import FILE_ATTR, MODULE_ATTR, is_function_spec, load_and_predict
+from ..tensors import call_argument
 from . import tf_warmup
 
 try:
@@ -31,8 +30,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-_MODULE_ATTR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_FILE_ATTR = re.compile(r"^(?P<file>.+\.py):(?P<attr>[A-Za-z_][\w.]*)$")
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
 
@@ -44,10 +41,6 @@ POOL_OPTIONS = ("workers", "max_batch_size", "max_wait_ms", "max_queue", "timeou
 # A server runs load() in a loader process, so its own process imports no framework and
 # holds no weights, whatever models it serves.
 SERVER_LOAD_IN = "loader"
-
-
-class ConfigError(ValueError):
-    """A server configuration that cannot be served; the message says what to fix."""
 
 
 @dataclasses.dataclass
@@ -75,18 +68,10 @@ class ModelSpec:
                        warmup=[call_argument(s) for s in self.warmup_samples()],
                        numpy_results=True)
         options.setdefault("load_in", SERVER_LOAD_IN)
-        named = Named if options["load_in"] == "loader" else resolve
-        load = self.source if callable(self.source) else None
-        builder = named(self.builder) if isinstance(self.builder, str) else self.builder
-        if load is None:
-            if is_function_spec(self.source):
-                load = named(self.source)
-            else:
-                load = files.loader_for(self.source, builder, self.trust_pickle)
-        predict = self.predict
-        if isinstance(predict, str):
-            predict = named(predict)
-        return load, predict or files.default_predict, options
+        load, predict = load_and_predict(self.source, self.predict, self.builder,
+                                         trust_pickle=self.trust_pickle,
+                                         import_here=options["load_in"] != "loader")
+        return load, predict, options
 
     def warmup_samples(self) -> list:
         """The warm-up inputs: from an .npz file, one sample: a dict of its arrays by name;
@@ -113,70 +98,6 @@ class ModelSpec:
         return [arrays]
 
 
-def call_argument(inputs):
-    """What predict gets for named inputs: the one array, or a dict of them by name."""
-    if isinstance(inputs, dict) and len(inputs) == 1:
-        return next(iter(inputs.values()))
-    return inputs
-
-
-def is_function_spec(spec: str) -> bool:
-    return bool(_MODULE_ATTR.match(spec) or _FILE_ATTR.match(spec))
-
-
-class Named:
-    """The function a ``module:attr`` or ``file.py:attr`` spec names, imported wherever it
-    is unpickled (a loader process, the zygote) or first called, not where it is named.
-    Pickles as its spec."""
-
-    def __init__(self, spec: str):
-        self.spec = spec
-        locate(spec)  # a bad spec or a missing file fails here, at once
-
-    def __call__(self, *args, **kwargs):
-        return resolve(self.spec)(*args, **kwargs)
-
-    def __reduce__(self):
-        return (resolve, (self.spec,))
-
-    def __repr__(self) -> str:
-        return f"Named({self.spec!r})"
-
-
-def locate(spec: str) -> tuple[str, str]:
-    """``(module name, attribute)`` of a ``module:attr`` or ``file.py:attr`` spec. A file's
-    directory joins sys.path, so its functions reach the workers by reference like any
-    module's."""
-    file_match = _FILE_ATTR.match(spec)
-    if file_match:
-        path = os.path.abspath(file_match["file"])
-        if not os.path.isfile(path):
-            raise ConfigError(f"{spec}: no file {path}")
-        directory, module_name = os.path.split(path[:-3])
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
-        return module_name, file_match["attr"]
-    if _MODULE_ATTR.match(spec):
-        module_name, attr = spec.split(":")
-        return module_name, attr
-    raise ConfigError(f"{spec!r} is not module:attr or path/to/file.py:attr")
-
-
-def resolve(spec: str):
-    """The object a ``module:attr`` or ``file.py:attr`` names (imported here)."""
-    module_name, attr = locate(spec)
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{spec}: cannot import {module_name}: {exc}") from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"{spec}: {module_name} has no attribute {attr}") from None
-    return obj
-
-
 def check_version(version) -> str:
     if not isinstance(version, str) or not _VERSION.match(version):
         raise ConfigError(f"model version {version!r}: use letters, digits, '.', '_' and '-'")
@@ -199,8 +120,8 @@ def check_name(name: str) -> str:
 
 def default_name(spec: str) -> str:
     """A model's name from its SPEC: the attribute, or the file or directory name."""
-    file_match = _FILE_ATTR.match(spec)
-    if file_match or _MODULE_ATTR.match(spec):
+    file_match = FILE_ATTR.match(spec)
+    if file_match or MODULE_ATTR.match(spec):
         module = file_match["file"] if file_match else spec.split(":")[0]
         base = os.path.basename(module)
         return re.sub(r"[^\w.-]", "_", base[:-3] if base.endswith(".py") else base)
@@ -266,10 +187,10 @@ def _relative(spec: str | None, base: str) -> str | None:
     """A relative file path in the TOML is relative to the TOML file's directory."""
     if spec is None or "://" in spec:
         return spec
-    file_match = _FILE_ATTR.match(spec)
+    file_match = FILE_ATTR.match(spec)
     if file_match and not os.path.isabs(file_match["file"]):
         return os.path.join(base, file_match["file"]) + ":" + file_match["attr"]
-    if not file_match and not _MODULE_ATTR.match(spec) and not os.path.isabs(spec):
+    if not file_match and not MODULE_ATTR.match(spec) and not os.path.isabs(spec):
         return os.path.join(base, spec)
     return spec
 

@@ -29,6 +29,9 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+
+from ..tensors import narrowed
 from .errors import BadRequest
 
 KIB = 1024
@@ -80,6 +83,15 @@ def check_fill(name: str, shape: list[int], count: int, itemsize: int | None,
         raise BadRequest(f"input {name!r}: one value would fill shape {_short(shape)}, "
                          f"{size} bytes, over this server's {max_tensor_bytes} "
                          "(--max-request-bytes); send the values themselves")
+
+
+def narrow(name: str, values, dtype: np.dtype, label: str) -> np.ndarray:
+    """Integers a protocol carries in a wider field (int32 on the wire) as ``dtype``;
+    BadRequest naming ``label`` when one does not fit."""
+    array = narrowed(values, dtype)
+    if array is None:
+        raise BadRequest(f"input {name!r}: values do not fit {label}")
+    return array
 
 
 def _short(shape: list[int]) -> str:

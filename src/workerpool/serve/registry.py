@@ -34,14 +34,15 @@ import time
 
 import numpy as np
 
-from .. import errors
+from .. import errors, tensors
 from ..pool.pool import Pool
 from ..signature import TensorSpec, datatype_of
-from .config import (ConfigError, ModelSpec, call_argument, check_name, check_version,
-                     is_function_spec)
-from .errors import BadRequest, ModelNotFound, NotReady, NoWorkerNow, TooManyModels, clip
+from ..errors import ConfigError
+from ..specs import is_function_spec
+from ..tensors import as_tensor, call_argument, name_outputs
+from .config import ModelSpec, check_name, check_version
+from .errors import BadRequest, ModelNotFound, NotReady, NoWorkerNow, TooManyModels
 from .limits import DEFAULT_MAX_MODELS
-from .v2_http import as_tensor
 
 log = logging.getLogger("workerpool.serve")
 
@@ -212,44 +213,13 @@ def _inferred_spec(name: str, value) -> TensorSpec:
     return TensorSpec(name, datatype_of(array.dtype), tuple(shape))
 
 
-def name_outputs(result, names: list[str] | None) -> dict[str, np.ndarray]:
-    """predict's result as named tensors: a dict by its keys; a tuple/list of arrays as
-    output_0..k (or the declared names); anything else as one output."""
-    if result is None:
-        raise errors.OutputEncodeError(
-            "predict returned None; return an array, a list or tuple of arrays, or a dict "
-            "of arrays by output name")
-    if isinstance(result, dict):
-        unnamed = [key for key in result if not isinstance(key, str)]
-        if unnamed:
-            raise errors.OutputEncodeError(
-                f"predict returned a dict whose keys {clip(repr(unnamed[:10]), 200)} are "
-                "not strings; name each output with a string")
-        named = result
-    else:
-        if type(result) in (tuple, list) and result and all(
-                hasattr(v, "shape") for v in result):
-            values = list(result)
-        else:
-            values = [result]
-        if names is None or len(names) != len(values):
-            names = [f"output_{i}" for i in range(len(values))]
-        named = dict(zip(names, values))
-    try:
-        return {name: as_tensor(name, value) for name, value in named.items()}
-    except ValueError as exc:
-        raise errors.OutputEncodeError(str(exc)) from None
-
-
 def select_outputs(model: str, outputs: dict, wanted: list[str]) -> dict:
     """The outputs a request asked for, in its order (all when it named none); an unknown
     name is a BadRequest listing the model's outputs."""
-    if not wanted:
-        return outputs
-    unknown = [name for name in wanted if name not in outputs]
-    if unknown:
-        raise BadRequest(f"model {model} has no outputs {unknown}; it has {sorted(outputs)}")
-    return {name: outputs[name] for name in wanted}
+    try:
+        return tensors.select_outputs(outputs, wanted, f"model {model}")
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 class Registry:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import BadRequest
-from .limits import check_fill, check_shape
+from .limits import check_fill, check_shape, narrow
 from .proto import protocol
-from .v2_http import narrowed, nest
+from ..tensors import nest
 
 # TensorFlow dtype name -> (numpy dtype, the TensorProto field of its typed values)
 _BY_NAME = {
@@ -89,9 +89,9 @@ def to_array(name: str, tensor, max_tensor_bytes: int):
     if len(values) == 1 and count != 1:
         check_fill(name, shape, count, dtype.itemsize, max_tensor_bytes)
     if field == "half_val":
-        array = narrowed(name, values, np.dtype(np.uint16), "uint16").view(np.float16)
+        array = narrow(name, values, np.dtype(np.uint16), "uint16").view(np.float16)
     elif field == "int_val" and dtype != np.int32:
-        array = narrowed(name, values, dtype, dtype.name)
+        array = narrow(name, values, dtype, dtype.name)
     else:
         array = np.array(values, dtype=dtype)
     if array.size == count:

@@ -23,10 +23,11 @@ import binascii
 
 import numpy as np
 
+from ..signature import DATATYPES
+from ..tensors import as_tensor
 from .errors import BadRequest, ModelNotFound, Unimplemented
 from .limits import MAX_RANK, parse_json
 from .tf_model import PREDICT_METHOD, SIGNATURE, check_signature, dtype_name, model_status
-from .v2_http import DATATYPES, as_tensor
 
 PROTOCOL = "tfserving_rest"
 

@@ -15,11 +15,12 @@ import numpy as np
 
 from .. import __version__
 from ..signature import DATATYPES, datatype_of
+from ..tensors import as_tensor, nest
 from .errors import BadRequest
 from .grpc_server import Front
-from .limits import check_shape
+from .limits import check_shape, narrow
 from .registry import select_outputs
-from .v2_http import as_tensor, bytes_of, from_binary, narrowed, nest
+from .v2_http import bytes_of, from_binary
 
 SERVICE = "inference.GRPCInferenceService"
 # datatype -> the InferTensorContents field holding its typed values
@@ -135,7 +136,7 @@ def _from_contents(name: str, datatype: str, shape: list, count: int, contents):
         return nest(list(values), shape)
     dtype = DATATYPES[datatype]
     if field in ("int_contents", "uint_contents") and dtype.itemsize < 4:
-        return narrowed(name, values, dtype, datatype).reshape(shape)
+        return narrow(name, values, dtype, datatype).reshape(shape)
     return np.array(values, dtype=dtype).reshape(shape)
 
 

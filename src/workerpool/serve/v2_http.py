@@ -24,6 +24,7 @@ import struct
 import numpy as np
 
 from ..signature import DATATYPES, datatype_of
+from ..tensors import nest
 from .errors import BadRequest
 from .limits import MAX_RANK, check_shape, parse_json
 
@@ -186,16 +187,6 @@ def _from_json(name: str, datatype: str, shape: list, count: int, data):
     return array.reshape(shape)
 
 
-def narrowed(name: str, values, dtype: np.dtype, label: str) -> np.ndarray:
-    """Integers a protocol carries in a wider field (int32 on the wire) as ``dtype``;
-    BadRequest naming ``label`` when one does not fit."""
-    wide = np.array(values, dtype=np.int64)
-    limits = np.iinfo(dtype)
-    if wide.size and (wide.min() < limits.min or wide.max() > limits.max):
-        raise BadRequest(f"input {name!r}: values do not fit {label}")
-    return wide.astype(dtype)
-
-
 def _with_non_finite(flat: list) -> list | None:
     """``flat`` with "NaN", "Infinity" and "-Infinity" as floats (how responses write
     them), or None when it holds anything else that is not a number."""
@@ -227,13 +218,6 @@ def _flatten(data: list, name: str) -> list:
     return flat
 
 
-def nest(items: list, shape: list):
-    """A flat list as nested lists of ``shape`` (BYTES tensors: lists of bytes)."""
-    for size in reversed(shape[1:]):
-        items = [items[i:i + size] for i in range(0, len(items), size)] if size else []
-    return items
-
-
 def _requested_outputs(outputs) -> list[RequestedOutput] | None:
     if outputs is None:
         return None
@@ -249,28 +233,6 @@ def _requested_outputs(outputs) -> list[RequestedOutput] | None:
 
 
 # -- responses -------------------------------------------------------------------------
-def as_tensor(name: str, value) -> np.ndarray:
-    """A predict output as an array; lists of str/bytes become a BYTES (object) array."""
-    if isinstance(value, np.ndarray) and value.dtype.kind != "O":
-        return value
-    if hasattr(value, "detach") and hasattr(value, "numpy"):
-        return value.detach().cpu().numpy()
-    try:
-        array = np.asarray(value)
-    except ValueError as exc:
-        raise ValueError(f"output {name!r} is not a rectangular tensor: {exc}") from None
-    if array.dtype.kind in "SUO":
-        flat = array.reshape(-1).tolist()
-        texts = [isinstance(v, (str, bytes)) for v in flat]
-        if not all(texts):
-            other = type(flat[texts.index(False)]).__name__
-            raise ValueError(f"output {name!r} mixes strings with {other} values" if any(texts)
-                             else f"output {name!r} is not a tensor: it holds {other} values")
-        return np.array([v.encode() if isinstance(v, str) else v for v in flat],
-                        dtype=object).reshape(array.shape)
-    return array
-
-
 def encode_response(model: str, version: str, request: InferRequest,
                     outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers (Inference-Header-Content-Length when binary

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 
-from .config import is_function_spec
+from ..specs import is_function_spec
 from .registry import Registry
 
 log = logging.getLogger("workerpool.serve")

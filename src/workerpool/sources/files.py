@@ -11,7 +11,7 @@
 
 A state dict plus a ``builder`` becomes a module built on the ``meta`` device (no memory)
 whose tensors are then assigned from the mapping, so the parent never makes a transient
-second copy. Publishing (pool/weights.py) sees tensors that already live in an unmodified
+second copy. Publishing (publishing/weights.py) sees tensors that already live in an unmodified
 file mapping and hands workers the file itself: the page cache is the one copy.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ModelSourceError
-from ..frameworks import imported
+from ..modules import imported
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ import io
 import pickle
 
 from ..errors import ProtocolError
-from ..ipc import memfd
+from .. import memfd
 
 
 class SkeletonUnpickler(pickle.Unpickler):

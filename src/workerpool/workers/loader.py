@@ -41,10 +41,9 @@ def start_lifeline(parent_pid: int, private_dir: list[str]) -> None:
     exit_when_any_dies([pidfd], remove_private_dir)
 
 
-def load_and_publish(request: dict):
+def run_load(request: dict):
     """``(PublishedModel, weights_source)`` of the request's ``load``."""
-    from ..pool.loading import weights_source
-    from ..pool.weights import publish
+    from ..publishing import publish, weights_source
 
     load, predict = pickle.loads(request["call"])
     model = load()
@@ -63,7 +62,7 @@ def main(argv: list[str]) -> int:
     private_dir.append(request["options"]["private_dir"])
     sys.path[:] = request["sys_path"]
     try:
-        published, source = load_and_publish(request)
+        published, source = run_load(request)
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
         control.send(sock, {"op": "error", **wire.describe_error(exc, _MAX_ERROR_BYTES)})
         return 1

@@ -21,7 +21,7 @@ from ..errors import (BatchShapeError, EncodeError, MessageTooLarge, OutputEncod
                       OutputTooLarge)
 from ..ipc import wire
 from ..ipc.codec import Codec, frame_nbytes
-from ..frameworks import imported
+from ..modules import imported
 
 
 class Runner:

@@ -23,9 +23,9 @@ import pickle
 
 import cloudpickle
 
-from .. import frameworks
+from .. import frameworks, memfd
 from ..errors import PoolStartError, WorkerpoolError
-from ..ipc import memfd
+from ..sources import files
 from . import filemaps
 
 
@@ -255,3 +255,14 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc
+
+
+def weights_source(model, start_method: str, published: PublishedModel) -> str:
+    """Where the workers' weights live, in words for stats()."""
+    if isinstance(model, files.ZygoteLoaded):
+        return ("loaded by the zygote, shared copy-on-write by its workers"
+                if start_method == "zygote" else "loaded by each worker (a copy per worker)")
+    places = [name for name, size in (("shared memfd", published.weight_bytes),
+                                      ("mapped weight file", published.file_bytes)) if size]
+    return "; ".join([" + ".join(places), *published.notes]).strip("; ") or \
+        "none (no arrays in the model)"
