@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo serve bench report install clean
+.PHONY: test test-fast demo serve bench report install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The edit-test loop: every unit test and a core of the integration tests (the pool's
+# lifecycle and failures, the server's limits and its four protocols), a few minutes on 2
+# cores. CI and every commit run the whole suite (`make test`).
+FAST_TESTS := tests/unit tests/integration/test_lifecycle.py \
+	tests/integration/test_failures.py tests/integration/test_serve_limits.py \
+	tests/integration/test_protocols.py
+test-fast: $(STAMP)
+	$(PY) -m pytest -q $(FAST_TESTS)
 
 demo: $(STAMP)
 	$(PY) -m workerpool.demo

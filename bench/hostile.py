@@ -150,6 +150,16 @@ def phase(server: Server, kind: str, body: pathlib.Path, requests: int) -> dict:
                                      "127.0.0.1", str(port)], stdout=subprocess.PIPE, text=True)
         assert attacker.stdout.readline().strip() == "attacking"  # its imports done
         time.sleep(1.0)  # the attack under way before the others measure
+    try:
+        return measure(server, kind, body, requests, before, attacker)
+    finally:
+        if attacker is not None and attacker.poll() is None:
+            attacker.kill()
+            attacker.wait()
+
+
+def measure(server: Server, kind: str, body: pathlib.Path, requests: int, before: int,
+            attacker: subprocess.Popen | None) -> dict:
     sampler = PeakRss(server)
     sampler.start()
     load = subprocess.run(
@@ -168,7 +178,7 @@ def phase(server: Server, kind: str, body: pathlib.Path, requests: int) -> dict:
     if load.returncode != 0:  # the others could not even finish: say why
         log(f"{kind}: the other clients failed: {load.stderr.strip().splitlines()[-1:]}")
         return {"attack": kind, "req_s": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"),
-                "errors": args_requests_failed(load), "rss_before_mib": before / MIB,
+                "errors": failure_of(load), "rss_before_mib": before / MIB,
                 "rss_peak_above_mib": (sampler.peak - before) / MIB, "attacker": managed}
     others = json.loads(load.stdout)
     return {"attack": kind, "req_s": others["requests_per_s"], "p50_ms": others["p50_ms"],
@@ -177,7 +187,7 @@ def phase(server: Server, kind: str, body: pathlib.Path, requests: int) -> dict:
             "attacker": managed}
 
 
-def args_requests_failed(load: subprocess.CompletedProcess) -> str:
+def failure_of(load: subprocess.CompletedProcess) -> str:
     return f"failed: {load.stderr.strip().splitlines()[-1] if load.stderr.strip() else '?'}"
 
 

@@ -52,7 +52,7 @@ def grpc_bodies(directory: pathlib.Path, x: np.ndarray) -> dict[str, pathlib.Pat
     """Serialized requests: a KServe ModelInferRequest (raw contents) and a TF Serving
     PredictRequest (tensor_content, as tf.make_tensor_proto writes it)."""
     from workerpool.serve.proto import protocol
-    from workerpool.serve.tensor_proto import from_array
+    from workerpool.serve.proto.tensor import from_array
 
     kserve = protocol("kserve_v2").message("inference.ModelInferRequest")(model_name="demo")
     kserve.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
@@ -73,7 +73,7 @@ def check_answers(server: Server, paths: dict, x: np.ndarray) -> None:
 
     from workerpool.serve import demo_model
     from workerpool.serve.proto import protocol
-    from workerpool.serve.tensor_proto import to_array
+    from workerpool.serve.proto.tensor import to_array
 
     want = demo_model.predict(demo_model.load(), x)  # {"probabilities", "label"}
     with grpc.insecure_channel(server.grpc["KServe v2"]) as channel:

@@ -232,7 +232,7 @@ def run_granian(workers: int) -> None:
     from granian.constants import Interfaces
     from granian.server.embed import Server as Granian
 
-    from workerpool.serve.app import App
+    from workerpool.serve.http.app import App
     from workerpool.serve.main import demo_spec
     from workerpool.serve.registry import Registry
     from workerpool.serve.server import bind

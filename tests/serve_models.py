@@ -118,3 +118,8 @@ def slow_warm_up(model, x):
         with open(os.path.join(os.environ["WARM_MARKERS"], f"warm-{os.getpid()}"), "w"):
             pass
     return x
+
+
+def scaled_and_total(model, x):
+    """Two named outputs: x scaled by 2, and each row's sum."""
+    return {"scaled": x * np.float32(2.0), "total": x.sum(axis=-1)}

@@ -1,9 +1,9 @@
 """workerpool: serve ML models from worker processes that share one copy of the weights."""
 
 from .errors import (BatchShapeError, ConfigError, EncodeError, InputMismatch, MessageTooLarge,
-                     ModelSourceError, OutputEncodeError, OutputTooLarge, PoolBroken, PoolClosed, PoolStartError, ProtocolError, QueueFull,
-                     ReloadFailed, RemoteError, TaskTimeout, WorkerCrashed, WorkerpoolError,
-                     WrongProcess)
+                     ModelSourceError, OutputEncodeError, OutputTooLarge, PoolBroken, PoolClosed,
+                     PoolStartError, ProtocolError, QueueFull, ReloadFailed, RemoteError,
+                     TaskTimeout, WorkerCrashed, WorkerpoolError, WrongProcess)
 from .pool.pool import Pool
 from .signature import TensorSpec
 

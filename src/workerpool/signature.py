@@ -92,3 +92,46 @@ def specs(values) -> tuple[TensorSpec, ...] | None:
     if len(set(names)) != len(names):
         raise ValueError(f"tensor names must be unique, got {names}")
     return declared
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """What a model takes and returns, wherever that was learnt (``source``: "declared",
+    "model" (its own signature: Keras inputs, a SavedModel's signature_def), "warm-up
+    call", or several joined by " + "). None: not known, so not checked."""
+
+    inputs: tuple[TensorSpec, ...] | None = None
+    outputs: tuple[TensorSpec, ...] | None = None
+    source: str = "none"
+
+    @property
+    def output_names(self) -> list[str] | None:
+        return [spec.name for spec in self.outputs] if self.outputs else None
+
+    def mismatch(self, inputs: dict) -> str | None:
+        """Why named ``inputs`` (arrays, or nested lists of bytes for BYTES) do not fit,
+        naming what the model expects; None when they fit or the inputs are not known."""
+        if not self.inputs:
+            return None
+        expected = [spec.name for spec in self.inputs]
+        if sorted(inputs) != sorted(expected):
+            shown = sorted(inputs)
+            return (f"takes inputs {expected}, got "
+                    f"{shown if len(shown) <= 20 else shown[:20] + ['...']}")
+        for spec in self.inputs:
+            value = inputs[spec.name]
+            if isinstance(value, np.ndarray):
+                problem = spec.mismatch(value)
+            elif spec.datatype != "BYTES":
+                problem = f"input {spec.name!r} must be {spec.datatype}, got BYTES"
+            else:
+                problem = None
+            if problem:
+                return problem
+        return None
+
+    def ordered(self, inputs: dict) -> dict:
+        """``inputs`` in the model's order (as given when the inputs are not known)."""
+        if not self.inputs:
+            return inputs
+        return {spec.name: inputs[spec.name] for spec in self.inputs}

@@ -267,7 +267,7 @@ def test_tf_serving_snippet_against_a_saved_model_with_warmup(tf_serving, saved_
     test_tensorflow.assert_same(tf.make_ndarray(result.outputs["scores"]), want, 1e-5)
 
 
-def test_tf_serving_metadata_comes_from_the_warmup_file(tf_serving, server):
+def test_tf_serving_metadata_comes_from_the_saved_models_own_signature(tf_serving, server):
     stub = prediction_service_pb2_grpc.PredictionServiceStub(tf_serving)
     request = get_model_metadata_pb2.GetModelMetadataRequest()
     request.model_spec.name = "mnist"
@@ -283,7 +283,7 @@ def test_tf_serving_metadata_comes_from_the_warmup_file(tf_serving, server):
     assert [d.size for d in signature.outputs["scores"].tensor_shape.dim] == [-1, 10]
     status = json.loads(server.get("/status")[2])
     mnist = next(m for m in status["models"] if m["name"] == "mnist")
-    assert mnist["metadata_source"] == "warm-up call", mnist
+    assert mnist["metadata_source"] == "model", mnist  # not its warm-up file: its signature
 
 
 def test_tf_serving_model_status(tf_serving):

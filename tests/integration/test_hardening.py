@@ -223,7 +223,7 @@ def test_bad_options_table(options, error, match):
 def released(pool, memfds_before: list[str]) -> bool:
     """Its zygote gone, its directory removed, its weights' fds closed (the module's other
     pools still hold theirs)."""
-    return not is_running(pool.zygote_pid) and not os.path.exists(pool._private_dir) \
+    return not is_running(pool.zygote_pid) and not os.path.exists(pool.ipc_dir) \
         and our_memfds() == memfds_before
 
 
@@ -264,7 +264,7 @@ def test_close_interrupted_by_ctrl_c_finishes_on_the_second_call():
 def test_an_unreachable_pool_shuts_itself_down_with_a_resource_warning():
     memfds = our_memfds()
     pool = wp.Pool(modelzoo.numpy_model, probe_predict, workers=2)
-    zygote, private_dir = pool.zygote_pid, pool._private_dir
+    zygote, private_dir = pool.zygote_pid, pool.ipc_dir
     pids = pool.pids
     future = pool.submit(0.2, mode="sleep")
     with pytest.warns(ResourceWarning, match="unclosed <workerpool.Pool"):
@@ -306,7 +306,7 @@ FORK_SCRIPT = textwrap.dedent("""
         os.kill(before[0], signal.SIGKILL)  # the owner needs its zygote and socket now
         assert wait_until(lambda: len(set(pool.pids) - set(before)) == 1, 30)
         results = [pool.submit(x).result(timeout=60)["label"] for _ in range(8)]
-        print(json.dumps({{"owner": results, "dir": os.path.exists(pool._private_dir)}}),
+        print(json.dumps({{"owner": results, "dir": os.path.exists(pool.ipc_dir)}}),
               flush=True)
         pool.close()
 """)
@@ -335,7 +335,7 @@ SIGTERM_SCRIPT = textwrap.dedent("""
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         pool = wp.Pool(modelzoo.mlp, modelzoo.torch_predict, workers=2, start_method=sys.argv[1])
         print(json.dumps({{"pids": pool.pids, "zygote": pool.zygote_pid,
-                          "dir": pool._private_dir}}), flush=True)
+                          "dir": pool.ipc_dir}}), flush=True)
         time.sleep(600)
 """)
 
@@ -384,7 +384,7 @@ def test_a_stranger_on_the_socket_gets_no_work_and_runs_no_code(tmp_path):
             sock = context.socket(zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, identity)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"ipc://{pool._private_dir}/pool.sock")
+            sock.connect(f"ipc://{pool.ipc_dir}/pool.sock")
             strangers.append(sock)
         before = pool.pids
         os.kill(before[0], signal.SIGKILL)  # the moment a stranger once took a worker's place

@@ -33,7 +33,7 @@ def test_close_drains_accepted_work_then_leaves_nothing():
     expected = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict, x)
     pool = wp.Pool(modelzoo.mlp, slow_predict, workers=2)
     pids = pool.pids + [pool.zygote_pid]
-    private_dir = pool._private_dir
+    private_dir = pool.ipc_dir
     futures = [pool.submit(x) for _ in range(12)]
     pool.close()
     assert all(torch.equal(f.result(timeout=0), expected) for f in futures)
@@ -94,7 +94,7 @@ PARENT_SCRIPT = textwrap.dedent("""
             options = {{"tf_engine": sys.argv[2]}}
         pool = wp.Pool(load, predict, workers=2, start_method=sys.argv[1], **options)
         print(json.dumps({{"pids": pool.pids, "zygote": pool.zygote_pid,
-                          "dir": pool._private_dir}}), flush=True)
+                          "dir": pool.ipc_dir}}), flush=True)
         time.sleep(600)
 """)
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 
+import psutil
 import pytest
 import torch
 from torch import nn
@@ -204,7 +205,7 @@ def test_a_broken_pool_is_repaired_by_reload():
     with wp.Pool(versioned(1), modelzoo.torch_predict, workers=1) as pool:
         # A dead zygote is replaced, unless no new one can start: here, as after a zygote
         # that left the usual way, the pool's private directory is gone.
-        shutil.rmtree(pool._private_dir)
+        shutil.rmtree(pool.ipc_dir)
         os.kill(pool.zygote_pid, 9)
         assert wait_until(lambda: pool.broken is not None, 30)
         pool.reload(versioned(2))
@@ -212,14 +213,26 @@ def test_a_broken_pool_is_repaired_by_reload():
         assert version_of(pool.submit(X).result(timeout=30)) == 2
 
 
+def zygotes() -> set[int]:
+    """Pids of this process's zygotes, serving or spare."""
+    return {p.pid for p in psutil.Process().children()
+            if "workerpool.workers.zygote" in " ".join(p.cmdline())}
+
+
+def maps_torch(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return "libtorch" in maps.read()
+
+
 def test_a_spare_zygote_becomes_the_next_versions_zygote():
     with wp.Pool(versioned(1), modelzoo.torch_predict, workers=1, spare_zygote=True) as pool:
-        spare = pool._spare.process.pid
-        assert is_running(spare)
+        assert wait_until(lambda: len(zygotes()) == 2, 30)  # the serving one and a spare
+        first = pool.zygote_pid
+        (spare,) = zygotes() - {first}
+        assert wait_until(lambda: maps_torch(spare), 60)  # it imports torch while idle
         pool.reload(versioned(2))
-        assert pool.zygote_pid == spare  # it had imported torch while version 2 loaded
-        assert pool._supervisor.zygote_modules == ["torch"]
-        next_spare = pool._spare.process.pid
-        assert is_running(next_spare) and next_spare != spare
+        assert pool.zygote_pid == spare
+        assert wait_until(lambda: zygotes() - {first, spare}, 30)  # and a new spare starts
+        (next_spare,) = zygotes() - {first, spare}
         assert version_of(pool.submit(X).result(timeout=30)) == 2
     assert not is_running(next_spare)  # close() reaps the spare too

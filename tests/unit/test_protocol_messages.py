@@ -15,11 +15,11 @@ tf = pytest.importorskip("tensorflow")
 from tensorflow.core.framework import tensor_pb2  # noqa: E402
 from tritonclient.grpc import service_pb2  # noqa: E402
 
-from workerpool.serve.errors import BadRequest  # noqa: E402
+from workerpool.serving.errors import BadRequest  # noqa: E402
 from workerpool.serve.proto import protocol  # noqa: E402
-from workerpool.serve.tensor_proto import from_array, to_array  # noqa: E402
+from workerpool.serve.proto.tensor import from_array, to_array  # noqa: E402
 from workerpool.serve.tf_warmup import WarmupError, records  # noqa: E402
-from workerpool.serve.v2_grpc import decode_inputs, encode_outputs  # noqa: E402
+from workerpool.serve.grpc.kserve import decode_inputs, encode_outputs  # noqa: E402
 
 LIMIT = 64 * 1024 * 1024  # what one tensor may decode to (--max-request-bytes)
 DTYPES = [np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64,

@@ -3,6 +3,7 @@ repository load/unload request may say."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 
@@ -11,7 +12,7 @@ import pytest
 pytest.importorskip("uvicorn")
 
 from workerpool.serve.config import ConfigError, models_from_toml, split_version  # noqa: E402
-from workerpool.serve.errors import BadRequest  # noqa: E402
+from workerpool.serving.errors import BadRequest  # noqa: E402
 from workerpool.serve.main import models_and_settings, parser  # noqa: E402
 from workerpool.serve.registry import load_parameters  # noqa: E402
 from workerpool.serve.watch import fingerprint  # noqa: E402
@@ -35,7 +36,7 @@ def test_the_same_model_twice_on_the_command_line_is_two_versions():
     specs, settings = models_and_settings(args)
     assert [(s.name, s.source, s.version) for s in specs] == [("m", "a.pt", "1"),
                                                                ("m", "b.pt", "2")]
-    assert settings["allow_sources"] == ["/models"]
+    assert settings.allow_sources == ("/models",)
     with pytest.raises(ConfigError, match="once"):
         models_and_settings(parser().parse_args(["--model", "m=a.pt", "--model", "m=b.pt"]))
 
@@ -114,3 +115,34 @@ def test_fingerprint_changes_with_a_renamed_in_file_of_the_same_size(tmp_path):
     directory_print = fingerprint(str(tmp_path))
     (tmp_path / "extra").write_bytes(b"x")
     assert fingerprint(str(tmp_path)) != directory_print
+
+
+@pytest.mark.parametrize("argv, toml, message", [
+    (["--port", "70000"], "", "port must be a port number"),
+    ([], "max_request_bytes = -1", "max_request_bytes must be a positive integer"),
+    ([], "header_timeout = 'soon'", "header_timeout must be a positive number"),
+    ([], "debug = 'yes'", "debug must be a bool"),
+    ([], "colour = 'red'", "unknown [server] settings ['colour']"),
+    ([], "allow_sources = '/models'", "allow_sources must be a list"),
+])
+def test_server_settings_are_checked_once(tmp_path, argv, toml, message):
+    config = tmp_path / "serve.toml"
+    config.write_text(f'[server]\n{toml}\n\n[models.m]\nsource = "a.pt"\n')
+    with pytest.raises(ConfigError) as caught:
+        models_and_settings(parser().parse_args(["--config", str(config), *argv]))
+    assert message in str(caught.value)
+
+
+def test_server_settings_take_the_command_line_over_the_file(tmp_path):
+    config = tmp_path / "serve.toml"
+    config.write_text('[server]\nport = 9000\nmax_models = 3\n\n[models.m]\nsource = "a.pt"\n')
+    _, settings = models_and_settings(parser().parse_args(["--config", str(config),
+                                                           "--port", "9100"]))
+    assert (settings.port, settings.max_models, settings.host) == (9100, 3, "127.0.0.1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.port = 1
+
+
+def test_port_zero_on_the_command_line_means_any_free_port_not_the_default():
+    _, settings = models_and_settings(parser().parse_args(["--port", "0", "--grpc-port", "0"]))
+    assert (settings.port, settings.grpc_port, settings.tf_serving_port) == (0, 0, None)

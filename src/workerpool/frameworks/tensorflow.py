@@ -162,6 +162,54 @@ def ordered_inputs(keys: list[str], inputs) -> list:
                         "name, or a list in this order")
 
 
+def signature_of(model, function, input_keys: list[str] | None) -> dict | None:
+    """See ``_signature_of``; None rather than an error (metadata never stops a model)."""
+    try:
+        return _signature_of(model, function, input_keys)
+    except Exception:  # noqa: BLE001 - an input structure this does not read
+        return None
+
+
+def _signature_of(model, function, input_keys: list[str] | None) -> dict | None:
+    """What ``function`` (serving ``model``) takes and returns, as TensorSpec dicts in the
+    model's input order: names, dtypes and shapes (-1 where any size goes), the way TF
+    Serving describes a signature. A Keras model names its one input; dict outputs are
+    named by their keys, others output_0..k. None where a shape's rank is unknown."""
+    keras = imported("keras")
+    is_keras = keras is not None and isinstance(model, keras.Model)
+    args, kwargs = function.structured_input_signature
+    by_name = dict(kwargs) if kwargs else (
+        dict(args[0]) if len(args) == 1 and isinstance(args[0], dict) else None)
+    if input_keys and by_name is not None:
+        inputs = [(key, by_name[key]) for key in input_keys]
+    elif input_keys:
+        inputs = list(zip(input_keys, args))
+    elif args:
+        name = model.inputs[0].name if is_keras else (getattr(args[0], "name", None) or
+                                                       "input_0")
+        inputs = [(name, args[0])]
+    else:
+        return None
+    structure = function.structured_outputs  # dict outputs by key; the rest as output_0..k,
+    if isinstance(structure, dict):  # as Keras's own export names them and predict's are
+        outputs = [(key, structure[key]) for key in sorted(structure)]
+    elif isinstance(structure, (list, tuple)):
+        outputs = [(f"output_{i}", value) for i, value in enumerate(structure)]
+    else:
+        outputs = [("output_0", structure)]
+    return {"inputs": [_spec(name, value) for name, value in inputs],
+            "outputs": [_spec(name, value) for name, value in outputs]}
+
+
+def _spec(name: str, value) -> dict:
+    from ..signature import datatype_of
+
+    dims = value.shape.as_list()  # ValueError for an unknown rank
+    dtype = value.dtype.as_numpy_dtype
+    return {"name": str(name), "datatype": datatype_of(dtype),
+            "shape": [-1 if size is None else int(size) for size in dims]}
+
+
 class FrozenGraph:
     """A frozen serving graph whose big constants are memory-mapped; call it like the model."""
 
@@ -204,6 +252,7 @@ class FrozenGraph:
         structure = function.structured_outputs
         output_keys = sorted(structure) if isinstance(structure, dict) else (
             len(structure) if isinstance(structure, (list, tuple)) else None)
+        layout.signature = signature_of(model, function, input_keys)
         return cls(graph_def.SerializeToString(), inputs, outputs, input_keys, output_keys)
 
     def prepare_in_worker(self) -> None:
@@ -284,6 +333,9 @@ class CopiedModel:
             with open(path, "rb") as saved:
                 data = saved.read()
         layout.notes.append("Keras model loaded privately by each worker (tf_engine='copy')")
+        function = serving_function(model)
+        names = input_names(model, function)
+        layout.signature = signature_of(model, function, names[0] if names else None)
         return cls(data).__reduce__()
 
     def prepare_in_worker(self) -> None:
@@ -330,6 +382,7 @@ class CopiedSavedModel:
         layout.notes.append(f"{model.describe()} loaded privately by each worker "
                             "(tf_engine='copy')")
         layout.source = {"path": model.path, "version": model.version}
+        layout.signature = signature_of(model, model.function, names[0] if names else None)
         return cls(model.path, names[0] if names else []).__reduce__()
 
     def prepare_in_worker(self) -> None:

@@ -25,6 +25,7 @@ from ..errors import PoolClosed, PoolStartError
 from ..ipc import endpoints
 from ..ipc.codec import Codec
 from ..publishing import PublishedModel
+from ..signature import Signature, specs
 from .dispatcher import Dispatcher
 from .loading import load_and_publish
 from .shutdown import Shutdown
@@ -86,6 +87,14 @@ class Generation:
                 prestarted.discard()  # if the supervisor did not take it
             self.shutdown.close(drain=False)
             raise
+
+    @property
+    def signature(self) -> Signature:
+        """What the published model says it takes and returns (Signature() if nothing)."""
+        told = self.published.signature
+        if not told:
+            return Signature()
+        return Signature(specs(told.get("inputs")), specs(told.get("outputs")), "model")
 
     @property
     def version(self) -> str:

@@ -1,10 +1,14 @@
 """The public Pool: one shared copy of a model, served by N worker processes.
 
     Pool(load, predict)
-      load() in this process ──publish──> sealed memfd + skeleton (publishing/)
-      Supervisor ──spawn──> zygote: attach once ──fork──> workers (pool/supervisor.py)
-      Dispatcher thread ── ROUTER ipc://<0700 dir>/pool.sock ──> workers (pool/dispatcher.py)
-      submit()/map() encode in the caller's thread and hand a Request to the dispatcher.
+      load() here (load_in="parent") or in a loader process (load_in="loader",
+        pool/loading.py) ──publish──> sealed memfd + weight files + skeleton (publishing/)
+      a Generation per version (pool/generation.py): its Supervisor spawns the zygote, which
+        attaches once and forks the workers; its Dispatcher thread talks to them over
+        ROUTER ipc://<0700 dir>/pool.sock; its Shutdown releases everything
+      submit() encodes in the caller's thread and hands a Request to the dispatcher; map()
+        keeps a bounded window of submits in flight and yields in input order; reload()
+        starts the next Generation beside the serving one and swaps once it is warm
 """
 
 from __future__ import annotations
@@ -166,28 +170,6 @@ class Pool:
     def _keep_a_spare(self) -> None:
         if self.config.spare_zygote and self._spare is None and not self._closed:
             self._spare = self._prestart_zygote()
-
-    # The serving generation's parts, under the names the rest of the package (and the
-    # tests) use.
-    @property
-    def _dispatcher(self):
-        return self._generation.dispatcher
-
-    @property
-    def _supervisor(self):
-        return self._generation.supervisor
-
-    @property
-    def _published(self):
-        return self._generation.published
-
-    @property
-    def _shutdown(self):
-        return self._generation.shutdown
-
-    @property
-    def _private_dir(self):
-        return self._generation.private_dir
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, predict: Callable[..., Any], *,
@@ -365,25 +347,40 @@ class Pool:
     def broken(self) -> PoolBroken | None:
         """Why the pool cannot serve any more (its zygote died and no new one could attach
         the model, or new workers keep failing to start), or None."""
-        return self._dispatcher.broken if self._dispatcher is not None else None
+        dispatcher = self._generation.dispatcher
+        return dispatcher.broken if dispatcher is not None else None
+
+    @property
+    def signature(self) -> signature.Signature:
+        """What the model itself says it takes and returns, as published with its weights
+        (a Keras model's inputs and outputs, a SavedModel's signature); ``Signature()``
+        (source "none") when it says nothing. Declarations are ``inputs``/``outputs``."""
+        return self._generation.signature
 
     def is_ready(self) -> bool:
         """True while the pool is open, not broken, and at least one worker (attached and
         warmed up) takes work. Cheap: no round trip to the pool's thread."""
         if self._closed or self.broken is not None:
             return False
-        return any(w.state == "ready" for w in list(self._dispatcher.workers.values()))
+        workers = self._generation.dispatcher.workers
+        return any(w.state == "ready" for w in list(workers.values()))
 
     @property
     def pids(self) -> list[int]:
         """Pids of the current workers (ready or starting)."""
-        dispatcher = self._dispatcher
+        dispatcher = self._generation.dispatcher
         return [row["pid"] for row in dispatcher.call(lambda: worker_rows(dispatcher))
                 if row["pid"]]
 
     @property
+    def ipc_dir(self) -> str:
+        """The private (0700) directory of the serving version's socket; removed when the
+        pool closes, or by the zygote when this process dies."""
+        return self._generation.private_dir
+
+    @property
     def zygote_pid(self) -> int | None:
-        return self._supervisor.zygote_pid
+        return self._generation.supervisor.zygote_pid
 
     # -- versions ------------------------------------------------------------------------
     @property
@@ -475,17 +472,18 @@ class Pool:
         return self._close_requested or self._generation.shutdown.requested
 
     def _check_usable(self) -> None:
-        if self._shutdown.foreign:
+        if self._generation.shutdown.foreign:
             raise WrongProcess(
-                f"this Pool belongs to process {self._shutdown.owner_pid}, and this process "
-                f"({os.getpid()}) was forked from it; create a Pool in this process instead")
+                f"this Pool belongs to process {self._generation.shutdown.owner_pid}, and this "
+                f"process ({os.getpid()}) was forked from it; create a Pool in this process "
+                "instead")
         if self._closed:
             raise PoolClosed("the pool is closed; create a new Pool")
 
     def _check_open(self) -> None:
         self._check_usable()
-        if self._dispatcher.broken is not None:
-            raise self._dispatcher.broken
+        if self._generation.dispatcher.broken is not None:
+            raise self._generation.dispatcher.broken
 
     def __enter__(self) -> "Pool":
         return self

@@ -64,6 +64,7 @@ class SegmentLayout:
         self.options = options or {}  # engine choices of the framework adapters
         self.notes: list[str] = []  # what adapters did, for stats()
         self.source: dict | None = None  # where an adapter read the model from, for stats()
+        self.signature: dict | None = None  # what an adapter learnt the model takes/returns
         self.region_fds: list[int] = []  # one sealed memfd per mapped TF constant
         self.region_bytes = 0
         self.size = 0
@@ -175,6 +176,9 @@ class PublishedModel:
     region_bytes: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
     source: dict | None = None
+    # What the model says it takes and returns ({"inputs": [...], "outputs": [...]}, each a
+    # TensorSpec as a dict), where its framework adapter knows (Keras, SavedModel): None
+    signature: dict | None = None
 
     def all_fds(self) -> list[int]:
         """The segment's fd, then the weight files', then the mapped constants'."""
@@ -243,7 +247,7 @@ def publish(model, predict, use_files: bool = True,
     return_freed_memory()
     return PublishedModel(fd, layout.size, n_buffers, stream.getvalue(), layout.file_fds,
                           layout.file_paths, layout.file_bytes, layout.region_fds,
-                          layout.region_bytes, layout.notes, layout.source)
+                          layout.region_bytes, layout.notes, layout.source, layout.signature)
 
 
 def return_freed_memory() -> None:

@@ -4,7 +4,8 @@
         each replica: an actor reserving a node's CPUs, holding one Pool (load() in a
         loader, a worker per CPU): one weight copy per node, the workers doing the work
         HTTP   POST <route prefix>  a KServe v2 infer request (JSON or binary tensors),
-               answered as ``workerpool serve`` answers it (output_0..., or dict keys)
+               answered by ``workerpool serve``'s data plane and codec (the same checks,
+               output naming and selection, errors)
         Python handle.predict.remote(*args)  ->  predict(model, *args)
 
 Ray Serve routes each request to a replica; the replica's Pool queues, batches (its
@@ -16,10 +17,10 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from ..serve.errors import message_of, status_of
-from ..serve.limits import DEFAULT_MAX_REQUEST_BYTES
-from ..serve.v2_http import encode_response, parse_infer
-from ..tensors import call_argument, name_outputs
+from ..serving import kserve
+from ..serving.dataplane import DataPlane
+from ..serving.errors import message_of, status_of
+from ..serving.model import ServedModel, SingleModel
 from .data import actor_pool
 from .scoring import node_cpus
 
@@ -33,6 +34,8 @@ class PoolDeployment:
                  name: str = "model", workers: int | None = None, **pool_options):
         self.name = name
         self.pool = actor_pool(load, predict, workers, pool_options)
+        # the data plane of ``workerpool serve``: the same checks, selection and errors
+        self.plane = DataPlane(SingleModel(ServedModel.of_pool(name, self.pool)))
 
     async def predict(self, *args, **kwargs):
         """``predict(model, *args, **kwargs)`` on this replica's pool."""
@@ -45,12 +48,13 @@ class PoolDeployment:
         from starlette.responses import Response
 
         try:
-            infer = parse_infer(await request.body(),
-                                request.headers.get("inference-header-content-length"),
-                                DEFAULT_MAX_REQUEST_BYTES)
-            result = await self.pool.submit_async(call_argument(infer.inputs))
-            body, headers = encode_response(self.name, self.pool.version, infer,
-                                            name_outputs(result, None))
+            with self.plane.inference(self.name, None, "ray_serve") as call:
+                infer = kserve.parse_infer(
+                    await request.body(), request.headers.get("inference-header-content-length"),
+                    self.plane.max_tensor_bytes)
+                outputs = await call.run(infer.inputs, infer.output_names)
+                body, headers = kserve.encode_response(self.name, call.model.version, infer,
+                                                       outputs)
         except Exception as error:  # noqa: BLE001 - every error is an answer, as in serve
             status, _ = status_of(error)
             return Response(json.dumps({"error": message_of(error)}), status_code=status,

@@ -179,6 +179,9 @@ def models_from_toml(path: str, cli_options: dict) -> tuple[list[ModelSpec], dic
                 trust_pickle=bool(table.get("trust_pickle", False)), pool_options=options))
     settings = dict(document.get("server") or {})
     if "allow_sources" in settings:
+        if not isinstance(settings["allow_sources"], list):
+            raise ConfigError(f"{path}: allow_sources must be a list of paths, got "
+                              f"{settings['allow_sources']!r}")
         settings["allow_sources"] = [_relative(p, base) for p in settings["allow_sources"]]
     return specs, settings
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from ..config import LOAD_IN
 from .config import (POOL_OPTIONS, ConfigError, ModelSpec, check_declarations, check_name,
                      default_name, models_from_toml, split_version)
-from .limits import (DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_MODELS,
-                     DEFAULT_MAX_REQUEST_BYTES, MAX_HEADERS)
-
-DEFAULT_PORT = 8000
+from .settings import (DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_MODELS,
+                       DEFAULT_PORT, MAX_HEADERS, ServerSettings)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,12 +42,18 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds between --watch polls (default 2)")
     p.add_argument("--warmup", help="an .npz of inputs run on every worker before it takes "
                    "requests (its arrays by name)")
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=int,
+                   help="worker processes per model (default 2); each attaches the one "
+                   "copy of the weights")
     p.add_argument("--threads-per-worker", type=int,
                    help="intra-op threads of each worker (default: usable cores // workers, "
                    "at least 1)")
-    p.add_argument("--max-batch-size", type=int)
-    p.add_argument("--max-wait-ms", type=float)
+    p.add_argument("--max-batch-size", type=int,
+                   help="rows merged into one predict call from requests that queue "
+                   "together (default 1: no batching)")
+    p.add_argument("--max-wait-ms", type=float,
+                   help="how long a lone request may wait for others to batch with "
+                   "(default 0: batch only what is already queued)")
     p.add_argument("--max-queue", type=int,
                    help="requests waiting for a worker past which 503 (each worker also "
                    "holds up to 2 tasks beyond it)")
@@ -110,47 +113,43 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"workerpool serve: {missing}", file=sys.stderr)
         return 2
-    from .app import App
-    from .http_protocol import HeadLimits
+    from .http.app import App
     from .registry import Registry
     from .server import run
 
-    registry = Registry(specs, allowed_sources=settings["allow_sources"],
-                        defaults=settings["pool_options"],
-                        drain_timeout=settings["drain_timeout"],
-                        max_models=settings["max_models"])
-    app = App(registry, api_key=settings["api_key"],
-              max_request_bytes=settings["max_request_bytes"], debug=settings["debug"])
+    registry = Registry(specs, allowed_sources=settings.allow_sources,
+                        defaults=pool_options(args), drain_timeout=settings.drain_timeout,
+                        max_models=settings.max_models)
+    app = App(registry, api_key=settings.api_key,
+              max_request_bytes=settings.max_request_bytes, debug=settings.debug)
 
     def reread_config() -> list[ModelSpec]:
         """The models --config declares now (SIGHUP)."""
         return models_and_settings(args)[0]
 
-    return run(registry, app, host=settings["host"], port=settings["port"],
-               drain_timeout=settings["drain_timeout"], metrics_port=settings["metrics_port"],
-               http=args.http, loop=args.loop,
-               reread_config=reread_config if args.config else None,
-               watch_interval=settings["watch_interval"] if settings["watch"] else None,
-               grpc_port=settings["grpc_port"], tf_serving_port=settings["tf_serving_port"],
-               head_limits=HeadLimits(max_bytes=settings["max_header_bytes"],
-                                      timeout=settings["header_timeout"]))
+    return run(registry, app, settings, reread_config if args.config else None)
 
 
-def missing_extra(settings: dict) -> str | None:
+def missing_extra(settings: ServerSettings) -> str | None:
     """What to install for the protocols asked for, if it is not installed."""
     for port, extra in (("grpc_port", "grpc"), ("tf_serving_port", "tfserving")):
-        if settings[port] is not None and not all(
+        if getattr(settings, port) is not None and not all(
                 _installed(m) for m in ("grpc", "google.protobuf")):
             return (f"--{port.replace('_', '-')} needs grpcio and protobuf: "
                     f"pip install 'workerpool[{extra}]'")
     return None
 
 
-def models_and_settings(args) -> tuple[list[ModelSpec], dict]:
+def pool_options(args) -> dict:
+    """The pool options given on the command line (for every model)."""
+    return {key: getattr(args, key) for key in POOL_OPTIONS
+            if getattr(args, key, None) is not None}
+
+
+def models_and_settings(args) -> tuple[list[ModelSpec], ServerSettings]:
     """The models to serve and the server's settings: command line over [server] table
     over defaults."""
-    options = {key: getattr(args, key) for key in POOL_OPTIONS
-               if getattr(args, key, None) is not None}
+    options = pool_options(args)
     file_settings: dict = {}
     if args.config:
         if args.spec or args.model:
@@ -180,43 +179,7 @@ def models_and_settings(args) -> tuple[list[ModelSpec], dict]:
         raise ConfigError(f"each model version must be given once: {labels}")
     for spec in specs:
         check_declarations(spec)
-    unknown = set(file_settings) - {"host", "port", "metrics_port", "api_key",
-                                    "max_request_bytes", "drain_timeout", "debug",
-                                    "allow_sources", "watch", "watch_interval",
-                                    "grpc_port", "tf_serving_port", "max_header_bytes",
-                                    "header_timeout", "max_models"}
-    if unknown:
-        raise ConfigError(f"unknown [server] settings {sorted(unknown)}")
-
-    def setting(name: str, default):
-        value = getattr(args, name, None)
-        return value if value is not None else file_settings.get(name, default)
-
-    settings = {
-        "host": setting("host", "127.0.0.1"),
-        "port": setting("port", DEFAULT_PORT),
-        "metrics_port": setting("metrics_port", None),
-        "grpc_port": setting("grpc_port", None),
-        "tf_serving_port": setting("tf_serving_port", None),
-        "api_key": setting("api_key", os.environ.get("WORKERPOOL_API_KEY") or None),
-        "max_request_bytes": setting("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
-        "drain_timeout": setting("drain_timeout", 30.0),
-        "debug": args.debug or bool(file_settings.get("debug", False)),
-        "allow_sources": [*args.allow_source, *file_settings.get("allow_sources", [])],
-        "watch": args.watch or bool(file_settings.get("watch", False)),
-        "watch_interval": setting("watch_interval", 2.0),
-        "max_header_bytes": setting("max_header_bytes", DEFAULT_MAX_HEADER_BYTES),
-        "header_timeout": setting("header_timeout", DEFAULT_HEADER_TIMEOUT_S),
-        "max_models": setting("max_models", DEFAULT_MAX_MODELS),
-        "pool_options": options,
-    }
-    for key in ("max_request_bytes", "max_header_bytes", "header_timeout", "max_models"):
-        value, integer = settings[key], key != "header_timeout"
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
-                or value <= 0:
-            raise ConfigError(f"{key} must be a positive {'integer' if integer else 'number'}, "
-                              f"got {value!r}")
-    return specs, settings
+    return specs, ServerSettings.resolve(args, file_settings)
 
 
 def demo_spec(name: str, options: dict) -> ModelSpec:

@@ -23,7 +23,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.utils import floatToGoString
 
 from ..pool.metrics import LATENCY_BUCKETS_S
-from .errors import outcome_of
+from ..serving.errors import outcome_of
+from ..serving.model import ModelState
 
 log = logging.getLogger("workerpool.serve")
 
@@ -119,7 +120,7 @@ class PoolCollector:
             name = [model.name, model.version]
             families["ready"].add_metric(name, 1.0 if model.ready else 0.0)
             pool = model.pool
-            if pool is None or model.state != "ready":
+            if pool is None or model.state != ModelState.LOADED:
                 continue
             try:
                 stats = pool.stats()

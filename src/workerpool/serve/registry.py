@@ -1,8 +1,7 @@
-"""The models a server holds: name -> version -> Pool; loading, swapping, unloading, infer.
+"""The models a server holds: name -> version -> Model (a pool); loading, swapping, unloading.
 
     start_loading() ── one thread per model version ──> Pool(load, predict, warmup=...)
-    every protocol ── await registry.infer(model, version, inputs) ──> pool.submit_async
-                                                                  <── {name: array}
+    get(name, version)        what the data plane serves (serving/dataplane.py)
     load(name, parameters)    a new model or version (at most max_models loaded in all);
                               a loaded one is hot-swapped (Pool.reload: the old version
                               serves until the new is warm)
@@ -17,68 +16,62 @@ number when every label is a number, else the one added last. Lifecycle operatio
 at a time (a lock), in threads: never on the event loop.
 
 A model is ready while its pool has live, attached, warmed-up workers (``Pool.is_ready``):
-not while it loads, nor when its pool is broken, unloading or closing. Its metadata comes
-from the declaration (``inputs``/``outputs``), else from the warm-up call: the warm-up input
-names and describes the inputs, one call on it describes the outputs.
+not while it loads, nor when its pool is broken, unloading or closing. Its signature is the
+declared one (``inputs``/``outputs``), else the model's own (a Keras model's inputs and
+outputs, a SavedModel's signature_def), else from its warm-up call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
 import threading
 import time
+from typing import Any, Callable
 
-import numpy as np
-
-from .. import errors, tensors
-from ..pool.pool import Pool
-from ..signature import TensorSpec, datatype_of
+from .. import errors
 from ..errors import ConfigError
+from ..pool.pool import Pool
+from ..serving.errors import BadRequest, ModelNotFound, NotReady, TooManyModels
+from ..serving.model import HOLDS_A_POOL, ModelState, ServedModel, pool_signature
+from ..signature import Signature, TensorSpec, datatype_of
 from ..specs import is_function_spec
 from ..tensors import as_tensor, call_argument, name_outputs
 from .config import ModelSpec, check_name, check_version
-from .errors import BadRequest, ModelNotFound, NotReady, NoWorkerNow, TooManyModels
-from .limits import DEFAULT_MAX_MODELS
+from .settings import DEFAULT_MAX_MODELS
 
 log = logging.getLogger("workerpool.serve")
 
 DEFAULT_VERSION = "1"
-_added = itertools.count()  # the order versions were added, for "newest"
 
 
-class Model:
-    """One version of a served model: its spec, its pool once loaded, what it takes and
-    returns. ``state``: loading -> ready | failed; unloading -> unavailable; closed."""
+class Model(ServedModel):
+    """One version of a served model: its spec, and its pool once loaded; loading, hot
+    swaps and unloading move it through ModelState (serving/model.py)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, pool_factory: Callable[..., Any] = Pool):
+        super().__init__(spec.name, spec.version)
         self.spec = spec
-        self.name = spec.name
-        self.version = spec.version
-        self.added = next(_added)
-        self.pool: Pool | None = None
-        self.state = "loading"
-        self.error = ""
-        self.inputs: tuple[TensorSpec, ...] | None = None
-        self.outputs: tuple[TensorSpec, ...] | None = None
-        self.metadata_source = "none"
+        self.pool_factory = pool_factory  # Pool; tests of the lifecycle give their own
         self.loaded = threading.Event()
         self.load_seconds: float | None = None
         self.swaps = 0
 
     def load(self) -> None:
         """Start this version's pool (in the calling thread); failures are recorded."""
-        self.state, self.error = "loading", ""
+        self.become(ModelState.LOADING)
+        self.error = ""
         self.loaded.clear()
         started = time.monotonic()
         try:
             load, predict, options = self.spec.pool_arguments()
-            pool = Pool(load, predict, **options)
+            pool = self.pool_factory(load, predict, **options)
         except BaseException as exc:  # noqa: BLE001 - reported on the model, server goes on
-            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.error = f"{type(exc).__name__}: {exc}"
+            if self.state == ModelState.LOADING:
+                self.become(ModelState.FAILED)
             log.error("model %s version %s failed to load: %s", self.name, self.version,
                       self.error)
             self.loaded.set()
@@ -86,31 +79,32 @@ class Model:
         self.pool = pool
         self._describe()
         self.load_seconds = time.monotonic() - started
-        if self.state == "loading":
-            self.state = "ready"
-        else:  # closed while it loaded
+        if self.state == ModelState.LOADING:
+            self.become(ModelState.LOADED)
+            log.info("model %s version %s ready in %.1f s", self.name, self.version,
+                     self.load_seconds)
+        else:  # unloaded or closed while it loaded
+            self.pool = None
             pool.close(drain=False)
-        log.info("model %s version %s ready in %.1f s", self.name, self.version,
-                 self.load_seconds)
         self.loaded.set()
 
     def swap(self, spec: ModelSpec) -> None:
         """Serve ``spec`` in this slot with no request lost: ``Pool.reload`` when only the
         model changed, a new pool beside the old (drained, then closed) when its pool
         options did too. A failure leaves the old one serving and is raised."""
-        if self.state == "loading":  # its first load (a thread of start_loading) first
+        if self.state == ModelState.LOADING:  # its first load (a thread) first
             self.loaded.wait()
-        if self.pool is None or self.state != "ready":
+        if self.pool is None or self.state != ModelState.LOADED:
             self.spec = spec
             self.load()
-            if self.state != "ready":
+            if self.state != ModelState.LOADED:
                 raise errors.ReloadFailed(self.error)
             return
         started = time.monotonic()
         same_pool = _pool_settings(spec) == _pool_settings(self.spec)
         try:
             load, predict, options = spec.pool_arguments()
-            pool = None if same_pool else Pool(load, predict, **options)
+            pool = None if same_pool else self.pool_factory(load, predict, **options)
         except Exception as exc:
             raise errors.ReloadFailed(f"reload failed, the old version still serving: "
                                       f"{type(exc).__name__}: {exc}") from exc
@@ -127,77 +121,55 @@ class Model:
 
     def unload(self, drain_timeout: float | None = None) -> None:
         """Take no more requests, finish those accepted, stop the workers, free the
-        weights. The slot stays (state "unavailable") until loaded again."""
-        self.state = "unloading"
+        weights. The slot stays (UNLOADED) until loaded again."""
+        self.become(ModelState.UNLOADING)
         pool, self.pool = self.pool, None
         if pool is not None:
             pool.close(drain=True, timeout=drain_timeout)
-        self.state = "unavailable"
+        self.become(ModelState.UNLOADED)
         log.info("model %s version %s unloaded", self.name, self.version)
+
+    def close(self, timeout: float) -> None:
+        """The server stops: drain and close within ``timeout`` seconds."""
+        if self.pool is not None:
+            self.pool.close(drain=True, timeout=timeout)
+        self.become(ModelState.CLOSED)
 
     def _describe(self) -> None:
         try:
-            self.describe(self.spec.warmup_samples())
+            warmup = self.spec.warmup_samples()
         except Exception as exc:  # noqa: BLE001 - metadata is best effort
-            log.warning("model %s: no metadata from its warm-up call: %s", self.name, exc)
+            log.warning("model %s: cannot read its warm-up inputs: %s", self.name, exc)
+            warmup = []
+        self.signature = describe(self.pool, warmup)
 
-    def describe(self, warmup: list) -> None:
-        """Inputs and outputs: as declared, the rest from the warm-up call."""
-        self.inputs, self.outputs = self.pool.inputs, self.pool.outputs
-        sources = ["declared"] if self.inputs or self.outputs else []
-        if warmup and (self.inputs is None or self.outputs is None):
-            self._describe_from(warmup[0])
+
+def describe(pool, warmup: list) -> Signature:
+    """A model's signature: as declared, else as the model itself says (a Keras model's
+    inputs and outputs, a SavedModel's signature_def), else from its warm-up call: the
+    warm-up input names and describes the inputs, one call on it the outputs."""
+    known = pool_signature(pool)
+    inputs, outputs = known.inputs, known.outputs
+    sources = [known.source] if known.source != "none" else []
+    if warmup and (inputs is None or outputs is None):
+        try:
+            inputs, outputs = _from_warmup(pool, warmup[0], inputs, outputs)
             sources.append("warm-up call")
-        self.metadata_source = " + ".join(sources) or "none"
+        except Exception as exc:  # noqa: BLE001 - metadata is best effort
+            log.warning("no metadata from the warm-up call: %s", exc)
+    return Signature(inputs, outputs, " + ".join(sources) or "none")
 
-    def _describe_from(self, sample) -> None:
-        named = sample if isinstance(sample, dict) else {
-            self.inputs[0].name if self.inputs else "input_0": sample}
-        if self.inputs is None:
-            self.inputs = tuple(_inferred_spec(name, value) for name, value in named.items())
-        if self.outputs is None:
-            result = self.pool.submit(call_argument(named)).result(timeout=600)
-            self.outputs = tuple(_inferred_spec(name, value) for name, value in
-                                 name_outputs(result, None).items())
 
-    @property
-    def ready(self) -> bool:
-        pool = self.pool
-        return self.state == "ready" and pool is not None and pool.is_ready()
-
-    @property
-    def weights_version(self) -> str | None:
-        """What the pool serves now: a content hash of its weights (or a label)."""
-        pool = self.pool
-        return pool.version if pool is not None else None
-
-    def metadata(self, versions: list[str]) -> dict:
-        return {
-            "name": self.name, "versions": versions, "platform": "workerpool",
-            "inputs": [s.as_dict() for s in self.inputs or ()],
-            "outputs": [s.as_dict() for s in self.outputs or ()],
-        }
-
-    def call_argument(self, inputs: dict):
-        """What predict gets: the one array, or a dict of them by name; checked against
-        the model's inputs when it has them."""
-        if self.inputs:
-            expected = [s.name for s in self.inputs]
-            if sorted(inputs) != sorted(expected):
-                raise BadRequest(f"model {self.name} takes inputs {expected}, got "
-                                 f"{sorted(inputs)}")
-            for spec in self.inputs:
-                value = inputs[spec.name]
-                problem = spec.mismatch(value) if isinstance(value, np.ndarray) else (
-                    None if spec.datatype == "BYTES" else
-                    f"input {spec.name!r} must be {spec.datatype}, got BYTES")
-                if problem:
-                    raise BadRequest(f"model {self.name}: {problem}")
-            inputs = {spec.name: inputs[spec.name] for spec in self.inputs}
-        return call_argument(inputs)
-
-    def output_names(self) -> list[str] | None:
-        return [s.name for s in self.outputs] if self.outputs else None
+def _from_warmup(pool, sample, inputs, outputs) -> tuple:
+    named = sample if isinstance(sample, dict) else {
+        inputs[0].name if inputs else "input_0": sample}
+    if inputs is None:
+        inputs = tuple(_inferred_spec(name, value) for name, value in named.items())
+    if outputs is None:
+        result = pool.submit(call_argument(named)).result(timeout=600)
+        outputs = tuple(_inferred_spec(name, value) for name, value in
+                        name_outputs(result).items())
+    return inputs, outputs
 
 
 def _pool_settings(spec: ModelSpec) -> tuple:
@@ -213,15 +185,6 @@ def _inferred_spec(name: str, value) -> TensorSpec:
     return TensorSpec(name, datatype_of(array.dtype), tuple(shape))
 
 
-def select_outputs(model: str, outputs: dict, wanted: list[str]) -> dict:
-    """The outputs a request asked for, in its order (all when it named none); an unknown
-    name is a BadRequest listing the model's outputs."""
-    try:
-        return tensors.select_outputs(outputs, wanted, f"model {model}")
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
-
-
 class Registry:
     """Every model version the server knows, and the one lock its lifecycle changes take.
 
@@ -230,16 +193,21 @@ class Registry:
     """
 
     def __init__(self, specs: list[ModelSpec], *, allowed_sources=(), defaults: dict | None = None,
-                 drain_timeout: float = 30.0, max_models: int = DEFAULT_MAX_MODELS):
+                 drain_timeout: float = 30.0, max_models: int = DEFAULT_MAX_MODELS,
+                 pool_factory: Callable[..., Any] = Pool):
+        self.pool_factory = pool_factory
         self.versions: dict[str, dict[str, Model]] = {}
         for spec in specs:
-            self.versions.setdefault(spec.name, {})[spec.version] = Model(spec)
+            self.versions.setdefault(spec.name, {})[spec.version] = self._new_model(spec)
         self.allowed_sources = [os.path.realpath(p) for p in allowed_sources]
         self.defaults = defaults or {}  # pool options of a model loaded by name only
         self.drain_timeout = drain_timeout
         self.max_models = max_models  # loaded versions a repository load may bring it to
         self.closing = False
         self.lifecycle = threading.Lock()
+
+    def _new_model(self, spec: ModelSpec) -> Model:
+        return Model(spec, self.pool_factory)
 
     # -- reading ---------------------------------------------------------------------
     @property
@@ -273,42 +241,15 @@ class Registry:
     def ready(self) -> bool:
         """Every model that should be serving is: unloaded ones do not count."""
         return not self.closing and all(
-            model.ready for model in self.models if model.state != "unavailable")
+            model.ready for model in self.models if model.state != ModelState.UNLOADED)
 
     def index(self, ready_only: bool = False) -> list[dict]:
         """The repository index (KServe model repository extension)."""
         rows = [{"name": m.name, "version": m.version,
                  "state": "READY" if m.ready else _INDEX_STATE[m.state],
-                 "reason": m.error if m.state == "failed" else ""} for m in self.models]
+                 "reason": m.error if m.state == ModelState.FAILED else ""}
+                for m in self.models]
         return [row for row in rows if row["state"] == "READY"] if ready_only else rows
-
-    async def infer(self, name: str, version: str | None, inputs: dict,
-                    timeout: float | None = None) -> tuple[Model, dict[str, np.ndarray]]:
-        """predict on ``inputs`` (by name) in that version's pool: (the model, its outputs
-        by name). ``timeout``: the caller's deadline in seconds (a gRPC client's), which
-        shortens the model's own ``timeout``, never lengthens it."""
-        model = self.get(name, version)
-        if not model.ready:
-            raise not_ready(model)
-        argument = model.call_argument(inputs)
-        pool = model.pool
-        while True:
-            if pool is None:  # unloaded since the check
-                raise not_ready(model)
-            limit = timeout
-            if limit is not None and pool.config.timeout is not None:
-                limit = min(limit, pool.config.timeout)
-            if limit is not None and limit <= 0:
-                raise errors.TaskTimeout("the caller's deadline had passed when the request "
-                                         "arrived")
-            try:
-                result = await pool.submit_async(argument, timeout=limit)
-                break
-            except errors.PoolClosed as exc:
-                if model.pool is None or model.pool is pool:  # not a swap of pools: closing
-                    raise NotReady(f"model {name} is shutting down") from exc
-                pool = model.pool  # replaced by a new pool between reading and submitting
-        return model, name_outputs(result, model.output_names())
 
     # -- changing ----------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -332,14 +273,14 @@ class Registry:
             if model is None:
                 spec = self._new_spec(name, versions, version, parameters.get("source"))
                 self._check_room(f"{name}@{spec.version}")
-                model = Model(spec)
+                model = self._new_model(spec)
                 model.load()
-                if model.state != "ready":
+                if model.state != ModelState.LOADED:
                     raise errors.ReloadFailed(f"model {name} version {spec.version} failed "
                                               f"to load: {model.error}")
                 self.versions.setdefault(name, {})[spec.version] = model
                 return model
-            if model.state not in ("loading", "ready", "unloading"):  # a pool comes back
+            if model.state not in HOLDS_A_POOL:  # a pool comes back
                 self._check_room(f"{name}@{model.version}")
             spec = model.spec
             if "source" in parameters:
@@ -380,12 +321,13 @@ class Registry:
                 label = f"{spec.name}@{spec.version}"
                 try:
                     if model is None:
-                        model = Model(spec)
+                        model = self._new_model(spec)
                         self.versions.setdefault(spec.name, {})[spec.version] = model
                         model.load()
-                        done[label] = "loaded" if model.state == "ready" else \
+                        done[label] = "loaded" if model.state == ModelState.LOADED else \
                             f"failed: {model.error}"
-                    elif spec != model.spec or model.state in ("failed", "unavailable"):
+                    elif spec != model.spec or model.state in (ModelState.FAILED,
+                                                                ModelState.UNLOADED):
                         model.swap(spec)
                         done[label] = "swapped"
                 except Exception as exc:  # noqa: BLE001 - one model's failure is reported
@@ -406,15 +348,12 @@ class Registry:
         deadline = time.monotonic() + timeout
         for model in self.models:
             model.loaded.wait(max(0.0, deadline - time.monotonic()))
-            if model.pool is not None:
-                model.pool.close(drain=True, timeout=max(0.0, deadline - time.monotonic()))
-            model.state = "closed"
+            model.close(max(0.0, deadline - time.monotonic()))
 
     def _check_room(self, label: str) -> None:
         """TooManyModels unless one more version may load: each is a pool (a zygote and its
         workers), so a client of the repository API must not add them without end."""
-        loaded = [f"{m.name}@{m.version}" for m in self.models
-                  if m.state in ("loading", "ready", "unloading")]
+        loaded = [f"{m.name}@{m.version}" for m in self.models if m.state in HOLDS_A_POOL]
         if len(loaded) >= self.max_models:
             raise TooManyModels(f"cannot load {label}: {len(loaded)} model versions are "
                                 f"loaded, this server's most (--max-models "
@@ -458,9 +397,10 @@ class Registry:
 
 
 # The index state of a model version that is not ready (Model.ready), by Model.state:
-# "ready" there means its pool has no live worker right now (broken, say).
-_INDEX_STATE = {"loading": "LOADING", "ready": "UNAVAILABLE", "failed": "UNAVAILABLE",
-                "unloading": "UNLOADING", "unavailable": "UNAVAILABLE", "closed": "UNAVAILABLE"}
+# LOADED there means its pool has no live worker right now (broken, say).
+_INDEX_STATE = {ModelState.LOADING: "LOADING", ModelState.LOADED: "UNAVAILABLE",
+                ModelState.FAILED: "UNAVAILABLE", ModelState.UNLOADING: "UNLOADING",
+                ModelState.UNLOADED: "UNAVAILABLE", ModelState.CLOSED: "UNAVAILABLE"}
 
 
 def newest(versions: dict[str, Model]) -> Model:
@@ -513,21 +453,3 @@ def load_parameters(parameters, unload: bool = False) -> dict:
         except ConfigError as exc:
             raise BadRequest(str(exc)) from None
     return parameters
-
-
-def not_ready(model: Model) -> NotReady:
-    """Why ``model`` cannot answer now, as the error its caller gets."""
-    if model.state == "loading":
-        return NotReady(f"model {model.name} is loading")
-    if model.state == "failed":
-        return NotReady(f"model {model.name} failed to load: {model.error.splitlines()[0]}")
-    if model.state in ("closed", "unloading"):
-        return NotReady(f"model {model.name} is shutting down")
-    if model.state == "unavailable":
-        return NotReady(f"model {model.name} version {model.version} is unloaded; load it "
-                        f"with POST /v2/repository/models/{model.name}/load")
-    broken = model.pool.broken if model.pool else None
-    if broken is not None:
-        return NotReady(f"model {model.name} is broken: {str(broken).splitlines()[0]}")
-    return NoWorkerNow(f"model {model.name} has no ready worker right now; its workers are "
-                       "being replaced")

@@ -9,7 +9,7 @@
                         ones are hot-swapped (in a thread: the loop keeps serving)
     --watch          -> a thread polls model files and hot-swaps replaced ones (watch.py)
 
-Every request head is bounded in bytes, lines and time (http_protocol.py), on the main
+Every request head is bounded in bytes, lines and time (http/guard.py), on the main
 port and on --metrics-port, which serves the same app's /metrics (API key included).
 
 uvicorn's own signal handling is off: it re-raises the signal after shutting down, which
@@ -26,9 +26,10 @@ import socket
 
 import uvicorn
 
-from .app import App, MetricsPortApp
-from .http_protocol import HeadLimits, protocol_class
+from .http.app import App, MetricsPortApp
+from .http.guard import HeadLimits, protocol_class
 from .registry import Registry
+from .settings import MAX_HEADERS, ServerSettings
 
 log = logging.getLogger("workerpool.serve")
 
@@ -49,31 +50,31 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def http_server(app, http: str, head: HeadLimits, drain_timeout: float) -> _Server:
-    """A uvicorn server for the ASGI ``app``, its request heads bounded (http_protocol.py)."""
-    http = http if _has(http) else "h11"
+def http_server(app, settings: ServerSettings) -> _Server:
+    """A uvicorn server for the ASGI ``app``, its request heads bounded (http/guard.py)."""
+    http = settings.http if _has(settings.http) else "h11"
+    head = HeadLimits(settings.max_header_bytes, MAX_HEADERS, settings.header_timeout)
     config = uvicorn.Config(app, http=protocol_class(http, head),
                             h11_max_incomplete_event_size=head.max_bytes,
                             lifespan="off", access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=int(max(1, drain_timeout)),
+                            timeout_graceful_shutdown=int(max(1, settings.drain_timeout)),
                             timeout_keep_alive=30)
     return _Server(config)
 
 
-async def serve(registry: Registry, app: App, *, host: str, port: int,
-                drain_timeout: float, metrics_port: int | None = None,
-                http: str = "httptools", reread_config=None,
-                watch_interval: float | None = None, grpc_port: int | None = None,
-                tf_serving_port: int | None = None,
-                head_limits: HeadLimits = HeadLimits()) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit code."""
-    sock = bind(host, port)
+async def serve(registry: Registry, app: App, settings: ServerSettings,
+                reread_config=None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code. ``reread_config()``: the models
+    of --config as it reads now (SIGHUP), or None without a --config."""
+    host, drain_timeout = settings.host, settings.drain_timeout
+    sock = bind(host, settings.port)
     bound_port = sock.getsockname()[1]
-    metrics_sock = bind(host, metrics_port) if metrics_port is not None else None
-    grpc_servers = await start_grpc(app, host, grpc_port, tf_serving_port)
-    server = http_server(app, http, head_limits, drain_timeout)
+    metrics_sock = bind(host, settings.metrics_port) if settings.metrics_port is not None \
+        else None
+    grpc_servers = await start_grpc(app, settings)
+    server = http_server(app, settings)
     # --metrics-port: the same app, answering only /metrics (API key included) and health
-    metrics_server = http_server(MetricsPortApp(app), http, head_limits, drain_timeout) \
+    metrics_server = http_server(MetricsPortApp(app), settings) \
         if metrics_sock is not None else None
     loop = asyncio.get_running_loop()
     grpc_draining: list[asyncio.Task] = []
@@ -110,10 +111,10 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
 
     loop.add_signal_handler(signal.SIGHUP, reload_config)
     watcher = None
-    if watch_interval is not None:
+    if settings.watch:
         from .watch import Watcher
 
-        watcher = Watcher(registry, watch_interval)
+        watcher = Watcher(registry, settings.watch_interval)
         watcher.start()
     metrics_task = asyncio.ensure_future(metrics_server.serve(sockets=[metrics_sock])) \
         if metrics_server is not None else None
@@ -144,17 +145,17 @@ async def serve(registry: Registry, app: App, *, host: str, port: int,
     return 0
 
 
-async def start_grpc(app: App, host: str, grpc_port: int | None,
-                     tf_serving_port: int | None) -> list[tuple]:
+async def start_grpc(app: App, settings: ServerSettings) -> list[tuple]:
     """The gRPC servers asked for, started: (server, port, what it speaks) each. One port
     given for both serves both services."""
+    grpc_port, tf_serving_port = settings.grpc_port, settings.tf_serving_port
     wanted = []
     if grpc_port is not None:
-        from .v2_grpc import KServeGrpc
+        from .grpc.kserve import KServeGrpc
 
         wanted.append(([KServeGrpc], grpc_port, "KServe v2"))
     if tf_serving_port is not None:
-        from .tf_serving import TFServingGrpc
+        from .grpc.tfserving import TFServingGrpc
 
         if wanted and tf_serving_port == grpc_port != 0:
             wanted = [([KServeGrpc, TFServingGrpc], grpc_port,
@@ -163,13 +164,13 @@ async def start_grpc(app: App, host: str, grpc_port: int | None,
             wanted.append(([TFServingGrpc], tf_serving_port, "TensorFlow Serving"))
     if not wanted:
         return []
-    from . import grpc_server
+    from .grpc import server as grpc_server
 
     started = []
     for fronts, port, what in wanted:
         server, bound = await grpc_server.start(
-            [front(app.registry, app.metrics, api_key=app.api_key, debug=app.debug,
-                   max_request_bytes=app.max_request_bytes) for front in fronts], host, port, max_message_bytes=app.max_request_bytes)
+            [front(app.plane, api_key=app.api_key, debug=app.debug) for front in fronts],
+            settings.host, port, max_message_bytes=settings.max_request_bytes)
         started.append((server, bound, what))
     return started
 
@@ -191,14 +192,14 @@ async def apply_config(registry: Registry, reread_config) -> None:
                 ", ".join(f"{k} {v}" for k, v in done.items()) or "nothing changed")
 
 
-def run(registry: Registry, app: App, loop: str = "uvloop", **options) -> int:
-    """Serve on a fresh event loop (uvloop's where installed; ``loop="asyncio"``: the
-    standard one). ``http``: uvicorn's protocol, httptools (default) or h11."""
-    if loop == "uvloop" and _has("uvloop"):
+def run(registry: Registry, app: App, settings: ServerSettings, reread_config=None) -> int:
+    """Serve on a fresh event loop (uvloop's where installed and ``settings.loop`` says so;
+    else the standard one)."""
+    if settings.loop == "uvloop" and _has("uvloop"):
         import uvloop
 
-        return uvloop.run(serve(registry, app, **options))
-    return asyncio.run(serve(registry, app, **options))
+        return uvloop.run(serve(registry, app, settings, reread_config))
+    return asyncio.run(serve(registry, app, settings, reread_config))
 
 
 def _has(module: str) -> bool:

@@ -9,6 +9,7 @@ import os
 import time
 
 from .. import __version__
+from ..serving.model import ModelState
 from .metrics import saved_bytes
 from .registry import Registry
 
@@ -26,9 +27,9 @@ def status_report(registry: Registry) -> dict:
 def model_report(model) -> dict:
     report = {"name": model.name, "version": model.version, "state": model.state,
               "ready": model.ready, "error": model.error, "swaps": model.swaps,
-              "metadata_source": model.metadata_source, "workers": []}
+              "metadata_source": model.signature.source, "workers": []}
     pool = model.pool
-    if pool is None or model.state != "ready":
+    if pool is None or model.state != ModelState.LOADED:
         return report
     try:
         stats = pool.stats()

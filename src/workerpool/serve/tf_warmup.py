@@ -40,7 +40,7 @@ def read_samples(path: str) -> list[dict]:
     """Each predict request of the file as ``{input name: array}``."""
     try:
         from .proto import protocol
-        from .tensor_proto import to_array
+        from .proto.tensor import to_array
     except ImportError as exc:
         raise WarmupError(f"{path}: reading TF Serving warm-up requests needs protobuf: "
                           f"pip install 'workerpool[tfserving]' ({exc})") from None

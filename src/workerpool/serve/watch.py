@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 
+from ..serving.model import ModelState
 from ..specs import is_function_spec
 from .registry import Registry
 
@@ -82,7 +83,7 @@ class Watcher(threading.Thread):
         if key not in self.seen:  # from its first poll, loading or not: no change missed
             self.seen[key] = now
             return
-        if model.state not in ("ready", "failed"):
+        if model.state not in (ModelState.LOADED, ModelState.FAILED):
             return  # loading, unloading or unloaded: not ours to swap now
         if now is None or now == self.seen[key]:
             self.candidate.pop(key, None)

@@ -1,4 +1,5 @@
-"""KServe Open Inference Protocol v2 over HTTP: JSON tensors and Triton's binary extension.
+"""KServe Open Inference Protocol v2 over HTTP, the codec: JSON tensors and Triton's binary
+extension (used by ``workerpool serve`` and the Ray Serve deployment).
 
     request body = JSON header [+ raw tensor bytes]      (Inference-Header-Content-Length:
                                                           the JSON's length when bytes follow)
@@ -6,7 +7,7 @@
                  parameters.binary_data_size (its bytes follow the header, in input order)
       outputs[j]: name, parameters.binary_data ; parameters.binary_data_output: all binary
     -> InferRequest(inputs: {name: ndarray | nested list of bytes}, outputs, ...)
-    -> registry.infer(...) -> {name: value}
+    -> the data plane -> {name: ndarray}, selected and ordered
     -> response body = JSON header [+ raw output bytes], the same way back
 
 Binary inputs become numpy views of the request body (no copy); the pool sends them to a
@@ -23,6 +24,7 @@ import struct
 
 import numpy as np
 
+from ..errors import OutputEncodeError
 from ..signature import DATATYPES, datatype_of
 from ..tensors import nest
 from .errors import BadRequest
@@ -49,6 +51,10 @@ class InferRequest:
     inputs: dict  # name -> ndarray, or nested list of bytes (BYTES)
     outputs: list[RequestedOutput] | None  # None: every output
     binary_output: bool  # the default for outputs not named in ``outputs``
+
+    @property
+    def output_names(self) -> list[str] | None:
+        return [o.name for o in self.outputs] if self.outputs is not None else None
 
 
 def parse_infer(body: bytes, header_length: str | None,
@@ -236,25 +242,27 @@ def _requested_outputs(outputs) -> list[RequestedOutput] | None:
 def encode_response(model: str, version: str, request: InferRequest,
                     outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers (Inference-Header-Content-Length when binary
-    outputs follow the JSON)."""
-    wanted = {o.name: o.binary for o in request.outputs} if request.outputs is not None \
-        else None
+    outputs follow the JSON), for ``outputs`` as the data plane selected and ordered them.
+    OutputEncodeError when an output cannot be written (a dtype with no KServe datatype,
+    bytes that are not UTF-8 asked for as JSON)."""
+    binary_of = {o.name: o.binary for o in request.outputs or ()}
     tensors, buffers = [], []
-    for name, array in outputs.items():
-        if wanted is not None and name not in wanted:
-            continue
-        binary = wanted.get(name) if wanted is not None else None
-        if binary is None:
-            binary = request.binary_output
-        datatype = datatype_of(array.dtype)
-        tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
-            data = bytes_of(array, datatype)
-            tensor["parameters"] = {"binary_data_size": len(data)}
-            buffers.append(data)
-        else:
-            tensor["data"] = _json_data(name, array, datatype)
-        tensors.append(tensor)
+    try:
+        for name, array in outputs.items():
+            binary = binary_of.get(name)
+            if binary is None:
+                binary = request.binary_output
+            datatype = datatype_of(array.dtype)
+            tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+            if binary:
+                data = bytes_of(array, datatype)
+                tensor["parameters"] = {"binary_data_size": len(data)}
+                buffers.append(data)
+            else:
+                tensor["data"] = _json_data(name, array, datatype)
+            tensors.append(tensor)
+    except ValueError as exc:
+        raise OutputEncodeError(f"the model's output cannot be sent: {exc}") from None
     header = {"model_name": model, "model_version": version, "outputs": tensors}
     if request.id is not None:
         header["id"] = request.id

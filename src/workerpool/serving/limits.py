@@ -1,12 +1,14 @@
-"""What one client may make the server hold or do, decided in one place.
+"""What one client may make a server hold or do: the limits, and the reasons for them.
 
-Every front end asks here before it allocates for a client: the HTTP head (request line and
-headers, http_protocol.py), a tensor's shape and the values it will be filled to (every
-decoder), and the length of an error message sent back (errors.py). The defaults leave every
+Every decoder asks here before it allocates for a client (a tensor's shape, the values one
+sent value fills, how deep its JSON nests); the HTTP head is bounded in serve/http/guard.py,
+error messages in errors.py, loaded models in serve/registry.py. The defaults leave every
 real client working (tritonclient's binary requests send a few hundred header bytes; an
 honest tensor arrives with all its values in the body, up to --max-request-bytes) and bound
 what a hostile one costs:
 
+    request bytes   64 MiB (--max-request-bytes): a body, a gRPC message, and what one
+                    tensor may decode to
     head bytes      64 KiB (--max-header-bytes): nginx's default is 4 x 8 KiB, Node's
                     16 KiB; parsing an unbounded head grows faster than linearly
     header lines    100: Apache's LimitRequestFields
@@ -36,11 +38,7 @@ from .errors import BadRequest
 
 KIB = 1024
 DEFAULT_MAX_REQUEST_BYTES = 64 * KIB * KIB
-DEFAULT_MAX_HEADER_BYTES = 64 * KIB
-MAX_HEADERS = 100
-DEFAULT_HEADER_TIMEOUT_S = 30.0
 MAX_RANK = 32
-DEFAULT_MAX_MODELS = 64
 # Per element of a BYTES tensor filled from one value: the list slot that points at it.
 _FILLED_STRING_BYTES = 8
 

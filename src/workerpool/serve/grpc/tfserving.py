@@ -17,13 +17,14 @@ that number, ``version_label`` any label.
 
 from __future__ import annotations
 
-from .errors import BadRequest, Unimplemented
-from .grpc_server import Front
-from .proto import protocol
-from .registry import select_outputs
-from .tensor_proto import from_array, to_array, types
-from .tf_model import (PREDICT_METHOD, SIGNATURE, check_signature, dtype_name,
-                       state_of)
+from google.protobuf import json_format
+
+from ...errors import OutputEncodeError
+from ...serving.errors import BadRequest, Unimplemented
+from ..proto.tensor import from_array, to_array
+from ..tfserving import (SIGNATURE_DEF_MAP, check_signature, model_spec_json,
+                         signature_def_map_json, status_json)
+from .server import Front
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
@@ -60,58 +61,46 @@ class TFServingGrpc(Front):
         }
 
     async def predict(self, request, context):
-        name = request.model_spec.name
-        with self.counted(name):
-            version = version_of(request.model_spec)
-            check_signature(request.model_spec.signature_name)
-            self.registry.get(name, version)  # NOT_FOUND before decoding
+        spec = request.model_spec
+        with self.plane.inference(spec.name, version_of(spec), self.protocol) as call:
+            check_signature(spec.signature_name)
             if not request.inputs:
                 raise BadRequest("the request has no inputs")
-            inputs = {key: to_array(key, tensor, self.max_request_bytes)
+            inputs = {key: to_array(key, tensor, self.plane.max_tensor_bytes)
                       for key, tensor in request.inputs.items()}
-            model, outputs = await self.registry.infer(name, version, inputs,
-                                                       timeout=context.time_remaining())
-            outputs = select_outputs(name, outputs, list(request.output_filter))
+            outputs = await call.run(inputs, list(request.output_filter),
+                                     timeout=context.time_remaining())
             response = self.message("tensorflow.serving.PredictResponse")()
-            fill_model_spec(response.model_spec, model)
+            json_format.ParseDict(model_spec_json(call.model), response.model_spec)
             try:
                 for key, array in outputs.items():
                     from_array(array, response.outputs[key])
             except ValueError as exc:
-                raise RuntimeError(f"the model's output cannot be sent: {exc}") from None
+                raise OutputEncodeError(f"the model's output cannot be sent: {exc}") from None
             return response
 
     async def get_model_metadata(self, request, context):
         fields = list(request.metadata_field)
         if fields and fields != ["signature_def"]:
             raise BadRequest(f"metadata_field {fields}: only 'signature_def' is available")
-        model = self.registry.get(request.model_spec.name, version_of(request.model_spec))
+        model = self.plane.model(request.model_spec.name, version_of(request.model_spec))
         response = self.message("tensorflow.serving.GetModelMetadataResponse")()
-        fill_model_spec(response.model_spec, model)
-        signatures = self.message("tensorflow.serving.SignatureDefMap")()
-        fill_signature(signatures.signature_def[SIGNATURE], model)
+        json_format.ParseDict(model_spec_json(model), response.model_spec)
+        signatures = json_format.ParseDict(signature_def_map_json(model),
+                                           self.message(SIGNATURE_DEF_MAP)())
         packed = response.metadata["signature_def"]
         # An Any names its message as TF Serving's does, so clients Unpack() it as theirs.
-        packed.type_url = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
+        packed.type_url = f"type.googleapis.com/{SIGNATURE_DEF_MAP}"
         packed.value = signatures.SerializeToString()
         return response
 
     async def get_model_status(self, request, context):
         spec = request.model_spec
         version = version_of(spec)
-        name = spec.name
-        models = [self.registry.get(name, version)] if version is not None else [
-            self.registry.get(name, label) for label in self.registry.version_labels(name)]
-        response = self.message("tensorflow.serving.GetModelStatusResponse")()
-        for model in models:
-            status = response.model_version_status.add(
-                version=int(model.version) if model.version.isdigit() else 0,
-                state=state_of(model))
-            if model.error:
-                status.status.error_code = protocol("tf_serving").enum_values(
-                    "tensorflow.error.Code")["UNKNOWN"]
-                status.status.error_message = model.error
-        return response
+        models = [self.plane.model(spec.name, version)] if version is not None else \
+            self.plane.versions(spec.name)
+        return json_format.ParseDict(
+            status_json(models), self.message("tensorflow.serving.GetModelStatusResponse")())
 
     async def unimplemented(self, request, context):
         raise Unimplemented("workerpool serves Predict, GetModelMetadata and GetModelStatus "
@@ -124,25 +113,3 @@ def version_of(model_spec) -> str | None:
     if model_spec.HasField("version"):
         return str(model_spec.version.value)
     return model_spec.version_label or None
-
-
-def fill_model_spec(spec, model) -> None:
-    spec.name = model.name
-    spec.signature_name = SIGNATURE
-    if model.version.isdigit():
-        spec.version.value = int(model.version)
-    else:
-        spec.version_label = model.version
-
-
-def fill_signature(signature, model) -> None:
-    """A SignatureDef from the model's inputs and outputs (declared, or from its warm-up)."""
-    numbers = types().number
-    signature.method_name = PREDICT_METHOD
-    for specs, infos in ((model.inputs, signature.inputs), (model.outputs, signature.outputs)):
-        for spec in specs or ():
-            info = infos[spec.name]
-            info.name = spec.name
-            info.dtype = numbers[dtype_name(spec.datatype)]
-            for size in spec.shape:
-                info.tensor_shape.dim.add(size=size)

@@ -11,7 +11,7 @@ Neither httptools nor uvicorn bounds the head: httptools joins a header's pieces
 concatenation, so one 200 MiB header line kept the loop (HTTP and both gRPC services)
 busy for ~40 s before the API key could even be checked. The guard counts bytes before the
 parser sees them, so a head over the limit costs at most one read (256 KiB) of parsing.
-The limits' values and reasons are in limits.py.
+The limits' reasons are in serving/limits.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, MAX_HEADERS
+from ..settings import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, MAX_HEADERS
+
 
 log = logging.getLogger("workerpool.serve")
 

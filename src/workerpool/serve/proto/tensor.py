@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import BadRequest
-from .limits import check_fill, check_shape, narrow
-from .proto import protocol
-from ..tensors import nest
+from ...serving.errors import BadRequest
+from ...serving.limits import check_fill, check_shape, narrow
+from ...tensors import nest
+from . import protocol
 
 # TensorFlow dtype name -> (numpy dtype, the TensorProto field of its typed values)
 _BY_NAME = {

@@ -2,8 +2,9 @@
 
     ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata: as the HTTP routes
     ModelInfer: inputs[i] {name, datatype, shape, contents}  or  raw_input_contents[i]
-                -> registry.infer -> outputs as raw_output_contents when the request sent
+                -> the data plane -> outputs as raw_output_contents when the request sent
                    raw inputs (or an output has no typed field: FP16), else typed contents
+    Metadata: the data plane's KServe form parsed into the message (the HTTP route's fields)
 
 Raw contents are little-endian bytes as in the HTTP binary extension (BYTES: 4-byte lengths
 and the bytes), read as numpy views of the message without a copy.
@@ -12,15 +13,15 @@ and the bytes), read as numpy views of the message without a copy.
 from __future__ import annotations
 
 import numpy as np
+from google.protobuf import json_format
 
-from .. import __version__
-from ..signature import DATATYPES, datatype_of
-from ..tensors import as_tensor, nest
-from .errors import BadRequest
-from .grpc_server import Front
-from .limits import check_shape, narrow
-from .registry import select_outputs
-from .v2_http import bytes_of, from_binary
+from ...errors import OutputEncodeError
+from ...serving.errors import BadRequest
+from ...serving.kserve import bytes_of, from_binary
+from ...serving.limits import check_shape, narrow
+from ...signature import DATATYPES, datatype_of
+from ...tensors import nest
+from .server import Front
 
 SERVICE = "inference.GRPCInferenceService"
 # datatype -> the InferTensorContents field holding its typed values
@@ -54,40 +55,33 @@ class KServeGrpc(Front):
         return self.message("inference.ServerLiveResponse")(live=True)
 
     async def server_ready(self, request, context):
-        return self.message("inference.ServerReadyResponse")(ready=self.registry.ready)
+        return self.message("inference.ServerReadyResponse")(ready=self.plane.ready)
 
     async def server_metadata(self, request, context):
-        return self.message("inference.ServerMetadataResponse")(
-            name="workerpool", version=__version__, extensions=["model_repository"])
+        metadata = dict(self.plane.server_metadata(), extensions=["model_repository"])
+        return json_format.ParseDict(metadata,
+                                     self.message("inference.ServerMetadataResponse")())
 
     async def model_ready(self, request, context):
-        model = self.registry.get(request.name, request.version or None)
+        model = self.plane.model(request.name, request.version or None)
         return self.message("inference.ModelReadyResponse")(ready=model.ready)
 
     async def model_metadata(self, request, context):
-        model = self.registry.get(request.name, request.version or None)
-        response = self.message("inference.ModelMetadataResponse")(
-            name=model.name, versions=self.registry.version_labels(model.name),
-            platform="workerpool")
-        for specs, field in ((model.inputs, response.inputs), (model.outputs, response.outputs)):
-            for spec in specs or ():
-                field.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
-        return response
+        """The data plane's KServe metadata, parsed from its JSON form: the same fields
+        the HTTP route answers."""
+        return json_format.ParseDict(
+            self.plane.model_metadata(request.name, request.version or None),
+            self.message("inference.ModelMetadataResponse")())
 
     async def model_infer(self, request, context):
-        name, version = request.model_name, request.model_version or None
-        with self.counted(name):
-            self.registry.get(name, version)  # NOT_FOUND before decoding
-            inputs = decode_inputs(request, self.max_request_bytes)
-            model, outputs = await self.registry.infer(name, version, inputs,
-                                                       timeout=context.time_remaining())
-            outputs = select_outputs(name, outputs, [o.name for o in request.outputs])
+        with self.plane.inference(request.model_name, request.model_version or None,
+                                  self.protocol) as call:
+            inputs = decode_inputs(request, self.plane.max_tensor_bytes)
+            outputs = await call.run(inputs, [o.name for o in request.outputs],
+                                     timeout=context.time_remaining())
             response = self.message("inference.ModelInferResponse")(
-                model_name=model.name, model_version=model.version, id=request.id)
-            try:
-                encode_outputs(response, outputs, raw=bool(request.raw_input_contents))
-            except ValueError as exc:
-                raise RuntimeError(f"the model's output cannot be sent: {exc}") from None
+                model_name=call.model.name, model_version=call.model.version, id=request.id)
+            encode_outputs(response, outputs, raw=bool(request.raw_input_contents))
             return response
 
 
@@ -140,11 +134,13 @@ def _from_contents(name: str, datatype: str, shape: list, count: int, contents):
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def encode_outputs(response, outputs: dict, raw: bool) -> None:
+def encode_outputs(response, arrays: dict, raw: bool) -> None:
     """Named outputs into a ModelInferResponse: raw bytes when ``raw`` or when an output
     has no typed field, typed contents otherwise."""
-    arrays = {name: as_tensor(name, value) for name, value in outputs.items()}
-    datatypes = {name: datatype_of(array.dtype) for name, array in arrays.items()}
+    try:
+        datatypes = {name: datatype_of(array.dtype) for name, array in arrays.items()}
+    except ValueError as exc:
+        raise OutputEncodeError(f"the model's output cannot be sent: {exc}") from None
     raw = raw or any(d not in CONTENTS_FIELD for d in datatypes.values())
     for name, array in arrays.items():
         datatype = datatypes[name]

@@ -12,8 +12,9 @@
 Strings may be sent as {"b64": "..."}; string outputs come back as text, or as {"b64": ...}
 when they are not UTF-8. NaN and infinities are the bare tokens NaN, Infinity and -Infinity
 both ways, as TF Serving's own REST API writes and reads them (not strict JSON; its docs
-say so). A number's dtype is the input's declared (or warm-up) datatype;
-a model that declares none gets float32 for numbers with a fraction, int64 for integers.
+say so). A number's dtype is the input's datatype in the model's signature; where that
+is not known, float32 for numbers with a fraction, int64 for integers. Predict is decode
+-> the data plane -> encode; status and metadata are serve/tfserving.py's JSON forms.
 """
 
 from __future__ import annotations
@@ -23,18 +24,19 @@ import binascii
 
 import numpy as np
 
-from ..signature import DATATYPES
-from ..tensors import as_tensor
-from .errors import BadRequest, ModelNotFound, Unimplemented
-from .limits import MAX_RANK, parse_json
-from .tf_model import PREDICT_METHOD, SIGNATURE, check_signature, dtype_name, model_status
+from ...errors import OutputEncodeError
+from ...serving.errors import BadRequest, ModelNotFound, Unimplemented
+from ...serving.limits import MAX_RANK, parse_json
+from ...signature import DATATYPES
+from ..tfserving import check_signature, metadata_json, status_json
+from .exchange import Exchange
 
 PROTOCOL = "tfserving_rest"
 
 
 def parse_path(parts: list[str]) -> tuple[str, str | None, list[str], str | None]:
-    """``["v1", "models", ...]`` -> (model, version label or None, the rest, verb)."""
-    rest = parts[2:]
+    """The path after /v1/models, split -> (model, version label or None, the rest, verb)."""
+    rest = list(parts)
     verb = None
     if rest and ":" in rest[-1]:
         rest[-1], verb = rest[-1].rsplit(":", 1)
@@ -49,49 +51,50 @@ def parse_path(parts: list[str]) -> tuple[str, str | None, list[str], str | None
     return name, version, rest, verb
 
 
-async def route(app, method: str, parts: list[str], scope, receive, send, started) -> None:
-    from .app import send_json
-
+async def route(app, exchange: Exchange, parts: list[str]) -> None:
     name, version, rest, verb = parse_path(parts)
     if verb is not None:
         if rest:
-            raise ModelNotFound(f"no route {method} /{'/'.join(parts)}")
+            raise ModelNotFound(f"no route {exchange.method} {exchange.path}")
         if verb in ("classify", "regress"):
             raise Unimplemented(f":{verb} is not offered; use :predict")
         if verb != "predict":
             raise ModelNotFound(f"no method :{verb}; use :predict")
-        app.expect(method, "POST")
-        with app.metrics.counted(name, PROTOCOL, started):
-            app.registry.get(name, version)
-            body = await app.read_body(scope, receive)
-            await send_json(send, 200, await predict(app.registry, name, version, body))
+        exchange.expect("POST")
+        await predict(app, exchange, name, version)
         return
-    app.expect(method, "GET")
+    exchange.expect("GET")
     if rest == []:
-        await send_json(send, 200, {"model_version_status": model_status(
-            app.registry, name, version)})
+        models = [app.plane.model(name, version)] if version is not None else \
+            app.plane.versions(name)
+        await exchange.json(200, status_json(models))
     elif rest == ["metadata"]:
-        await send_json(send, 200, metadata(app.registry.get(name, version)))
+        await exchange.json(200, metadata_json(app.plane.model(name, version)))
     else:
-        raise ModelNotFound(f"no route {method} /{'/'.join(parts)}")
+        raise ModelNotFound(f"no route {exchange.method} {exchange.path}")
 
 
-async def predict(registry, name: str, version: str | None, body: bytes) -> dict:
-    request = parse_json(body)
-    if not isinstance(request, dict):
-        raise BadRequest("the body must be a JSON object")
-    signature = request.get("signature_name", "")
-    check_signature(signature if isinstance(signature, str) else repr(signature))
-    model = registry.get(name, version)
-    specs = {spec.name: spec for spec in model.inputs or ()}
-    if ("instances" in request) == ("inputs" in request):
-        raise BadRequest("give either 'instances' (row format) or 'inputs' (columnar)")
-    rows = "instances" in request
-    if rows:
-        inputs = _from_rows(model.name, request["instances"], specs)
-    else:
-        inputs = _from_columns(model.name, request["inputs"], specs)
-    model, outputs = await registry.infer(name, version, inputs)
+async def predict(app, exchange: Exchange, name: str, version: str | None) -> None:
+    with app.plane.inference(name, version, PROTOCOL, exchange.started) as call:
+        request = parse_json(await exchange.body(app.max_request_bytes))
+        if not isinstance(request, dict):
+            raise BadRequest("the body must be a JSON object")
+        signature = request.get("signature_name", "")
+        check_signature(signature if isinstance(signature, str) else repr(signature))
+        specs = {spec.name: spec for spec in call.model.signature.inputs or ()}
+        if ("instances" in request) == ("inputs" in request):
+            raise BadRequest("give either 'instances' (row format) or 'inputs' (columnar)")
+        rows = "instances" in request
+        if rows:
+            inputs = _from_rows(call.model.name, request["instances"], specs)
+        else:
+            inputs = _from_columns(call.model.name, request["inputs"], specs)
+        outputs = await call.run(inputs)
+        await exchange.json(200, encode(outputs, rows))
+
+
+def encode(outputs: dict[str, np.ndarray], rows: bool) -> dict:
+    """The answer: ``predictions`` (row format) or ``outputs`` (columnar)."""
     try:
         if rows:
             return {"predictions": _as_rows(outputs)}
@@ -99,7 +102,7 @@ async def predict(registry, name: str, version: str | None, body: bytes) -> dict
             return {"outputs": _json_value(next(iter(outputs.values())))}
         return {"outputs": {key: _json_value(value) for key, value in outputs.items()}}
     except ValueError as exc:
-        raise RuntimeError(f"the model's output cannot be sent: {exc}") from None
+        raise OutputEncodeError(f"the model's output cannot be sent: {exc}") from None
 
 
 def _from_rows(model: str, instances, specs: dict) -> dict:
@@ -183,8 +186,7 @@ def _array(name: str, value, spec):
         raise BadRequest(f"input {name!r}: data does not fit {datatype}: {exc}") from None
 
 
-def _as_rows(outputs: dict) -> list:
-    arrays = {key: as_tensor(key, value) for key, value in outputs.items()}
+def _as_rows(arrays: dict[str, np.ndarray]) -> list:
     if len(arrays) == 1:
         return _json_value(next(iter(arrays.values())))
     sizes = {array.shape[0] if array.ndim else None for array in arrays.values()}
@@ -195,8 +197,7 @@ def _as_rows(outputs: dict) -> list:
     return [{key: column[i] for key, column in columns.items()} for i in range(sizes.pop())]
 
 
-def _json_value(value):
-    array = as_tensor("output", value)
+def _json_value(array: np.ndarray):
     if array.dtype.kind != "O":
         return array.tolist()
     return np.array([_text(item) for item in array.reshape(-1).tolist()],
@@ -208,20 +209,3 @@ def _text(item: bytes):
         return item.decode()
     except UnicodeDecodeError:
         return {"b64": base64.b64encode(item).decode()}
-
-
-def metadata(model) -> dict:
-    """GET .../metadata: the signature as TF Serving's REST API writes it."""
-    def infos(specs):
-        return {spec.name: {"dtype": dtype_name(spec.datatype), "name": spec.name,
-                            "tensor_shape": {"dim": [{"size": str(size), "name": ""}
-                                                     for size in spec.shape],
-                                             "unknown_rank": False}}
-                for spec in specs or ()}
-
-    version = {"version": model.version} if model.version.isdigit() else {
-        "version_label": model.version}
-    return {"model_spec": {"name": model.name, "signature_name": "", **version},
-            "metadata": {"signature_def": {"signature_def": {SIGNATURE: {
-                "inputs": infos(model.inputs), "outputs": infos(model.outputs),
-                "method_name": PREDICT_METHOD}}}}}

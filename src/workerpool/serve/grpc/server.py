@@ -1,16 +1,17 @@
 """The gRPC front ends, on the server's one event loop beside HTTP.
 
-    --grpc-port        inference.GRPCInferenceService                  (v2_grpc.py)
-    --tf-serving-port  tensorflow.serving.PredictionService, ModelService  (tf_serving.py)
+    --grpc-port        inference.GRPCInferenceService                  (kserve.py)
+    --tf-serving-port  tensorflow.serving.PredictionService, ModelService  (tfserving.py)
 
 One grpcio asyncio server per port, started on the loop uvicorn runs on and calling the
-same registry: the same pools, batching, queue limits and errors as HTTP. Methods are
-registered by their path (``/inference.GRPCInferenceService/ModelInfer``) with message
+same data plane: the same pools, checks, batching, queue limits and errors as HTTP. Methods
+are registered by their path (``/inference.GRPCInferenceService/ModelInfer``) with message
 classes from our own descriptor pool (proto/), so no generated ``_pb2_grpc`` stubs are
 needed. Every method goes through :func:`method`: the API key is checked, then the request
 is decoded (malformed bytes: INVALID_ARGUMENT), and an error becomes the gRPC status
-errors.py maps it to, its message cut to what gRPC metadata carries. Inference methods pass the client's deadline
-(``context.time_remaining()``) as the request's timeout (never longer than the model's own).
+serving/errors.py maps it to, its message cut to what gRPC metadata carries. Inference
+methods pass the client's deadline (``context.time_remaining()``) as the request's timeout
+(never longer than the model's own).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from collections.abc import Awaitable, Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from .app import key_matches
-from .errors import MAX_ERROR_CHARS, BadRequest, Unauthorized, clip_utf8, grpc_code_of, message_of
-from .limits import DEFAULT_MAX_REQUEST_BYTES
-from .proto import protocol
+from ...serving.errors import (MAX_ERROR_CHARS, BadRequest, Unauthorized, clip_utf8,
+                               grpc_code_of, message_of)
+from ..auth import key_matches
+from ..proto import protocol
 
 log = logging.getLogger("workerpool.serve")
 
@@ -39,23 +40,16 @@ class Front:
     protocol = "grpc"  # the metrics' protocol label
     descriptors = ""  # its module of proto/
 
-    def __init__(self, registry, metrics, *, api_key: bytes | None = None,
-                 debug: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
-        self.registry = registry
-        self.metrics = metrics
+    def __init__(self, plane, *, api_key: bytes | None = None, debug: bool = False):
+        self.plane = plane  # serving/dataplane.py: every method's one path
         self.api_key = api_key
         self.debug = debug
-        self.max_request_bytes = max_request_bytes  # also what one tensor may decode to
         self.message = protocol(self.descriptors).message  # a message class by full name
 
     def methods(self) -> dict[str, dict[str, tuple]]:
         """service name -> method name -> (handler, request class, response class);
         a handler is ``async (request, grpc.aio.ServicerContext) -> response``."""
         raise NotImplementedError
-
-    def counted(self, model: str):
-        """Counts one inference request of ``model`` in the metrics, with its outcome."""
-        return self.metrics.counted(model, self.protocol)
 
 
 def method(front: Front, name: str, handler: Callable[..., Awaitable], request_class):

@@ -1,0 +1,85 @@
+"""One HTTP request and its answer, over ASGI: what every route module reads and writes.
+
+Bodies are read whole, refused with 413 before a byte is read when Content-Length is over
+the limit (or as soon as a chunked body grows past it); compressed bodies are refused.
+Errors are answered ``{"error": ...}`` with the status serving/errors.py's table gives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from ...serving.errors import (BadRequest, MethodNotAllowed, RequestTooLarge, message_of,
+                               status_of)
+
+log = logging.getLogger("workerpool.serve")
+
+JSON = [(b"content-type", b"application/json")]
+
+
+class Exchange:
+    def __init__(self, scope, receive, send):
+        self.scope, self.receive, self.send = scope, receive, send
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.started = time.perf_counter()
+
+    def header(self, name: bytes) -> str | None:
+        """A request header's value (``name`` in lower case), or None."""
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    def expect(self, allowed: str) -> None:
+        if self.method != allowed:
+            raise MethodNotAllowed(f"use {allowed} here, not {self.method}")
+
+    async def body(self, max_bytes: int) -> bytes:
+        """The whole body; 413 before reading it when Content-Length says it is too big,
+        or as soon as a chunked body grows past ``max_bytes``."""
+        length = self.header(b"content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            raise RequestTooLarge(f"the body is {length} bytes; this server takes at most "
+                                  f"{max_bytes} (--max-request-bytes)")
+        if (self.header(b"content-encoding") or "identity").strip().lower() != "identity":
+            raise BadRequest("compressed request bodies are not supported; send it "
+                             "uncompressed")
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ConnectionError("the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > max_bytes:
+                raise RequestTooLarge(f"the body is over {max_bytes} bytes "
+                                      "(--max-request-bytes)")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def respond(self, status: int, body: bytes, headers: list) -> None:
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def json(self, status: int, payload) -> None:
+        await self.respond(status, json.dumps(payload).encode(), JSON)
+
+    async def error(self, error: BaseException, debug: bool) -> None:
+        """Answer ``error`` with its status; nothing if the answer had already started or
+        the client is gone."""
+        status, retry_after = status_of(error)
+        if status >= 500 and not isinstance(error, ConnectionError):
+            log.info("request failed (%d): %s", status, error)
+        headers = list(JSON)
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        body = json.dumps({"error": message_of(error, debug)}).encode()
+        try:
+            await self.respond(status, body, headers)
+        except Exception:  # noqa: BLE001 - the response had started, or the client is gone
+            pass

@@ -1,0 +1,103 @@
+"""KServe Open Inference Protocol v2 over HTTP: the /v2 routes.
+
+    GET  /v2                                    server metadata
+    GET  /v2/health/live | /v2/health/ready     200, or 503 until every model is ready
+    GET  /v2/models/{m}[/versions/{v}]          model metadata (its Signature)
+    GET  /v2/models/{m}[/versions/{v}]/ready    200 or 503
+    POST /v2/models/{m}[/versions/{v}]/infer    JSON or binary tensors (serving/kserve.py);
+                                                without a version: the newest ready one
+    POST /v2/repository/index                   every model version and its state
+    POST /v2/repository/models/{m}/load         load, or hot-swap a loaded one; optional JSON
+                                                {"parameters": {"version", "source", "config"}}
+    POST /v2/repository/models/{m}/unload       drain, then free (optional "version")
+
+Inference is decode (serving/kserve.py) -> the data plane -> encode; repository calls run
+in a thread (they wait for workers to start or drain) while the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ...serving import kserve
+from ...serving.errors import BadRequest, ModelNotFound
+from ...serving.limits import parse_json
+from .exchange import Exchange
+
+PROTOCOL = "kserve_http"
+
+
+async def route(app, exchange: Exchange, parts: list[str]) -> None:
+    """``parts``: the path after /v2, split."""
+    plane = app.plane
+    if not parts or parts == [""]:
+        exchange.expect("GET")
+        await exchange.json(200, plane.server_metadata())
+    elif parts == ["health", "live"]:
+        await exchange.json(200, {"live": True})
+    elif parts == ["health", "ready"]:
+        ready = plane.ready
+        await exchange.json(200 if ready else 503, {"ready": ready})
+    elif parts[0] == "models" and len(parts) >= 2:
+        await model_route(app, exchange, parts[1:])
+    elif parts[0] == "repository":
+        await repository_route(app, exchange, parts[1:])
+    else:
+        raise ModelNotFound(f"no route {exchange.method} {exchange.path}")
+
+
+async def model_route(app, exchange: Exchange, parts: list[str]) -> None:
+    name, rest, version = parts[0], parts[1:], None
+    if rest[:1] == ["versions"]:
+        if len(rest) < 2:
+            raise ModelNotFound("a version is missing after /versions/")
+        version, rest = rest[1], rest[2:]
+    if rest == ["infer"]:
+        exchange.expect("POST")
+        await infer(app, exchange, name, version)
+    elif rest == []:
+        exchange.expect("GET")
+        await exchange.json(200, app.plane.model_metadata(name, version))
+    elif rest == ["ready"]:
+        exchange.expect("GET")
+        model = app.plane.model(name, version)
+        await exchange.json(200 if model.ready else 503,
+                            {"name": model.name, "ready": model.ready})
+    else:
+        raise ModelNotFound(f"no route {exchange.method} {exchange.path}")
+
+
+async def infer(app, exchange: Exchange, name: str, version: str | None) -> None:
+    with app.plane.inference(name, version, PROTOCOL, exchange.started) as call:
+        body = await exchange.body(app.max_request_bytes)  # after the lookup: 404 first
+        request = kserve.parse_infer(body, exchange.header(b"inference-header-content-length"),
+                                     app.plane.max_tensor_bytes)
+        outputs = await call.run(request.inputs, request.output_names)
+        response, headers = kserve.encode_response(call.model.name, call.model.version,
+                                                   request, outputs)
+        await exchange.respond(200, response,
+                               [(k.encode(), v.encode()) for k, v in headers.items()])
+
+
+async def repository_route(app, exchange: Exchange, parts: list[str]) -> None:
+    """The model repository extension."""
+    exchange.expect("POST")
+    body = await exchange.body(app.max_request_bytes)
+    request = parse_json(body) if body.strip() else {}
+    if not isinstance(request, dict):
+        raise BadRequest("the body must be a JSON object")
+    registry = app.registry
+    if parts == ["index"]:
+        await exchange.json(200, registry.index(request.get("ready") is True))
+        return
+    if len(parts) != 3 or parts[0] != "models" or parts[2] not in ("load", "unload"):
+        raise ModelNotFound(f"no route {exchange.method} {exchange.path}")
+    name, action = parts[1], parts[2]
+    parameters = request.get("parameters")
+    if action == "load":
+        model = await asyncio.to_thread(registry.load, name, parameters)
+        await exchange.json(200, {"name": model.name, "version": model.version,
+                                  "weights_version": model.weights_version})
+    else:
+        models = await asyncio.to_thread(registry.unload, name, parameters)
+        await exchange.json(200, {"name": name, "unloaded": [m.version for m in models]})

@@ -1,0 +1,128 @@
+"""The data plane: the one inference path and model description every protocol calls.
+
+    protocol (KServe v2 HTTP/gRPC, TF Serving REST/gRPC, the Ray Serve deployment):
+        with plane.inference(model, version, protocol) as call:   # counted; 404 before decoding
+            inputs = decode(request)                                # the protocol's own
+            outputs = await call.run(inputs, requested, timeout)   # the plane
+            answer = encode(call.model, outputs)                    # the protocol's own
+
+    call.run: ready? (503 with why) -> inputs against the signature (400 naming what the
+              model expects) -> pool.submit_async with the deadline (the caller's, never
+              past the model's own) -> outputs named (a dict's keys, output_0..k or the
+              signature's names) -> the requested ones, in the request's order (400 for an
+              unknown one)
+
+Errors are the types of serving/errors.py; each protocol renders them through its one table
+(HTTP status, gRPC code, metrics outcome). Health and metadata come from here too, so every
+protocol describes a model the same way (``model_metadata`` is KServe v2's form; TF Serving's
+is rendered from the same Signature). Nothing here knows a wire format, nor a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from .. import __version__, errors, tensors
+from ..tensors import call_argument, name_outputs
+from .errors import BadRequest, NotReady
+from .limits import DEFAULT_MAX_REQUEST_BYTES
+from .model import ServedModel
+
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+
+class DataPlane:
+    """``models``: what is served (the server's Registry, or serving.model.SingleModel):
+    ``get(name, version)``, ``version_labels(name)``, ``ready``. ``metrics``: counts each
+    inference (``counted(model, protocol, started)``), or None."""
+
+    def __init__(self, models, metrics=None, *,
+                 max_tensor_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+        self.models = models
+        self.metrics = metrics
+        self.max_tensor_bytes = max_tensor_bytes  # what one tensor may decode to
+
+    # -- health and description ------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.models.ready
+
+    def model(self, name: str, version: str | None = None) -> ServedModel:
+        """That version; without one, the newest ready version. ModelNotFound if none."""
+        return self.models.get(name, version)
+
+    def versions(self, name: str) -> list[ServedModel]:
+        """Every version of ``name``, oldest label first."""
+        return [self.models.get(name, label) for label in self.models.version_labels(name)]
+
+    def server_metadata(self) -> dict:
+        return {"name": "workerpool", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict:
+        """KServe v2 model metadata: every protocol's description renders this Signature."""
+        model = self.model(name, version)
+        signature = model.signature
+        return {"name": model.name, "versions": self.models.version_labels(model.name),
+                "platform": "workerpool",
+                "inputs": [spec.as_dict() for spec in signature.inputs or ()],
+                "outputs": [spec.as_dict() for spec in signature.outputs or ()]}
+
+    # -- inference -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def inference(self, name: str, version: str | None, protocol: str,
+                  started: float | None = None):
+        """One inference request of ``protocol``, counted with its outcome from here on;
+        the model is looked up first (ModelNotFound before the protocol decodes a byte)."""
+        counted = self.metrics.counted(name, protocol, started) if self.metrics is not None \
+            else contextlib.nullcontext()
+        with counted:
+            yield Inference(self, self.model(name, version))
+
+
+class Inference:
+    """One request on the data plane: ``model``, then ``await run(...)``."""
+
+    def __init__(self, plane: DataPlane, model: ServedModel):
+        self.plane = plane
+        self.model = model
+
+    async def run(self, inputs: dict, outputs: list[str] | None = None,
+                  timeout: float | None = None) -> dict[str, np.ndarray]:
+        """predict on ``inputs`` (by name): the outputs by name, those requested in their
+        order (all in the model's order when ``outputs`` is None or empty). ``timeout``:
+        the caller's deadline in seconds, which shortens the model's own, never lengthens
+        it."""
+        model = self.model
+        if not model.ready:
+            raise model.not_ready()
+        problem = model.signature.mismatch(inputs)
+        if problem:
+            raise BadRequest(f"model {model.name}: {problem}")
+        result = await self._submit(call_argument(model.signature.ordered(inputs)), timeout)
+        named = name_outputs(result, model.signature.output_names)
+        try:
+            return tensors.select_outputs(named, outputs, f"model {model.name}")
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+
+    async def _submit(self, argument, timeout: float | None):
+        model = self.model
+        pool = model.pool
+        while True:
+            if pool is None:  # unloaded since the check
+                raise model.not_ready()
+            limit = timeout
+            if limit is not None and pool.config.timeout is not None:
+                limit = min(limit, pool.config.timeout)
+            if limit is not None and limit <= 0:
+                raise errors.TaskTimeout("the caller's deadline had passed when the request "
+                                         "arrived")
+            try:
+                return await pool.submit_async(argument, timeout=limit)
+            except errors.PoolClosed as exc:
+                if model.pool is None or model.pool is pool:  # not a swap of pools: closing
+                    raise NotReady(f"model {model.name} is shutting down") from exc
+                pool = model.pool  # replaced by a new pool between reading and submitting
+
