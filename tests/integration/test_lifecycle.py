@@ -56,7 +56,8 @@ def test_killed_worker_is_replaced_from_the_zygote_without_reloading():
         assert stats["restarts"] == 1
         assert pool.zygote_pid == zygote
         assert all(w["weights_copied"] == 0 for w in stats["workers"])
-        assert all(torch.equal(y, expected) for y in pool.map([x] * 10))
+        answers = list(pool.map([x] * 10))
+        assert len(answers) == 10 and all(torch.equal(y, expected) for y in answers)
 
 
 CORES = len(os.sched_getaffinity(0))

@@ -45,7 +45,8 @@ def test_weight_file_is_served_from_its_pages_by_four_workers(weight_files, expe
         with wp.Pool.from_file(weight_files[kind], modelzoo.torch_predict,
                                builder=modelzoo.mlp_64mib_builder, workers=n_workers,
                                threads_per_worker=1) as pool:
-            assert all(torch.equal(y, expected) for y in pool.map([X] * 8))
+            answers = list(pool.map([X] * 8))
+            assert len(answers) == 8 and all(torch.equal(y, expected) for y in answers)
             stats = warm_stats(pool, n_workers)
             totals[n_workers] = stats["total_pss"]
             # every weight came from the file: nothing was copied into the memfd
@@ -109,7 +110,8 @@ def test_preload_copies_the_file_into_the_shared_segment(weight_files, expected)
     with wp.Pool.from_file(weight_files["safetensors"], modelzoo.torch_predict,
                            builder=modelzoo.mlp_64mib_builder, workers=2, preload=True,
                            threads_per_worker=1) as pool:
-        assert all(torch.equal(y, expected) for y in pool.map([X] * 4))
+        answers = list(pool.map([X] * 4))
+        assert len(answers) == 4 and all(torch.equal(y, expected) for y in answers)
         stats = pool.stats(memory_usage=False)
     assert stats["file_backed_bytes"] == 0 and stats["model_bytes"] >= 64 * MIB
 
@@ -151,7 +153,8 @@ def test_torchscript_and_exported_programs(tmp_path, start_method, fmt):
     expected = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict, x)
     with wp.Pool(path, modelzoo.torch_predict, workers=2, start_method=start_method,
                  threads_per_worker=1) as pool:
-        assert all(torch.equal(y, expected) for y in pool.map([x] * 6))
+        answers = list(pool.map([x] * 6))
+        assert len(answers) == 6 and all(torch.equal(y, expected) for y in answers)
         assert pool.stats()["zygote"]["threads_at_boot"] == 1
 
 

@@ -49,7 +49,9 @@ def test_every_trial_ran_answered_right_and_stopped(report):
         assert "error" not in trial, trial
         assert trial["max_abs_diff"] < 1e-5, trial   # same answer as the model in-process
         served = sorted(trial["served"]["pids"].values(), reverse=True)[:trial["workers"]]
-        assert len(served) == trial["workers"] and min(served) >= PER_WORKER, trial
+        if trial["contender"] != "multiprocessing":  # ours spread the work; its queue may
+            # not (a CI run saw 86 and 1 calls on its 2 workers): the report measures it as is
+            assert len(served) == trial["workers"] and min(served) >= PER_WORKER, trial
         assert trial["left_running"] == [] or trial["contender"] == "multiprocessing", trial
     for n, trial in trials(data, "workerpool").items():
         assert trial["load"]["requests"] > 0 and trial["load"]["failed"] == 0
