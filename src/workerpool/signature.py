@@ -94,6 +94,9 @@ def specs(values) -> tuple[TensorSpec, ...] | None:
     return declared
 
 
+DEFAULT_NAME = "serving_default"  # TF Serving's name for the signature a model serves
+
+
 @dataclasses.dataclass(frozen=True)
 class Signature:
     """What a model takes and returns, wherever that was learnt (``source``: "declared",
@@ -103,6 +106,21 @@ class Signature:
     inputs: tuple[TensorSpec, ...] | None = None
     outputs: tuple[TensorSpec, ...] | None = None
     source: str = "none"
+    # The model's other signatures by name (a SavedModel's signature_defs besides
+    # serving_default, which this one describes); a request picks one by its name.
+    named: dict[str, "Signature"] = dataclasses.field(default_factory=dict)
+
+    def selected(self, name: str | None) -> "Signature":
+        """The signature ``name`` (this one for None, "" and DEFAULT_NAME); KeyError if the
+        model has no such signature."""
+        if not name or name == DEFAULT_NAME:
+            return self
+        return self.named[name]
+
+    @property
+    def names(self) -> list[str]:
+        """Every signature's name, DEFAULT_NAME first."""
+        return [DEFAULT_NAME, *self.named]
 
     @property
     def output_names(self) -> list[str] | None:

@@ -336,7 +336,7 @@ REST_ERRORS = [
     ("/v1/models/mnist:predict", b'{"instances": [1], "inputs": [1]}', 400, "either"),
     ("/v1/models/mnist:predict", b'{"instances": [[1, 2], [3]]}', 400, "different lengths"),
     ("/v1/models/mnist:predict", b'{"instances": [1], "signature_name": "other"}', 400,
-     "signature 'other' not found"),
+     "has no signature 'other'; it has ['serving_default']"),
     ("/v1/models/nope:predict", b'{"instances": [1]}', 404, "no model named 'nope'"),
     ("/v1/models/mnist/versions/7:predict", b'{"instances": [1]}', 404, "no version '7'"),
     ("/v1/models/mnist:classify", b'{"examples": []}', 501, "use :predict"),

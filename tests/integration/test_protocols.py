@@ -6,6 +6,8 @@ The models: a function model with declared inputs and two named outputs, one tha
 a Keras model saved as ``.keras`` with a named 28x28 input and two named outputs, served with
 no declaration and no warm-up: its signature comes from the model itself, so every protocol
 describes it and refuses a wrong shape with 400 / INVALID_ARGUMENT naming what it expects.
+A SavedModel with two signatures is answered by either through TF Serving's
+``signature_name``, and described with both.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
+import test_saved_model
 import test_tensorflow  # sets the reference's TF threads like the workers' (first TF use)
 from test_serve import Server
 from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2,  # noqa: E402
@@ -46,6 +49,10 @@ CONFIG = textwrap.dedent("""
     [models.digits]
     source = "{keras_file}"
     workers = 1
+
+    [models.heads]
+    source = "{saved_model}"
+    workers = 1
 """)
 
 
@@ -61,9 +68,12 @@ def digits_model():
 def server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("protocols")
     digits_model().save(directory / "digits.keras")
-    (directory / "serve.toml").write_text(CONFIG.format(keras_file=directory / "digits.keras"))
+    heads = test_saved_model.saved_two_signatures(directory / "heads")
+    (directory / "serve.toml").write_text(CONFIG.format(keras_file=directory / "digits.keras",
+                                                        saved_model=heads))
     server = Server(["--config", str(directory / "serve.toml")], grpc_lines=2)
     server.keras_file = str(directory / "digits.keras")
+    server.saved_model = heads
     try:
         server.wait_ready(timeout=180)
         yield server
@@ -117,9 +127,10 @@ def tf_rest(server, model, inputs, outputs):
     return "ok", {name: np.array(value, np.float32) for name, value in values.items()}
 
 
-def tf_grpc(server, model, inputs, outputs):
+def tf_grpc(server, model, inputs, outputs, signature=""):
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model
+    request.model_spec.signature_name = signature
     for name, x in inputs.items():
         request.inputs[name].CopyFrom(tf.make_tensor_proto(x))
     request.output_filter.extend(outputs or ())
@@ -129,6 +140,7 @@ def tf_grpc(server, model, inputs, outputs):
                 request, timeout=60)
         except grpc.RpcError as exc:
             return GRPC_CLASS[exc.code().name], exc.details()
+    assert reply.model_spec.signature_name == (signature or "serving_default")
     return "ok", {name: tf.make_ndarray(tensor) for name, tensor in reply.outputs.items()}
 
 
@@ -196,6 +208,19 @@ def test_a_keras_model_is_answered_as_keras_answers_it_on_every_protocol(server)
             test_tensorflow.assert_same(outputs[key], want[key], 1e-5)
 
 
+def tf_serving_signatures(server, model):
+    """The model's SignatureDefMap from TF Serving's REST API (JSON) and its gRPC API."""
+    rest = json.loads(server.get(f"/v1/models/{model}/metadata")[2])
+    with grpc.insecure_channel(server.grpc["TensorFlow Serving"]) as channel:
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = model
+        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
+            request, timeout=30)
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    assert reply.metadata["signature_def"].Unpack(signatures)
+    return rest["metadata"]["signature_def"]["signature_def"], signatures
+
+
 # -- metadata: one signature, every protocol's form --------------------------------------------
 def test_every_protocol_describes_the_keras_model_from_its_own_signature(server):
     inputs = [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28]}]
@@ -211,15 +236,8 @@ def test_every_protocol_describes_the_keras_model_from_its_own_signature(server)
     assert [{"name": t["name"], "datatype": t["datatype"], "shape": [int(s) for s in t["shape"]]}
             for t in over_grpc["inputs"]] == inputs
     assert [t["name"] for t in over_grpc["outputs"]] == ["digit", "parity"]
-    rest = json.loads(server.get("/v1/models/digits/metadata")[2])
-    rest_signature = rest["metadata"]["signature_def"]["signature_def"]["serving_default"]
-    with grpc.insecure_channel(server.grpc["TensorFlow Serving"]) as channel:
-        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-        request.model_spec.name = "digits"
-        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
-            request, timeout=30)
-    signatures = get_model_metadata_pb2.SignatureDefMap()
-    assert reply.metadata["signature_def"].Unpack(signatures)
+    rest_signatures, signatures = tf_serving_signatures(server, "digits")
+    rest_signature = rest_signatures["serving_default"]
     tf_signature = signatures.signature_def["serving_default"]
     assert list(rest_signature["inputs"]) == ["image"]
     assert [d["size"] for d in rest_signature["inputs"]["image"]["tensor_shape"]["dim"]] == \
@@ -229,3 +247,60 @@ def test_every_protocol_describes_the_keras_model_from_its_own_signature(server)
     assert tf_signature.inputs["image"].dtype == tf.float32.as_datatype_enum
     assert sorted(tf_signature.outputs) == ["digit", "parity"]
     assert [d.size for d in tf_signature.outputs["parity"].tensor_shape.dim] == [-1, 2]
+
+
+# -- a SavedModel's several signatures, chosen by TF Serving's signature_name ---------------------
+def tf_rest_signature(server, model, inputs, signature):
+    body = {"signature_name": signature, "inputs": {k: x.tolist() for k, x in inputs.items()}}
+    status, _, raw = server.post(f"/v1/models/{model}:predict", json.dumps(body).encode())
+    answer = json.loads(raw)
+    if status != 200:
+        return HTTP_CLASS[status], answer["error"]
+    values = answer["outputs"]  # one output: its value alone, as TF Serving answers
+    named = values if isinstance(values, dict) else {"(the one output)": values}
+    return "ok", {name: np.array(value) for name, value in named.items()}
+
+
+def tf_grpc_signature(server, model, inputs, signature):
+    return tf_grpc(server, model, inputs, None, signature)
+
+
+def test_each_signature_of_a_saved_model_answers_by_its_name_over_tf_serving(server):
+    x = np.random.default_rng(4).standard_normal((3, 64)).astype(np.float32)
+    cases = [("", {"features": x}), ("serving_default", {"features": x}),
+             ("top", {"pixels": x})]
+    for signature, inputs in cases:
+        want = test_saved_model.in_process(server.saved_model, inputs,
+                                           signature or "serving_default")
+        for call in (tf_rest_signature, tf_grpc_signature):
+            outcome, got = call(server, "heads", inputs, signature)
+            assert outcome == "ok", (call.__name__, signature, got)
+            if list(got) == ["(the one output)"] and len(want) == 1:
+                got = {next(iter(want)): got["(the one output)"]}
+            assert sorted(got) == sorted(want), (call.__name__, signature)
+            for key in want:
+                test_tensorflow.assert_same(got[key], want[key], 1e-5)
+    refused = [("nope", {"pixels": x}, "has no signature 'nope'; it has "
+                "['serving_default', 'top']"),
+               ("top", {"features": x}, "takes inputs ['pixels'], got ['features']"),
+               ("top", {"pixels": x[:, :8]}, "input 'pixels' must have shape [-1, 64]")]
+    for signature, inputs, message in refused:
+        for call in (tf_rest_signature, tf_grpc_signature):
+            outcome, error = call(server, "heads", inputs, signature)
+            assert (outcome, message in error) == ("invalid", True), (call.__name__, error)
+
+
+def test_every_signature_of_a_saved_model_is_in_its_tf_serving_metadata(server):
+    rest_signatures, signatures = tf_serving_signatures(server, "heads")
+    described = {name: (sorted(s.inputs), sorted(s.outputs))
+                 for name, s in signatures.signature_def.items()}
+    assert described == {"serving_default": (["features"], ["scores"]),
+                         "top": (["pixels"], ["best", "label"])}
+    assert {name: (sorted(s["inputs"]), sorted(s["outputs"]))
+            for name, s in rest_signatures.items()} == described
+    top = signatures.signature_def["top"]
+    assert top.outputs["label"].dtype == tf.int64.as_datatype_enum
+    assert [d.size for d in top.inputs["pixels"].tensor_shape.dim] == [-1, 64]
+    # KServe v2 describes the default signature, the one its requests reach
+    kserve = json.loads(server.get("/v2/models/heads")[2])
+    assert [t["name"] for t in kserve["inputs"]] == ["features"]

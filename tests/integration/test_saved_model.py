@@ -94,11 +94,42 @@ def saved_module(path) -> str:
     return str(path)
 
 
-def in_process(path: str, inputs: dict) -> dict:
-    """The SavedModel loaded here with tf.saved_model.load, called by name."""
-    signature = tf.saved_model.load(path).signatures["serving_default"]
-    return {k: v.numpy() for k, v in signature(**{k: tf.constant(v)
-                                                   for k, v in inputs.items()}).items()}
+class TwoSignatures(tf.Module):
+    """Two signatures over the same weights, as TF Serving users export them: the default
+    takes ``features`` and returns ``scores``; ``top`` takes ``pixels`` and returns each
+    row's ``label`` and ``best`` score."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.default_rng(5)
+        self.kernel = tf.Variable(rng.standard_normal((64, 1024), np.float32) / 8)
+        self.bias = tf.Variable(rng.standard_normal(1024, np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float32, name="features")])
+    def scores(self, features):
+        return {"scores": tf.matmul(features, self.kernel) + self.bias}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float32, name="pixels")])
+    def top(self, pixels):
+        scores = tf.matmul(pixels, self.kernel) + self.bias
+        return {"label": tf.argmax(scores, axis=1), "best": tf.reduce_max(scores, axis=1)}
+
+
+TWO_SIGNATURES_WEIGHT_BYTES = (64 * 1024 + 1024) * 4
+
+
+def saved_two_signatures(path) -> str:
+    module = TwoSignatures()
+    tf.saved_model.save(module, str(path),
+                        signatures={"serving_default": module.scores, "top": module.top})
+    return str(path)
+
+
+def in_process(path: str, inputs: dict, signature: str = "serving_default") -> dict:
+    """The SavedModel loaded here with tf.saved_model.load, its signature called by name."""
+    function = tf.saved_model.load(path).signatures[signature]
+    return {k: v.numpy() for k, v in function(**{k: tf.constant(v)
+                                                  for k, v in inputs.items()}).items()}
 
 
 def equal(got: dict, want: dict) -> bool:
@@ -161,7 +192,8 @@ def test_four_workers_share_one_copy_of_a_saved_model(tmp_path):
     for n_workers in (1, 4):
         with wp.Pool(path, call, workers=n_workers, threads_per_worker=1) as pool:
             for _ in range(50):
-                assert all(equal(y, want) for y in pool.map([x] * (4 * n_workers)))
+                answers = list(pool.map([x] * (4 * n_workers)))
+                assert len(answers) == 4 * n_workers and all(equal(y, want) for y in answers)
                 stats = pool.stats()
                 if all(w["requests_served"] for w in stats["workers"]):
                     break
@@ -248,8 +280,47 @@ def test_killed_worker_is_replaced_and_answers_the_same(tmp_path):
     want = in_process(path, inputs)
     with wp.Pool(path, call, workers=2, threads_per_worker=1) as pool:
         kill_a_worker_and_wait_for_its_replacement(pool)
-        assert all(equal(y, want) for y in pool.map([inputs] * 8))
+        answers = list(pool.map([inputs] * 8))
+        assert len(answers) == 8 and all(equal(y, want) for y in answers)
         assert pool.stats(memory_usage=False)["restarts"] == 1
+
+
+def call_signature(model, x, signature=None):
+    return model(x, signature=signature)
+
+
+@pytest.mark.parametrize("engine", ["tensorflow", "copy"])
+def test_each_signature_is_served_by_name_over_one_copy_of_the_weights(tmp_path, engine):
+    path = saved_two_signatures(tmp_path / "two")
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    want = in_process(path, {"features": x})
+    want_top = in_process(path, {"pixels": x}, "top")
+    with wp.Pool(path, call_signature, workers=1, threads_per_worker=1,
+                 tf_engine=engine) as pool:
+        assert equal(pool.submit(x).result(timeout=120), want)
+        assert equal(pool.submit(x, signature="serving_default").result(timeout=120), want)
+        assert equal(pool.submit(x, signature="top").result(timeout=120), want_top)
+        assert equal(pool.submit({"pixels": x}, signature="top").result(timeout=120),
+                     want_top)
+        with pytest.raises(wp.InputMismatch, match=r"no signature 'nope'; it has "
+                           r"\['serving_default', 'top'\]"):
+            pool.submit(x, signature="nope").result(timeout=120)
+        with pytest.raises(wp.InputMismatch, match=r"takes the inputs \['pixels'\]"):
+            pool.submit({"features": x}, signature="top").result(timeout=120)
+        assert equal(pool.submit(x, signature="top").result(timeout=120), want_top)
+        signature, stats = pool.signature, pool.stats(memory_usage=False)
+    assert [s.as_dict() for s in signature.inputs] == \
+        [{"name": "features", "datatype": "FP32", "shape": [-1, 64]}]
+    assert sorted(signature.named) == ["top"] and signature.names == ["serving_default", "top"]
+    top = signature.named["top"]
+    assert [s.as_dict() for s in top.inputs] == \
+        [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
+    assert [s.as_dict() for s in top.outputs] == \
+        [{"name": "best", "datatype": "FP32", "shape": [-1]},
+         {"name": "label", "datatype": "INT64", "shape": [-1]}]
+    if engine == "tensorflow":  # both signatures read one mapping of each variable
+        assert TWO_SIGNATURES_WEIGHT_BYTES <= stats["model_bytes"] \
+            < 1.5 * TWO_SIGNATURES_WEIGHT_BYTES, stats
 
 
 def test_copy_engine_loads_the_saved_model_in_each_worker(tmp_path):

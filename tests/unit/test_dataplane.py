@@ -43,15 +43,15 @@ class InProcessPool:
     def is_ready(self) -> bool:
         return self.ready and not self.closed
 
-    async def submit_async(self, x, timeout=None):
-        self.sent.append((x, timeout))
+    async def submit_async(self, x, timeout=None, **chosen):
+        self.sent.append((x, timeout, *chosen.values()))
         if self.closed:
             raise wp.PoolClosed("closed")
         if self.swapped_on_submit is not None:
             self.swapped_on_submit()
             self.closed = True
             raise wp.PoolClosed("closed by a swap")
-        return self.predict(self.model, x)
+        return self.predict(self.model, x, **chosen)
 
     def close(self, drain=True, timeout=None):
         self.closed = True
@@ -314,6 +314,43 @@ def test_the_models_own_signature_serves_when_nothing_is_declared():
     with pytest.raises(BadRequest, match=r"takes inputs \['image'\]"):
         run(infer(plane, {"x": X}))
     assert plane.model("m").signature.source == "model"
+
+
+def test_a_named_signature_is_checked_as_its_own_and_reaches_predict_by_name():
+    def tensor(name, shape):
+        return TensorSpec(name, "FP32", shape)
+
+    class TwoSignatures(dict):
+        signature = Signature((tensor("features", (-1, 3)),), (tensor("scores", (-1, 3)),),
+                              "model", {"top": Signature((tensor("pixels", (-1, 3)),),
+                                                         (tensor("best", (-1,)),), "model")})
+
+    def predict(model, x, signature=None):
+        return x.max(axis=1) if signature == "top" else x * 2
+
+    async def infer_signature(plane, inputs, signature):
+        with plane.inference("m", None, "test") as call:
+            return await call.run(inputs, signature=signature)
+
+    registry = Registry([ModelSpec("m", TwoSignatures, predict=predict)],
+                        pool_factory=InProcessPool)
+    registry.get("m").load()
+    plane, pool = DataPlane(registry), registry.get("m").pool
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for signature in (None, "", "serving_default"):
+        np.testing.assert_array_equal(
+            run(infer_signature(plane, {"features": x}, signature))["scores"], x * 2)
+    assert run(infer_signature(plane, {"pixels": x}, "top"))["best"].tolist() == [2.0, 5.0]
+    assert [sent[2:] for sent in pool.sent] == [(), (), (), ("top",)]  # the default: no name
+    for inputs, signature, message in [
+            ({"pixels": x}, "nope", "model m has no signature 'nope'; it has "
+                                    "['serving_default', 'top']"),
+            ({"features": x}, "top", "takes inputs ['pixels'], got ['features']"),
+            ({"pixels": x[:, :2]}, "top", "input 'pixels' must have shape [-1, 3]")]:
+        with pytest.raises(BadRequest) as caught:
+            run(infer_signature(plane, inputs, signature))
+        assert message in str(caught.value)
+    assert len(pool.sent) == 4
 
 
 def test_error_messages_are_cut_for_every_protocol():

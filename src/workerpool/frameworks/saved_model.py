@@ -27,6 +27,7 @@ import struct
 from ..errors import ModelSourceError
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+SERVING_DEFAULT = "serving_default"  # the signature TF Serving serves when none is named
 
 
 def is_saved_model(path: str) -> bool:
@@ -62,13 +63,17 @@ def resolve(path: str) -> tuple[str, int | None]:
 
 
 class SavedSignature:
-    """The ``serving_default`` signature of a SavedModel whose variables were not restored;
-    ``value_of(variable)`` reads one variable's value from the checkpoint."""
+    """The signatures of a SavedModel whose variables were not restored: ``function`` is
+    ``serving_default``, ``signatures`` every one by name (``serving_default`` first; they
+    share the model's variables). ``value_of(variable)`` reads one variable's value from the
+    checkpoint."""
 
-    def __init__(self, path: str, version: int | None, function, owner, keys: dict, reader):
+    def __init__(self, path: str, version: int | None, signatures: dict, owner, keys: dict,
+                 reader):
         self.path = path  # the directory served
         self.version = version
-        self.function = function
+        self.signatures = signatures
+        self.function = signatures[SERVING_DEFAULT]
         self._owner = owner  # the loaded object: its variables' handles live as long as it
         self._keys = keys  # id(variable) -> checkpoint key
         self._reader = reader
@@ -85,7 +90,7 @@ class SavedSignature:
         key = self._keys.get(id(variable))
         if key is None:
             raise ModelSourceError(
-                f"{self.path}: variable {variable.name} of the serving signature has no "
+                f"{self.path}: variable {variable.name} of a serving signature has no "
                 "value in the SavedModel's checkpoint")
         placed = self._index.get(key) if self._index is not None else None
         return placed if placed is not None else self._reader.get_tensor(key)
@@ -96,17 +101,19 @@ class SavedSignature:
 
 
 def load(path: str) -> SavedSignature:
-    """The serving signature of the SavedModel at ``path`` (or its highest version)."""
+    """The signatures of the SavedModel at ``path`` (or its highest version)."""
     import tensorflow as tf
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
     directory, version = resolve(path)
     options = tf.saved_model.LoadOptions(experimental_skip_checkpoint=True)
     loaded = tf.saved_model.load(directory, options=options)
-    signatures = getattr(loaded, "signatures", {})
-    if "serving_default" not in signatures:
-        raise ModelSourceError(f"{directory} has no 'serving_default' signature; export one "
+    signatures = dict(getattr(loaded, "signatures", {}))
+    if SERVING_DEFAULT not in signatures:
+        raise ModelSourceError(f"{directory} has no {SERVING_DEFAULT!r} signature; export one "
                                f"(found: {sorted(signatures)})")
+    signatures = {SERVING_DEFAULT: signatures.pop(SERVING_DEFAULT),
+                  **{name: signatures[name] for name in sorted(signatures)}}
     prefix = os.path.join(directory, "variables", "variables")
     keys, reader = {}, None
     if os.path.exists(prefix + ".index"):
@@ -114,8 +121,7 @@ def load(path: str) -> SavedSignature:
         graph = trackable_object_graph_pb2.TrackableObjectGraph()
         graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
         keys = checkpoint_keys(graph, loaded)
-    return SavedSignature(directory, version, signatures["serving_default"], loaded, keys,
-                          reader)
+    return SavedSignature(directory, version, signatures, loaded, keys, reader)
 
 
 def checkpoint_keys(graph, root) -> dict:

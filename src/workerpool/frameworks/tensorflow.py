@@ -7,14 +7,16 @@ for memory-mapped graphs.
          memory_region_name="workerpool-region:<i>", made /proc/self/fd/<n> in each
          worker): TF maps the file read-only instead of holding the bytes (tf_freeze.py).
          A SavedModel's variables are read from its checkpoint one at a time, never
-         restored (frameworks/saved_model.py)
+         restored (frameworks/saved_model.py); each of its signatures is frozen so, a
+         variable several of them capture mapped once (FrozenSignatures)
       the GraphDef left (kilobytes) travels in the skeleton as a FrozenGraph
     worker (forked from a zygote that imported TensorFlow but never ran an op, since a fork
     after any op hangs): before READY, import the GraphDef into a session that holds each
     mapped constant.
 
 ``predict`` receives the FrozenGraph: call it like the model: one array for a model of one
-input; for several, a dict by input name or a list in the model's order. Outputs come back
+input; for several, a dict by input name or a list in the model's order; a SavedModel's
+signature other than serving_default as ``model(x, signature=NAME)``. Outputs come back
 as numpy (a dict for dict outputs), whatever the engine. ``tf_engine="copy"`` instead loads
 a private copy of a Keras model (saved once) or SavedModel directory in each worker (for
 models that cannot be frozen); ``tf_engine="litert"`` converts a Keras model for LiteRT
@@ -32,7 +34,7 @@ import numpy as np
 from ..errors import EncodeError, InputMismatch
 from ..modules import imported
 from . import tf_freeze
-from .saved_model import SavedSignature
+from .saved_model import SERVING_DEFAULT, SavedSignature
 
 
 def reduce(obj, layout):
@@ -50,6 +52,8 @@ def reduce(obj, layout):
         layout.notes.append(f"LiteRT model {model.path}, packed weights shared through the "
                             "XNNPACK weight cache file")
         return model.__reduce__()
+    if isinstance(obj, SavedSignature) and len(obj.signatures) > 1:
+        return FrozenSignatures.freeze(obj, layout).__reduce__()
     return FrozenGraph.freeze(obj, layout).__reduce__()
 
 
@@ -230,19 +234,22 @@ class FrozenGraph:
 
     @classmethod
     def freeze(cls, model, layout) -> "FrozenGraph":
-        function = serving_function(model)
+        """``model``'s serving function frozen; its signature in ``layout.signature``."""
+        graph, layout.signature = cls.frozen(model, serving_function(model), layout)
+        _noted(model, layout)
+        return graph
+
+    @classmethod
+    def frozen(cls, model, function, layout,
+               mapped: dict | None = None) -> tuple["FrozenGraph", dict | None]:
+        """``function`` (serving ``model``) frozen, and its signature (``signature_of``);
+        ``mapped`` as tf_freeze.map_captures takes it."""
         graph_def = tf_freeze.flat_graph_def(function)
         value_of = model.value_of if isinstance(model, SavedSignature) else None
-        captured = tf_freeze.map_captures(function, graph_def, layout, value_of)
+        captured = tf_freeze.map_captures(function, graph_def, layout, value_of, mapped)
         tf_freeze.map_constants(graph_def, layout)
         inputs = [t.name for t in function.inputs if t.op.name not in captured]
         outputs = [t.name for t in function.outputs]
-        if isinstance(model, SavedSignature):
-            layout.notes.append(model.describe())
-            layout.source = {"path": model.path, "version": model.version}
-        layout.notes.append(f"TensorFlow graph frozen; {len(layout.region_fds)} constants "
-                            f"({layout.region_bytes} bytes) in sealed memfds, mapped by "
-                            "ImmutableConst")
         input_keys = None
         names = input_names(model, function)
         if names is not None:  # feed them in the order a list is given in
@@ -252,8 +259,8 @@ class FrozenGraph:
         structure = function.structured_outputs
         output_keys = sorted(structure) if isinstance(structure, dict) else (
             len(structure) if isinstance(structure, (list, tuple)) else None)
-        layout.signature = signature_of(model, function, input_keys)
-        return cls(graph_def.SerializeToString(), inputs, outputs, input_keys, output_keys)
+        graph = cls(graph_def.SerializeToString(), inputs, outputs, input_keys, output_keys)
+        return graph, signature_of(model, function, input_keys)
 
     def prepare_in_worker(self) -> None:
         """Build the session in the worker before it says READY (never in the zygote)."""
@@ -306,6 +313,62 @@ class FrozenGraph:
         feeds = [graph.get_tensor_by_name(name) for name in self.inputs]
         fetches = [graph.get_tensor_by_name(name) for name in self.outputs]
         return lambda values: session.run(fetches, {**fixed, **dict(zip(feeds, values))})
+
+
+def _noted(model, layout) -> None:
+    if isinstance(model, SavedSignature):
+        layout.notes.append(model.describe())
+        layout.source = {"path": model.path, "version": model.version}
+    layout.notes.append(f"TensorFlow graph frozen; {len(layout.region_fds)} constants "
+                        f"({layout.region_bytes} bytes) in sealed memfds, mapped by "
+                        "ImmutableConst")
+
+
+def with_named_signatures(signatures: dict[str, dict | None]) -> dict:
+    """The published signature of a model with several: ``serving_default``'s inputs and
+    outputs, and every other one by name under "named" ({} where it is not known)."""
+    default = signatures[SERVING_DEFAULT] or {}
+    return {**default, "named": {name: described or {} for name, described
+                                 in signatures.items() if name != SERVING_DEFAULT}}
+
+
+class FrozenSignatures:
+    """A SavedModel's several signatures, each a FrozenGraph over the one set of mapped
+    weights they share. Called like its ``serving_default``; ``signature=NAME`` calls
+    another (TF Serving's ``signature_name``)."""
+
+    def __init__(self, graphs: dict[str, FrozenGraph]):
+        self.graphs = graphs
+
+    def __reduce__(self):
+        return (FrozenSignatures, (self.graphs,))
+
+    @classmethod
+    def freeze(cls, model: SavedSignature, layout) -> "FrozenSignatures":
+        mapped: dict = {}  # a variable captured by several signatures is mapped once
+        graphs, described = {}, {}
+        for name, function in model.signatures.items():
+            graphs[name], described[name] = FrozenGraph.frozen(model, function, layout, mapped)
+        layout.signature = with_named_signatures(described)
+        _noted(model, layout)
+        layout.notes.append(f"signatures {list(graphs)}")
+        return cls(graphs)
+
+    def prepare_in_worker(self) -> None:
+        """Build every signature's session before the worker says READY."""
+        for graph in self.graphs.values():
+            graph.prepare_in_worker()
+
+    def __call__(self, inputs, signature: str | None = None):
+        return _signature_named(self.graphs, signature)(inputs)
+
+
+def _signature_named(signatures: dict, name: str | None):
+    try:
+        return signatures[name or SERVING_DEFAULT]
+    except KeyError:
+        raise InputMismatch(f"this model has no signature {name!r}; it has "
+                            f"{list(signatures)}") from None
 
 
 class CopiedModel:
@@ -364,13 +427,13 @@ class CopiedModel:
 
 class CopiedSavedModel:
     """tf_engine="copy" for a SavedModel directory: each worker loads its own copy with
-    ``tf.saved_model.load`` and calls its serving signature (for signatures that cannot be
-    frozen: lookup tables, other resources)."""
+    ``tf.saved_model.load`` and calls its signatures (for signatures that cannot be frozen:
+    lookup tables, other resources). ``input_keys``: each signature's input names."""
 
-    def __init__(self, path: str, input_keys: list[str]):
+    def __init__(self, path: str, input_keys: dict[str, list[str]]):
         self.path = path
         self.input_keys = input_keys
-        self._signature = None
+        self._signatures = None
         _import_tensorflow()
 
     def __reduce__(self):
@@ -378,24 +441,33 @@ class CopiedSavedModel:
 
     @classmethod
     def reduce_model(cls, model: SavedSignature, layout):
-        names = input_names(model, model.function)
+        keys, described = {}, {}
+        for name, function in model.signatures.items():
+            names = input_names(model, function)
+            keys[name] = names[0] if names else []
+            described[name] = signature_of(model, function, keys[name] or None)
         layout.notes.append(f"{model.describe()} loaded privately by each worker "
                             "(tf_engine='copy')")
         layout.source = {"path": model.path, "version": model.version}
-        layout.signature = signature_of(model, model.function, names[0] if names else None)
-        return cls(model.path, names[0] if names else []).__reduce__()
+        layout.signature = described[SERVING_DEFAULT] if len(described) == 1 else \
+            with_named_signatures(described)
+        return cls(model.path, keys).__reduce__()
 
     def prepare_in_worker(self) -> None:
         """Load this worker's copy before it says READY."""
-        if self._signature is None:
+        if self._signatures is None:
             import tensorflow as tf
 
             loaded = tf.saved_model.load(self.path)
-            self._signature = loaded.signatures["serving_default"]
-            self._signature._workerpool_owner = loaded  # its variables live with it
+            signatures = {name: loaded.signatures[name] for name in self.input_keys}
+            for signature in signatures.values():
+                signature._workerpool_owner = loaded  # its variables live with it
+            self._signatures = signatures
 
-    def __call__(self, inputs):
+    def __call__(self, inputs, signature: str | None = None):
         self.prepare_in_worker()
-        values = ordered_inputs(self.input_keys, inputs)
-        outputs = self._signature(**dict(zip(self.input_keys, values)))
+        function = _signature_named(self._signatures, signature)
+        keys = self.input_keys[signature or SERVING_DEFAULT]
+        values = ordered_inputs(keys, inputs)
+        outputs = function(**dict(zip(keys, values)))
         return {key: np.asarray(value) for key, value in outputs.items()}

@@ -64,12 +64,15 @@ def flat_graph_def(function):
 _CALL_OPS = {"PartitionedCall", "StatefulPartitionedCall"}
 
 
-def map_captures(function, graph_def, layout, value_of=None) -> set[str]:
+def map_captures(function, graph_def, layout, value_of=None,
+                 mapped: dict | None = None) -> set[str]:
     """Turn each captured variable (or captured eager tensor) of ``function`` into a
     constant of its value: an ImmutableConst over a sealed memfd of its own when big. Values
     are read one at a time through ``value_of(variable)`` (default: ``variable.numpy()``), so
-    the parent never holds a second copy of the whole model. Returns the captured
-    placeholders' names (inputs the caller no longer feeds)."""
+    the parent never holds a second copy of the whole model. ``mapped`` (id of a variable ->
+    its region), shared by the functions of one model, maps a variable that several of them
+    capture (a SavedModel's signatures) once. Returns the captured placeholders' names
+    (inputs the caller no longer feeds)."""
     import tensorflow as tf
 
     variables = {id(v.handle): v for v in function.variables}
@@ -90,15 +93,20 @@ def map_captures(function, graph_def, layout, value_of=None) -> set[str]:
             unused.add(name)  # read by nothing that serves (pruned): no memfd for it
             continue
         if isinstance(source, tf.Variable):
-            value = value_of(source) if value_of is not None else source.numpy()
             _retype_reads(node, readers, source.dtype.as_datatype_enum, graph_def)
+            if mapped is not None and id(source) in mapped:
+                as_mapped(node, *mapped[id(source)])
+                continue
+            value = value_of(source) if value_of is not None else source.numpy()
         elif source.dtype == tf.resource:
             raise EncodeError(
                 f"cannot freeze: the model captures a resource that is not a variable "
                 f"({node.name!r}: a lookup table, a dataset?). {_COPY_HINT}")
         else:
             value = source.numpy()
-        as_constant(node, value, layout)
+        region = as_constant(node, value, layout)
+        if region is not None and mapped is not None and isinstance(source, tf.Variable):
+            mapped[id(source)] = region
         del value  # before the next one is read
     if unused:
         kept = [node for node in graph_def.node if node.name not in unused]
@@ -175,10 +183,11 @@ def map_constants(graph_def, layout) -> None:
             as_constant(node, value, layout)
 
 
-def as_constant(node, value, layout) -> None:
+def as_constant(node, value, layout) -> tuple | None:
     """``node`` becomes a constant holding ``value`` (a numpy array, or a TensorSlice of a
     file): an ImmutableConst reading a sealed memfd of its own when big (a file's bytes go
-    there without passing through this process), an inline Const otherwise."""
+    there without passing through this process), an inline Const otherwise. Returns the
+    region as ``as_mapped`` takes it (None: inline)."""
     import tensorflow as tf
 
     if isinstance(value, TensorSlice) and value.nbytes < MIN_MAPPED_BYTES:
@@ -192,11 +201,24 @@ def as_constant(node, value, layout) -> None:
     elif value.nbytes < MIN_MAPPED_BYTES or value.dtype == object:
         node.op = "Const"
         node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
-        return
+        return None
     else:
         region = layout.add_region(np.ascontiguousarray(value))
+    mapped = (region, dtype, tuple(value.shape))
+    as_mapped(node, *mapped)
+    return mapped
+
+
+def as_mapped(node, region: str, dtype: int, shape: tuple) -> None:
+    """``node`` becomes an ImmutableConst of ``shape`` and ``dtype`` (a DataType enum)
+    reading the memory region ``region``."""
+    import tensorflow as tf
+
+    node.ClearField("input")
+    node.ClearField("attr")
     node.op = "ImmutableConst"
-    node.attr["shape"].shape.CopyFrom(tf.TensorShape(value.shape).as_proto())
+    node.attr["dtype"].type = dtype
+    node.attr["shape"].shape.CopyFrom(tf.TensorShape(shape).as_proto())
     node.attr["memory_region_name"].s = region.encode()  # resolved by open_regions
 
 

@@ -91,10 +91,7 @@ class Generation:
     @property
     def signature(self) -> Signature:
         """What the published model says it takes and returns (Signature() if nothing)."""
-        told = self.published.signature
-        if not told:
-            return Signature()
-        return Signature(specs(told.get("inputs")), specs(told.get("outputs")), "model")
+        return _signature(self.published.signature)
 
     @property
     def version(self) -> str:
@@ -177,3 +174,11 @@ class _Hasher(threading.Thread):
         if self.error is not None:  # cannot happen short of a bug; the pool serves anyway
             return f"unhashed ({self.error!r})"
         return self.digest
+
+
+def _signature(told: dict | None) -> Signature:
+    """A published signature ({"inputs", "outputs", "named": {name: {...}}}) as a Signature."""
+    if not told:
+        return Signature()
+    named = {name: _signature(described) for name, described in told.get("named", {}).items()}
+    return Signature(specs(told.get("inputs")), specs(told.get("outputs")), "model", named)

@@ -177,7 +177,8 @@ class PublishedModel:
     notes: list[str] = dataclasses.field(default_factory=list)
     source: dict | None = None
     # What the model says it takes and returns ({"inputs": [...], "outputs": [...]}, each a
-    # TensorSpec as a dict), where its framework adapter knows (Keras, SavedModel): None
+    # TensorSpec as a dict; a SavedModel's other signatures as {"named": {name: {...}}}),
+    # where its framework adapter knows (Keras, SavedModel): None
     signature: dict | None = None
 
     def all_fds(self) -> list[int]:

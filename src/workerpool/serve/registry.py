@@ -157,7 +157,7 @@ def describe(pool, warmup: list) -> Signature:
             sources.append("warm-up call")
         except Exception as exc:  # noqa: BLE001 - metadata is best effort
             log.warning("no metadata from the warm-up call: %s", exc)
-    return Signature(inputs, outputs, " + ".join(sources) or "none")
+    return Signature(inputs, outputs, " + ".join(sources) or "none", known.named)
 
 
 def _from_warmup(pool, sample, inputs, outputs) -> tuple:

@@ -4,20 +4,20 @@ The REST API (http/tfserving.py) answers these JSON forms as they are; the gRPC 
 (grpc/tfserving.py) parses the same JSON into its messages (protobuf's JSON mapping), so a
 model is described one way whichever protocol asks:
 
-    metadata_json(model)   GetModelMetadataResponse: model_spec and the SignatureDefMap of its
-                           one signature, ``serving_default``, rendered from its Signature
+    metadata_json(model)   GetModelMetadataResponse: model_spec and the SignatureDefMap of
+                           its signatures, rendered from its Signature
     status_json(models)    GetModelStatusResponse: each version's state and error
 
-Every model has one signature, ``serving_default`` (an empty signature name means it too).
+A model's signature is ``serving_default`` (an empty signature name means it too); a
+SavedModel saved with several also has the others by their names.
 Needs neither grpcio nor protobuf: the REST API works with the ``serve`` extra alone.
 """
 
 from __future__ import annotations
 
-from ..serving.errors import BadRequest
 from ..serving.model import ModelState
+from ..signature import DEFAULT_NAME
 
-SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
 SIGNATURE_DEF_MAP = "tensorflow.serving.SignatureDefMap"
 # ModelState -> TF Serving's ModelVersionStatus.State (a model that is ready: AVAILABLE)
@@ -42,29 +42,27 @@ def state_of(model) -> str:
     return "AVAILABLE" if model.ready else STATE_OF[model.state]
 
 
-def check_signature(name: str) -> None:
-    if name not in ("", SIGNATURE):
-        raise BadRequest(f"signature {name!r} not found; this model has {SIGNATURE!r}")
-
-
-def model_spec_json(model) -> dict:
+def model_spec_json(model, signature: str = "") -> dict:
+    """ModelSpec naming ``model``'s version and the signature used ("": the default)."""
     version = {"version": model.version} if model.version.isdigit() else {
         "version_label": model.version}
-    return {"name": model.name, "signature_name": SIGNATURE, **version}
+    return {"name": model.name, "signature_name": signature or DEFAULT_NAME, **version}
 
 
 def signature_def_map_json(model) -> dict:
-    """The model's SignatureDefMap (its one signature) in protobuf's JSON form."""
+    """The model's SignatureDefMap (every signature it has) in protobuf's JSON form."""
     def infos(specs):
         return {spec.name: {"dtype": dtype_name(spec.datatype), "name": spec.name,
                             "tensor_shape": {"dim": [{"size": str(size)}
                                                      for size in spec.shape]}}
                 for spec in specs or ()}
 
-    signature = model.signature
-    return {"signature_def": {SIGNATURE: {"inputs": infos(signature.inputs),
-                                          "outputs": infos(signature.outputs),
-                                          "method_name": PREDICT_METHOD}}}
+    signatures = model.signature
+    return {"signature_def": {
+        name: {"inputs": infos(signature.inputs), "outputs": infos(signature.outputs),
+               "method_name": PREDICT_METHOD}
+        for name, signature in ((name, signatures.selected(name))
+                                for name in signatures.names)}}
 
 
 def metadata_json(model) -> dict:

@@ -6,8 +6,9 @@
             outputs = await call.run(inputs, requested, timeout)   # the plane
             answer = encode(call.model, outputs)                    # the protocol's own
 
-    call.run: ready? (503 with why) -> inputs against the signature (400 naming what the
-              model expects) -> pool.submit_async with the deadline (the caller's, never
+    call.run: the signature asked for (the default one, or a SavedModel's other by name:
+              400 for none such) -> ready? (503 with why) -> inputs against that
+              signature (400 naming what the model expects) -> pool.submit_async with the deadline (the caller's, never
               past the model's own) -> outputs named (a dict's keys, output_0..k or the
               signature's names) -> the requested ones, in the request's order (400 for an
               unknown one)
@@ -25,6 +26,7 @@ import contextlib
 import numpy as np
 
 from .. import __version__, errors, tensors
+from ..signature import Signature
 from ..tensors import call_argument, name_outputs
 from .errors import BadRequest, NotReady
 from .limits import DEFAULT_MAX_REQUEST_BYTES
@@ -89,25 +91,39 @@ class Inference:
         self.model = model
 
     async def run(self, inputs: dict, outputs: list[str] | None = None,
-                  timeout: float | None = None) -> dict[str, np.ndarray]:
+                  timeout: float | None = None,
+                  signature: str | None = None) -> dict[str, np.ndarray]:
         """predict on ``inputs`` (by name): the outputs by name, those requested in their
         order (all in the model's order when ``outputs`` is None or empty). ``timeout``:
         the caller's deadline in seconds, which shortens the model's own, never lengthens
-        it."""
+        it. ``signature``: which of the model's signatures (None: its default); predict
+        gets ``signature=NAME`` for any other."""
         model = self.model
+        described = self.signature(signature)
         if not model.ready:
             raise model.not_ready()
-        problem = model.signature.mismatch(inputs)
+        problem = described.mismatch(inputs)
         if problem:
             raise BadRequest(f"model {model.name}: {problem}")
-        result = await self._submit(call_argument(model.signature.ordered(inputs)), timeout)
-        named = name_outputs(result, model.signature.output_names)
+        chosen = {} if described is model.signature else {"signature": signature}
+        result = await self._submit(call_argument(described.ordered(inputs)), timeout, chosen)
+        named = name_outputs(result, described.output_names)
         try:
             return tensors.select_outputs(named, outputs, f"model {model.name}")
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
 
-    async def _submit(self, argument, timeout: float | None):
+    def signature(self, name: str | None = None) -> Signature:
+        """The model's signature ``name`` (None, "": its default); BadRequest naming the
+        model's signatures if it has no such one."""
+        signatures = self.model.signature
+        try:
+            return signatures.selected(name)
+        except KeyError:
+            raise BadRequest(f"model {self.model.name} has no signature {name!r}; it has "
+                             f"{signatures.names}") from None
+
+    async def _submit(self, argument, timeout: float | None, chosen: dict):
         model = self.model
         pool = model.pool
         while True:
@@ -120,7 +136,7 @@ class Inference:
                 raise errors.TaskTimeout("the caller's deadline had passed when the request "
                                          "arrived")
             try:
-                return await pool.submit_async(argument, timeout=limit)
+                return await pool.submit_async(argument, timeout=limit, **chosen)
             except errors.PoolClosed as exc:
                 if model.pool is None or model.pool is pool:  # not a swap of pools: closing
                     raise NotReady(f"model {model.name} is shutting down") from exc

@@ -116,7 +116,7 @@ def pool_signature(pool) -> Signature:
         inputs = inputs if inputs is not None else own.inputs
         outputs = outputs if outputs is not None else own.outputs
         sources.append(own.source)
-    return Signature(inputs, outputs, " + ".join(sources) or "none")
+    return Signature(inputs, outputs, " + ".join(sources) or "none", own.named)
 
 
 class SingleModel:

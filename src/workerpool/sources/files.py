@@ -197,14 +197,17 @@ def _is_tensorflow(path: str) -> bool:
     return is_saved_model(path)
 
 
-def default_predict(model, x):
+def default_predict(model, x, signature: str | None = None):
     """The obvious call of a model that came from a file: ``model(x)``.
 
     A torch module gets tensors (numpy arrays are wrapped without a copy where they are
     writable; a dict of several inputs becomes keyword arguments) and its tensors come back
     as numpy arrays; a TensorFlow/Keras model (the pool's frozen graph) is called with the
-    arrays as they are. Anything else needs a ``predict`` of its own.
+    arrays as they are, a SavedModel's signature other than serving_default as
+    ``model(x, signature=NAME)``. Anything else needs a ``predict`` of its own.
     """
+    if signature is not None:
+        return model(x, signature=signature)
     torch = imported("torch")
     if torch is not None and isinstance(model, torch.nn.Module):
         if isinstance(x, dict):

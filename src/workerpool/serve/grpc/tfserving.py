@@ -3,14 +3,14 @@
     tensorflow.serving.PredictionService
         Predict            model_spec {name, version | version_label, signature_name},
                            inputs {name: TensorProto}, output_filter -> outputs {name: ...}
-        GetModelMetadata   the ``serving_default`` SignatureDef (inputs, outputs, dtypes,
-                           shapes; -1: any size), packed in an Any as TF Serving does
+        GetModelMetadata   the model's SignatureDefs (inputs, outputs, dtypes, shapes; -1:
+                           any size), packed in an Any as TF Serving does
         Classify, Regress, MultiInference: UNIMPLEMENTED (no tf.Example models here)
     tensorflow.serving.ModelService
         GetModelStatus     each version's state (AVAILABLE, LOADING, ...) and error
         HandleReloadConfigRequest: UNIMPLEMENTED (SIGHUP and the repository API reload)
 
-Every model has one signature, ``serving_default`` (an empty signature_name means it too).
+``signature_name`` picks a SavedModel's signature ("" and ``serving_default``: the default).
 Versions are the server's version labels; TF Serving's int64 ``version`` names the label of
 that number, ``version_label`` any label.
 """
@@ -22,8 +22,7 @@ from google.protobuf import json_format
 from ...errors import OutputEncodeError
 from ...serving.errors import BadRequest, Unimplemented
 from ..proto.tensor import from_array, to_array
-from ..tfserving import (SIGNATURE_DEF_MAP, check_signature, model_spec_json,
-                         signature_def_map_json, status_json)
+from ..tfserving import SIGNATURE_DEF_MAP, model_spec_json, signature_def_map_json, status_json
 from .server import Front
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
@@ -63,15 +62,17 @@ class TFServingGrpc(Front):
     async def predict(self, request, context):
         spec = request.model_spec
         with self.plane.inference(spec.name, version_of(spec), self.protocol) as call:
-            check_signature(spec.signature_name)
+            call.signature(spec.signature_name)  # an unknown one before decoding
             if not request.inputs:
                 raise BadRequest("the request has no inputs")
             inputs = {key: to_array(key, tensor, self.plane.max_tensor_bytes)
                       for key, tensor in request.inputs.items()}
             outputs = await call.run(inputs, list(request.output_filter),
-                                     timeout=context.time_remaining())
+                                     timeout=context.time_remaining(),
+                                     signature=spec.signature_name)
             response = self.message("tensorflow.serving.PredictResponse")()
-            json_format.ParseDict(model_spec_json(call.model), response.model_spec)
+            json_format.ParseDict(model_spec_json(call.model, spec.signature_name),
+                                  response.model_spec)
             try:
                 for key, array in outputs.items():
                     from_array(array, response.outputs[key])

@@ -28,7 +28,7 @@ from ...errors import OutputEncodeError
 from ...serving.errors import BadRequest, ModelNotFound, Unimplemented
 from ...serving.limits import MAX_RANK, parse_json
 from ...signature import DATATYPES
-from ..tfserving import check_signature, metadata_json, status_json
+from ..tfserving import metadata_json, status_json
 from .exchange import Exchange
 
 PROTOCOL = "tfserving_rest"
@@ -80,8 +80,9 @@ async def predict(app, exchange: Exchange, name: str, version: str | None) -> No
         if not isinstance(request, dict):
             raise BadRequest("the body must be a JSON object")
         signature = request.get("signature_name", "")
-        check_signature(signature if isinstance(signature, str) else repr(signature))
-        specs = {spec.name: spec for spec in call.model.signature.inputs or ()}
+        if not isinstance(signature, str):
+            raise BadRequest(f"'signature_name' must be a string, got {signature!r}")
+        specs = {spec.name: spec for spec in call.signature(signature).inputs or ()}
         if ("instances" in request) == ("inputs" in request):
             raise BadRequest("give either 'instances' (row format) or 'inputs' (columnar)")
         rows = "instances" in request
@@ -89,7 +90,7 @@ async def predict(app, exchange: Exchange, name: str, version: str | None) -> No
             inputs = _from_rows(call.model.name, request["instances"], specs)
         else:
             inputs = _from_columns(call.model.name, request["inputs"], specs)
-        outputs = await call.run(inputs)
+        outputs = await call.run(inputs, signature=signature)
         await exchange.json(200, encode(outputs, rows))
 
 
