@@ -5,10 +5,11 @@ from .errors import (BatchShapeError, ConfigError, EncodeError, InputMismatch, M
                      PoolStartError, ProtocolError, QueueFull, ReloadFailed, RemoteError,
                      TaskTimeout, WorkerCrashed, WorkerpoolError, WrongProcess)
 from .pool.pool import Pool
+from .pool.runtime import Runtime
 from .signature import TensorSpec
 
 __all__ = [
-    "Pool", "WorkerpoolError", "PoolClosed", "PoolBroken", "PoolStartError", "WorkerCrashed",
+    "Pool", "Runtime", "WorkerpoolError", "PoolClosed", "PoolBroken", "PoolStartError", "WorkerCrashed",
     "QueueFull", "TaskTimeout", "EncodeError", "MessageTooLarge", "BatchShapeError",
     "ProtocolError", "RemoteError", "ModelSourceError", "WrongProcess", "TensorSpec",
     "ReloadFailed", "InputMismatch", "ConfigError", "OutputEncodeError", "OutputTooLarge", "score",

@@ -10,6 +10,7 @@ import os
 START_METHODS = ("zygote", "spawn")
 TF_ENGINES = ("tensorflow", "copy", "litert")
 LOAD_IN = ("parent", "loader")
+DEFAULT_IDLE_TIMEOUT = 60.0  # seconds, for an elastic pool given min_workers alone
 
 
 def usable_cores() -> int:
@@ -34,6 +35,13 @@ class PoolConfig:
     """Settings of a :class:`workerpool.Pool`; see its docstring for what each one does."""
 
     workers: int = 2
+    # Elastic workers: the pool grows toward `workers` while requests queue and, after
+    # idle_timeout seconds without work, shrinks a worker at a time down to min_workers (0:
+    # scale to zero; the next request wakes a worker, forked from the zygote: no reload).
+    # None/None: a fixed pool of `workers`. idle_timeout alone: min_workers 0; min_workers
+    # alone (below workers): idle_timeout 60 s.
+    min_workers: int | None = None
+    idle_timeout: float | None = None
     start_method: str = "zygote"
     # None: max(1, usable cores // workers). On 2 cores, 2 workers x 1 thread beat
     # 2 x 2 threads by 1.4-1.7x (DESIGN 4.1).
@@ -84,6 +92,16 @@ class PoolConfig:
         # Every option is checked for type and range here, so a bad one fails at once in
         # the caller instead of later inside the dispatcher thread or a worker.
         self._integer("workers", minimum=1)
+        self._integer("min_workers", minimum=0, optional=True)
+        self._number("idle_timeout", minimum=0, exclusive=True, optional=True)
+        if self.min_workers is None:
+            object.__setattr__(self, "min_workers",
+                               self.workers if self.idle_timeout is None else 0)
+        if self.min_workers > self.workers:
+            raise ValueError(f"min_workers must be <= workers ({self.workers}), got "
+                             f"{self.min_workers}")
+        if self.elastic and self.idle_timeout is None:
+            object.__setattr__(self, "idle_timeout", DEFAULT_IDLE_TIMEOUT)
         self._choice("start_method", START_METHODS)
         self._integer("threads_per_worker", minimum=1, optional=True)
         self._flag("pin_cpus")
@@ -151,6 +169,17 @@ class PoolConfig:
         value = getattr(self, name)
         if value not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the number of workers follows the work (min_workers < workers)."""
+        return self.min_workers < self.workers
+
+    @property
+    def first_workers(self) -> int:
+        """How many workers a pool starts with: all of a fixed pool's; an elastic pool's
+        min_workers, and at least one (the start proves a worker boots and warms up)."""
+        return max(self.min_workers, 1) if self.elastic else self.workers
 
     @property
     def threads(self) -> int:

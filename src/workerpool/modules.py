@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 import sys
 
+# Frameworks a zygote (or the runtime every zygote of a server forks from) may import
+# before its model says so: importing them is most of a zygote's start-up time.
+PREIMPORTABLE = ("torch", "tensorflow", "keras", "safetensors")
+
 
 def imported(name: str):
     """The module ``name`` if this process has imported it, else None (never imports it).

@@ -488,3 +488,134 @@ def test_next_wake_is_the_earliest_timer_or_deadline(pool):
         worker.credits = 0
     request = pool.submit(timeout=0.01)
     assert pool.scheduler.next_wake() == request.deadline < liveness
+
+
+# -- elastic workers ------------------------------------------------------------------------
+def elastic(**config) -> Harness:
+    config.setdefault("workers", 3)
+    config.setdefault("min_workers", 0)
+    config.setdefault("idle_timeout", 10.0)
+    harness = Harness(**config)
+    harness.ready_all()
+    assert harness.scheduler.started
+    return harness
+
+
+def answer_everything(harness: Harness) -> None:
+    """Reply to whatever each worker holds until nothing is held or waiting."""
+    for _ in range(20):
+        harness.tick()
+        held = [w for w in harness.workers(WorkerState.READY) if w.inflight]
+        if not held:
+            return
+        for worker in held:
+            harness.reply(worker, list(worker.inflight.values()))
+
+
+def test_an_elastic_pool_starts_min_workers_and_at_least_one():
+    assert len(elastic().of(StartWorker)) == 1
+    assert len(elastic(workers=4, min_workers=2).of(StartWorker)) == 2
+    assert len(Harness(workers=3).of(StartWorker)) == 3  # fixed: all of them
+
+
+def test_it_grows_toward_workers_while_requests_wait_and_no_further():
+    harness = elastic()
+    requests = [harness.submit() for _ in range(8)]
+    harness.tick()
+    starts = harness.of(StartWorker)
+    assert len(starts) == 3  # the first, then two more for the backlog; never a fourth
+    assert harness.scheduler.counters["scaled_up"] == 2
+    harness.ready_all()
+    answer_everything(harness)
+    assert all(harness.answer_of(r)[1] is None for r in requests)
+    assert len(harness.of(StartWorker)) == 3
+
+
+def test_idle_workers_stop_after_idle_timeout_down_to_min_and_a_request_wakes_one():
+    harness = elastic(min_workers=1)
+    for _ in range(6):
+        harness.submit()
+    harness.tick()
+    harness.ready_all()
+    answer_everything(harness)
+    assert len(harness.workers(WorkerState.READY)) == 3
+    harness.tick(9.0)
+    assert not harness.of(Stop)  # not idle long enough yet
+    harness.tick(1.5)
+    stopped = [a.worker for a in harness.of(Stop)]
+    assert len(stopped) == 2 and harness.scheduler.counters["scaled_down"] == 2
+    for worker in stopped:
+        harness.exit(worker, 0)
+    assert len(harness.of(StartWorker)) == 3  # a stopped worker is not replaced
+    harness.tick(60)
+    assert len(harness.of(Stop)) == 2  # min_workers stays
+
+    zero = elastic()
+    (only,) = zero.workers()
+    zero.tick(11)
+    assert [a.worker for a in zero.of(Stop)] == [only]
+    zero.exit(only, 0)
+    request = zero.submit()
+    zero.tick()
+    assert len(zero.of(StartWorker)) == 2  # the wake: a fork, nothing reloaded
+    zero.ready_all()
+    zero.tick()
+    (woken,) = zero.workers(WorkerState.READY)
+    assert zero.sent_to(woken) == [[request.id]]
+    zero.reply(woken, [request])
+    assert zero.answer_of(request)[1] is None
+
+
+def test_light_traffic_keeps_one_worker_busy_so_the_others_can_go_idle():
+    harness = elastic()
+    for _ in range(6):  # a backlog: three workers
+        harness.submit()
+    harness.tick()
+    harness.ready_all()
+    answer_everything(harness)
+    assert len(harness.workers(WorkerState.READY)) == 3
+    used = set()
+    for _ in range(20):  # then one request at a time, every second
+        request = harness.submit()
+        harness.tick(1.0)
+        (worker,) = [w for w in harness.workers() if request.id in w.inflight]
+        used.add(worker.worker_id)
+        harness.reply(worker, [request])
+    assert len(used) == 1
+    assert len(harness.of(Stop)) == 2  # the two it left idle
+
+
+def test_a_worker_that_dies_while_the_pool_grows_loses_nothing():
+    harness = elastic()
+    requests = [harness.submit() for _ in range(5)]
+    harness.tick()
+    (first,) = harness.workers(WorkerState.READY)
+    held = list(first.inflight.values())
+    assert held
+    harness.exit(first, -signal.SIGKILL)  # while the new ones start
+    harness.ready_all()
+    answer_everything(harness)
+    assert all(harness.answer_of(r)[1] is None for r in requests)
+    assert len(harness.workers()) <= 3
+
+
+def test_resize_starts_what_is_missing_and_stops_idle_workers_before_busy_ones():
+    harness = Harness(workers=2)
+    harness.ready_all()
+    harness.take(harness.scheduler.resize(4, 4, None, harness.now))
+    assert len(harness.of(StartWorker)) == 4
+    harness.ready_all()
+    requests = [harness.submit(), harness.submit()]
+    harness.tick()
+    busy = [w for w in harness.workers() if w.inflight]
+    assert len(busy) == 2
+    harness.take(harness.scheduler.resize(1, 1, None, harness.now))
+    stopped = [a.worker for a in harness.of(Stop)]
+    assert len(stopped) == 2 and not set(stopped) & set(busy)  # the idle ones first
+    retiring = harness.workers(WorkerState.RETIRING)
+    assert len(retiring) == 1  # busy: finishes what it holds, then goes
+    for worker in busy:
+        harness.reply(worker, list(worker.inflight.values()))
+    assert retiring[0] in [a.worker for a in harness.of(Stop)]
+    assert all(harness.answer_of(r)[1] is None for r in requests)
+    assert len(harness.of(StartWorker)) == 4  # nothing replaced

@@ -50,6 +50,28 @@ def test_pool_options_on_the_command_line_reach_every_models_pool():
         assert spec.pool_arguments()[2]["threads_per_worker"] == 1
 
 
+def test_elastic_workers_per_model_in_toml_and_for_every_model_on_the_command_line(tmp_path):
+    config = tmp_path / "serve.toml"
+    config.write_text(textwrap.dedent("""
+        [models.awake]
+        source = "a.pt"
+
+        [models.sleepy]
+        source = "b.pt"
+        workers = 4
+        min_workers = 0
+        idle_timeout = 2.5
+    """))
+    specs, _ = models_and_settings(parser().parse_args(["--config", str(config)]))
+    options = {spec.name: spec.pool_arguments()[2] for spec in specs}
+    assert "min_workers" not in options["awake"]
+    assert (options["sleepy"]["workers"], options["sleepy"]["min_workers"],
+            options["sleepy"]["idle_timeout"]) == (4, 0, 2.5)
+    specs, _ = models_and_settings(parser().parse_args(
+        ["a.pt", "--min-workers", "1", "--idle-timeout", "30"]))
+    assert specs[0].pool_options == {"min_workers": 1, "idle_timeout": 30.0}
+
+
 def test_toml_versions_and_allow_sources(tmp_path):
     config = tmp_path / "serve.toml"
     config.write_text(textwrap.dedent("""

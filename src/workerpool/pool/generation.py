@@ -3,7 +3,8 @@
     Generation(load, predict)
       load() once, here or in a loader process ──publish──> sealed memfd + skeleton (its
       own segment)
-      its own private dir, zygote, workers, dispatcher thread, Shutdown
+      its own private dir, zygote (spawned, or forked by a shared Runtime), workers,
+      dispatcher thread, Shutdown
       version: the user's label, or a content hash of what was published
 
 A Pool serves from one generation at a time; ``Pool.reload`` starts the next one beside it,
@@ -28,6 +29,7 @@ from ..publishing import PublishedModel
 from ..signature import Signature, specs
 from .dispatcher import Dispatcher
 from .loading import load_and_publish
+from .runtime import Runtime
 from .shutdown import Shutdown
 from .supervisor import PrestartedZygote, Supervisor
 
@@ -44,7 +46,7 @@ class Generation:
     def __init__(self, number: int, config: PoolConfig, codec: Codec, encoded_warmup,
                  load: Callable[[], Any], predict: Callable[..., Any],
                  version: str | None = None, on_exit: Callable | None = None,
-                 prestarted: PrestartedZygote | None = None):
+                 prestarted: PrestartedZygote | None = None, runtime: Runtime | None = None):
         self.number = number
         self.config = config
         self.final: tuple | None = None  # (counters, metrics) once the dispatcher is gone
@@ -66,7 +68,7 @@ class Generation:
             hasher.start()
         endpoint = endpoints.pool_endpoint(private_dir)
         self.supervisor = Supervisor(config, self.published, private_dir, endpoint,
-                                     encoded_warmup)
+                                     encoded_warmup, runtime)
         self.shutdown = Shutdown(config, self.supervisor, self.published, private_dir)
         self.dispatcher: Dispatcher | None = None
         try:

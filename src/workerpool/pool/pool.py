@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import os
 import threading
+import time
 import warnings
 import weakref
 from concurrent.futures import Future
@@ -52,7 +54,14 @@ class Pool:
         load: called with no arguments; returns the model.
         predict: ``predict(model, *args, **kwargs)``; module-level functions travel by
             reference, functions from ``__main__`` and closures by value (cloudpickle).
-        workers: number of worker processes.
+        workers: number of worker processes (the most, for an elastic pool).
+        min_workers, idle_timeout: elastic workers. The pool starts ``min_workers`` (at
+            least one), grows toward ``workers`` while requests wait, and stops a worker
+            idle for ``idle_timeout`` seconds, down to ``min_workers``; 0 scales to zero:
+            the model stays published and the zygote keeps it attached, so the next
+            request wakes a worker by a fork (milliseconds), never by a reload. Given
+            ``idle_timeout`` alone, ``min_workers`` is 0; ``min_workers`` alone, the idle
+            timeout is 60 s. Neither: a fixed pool of ``workers``. See :meth:`resize`.
 
     Options (keywords; defaults in :class:`workerpool.config.PoolConfig`):
         start_method: ``"zygote"`` (default: workers are forked from a process that holds
@@ -104,6 +113,11 @@ class Pool:
             float32), so this process need not import torch to read them.
         spare_zygote: keep the next version's zygote started (its framework imported), so
             :meth:`reload` skips that (about 2 s for torch); costs one idle process.
+        runtime: a :class:`workerpool.Runtime` shared with other pools: this pool's zygote
+            (each version's) is forked from that one process, which has imported the
+            frameworks once, instead of starting a fresh interpreter; N models then cost
+            one framework runtime. Workers still serve one model each. Close the pools
+            before the runtime.
         inputs, outputs: what the model takes and returns, declared for servers
             (:class:`workerpool.TensorSpec`, or dicts/tuples of name, datatype, shape);
             the pool itself does not check them.
@@ -115,6 +129,7 @@ class Pool:
     def __init__(self, load: Callable[[], Any] | str | os.PathLike, predict: Callable[..., Any],
                  workers: int = 2, **options):
         self._builder = options.pop("builder", None)
+        self.runtime = options.pop("runtime", None)
         self._trust_pickle = options.pop("trust_pickle", False)
         if options.get("load_in") is None:
             options["load_in"] = default_load_in(load)
@@ -161,14 +176,16 @@ class Pool:
                           prestarted: PrestartedZygote | None = None) -> Generation:
         return Generation(number, self.config, self._codec, self._encoded_warmup, load,
                           predict, version, on_exit=_fold_into_history(self),
-                          prestarted=prestarted)
+                          prestarted=prestarted, runtime=self.runtime)
 
     def _prestart_zygote(self) -> PrestartedZygote:
         """The next version's zygote, importing what the serving one imported."""
         return PrestartedZygote(self._generation.supervisor.zygote_modules)
 
     def _keep_a_spare(self) -> None:
-        if self.config.spare_zygote and self._spare is None and not self._closed:
+        # A shared runtime is every version's spare already: its imports are done.
+        if self.config.spare_zygote and self._spare is None and not self._closed \
+                and self.runtime is None:
             self._spare = self._prestart_zygote()
 
     @classmethod
@@ -313,6 +330,9 @@ class Pool:
         parent = {"pid": os.getpid()}
         stats = {
             "start_method": self.config.start_method,
+            "max_workers": self.config.workers,
+            "min_workers": self.config.min_workers,
+            "idle_timeout": self.config.idle_timeout if self.config.elastic else None,
             "version": serving.version,
             "generation": serving.number,
             "retiring_versions": [g.version for g in generations[1:]],
@@ -359,11 +379,57 @@ class Pool:
 
     def is_ready(self) -> bool:
         """True while the pool is open, not broken, and at least one worker (attached and
-        warmed up) takes work. Cheap: no round trip to the pool's thread."""
+        warmed up) takes work; or, an elastic pool, while its zygote can wake one (scaled
+        to zero is ready: a request waits the milliseconds a fork takes). Cheap: no round
+        trip to the pool's thread."""
         if self._closed or self.broken is not None:
             return False
-        workers = self._generation.dispatcher.workers
-        return any(w.state == "ready" for w in list(workers.values()))
+        scheduler = self._generation.dispatcher.scheduler
+        if scheduler.elastic and scheduler.zygote_up:
+            return True
+        return any(w.state == "ready" for w in list(scheduler.workers.values()))
+
+    def release_idle_workers(self) -> list[int]:
+        """Stop every worker that holds no work now, ``min_workers`` or not, and keep the
+        pool at zero until requests come (it turns elastic: ``min_workers=0``, the idle
+        timeout it had or 60 s). What a server past its memory budget does to the least
+        recently used models; the model stays published and ready, and the next request
+        wakes a worker by a fork. Returns the pids stopped."""
+        self._check_usable()
+        with self._reload_lock:
+            self._check_usable()
+            self.config = dataclasses.replace(
+                self.config, min_workers=0,
+                idle_timeout=self.config.idle_timeout if self.config.elastic else None)
+            dispatcher = self._generation.dispatcher
+
+            def release():
+                stopped, actions = dispatcher.scheduler.release_idle(time.monotonic())
+                dispatcher.carry_out(actions)
+                return stopped
+
+            return dispatcher.call(release)
+
+    def resize(self, workers: int, min_workers: int | None = None) -> None:
+        """Serve with at most ``workers`` processes from now on (and every later version).
+
+        A fixed pool becomes a fixed pool of ``workers``; an elastic one keeps its
+        ``min_workers`` (lowered to ``workers`` if above it) unless given. Growing starts
+        workers at once (forked from the zygote: milliseconds); shrinking stops idle
+        workers first and lets busy ones finish what they hold: no request is lost.
+        Returns once the change is decided, not when new workers are ready.
+        """
+        self._check_usable()
+        if min_workers is None:
+            min_workers = workers if not self.config.elastic else \
+                min(self.config.min_workers, workers)
+        config = dataclasses.replace(self.config, workers=workers, min_workers=min_workers)
+        with self._reload_lock:  # after a reload under way: its version gets the new size
+            self._check_usable()
+            self.config = config
+            dispatcher = self._generation.dispatcher
+            dispatcher.call(lambda: dispatcher.carry_out(dispatcher.scheduler.resize(
+                config.workers, config.min_workers, config.idle_timeout, time.monotonic())))
 
     @property
     def pids(self) -> list[int]:
@@ -414,9 +480,11 @@ class Pool:
                 if not callable(predict):
                     raise TypeError(f"predict must be a callable, got {predict!r}")
                 version = _version_label(version)
-                # The new zygote starts now, importing its frameworks while load() runs.
+                # The new zygote starts now, importing its frameworks while load() runs
+                # (a shared runtime has imported them already: it forks the zygote).
                 prestarted, self._spare = self._spare, None
-                if prestarted is None or prestarted.process.poll() is not None:
+                if self.runtime is None and (prestarted is None
+                                             or prestarted.process.poll() is not None):
                     if prestarted is not None:
                         prestarted.discard()  # it died idle: start another
                     prestarted = self._prestart_zygote()
@@ -517,7 +585,7 @@ class Pool:
 
 COUNTERS = ("restarts", "crashes", "hung", "aborted", "timeouts", "retired",
             "retried_requests", "late_replies", "rejected_peers", "malformed_messages",
-            "zygote_restarts")
+            "zygote_restarts", "scaled_up", "scaled_down", "released")
 
 
 def default_load_in(source) -> str:

@@ -33,7 +33,7 @@ import time
 from concurrent.futures import Future
 from typing import Callable, NamedTuple
 
-from ..config import PoolConfig
+from ..config import DEFAULT_IDLE_TIMEOUT, PoolConfig
 from ..errors import PoolBroken, PoolClosed, PoolStartError, ProtocolError, TaskTimeout, \
     WorkerCrashed
 from ..ipc import wire
@@ -155,6 +155,11 @@ class Scheduler:
         self.workers: dict[int, WorkerSlot] = {}  # worker id -> slot
         self.by_identity: dict[bytes, WorkerSlot] = {}
         self.worker_ids = itertools.count(1)
+        # How many workers: a fixed pool keeps max_workers; an elastic one (min below max)
+        # grows while requests wait and shrinks after idle_timeout. resize() moves both.
+        self.max_workers = config.workers
+        self.min_workers = config.min_workers
+        self.idle_timeout = config.idle_timeout
         self.boot_failures = 0  # in a row: workers that failed by themselves before READY
         self.start_deaths = 0  # in a row: workers that died before READY, for any reason
         self.timers: list[tuple[float, int, Callable[[float], None]]] = []
@@ -183,11 +188,21 @@ class Scheduler:
 
     # -- life of the pool ----------------------------------------------------------------
     def start(self, now: float) -> list:
-        """The first workers, and the liveness check's first round."""
-        for _ in range(self.config.workers):
+        """The first workers, and the liveness check's (and idle check's) first round."""
+        for _ in range(self.config.first_workers):
             self.start_worker(now)
         self.call_later(now, self.config.heartbeat_interval, self.check_liveness)
+        if self.config.elastic:
+            self.call_later(now, self.idle_check_period, self.check_idle)
         return self._take_actions()
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.max_workers
+
+    @property
+    def idle_check_period(self) -> float:
+        return min(self.idle_timeout / 4, 1.0)
 
     def submit(self, request: Request) -> list:
         """A request posted by a caller (already counted in ``queue_gauge``)."""
@@ -264,8 +279,10 @@ class Scheduler:
 
     # -- sending work --------------------------------------------------------------------
     def dispatch(self, now: float) -> None:
+        if (self.pending or self.retries) and len(self.workers) < self.max_workers:
+            self.grow(now)  # before chunking hands a backlog to the workers there are
         while self.retries:
-            worker = pick_worker(self.workers.values(), idle=True)
+            worker = pick_worker(self.workers.values(), idle=True, recent=self.elastic)
             if worker is None:
                 break
             request = self.retries.popleft()
@@ -275,7 +292,7 @@ class Scheduler:
         self.batch_wake_at = None
         call_s = self.typical_call_s() if len(self.pending) > 1 else None
         while self.pending:
-            worker = pick_worker(self.workers.values(), idle=False)
+            worker = pick_worker(self.workers.values(), idle=False, recent=self.elastic)
             if worker is None:
                 return
             batch, wake_at = self.batcher.take(self.pending, now,
@@ -402,7 +419,7 @@ class Scheduler:
         worker.become(WorkerState.READY)
         worker.pid = meta["pid"]
         worker.credits = meta["credits"]
-        worker.ready_at = now
+        worker.ready_at = worker.idle_since = now
         limit = self.config.max_requests_per_worker
         if limit:
             worker.retire_after = limit + random.randint(0, self.config.max_requests_jitter)
@@ -464,8 +481,10 @@ class Scheduler:
         if "compute_s" in meta:
             self.metrics.computed(meta["compute_s"], sum(r is not None for r in requests))
             self.call_seconds.append(meta["compute_s"])
-        if worker.state == WorkerState.RETIRING and not worker.inflight:
-            self.stop_worker(worker)
+        if not worker.inflight:
+            worker.idle_since = now
+            if worker.state == WorkerState.RETIRING:
+                self.stop_worker(worker)
         return requests
 
     # -- what the zygote says ------------------------------------------------------------
@@ -506,12 +525,12 @@ class Scheduler:
         return self._take_actions()
 
     def on_zygote_restarted(self, now: float) -> list:
-        """A new zygote holds the model: start a full set of workers from it."""
+        """A new zygote holds the model: start the first set of workers from it (more, if
+        an elastic pool has requests waiting)."""
         self.zygote_up = True
         self.counters["zygote_restarts"] += 1
-        live = sum(w.state not in (WorkerState.RETIRING, WorkerState.STOPPING)
-                   for w in self.workers.values())
-        for _ in range(self.config.workers - live):
+        first = max(self.min_workers, 1) if self.elastic else self.max_workers
+        for _ in range(first - len(self.live_workers())):
             self.start_worker(now)
         return self._take_actions()
 
@@ -606,7 +625,7 @@ class Scheduler:
             return  # (a new zygote starts a full set)
         taken = {w.slot for w in self.workers.values()
                  if w.state not in (WorkerState.RETIRING, WorkerState.STOPPING)}
-        free = [slot for slot in range(self.config.workers) if slot not in taken]
+        free = [slot for slot in range(self.max_workers) if slot not in taken]
         worker = WorkerSlot(next(self.worker_ids), free[0] if free else 0, now=now)
         self.workers[worker.worker_id] = worker
         self.by_identity[worker.identity] = worker
@@ -615,7 +634,8 @@ class Scheduler:
         log.info("workerpool: starting worker %s", worker.worker_id)
 
     def replace_worker(self, now: float) -> None:
-        if not self.closing and self.broken is None:
+        if not self.closing and self.broken is None and \
+                len(self.live_workers()) < self.max_workers:  # (resize may have lowered it)
             self.counters["restarts"] += 1
             log.info("workerpool: replacing a worker")
             self.start_worker(now)
@@ -631,6 +651,102 @@ class Scheduler:
     def stop_worker(self, worker: WorkerSlot) -> None:
         worker.become(WorkerState.STOPPING)
         self._actions.append(Stop(worker))
+
+    # -- elastic workers ------------------------------------------------------------------
+    def live_workers(self) -> list[WorkerSlot]:
+        """Workers that serve or soon will: starting, ready, or about to be replaced."""
+        return [w for w in self.workers.values()
+                if w.state not in (WorkerState.RETIRING, WorkerState.STOPPING)]
+
+    def grow(self, now: float) -> None:
+        """More requests wait than the workers have credit for: start workers (up to
+        max_workers) until ready and starting ones have credit for all that wait. From
+        zero this is the wake: a fork from the zygote, no reload. Not while starts back
+        off after failures (their timer starts the next)."""
+        if self.closing or self.broken is not None or not self.zygote_up or \
+                self.start_deaths:
+            return
+        live = self.live_workers()
+        per_worker = self.config.credits_per_worker
+        credit = sum(w.credits for w in live if w.state == WorkerState.READY
+                     and not w.isolating) + \
+            per_worker * sum(w.state == WorkerState.STARTING for w in live)
+        waiting = len(self.pending) + len(self.retries)
+        for _ in range(min(self.max_workers - len(live), -(-(waiting - credit) // per_worker))):
+            self.counters["scaled_up"] += 1
+            self.start_worker(now)
+
+    def check_idle(self, now: float) -> None:
+        """Stop workers idle for idle_timeout, the longest idle first, down to min_workers;
+        enough of them stay for the requests waiting now."""
+        if self.elastic and not self.closing:
+            live = self.live_workers()
+            idle = sorted((w for w in live if w.state == WorkerState.READY and not w.inflight
+                           and not w.isolating
+                           and now - w.idle_since >= self.idle_timeout),
+                          key=lambda w: w.idle_since)
+            waiting = len(self.pending) + len(self.retries)
+            credit = sum(w.credits for w in live if w.state == WorkerState.READY
+                         and not w.isolating)
+            for worker in idle[:max(0, len(live) - self.min_workers)]:
+                if credit - worker.credits < waiting:
+                    break
+                credit -= worker.credits
+                log.info("workerpool: worker %s (pid %s) idle for %.1f s: stopped",
+                         worker.worker_id, worker.pid, now - worker.idle_since)
+                self.counters["scaled_down"] += 1
+                self.stop_worker(worker)
+        self.call_later(now, self.idle_check_period, self.check_idle)
+
+    def release_idle(self, now: float) -> tuple[list[int], list]:
+        """Stop every worker holding no work, min_workers or not (a server past its memory
+        budget), and from now on keep none unless requests need one: the pool turns
+        elastic down to zero, and the next request wakes a worker. Returns the pids
+        stopped and the actions."""
+        was_elastic = self.elastic
+        self.min_workers = 0
+        if self.idle_timeout is None:
+            self.idle_timeout = DEFAULT_IDLE_TIMEOUT
+        if not was_elastic:
+            self.call_later(now, self.idle_check_period, self.check_idle)
+        stopped = []
+        if not self.closing:
+            for worker in self.live_workers():
+                if worker.state == WorkerState.READY and not worker.inflight \
+                        and not worker.isolating:
+                    self.counters["released"] += 1
+                    self.stop_worker(worker)
+                    stopped.append(worker.pid)
+        return stopped, self._take_actions()
+
+    def resize(self, workers: int, min_workers: int, idle_timeout: float | None,
+               now: float) -> list:
+        """Serve with at most ``workers`` and at least ``min_workers`` from now on: starts
+        what is missing; past the new most, stops idle workers first, then those still
+        starting, and lets busy ones finish what they hold (nothing is lost)."""
+        was_elastic = self.elastic
+        self.max_workers, self.min_workers = workers, min_workers
+        self.idle_timeout = idle_timeout
+        if self.elastic and not was_elastic:
+            self.call_later(now, self.idle_check_period, self.check_idle)
+        live = self.live_workers()
+        for _ in range(self.min_workers - len(live)):
+            self.start_worker(now)
+        excess = len(live) - self.max_workers
+        if excess > 0:
+            order = {WorkerState.READY: 0, WorkerState.STARTING: 1}
+            for worker in sorted(live, key=lambda w: (bool(w.inflight),
+                                                      order.get(w.state, 2)))[:excess]:
+                if worker.state == WorkerState.STARTING:
+                    worker.become(WorkerState.STOPPING)  # not connected: STOP cannot reach it
+                    self._actions.append(Signal(worker.worker_id, signal.SIGKILL))
+                elif worker.state == WorkerState.READY and worker.inflight:
+                    worker.become(WorkerState.RETIRING)  # stops once its work is answered
+                elif worker.state == WorkerState.READY:
+                    self.stop_worker(worker)
+                # (one being aborted leaves by itself; it is replaced only if needed)
+        self.dispatch(now)
+        return self._take_actions()
 
     def check_liveness(self, now: float) -> None:
         """Abort workers silent past heartbeat_timeout, or not ready after start_timeout."""

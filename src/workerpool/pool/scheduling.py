@@ -84,7 +84,8 @@ class WorkerSlot:
 
     __slots__ = ("worker_id", "identity", "pid", "credits", "inflight", "served", "state",
                  "started_at", "ready_at", "last_seen", "isolating", "retire_after",
-                 "hang_reason", "tasks", "slot", "last_sent", "sent", "admitted")
+                 "hang_reason", "tasks", "slot", "last_sent", "sent", "admitted",
+                 "idle_since")
 
     def __init__(self, worker_id: int, slot: int, now: float | None = None):
         self.worker_id = worker_id
@@ -104,6 +105,7 @@ class WorkerSlot:
         self.state = WorkerState.STARTING
         self.started_at = self.last_seen = time.monotonic() if now is None else now
         self.ready_at: float | None = None
+        self.idle_since = self.started_at  # since when it holds no work (elastic pools)
         self.isolating = False  # running a retried request alone
         self.retire_after: int | None = None
         self.hang_reason = ""
@@ -122,18 +124,21 @@ class WorkerSlot:
 
 
 # -- policies -------------------------------------------------------------------------------
-def pick_worker(workers: Iterable[WorkerSlot], idle: bool) -> WorkerSlot | None:
+def pick_worker(workers: Iterable[WorkerSlot], idle: bool,
+                recent: bool = False) -> WorkerSlot | None:
     """The ready worker with the most credit, the least recently used among equals (so
-    light traffic keeps every worker warm); with ``idle``, one running nothing."""
-    best = None
+    light traffic keeps every worker warm), or with ``recent`` the most recently used (an
+    elastic pool: light traffic leaves the others idle, to be stopped); with ``idle``, one
+    running nothing."""
+    best, best_key = None, None
     for worker in workers:
         if worker.state != WorkerState.READY or worker.isolating or worker.credits <= 0:
             continue
         if idle and worker.inflight:
             continue
-        if best is None or (worker.credits, -worker.last_sent) > \
-                (best.credits, -best.last_sent):
-            best = worker
+        order = worker.last_sent if recent else -worker.last_sent
+        if best is None or (worker.credits, order) > best_key:
+            best, best_key = worker, (worker.credits, order)
     return best
 
 

@@ -1,6 +1,7 @@
 """The parent's side of process management: the only module that starts a process.
 
     Supervisor ──Popen (fresh interpreter, weights fd + control socket passed)──> zygote
+               or, given a Runtime (pool/runtime.py), a zygote forked from that shared process
         start_zygote()   boot message out, "booted" (or the boot traceback) back
         start_worker()   "start" out; later "started" {pid} and, when it dies, "exited" {status}
         signal_worker()  the zygote delivers it through the worker's pidfd
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from ..config import PoolConfig
 from ..errors import PoolStartError
@@ -25,11 +27,15 @@ from ..ipc import control, endpoints, wire
 from ..publishing import PublishedModel
 from ..workers.output import quiet_environment
 
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
 
 class Supervisor:
     def __init__(self, config: PoolConfig, published: PublishedModel, private_dir: str,
-                 endpoint: str, warmup: tuple[bytes, list]):
+                 endpoint: str, warmup: tuple[bytes, list], runtime: "Runtime | None" = None):
         self.config = config
+        self.runtime = runtime  # where the zygote is forked from; None: spawned fresh
         self.warmup = warmup  # the codec-encoded warm-up inputs (header, frames)
         self.published = published
         self.private_dir = private_dir
@@ -46,15 +52,19 @@ class Supervisor:
         """Start the zygote and wait until it has attached the model (or failed to).
 
         ``prestarted``: a zygote process started earlier (its imports done meanwhile) to
-        use instead of a fresh one; it gets the weights' fds over its socket."""
-        if prestarted is None:
-            self.zygote, parent_end = spawn_zygote(self.published.fd, self.published.all_fds())
-        else:
+        use instead of a fresh one; it gets the weights' fds over its socket, as does a
+        zygote forked by the pool's runtime."""
+        handed_fds = prestarted is not None or self.runtime is not None
+        if prestarted is not None:
             self.zygote, parent_end = prestarted.take()
+        elif self.runtime is not None:
+            self.zygote, parent_end = self.runtime.zygote_channel(self.published.skeleton)
+        else:
+            self.zygote, parent_end = spawn_zygote(self.published.fd, self.published.all_fds())
         self.ctl = parent_end
         try:
             control.send(parent_end, self._boot_message())
-            if prestarted is not None:
+            if handed_fds:
                 control.send_fds(parent_end, self.published.all_fds())
         except OSError:
             pass  # it died; its reply (EOF) says so below
@@ -67,12 +77,13 @@ class Supervisor:
         finally:
             parent_end.settimeout(None)
         if reply is None or reply["op"] != "booted":
-            detail = reply["traceback"] if reply else (
-                f"the zygote exited with status {self.zygote.wait()} before attaching")
+            detail = reply["traceback"] if reply else _died_before_attaching(self.zygote.wait())
             self.stop_zygote()
             raise PoolStartError(f"the worker zygote could not attach the model:\n{detail}")
         self.zygote_threads = reply["threads"]
         self.zygote_modules = reply.get("modules", [])
+        if self.runtime is not None:
+            self.runtime.learn(self.zygote_modules)
 
     def restart_zygote(self) -> None:
         """Reap the zygote that died and start a new one on the weights this process still
@@ -178,6 +189,18 @@ def spawn_zygote(weights_fd: int | None, pass_fds: list[int],
     return spawn_with_channel("workerpool.workers.zygote",
                               ["-" if weights_fd is None else str(weights_fd)], pass_fds,
                               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **environment)
+
+
+def spawn_runtime() -> tuple[subprocess.Popen, socket.socket]:
+    """A fresh runtime interpreter (workers/runtime.py) watching this process."""
+    return spawn_with_channel("workerpool.workers.runtime", [str(os.getpid())],
+                              OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def _died_before_attaching(status: int) -> str:
+    if status == -1:  # forked by the runtime, which reaped it: a pidfd tells no status
+        return "the zygote died before attaching (a crash in native code?)"
+    return f"the zygote exited with status {status} before attaching"
 
 
 def spawn_with_channel(module: str, args: list[str], pass_fds: list[int] = (), stdin=None,

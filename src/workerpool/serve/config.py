@@ -34,7 +34,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
 
 # Pool options a model may set (per model in TOML, for every model on the command line).
-POOL_OPTIONS = ("workers", "max_batch_size", "max_wait_ms", "max_queue", "timeout",
+POOL_OPTIONS = ("workers", "min_workers", "idle_timeout", "max_batch_size", "max_wait_ms", "max_queue", "timeout",
                 "start_method", "threads_per_worker", "tf_engine", "preload",
                 "max_message_bytes", "heartbeat_timeout", "max_requests_per_worker",
                 "spare_zygote", "load_in")

@@ -45,6 +45,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int,
                    help="worker processes per model (default 2); each attaches the one "
                    "copy of the weights")
+    p.add_argument("--min-workers", type=int,
+                   help="elastic workers: the fewest each model keeps (0: scale to zero; the "
+                   "next request wakes a worker by a fork, no reload). Default: --workers, "
+                   "or 0 with --idle-timeout")
+    p.add_argument("--idle-timeout", type=float,
+                   help="elastic workers: seconds a worker may idle before it stops, down to "
+                   "--min-workers (default 60 when --min-workers is below --workers); a model "
+                   "grows back toward --workers while requests wait")
     p.add_argument("--threads-per-worker", type=int,
                    help="intra-op threads of each worker (default: usable cores // workers, "
                    "at least 1)")
@@ -80,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
                    "health (also WORKERPOOL_API_KEY)")
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="largest request body, or gRPC request message (default 64 MiB)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="a memory budget for the server's whole process tree (PSS; e.g. "
+                   "6GiB): past it, the least recently used models' idle workers stop, and "
+                   "each wakes on its next request (weights stay published)")
     p.add_argument("--max-models", type=int, default=None,
                    help="model versions loaded at once past which a repository load is "
                    f"refused (409; default {DEFAULT_MAX_MODELS}); each is a pool of processes")
@@ -117,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     from .registry import Registry
     from .server import run
 
+    raise_open_files_limit()
+    limit_malloc_arenas()
     registry = Registry(specs, allowed_sources=settings.allow_sources,
                         defaults=pool_options(args), drain_timeout=settings.drain_timeout,
                         max_models=settings.max_models)
@@ -128,6 +142,36 @@ def main(argv: list[str] | None = None) -> int:
         return models_and_settings(args)[0]
 
     return run(registry, app, settings, reread_config if args.config else None)
+
+
+def raise_open_files_limit() -> None:
+    """Each model holds about a dozen descriptors here (its segment, sockets, pidfds): the
+    soft limit is raised to the hard one, so a server of a hundred models does not run out
+    at a default soft limit of 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # (an infinite hard limit the kernel caps: keep the soft one)
+
+
+def limit_malloc_arenas() -> None:
+    """At most one malloc arena per core in this process. glibc gives each new thread an
+    arena of its own (up to 8 per core), and every model's pool brings three threads (its
+    dispatcher, ZeroMQ's I/O thread and reaper): measured, 16 pools cost 68 MiB of USS here
+    with the default and none with two arenas. Called before those threads exist."""
+    import ctypes
+
+    from ..config import usable_cores
+
+    m_arena_max = -8
+    try:
+        ctypes.CDLL(None).mallopt(m_arena_max, max(2, usable_cores()))
+    except (AttributeError, OSError):
+        pass  # not glibc: its allocator has no such setting
 
 
 def missing_extra(settings: ServerSettings) -> str | None:

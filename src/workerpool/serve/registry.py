@@ -24,6 +24,7 @@ outputs, a SavedModel's signature_def), else from its warm-up call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -32,8 +33,10 @@ import time
 from typing import Any, Callable
 
 from .. import errors
+from ..config import usable_cores
 from ..errors import ConfigError
 from ..pool.pool import Pool
+from ..pool.runtime import Runtime
 from ..serving.errors import BadRequest, ModelNotFound, NotReady, TooManyModels
 from ..serving.model import HOLDS_A_POOL, ModelState, ServedModel, pool_signature
 from ..signature import Signature, TensorSpec, datatype_of
@@ -195,7 +198,11 @@ class Registry:
     def __init__(self, specs: list[ModelSpec], *, allowed_sources=(), defaults: dict | None = None,
                  drain_timeout: float = 30.0, max_models: int = DEFAULT_MAX_MODELS,
                  pool_factory: Callable[..., Any] = Pool):
-        self.pool_factory = pool_factory
+        # Every model's zygote (and every version's) forks from one runtime process: one
+        # import of each framework for the whole server, not one per model.
+        self.runtime = Runtime() if pool_factory is Pool else None
+        self.pool_factory = pool_factory if self.runtime is None else \
+            functools.partial(Pool, runtime=self.runtime)
         self.versions: dict[str, dict[str, Model]] = {}
         for spec in specs:
             self.versions.setdefault(spec.name, {})[spec.version] = self._new_model(spec)
@@ -205,6 +212,7 @@ class Registry:
         self.max_models = max_models  # loaded versions a repository load may bring it to
         self.closing = False
         self.lifecycle = threading.Lock()
+        self.budget = None  # --max-memory's MemoryBudget, when the server has one
 
     def _new_model(self, spec: ModelSpec) -> Model:
         return Model(spec, self.pool_factory)
@@ -253,9 +261,20 @@ class Registry:
 
     # -- changing ----------------------------------------------------------------------
     def start_loading(self) -> None:
-        """Load every model in the background, all at once: the server is live meanwhile."""
+        """Load every model in the background, as many at a time as there are cores (each
+        load is a process importing a framework: a hundred at once would only thrash):
+        the server is live meanwhile, and each model is ready as soon as it is loaded."""
+        slots = threading.BoundedSemaphore(max(2, usable_cores()))
+
+        def load(model: Model) -> None:
+            with slots:
+                if model.state == ModelState.LOADING:
+                    model.load()
+                else:  # unloaded or closed while it waited its turn
+                    model.loaded.set()
+
         for model in self.models:
-            threading.Thread(target=model.load, daemon=True,
+            threading.Thread(target=load, args=(model,), daemon=True,
                              name=f"workerpool-load-{model.name}-{model.version}").start()
 
     def load(self, name: str, parameters: dict | None = None) -> Model:
@@ -349,6 +368,8 @@ class Registry:
         for model in self.models:
             model.loaded.wait(max(0.0, deadline - time.monotonic()))
             model.close(max(0.0, deadline - time.monotonic()))
+        if self.runtime is not None:
+            self.runtime.close(max(1.0, deadline - time.monotonic()))
 
     def _check_room(self, label: str) -> None:
         """TooManyModels unless one more version may load: each is a pool (a zygote and its

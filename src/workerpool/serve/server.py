@@ -110,6 +110,12 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
         task.add_done_callback(reloading.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_config)
+    budget = None
+    if settings.max_memory is not None:
+        from .budget import MemoryBudget
+
+        registry.budget = budget = MemoryBudget(registry, settings.max_memory)
+        budget.start()
     watcher = None
     if settings.watch:
         from .watch import Watcher
@@ -138,6 +144,8 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
             loop.remove_signal_handler(signum)
         if watcher is not None:
             watcher.stop()
+        if budget is not None:
+            budget.stop()
         if metrics_task is not None:
             metrics_server.should_exit = True
             await asyncio.gather(metrics_task, return_exceptions=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 from ..errors import ConfigError
 from ..serving.limits import DEFAULT_MAX_REQUEST_BYTES
@@ -21,6 +22,27 @@ DEFAULT_HEADER_TIMEOUT_S = 30.0  # uvicorn's keep-alive timeout
 # Model versions a repository load may bring the server to: each is a pool of processes,
 # and a client of the repository API must not add them without end.
 DEFAULT_MAX_MODELS = 64
+
+
+_UNITS = {"": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "t": 1000 ** 4,
+          "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3, "ti": 1024 ** 4}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(value) -> int:
+    """Bytes from an int or a string such as "6GiB", "512 MiB", "2G" (powers of 1000 without
+    the i, as in Kubernetes). Written here, not taken from a package: one regex."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"a size must be positive, got {value}")
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"not a size: {value!r} (say e.g. 6GiB, 512MiB, or bytes)")
+    size = int(float(match[1]) * _UNITS[(match[2] or "").lower()])
+    if size <= 0:
+        raise ValueError(f"a size must be positive, got {value!r}")
+    return size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +62,15 @@ class ServerSettings:
     allow_sources: tuple[str, ...] = ()
     watch: bool = False
     watch_interval: float = 2.0
+    max_memory: int | None = None  # bytes the server's process tree may hold (PSS)
     http: str = "httptools"
     loop: str = "uvloop"
 
     # [server] keys of a serve.toml (the command line's names, with _ for -)
     FILE_KEYS = ("host", "port", "metrics_port", "grpc_port", "tf_serving_port", "api_key",
                  "max_request_bytes", "max_header_bytes", "header_timeout", "max_models",
-                 "drain_timeout", "debug", "allow_sources", "watch", "watch_interval")
+                 "drain_timeout", "debug", "allow_sources", "watch", "watch_interval",
+                 "max_memory")
 
     def __post_init__(self):
         self._type("host", str)
@@ -65,6 +89,11 @@ class ServerSettings:
                 raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}")
         if self.api_key is not None:
             self._type("api_key", str)
+        if self.max_memory is not None:
+            try:
+                object.__setattr__(self, "max_memory", parse_size(self.max_memory))
+            except ValueError as exc:
+                raise ConfigError(f"max_memory: {exc}") from None
         for key in ("debug", "watch"):
             self._type(key, bool)
         if not all(isinstance(path, str) for path in self.allow_sources):

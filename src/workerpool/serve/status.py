@@ -19,9 +19,18 @@ _STARTED = time.time()
 def status_report(registry: Registry) -> dict:
     return {
         "server": {"version": __version__, "pid": os.getpid(), "ready": registry.ready,
-                   "uptime_s": round(time.time() - _STARTED, 1)},
+                   "uptime_s": round(time.time() - _STARTED, 1),
+                   "memory_budget": budget_report(registry.budget)},
         "models": [model_report(model) for model in registry.models],
     }
+
+
+def budget_report(budget) -> dict | None:
+    """--max-memory: the budget, what the tree held at its latest check, workers released."""
+    if budget is None:
+        return None
+    return {"max_bytes": budget.max_bytes, "used_bytes": budget.used,
+            "workers_released": budget.releases}
 
 
 def model_report(model) -> dict:
@@ -48,7 +57,23 @@ def model_report(model) -> dict:
         "parent_pss": stats["parent"]["pss"],
         "zygote_pid": stats["zygote"]["pid"],
         "zygote_pss": stats["zygote"]["pss"],
+        "min_workers": stats["min_workers"],
+        "max_workers": stats["max_workers"],
+        "idle_timeout": stats["idle_timeout"],
+        "workers_state": workers_state(stats),
         "workers": [{"pid": w["pid"], "state": w["state"], "requests": w["requests_served"],
                      "pss": w["pss"], "uss": w["uss"]} for w in stats["workers"]],
     })
     return report
+
+
+def workers_state(stats: dict) -> str:
+    """In words: how many workers serve, out of what range, and whether it scaled to zero."""
+    live = sum(w["state"] in ("ready", "starting") for w in stats["workers"])
+    if stats["idle_timeout"] is None:
+        return f"{live} of {stats['max_workers']} (fixed)"
+    if live == 0:
+        return (f"scaled to zero (wakes on the next request; {stats['min_workers']}-"
+                f"{stats['max_workers']} workers, idle timeout {stats['idle_timeout']:g} s)")
+    return (f"{live} ({stats['min_workers']}-{stats['max_workers']}, idle timeout "
+            f"{stats['idle_timeout']:g} s)")

@@ -22,6 +22,7 @@ is rendered from the same Signature). Nothing here knows a wire format, nor a se
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 
@@ -106,6 +107,7 @@ class Inference:
         if problem:
             raise BadRequest(f"model {model.name}: {problem}")
         chosen = {} if described is model.signature else {"signature": signature}
+        model.last_used = time.monotonic()  # (a memory budget releases the least recent)
         result = await self._submit(call_argument(described.ordered(inputs)), timeout, chosen)
         named = name_outputs(result, described.output_names)
         try:

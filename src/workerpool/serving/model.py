@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 
 from ..signature import Signature
 from .errors import ModelNotFound, NotReady, NoWorkerNow
@@ -53,6 +54,7 @@ class ServedModel:
         self.name = name
         self.version = version
         self.added = next(_added)
+        self.last_used = time.monotonic()  # its latest request (or since it was added)
         self.pool = None
         self.state = ModelState.LOADING
         self.error = ""

@@ -37,6 +37,7 @@ import sys
 import traceback
 
 from ..ipc import control, endpoints
+from ..modules import PREIMPORTABLE
 from . import main as worker_main
 from .output import HeldBack, Relay, is_quiet
 
@@ -195,7 +196,6 @@ class Zygote:
 # What a prestarted zygote may import before its boot message: the frameworks the zygote
 # it replaces had imported (importing them is most of a zygote's start-up time).
 PREIMPORT_ENV = "WORKERPOOL_ZYGOTE_PREIMPORT"
-PREIMPORTABLE = ("torch", "tensorflow", "keras", "safetensors")
 
 
 def preimport(names: str) -> None:
@@ -225,21 +225,27 @@ def os_thread_count() -> int:
 def main(argv: list[str]) -> int:
     worker_main.ignore_stop_signals()
     ctl = socket.socket(fileno=int(argv[0]))
+    prestarted = argv[1] == "-"
+    return serve_channel(ctl, None if prestarted else int(argv[1]),
+                         os.environ.get(PREIMPORT_ENV, "") if prestarted else "")
+
+
+def serve_channel(ctl: socket.socket, weights_fd: int | None, preimports: str = "") -> int:
+    """Be one pool's zygote over ``ctl``: boot message in, attach, then start and reap
+    workers until told to exit. ``weights_fd`` None: the fds come over ``ctl`` after the
+    boot message (a prestarted zygote, or one forked by a runtime: workers/runtime.py)."""
     # Importing a framework prints before its log level applies: held back, then filtered.
     held = HeldBack("[workerpool zygote] ") if is_quiet() else None
     try:
-        prestarted = argv[1] == "-"
-        if prestarted:  # started before its model existed: import while the parent loads it
-            preimport(os.environ.get(PREIMPORT_ENV, ""))
+        if preimports:  # started before its model existed: import while the parent loads it
+            preimport(preimports)
         boot = control.recv(ctl)
         if boot is None:
             return 0
         sys.path[:] = boot["sys_path"]
         try:
-            if prestarted:
+            if weights_fd is None:
                 weights_fd = receive_fds(ctl, boot)
-            else:
-                weights_fd = int(argv[1])
             zygote = Zygote(ctl, boot, weights_fd)
             zygote.attach_model()
         except BaseException:

@@ -1,0 +1,195 @@
+"""One runtime process per server, whose imports every model's zygote shares.
+
+    Runtime().zygote_channel(skeleton)  ──fork──> a zygote for one pool (workers/runtime.py)
+        returns (ForkedZygote, this side of the zygote's control channel); the Supervisor then
+        boots it exactly as a zygote it spawned itself
+
+Pools given the same ``Runtime`` (``Pool(..., runtime=r)``; ``workerpool serve`` gives all
+its models one) fork their zygotes from one process that has imported the frameworks once:
+N torch models cost one torch runtime, not N. The runtime process starts on first use and
+again if it died (zygotes already forked live on: they are their pools'); closing it reaps
+it (close the pools first).
+"""
+
+from __future__ import annotations
+
+import os
+import pickletools
+import select
+import signal
+import socket
+import subprocess
+import threading
+
+from ..errors import PoolStartError
+from ..ipc import control
+from ..modules import PREIMPORTABLE
+
+# Where a skeleton names workerpool's own adapter, the framework it imports when attached.
+_ADAPTER_FRAMEWORKS = {
+    "workerpool.frameworks.torch": "torch",
+    "workerpool.frameworks.tensorflow": "tensorflow",
+    "workerpool.frameworks.saved_model": "tensorflow",
+}
+
+
+def frameworks_in(skeleton: bytes, known: tuple[str, ...]) -> set[str]:
+    """The frameworks among ``known`` whose classes a model's skeleton names: what its
+    zygote would import to attach it (imported in the runtime instead, once)."""
+    found: set[str] = set()
+    for _, argument, _ in pickletools.genops(skeleton):
+        if not isinstance(argument, str):
+            continue
+        name = argument.split(" ")[0]  # GLOBAL's argument is "module name"
+        top = name.split(".")[0]
+        if top in known:
+            found.add(top)
+        elif name in _ADAPTER_FRAMEWORKS:
+            found.add(_ADAPTER_FRAMEWORKS[name])
+    return found
+
+
+class ForkedZygote:
+    """A zygote the runtime forked: not our child, so watched and signalled through a pidfd
+    (never a pid that could be recycled) and reaped by the runtime. Offers what the
+    Supervisor uses of ``subprocess.Popen``."""
+
+    def __init__(self, pid: int, pidfd: int):
+        self.pid = pid
+        self._pidfd = pidfd
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """None while it runs; once it has exited, -1 (its status went to the runtime)."""
+        if self.returncode is None and self._has_exited(0):
+            self._exited()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not self._has_exited(timeout):
+                raise subprocess.TimeoutExpired("workerpool zygote", timeout)
+            self._exited()
+        return self.returncode
+
+    def _has_exited(self, timeout: float | None) -> bool:
+        # poll(), not select(): a server with many models has descriptors past 1024
+        waiter = select.poll()
+        waiter.register(self._pidfd, select.POLLIN)
+        return bool(waiter.poll(None if timeout is None else int(timeout * 1000)))
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _exited(self) -> None:
+        self.returncode = -1
+        os.close(self._pidfd)
+        self._pidfd = -1
+
+
+class Runtime:
+    """The process that imports the frameworks once and forks every zygote of the pools
+    that share it. Thread-safe: pools of a server start in threads of their own."""
+
+    def __init__(self, start_timeout: float = 300.0):
+        self.start_timeout = start_timeout
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._ctl: socket.socket | None = None
+        self._learned: set[str] = set()  # frameworks zygotes reported importing
+        self.forks = 0
+        self.restarts = 0
+        self.closed = False
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    def learn(self, modules: list[str]) -> None:
+        """Frameworks a zygote imported: the runtime imports them before its next fork."""
+        with self._lock:
+            self._learned.update(modules)
+
+    def zygote_channel(self, skeleton: bytes) -> tuple[ForkedZygote, socket.socket]:
+        """A zygote forked from the runtime, not yet booted, and our end of its channel."""
+        named = frameworks_in(skeleton, PREIMPORTABLE)
+        with self._lock:
+            modules = sorted(named | self._learned)
+            if self.closed:
+                raise PoolStartError("this runtime is closed: no zygote can start from it")
+            for attempt in range(2):  # a runtime that died is started again, once
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    self._ensure_running()
+                    try:
+                        control.send(self._ctl, {"op": "fork", "modules": modules})
+                        control.send_fds(self._ctl, [theirs.fileno()])
+                        self._ctl.settimeout(self.start_timeout)
+                        reply = control.recv(self._ctl)
+                        pidfd = control.recv_fds(self._ctl, 1)[0] \
+                            if reply and reply["op"] == "forked" else None
+                    except (OSError, ConnectionError):
+                        reply = None
+                    finally:
+                        if self._ctl is not None:
+                            self._ctl.settimeout(None)
+                finally:
+                    theirs.close()
+                if reply is not None and reply["op"] == "forked":
+                    self.forks += 1
+                    return ForkedZygote(reply["pid"], pidfd), ours
+                ours.close()
+                if reply is not None:  # it answered: an import failed, say which
+                    raise PoolStartError(f"the runtime could not fork a zygote:\n"
+                                         f"{reply['traceback']}")
+                self._discard()
+            raise PoolStartError("the runtime process died twice while forking a zygote")
+
+    def _ensure_running(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            return
+        if self._process is not None:
+            self._discard()
+            self.restarts += 1
+        from .supervisor import spawn_runtime
+
+        self._process, self._ctl = spawn_runtime()
+
+    def _discard(self) -> None:
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        if self._process is not None:
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Let the runtime go once its zygotes have (close the pools first); kill it past
+        ``timeout``. Always reaps. Idempotent; no pool can start from it afterwards."""
+        with self._lock:
+            self.closed = True
+            if self._ctl is not None:
+                self._ctl.close()
+                self._ctl = None
+            if self._process is not None:
+                try:
+                    self._process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+                self._process = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

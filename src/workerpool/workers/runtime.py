@@ -1,0 +1,145 @@
+"""The runtime: one process per server whose imports every model's zygote shares.
+
+    parent (pool/runtime.py) ──runtime channel──> runtime ──fork──> zygote of model A ──> workers
+                                                         └─fork──> zygote of model B ──> workers
+
+A zygote spawned fresh imports its framework itself: a torch runtime (~90 MiB) per model.
+Forked from this process instead, every zygote (and so every worker) shares one copy of the
+frameworks' pages; each zygote then attaches its own model's weights exactly as a spawned one
+does (workers/zygote.py, over its own channel), so a crash still touches one model.
+
+    parent -> runtime   {"op": "fork", "modules"} + the zygote's channel end (SCM_RIGHTS)
+    runtime -> parent   {"op": "forked", "pid"} + a pidfd of that zygote (SCM_RIGHTS)
+                        | {"op": "fork_error", "traceback"}
+
+``modules``: frameworks to import before forking (only those the zygote may preimport),
+imported once and then frozen out of the cyclic GC, so no child's collection copies them.
+The runtime stays single-threaded and never runs a model op: it only imports and forks.
+It reaps the zygotes it forked; when the parent dies or closes the channel it waits a
+moment for them to leave (each watches the parent and its own channel), kills what is left,
+and exits.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from ..ipc import control
+from ..modules import PREIMPORTABLE
+from . import main as worker_main
+from . import zygote
+from .output import HeldBack, is_quiet
+
+from ..ipc.wire import EXIT_PARENT_GONE
+
+LEAVING_GRACE_S = 10.0  # what zygotes get to finish once the runtime is told to go
+
+
+class Runtime:
+    def __init__(self, ctl: socket.socket, parent_pid: int):
+        self.ctl = ctl
+        self.parent_pidfd = os.pidfd_open(parent_pid)
+        self.zygotes: dict[int, int] = {}  # pidfd -> pid
+
+    def import_frameworks(self, modules: list[str]) -> None:
+        missing = [m for m in modules if m in PREIMPORTABLE and m not in sys.modules]
+        if not missing:
+            return
+        held = HeldBack("[workerpool runtime] ") if is_quiet() else None
+        try:
+            zygote.preimport(",".join(missing))
+        finally:
+            if held is not None:
+                held.release()
+        gc.collect()
+        gc.freeze()
+
+    def fork_zygote(self, channel_fd: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self.ctl.close()
+                os.close(self.parent_pidfd)
+                for pidfd in self.zygotes:
+                    os.close(pidfd)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                code = zygote.serve_channel(socket.socket(fileno=channel_fd), None)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(channel_fd)
+        pidfd = os.pidfd_open(pid)
+        self.zygotes[pidfd] = pid
+        control.send(self.ctl, {"op": "forked", "pid": pid})
+        control.send_fds(self.ctl, [pidfd])
+
+    def reap(self, pidfd: int) -> None:
+        pid = self.zygotes.pop(pidfd)
+        os.close(pidfd)
+        os.waitpid(pid, 0)
+
+    def run(self) -> int:
+        while True:
+            # poll(), not select(): a runtime of many models holds descriptors past 1024
+            waiter = select.poll()
+            for fd in (self.ctl.fileno(), self.parent_pidfd, *self.zygotes):
+                waiter.register(fd, select.POLLIN)
+            for fd, _ in waiter.poll():
+                if fd == self.ctl.fileno():
+                    message = control.recv(self.ctl)
+                    if message is None:
+                        self.leave(LEAVING_GRACE_S)
+                        return 0
+                    self.handle(message)
+                elif fd == self.parent_pidfd:
+                    self.leave(LEAVING_GRACE_S)
+                    return EXIT_PARENT_GONE
+                elif fd in self.zygotes:
+                    self.reap(fd)
+
+    def handle(self, message: dict) -> None:
+        if message["op"] != "fork":
+            return
+        channel_fd = control.recv_fds(self.ctl, 1)[0]
+        try:
+            self.import_frameworks(message.get("modules", []))
+            self.fork_zygote(channel_fd)
+        except Exception:
+            control.send(self.ctl, {"op": "fork_error", "traceback": traceback.format_exc()})
+
+    def leave(self, grace: float) -> None:
+        """Reap every zygote: those still there after ``grace`` seconds are killed."""
+        remaining = dict(self.zygotes)
+        deadline = time.monotonic() + grace
+        while remaining and time.monotonic() < deadline:
+            waiter = select.poll()
+            for pidfd in remaining:
+                waiter.register(pidfd, select.POLLIN)
+            for pidfd, _ in waiter.poll(int(1000 * max(0.0, deadline - time.monotonic()))):
+                remaining.pop(pidfd)
+                self.reap(pidfd)
+        for pidfd in list(self.zygotes):
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.reap(pidfd)
+
+
+def main(argv: list[str]) -> int:
+    worker_main.ignore_stop_signals()
+    ctl = socket.socket(fileno=int(argv[0]))
+    return Runtime(ctl, int(argv[1])).run()
+
+
+if __name__ == "__main__":
+    os._exit(main(sys.argv[1:]))
