@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/memory.py
 	$(PY) bench/load_in.py
 	$(PY) bench/server_memory.py
+	$(PY) bench/many_models.py
 	$(PY) bench/attach.py
 	$(PY) bench/throughput.py
 	$(PY) bench/load_peak.py

@@ -41,9 +41,10 @@ HERE = pathlib.Path(__file__).resolve().parent
 MODELS = {"torch_mlp": "server_models:torch_mlp", "keras_mlp": "server_models:keras_mlp"}
 
 
-def start_server(config: pathlib.Path, load_in: str, workers: int) -> tuple:
+def start_server(config: pathlib.Path, load_in: str, workers: int,
+                 extra: list[str] = ()) -> tuple:
     command = [sys.executable, "-m", "workerpool", "serve", "--config", str(config),
-               "--port", "0", "--workers", str(workers), "--load-in", load_in]
+               "--port", "0", "--workers", str(workers), "--load-in", load_in, *extra]
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
     line = process.stdout.readline()

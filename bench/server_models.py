@@ -46,3 +46,13 @@ def reference(x: np.ndarray) -> dict[str, np.ndarray]:
     with torch.inference_mode():
         torch_out = torch_mlp()(torch.from_numpy(x)).numpy()
     return {"torch_mlp": torch_out, "keras_mlp": np.asarray(keras_mlp()(x, training=False))}
+
+
+def torch_mlp_counted():
+    """``torch_mlp``, noting each call in $WORKERPOOL_BENCH_LOADS: bench/many_models.py
+    checks that waking a model from zero workers never loads it again."""
+    path = os.environ.get("WORKERPOOL_BENCH_LOADS")
+    if path:
+        with open(path, "a") as loads:
+            loads.write(f"{os.getpid()}\n")
+    return torch_mlp()
