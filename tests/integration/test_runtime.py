@@ -140,3 +140,23 @@ def test_sigkill_of_the_parent_takes_the_runtime_zygotes_and_workers_with_it(tmp
     assert wait_until(lambda: not any(is_running(pid) for pid in processes), timeout=5.0), \
         "processes outlived their parent by more than 5 s"
     assert wait_until(lambda: not any(os.path.exists(d) for d in info["dirs"]), timeout=2.0)
+
+
+def failing_load():
+    raise ValueError("no such checkpoint")
+
+
+def test_loaders_fork_from_the_runtime_too_and_a_failing_load_keeps_its_type():
+    x = torch.randn(2, 32)
+    with wp.Runtime() as runtime:
+        for seed in (1, 2):
+            with wp.Pool(model(seed), modelzoo.torch_predict, workers=1, runtime=runtime,
+                         load_in="loader") as pool:
+                assert torch.equal(pool.submit(x).result(timeout=30), expected(seed, x))
+                assert pool.stats(memory_usage=False)["weights_source"]
+        assert runtime.forks == 4  # a loader and a zygote each
+        with pytest.raises(ValueError,
+                           match="no such checkpoint"):
+            wp.Pool(failing_load, modelzoo.torch_predict, workers=1, runtime=runtime,
+                    load_in="loader")
+        assert runtime.forks == 5  # the loader; no zygote was started

@@ -55,7 +55,7 @@ class Generation:
         self.private_dir = private_dir = endpoints.make_private_dir()
         try:
             self.published, self.weights_source = load_and_publish(load, predict, config,
-                                                                   private_dir)
+                                                                   private_dir, runtime)
         except BaseException:
             endpoints.remove_private_dir(private_dir)
             if prestarted is not None:

@@ -27,29 +27,34 @@ from ..publishing import PublishedModel, publish, weights_source
 from .supervisor import spawn_with_channel
 
 
-def load_and_publish(load, predict, config: PoolConfig,
-                     private_dir: str) -> tuple[PublishedModel, str]:
-    """Run ``load()`` where ``config.load_in`` says and publish ``(model, predict)``.
+def load_and_publish(load, predict, config: PoolConfig, private_dir: str,
+                     runtime=None) -> tuple[PublishedModel, str]:
+    """Run ``load()`` where ``config.load_in`` says and publish ``(model, predict)``; a
+    loader is forked from ``runtime`` (pool/runtime.py) when there is one, so it imports
+    no framework the runtime has.
 
     Returns the PublishedModel (this process owns its fds) and where the workers' weights
     live, in words for stats()."""
     options = {"tf_engine": config.tf_engine, "private_dir": private_dir}
     if config.load_in == "loader":
-        return _in_loader(load, predict, config, options)
+        return _in_loader(load, predict, config, options, runtime)
     model = load()
     published = publish(model, predict, use_files=not config.preload, options=options)
     return published, weights_source(model, config.start_method, published)
 
 
-def _in_loader(load, predict, config: PoolConfig, options: dict):
+def _in_loader(load, predict, config: PoolConfig, options: dict, runtime=None):
     try:
         call = cloudpickle.dumps((load, predict))
     except Exception as exc:
         raise PoolStartError(
             f"load_in='loader' sends load and predict to a loader process, and they do not "
             f"pickle: {exc}. Define them at module level, or use load_in='parent'") from exc
-    loader, parent_end = spawn_with_channel("workerpool.workers.loader", [str(os.getpid())],
-                                            stdin=subprocess.DEVNULL)
+    if runtime is not None:
+        loader, parent_end = runtime.loader_channel()
+    else:
+        loader, parent_end = spawn_with_channel("workerpool.workers.loader",
+                                                [str(os.getpid())], stdin=subprocess.DEVNULL)
     published = None
     try:
         control.send(parent_end, {"op": "load", "call": call, "sys_path": list(sys.path),
@@ -78,6 +83,8 @@ def _in_loader(load, predict, config: PoolConfig, options: dict):
             loader.wait()
 
 
-def _ended(loader: subprocess.Popen) -> str:
+def _ended(loader) -> str:
     status = loader.wait()
+    if not getattr(loader, "status_known", True):  # forked by a runtime, which reaped it
+        return "ended"
     return f"was killed by signal {-status}" if status < 0 else f"exited with code {status}"

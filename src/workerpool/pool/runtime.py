@@ -1,8 +1,10 @@
 """One runtime process per server, whose imports every model's zygote shares.
 
     Runtime().zygote_channel(skeleton)  ──fork──> a zygote for one pool (workers/runtime.py)
-        returns (ForkedZygote, this side of the zygote's control channel); the Supervisor then
+        returns (Forked, this side of the zygote's control channel); the Supervisor then
         boots it exactly as a zygote it spawned itself
+    Runtime().loader_channel()  ──fork──> a loader (load_in="loader"), which then loads and
+        publishes as a spawned one does, minus the framework import
 
 Pools given the same ``Runtime`` (``Pool(..., runtime=r)``; ``workerpool serve`` gives all
 its models one) fork their zygotes from one process that has imported the frameworks once:
@@ -49,10 +51,13 @@ def frameworks_in(skeleton: bytes, known: tuple[str, ...]) -> set[str]:
     return found
 
 
-class ForkedZygote:
-    """A zygote the runtime forked: not our child, so watched and signalled through a pidfd
-    (never a pid that could be recycled) and reaped by the runtime. Offers what the
-    Supervisor uses of ``subprocess.Popen``."""
+class Forked:
+    """A zygote or loader the runtime forked: not our child, so watched and signalled
+    through a pidfd (never a pid that could be recycled) and reaped by the runtime. Offers
+    what the Supervisor and the loading code use of ``subprocess.Popen``; its exit status
+    went to the runtime (``status_known`` False; ``returncode`` -1 once it has exited)."""
+
+    status_known = False
 
     def __init__(self, pid: int, pidfd: int):
         self.pid = pid
@@ -115,9 +120,17 @@ class Runtime:
         with self._lock:
             self._learned.update(modules)
 
-    def zygote_channel(self, skeleton: bytes) -> tuple[ForkedZygote, socket.socket]:
+    def zygote_channel(self, skeleton: bytes) -> tuple["Forked", socket.socket]:
         """A zygote forked from the runtime, not yet booted, and our end of its channel."""
-        named = frameworks_in(skeleton, PREIMPORTABLE)
+        return self._fork("zygote", frameworks_in(skeleton, PREIMPORTABLE))
+
+    def loader_channel(self) -> tuple["Forked", socket.socket]:
+        """A loader forked from the runtime (workers/loader.py), waiting for its request,
+        and our end of its channel: load() runs there without importing the frameworks
+        the runtime has."""
+        return self._fork("loader", set())
+
+    def _fork(self, role: str, named: set[str]) -> tuple["Forked", socket.socket]:
         with self._lock:
             modules = sorted(named | self._learned)
             if self.closed:
@@ -127,7 +140,8 @@ class Runtime:
                 try:
                     self._ensure_running()
                     try:
-                        control.send(self._ctl, {"op": "fork", "modules": modules})
+                        control.send(self._ctl, {"op": "fork", "modules": modules,
+                                                 "as": role})
                         control.send_fds(self._ctl, [theirs.fileno()])
                         self._ctl.settimeout(self.start_timeout)
                         reply = control.recv(self._ctl)
@@ -142,13 +156,13 @@ class Runtime:
                     theirs.close()
                 if reply is not None and reply["op"] == "forked":
                     self.forks += 1
-                    return ForkedZygote(reply["pid"], pidfd), ours
+                    return Forked(reply["pid"], pidfd), ours
                 ours.close()
                 if reply is not None:  # it answered: an import failed, say which
-                    raise PoolStartError(f"the runtime could not fork a zygote:\n"
+                    raise PoolStartError(f"the runtime could not fork a {role}:\n"
                                          f"{reply['traceback']}")
                 self._discard()
-            raise PoolStartError("the runtime process died twice while forking a zygote")
+            raise PoolStartError(f"the runtime process died twice while forking a {role}")
 
     def _ensure_running(self) -> None:
         if self._process is not None and self._process.poll() is None:

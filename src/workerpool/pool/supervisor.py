@@ -77,7 +77,7 @@ class Supervisor:
         finally:
             parent_end.settimeout(None)
         if reply is None or reply["op"] != "booted":
-            detail = reply["traceback"] if reply else _died_before_attaching(self.zygote.wait())
+            detail = reply["traceback"] if reply else _died_before_attaching(self.zygote)
             self.stop_zygote()
             raise PoolStartError(f"the worker zygote could not attach the model:\n{detail}")
         self.zygote_threads = reply["threads"]
@@ -197,8 +197,9 @@ def spawn_runtime() -> tuple[subprocess.Popen, socket.socket]:
                               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def _died_before_attaching(status: int) -> str:
-    if status == -1:  # forked by the runtime, which reaped it: a pidfd tells no status
+def _died_before_attaching(zygote) -> str:
+    status = zygote.wait()
+    if not getattr(zygote, "status_known", True):  # forked by a runtime, which reaped it
         return "the zygote died before attaching (a crash in native code?)"
     return f"the zygote exited with status {status} before attaching"
 

@@ -53,9 +53,14 @@ def run_load(request: dict):
 
 
 def main(argv: list[str]) -> int:
+    return serve_channel(socket.socket(fileno=int(argv[0])), int(argv[1]))
+
+
+def serve_channel(sock: socket.socket, parent_pid: int) -> int:
+    """Take one load request on ``sock``, load and publish, hand the result back. Also
+    run in a child the runtime forked (workers/runtime.py), whose frameworks are imported."""
     private_dir: list[str] = []
-    start_lifeline(int(argv[1]), private_dir)
-    sock = socket.socket(fileno=int(argv[0]))
+    start_lifeline(parent_pid, private_dir)
     request = control.recv(sock)
     if request is None:  # the pool's process gave up on us
         return 0

@@ -8,9 +8,14 @@ Forked from this process instead, every zygote (and so every worker) shares one 
 frameworks' pages; each zygote then attaches its own model's weights exactly as a spawned one
 does (workers/zygote.py, over its own channel), so a crash still touches one model.
 
-    parent -> runtime   {"op": "fork", "modules"} + the zygote's channel end (SCM_RIGHTS)
-    runtime -> parent   {"op": "forked", "pid"} + a pidfd of that zygote (SCM_RIGHTS)
+    parent -> runtime   {"op": "fork", "modules", "as": "zygote" | "loader"}
+                        + the child's channel end (SCM_RIGHTS)
+    runtime -> parent   {"op": "forked", "pid"} + a pidfd of that child (SCM_RIGHTS)
                         | {"op": "fork_error", "traceback"}
+
+A loader forked here (``load_in="loader"``, workers/loader.py) runs ``load()`` without
+importing its framework again: a server's second model loads in a fraction of the first's
+time. It is a child like a zygote: forked, watched, reaped, gone once it has published.
 
 ``modules``: frameworks to import before forking (only those the zygote may preimport),
 imported once and then frozen out of the cyclic GC, so no child's collection copies them.
@@ -33,8 +38,8 @@ import traceback
 
 from ..ipc import control
 from ..modules import PREIMPORTABLE
+from . import loader, zygote
 from . import main as worker_main
-from . import zygote
 from .output import HeldBack, is_quiet
 
 from ..ipc.wire import EXIT_PARENT_GONE
@@ -45,8 +50,9 @@ LEAVING_GRACE_S = 10.0  # what zygotes get to finish once the runtime is told to
 class Runtime:
     def __init__(self, ctl: socket.socket, parent_pid: int):
         self.ctl = ctl
+        self.parent_pid = parent_pid
         self.parent_pidfd = os.pidfd_open(parent_pid)
-        self.zygotes: dict[int, int] = {}  # pidfd -> pid
+        self.zygotes: dict[int, int] = {}  # pidfd -> pid, of every child (loaders too)
 
     def import_frameworks(self, modules: list[str]) -> None:
         missing = [m for m in modules if m in PREIMPORTABLE and m not in sys.modules]
@@ -61,7 +67,8 @@ class Runtime:
         gc.collect()
         gc.freeze()
 
-    def fork_zygote(self, channel_fd: int) -> None:
+    def fork_child(self, channel_fd: int, role: str) -> None:
+        """A zygote or a loader (``role``) over ``channel_fd``; its pid and a pidfd back."""
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -71,10 +78,19 @@ class Runtime:
                 for pidfd in self.zygotes:
                     os.close(pidfd)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                code = zygote.serve_channel(socket.socket(fileno=channel_fd), None)
+                channel = socket.socket(fileno=channel_fd)
+                if role == "loader":
+                    code = loader.serve_channel(channel, self.parent_pid)
+                else:
+                    code = zygote.serve_channel(channel, None)
             except BaseException:
                 traceback.print_exc()
             finally:
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:  # noqa: BLE001 - exiting regardless
+                        pass
                 os._exit(code)
         os.close(channel_fd)
         pidfd = os.pidfd_open(pid)
@@ -112,7 +128,7 @@ class Runtime:
         channel_fd = control.recv_fds(self.ctl, 1)[0]
         try:
             self.import_frameworks(message.get("modules", []))
-            self.fork_zygote(channel_fd)
+            self.fork_child(channel_fd, message.get("as", "zygote"))
         except Exception:
             control.send(self.ctl, {"op": "fork_error", "traceback": traceback.format_exc()})
 
