@@ -8,6 +8,7 @@ answers the futures would get.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from concurrent.futures import Future
@@ -602,14 +603,16 @@ def test_a_worker_that_dies_while_the_pool_grows_loses_nothing():
 def test_resize_starts_what_is_missing_and_stops_idle_workers_before_busy_ones():
     harness = Harness(workers=2)
     harness.ready_all()
-    harness.take(harness.scheduler.resize(4, 4, None, harness.now))
+    harness.take(harness.scheduler.resize(
+        dataclasses.replace(harness.config, workers=4, min_workers=4), harness.now))
     assert len(harness.of(StartWorker)) == 4
     harness.ready_all()
     requests = [harness.submit(), harness.submit()]
     harness.tick()
     busy = [w for w in harness.workers() if w.inflight]
     assert len(busy) == 2
-    harness.take(harness.scheduler.resize(1, 1, None, harness.now))
+    harness.take(harness.scheduler.resize(
+        dataclasses.replace(harness.config, workers=1, min_workers=1), harness.now))
     stopped = [a.worker for a in harness.of(Stop)]
     assert len(stopped) == 2 and not set(stopped) & set(busy)  # the idle ones first
     retiring = harness.workers(WorkerState.RETIRING)

@@ -404,7 +404,8 @@ class Pool:
             dispatcher = self._generation.dispatcher
 
             def release():
-                stopped, actions = dispatcher.scheduler.release_idle(time.monotonic())
+                stopped, actions = dispatcher.scheduler.release_idle(self.config,
+                                                                     time.monotonic())
                 dispatcher.carry_out(actions)
                 return stopped
 
@@ -429,7 +430,7 @@ class Pool:
             self.config = config
             dispatcher = self._generation.dispatcher
             dispatcher.call(lambda: dispatcher.carry_out(dispatcher.scheduler.resize(
-                config.workers, config.min_workers, config.idle_timeout, time.monotonic())))
+                config, time.monotonic())))
 
     @property
     def pids(self) -> list[int]:

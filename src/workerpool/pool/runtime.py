@@ -174,13 +174,15 @@ class Runtime:
 
         self._process, self._ctl = spawn_runtime()
 
-    def _discard(self) -> None:
+    def _discard(self, timeout: float = 5.0) -> None:
+        """Close our channel (the runtime leaves once its children have) and reap it,
+        killed past ``timeout``."""
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
         if self._process is not None:
             try:
-                self._process.wait(5)
+                self._process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
@@ -191,16 +193,7 @@ class Runtime:
         ``timeout``. Always reaps. Idempotent; no pool can start from it afterwards."""
         with self._lock:
             self.closed = True
-            if self._ctl is not None:
-                self._ctl.close()
-                self._ctl = None
-            if self._process is not None:
-                try:
-                    self._process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self._process.kill()
-                    self._process.wait()
-                self._process = None
+            self._discard(timeout)
 
     def __enter__(self) -> "Runtime":
         return self

@@ -33,7 +33,7 @@ import time
 from concurrent.futures import Future
 from typing import Callable, NamedTuple
 
-from ..config import DEFAULT_IDLE_TIMEOUT, PoolConfig
+from ..config import PoolConfig
 from ..errors import PoolBroken, PoolClosed, PoolStartError, ProtocolError, TaskTimeout, \
     WorkerCrashed
 from ..ipc import wire
@@ -42,7 +42,7 @@ from .batching import Batcher
 from .metrics import Metrics
 from .scheduling import (ABORTED_STATES, CALL_SAMPLES, AfterBootFailure, Fate, Overdue, Task,
                          WorkerSlot, WorkerState, after_boot_failure, chunk_size, fate,
-                         overdue, pick_worker, still_running)
+                         overdue, pick_worker, ready_credit, still_running)
 from .supervisor import describe_exit
 
 log = logging.getLogger("workerpool")
@@ -155,11 +155,11 @@ class Scheduler:
         self.workers: dict[int, WorkerSlot] = {}  # worker id -> slot
         self.by_identity: dict[bytes, WorkerSlot] = {}
         self.worker_ids = itertools.count(1)
-        # How many workers: a fixed pool keeps max_workers; an elastic one (min below max)
-        # grows while requests wait and shrinks after idle_timeout. resize() moves both.
-        self.max_workers = config.workers
-        self.min_workers = config.min_workers
-        self.idle_timeout = config.idle_timeout
+        # How many workers (its workers, min_workers and idle_timeout): a fixed pool keeps
+        # `workers`; an elastic one grows while requests wait and shrinks after
+        # idle_timeout. resize() and release_idle() replace it; the rest of `config` stays.
+        self.size = config
+        self.idle_checking = False  # check_idle's timer is set
         self.boot_failures = 0  # in a row: workers that failed by themselves before READY
         self.start_deaths = 0  # in a row: workers that died before READY, for any reason
         self.timers: list[tuple[float, int, Callable[[float], None]]] = []
@@ -189,20 +189,23 @@ class Scheduler:
     # -- life of the pool ----------------------------------------------------------------
     def start(self, now: float) -> list:
         """The first workers, and the liveness check's (and idle check's) first round."""
-        for _ in range(self.config.first_workers):
+        for _ in range(self.size.first_workers):
             self.start_worker(now)
         self.call_later(now, self.config.heartbeat_interval, self.check_liveness)
-        if self.config.elastic:
-            self.call_later(now, self.idle_check_period, self.check_idle)
+        self.check_idle_soon(now)
         return self._take_actions()
 
     @property
-    def elastic(self) -> bool:
-        return self.min_workers < self.max_workers
+    def max_workers(self) -> int:
+        return self.size.workers
 
     @property
-    def idle_check_period(self) -> float:
-        return min(self.idle_timeout / 4, 1.0)
+    def min_workers(self) -> int:
+        return self.size.min_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.size.elastic
 
     def submit(self, request: Request) -> list:
         """A request posted by a caller (already counted in ``queue_gauge``)."""
@@ -529,8 +532,7 @@ class Scheduler:
         an elastic pool has requests waiting)."""
         self.zygote_up = True
         self.counters["zygote_restarts"] += 1
-        first = max(self.min_workers, 1) if self.elastic else self.max_workers
-        for _ in range(first - len(self.live_workers())):
+        for _ in range(self.size.first_workers - len(self.live_workers())):
             self.start_worker(now)
         return self._take_actions()
 
@@ -668,26 +670,31 @@ class Scheduler:
             return
         live = self.live_workers()
         per_worker = self.config.credits_per_worker
-        credit = sum(w.credits for w in live if w.state == WorkerState.READY
-                     and not w.isolating) + \
+        credit = ready_credit(live) + \
             per_worker * sum(w.state == WorkerState.STARTING for w in live)
         waiting = len(self.pending) + len(self.retries)
         for _ in range(min(self.max_workers - len(live), -(-(waiting - credit) // per_worker))):
             self.counters["scaled_up"] += 1
             self.start_worker(now)
 
+    def check_idle_soon(self, now: float) -> None:
+        """Set check_idle's timer, once, while the pool is elastic."""
+        if self.elastic and not self.idle_checking:
+            self.idle_checking = True
+            self.call_later(now, min(self.size.idle_timeout / 4, 1.0), self.check_idle)
+
     def check_idle(self, now: float) -> None:
         """Stop workers idle for idle_timeout, the longest idle first, down to min_workers;
-        enough of them stay for the requests waiting now."""
+        enough of them stay for the requests waiting now. Again soon, while elastic."""
+        self.idle_checking = False
         if self.elastic and not self.closing:
             live = self.live_workers()
             idle = sorted((w for w in live if w.state == WorkerState.READY and not w.inflight
                            and not w.isolating
-                           and now - w.idle_since >= self.idle_timeout),
+                           and now - w.idle_since >= self.size.idle_timeout),
                           key=lambda w: w.idle_since)
             waiting = len(self.pending) + len(self.retries)
-            credit = sum(w.credits for w in live if w.state == WorkerState.READY
-                         and not w.isolating)
+            credit = ready_credit(live)
             for worker in idle[:max(0, len(live) - self.min_workers)]:
                 if credit - worker.credits < waiting:
                     break
@@ -696,19 +703,14 @@ class Scheduler:
                          worker.worker_id, worker.pid, now - worker.idle_since)
                 self.counters["scaled_down"] += 1
                 self.stop_worker(worker)
-        self.call_later(now, self.idle_check_period, self.check_idle)
+        self.check_idle_soon(now)
 
-    def release_idle(self, now: float) -> tuple[list[int], list]:
+    def release_idle(self, size: PoolConfig, now: float) -> tuple[list[int], list]:
         """Stop every worker holding no work, min_workers or not (a server past its memory
-        budget), and from now on keep none unless requests need one: the pool turns
-        elastic down to zero, and the next request wakes a worker. Returns the pids
-        stopped and the actions."""
-        was_elastic = self.elastic
-        self.min_workers = 0
-        if self.idle_timeout is None:
-            self.idle_timeout = DEFAULT_IDLE_TIMEOUT
-        if not was_elastic:
-            self.call_later(now, self.idle_check_period, self.check_idle)
+        budget), and from now on keep ``size`` (elastic down to zero: the next request
+        wakes a worker). Returns the pids stopped and the actions."""
+        self.size = size
+        self.check_idle_soon(now)
         stopped = []
         if not self.closing:
             for worker in self.live_workers():
@@ -719,16 +721,12 @@ class Scheduler:
                     stopped.append(worker.pid)
         return stopped, self._take_actions()
 
-    def resize(self, workers: int, min_workers: int, idle_timeout: float | None,
-               now: float) -> list:
-        """Serve with at most ``workers`` and at least ``min_workers`` from now on: starts
-        what is missing; past the new most, stops idle workers first, then those still
-        starting, and lets busy ones finish what they hold (nothing is lost)."""
-        was_elastic = self.elastic
-        self.max_workers, self.min_workers = workers, min_workers
-        self.idle_timeout = idle_timeout
-        if self.elastic and not was_elastic:
-            self.call_later(now, self.idle_check_period, self.check_idle)
+    def resize(self, size: PoolConfig, now: float) -> list:
+        """Serve with ``size`` (at most its ``workers``, at least its ``min_workers``) from
+        now on: starts what is missing; past the new most, stops idle workers first, then
+        those still starting, and lets busy ones finish what they hold (nothing is lost)."""
+        self.size = size
+        self.check_idle_soon(now)
         live = self.live_workers()
         for _ in range(self.min_workers - len(live)):
             self.start_worker(now)

@@ -142,14 +142,19 @@ def pick_worker(workers: Iterable[WorkerSlot], idle: bool,
     return best
 
 
+def ready_credit(workers: Iterable[WorkerSlot]) -> int:
+    """Tasks the ready workers can take now (one running a retry alone takes none)."""
+    return sum(w.credits for w in workers
+               if w.state == WorkerState.READY and not w.isolating and w.credits > 0)
+
+
 def chunk_size(workers: Iterable[WorkerSlot], queued: int, worker: WorkerSlot,
                call_s: float | None = None) -> int:
     """Calls per TASK for ``worker``: one while workers have credit for all ``queued``;
     under a backlog, the queue shared out over that credit, at most MAX_CHUNK, at most
     CHUNK_BUDGET_S of calls taking ``call_s`` each (the typical call's compute seconds;
     None while none has been timed), and never past the worker's share before it retires."""
-    credit = sum(w.credits for w in workers
-                 if w.state == WorkerState.READY and not w.isolating and w.credits > 0)
+    credit = ready_credit(workers)
     if queued <= credit:
         return 1
     chunk = min(MAX_CHUNK, -(-queued // max(credit, 1)))

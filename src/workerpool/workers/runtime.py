@@ -52,7 +52,7 @@ class Runtime:
         self.ctl = ctl
         self.parent_pid = parent_pid
         self.parent_pidfd = os.pidfd_open(parent_pid)
-        self.zygotes: dict[int, int] = {}  # pidfd -> pid, of every child (loaders too)
+        self.children: dict[int, int] = {}  # pidfd -> pid: the zygotes and loaders forked
 
     def import_frameworks(self, modules: list[str]) -> None:
         missing = [m for m in modules if m in PREIMPORTABLE and m not in sys.modules]
@@ -75,7 +75,7 @@ class Runtime:
             try:
                 self.ctl.close()
                 os.close(self.parent_pidfd)
-                for pidfd in self.zygotes:
+                for pidfd in self.children:
                     os.close(pidfd)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 channel = socket.socket(fileno=channel_fd)
@@ -94,12 +94,12 @@ class Runtime:
                 os._exit(code)
         os.close(channel_fd)
         pidfd = os.pidfd_open(pid)
-        self.zygotes[pidfd] = pid
+        self.children[pidfd] = pid
         control.send(self.ctl, {"op": "forked", "pid": pid})
         control.send_fds(self.ctl, [pidfd])
 
     def reap(self, pidfd: int) -> None:
-        pid = self.zygotes.pop(pidfd)
+        pid = self.children.pop(pidfd)
         os.close(pidfd)
         os.waitpid(pid, 0)
 
@@ -107,7 +107,7 @@ class Runtime:
         while True:
             # poll(), not select(): a runtime of many models holds descriptors past 1024
             waiter = select.poll()
-            for fd in (self.ctl.fileno(), self.parent_pidfd, *self.zygotes):
+            for fd in (self.ctl.fileno(), self.parent_pidfd, *self.children):
                 waiter.register(fd, select.POLLIN)
             for fd, _ in waiter.poll():
                 if fd == self.ctl.fileno():
@@ -119,7 +119,7 @@ class Runtime:
                 elif fd == self.parent_pidfd:
                     self.leave(LEAVING_GRACE_S)
                     return EXIT_PARENT_GONE
-                elif fd in self.zygotes:
+                elif fd in self.children:
                     self.reap(fd)
 
     def handle(self, message: dict) -> None:
@@ -133,8 +133,8 @@ class Runtime:
             control.send(self.ctl, {"op": "fork_error", "traceback": traceback.format_exc()})
 
     def leave(self, grace: float) -> None:
-        """Reap every zygote: those still there after ``grace`` seconds are killed."""
-        remaining = dict(self.zygotes)
+        """Reap every child: those still there after ``grace`` seconds are killed."""
+        remaining = dict(self.children)
         deadline = time.monotonic() + grace
         while remaining and time.monotonic() < deadline:
             waiter = select.poll()
@@ -143,7 +143,7 @@ class Runtime:
             for pidfd, _ in waiter.poll(int(1000 * max(0.0, deadline - time.monotonic()))):
                 remaining.pop(pidfd)
                 self.reap(pidfd)
-        for pidfd in list(self.zygotes):
+        for pidfd in list(self.children):
             try:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except ProcessLookupError:
