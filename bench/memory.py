@@ -1,6 +1,7 @@
 """Memory of N workers serving one fp32 MLP: workerpool vs each worker loading its own copy.
 
-For each model size and worker count N, after every worker has run at least one forward pass:
+For each model size and worker count N, after every worker has run at least one forward pass
+(workerpool's measured once its workers are idle, 0.5 s later):
 - workerpool: ``Pool(load, predict, workers=N)`` (zygote start method), created in a fresh
   interpreter that imported only numpy and workerpool (the input is a numpy array), once
   with ``load_in="parent"`` (load() runs there: it imports torch) and once with
@@ -141,6 +142,10 @@ def pool_child(size: int, n: int, load_in: str) -> None:
         else:
             raise RuntimeError(f"some worker never served a request: {stats['workers']}")
         ready_s = time.perf_counter() - start
+        # Measured idle, as a server between bursts is: a worker idle for 0.2 s has handed
+        # back the heap its requests freed (workers/main.py); busy, it holds its activations.
+        time.sleep(0.5)
+        stats = pool.stats()
         imported_torch = "torch" in sys.modules
     method = "workerpool" if load_in == "parent" else f"workerpool, load_in={load_in}"
     print(json.dumps(row(size, n, method, ready_s, total=stats["total_pss"],

@@ -59,6 +59,19 @@ def torch_predict(model, x):
     return model(x)
 
 
+_PINNED: list = []
+
+
+def heap_churn(model, mib: int) -> int:
+    """Allocate ``mib`` MiB of heap in 64 KiB blocks (under glibc's mmap threshold) and free
+    all but the last, which stays alive: the freed blocks sit below it, where glibc's own
+    trim of the heap's top cannot reach them. Answers how many blocks it freed."""
+    blocks = [bytearray(64 * 1024) for _ in range(16 * mib)]
+    if blocks:
+        _PINNED.append(blocks.pop())
+    return len(blocks)
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Reference outputs are computed with the workers' thread count."""

@@ -3,6 +3,8 @@ only their small private overhead."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -41,6 +43,26 @@ def test_four_workers_cost_little_more_than_one():
     added = totals[4] - totals[1]
     # Copies would add >= 3 x 64 MiB; three extra workers must add less than 3 x 40 MiB.
     assert added < 3 * 40 * MIB, f"4 workers cost {added / MIB:.0f} MiB more than 1"
+
+
+def test_an_idle_worker_gives_back_the_heap_its_requests_freed():
+    """A worker keeps its model, not its last request's garbage: glibc would hold on to the
+    freed blocks under a live one for good; the worker trims them once idle."""
+    def uss_once_idle(pool, at_most=None):
+        deadline = time.monotonic() + 30
+        while True:
+            time.sleep(0.3)
+            uss = pool.stats()["workers"][0]["uss"]
+            if at_most is None or uss <= at_most or time.monotonic() > deadline:
+                return uss
+
+    with wp.Pool(modelzoo.numpy_model, modelzoo.heap_churn, workers=1) as pool:
+        assert pool.submit(1).result() == 15
+        before = uss_once_idle(pool)
+        assert pool.submit(96).result() == 16 * 96 - 1  # 96 MiB allocated, then freed
+        after = uss_once_idle(pool, at_most=before + 16 * MIB)
+    assert after <= before + 16 * MIB, \
+        f"an idle worker still holds {(after - before) / MIB:.0f} MiB of freed heap"
 
 
 @pytest.mark.parametrize("start_method", ["zygote", "spawn"])

@@ -14,7 +14,6 @@ copy-on-write mapping of it, so its private copy is freed as soon as nothing els
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import io
@@ -23,7 +22,7 @@ import pickle
 
 import cloudpickle
 
-from .. import frameworks, memfd
+from .. import frameworks, malloc, memfd
 from ..errors import PoolStartError, WorkerpoolError
 from ..sources import files
 from . import filemaps
@@ -256,10 +255,7 @@ def return_freed_memory() -> None:
     the weights) back to the OS: glibc keeps it otherwise (measured: +131 MiB retained in
     the parent after freezing a 64 MiB Keras model, 5 MiB after this)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
+    malloc.return_free_heap()
 
 
 def weights_source(model, start_method: str, published: PublishedModel) -> str:

@@ -163,15 +163,10 @@ def limit_malloc_arenas() -> None:
     arena of its own (up to 8 per core), and every model's pool brings three threads (its
     dispatcher, ZeroMQ's I/O thread and reaper): measured, 16 pools cost 68 MiB of USS here
     with the default and none with two arenas. Called before those threads exist."""
-    import ctypes
-
+    from .. import malloc
     from ..config import usable_cores
 
-    m_arena_max = -8
-    try:
-        ctypes.CDLL(None).mallopt(m_arena_max, max(2, usable_cores()))
-    except (AttributeError, OSError):
-        pass  # not glibc: its allocator has no such setting
+    malloc.limit_arenas(max(2, usable_cores()))
 
 
 def missing_extra(settings: ServerSettings) -> str | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from .. import errors
+from .. import errors, malloc
 from ..config import usable_cores
 from ..errors import ConfigError
 from ..pool.pool import Pool
@@ -81,6 +82,11 @@ class Model(ServedModel):
             return
         self.pool = pool
         self._describe()
+        # What loading freed here (the loader's messages, unpickled skeletons, their
+        # cycles) goes back to the OS: glibc would keep it (measured, 8 torch models left
+        # a server 22 MiB bigger than with this).
+        gc.collect()
+        malloc.return_free_heap()
         self.load_seconds = time.monotonic() - started
         if self.state == ModelState.LOADING:
             self.become(ModelState.LOADED)

@@ -1,0 +1,39 @@
+"""glibc's allocator, told what a long-lived process of ours needs (no-ops elsewhere).
+
+glibc keeps what a process frees for later (the heap is trimmed only at its top, and a
+freed large block raises the threshold under which the next ones come from the heap), and
+gives each new thread an arena of its own, up to eight per core. A worker that ran a
+forward pass keeps its activations' worth of heap; one with a ZeroMQ I/O thread keeps a
+second arena for message buffers. Both settings below are measured in their callers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def limit_arenas(count: int) -> None:
+    """At most ``count`` malloc arenas in this process; call it before its threads exist."""
+    libc = _libc()
+    try:
+        libc.mallopt(M_ARENA_MAX, max(1, count))
+    except AttributeError:
+        pass  # not glibc: its allocator has no such setting
+
+
+def return_free_heap() -> None:
+    """Give the pages of freed heap blocks back to the OS (glibc's ``malloc_trim(0)``)."""
+    libc = _libc()
+    try:
+        libc.malloc_trim(0)
+    except AttributeError:
+        pass
