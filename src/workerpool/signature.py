@@ -24,14 +24,23 @@ _NAMES = {dtype: name for name, dtype in DATATYPES.items() if name != "BYTES"}
 
 def datatype_of(dtype) -> str:
     """The KServe datatype name of a numpy dtype (bytes and strings: BYTES)."""
+    try:
+        return _DATATYPE_OF[dtype]  # numpy's dtype attributes cost microseconds a request
+    except (KeyError, TypeError):
+        pass
     dtype = np.dtype(dtype)
     if dtype.kind in "OSU":
         return "BYTES"
     try:
-        return _NAMES[dtype.newbyteorder("=")]
+        datatype = _NAMES[dtype.newbyteorder("=")]
     except KeyError:
         raise ValueError(f"dtype {dtype} has no KServe datatype; use one of "
                          f"{sorted(DATATYPES)}") from None
+    _DATATYPE_OF[dtype] = datatype
+    return datatype
+
+
+_DATATYPE_OF: dict = {}  # the plain numeric dtypes only: a handful
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,6 @@ binary, as strings in JSON; ``predict`` gets them as (nested) lists of ``bytes``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import struct
 
@@ -27,6 +26,7 @@ import numpy as np
 from ..errors import OutputEncodeError
 from ..signature import DATATYPES, datatype_of
 from ..tensors import nest
+from . import jsontext
 from .errors import BadRequest
 from .limits import MAX_RANK, check_shape, parse_json
 
@@ -266,7 +266,7 @@ def encode_response(model: str, version: str, request: InferRequest,
     header = {"model_name": model, "model_version": version, "outputs": tensors}
     if request.id is not None:
         header["id"] = request.id
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes = jsontext.dumps(header)  # outputs' NaN and infinities already spelt out
     if not buffers:
         return header_bytes, {"content-type": "application/json"}
     return b"".join([header_bytes, *buffers]), {

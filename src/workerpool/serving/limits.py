@@ -28,12 +28,12 @@ what a hostile one costs:
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 
 from ..tensors import narrowed
+from . import jsontext
 from .errors import BadRequest
 
 KIB = 1024
@@ -65,7 +65,7 @@ def parse_json(data: bytes, what: str = "the body"):
     """A client's JSON document; BadRequest when it is not JSON or nests deeper than the
     parser can follow (100,000 levels once answered 500 with a RecursionError)."""
     try:
-        return json.loads(data)
+        return jsontext.loads(data)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise BadRequest(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:

@@ -1,0 +1,41 @@
+"""The protocols' JSON: orjson's speed, the standard library's answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from workerpool.serving import jsontext
+from workerpool.serving.errors import BadRequest
+from workerpool.serving.limits import parse_json
+
+DOCUMENTS = [
+    {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [0.1, -2.5e-7, 3]}]},
+    [1, "é", None, True, {"nested": [[], {}]}],
+    {"id": "a\u2028b", "parameters": {"binary_data_output": False}},
+]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_strict_documents_read_and_write_as_the_standard_library_does(document):
+    text = json.dumps(document)
+    assert jsontext.loads(text.encode()) == json.loads(text)
+    assert json.loads(jsontext.dumps(document)) == document
+    assert b" " not in jsontext.dumps([1, {"a": 2}])
+
+
+def test_what_orjson_refuses_the_standard_library_still_reads():
+    values = jsontext.loads(b"[NaN, Infinity, -Infinity, 18446744073709551616]")
+    assert math.isnan(values[0]) and values[1:3] == [math.inf, -math.inf]
+    assert values[3] == 2**64 and isinstance(values[3], int)
+    assert jsontext.loads("[0, 1000000000000000000000000000000]") == [0, 10**30]
+    assert jsontext.dumps([2**70]) == b"[1180591620717411303424]"
+
+
+def test_bad_documents_are_the_clients_errors():
+    for data, message in [(b"{", "not valid JSON"), (b"\xff", "not valid JSON"),
+                          (b"[" * 100_000 + b"]" * 100_000, "too deeply")]:
+        with pytest.raises(BadRequest, match=message):
+            parse_json(data)
