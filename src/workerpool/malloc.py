@@ -10,30 +10,39 @@ second arena for message buffers. Both settings below are measured in their call
 from __future__ import annotations
 
 import ctypes
+import functools
+import gc
 
 M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
 
 
-def _libc():
+@functools.cache
+def _glibc():
+    """This process's C library if it is glibc (it has malloc_trim), else None; loaded once:
+    a worker trims each time it goes idle."""
     try:
-        return ctypes.CDLL(None)
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 def limit_arenas(count: int) -> None:
     """At most ``count`` malloc arenas in this process; call it before its threads exist."""
-    libc = _libc()
-    try:
+    libc = _glibc()
+    if libc is not None:
         libc.mallopt(M_ARENA_MAX, max(1, count))
-    except AttributeError:
-        pass  # not glibc: its allocator has no such setting
 
 
 def return_free_heap() -> None:
     """Give the pages of freed heap blocks back to the OS (glibc's ``malloc_trim(0)``)."""
-    libc = _libc()
-    try:
+    libc = _glibc()
+    if libc is not None:
         libc.malloc_trim(0)
-    except AttributeError:
-        pass
+
+
+def collect_and_return() -> None:
+    """Collect cyclic garbage, then give the heap it freed back to the OS: after work that
+    leaves much behind (publishing a model, a burst of loads)."""
+    gc.collect()
+    return_free_heap()

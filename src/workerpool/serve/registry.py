@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
 import json
 import logging
 import os
@@ -74,8 +73,7 @@ class LoadsInProgress:
                 self._running -= 1
                 last = self._running == 0
             if last:
-                gc.collect()
-                malloc.return_free_heap()
+                malloc.collect_and_return()
 
 
 LOADS = LoadsInProgress()
