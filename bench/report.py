@@ -91,6 +91,10 @@ def main(argv=None) -> None:
                         help="seconds of load at 32 clients (half that at 1 client)")
     parser.add_argument("--per-worker", type=int, default=100)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--recover-timeout", type=float, default=60.0,
+                        help="after a worker is killed, how long calls wait for an answer "
+                             "(a pool that loses the call, as multiprocessing.Pool does, "
+                             "waits it out)")
     parser.add_argument("--port", type=int, default=18500)
     parser.add_argument("--python", action="append", default=[], metavar="NAME=PATH",
                         help="run contender NAME with this interpreter instead of building "
@@ -114,7 +118,7 @@ def main(argv=None) -> None:
     given = {name: str(pathlib.Path(path).absolute())
              for name, path in (item.split("=", 1) for item in args.python)}
     settings = trial.Settings(seconds=args.seconds, per_worker=args.per_worker,
-                              clients=args.clients)
+                              clients=args.clients, recover_timeout=args.recover_timeout)
     command = "bench/report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     data = {"commands": [command],
             "started": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -28,6 +28,8 @@ def report(tmp_path_factory):
          "--contenders", "workerpool,workerpool-pool,multiprocessing",
          "--models", f"mlp{MODEL_MIB}", "--workers", "1,2", "--repeats", "1",
          "--seconds", "1", "--per-worker", str(PER_WORKER), "--clients", "8",
+         # multiprocessing.Pool loses the killed worker's calls: each waits this out
+         "--recover-timeout", "10",
          "--port", "18790", "--python", f"workerpool={sys.executable}",
          "--overhead-args", "--rounds 1 --burst 300 --sequential 50 --array-calls 10",
          "--out", str(out)],
