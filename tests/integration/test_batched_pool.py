@@ -187,6 +187,43 @@ def test_asyncio_api_answers_on_the_event_loop_without_a_thread_per_request():
     assert all(np.array_equal(y, tagged(i, 1) * 2) for i, y in enumerate(from_async))
 
 
+def test_an_asyncio_caller_that_gives_up_frees_its_place_in_the_queue_never_a_worker(tmp_path):
+    """submit_async answers on the loop (pool/loop_answer.py) with a Future's rules: a task
+    cancelled while its request is queued takes it out (the model never sees it); one
+    cancelled while its request runs lets it finish there, the answer dropped, the worker
+    kept."""
+    gate, log = str(tmp_path / "open"), str(tmp_path / "seen")
+
+    async def main(pool):
+        running = [asyncio.ensure_future(pool.submit_async(tagged(i, 1), gate=gate, log=log))
+                   for i in range(2)]  # both credits of the one worker
+        try:
+            await asyncio.to_thread(wait_in_flight, pool, 2)
+            queued = asyncio.ensure_future(pool.submit_async(tagged(7, 1), gate=gate, log=log))
+            await asyncio.sleep(0.1)  # submitted: it waits for a credit
+            assert pool.stats(memory_usage=False)["queued"] == 1
+            queued.cancel()
+            running[1].cancel()
+            await asyncio.sleep(0.1)
+        finally:
+            open(gate, "w").close()  # (a failed check must not leave close() waiting)
+        first = await running[0]
+        after = await pool.submit_async(tagged(8, 1))
+        return first, after, queued.cancelled(), running[1].cancelled()
+
+    with wp.Pool(modelzoo.numpy_model, gated, workers=1) as pool:
+        before = pool.pids
+        first, after, queued_cancelled, running_cancelled = asyncio.run(main(pool))
+        stats = pool.stats(memory_usage=False)
+        assert pool.pids == before
+    assert first[0, 0] == 0 and after[0, 0] == 16
+    assert queued_cancelled and running_cancelled
+    assert stats["crashes"] == 0 and stats["aborted"] == 0 and stats["queued"] == 0
+    with open(log) as f:
+        seen = f.read().split()
+    assert "7" not in seen and "1" in seen
+
+
 def test_stats_report_queue_and_compute_percentiles():
     with wp.Pool(modelzoo.numpy_model, slow_double, workers=2, max_batch_size=4) as pool:
         list(pool.map(tagged(i, 1) for i in range(40)))

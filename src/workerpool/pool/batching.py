@@ -18,6 +18,8 @@ import collections
 import math
 from typing import Protocol, Sequence
 
+from ..ipc.codec import dtype_name
+
 # How far past the head the batcher looks for compatible requests; bounds the work per batch.
 SCAN_LIMIT_PER_ROW = 4
 
@@ -41,7 +43,8 @@ def batch_key_of(args: tuple, kwargs: dict) -> tuple[tuple | None, int]:
         return None, 1
     if kind == "torch" and type(value).__name__ not in ("Tensor", "Parameter"):
         return None, 1
-    return (kind, str(value.dtype), tuple(value.shape[1:])), int(value.shape[0])
+    dtype = dtype_name(value.dtype) if kind == "numpy" else str(value.dtype)
+    return (kind, dtype, tuple(value.shape[1:])), int(value.shape[0])
 
 
 class Batcher:

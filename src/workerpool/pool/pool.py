@@ -35,6 +35,7 @@ from .batching import batch_key_of
 from .dispatcher import Request
 from .scheduling import MAX_CHUNK
 from .generation import Generation, worker_rows
+from .loop_answer import LoopAnswer
 from .metrics import Metrics
 from .supervisor import PrestartedZygote
 
@@ -218,13 +219,14 @@ class Pool:
         return self._submit(args, kwargs, timeout, self.config.max_queue)
 
     def _submit(self, args: tuple, kwargs: dict, timeout: float | None,
-                max_queue: int | None) -> Future:
+                max_queue: int | None, answer: Future | LoopAnswer | None = None):
+        """The request's ``answer`` (a new Future unless given): what its caller waits on."""
         self._check_open()
         timeout = self.config.timeout if timeout is None else deadline_seconds(timeout)
         body, frames = self._codec.encode_call(args, kwargs)
         batch_key, rows = batch_key_of(args, kwargs)
-        request = Request(next(self._ids), Future(), body, frames, batch_key=batch_key,
-                          rows=rows, timeout=timeout)
+        request = Request(next(self._ids), answer or Future(), body, frames,
+                          batch_key=batch_key, rows=rows, timeout=timeout)
         with self._swap_lock:
             dispatcher = self._generation.dispatcher
             if not dispatcher.queue_gauge.try_add(max_queue):
@@ -258,7 +260,9 @@ class Pool:
 
     async def submit_async(self, *args, timeout: float | None = None, **kwargs):
         """``await``-able :meth:`submit`, answered on the running event loop (no thread)."""
-        return await asyncio.wrap_future(self.submit(*args, timeout=timeout, **kwargs))
+        answer = LoopAnswer(asyncio.get_running_loop())
+        self._submit(args, kwargs, timeout, self.config.max_queue, answer)
+        return await answer.future
 
     async def map_async(self, inputs, *, window: int | None = None,
                         timeout: float | None = None) -> AsyncIterator:
@@ -267,8 +271,9 @@ class Pool:
         window = window or self._default_window()
         timeout = deadline_seconds(timeout)
         in_flight: collections.deque[asyncio.Future] = collections.deque()
+        loop = asyncio.get_running_loop()
         async for x in _aiter(inputs):
-            in_flight.append(asyncio.wrap_future(self._submit((x,), {}, timeout, None)))
+            in_flight.append(self._submit((x,), {}, timeout, None, LoopAnswer(loop)).future)
             if len(in_flight) >= window:
                 yield await in_flight.popleft()
         while in_flight:
