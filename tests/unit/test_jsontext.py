@@ -39,3 +39,12 @@ def test_bad_documents_are_the_clients_errors():
                           (b"[" * 100_000 + b"]" * 100_000, "too deeply")]:
         with pytest.raises(BadRequest, match=message):
             parse_json(data)
+
+
+def test_a_long_integer_anywhere_in_bytes_is_read_exactly():
+    """The scan for 20 digits in a row (where orjson would turn an integer into a float)."""
+    assert jsontext.loads(b'{"a": [0.5, 100000000000000000000000000000]}') == \
+        {"a": [0.5, 10**29]}
+    assert jsontext.loads(b"[12345678901234567890]") == [12345678901234567890]
+    long_fraction = b"[0.12345678901234567890123]"  # 20 digits, a float either way
+    assert jsontext.loads(long_fraction) == json.loads(long_fraction)

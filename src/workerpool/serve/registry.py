@@ -272,7 +272,10 @@ class Registry:
                 raise ModelNotFound(f"model {name!r} has no version {version!r}; it has "
                                     f"{self.version_labels(name)}")
             return model
-        ordered = newest_first(list(versions.values()))
+        models = list(versions.values())  # (one C call: loads change it from threads)
+        if len(models) == 1:  # the usual case, asked on every request
+            return models[0]
+        ordered = newest_first(models)
         return next((m for m in ordered if m.ready), ordered[0])
 
     def version_labels(self, name: str) -> list[str]:

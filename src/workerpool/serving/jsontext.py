@@ -23,14 +23,23 @@ except ImportError:  # pragma: no cover - the serve extra installs it
 
 # orjson reads an integer past 64 bits as a float (10**30 -> 1e+30) where the standard
 # library keeps it exact; a document holding one (20 digits or more in a row) goes to the
-# standard library.
-_LONG_DIGITS, _LONG_DIGITS_TEXT = re.compile(rb"[0-9]{20}"), re.compile(r"[0-9]{20}")
+# standard library. The scan maps every digit to "9" and looks for twenty of them: two C
+# passes (~1 us for a 64-float body) where the regex [0-9]{20} retried at every digit of
+# every float (~30 us, the biggest cost of parsing a light model's request).
+_DIGITS_TO_NINES = bytes.maketrans(b"012345678", b"999999999")
+_TWENTY_DIGITS = b"9" * 20
+_LONG_DIGITS_TEXT = re.compile(r"[0-9]{20}")
+
+
+def _has_long_digits(data: bytes | str) -> bool:
+    if isinstance(data, str):
+        return _LONG_DIGITS_TEXT.search(data) is not None
+    return _TWENTY_DIGITS in bytes(data).translate(_DIGITS_TO_NINES)
 
 
 def loads(data: bytes | str):
     """The document in ``data``; ValueError or RecursionError as ``json.loads`` raises."""
-    long_digits = _LONG_DIGITS_TEXT if isinstance(data, str) else _LONG_DIGITS
-    if orjson is not None and not long_digits.search(data):
+    if orjson is not None and not _has_long_digits(data):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:

@@ -32,6 +32,8 @@ from .limits import MAX_RANK, check_shape, parse_json
 
 _LENGTH = struct.Struct("<I")
 _FLOATS = {"FP16", "FP32", "FP64"}
+_NUMBERS = frozenset({int, float})
+_SCALARS = frozenset({int, float, str, bool})
 # JSON has no NaN or Infinity: responses write them as the protobuf JSON mapping does (strict
 # parsers read them; tritonclient's as_numpy turns them back into floats); requests may use
 # those strings or the bare tokens Python's json module (and so tritonclient) writes.
@@ -166,30 +168,37 @@ def _split_bytes(name: str, data: memoryview, count: int) -> list[bytes]:
 def _from_json(name: str, datatype: str, shape: list, count: int, data):
     if not isinstance(data, list):
         data = [data]
-    flat = _flatten(data, name)
+    # Type checks on the set of the values' types: C loops (~2 us for 64 values, where an
+    # isinstance per value cost ~50 us). A parser makes exact types: bool is not an int here.
+    types = set(map(type, data))
+    if types <= _SCALARS:
+        flat = data
+    else:  # nested data (or something no tensor holds: _flatten says what)
+        flat = _flatten(data, name)
+        types = set(map(type, flat))
     if len(flat) != count:
         raise BadRequest(f"input {name!r}: shape {shape} needs {count} values, data has "
                          f"{len(flat)}")
     if datatype == "BYTES":
-        if not all(isinstance(v, str) for v in flat):
+        if not types <= {str}:
             raise BadRequest(f"input {name!r}: BYTES data must be strings")
         return nest([v.encode() for v in flat], shape)
     if datatype == "BOOL":
-        if not all(isinstance(v, bool) for v in flat):
+        if not types <= {bool}:
             raise BadRequest(f"input {name!r}: BOOL data must be true or false")
-    elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+    elif not types <= _NUMBERS:
         flat = _with_non_finite(flat) if datatype in _FLOATS else None
         if flat is None:
             raise BadRequest(f"input {name!r}: {datatype} data must be numbers"
                              + (' (or "NaN", "Infinity", "-Infinity")'
                                 if datatype in _FLOATS else ""))
     dtype = DATATYPES[datatype]
+    if dtype.kind in "iu" and float in types:
+        raise BadRequest(f"input {name!r}: {datatype} data must be integers")
     try:
         array = np.array(flat, dtype=dtype)
     except (OverflowError, ValueError) as exc:
         raise BadRequest(f"input {name!r}: data does not fit {datatype}: {exc}") from None
-    if dtype.kind in "iu" and not all(isinstance(v, int) for v in flat):
-        raise BadRequest(f"input {name!r}: {datatype} data must be integers")
     return array.reshape(shape)
 
 
