@@ -20,6 +20,7 @@ credentials (admission), and decoding answers.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -35,12 +36,16 @@ from ..errors import PoolBroken, PoolClosed, PoolStartError
 from ..ipc import wire
 from ..ipc.codec import Codec
 from .inbox import Inbox
+from .loop_driver import LoopDriver
 from .scheduler import (Answer, Deliver, QueueGauge, Request, Scheduler, Send, Signal,
                         StartWorker, Stop)
 from .scheduling import BOOT_FAILURES_BEFORE_BROKEN, RESTART_BACKOFF_S
 from .supervisor import Supervisor
 
 log = logging.getLogger("workerpool")
+
+# While an event loop holds the sockets, how often the thread checks that it still runs.
+HAND_BACK_CHECK_S = 0.5
 
 __all__ = ["Dispatcher", "QueueGauge", "Request"]
 
@@ -58,6 +63,11 @@ class Dispatcher(threading.Thread):
         self.started = threading.Event()
         self.scheduler = Scheduler(config, self.admits)
         self.router: zmq.Socket | None = None
+        # Driven by an event loop (pool/loop_driver.py): the loop asked for, the driver
+        # while the loop holds the sockets, and the event the loop sets to give them back.
+        self.hand_over_to: asyncio.AbstractEventLoop | None = None
+        self.driver: LoopDriver | None = None
+        self.resume = threading.Event()
 
     # What the pool reads of the scheduler's state (from any thread: plain reads).
     @property
@@ -87,13 +97,43 @@ class Dispatcher(threading.Thread):
     # -- called from other threads -------------------------------------------------------
     def submit(self, request: Request) -> None:
         """Hand over a request; PoolClosed once the thread has stopped taking them."""
-        self.inbox.post(request)
+        driver = self._driver_here()
+        if driver is not None:
+            driver.submit(request)
+        else:
+            self.inbox.post(request)
 
     def call(self, fn, timeout: float | None = None):
-        """Run ``fn()`` on the dispatcher thread and return its result."""
+        """Run ``fn()`` where the scheduler runs (this thread, or the loop driving it) and
+        return its result."""
+        if self.on_owner_thread():
+            return fn()
         future: Future = Future()
         self.inbox.post((fn, future))
         return future.result(timeout)
+
+    def on_owner_thread(self) -> bool:
+        """True on the thread that runs the scheduler now."""
+        return threading.current_thread() is self or self._driver_here() is not None
+
+    def _driver_here(self) -> LoopDriver | None:
+        """The loop driver when called on its loop's thread, else None. A driver handed
+        the sockets that its loop has not taken yet takes them now: a caller on the loop
+        (blocking it) must not wait for the loop."""
+        driver = self.driver
+        if driver is None:
+            return None
+        if not driver.taken and asyncio._get_running_loop() is driver.loop:
+            driver.take()
+        return driver if driver.on_its_thread() else None
+
+    def drive_on(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Run dispatch on ``loop``'s thread from now on (None: back on this thread)."""
+        self.hand_over_to = loop
+        try:
+            self.inbox.post(_Wake())  # the thread (or the loop) looks at hand_over_to
+        except PoolClosed:
+            pass
 
     def request_close(self, drain: bool) -> None:
         """Accept nothing more; ``drain``: finish accepted work, else fail it (PoolClosed)."""
@@ -122,6 +162,8 @@ class Dispatcher(threading.Thread):
         try:
             self.carry_out(self.scheduler.start(time.monotonic()))
             self.loop()
+            while self.hand_over():
+                self.loop()
         except BaseException as exc:  # a bug here must not leave callers waiting forever
             self.carry_out(self.scheduler.fail_everything(
                 PoolBroken(f"the pool's dispatcher failed: {exc!r}")), strict=False)
@@ -165,6 +207,36 @@ class Dispatcher(threading.Thread):
             if self.inbox.fd in events:
                 self.read_inbox()
             self.carry_out(scheduler.tick(time.monotonic()))
+            if self.hand_over_to is not None and self.started.is_set() and \
+                    not scheduler.closing and not scheduler.finished():
+                return  # run() hands the sockets to the loop
+
+    def hand_over(self) -> bool:
+        """Give the sockets to the loop asked for and wait until it gives them back; then
+        carry on with what it left (an error, a zygote's death). False when there is
+        nothing to hand over (the pool finished) or the loop cannot take them."""
+        loop = self.hand_over_to
+        if loop is None or self.scheduler.finished():
+            return False
+        driver = LoopDriver(self, loop)
+        self.resume.clear()
+        self.driver = driver
+        try:
+            loop.call_soon_threadsafe(driver.take)
+        except RuntimeError:  # the loop is closed
+            self.driver, self.hand_over_to = None, None
+            return True
+        while not self.resume.wait(HAND_BACK_CHECK_S):
+            if driver.revoke_if_stopped():  # the loop stopped: nothing runs there now
+                self.hand_over_to = None
+                break
+        self.driver = None
+        if driver.error is not None:
+            raise driver.error
+        if driver.control_event is not None:
+            self.carry_out(self.scheduler.on_zygote_died(time.monotonic()))
+            self.restart_zygote()
+        return True
 
     def poll_timeout_ms(self) -> int | None:
         wake = self.scheduler.next_wake()
@@ -220,6 +292,8 @@ class Dispatcher(threading.Thread):
                 self.carry_out(scheduler.submit(item))
             elif isinstance(item, _Close):
                 self.carry_out(scheduler.close(item.drain))
+            elif isinstance(item, _Wake):
+                pass  # the loop's turn (or the thread's) reads hand_over_to
             else:
                 fn, future = item
                 try:
@@ -288,6 +362,10 @@ class Dispatcher(threading.Thread):
         elif op == "start_error":
             self.carry_out(scheduler.on_start_error(event.get("worker_id"),
                                                     event["traceback"], now))
+
+
+class _Wake:
+    """Posted by drive_on: look at hand_over_to."""
 
 
 class _Close:

@@ -2,6 +2,7 @@
 
     submit():        concurrent.futures.Future ─(its lock, its callbacks)─> the caller
     submit_async():  LoopAnswer ──(one call_soon_threadsafe)──> asyncio future on the loop
+                     (set at once when dispatch runs on that loop: pool/loop_driver.py)
 
 The dispatcher thread settles a request's ``future`` through the part of the
 concurrent.futures.Future interface the scheduler uses (``done``, ``running``,
@@ -53,6 +54,9 @@ class LoopAnswer:
         if self._settled:
             raise InvalidStateError("this request already has its answer")
         self._settled = True
+        if asyncio._get_running_loop() is self.loop:  # dispatch runs on this loop
+            _resolve(self.future, value, error)
+            return
         try:
             self.loop.call_soon_threadsafe(_resolve, self.future, value, error)
         except RuntimeError:

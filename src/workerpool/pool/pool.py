@@ -159,6 +159,7 @@ class Pool:
         self._history_metrics = Metrics()
         self._retiring: list[Generation] = []
         self._spare: PrestartedZygote | None = None  # the next version's zygote, started
+        self._drive_loop: asyncio.AbstractEventLoop | None = None  # see drive_on()
         self._generation = self._start_generation(1, load, predict, version)
         try:
             self._keep_a_spare()
@@ -264,6 +265,22 @@ class Pool:
         self._submit(args, kwargs, timeout, self.config.max_queue, answer)
         return await answer.future
 
+    def drive_on(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Run this pool's dispatch on ``loop``'s thread (None: back on the pool's own).
+
+        For a program whose requests come from one event loop (``workerpool serve``):
+        ``submit_async`` there then hands its request over without a thread hop, and the
+        answer comes back the same way. Other threads may still submit (their requests
+        wake the loop). Close the pool from another thread while the loop runs
+        (``await asyncio.to_thread(pool.close)``); a loop that stops for good gives the
+        pool back to its thread within half a second. New versions (``reload``) are
+        driven by the same loop."""
+        self._drive_loop = loop
+        with self._history_lock:
+            generations = [self._generation, *self._retiring]
+        for generation in generations:
+            generation.dispatcher.drive_on(loop)
+
     async def map_async(self, inputs, *, window: int | None = None,
                         timeout: float | None = None) -> AsyncIterator:
         """``async for y in pool.map_async(xs)``: :meth:`map` for asyncio; ``inputs`` may be
@@ -340,6 +357,8 @@ class Pool:
             "idle_timeout": self.config.idle_timeout if self.config.elastic else None,
             "version": serving.version,
             "generation": serving.number,
+            # where the scheduler runs: its own thread, or a loop's (drive_on)
+            "dispatch": "event loop" if serving.dispatcher.driver is not None else "thread",
             "retiring_versions": [g.version for g in generations[1:]],
             "model_bytes": (published.weight_bytes + published.file_bytes
                             + published.region_bytes),
@@ -496,6 +515,8 @@ class Pool:
                     prestarted = self._prestart_zygote()
                 generation = self._start_generation(self._generation.number + 1, load,
                                                     predict, version, prestarted)
+                if self._drive_loop is not None:
+                    generation.dispatcher.drive_on(self._drive_loop)
             except Exception as exc:
                 raise ReloadFailed(f"reload failed, version {self.version} still serving: "
                                    f"{type(exc).__name__}: {exc}") from exc

@@ -54,7 +54,7 @@ class Shutdown:
         dispatcher = self.dispatcher
         if dispatcher is not None and dispatcher.is_alive():
             dispatcher.request_close(drain)
-            if threading.current_thread() is dispatcher:
+            if dispatcher.on_owner_thread():  # (or on the loop that drives it)
                 return
             dispatcher.join(timeout)
             if dispatcher.is_alive():

@@ -23,6 +23,7 @@ outputs, a SavedModel's signature_def), else from its warm-up call.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -246,9 +247,27 @@ class Registry:
         self.closing = False
         self.lifecycle = threading.Lock()
         self.budget = None  # --max-memory's MemoryBudget, when the server has one
+        self.loop: asyncio.AbstractEventLoop | None = None  # see drive_on()
 
     def _new_model(self, spec: ModelSpec) -> Model:
-        return Model(spec, self.pool_factory)
+        return Model(spec, self._new_pool)
+
+    def _new_pool(self, *args, **kwargs):
+        pool = self.pool_factory(*args, **kwargs)
+        loop = self.loop
+        if loop is not None and hasattr(pool, "drive_on"):
+            pool.drive_on(loop)
+        return pool
+
+    def drive_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Every pool's dispatch runs on ``loop`` (the server's; Pool.drive_on), those
+        loaded from now on too: a request goes from the protocol to the workers without
+        a thread hop."""
+        self.loop = loop
+        for model in self.models:
+            pool = model.pool
+            if pool is not None and hasattr(pool, "drive_on"):
+                pool.drive_on(loop)
 
     # -- reading ---------------------------------------------------------------------
     @property

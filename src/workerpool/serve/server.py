@@ -124,6 +124,7 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
         watcher.start()
     metrics_task = asyncio.ensure_future(metrics_server.serve(sockets=[metrics_sock])) \
         if metrics_server is not None else None
+    registry.drive_on(loop)
     registry.start_loading()
     if host in ("0.0.0.0", "::"):
         log.warning("workerpool serve: listening on every interface (%s); anyone who can "
