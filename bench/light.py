@@ -5,7 +5,8 @@ microseconds, so each server's own cost per request decides. Both get ``--worker
 processes on this machine's cores:
 
 - ``workerpool serve``: one front-end process, the model in ``--workers`` pool workers;
-  KServe v2 JSON and binary-tensor bodies;
+  KServe v2 JSON and binary-tensor bodies over HTTP, and KServe v2 gRPC (raw tensor
+  contents; bench/grpc_load.py, grpc.aio, concurrent calls on one channel);
 - ``gunicorn -w N`` with uvicorn workers (httptools, uvloop) and a FastAPI app holding the
   model in each HTTP worker (bench/peers/light; its own venv, bench/.venvs/light): the
   same KServe v2 JSON body, the same JSON answer.
@@ -13,8 +14,8 @@ processes on this machine's cores:
 Each is called by bench/http_load.py (its own process) at 32 connections and at 1, for
 ``--rounds`` interleaved rounds (medians). CPU per request is the CPU time of each server's
 process tree during the trial over its requests; for workerpool, the front-end process's
-share is said apart (the issue's target: <= 80 us JSON, <= 60 us binary). Both servers'
-answers are checked against the model called here before the run.
+share is said apart (the issue's target: <= 80 us JSON, <= 60 us binary). Every server's
+answers (gRPC's too) are checked against the model called here before the run.
 
 Prints JSON and writes bench/results/light.md.
 
@@ -28,6 +29,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -47,6 +49,7 @@ from serve import run_load
 
 HERE = pathlib.Path(__file__).resolve().parent
 PATH = "/v2/models/light/infer"
+KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def bodies(directory: pathlib.Path) -> dict[str, tuple[pathlib.Path, dict]]:
@@ -57,9 +60,35 @@ def bodies(directory: pathlib.Path) -> dict[str, tuple[pathlib.Path, dict]]:
     (directory / "binary.body").write_bytes(header + x.tobytes())
     (directory / "json.body").write_text(json.dumps(
         {"inputs": [{**tensor, "data": x.ravel().tolist()}]}))
+    request = grpc_request(x)
+    (directory / "grpc.body").write_bytes(request.SerializeToString())
     return {"json": (directory / "json.body", {"Content-Type": "application/json"}),
             "binary": (directory / "binary.body",
-                       {"Inference-Header-Content-Length": str(len(header))})}
+                       {"Inference-Header-Content-Length": str(len(header))}),
+            "grpc": (directory / "grpc.body", None)}
+
+
+def grpc_request(x: np.ndarray):
+    """A KServe v2 ModelInferRequest with ``x`` as raw contents."""
+    from workerpool.serve.proto import protocol
+
+    request = protocol("kserve_v2").message("inference.ModelInferRequest")(model_name="light")
+    request.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def grpc_answer(address: str, x: np.ndarray) -> np.ndarray:
+    import grpc
+
+    from workerpool.serve.proto import protocol
+
+    with grpc.insecure_channel(address) as channel:
+        raw = channel.unary_unary(KSERVE_INFER)(grpc_request(x).SerializeToString(),
+                                                timeout=30)
+    response = protocol("kserve_v2").message("inference.ModelInferResponse").FromString(raw)
+    (tensor,), (content,) = response.outputs, response.raw_output_contents
+    return np.frombuffer(content, np.float32).reshape(tuple(tensor.shape))
 
 
 def free_port() -> int:
@@ -71,8 +100,9 @@ def free_port() -> int:
 class Server:
     """A server process on 127.0.0.1:``port``, stopped with SIGTERM."""
 
-    def __init__(self, name: str, command: list[str], port: int, cwd=None):
-        self.name, self.port = name, port
+    def __init__(self, name: str, command: list[str], port: int, cwd=None,
+                 grpc_port: int | None = None):
+        self.name, self.port, self.grpc_port = name, port, grpc_port
         env = dict(os.environ, PYTHONPATH=str(HERE))
         self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
@@ -123,10 +153,11 @@ def start_workerpool(workers: int, directory: pathlib.Path) -> Server:
     config.write_text('[models.light]\nsource = "light_model:load"\n'
                       'predict = "light_model:predict"\n'
                       'inputs = [{name = "features", datatype = "FP32", shape = [-1, 64]}]\n')
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     return Server("workerpool serve", [sys.executable, "-m", "workerpool", "serve", "--port",
-                                       str(port), "--config", str(config), "--workers",
-                                       str(workers)], port)
+                                       str(port), "--grpc-port", str(grpc_port), "--config",
+                                       str(config), "--workers", str(workers)], port,
+                  grpc_port=grpc_port)
 
 
 def start_gunicorn(workers: int) -> Server:
@@ -141,9 +172,13 @@ def start_gunicorn(workers: int) -> Server:
 def trial(server: Server, body: tuple, connections: int, requests: int) -> dict:
     path, headers = body
     front0, rest0 = server.cpu_seconds()
-    result = run_load("http_load.py", ["127.0.0.1", str(server.port), PATH, str(path),
-                                       "--headers-json", json.dumps(headers)],
-                      connections, requests)
+    if headers is None:  # gRPC
+        result = run_load("grpc_load.py", [f"127.0.0.1:{server.grpc_port}", KSERVE_INFER,
+                                           str(path)], connections, requests)
+    else:
+        result = run_load("http_load.py", ["127.0.0.1", str(server.port), PATH, str(path),
+                                           "--headers-json", json.dumps(headers)],
+                          connections, requests)
     front1, rest1 = server.cpu_seconds()
     # the load generator's warm-up requests ran in the same window
     served = result["requests"] + min(requests // 10, 500)
@@ -169,9 +204,13 @@ def main() -> None:
     try:
         servers = [start_gunicorn(args.workers), start_workerpool(args.workers, directory)]
         for server in servers:
-            got = server.answer(x)
-            if got is None or not np.allclose(got, expected, rtol=1e-6, atol=1e-7):
-                raise RuntimeError(f"{server.name} answered {got}, expected {expected}")
+            answers = {"HTTP JSON": server.answer(x)}
+            if server.grpc_port is not None:
+                answers["gRPC"] = grpc_answer(f"127.0.0.1:{server.grpc_port}", x)
+            for how, got in answers.items():
+                if got is None or not np.allclose(got, expected, rtol=1e-6, atol=1e-7):
+                    raise RuntimeError(f"{server.name} ({how}) answered {got}, expected "
+                                       f"{expected}")
         for round_ in range(args.rounds):
             for connections in (32, 1):
                 requests = args.requests if connections > 1 else args.requests // 4
@@ -189,6 +228,7 @@ def main() -> None:
     finally:
         for server in servers:
             server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
     rows = []
     baseline = {c: statistics.median(t["requests_per_s"] for t in trials[(s, "json", c)])
                 for (s, _, c) in trials if s.startswith("gunicorn")}
@@ -202,6 +242,9 @@ def main() -> None:
         row["rps_vs_gunicorn"] = round(row["requests_per_s"] / baseline[connections], 2)
         row["p50_vs_gunicorn"] = round(row["p50_ms"] / base_p50[connections], 2)
         rows.append(row)
+    binary = {r["clients"]: r["requests_per_s"] for r in rows if r["body"] == "binary"}
+    grpc_vs_binary = {r["clients"]: round(r["requests_per_s"] / binary[r["clients"]], 2)
+                      for r in rows if r["body"] == "grpc"}
     columns = ["server", "body", "clients", "requests_per_s", "p50_ms", "p99_ms",
                "rps_vs_gunicorn", "p50_vs_gunicorn", "cpu_us_per_request",
                "front_cpu_us_per_request"]
@@ -209,9 +252,14 @@ def main() -> None:
                 f"{os.cpu_count()} CPUs, medians of {args.rounds} rounds\n\n"
                 f"`{' '.join(['bench/light.py', *sys.argv[1:]])}`\n\n"
                 "front_cpu_us_per_request: the server's first process (workerpool's front end; "
-                "gunicorn's master, which serves nothing).\n\n"
-                + markdown_table(rows, columns))
-    emit({"rounds": args.rounds, "workers": args.workers, "rows": rows}, "light", markdown)
+                "gunicorn's master, which serves nothing). body grpc: KServe v2 gRPC, "
+                "raw tensor contents.\n\n"
+                + markdown_table(rows, columns)
+                + "\nKServe v2 gRPC req/s against HTTP binary (target >= 0.9x): "
+                + ", ".join(f"{ratio}x at {c} clients" for c, ratio in grpc_vs_binary.items())
+                + "\n")
+    emit({"rounds": args.rounds, "workers": args.workers, "rows": rows,
+          "grpc_vs_binary": grpc_vs_binary}, "light", markdown)
     print(markdown, file=sys.stderr)
 
 
