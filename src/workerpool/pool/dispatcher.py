@@ -1,5 +1,7 @@
 """The dispatcher thread: the only owner of the ROUTER socket; it carries out what the
-scheduler (pool/scheduler.py) decides.
+scheduler (pool/scheduler.py) decides. ``drive_on(loop)`` lends the sockets to an event
+loop's thread instead (pool/loop_driver.py), which runs the same methods; the thread keeps
+what sleeps or ends (a zygote restart, the teardown).
 
     caller threads ── submit(Request) / call(fn) / close ──> Inbox (pool/inbox.py) ───────┐
                                                                                           ▼
