@@ -74,6 +74,7 @@ def check_answers(server: Server, paths: dict, x: np.ndarray) -> None:
     from workerpool.serve import demo_model
     from workerpool.serve.proto import protocol
     from workerpool.serve.proto.tensor import to_array
+    from workerpool.serving.limits import DEFAULT_MAX_REQUEST_BYTES
 
     want = demo_model.predict(demo_model.load(), x)  # {"probabilities", "label"}
     with grpc.insecure_channel(server.grpc["KServe v2"]) as channel:
@@ -89,7 +90,8 @@ def check_answers(server: Server, paths: dict, x: np.ndarray) -> None:
         "tensorflow.serving.PredictResponse").FromString(raw)
     assert sorted(response.outputs) == sorted(want)
     for name, tensor in response.outputs.items():
-        assert np.array_equal(to_array(name, tensor), want[name]), f"TF Serving: {name} differs"
+        got = to_array(name, tensor, DEFAULT_MAX_REQUEST_BYTES)
+        assert np.array_equal(got, want[name]), f"TF Serving: {name} differs"
 
 
 def grpc_load(address: str, method: str, body: pathlib.Path, connections: int,
