@@ -45,11 +45,11 @@ import psutil
 import light_model
 from common import emit, log, markdown_table
 from reporting import venvs
+from protocols import KSERVE_INFER, kserve_infer, kserve_request
 from serve import run_load
 
 HERE = pathlib.Path(__file__).resolve().parent
 PATH = "/v2/models/light/infer"
-KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def bodies(directory: pathlib.Path) -> dict[str, tuple[pathlib.Path, dict]]:
@@ -60,35 +60,11 @@ def bodies(directory: pathlib.Path) -> dict[str, tuple[pathlib.Path, dict]]:
     (directory / "binary.body").write_bytes(header + x.tobytes())
     (directory / "json.body").write_text(json.dumps(
         {"inputs": [{**tensor, "data": x.ravel().tolist()}]}))
-    request = grpc_request(x)
-    (directory / "grpc.body").write_bytes(request.SerializeToString())
+    (directory / "grpc.body").write_bytes(kserve_request(x, "light").SerializeToString())
     return {"json": (directory / "json.body", {"Content-Type": "application/json"}),
             "binary": (directory / "binary.body",
                        {"Inference-Header-Content-Length": str(len(header))}),
             "grpc": (directory / "grpc.body", None)}
-
-
-def grpc_request(x: np.ndarray):
-    """A KServe v2 ModelInferRequest with ``x`` as raw contents."""
-    from workerpool.serve.proto import protocol
-
-    request = protocol("kserve_v2").message("inference.ModelInferRequest")(model_name="light")
-    request.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(x.tobytes())
-    return request
-
-
-def grpc_answer(address: str, x: np.ndarray) -> np.ndarray:
-    import grpc
-
-    from workerpool.serve.proto import protocol
-
-    with grpc.insecure_channel(address) as channel:
-        raw = channel.unary_unary(KSERVE_INFER)(grpc_request(x).SerializeToString(),
-                                                timeout=30)
-    response = protocol("kserve_v2").message("inference.ModelInferResponse").FromString(raw)
-    (tensor,), (content,) = response.outputs, response.raw_output_contents
-    return np.frombuffer(content, np.float32).reshape(tuple(tensor.shape))
 
 
 def free_port() -> int:
@@ -206,7 +182,9 @@ def main() -> None:
         for server in servers:
             answers = {"HTTP JSON": server.answer(x)}
             if server.grpc_port is not None:
-                answers["gRPC"] = grpc_answer(f"127.0.0.1:{server.grpc_port}", x)
+                answers["gRPC"] = kserve_infer(
+                    f"127.0.0.1:{server.grpc_port}",
+                    kserve_request(x, "light").SerializeToString())["probabilities"]
             for how, got in answers.items():
                 if got is None or not np.allclose(got, expected, rtol=1e-6, atol=1e-7):
                     raise RuntimeError(f"{server.name} ({how}) answered {got}, expected "

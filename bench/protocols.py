@@ -54,9 +54,7 @@ def grpc_bodies(directory: pathlib.Path, x: np.ndarray) -> dict[str, pathlib.Pat
     from workerpool.serve.proto import protocol
     from workerpool.serve.proto.tensor import from_array
 
-    kserve = protocol("kserve_v2").message("inference.ModelInferRequest")(model_name="demo")
-    kserve.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
-    kserve.raw_input_contents.append(x.tobytes())
+    kserve = kserve_request(x, "demo")
     predict = protocol("tf_serving").message("tensorflow.serving.PredictRequest")()
     predict.model_spec.name = "demo"
     predict.model_spec.signature_name = "serving_default"
@@ -65,6 +63,32 @@ def grpc_bodies(directory: pathlib.Path, x: np.ndarray) -> dict[str, pathlib.Pat
     paths["kserve"].write_bytes(kserve.SerializeToString())
     paths["tfserving"].write_bytes(predict.SerializeToString())
     return paths
+
+
+def kserve_request(x: np.ndarray, model: str):
+    """A KServe v2 ModelInferRequest for ``model``: ``x`` as input "features", raw."""
+    from workerpool.serve.proto import protocol
+
+    request = protocol("kserve_v2").message("inference.ModelInferRequest")(model_name=model)
+    request.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def kserve_infer(address: str, body: bytes) -> dict[str, np.ndarray]:
+    """One KServe v2 ModelInfer call of a serialized request: its raw outputs by name."""
+    import grpc
+
+    from workerpool.serve.proto import protocol
+    from workerpool.signature import DATATYPES
+
+    with grpc.insecure_channel(address) as channel:
+        raw = channel.unary_unary(KSERVE_INFER)(body, timeout=30)
+    response = protocol("kserve_v2").message("inference.ModelInferResponse").FromString(raw)
+    assert len(response.outputs) == len(response.raw_output_contents)
+    return {tensor.name: np.frombuffer(content, DATATYPES[tensor.datatype]).reshape(
+        tuple(tensor.shape)) for tensor, content in zip(response.outputs,
+                                                        response.raw_output_contents)}
 
 
 def check_answers(server: Server, paths: dict, x: np.ndarray) -> None:
@@ -77,13 +101,10 @@ def check_answers(server: Server, paths: dict, x: np.ndarray) -> None:
     from workerpool.serving.limits import DEFAULT_MAX_REQUEST_BYTES
 
     want = demo_model.predict(demo_model.load(), x)  # {"probabilities", "label"}
-    with grpc.insecure_channel(server.grpc["KServe v2"]) as channel:
-        raw = channel.unary_unary(KSERVE_INFER)(paths["kserve"].read_bytes(), timeout=30)
-    response = protocol("kserve_v2").message("inference.ModelInferResponse").FromString(raw)
-    for tensor, content in zip(response.outputs, response.raw_output_contents):
-        got = np.frombuffer(content, want[tensor.name].dtype).reshape(tuple(tensor.shape))
-        assert np.array_equal(got, want[tensor.name]), f"KServe gRPC: {tensor.name} differs"
-    assert len(response.outputs) == len(want)
+    got = kserve_infer(server.grpc["KServe v2"], paths["kserve"].read_bytes())
+    assert sorted(got) == sorted(want), f"KServe gRPC: outputs {sorted(got)}"
+    for name, array in got.items():
+        assert np.array_equal(array, want[name]), f"KServe gRPC: {name} differs"
     with grpc.insecure_channel(server.grpc["TensorFlow Serving"]) as channel:
         raw = channel.unary_unary(TF_PREDICT)(paths["tfserving"].read_bytes(), timeout=30)
     response = protocol("tf_serving").message(
