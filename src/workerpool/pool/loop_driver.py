@@ -73,9 +73,6 @@ class LoopDriver:
         d.carry_out(d.scheduler.submit(request))
         self.queue_turn()
 
-    def call(self, fn):
-        return fn()
-
     def queue_turn(self) -> None:
         if not self._turn_queued and self._live():
             self._turn_queued = True
@@ -99,7 +96,6 @@ class LoopDriver:
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
-        self._turn_queued = True  # (a queued turn would do the same: run one now)
         self._turn()
 
     def _turn(self) -> None:
