@@ -49,16 +49,8 @@ class ServerMetrics:
         self._durations: dict = {}
 
     def observe(self, model: str, outcome: str, seconds: float, protocol: str) -> None:
-        key = (model, outcome, protocol)
-        count = self._counts.get(key)
-        if count is None:
-            count = self._counts[key] = self.requests.labels(*key)
-        count.inc()
-        key = (model, protocol)
-        duration = self._durations.get(key)
-        if duration is None:
-            duration = self._durations[key] = self.request_duration.labels(*key)
-        duration.observe(seconds)
+        _child(self._counts, self.requests, (model, outcome, protocol)).inc()
+        _child(self._durations, self.request_duration, (model, protocol)).observe(seconds)
 
     @contextlib.contextmanager
     def counted(self, model: str, protocol: str, started: float | None = None):
@@ -79,6 +71,14 @@ class ServerMetrics:
     def exposition(self) -> bytes:
         """The text format; reads every pool's stats (call it off the event loop)."""
         return generate_latest(self.registry)
+
+
+def _child(children: dict, metric, labels: tuple):
+    """``metric.labels(*labels)``, kept in ``children`` after the first call."""
+    child = children.get(labels)
+    if child is None:
+        child = children[labels] = metric.labels(*labels)
+    return child
 
 
 _MODEL, _WORKER = ["model", "version"], ["model", "version", "pid"]

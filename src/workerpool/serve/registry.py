@@ -254,10 +254,13 @@ class Registry:
 
     def _new_pool(self, *args, **kwargs):
         pool = self.pool_factory(*args, **kwargs)
-        loop = self.loop
-        if loop is not None and hasattr(pool, "drive_on"):
-            pool.drive_on(loop)
+        self._drive(pool)
         return pool
+
+    def _drive(self, pool) -> None:
+        # (the lifecycle tests' in-process pools have no dispatch to drive)
+        if self.loop is not None and pool is not None and hasattr(pool, "drive_on"):
+            pool.drive_on(self.loop)
 
     def drive_on(self, loop: asyncio.AbstractEventLoop) -> None:
         """Every pool's dispatch runs on ``loop`` (the server's; Pool.drive_on), those
@@ -265,9 +268,7 @@ class Registry:
         a thread hop."""
         self.loop = loop
         for model in self.models:
-            pool = model.pool
-            if pool is not None and hasattr(pool, "drive_on"):
-                pool.drive_on(loop)
+            self._drive(model.pool)
 
     # -- reading ---------------------------------------------------------------------
     @property
