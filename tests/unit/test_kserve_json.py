@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from workerpool.serving.errors import BadRequest
+from workerpool.serving import kserve
 from workerpool.serving.kserve import parse_infer
 
 LIMIT = 1 << 20
@@ -62,3 +63,38 @@ def test_a_wrong_value_is_a_bad_request_naming_the_input(datatype, shape, data, 
     with pytest.raises(BadRequest, match=message or "needs 4 values") as caught:
         decoded(datatype, shape, data)
     assert "input 'x'" in str(caught.value)
+
+
+NESTINGS = [
+    [[1.0, 2.0], [3.0, 4.0]],                       # rows: a level at a time
+    [[[1, 2], [3, 4]], [[5, 6], [7, 8]]],
+    [[1.0, [2.0, 3.0]], [4.0]],                     # ragged: value by value
+    [[], [1.0], [[2.0]]],
+    [[1.0, None]], [[{"a": 1}]], [[1.0], [None]],  # what no tensor holds
+    [[1.0], [2.0, {"a": 1}], None], [[None, {"a": 1}]], [[{"a": 1}, None]],
+]
+
+
+@pytest.mark.parametrize("data", NESTINGS)
+def test_nested_data_flattens_as_the_value_by_value_walk_does(data):
+    def outcome(flatten):
+        try:
+            return flatten(data, "x")
+        except BadRequest as exc:
+            return str(exc)
+
+    assert outcome(kserve._flatten) == outcome(kserve._flatten_values)
+
+
+def test_nesting_deeper_than_the_rank_limit_is_refused_both_ways():
+    from workerpool.serving.limits import MAX_RANK
+
+    deepest_allowed, too_deep = [1.0], [1.0]
+    for _ in range(MAX_RANK - 1):
+        deepest_allowed = [deepest_allowed]
+    for _ in range(MAX_RANK):
+        too_deep = [too_deep]
+    assert kserve._flatten(deepest_allowed, "x") == [1.0]
+    for flatten in (kserve._flatten, kserve._flatten_values):
+        with pytest.raises(BadRequest, match="nested deeper"):
+            flatten(too_deep, "x")
