@@ -106,6 +106,18 @@ def test_object_arrays_and_unknown_dtypes_are_refused():
         CODEC.encode(np.zeros(2, dtype="datetime64[s]"))
 
 
+def test_object_arrays_are_pickled_where_the_codec_is_told_to():
+    # serve/relay.py's codec: BYTES outputs between the server's own processes
+    relay_codec = Codec(allow_pickle=True, max_message_bytes=1 << 20,
+                        pickle_object_arrays=True)
+    words = np.array([[b"a", b"bc"], [b"\xff", b""]], dtype=object)
+    got = relay_codec.decode(*relay_codec.encode({"upper": words}))["upper"]
+    assert got.dtype == object and got.shape == (2, 2) and got.tolist() == words.tolist()
+    # never without pickling allowed
+    assert not Codec(allow_pickle=False, max_message_bytes=1 << 20,
+                     pickle_object_arrays=True).pickle_object_arrays
+
+
 def test_big_arrays_travel_without_a_copy():
     array = np.arange(4096, dtype=np.float64)
     _, frames = CODEC.encode(array)

@@ -46,8 +46,12 @@ class Codec:
 
     def __init__(self, *, allow_pickle: bool, max_message_bytes: int,
                  zero_copy_threshold: int = 64 * 1024, align_arrays: bool = False,
-                 tensors_as_arrays: bool = False):
+                 tensors_as_arrays: bool = False, pickle_object_arrays: bool = False):
         self.allow_pickle = allow_pickle
+        # Object arrays (BYTES tensors) pickled whole, where both ends are this server's
+        # processes (serve/relay.py); the pool's link refuses them (predict's outputs are
+        # converted before they travel).
+        self.pickle_object_arrays = pickle_object_arrays and allow_pickle
         # Decode torch tensors as numpy arrays (bfloat16 widened to float32, exactly): for a
         # process that must not import torch to read a result.
         self.tensors_as_arrays = tensors_as_arrays
@@ -86,6 +90,8 @@ class Codec:
                     "the mask would be lost; send .filled(value) or the data and the mask "
                     "as two arrays")
             if isinstance(obj, np.ndarray):
+                if self.pickle_object_arrays and obj.dtype.kind == "O":
+                    return self._pickle_node(obj, frames)
                 return self._array_node(_EXT_NDARRAY, obj, dtype_name(obj.dtype), frames)
             if isinstance(obj, (np.str_, np.bytes_)):
                 return str(obj) if isinstance(obj, str) else bytes(obj)

@@ -104,6 +104,11 @@ def parser() -> argparse.ArgumentParser:
                    f"headers; 408 after (default {DEFAULT_HEADER_TIMEOUT_S:g})")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds to finish requests in flight on SIGTERM (default 30)")
+    p.add_argument("--http-workers", type=int, default=None, metavar="N",
+                   help="HTTP front-end processes on the port (default 1: this process "
+                   "serves HTTP itself). With N > 1, N processes accept on the one socket, "
+                   "parse and encode requests, and relay the inference to this process's "
+                   "pools: HTTP scales past one core; weights and workers stay one set")
     p.add_argument("--http", choices=("httptools", "h11"), default="httptools",
                    help="uvicorn's HTTP parser (default httptools: faster, measured)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",

@@ -247,6 +247,7 @@ class Registry:
         self.closing = False
         self.lifecycle = threading.Lock()
         self.budget = None  # --max-memory's MemoryBudget, when the server has one
+        self.http_workers = None  # --http-workers' HttpWorkers, when the server has them
         self.loop: asyncio.AbstractEventLoop | None = None  # see drive_on()
 
     def _new_model(self, spec: ModelSpec) -> Model:

@@ -9,6 +9,11 @@
                         ones are hot-swapped (in a thread: the loop keeps serving)
     --watch          -> a thread polls model files and hot-swaps replaced ones (watch.py)
 
+--http-workers N -> N front-end processes listen on the port (SO_REUSEPORT; http_workers.py)
+                    and relay inference to this process (relay.py); this process then
+                    serves no HTTP on the main port itself, only the pools, gRPC and
+                    --metrics-port
+
 Every request head is bounded in bytes, lines and time (http/guard.py), on the main
 port and on --metrics-port, which serves the same app's /metrics (API key included).
 
@@ -33,6 +38,8 @@ from .settings import MAX_HEADERS, ServerSettings
 
 log = logging.getLogger("workerpool.serve")
 
+FRONT_ENDS_START_S = 60.0  # how long the address waits for --http-workers to listen
+
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
@@ -40,12 +47,19 @@ class _Server(uvicorn.Server):
         yield  # run() handles SIGTERM and SIGINT
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, reuse_port: bool = False,
+         listen: bool = True) -> socket.socket:
+    """A TCP socket on (host, port), listening unless told not to. ``reuse_port``: one of a
+    group on the same port (SO_REUSEPORT: the kernel spreads new connections over the
+    group's listening sockets)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.setblocking(False)
     return sock
 
@@ -67,7 +81,11 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
     """Serve until SIGTERM/SIGINT; returns the exit code. ``reread_config()``: the models
     of --config as it reads now (SIGHUP), or None without a --config."""
     host, drain_timeout = settings.host, settings.drain_timeout
-    sock = bind(host, settings.port)
+    # --http-workers: each front end listens on the port (SO_REUSEPORT); this process only
+    # holds it (bound, not listening: the kernel hands it no connection), so the port stays
+    # ours while a front end is replaced
+    fronts_serve = settings.http_workers > 1
+    sock = bind(host, settings.port, reuse_port=fronts_serve, listen=not fronts_serve)
     bound_port = sock.getsockname()[1]
     metrics_sock = bind(host, settings.metrics_port) if settings.metrics_port is not None \
         else None
@@ -78,6 +96,11 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
         if metrics_sock is not None else None
     loop = asyncio.get_running_loop()
     grpc_draining: list[asyncio.Task] = []
+    fronts = relay = None
+    stopped = asyncio.Event()
+    if fronts_serve:
+        fronts, relay = await start_relay(app, (host, bound_port), settings)
+        registry.http_workers = fronts
 
     def drain_grpc() -> None:
         """New calls refused at once; those in flight get up to drain_timeout."""
@@ -88,11 +111,14 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
     def stop(signum: int) -> None:
         if server.should_exit and signum == signal.SIGINT:
             server.force_exit = True
+            if fronts is not None:
+                fronts.kill()
             return
         log.warning("workerpool serve: %s: draining, then exiting",
                     signal.Signals(signum).name)
         registry.closing = True  # ready turns 503 for load balancers at once
         server.should_exit = True
+        stopped.set()
         if metrics_server is not None:
             metrics_server.should_exit = True
         drain_grpc()
@@ -126,6 +152,13 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
         if metrics_server is not None else None
     registry.drive_on(loop)
     registry.start_loading()
+    if fronts is not None:
+        fronts.start()
+        # the address is printed once it takes connections: each front end listens before
+        # it connects to the relay
+        if not await relay.wait_for_front_ends(settings.http_workers, FRONT_ENDS_START_S):
+            log.warning("workerpool serve: %d of %d HTTP front ends started within %g s",
+                        relay.front_ends, settings.http_workers, FRONT_ENDS_START_S)
     if host in ("0.0.0.0", "::"):
         log.warning("workerpool serve: listening on every interface (%s); anyone who can "
                     "reach this machine can call the models. Set --api-key", host)
@@ -137,8 +170,15 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
         print(f"workerpool serve: metrics http://{host}:{metrics_sock.getsockname()[1]}"
               "/metrics", flush=True)
     try:
-        await server.serve(sockets=[sock])
+        if fronts is None:
+            await server.serve(sockets=[sock])
+        else:
+            await stopped.wait()
     finally:
+        if fronts is not None:
+            await asyncio.to_thread(fronts.stop, drain_timeout)  # the relay answers meanwhile
+            await relay.close()
+            sock.close()
         drain_grpc()
         await asyncio.gather(*grpc_draining, return_exceptions=True)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -152,6 +192,17 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
             await asyncio.gather(metrics_task, return_exceptions=True)
         await asyncio.to_thread(registry.close, drain_timeout)
     return 0
+
+
+async def start_relay(app: App, address: tuple[str, int], settings: ServerSettings):
+    """--http-workers: the relay on this loop and the front ends (not started yet), each to
+    listen on ``address``."""
+    from .http_workers import HttpWorkers
+    from .relay import Relay
+
+    relay = Relay(app)
+    await relay.start()
+    return HttpWorkers(settings.http_workers, address, relay.path, settings), relay
 
 
 async def start_grpc(app: App, settings: ServerSettings) -> list[tuple]:

@@ -63,6 +63,7 @@ class ServerSettings:
     watch: bool = False
     watch_interval: float = 2.0
     max_memory: int | None = None  # bytes the server's process tree may hold (PSS)
+    http_workers: int = 1  # front-end processes on the port; 1: the server's own process
     http: str = "httptools"
     loop: str = "uvloop"
 
@@ -70,7 +71,7 @@ class ServerSettings:
     FILE_KEYS = ("host", "port", "metrics_port", "grpc_port", "tf_serving_port", "api_key",
                  "max_request_bytes", "max_header_bytes", "header_timeout", "max_models",
                  "drain_timeout", "debug", "allow_sources", "watch", "watch_interval",
-                 "max_memory")
+                 "max_memory", "http_workers")
 
     def __post_init__(self):
         self._type("host", str)
@@ -79,7 +80,7 @@ class ServerSettings:
             if value is not None and (not _is_int(value) or not 0 <= value <= 65535):
                 raise ConfigError(f"{key} must be a port number (0: any free one), got "
                                   f"{value!r}")
-        for key in ("max_request_bytes", "max_header_bytes", "max_models"):
+        for key in ("max_request_bytes", "max_header_bytes", "max_models", "http_workers"):
             value = getattr(self, key)
             if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")

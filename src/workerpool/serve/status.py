@@ -20,7 +20,8 @@ def status_report(registry: Registry) -> dict:
     return {
         "server": {"version": __version__, "pid": os.getpid(), "ready": registry.ready,
                    "uptime_s": round(time.time() - _STARTED, 1),
-                   "memory_budget": budget_report(registry.budget)},
+                   "memory_budget": budget_report(registry.budget),
+                   "http_workers": http_workers_report(registry.http_workers)},
         "models": [model_report(model) for model in registry.models],
     }
 
@@ -31,6 +32,13 @@ def budget_report(budget) -> dict | None:
         return None
     return {"max_bytes": budget.max_bytes, "used_bytes": budget.used,
             "workers_released": budget.releases}
+
+
+def http_workers_report(http_workers) -> dict | None:
+    """--http-workers: the front-end processes serving now, and how many were replaced."""
+    if http_workers is None:
+        return None
+    return {"pids": http_workers.pids(), "restarts": http_workers.restarts}
 
 
 def model_report(model) -> dict:

@@ -46,22 +46,17 @@ class App:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
         exchange = Exchange(scope, receive, send)
         try:
             if self.api_key is not None and exchange.path not in OPEN_ROUTES:
-                self.check_key(scope["headers"])
+                require_key(scope["headers"], self.api_key)
             await self.route(exchange)
         except Exception as error:  # noqa: BLE001 - every error is an answer, never a crash
             await exchange.error(error, self.debug)
-
-    def check_key(self, headers) -> None:
-        if not key_matches(headers, self.api_key):
-            raise Unauthorized("this server needs its API key: send 'Authorization: Bearer "
-                               "<key>' (or 'X-API-Key: <key>')")
 
     async def route(self, exchange: Exchange) -> None:
         path = exchange.path
@@ -102,7 +97,14 @@ class MetricsPortApp:
         await self.app(scope, receive, send)
 
 
-async def _lifespan(receive, send) -> None:
+def require_key(headers, api_key: bytes) -> None:
+    """Unauthorized unless the request's ``headers`` carry ``api_key``."""
+    if not key_matches(headers, api_key):
+        raise Unauthorized("this server needs its API key: send 'Authorization: Bearer "
+                           "<key>' (or 'X-API-Key: <key>')")
+
+
+async def answer_lifespan(receive, send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

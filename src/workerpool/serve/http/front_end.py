@@ -1,0 +1,207 @@
+"""An HTTP front-end process of ``workerpool serve --http-workers N``.
+
+    python -m workerpool.serve.http.front_end      (started by serve/http_workers.py; its
+                                                    boot JSON on stdin)
+
+It listens on the server's port beside the other front ends (SO_REUSEPORT) and answers
+with the same routes as the server's own process:
+
+    POST /v2/models/{m}[/versions/{v}]/infer   decoded and encoded here (kserve.infer, the
+                                               same code as in one process); the inference
+                                               itself runs in the server (relay.py "infer")
+    anything else                              relayed whole to the server's app (relay.py
+                                               "http"): repository, metadata, health,
+                                               status, metrics, TF Serving REST
+
+The API key is checked here for infer and by the server's app for what is relayed. The
+process ends when the server's process does (a pidfd lifeline), and drains on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import signal
+import socket
+import sys
+
+from ...ipc.endpoints import remove_private_dir
+from ...serving.errors import NotReady
+from ...workers.main import exit_when_any_dies
+from ..relay import RelayClient
+from ..settings import ServerSettings
+from . import kserve
+from .app import answer_lifespan, require_key
+from .exchange import Exchange
+
+
+class RemoteInference:
+    """kserve.infer's ``call`` in a front end: ``run`` asks the server."""
+
+    def __init__(self, plane: "RemotePlane", name: str, version: str | None, protocol: str,
+                 started: float):
+        self.plane, self.name, self.version = plane, name, version
+        self.protocol, self.started = protocol, started
+        self.model = None  # (name, version) of the model that answered, after run
+        self.reached_server = False  # the server counted it (outcome included)
+
+    async def run(self, inputs: dict, outputs: list[str] | None = None):
+        message = {"kind": "infer", "name": self.name, "version": self.version,
+                   "protocol": self.protocol, "started": self.started, "inputs": inputs,
+                   "outputs": outputs}
+        try:
+            name, version, answer = await self.plane.client.call(message)
+        except Exception:
+            self.reached_server = True
+            raise
+        self.reached_server = True
+        self.model = _Answered(name, version)
+        return answer
+
+
+class _Answered:
+    __slots__ = ("name", "version")
+
+    def __init__(self, name: str, version: str):
+        self.name, self.version = name, version
+
+
+class RemotePlane:
+    """What kserve.infer reads of the data plane, in a front end."""
+
+    def __init__(self, client: RelayClient, max_tensor_bytes: int):
+        self.client = client
+        self.max_tensor_bytes = max_tensor_bytes
+
+    @contextlib.contextmanager
+    def inference(self, name: str, version: str | None, protocol: str, started: float):
+        call = RemoteInference(self, name, version, protocol, started)
+        try:
+            yield call
+        except Exception as error:
+            if not call.reached_server:  # failed here (a body that does not decode)
+                self._count(call, error)
+            raise
+
+    def _count(self, call: RemoteInference, error: Exception) -> None:
+        from ...ipc import wire
+
+        message = {"kind": "count", "name": call.name, "protocol": call.protocol,
+                   "started": call.started, "error": wire.describe_error(error, 1 << 16)}
+        self.client.notify(message)
+
+
+class FrontApp:
+    """The ASGI app of a front-end process."""
+
+    def __init__(self, client: RelayClient, settings: ServerSettings):
+        self.client = client
+        self.api_key = settings.api_key.encode() if settings.api_key else None
+        self.max_request_bytes = settings.max_request_bytes
+        self.debug = settings.debug
+        self.plane = RemotePlane(client, settings.max_request_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        exchange = Exchange(scope, receive, send)
+        try:
+            target = _infer_target(exchange)
+            if target is None:
+                await self.relay(exchange)
+                return
+            if self.api_key is not None:
+                require_key(scope["headers"], self.api_key)
+            await kserve.infer(self, exchange, *target)
+        except Exception as error:  # noqa: BLE001 - every error is an answer, never a crash
+            await exchange.error(error, self.debug)
+
+    async def relay(self, exchange: Exchange) -> None:
+        """The whole request to the server's app; its answer back as it is."""
+        scope = exchange.scope
+        body = await exchange.body(self.max_request_bytes)
+        message = {"kind": "http", "method": exchange.method, "path": exchange.path,
+                   "raw_path": scope.get("raw_path") or exchange.path.encode(),
+                   "query_string": scope.get("query_string", b""),
+                   "http_version": scope.get("http_version", "1.1"),
+                   "headers": [list(pair) for pair in scope["headers"]],
+                   "client": list(scope["client"]) if scope.get("client") else None,
+                   "server": list(scope["server"]) if scope.get("server") else None,
+                   "body": body}
+        try:
+            status, headers, answer = await self.client.call(message)
+        except Exception as exc:
+            raise NotReady(f"the server could not answer: {exc}") from exc
+        await exchange.send({"type": "http.response.start", "status": status,
+                             "headers": [tuple(pair) for pair in headers]})
+        await exchange.send({"type": "http.response.body", "body": answer})
+
+
+def _infer_target(exchange: Exchange) -> tuple[str, str | None] | None:
+    """(model, version) of a KServe v2 infer request; None for every other request."""
+    if exchange.method != "POST":
+        return None
+    parts = exchange.path.strip("/").split("/")
+    if len(parts) == 4 and parts[0] == "v2" and parts[1] == "models" and parts[3] == "infer":
+        return parts[2], None
+    if len(parts) == 6 and parts[:2] == ["v2", "models"] and parts[3] == "versions" \
+            and parts[5] == "infer":
+        return parts[2], parts[4]
+    return None
+
+
+async def serve(settings: ServerSettings, sock: socket.socket, relay_path: str) -> int:
+    from ..server import http_server
+
+    server = None
+
+    def drain() -> None:
+        server.should_exit = True
+
+    client = RelayClient(relay_path, on_lost=drain)  # the server's end closed: stop too
+    await client.connect()
+    server = http_server(FrontApp(client, settings), settings)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, drain)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        client.close()
+    return 0
+
+
+def main() -> int:
+    # Ctrl-C reaches the whole process group; the server's process decides, then tells
+    # us (SIGTERM), so requests in flight drain in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    boot = json.load(sys.stdin)
+    sys.stdin.close()
+    # the server's process killed: its relay directory is ours to remove
+    exit_when_any_dies([os.pidfd_open(boot["server_pid"])], before_exit=functools.partial(
+        remove_private_dir, os.path.dirname(boot["relay"])))
+    if os.getppid() != boot["server_pid"]:
+        return 0  # the server died before the lifeline watched it
+    values = boot["settings"]
+    values["allow_sources"] = tuple(values["allow_sources"])
+    settings = ServerSettings(**values)
+    from ..server import bind
+
+    host, port = boot["address"]
+    sock = bind(host, port, reuse_port=True)
+    if settings.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(serve(settings, sock, boot["relay"]))
+    return asyncio.run(serve(settings, sock, boot["relay"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
