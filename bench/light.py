@@ -7,19 +7,29 @@ processes on this machine's cores:
 - ``workerpool serve``: one front-end process, the model in ``--workers`` pool workers;
   KServe v2 JSON and binary-tensor bodies over HTTP, and KServe v2 gRPC (raw tensor
   contents; bench/grpc_load.py, grpc.aio, concurrent calls on one channel);
+- ``workerpool serve --http-workers N`` for each N of ``--http-workers`` past 1: N HTTP
+  front-end processes relaying to the server's process (JSON and binary);
 - ``gunicorn -w N`` with uvicorn workers (httptools, uvloop) and a FastAPI app holding the
   model in each HTTP worker (bench/peers/light; its own venv, bench/.venvs/light): the
   same KServe v2 JSON body, the same JSON answer.
 
+Bodies: one row as JSON, as binary tensors and over gRPC; and 256 rows as JSON (~330 KB,
+``json_256rows``, a twentieth of the requests), where decoding JSON costs the front end
+milliseconds and front ends in parallel pay off even on two cores. Binary and gRPC rows are
+compared with gunicorn's answer to the one-row JSON body.
+
 Each is called by bench/http_load.py (its own process) at 32 connections and at 1, for
 ``--rounds`` interleaved rounds (medians). CPU per request is the CPU time of each server's
 process tree during the trial over its requests; for workerpool, the front-end process's
-share is said apart (the issue's target: <= 80 us JSON, <= 60 us binary). Every server's
+share is said apart: the server's own process and its HTTP front ends (the issue's target:
+<= 80 us JSON, <= 60 us binary), and with --http-workers the server's process alone (what
+bounds it on a machine with more cores: 1 / that CPU is its ceiling in req/s). Every server's
 answers (gRPC's too) are checked against the model called here before the run.
 
 Prints JSON and writes bench/results/light.md.
 
     .venv/bin/python bench/light.py [--rounds 3] [--requests 8000] [--workers 2]
+        [--http-workers 1,2]
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from serve import run_load
 
 HERE = pathlib.Path(__file__).resolve().parent
 PATH = "/v2/models/light/infer"
+BIG_ROWS = 256  # the big JSON body's rows (~330 KB)
 
 
 def bodies(directory: pathlib.Path) -> dict[str, tuple[pathlib.Path, dict]]:
@@ -61,7 +72,12 @@ def bodies(directory: pathlib.Path) -> dict[str, tuple[pathlib.Path, dict]]:
     (directory / "json.body").write_text(json.dumps(
         {"inputs": [{**tensor, "data": x.ravel().tolist()}]}))
     (directory / "grpc.body").write_bytes(kserve_request(x, "light").SerializeToString())
+    rows = light_model.example(BIG_ROWS)  # where parsing JSON, not the server, costs most
+    (directory / "json_rows.body").write_text(json.dumps(
+        {"inputs": [{**tensor, "shape": list(rows.shape), "data": rows.tolist()}]}))
     return {"json": (directory / "json.body", {"Content-Type": "application/json"}),
+            f"json_{BIG_ROWS}rows": (directory / "json_rows.body",
+                                     {"Content-Type": "application/json"}),
             "binary": (directory / "binary.body",
                        {"Inference-Header-Content-Length": str(len(header))}),
             "grpc": (directory / "grpc.body", None)}
@@ -102,8 +118,9 @@ class Server:
             return None
         return np.asarray(out["data"], np.float32).reshape(out["shape"])
 
-    def cpu_seconds(self) -> tuple[float, float]:
-        """CPU time so far of (this server's first process, all its descendants)."""
+    def cpu_seconds(self) -> tuple[float, float, float]:
+        """CPU time so far of (this server's first process, its HTTP front-end processes,
+        every other descendant)."""
         def cpu(p):
             try:
                 t = p.cpu_times()
@@ -111,8 +128,17 @@ class Server:
             except psutil.NoSuchProcess:
                 return 0.0
 
+        def is_front_end(p):
+            try:
+                return "workerpool.serve.http.front_end" in p.cmdline()
+            except psutil.NoSuchProcess:
+                return False
+
         root = psutil.Process(self.process.pid)
-        return cpu(root), sum(cpu(p) for p in root.children(recursive=True))
+        children = root.children(recursive=True)
+        fronts = [p for p in children if is_front_end(p)]
+        return (cpu(root), sum(cpu(p) for p in fronts),
+                sum(cpu(p) for p in children if p not in fronts))
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -124,15 +150,19 @@ class Server:
             self.process.wait()
 
 
-def start_workerpool(workers: int, directory: pathlib.Path) -> Server:
+def start_workerpool(workers: int, directory: pathlib.Path, http_workers: int) -> Server:
     config = directory / "serve.toml"
     config.write_text('[models.light]\nsource = "light_model:load"\n'
                       'predict = "light_model:predict"\n'
                       'inputs = [{name = "features", datatype = "FP32", shape = [-1, 64]}]\n')
-    port, grpc_port = free_port(), free_port()
-    return Server("workerpool serve", [sys.executable, "-m", "workerpool", "serve", "--port",
-                                       str(port), "--grpc-port", str(grpc_port), "--config",
-                                       str(config), "--workers", str(workers)], port,
+    port = free_port()
+    command = [sys.executable, "-m", "workerpool", "serve", "--port", str(port), "--config",
+               str(config), "--workers", str(workers)]
+    if http_workers > 1:  # gRPC is served by the server's own process either way
+        return Server(f"workerpool serve --http-workers {http_workers}",
+                      [*command, "--http-workers", str(http_workers)], port)
+    grpc_port = free_port()
+    return Server("workerpool serve", [*command, "--grpc-port", str(grpc_port)], port,
                   grpc_port=grpc_port)
 
 
@@ -147,7 +177,7 @@ def start_gunicorn(workers: int) -> Server:
 
 def trial(server: Server, body: tuple, connections: int, requests: int) -> dict:
     path, headers = body
-    front0, rest0 = server.cpu_seconds()
+    own0, fronts0, rest0 = server.cpu_seconds()
     if headers is None:  # gRPC
         result = run_load("grpc_load.py", [f"127.0.0.1:{server.grpc_port}", KSERVE_INFER,
                                            str(path)], connections, requests)
@@ -155,11 +185,13 @@ def trial(server: Server, body: tuple, connections: int, requests: int) -> dict:
         result = run_load("http_load.py", ["127.0.0.1", str(server.port), PATH, str(path),
                                            "--headers-json", json.dumps(headers)],
                           connections, requests)
-    front1, rest1 = server.cpu_seconds()
+    own1, fronts1, rest1 = server.cpu_seconds()
     # the load generator's warm-up requests ran in the same window
     served = result["requests"] + min(requests // 10, 500)
-    result["cpu_us_per_request"] = 1e6 * (front1 - front0 + rest1 - rest0) / served
-    result["front_cpu_us_per_request"] = 1e6 * (front1 - front0) / served
+    own, fronts, rest = own1 - own0, fronts1 - fronts0, rest1 - rest0
+    result["cpu_us_per_request"] = 1e6 * (own + fronts + rest) / served
+    result["front_cpu_us_per_request"] = 1e6 * (own + fronts) / served
+    result["server_process_cpu_us_per_request"] = 1e6 * own / served
     return result
 
 
@@ -169,7 +201,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8000,
                         help="per trial at 32 clients (a quarter of it at 1 client)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--http-workers", default="1,2",
+                        help="workerpool servers to run, one per number of HTTP front ends")
     args = parser.parse_args()
+    http_workers = [int(n) for n in args.http_workers.split(",")]
 
     directory = pathlib.Path(tempfile.mkdtemp(prefix="bench-light-"))
     request_bodies = bodies(directory)
@@ -178,7 +213,8 @@ def main() -> None:
     servers = []
     trials: dict[tuple, list[dict]] = {}
     try:
-        servers = [start_gunicorn(args.workers), start_workerpool(args.workers, directory)]
+        servers = [start_gunicorn(args.workers),
+                   *(start_workerpool(args.workers, directory, n) for n in http_workers)]
         for server in servers:
             answers = {"HTTP JSON": server.answer(x)}
             if server.grpc_port is not None:
@@ -193,11 +229,14 @@ def main() -> None:
             for connections in (32, 1):
                 requests = args.requests if connections > 1 else args.requests // 4
                 for server in servers:
-                    kinds = ["json"] if server.name.startswith("gunicorn") else \
-                        list(request_bodies)
+                    kinds = [k for k in request_bodies if k.startswith("json")] \
+                        if server.name.startswith("gunicorn") else \
+                        [k for k in request_bodies if k != "grpc" or server.grpc_port]
                     for kind in kinds:
                         key = (server.name, kind, connections)
-                        result = trial(server, request_bodies[kind], connections, requests)
+                        # the big body takes ~40x as long to answer
+                        n = requests // 20 if kind.startswith("json_") else requests
+                        result = trial(server, request_bodies[kind], connections, n)
                         trials.setdefault(key, []).append(result)
                         log(key, f"{result['requests_per_s']:.0f} req/s, p50 "
                                  f"{result['p50_ms']:.3f} ms, "
@@ -208,30 +247,35 @@ def main() -> None:
             server.stop()
         shutil.rmtree(directory, ignore_errors=True)
     rows = []
-    baseline = {c: statistics.median(t["requests_per_s"] for t in trials[(s, "json", c)])
-                for (s, _, c) in trials if s.startswith("gunicorn")}
-    base_p50 = {c: statistics.median(t["p50_ms"] for t in trials[(s, "json", c)])
-                for (s, _, c) in trials if s.startswith("gunicorn")}
+    # against gunicorn's answer to the same request (binary and gRPC: to the small JSON one)
+    baseline = {(b, c): statistics.median(t["requests_per_s"] for t in trials[(s, b, c)])
+                for (s, b, c) in trials if s.startswith("gunicorn")}
+    base_p50 = {(b, c): statistics.median(t["p50_ms"] for t in trials[(s, b, c)])
+                for (s, b, c) in trials if s.startswith("gunicorn")}
     for (name, kind, connections), results in trials.items():
         row = {"server": name, "body": kind, "clients": connections}
         for field in ("requests_per_s", "p50_ms", "p99_ms", "cpu_us_per_request",
-                      "front_cpu_us_per_request"):
+                      "front_cpu_us_per_request", "server_process_cpu_us_per_request"):
             row[field] = round(statistics.median(t[field] for t in results), 3)
-        row["rps_vs_gunicorn"] = round(row["requests_per_s"] / baseline[connections], 2)
-        row["p50_vs_gunicorn"] = round(row["p50_ms"] / base_p50[connections], 2)
+        same = (kind if kind.startswith("json") else "json", connections)
+        row["rps_vs_gunicorn"] = round(row["requests_per_s"] / baseline[same], 2)
+        row["p50_vs_gunicorn"] = round(row["p50_ms"] / base_p50[same], 2)
         rows.append(row)
-    binary = {r["clients"]: r["requests_per_s"] for r in rows if r["body"] == "binary"}
+    binary = {r["clients"]: r["requests_per_s"] for r in rows
+              if r["body"] == "binary" and r["server"] == "workerpool serve"}
     grpc_vs_binary = {r["clients"]: round(r["requests_per_s"] / binary[r["clients"]], 2)
                       for r in rows if r["body"] == "grpc"}
     columns = ["server", "body", "clients", "requests_per_s", "p50_ms", "p99_ms",
                "rps_vs_gunicorn", "p50_vs_gunicorn", "cpu_us_per_request",
-               "front_cpu_us_per_request"]
+               "front_cpu_us_per_request", "server_process_cpu_us_per_request"]
     markdown = (f"# A light model (logistic regression, 64 -> 10), {args.workers} workers, "
                 f"{os.cpu_count()} CPUs, medians of {args.rounds} rounds\n\n"
                 f"`{' '.join(['bench/light.py', *sys.argv[1:]])}`\n\n"
-                "front_cpu_us_per_request: the server's first process (workerpool's front end; "
-                "gunicorn's master, which serves nothing). body grpc: KServe v2 gRPC, "
-                "raw tensor contents.\n\n"
+                "front_cpu_us_per_request: the serving processes (workerpool's own process "
+                "and its HTTP front ends; gunicorn's master, which serves nothing); "
+                "server_process_cpu_us_per_request: the first process alone (with "
+                "--http-workers, what every request costs the one process that holds the "
+                "pools). body grpc: KServe v2 gRPC, raw tensor contents.\n\n"
                 + markdown_table(rows, columns)
                 + "\nKServe v2 gRPC req/s against HTTP binary (target >= 0.9x): "
                 + ", ".join(f"{ratio}x at {c} clients" for c, ratio in grpc_vs_binary.items())
