@@ -21,7 +21,7 @@ Measured with py-spy on the relay over ZeroMQ (light model, 32 clients, 2 front 
 zmq's Socket.send was 40% of the server process's main-thread samples and 18% of a front
 end's. On a stream the loop's thread writes once (uvloop, a syscall) and the peer's loop
 reads it directly. The framing is a length per part: a message is
-``<request id: u64><parts: u32><lengths: u32 each><parts>`` (no library frames parts of a
+``<request id: u64><parts: u32><lengths: u64 each><parts>`` (no library frames parts of a
 stream for asyncio's protocols; this is struct and a buffer).
 """
 
@@ -82,7 +82,7 @@ class FramedStream(asyncio.Protocol):
             raise ConnectionError("the relay's connection is closed")
         sizes = [len(part) if isinstance(part, bytes) else memoryview(part).nbytes
                  for part in parts]
-        head = _HEAD.pack(request_id, len(parts)) + struct.pack(f"<{len(parts)}I", *sizes)
+        head = _HEAD.pack(request_id, len(parts)) + struct.pack(f"<{len(parts)}Q", *sizes)
         self.transport.writelines([head, *parts])
 
     def data_received(self, data: bytes) -> None:
@@ -92,10 +92,10 @@ class FramedStream(asyncio.Protocol):
         while end - offset >= _HEAD.size:
             request_id, count = _HEAD.unpack_from(buffer, offset)
             sizes_at = offset + _HEAD.size
-            if end - sizes_at < 4 * count:
+            if end - sizes_at < 8 * count:
                 break
-            sizes = struct.unpack_from(f"<{count}I", buffer, sizes_at)
-            body_at = sizes_at + 4 * count
+            sizes = struct.unpack_from(f"<{count}Q", buffer, sizes_at)
+            body_at = sizes_at + 8 * count
             if end - body_at < sum(sizes):
                 break
             body = memoryview(bytes(buffer[body_at:body_at + sum(sizes)]))
@@ -184,7 +184,10 @@ class Relay:
             header, body = self.codec.encode(reply)
         except Exception as exc:  # noqa: BLE001 - an output the codec cannot carry
             header, body = self.codec.encode({"error": wire.describe_error(exc, _ERROR_BYTES)})
-        stream.send(request_id, [header, *body])
+        try:
+            stream.send(request_id, [header, *body])
+        except Exception as exc:  # noqa: BLE001 - its connection closed meanwhile
+            log.warning("relay: an answer was not sent: %s", exc)
 
     async def _infer(self, message: dict) -> list:
         plane = self.app.plane
