@@ -27,7 +27,7 @@ import tritonclient.http as triton
 
 import modelzoo
 from serve_models import save_version, version_of
-from test_serve import Server, infer, metric_samples
+from test_serve import Server, assert_sigterm_drains_under_load, infer, metric_samples
 from testkit import Traffic, is_running, wait_until
 
 pytestmark = pytest.mark.module_pool
@@ -350,35 +350,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_reaps_the_front_e
             report["models"][0]["zygote_pid"],
             *[w["pid"] for w in report["models"][0]["workers"]]]
     relay_dir = os.path.dirname(relay_socket_of(server.process.pid))
-    body = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
-                                   "data": [0.3]}]}).encode()
-    answered, stop = [], threading.Event()
-
-    def client_loop():
-        while not stop.is_set():
-            connection = http.client.HTTPConnection(server.host, server.port, timeout=60)
-            try:
-                connection.request("POST", "/v2/models/numbers/infer", body)
-                response = connection.getresponse()
-                answered.append((response.status, response.read()))
-            except (ConnectionError, OSError):
-                pass  # not accepted: the server had stopped listening
-            finally:
-                connection.close()
-
-    threads = [threading.Thread(target=client_loop) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    assert wait_until(lambda: len(answered) >= 8, 60)
-    server.process.send_signal(signal.SIGTERM)
-    code = server.stop()
-    stop.set()
-    for thread in threads:
-        thread.join()
-    assert code == 0
-    assert answered and all(status == 200 for status, _ in answered), \
-        [a for a in answered if a[0] != 200][:3]
-    assert wait_until(lambda: not any(is_running(pid) for pid in pids), 10)
+    assert_sigterm_drains_under_load(server, pids)
     assert not os.path.exists(relay_dir)
 
 

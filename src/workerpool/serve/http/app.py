@@ -30,7 +30,30 @@ from .exchange import Exchange
 OPEN_ROUTES = {"/v2/health/live", "/v2/health/ready", "/"}  # no API key needed
 
 
-class App:
+class AsgiApp:
+    """What every HTTP app of the server does around its routes: the lifespan answered,
+    other scopes ignored, every error an answer (never a crash). ``handle(exchange)``: the
+    request."""
+
+    debug = False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        exchange = Exchange(scope, receive, send)
+        try:
+            await self.handle(exchange)
+        except Exception as error:  # noqa: BLE001 - every error is an answer, never a crash
+            await exchange.error(error, self.debug)
+
+    async def handle(self, exchange: Exchange) -> None:
+        raise NotImplementedError
+
+
+class App(AsgiApp):
     """The ASGI callable ``uvicorn`` runs."""
 
     def __init__(self, registry: Registry, *, api_key: str | None = None,
@@ -44,19 +67,10 @@ class App:
         self.status_page = importlib.resources.files("workerpool.serve").joinpath(
             "status.html").read_bytes()
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "lifespan":
-            await answer_lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        exchange = Exchange(scope, receive, send)
-        try:
-            if self.api_key is not None and exchange.path not in OPEN_ROUTES:
-                require_key(scope["headers"], self.api_key)
-            await self.route(exchange)
-        except Exception as error:  # noqa: BLE001 - every error is an answer, never a crash
-            await exchange.error(error, self.debug)
+    async def handle(self, exchange: Exchange) -> None:
+        if self.api_key is not None and exchange.path not in OPEN_ROUTES:
+            require_key(exchange.scope["headers"], self.api_key)
+        await self.route(exchange)
 
     async def route(self, exchange: Exchange) -> None:
         path = exchange.path

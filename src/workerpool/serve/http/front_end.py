@@ -34,7 +34,7 @@ from ...workers.main import exit_when_any_dies
 from ..relay import RelayClient
 from ..settings import ServerSettings
 from . import kserve
-from .app import answer_lifespan, require_key
+from .app import AsgiApp, require_key
 from .exchange import Exchange
 
 
@@ -94,7 +94,7 @@ class RemotePlane:
         self.client.notify(message)
 
 
-class FrontApp:
+class FrontApp(AsgiApp):
     """The ASGI app of a front-end process."""
 
     def __init__(self, client: RelayClient, settings: ServerSettings):
@@ -104,23 +104,14 @@ class FrontApp:
         self.debug = settings.debug
         self.plane = RemotePlane(client, settings.max_request_bytes)
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "lifespan":
-            await answer_lifespan(receive, send)
+    async def handle(self, exchange: Exchange) -> None:
+        target = _infer_target(exchange)
+        if target is None:
+            await self.relay(exchange)
             return
-        if scope["type"] != "http":
-            return
-        exchange = Exchange(scope, receive, send)
-        try:
-            target = _infer_target(exchange)
-            if target is None:
-                await self.relay(exchange)
-                return
-            if self.api_key is not None:
-                require_key(scope["headers"], self.api_key)
-            await kserve.infer(self, exchange, *target)
-        except Exception as error:  # noqa: BLE001 - every error is an answer, never a crash
-            await exchange.error(error, self.debug)
+        if self.api_key is not None:
+            require_key(exchange.scope["headers"], self.api_key)
+        await kserve.infer(self, exchange, *target)
 
     async def relay(self, exchange: Exchange) -> None:
         """The whole request to the server's app; its answer back as it is."""
