@@ -292,8 +292,10 @@ def test_hot_swaps_under_traffic_through_front_ends_fail_nothing(server, files):
 def test_a_killed_front_end_is_replaced_and_its_replacement_serves(server):
     before = front_ends(server)
     os.kill(before[0], signal.SIGKILL)
-    # (until it is gone, a connection the kernel hashed to its socket is reset with it)
-    assert wait_until(lambda: not is_running(before[0]), 10)
+    # Until it is reaped, a connection the kernel hashed to its socket is reset with it:
+    # its first thread is a zombie while the others still exit and hold its fds open
+    # (measured: resets 3-11 ms after the zombie state, none after reaping)
+    assert wait_until(lambda: not psutil.pid_exists(before[0]), 10)
     assert wait_until(lambda: len(front_ends(server)) == 2 and before[0] not in
                       front_ends(server), 30), front_ends(server)
     after = front_ends(server)
