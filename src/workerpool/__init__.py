@@ -4,9 +4,26 @@ from .errors import (BatchShapeError, ConfigError, EncodeError, InputMismatch, M
                      ModelSourceError, OutputEncodeError, OutputTooLarge, PoolBroken, PoolClosed,
                      PoolStartError, ProtocolError, QueueFull, ReloadFailed, RemoteError,
                      TaskTimeout, WorkerCrashed, WorkerpoolError, WrongProcess)
-from .pool.pool import Pool
-from .pool.runtime import Runtime
 from .signature import TensorSpec
+
+# Pool and Runtime are imported on first use (PEP 562): a process that uses a part of the
+# package (an HTTP front end of `workerpool serve`) does not hold the pool's modules
+# (measured: 4.4 MiB of USS for `import workerpool` before).
+_LAZY = {"Pool": ".pool.pool", "Runtime": ".pool.runtime"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})
 
 __all__ = [
     "Pool", "Runtime", "WorkerpoolError", "PoolClosed", "PoolBroken", "PoolStartError", "WorkerCrashed",

@@ -17,63 +17,23 @@
 Every request head is bounded in bytes, lines and time (http/guard.py), on the main
 port and on --metrics-port, which serves the same app's /metrics (API key included).
 
-uvicorn's own signal handling is off: it re-raises the signal after shutting down, which
-would end the process with the signal instead of 0 after a clean drain.
+Sockets and uvicorn servers are made in listen.py (the front ends make theirs there too).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import socket
-
-import uvicorn
 
 from .http.app import App, MetricsPortApp
-from .http.guard import HeadLimits, protocol_class
+from .listen import bind, has_module, http_server
 from .registry import Registry
-from .settings import MAX_HEADERS, ServerSettings
+from .settings import ServerSettings
 
 log = logging.getLogger("workerpool.serve")
 
 FRONT_ENDS_START_S = 60.0  # how long the address waits for --http-workers to listen
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield  # run() handles SIGTERM and SIGINT
-
-
-def bind(host: str, port: int, *, reuse_port: bool = False,
-         listen: bool = True) -> socket.socket:
-    """A TCP socket on (host, port), listening unless told not to. ``reuse_port``: one of a
-    group on the same port (SO_REUSEPORT: the kernel spreads new connections over the
-    group's listening sockets)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    if listen:
-        sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
-def http_server(app, settings: ServerSettings) -> _Server:
-    """A uvicorn server for the ASGI ``app``, its request heads bounded (http/guard.py)."""
-    http = settings.http if _has(settings.http) else "h11"
-    head = HeadLimits(settings.max_header_bytes, MAX_HEADERS, settings.header_timeout)
-    config = uvicorn.Config(app, http=protocol_class(http, head),
-                            h11_max_incomplete_event_size=head.max_bytes,
-                            lifespan="off", access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=int(max(1, settings.drain_timeout)),
-                            timeout_keep_alive=30)
-    return _Server(config)
 
 
 async def serve(registry: Registry, app: App, settings: ServerSettings,
@@ -255,16 +215,8 @@ async def apply_config(registry: Registry, reread_config) -> None:
 def run(registry: Registry, app: App, settings: ServerSettings, reread_config=None) -> int:
     """Serve on a fresh event loop (uvloop's where installed and ``settings.loop`` says so;
     else the standard one)."""
-    if settings.loop == "uvloop" and _has("uvloop"):
+    if settings.loop == "uvloop" and has_module("uvloop"):
         import uvloop
 
         return uvloop.run(serve(registry, app, settings, reread_config))
     return asyncio.run(serve(registry, app, settings, reread_config))
-
-
-def _has(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True

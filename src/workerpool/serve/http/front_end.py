@@ -34,7 +34,7 @@ from ...workers.main import exit_when_any_dies
 from ..relay import RelayClient
 from ..settings import ServerSettings
 from . import kserve
-from .app import AsgiApp, require_key
+from .asgi import AsgiApp, require_key
 from .exchange import Exchange
 
 
@@ -148,7 +148,7 @@ def _infer_target(exchange: Exchange) -> tuple[str, str | None] | None:
 
 
 async def serve(settings: ServerSettings, sock: socket.socket, relay_path: str) -> int:
-    from ..server import http_server
+    from ..listen import http_server
 
     server = None
 
@@ -180,7 +180,7 @@ def main() -> int:
     values = boot["settings"]
     values["allow_sources"] = tuple(values["allow_sources"])
     settings = ServerSettings(**values)
-    from ..server import bind
+    from ..listen import bind
 
     host, port = boot["address"]
     sock = bind(host, port, reuse_port=True)
