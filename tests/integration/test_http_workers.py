@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import textwrap
 import threading
 import time
@@ -340,6 +341,13 @@ def test_the_api_key_is_asked_by_the_front_ends_and_by_what_they_relay():
         status, _, raw = server.post("/v2/models/numbers/infer", body, key)
         assert status == 200 and json.loads(raw)["outputs"][0]["data"] == [0.0]
         assert server.get("/status", {"Authorization": "Bearer s3cret"})[0] == 200
+        # refused before the body is read, on infer and on what is relayed: a client
+        # without the key cannot make a front end take --max-request-bytes
+        for path in ("/v2/models/numbers/infer", "/v2/repository/index"):
+            with socket.create_connection((server.host, server.port), timeout=30) as sock:
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+                             "Content-Length: 60000000\r\n\r\n".encode())  # no body
+                assert sock.recv(65536).startswith(b"HTTP/1.1 401"), path
     finally:
         assert server.stop() == 0
 

@@ -24,10 +24,9 @@ from ..metrics import CONTENT_TYPE, ServerMetrics
 from ..registry import Registry
 from ..status import status_report
 from . import kserve, tfserving
-from .asgi import AsgiApp, require_key
+from .asgi import OPEN_ROUTES, AsgiApp, require_key
 from .exchange import Exchange
 
-OPEN_ROUTES = {"/v2/health/live", "/v2/health/ready", "/"}  # no API key needed
 
 
 class App(AsgiApp):

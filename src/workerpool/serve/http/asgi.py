@@ -7,6 +7,8 @@ from ...serving.errors import Unauthorized
 from ..auth import key_matches
 from .exchange import Exchange
 
+OPEN_ROUTES = {"/v2/health/live", "/v2/health/ready", "/"}  # no API key needed
+
 
 class AsgiApp:
     """What every HTTP app of the server does around its routes: the lifespan answered,

@@ -13,7 +13,8 @@ with the same routes as the server's own process:
                                                "http"): repository, metadata, health,
                                                status, metrics, TF Serving REST
 
-The API key is checked here for infer and by the server's app for what is relayed. The
+The API key is checked here, before the body is read (and again by the server's app for
+what is relayed). The
 process ends when the server's process does (a pidfd lifeline), and drains on SIGTERM.
 """
 
@@ -28,13 +29,14 @@ import signal
 import socket
 import sys
 
+from ...ipc import wire
 from ...ipc.endpoints import remove_private_dir
 from ...serving.errors import NotReady
 from ...workers.main import exit_when_any_dies
 from ..relay import RelayClient
 from ..settings import ServerSettings
 from . import kserve
-from .asgi import AsgiApp, require_key
+from .asgi import OPEN_ROUTES, AsgiApp, require_key
 from .exchange import Exchange
 
 
@@ -87,8 +89,6 @@ class RemotePlane:
             raise
 
     def _count(self, call: RemoteInference, error: Exception) -> None:
-        from ...ipc import wire
-
         message = {"kind": "count", "name": call.name, "protocol": call.protocol,
                    "started": call.started, "error": wire.describe_error(error, 1 << 16)}
         self.client.notify(message)
@@ -105,13 +105,14 @@ class FrontApp(AsgiApp):
         self.plane = RemotePlane(client, settings.max_request_bytes)
 
     async def handle(self, exchange: Exchange) -> None:
+        # the key first, as the server's app asks it: before a byte of the body is read
+        if self.api_key is not None and exchange.path not in OPEN_ROUTES:
+            require_key(exchange.scope["headers"], self.api_key)
         target = _infer_target(exchange)
         if target is None:
             await self.relay(exchange)
-            return
-        if self.api_key is not None:
-            require_key(exchange.scope["headers"], self.api_key)
-        await kserve.infer(self, exchange, *target)
+        else:
+            await kserve.infer(self, exchange, *target)
 
     async def relay(self, exchange: Exchange) -> None:
         """The whole request to the server's app; its answer back as it is."""
