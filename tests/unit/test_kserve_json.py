@@ -83,7 +83,8 @@ def test_nested_data_flattens_as_the_value_by_value_walk_does(data):
         except BadRequest as exc:
             return str(exc)
 
-    assert outcome(kserve._flatten) == outcome(kserve._flatten_values)
+    levels = outcome(lambda d, n: kserve._flatten(d, n, set(map(type, d)))[0])
+    assert levels == outcome(kserve._flatten_values)
 
 
 def test_nesting_deeper_than_the_rank_limit_is_refused_both_ways():
@@ -94,7 +95,8 @@ def test_nesting_deeper_than_the_rank_limit_is_refused_both_ways():
         deepest_allowed = [deepest_allowed]
     for _ in range(MAX_RANK):
         too_deep = [too_deep]
-    assert kserve._flatten(deepest_allowed, "x") == [1.0]
-    for flatten in (kserve._flatten, kserve._flatten_values):
-        with pytest.raises(BadRequest, match="nested deeper"):
-            flatten(too_deep, "x")
+    assert kserve._flatten(deepest_allowed, "x", {list}) == ([1.0], {float})
+    with pytest.raises(BadRequest, match="nested deeper"):
+        kserve._flatten(too_deep, "x", {list})
+    with pytest.raises(BadRequest, match="nested deeper"):
+        kserve._flatten_values(too_deep, "x")

@@ -96,9 +96,7 @@ class HttpWorkers:
     def stop(self, timeout: float) -> None:
         """SIGTERM every front end, wait up to ``timeout`` seconds for their requests to
         finish, SIGKILL what remains; every one reaped."""
-        with self._lock:
-            self._stopping.set()
-            processes = [p for p in self.processes if p is not None]
+        processes = self._stop_replacing()
         for process in processes:
             _signal(process, signal.SIGTERM)
         deadline = time.monotonic() + timeout + 5  # uvicorn's own graceful bound, then ours
@@ -113,11 +111,14 @@ class HttpWorkers:
 
     def kill(self) -> None:
         """A second Ctrl-C: no draining."""
+        for process in self._stop_replacing():
+            _signal(process, signal.SIGKILL)
+
+    def _stop_replacing(self) -> list[subprocess.Popen]:
+        """No front end is started from now on; those started so far."""
         with self._lock:
             self._stopping.set()
-            processes = [p for p in self.processes if p is not None]
-        for process in processes:
-            _signal(process, signal.SIGKILL)
+            return [p for p in self.processes if p is not None]
 
 
 def _signal(process: subprocess.Popen, signum: int) -> None:

@@ -173,11 +173,9 @@ def _from_json(name: str, datatype: str, shape: list, count: int, data):
     # Type checks on the set of the values' types: C loops (~2 us for 64 values, where an
     # isinstance per value cost ~50 us). A parser makes exact types: bool is not an int here.
     types = set(map(type, data))
-    if types <= _SCALARS:
-        flat = data
-    else:  # nested data (or something no tensor holds: _flatten says what)
-        flat = _flatten(data, name)
-        types = set(map(type, flat))
+    flat = data
+    if not types <= _SCALARS:  # nested data (or something no tensor holds: _flatten says what)
+        flat, types = _flatten(data, name, types)
     if len(flat) != count:
         raise BadRequest(f"input {name!r}: shape {shape} needs {count} values, data has "
                          f"{len(flat)}")
@@ -217,21 +215,23 @@ def _with_non_finite(flat: list) -> list | None:
     return values
 
 
-def _flatten(data: list, name: str) -> list:
-    """Nested lists' values in order. Rectangular nesting goes a level at a time in C
+def _flatten(data: list, name: str, types: set) -> tuple[list, set]:
+    """Nested lists' values in order, and the set of their types (``types``: those of
+    ``data``'s own items). Rectangular nesting goes a level at a time in C
     (itertools.chain; a 256 x 64 body: 0.14 ms where a Python loop per value took 1.8 ms);
     a level mixing lists and values goes value by value, as before."""
-    flat = data
-    for depth in range(1, MAX_RANK + 1):
-        types = set(map(type, flat))
+    flat, depth = data, 1
+    while True:
         if types & _NOT_VALUES or (list in types and types != {list}):
-            return _flatten_values(data, name)  # (it names the first value no tensor holds)
+            flat = _flatten_values(data, name)  # (it names the first value no tensor holds)
+            return flat, set(map(type, flat))
         if list not in types:
-            return flat
+            return flat, types
         if depth >= MAX_RANK:
             raise BadRequest(f"input {name!r}: data is nested deeper than {MAX_RANK} levels")
         flat = list(itertools.chain.from_iterable(flat))
-    return flat  # (not reached: the last level raised)
+        types = set(map(type, flat))
+        depth += 1
 
 
 def _flatten_values(data: list, name: str) -> list:

@@ -33,6 +33,7 @@ from ...ipc import wire
 from ...ipc.endpoints import remove_private_dir
 from ...serving.errors import NotReady
 from ...workers.main import exit_when_any_dies
+from ..listen import bind, http_server
 from ..relay import RelayClient
 from ..settings import ServerSettings
 from . import kserve
@@ -56,10 +57,8 @@ class RemoteInference:
                    "outputs": outputs}
         try:
             name, version, answer = await self.plane.client.call(message)
-        except Exception:
+        finally:
             self.reached_server = True
-            raise
-        self.reached_server = True
         self.model = _Answered(name, version)
         return answer
 
@@ -149,8 +148,6 @@ def _infer_target(exchange: Exchange) -> tuple[str, str | None] | None:
 
 
 async def serve(settings: ServerSettings, sock: socket.socket, relay_path: str) -> int:
-    from ..listen import http_server
-
     server = None
 
     def drain() -> None:
@@ -181,8 +178,6 @@ def main() -> int:
     values = boot["settings"]
     values["allow_sources"] = tuple(values["allow_sources"])
     settings = ServerSettings(**values)
-    from ..listen import bind
-
     host, port = boot["address"]
     sock = bind(host, port, reuse_port=True)
     if settings.loop == "uvloop":
