@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -79,6 +80,35 @@ def test_a_loop_driven_pool_answers_everything_through_kills_a_swap_and_other_th
 
 def pool_pids(stats: dict) -> list[int]:
     return [w["pid"] for w in stats["workers"]] + [stats["zygote"]["pid"]]
+
+
+def test_a_caller_on_the_loop_is_answered_while_the_thread_hands_it_the_sockets(monkeypatch):
+    """stats() from a coroutine, posted after the thread saw drive_on but before its
+    driver exists: the loop must not wait for itself (it waited 30 s, then TimeoutError)."""
+    from workerpool.pool import dispatcher as dispatcher_module
+
+    handing_over = threading.Event()
+
+    class SlowToHandOver(dispatcher_module.LoopDriver):
+        def __init__(self, *args):
+            handing_over.set()
+            time.sleep(0.3)  # the window, widened: the thread is between its loop and take()
+            super().__init__(*args)
+
+    monkeypatch.setattr(dispatcher_module, "LoopDriver", SlowToHandOver)
+    pool = wp.Pool(modelzoo.numpy_model, double_slowly, workers=1)
+
+    async def main():
+        pool.drive_on(asyncio.get_running_loop())
+        assert handing_over.wait(10)  # blocks the loop: take() cannot run before stats()
+        dispatch = pool.stats(memory_usage=False)["dispatch"]  # TimeoutError if it waits
+        return dispatch, await pool.submit_async(rows(5))
+
+    try:
+        dispatch, answer = asyncio.run(main())
+    finally:
+        pool.close()
+    assert dispatch == "event loop" and np.array_equal(answer, rows(5) * 2)
 
 
 def test_a_stopped_loop_gives_the_pool_back_to_its_thread():

@@ -48,6 +48,9 @@ log = logging.getLogger("workerpool")
 
 # While an event loop holds the sockets, how often the thread checks that it still runs.
 HAND_BACK_CHECK_S = 0.5
+# A caller on that loop, waiting for a call before the loop took the sockets: how often it
+# looks whether it can take them itself.
+CALL_ON_LOOP_SLICE_S = 0.005
 
 __all__ = ["Dispatcher", "QueueGauge", "Request"]
 
@@ -112,7 +115,23 @@ class Dispatcher(threading.Thread):
             return fn()
         future: Future = Future()
         self.inbox.post((fn, future))
-        return future.result(timeout)
+        loop = self.hand_over_to
+        if loop is None or asyncio._get_running_loop() is not loop:
+            return future.result(timeout)
+        # On the loop the thread is handing the sockets to, before the driver exists: the
+        # loop may be the one to answer, and this caller blocks it. Wait in slices; once
+        # the driver appears, take the sockets here and read the inbox (this call is in it).
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return future.result(CALL_ON_LOOP_SLICE_S)
+            except TimeoutError:
+                driver = self._driver_here()
+                if driver is not None:
+                    driver.read_inbox_now()
+                    return future.result(0)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
 
     def on_owner_thread(self) -> bool:
         """True on the thread that runs the scheduler now."""

@@ -78,6 +78,10 @@ class LoopDriver:
             self._turn_queued = True
             self.loop.call_soon(self._turn)
 
+    def read_inbox_now(self) -> None:
+        """Read what other threads posted, at once (a caller on the loop blocking it)."""
+        self._on_inbox()
+
     def _on_inbox(self) -> None:
         if self._live():
             self._guarded(self.dispatcher.read_inbox)
