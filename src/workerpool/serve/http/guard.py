@@ -25,6 +25,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .cork import CorkedTransport
 from ..settings import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, MAX_HEADERS
 
 
@@ -120,7 +121,12 @@ class _HeadGuard:
 
 
 class GuardedHttpTools(_HeadGuard, HttpToolsProtocol):
-    """uvicorn's httptools protocol (the default) with the head bounded."""
+    """uvicorn's httptools protocol (the default) with the head bounded, and a response's
+    head and body sent in one write (cork.py)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.transport = CorkedTransport(transport, self.loop)
 
     def data_received(self, data: bytes) -> None:
         if self._count_head(data):
