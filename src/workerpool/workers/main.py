@@ -27,6 +27,22 @@ import threading
 from ..ipc.wire import EXIT_BOOT_ERROR, EXIT_OK, EXIT_PARENT_GONE, EXIT_SERVING_ERROR
 
 
+def import_worker_modules() -> None:
+    """Import what :func:`serve` uses, in a process that forks workers (the runtime, a
+    zygote) before it freezes its heap: every worker then starts with these modules in
+    pages it shares instead of importing its own copy after the fork, which each wake from
+    zero workers paid (and compiled them, where no bytecode cache is written)."""
+    import zmq  # noqa: F401
+
+    from .. import malloc  # noqa: F401
+    from ..frameworks import active_adapters
+    from ..ipc import endpoints, wire  # noqa: F401
+    from ..ipc.codec import Codec  # noqa: F401
+    from .runner import Runner  # noqa: F401
+
+    active_adapters()  # those of the frameworks imported so far
+
+
 def serve(model, predict, boot: dict) -> int:
     """Serve until told to stop; return the exit code. Never returns on parent death."""
     import zmq

@@ -53,19 +53,23 @@ class Runtime:
         self.parent_pid = parent_pid
         self.parent_pidfd = os.pidfd_open(parent_pid)
         self.children: dict[int, int] = {}  # pidfd -> pid: the zygotes and loaders forked
+        self.frozen = False  # the workers' own modules imported and frozen, once
 
     def import_frameworks(self, modules: list[str]) -> None:
         missing = [m for m in modules if m in PREIMPORTABLE and m not in sys.modules]
-        if not missing:
+        if not missing and self.frozen:
             return
         held = HeldBack("[workerpool runtime] ") if is_quiet() else None
         try:
-            zygote.preimport(",".join(missing))
+            if missing:
+                zygote.preimport(",".join(missing))
         finally:
             if held is not None:
                 held.release()
+        worker_main.import_worker_modules()
         gc.collect()
         gc.freeze()
+        self.frozen = True
 
     def fork_child(self, channel_fd: int, role: str) -> None:
         """A zygote or a loader (``role``) over ``channel_fd``; its pid and a pidfd back."""

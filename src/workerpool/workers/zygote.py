@@ -67,6 +67,7 @@ class Zygote:
         for fd in [self.weights_fd, *self.boot["file_fds"]]:
             os.close(fd)  # the mappings are all forked workers need
         self.weights_fd = -1
+        worker_main.import_worker_modules()  # (the adapter of the model's framework too)
         # Everything built so far is read-only for the workers: freeze it out of the cyclic
         # GC, whose full collections in a worker would otherwise write to every object's
         # header and copy the zygote's heap page by page (measured, a SavedModel's worker
