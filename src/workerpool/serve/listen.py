@@ -45,7 +45,7 @@ def http_server(app, settings: ServerSettings) -> _Server:
     head = HeadLimits(settings.max_header_bytes, MAX_HEADERS, settings.header_timeout)
     config = uvicorn.Config(app, http=protocol_class(http, head),
                             h11_max_incomplete_event_size=head.max_bytes,
-                            lifespan="off", access_log=False, log_level="warning",
+                            lifespan="off", ws="none", access_log=False, log_level="warning",
                             timeout_graceful_shutdown=int(max(1, settings.drain_timeout)),
                             timeout_keep_alive=30)
     return _Server(config)
