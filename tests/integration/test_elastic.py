@@ -5,6 +5,7 @@ same through `workerpool serve`."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -64,8 +65,10 @@ def test_a_pool_scaled_to_zero_stays_ready_and_wakes_by_fork_without_reloading(
     assert LOADS == [os.getpid()]  # load() ran once, in this process: no wake reloaded
 
 
-def test_it_grows_toward_workers_under_load_then_shrinks_to_min_workers(x_and_expected):
+def test_it_grows_toward_workers_under_load_then_shrinks_to_min_workers(x_and_expected,
+                                                                         caplog):
     x, expected = x_and_expected
+    caplog.set_level(logging.INFO, logger="workerpool")
     with wp.Pool(modelzoo.mlp, slow_predict, workers=3, min_workers=1,
                  idle_timeout=0.5) as pool:
         assert live(pool) == 1
@@ -79,6 +82,10 @@ def test_it_grows_toward_workers_under_load_then_shrinks_to_min_workers(x_and_ex
         assert max(seen) == 3  # grew to workers, never past it
         assert wait_until(lambda: live(pool) == 1, 10)  # back down to min_workers
         assert pool.stats(memory_usage=False)["scaled_down"] == 2
+        # a worker stopped for being idle is said to have stopped, not to have crashed
+        stopped = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()
+                   and "idle" not in r.getMessage()]
+        assert len(stopped) == 2 and not any("exited" in m for m in stopped), stopped
 
 
 def test_no_request_is_lost_while_workers_come_and_go_and_one_is_killed(x_and_expected):

@@ -556,8 +556,9 @@ class Scheduler:
         self.forget(worker)
         if worker.state == WorkerState.STOPPING:
             # told to leave (or killed by close(drain=False)), with nothing in flight
-            log.info("workerpool: worker %s (pid %s) left: %s", worker.worker_id, worker.pid,
-                     describe_exit(worker.pid, status))
+            log.info("workerpool: worker %s (pid %s) %s", worker.worker_id, worker.pid,
+                     "stopped" if status == wire.EXIT_OK else
+                     f"left: {describe_exit(worker.pid, status)}")
             return
         if worker.state == WorkerState.STARTING:
             self.on_boot_failure(f"{describe_exit(worker.pid, status)} while starting" +
