@@ -129,7 +129,8 @@ class Dispatcher(threading.Thread):
                 driver = self._driver_here()
                 if driver is not None:
                     driver.read_inbox_now()
-                    return future.result(0)
+                    if future.done():
+                        return future.result()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
 
