@@ -111,6 +111,22 @@ def test_a_caller_on_the_loop_is_answered_while_the_thread_hands_it_the_sockets(
     assert dispatch == "event loop" and np.array_equal(answer, rows(5) * 2)
 
 
+def test_close_on_the_thread_of_a_loop_that_stopped_waits_for_the_pool_to_close():
+    """Right after the loop that drove the pool stopped (before the thread noticed), close()
+    on that loop's thread must not take itself for the dispatcher and return at once: when
+    it returns, no process of the pool is left."""
+    pool = wp.Pool(modelzoo.numpy_model, double_slowly, workers=1)
+
+    async def main():
+        pool.drive_on(asyncio.get_running_loop())
+        return await pool.submit_async(rows(2))  # dispatched by this loop
+
+    assert np.array_equal(asyncio.run(main()), rows(2) * 2)
+    pids = pool.pids + [pool.zygote_pid]
+    pool.close()
+    assert not any(is_running(pid) for pid in pids)
+
+
 def test_a_stopped_loop_gives_the_pool_back_to_its_thread():
     pool = wp.Pool(modelzoo.numpy_model, double_slowly, workers=1)
     loop = asyncio.new_event_loop()

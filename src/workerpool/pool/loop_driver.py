@@ -65,7 +65,11 @@ class LoopDriver:
         self.queue_turn()
 
     def on_its_thread(self) -> bool:
-        return self.thread_id == threading.get_ident() and not self.revoked
+        """True in a callback of this loop while it serves the pool. Not on the loop's
+        thread once the loop stopped: nothing of the pool's runs there then (the thread
+        takes the sockets back), so a caller there, Pool.close() included, must wait."""
+        return self.thread_id == threading.get_ident() and not self.revoked and \
+            asyncio._get_running_loop() is self.loop
 
     def submit(self, request) -> None:
         """A request from a coroutine on this loop: queued now, sent on this pass's turn."""
