@@ -29,6 +29,7 @@ def test_what_a_worker_imports_is_imported_before_the_fork():
     and each zygote before they fork) already imported: a worker that imports after the
     fork pays for it in every wake from zero (~9 ms here without bytecode caches)."""
     import ast
+    import importlib.util
     import inspect
     import subprocess
     import sys
@@ -42,11 +43,12 @@ def test_what_a_worker_imports_is_imported_before_the_fork():
         if isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = "workerpool." + ".".join(filter(None, ["workers" if node.level == 1 else "",
-                                                         node.module or ""]))
-            base = base.rstrip(".")
-            for alias in node.names:  # "from .. import malloc": a module; else its module
-                modules.add(f"{base}.{alias.name}" if node.module is None else base)
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""),
+                                               worker_main.__package__)
+            package = importlib.util.find_spec(base).submodule_search_locations is not None
+            for alias in node.names:  # a submodule where it is one, else its module
+                name = f"{base}.{alias.name}"
+                modules.add(name if package and importlib.util.find_spec(name) else base)
     assert "workerpool.workers.runner" in modules and "zmq" in modules  # the walk sees them
     probe = ("import sys, workerpool.workers.main as m; "
              "m.import_worker_modules(); print(' '.join(sorted(sys.modules)))")
