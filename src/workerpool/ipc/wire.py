@@ -12,11 +12,19 @@ frame is one ``send`` and, under load, one chance for another thread to take the
                        ERROR     {ids, type, message, traceback, pickled}: for every id
                        HEARTBEAT {}   idle this long: the loop is alive
                        BYE       {}   leaving, as told by STOP
+                       ITEM      {ids, bodies, parts} + frames: items a stream's generator
+                                 yielded, in order (``ids``: the stream's id, once per item)
+                       END       {ids, items}   the stream's generator is done (or was
+                                 cancelled): ``items`` were sent in all
     parent -> worker   TASK      {ids, bodies, parts, each, coalesce} + frames: several
                                  calls. ``each``: run them one by one (a chunk of unbatchable
                                  calls), each answered when done, or with ``coalesce`` the
                                  answers of fast calls together (one message for many: see
-                                 workers/runner.py); else they are one batch, run together
+                                 workers/runner.py); else they are one batch, run together.
+                                 With ``stream: n`` it is one call whose items stream back
+                                 (workers/streaming.py), at most ``n`` before a MORE
+                       MORE      {id, n}   the stream ``id`` may send ``n`` more items
+                       CANCEL    {id}      stop the stream ``id`` (GeneratorExit in predict)
                        STOP      {}   finish the current task, then exit
 
 A call or a value travels as a codec body and its frames (ipc/codec.py). ``bodies[i]`` is the
@@ -41,7 +49,11 @@ RESULT = b"D"
 ERROR = b"E"
 BYE = b"B"
 HEARTBEAT = b"H"
+ITEM = b"I"
+END = b"N"
 TASK = b"T"
+MORE = b"M"
+CANCEL = b"C"
 STOP = b"S"
 
 MAX_CREDITS = 1024
@@ -151,10 +163,30 @@ def _n(ids) -> str:
 
 
 def task(ids: list[int], items: list[tuple[bytes, list]], each: bool,
-         coalesce: bool = False) -> list:
+         coalesce: bool = False, stream: int | None = None) -> list:
     bodies, parts, frames = pack_items(items)
-    return [head(TASK, {"ids": ids, "bodies": bodies, "parts": parts, "each": each,
-                        "coalesce": coalesce}), *frames]
+    meta = {"ids": ids, "bodies": bodies, "parts": parts, "each": each, "coalesce": coalesce}
+    if stream is not None:
+        meta["stream"] = stream
+    return [head(TASK, meta), *frames]
+
+
+def stream_items(request_id: int, items: list[tuple[bytes, list]]) -> list:
+    bodies, parts, frames = pack_items(items)
+    return [head(ITEM, {"ids": [request_id] * len(items), "bodies": bodies, "parts": parts}),
+            *frames]
+
+
+def stream_end(request_id: int, items: int) -> list:
+    return [head(END, {"ids": [request_id], "items": items})]
+
+
+def stream_more(request_id: int, n: int) -> bytes:
+    return head(MORE, {"id": request_id, "n": n})
+
+
+def stream_cancel(request_id: int) -> bytes:
+    return head(CANCEL, {"id": request_id})
 
 
 def result(ids: list[int], items: list[tuple[bytes, list]], compute_s: float) -> list:
@@ -174,7 +206,7 @@ def check_ready(meta: dict) -> None:
 
 
 def reply_ids(meta: dict) -> list[int]:
-    """The request ids a RESULT or ERROR answers; ProtocolError if they are not ids."""
+    """The request ids a RESULT, ERROR, ITEM or END answers; ProtocolError if they are not ids."""
     ids = meta.get("ids")
     if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
         raise ProtocolError(f"reply without a list of request ids: {ids!r}")
@@ -184,6 +216,11 @@ def reply_ids(meta: dict) -> list[int]:
 def check_compute_s(meta: dict) -> None:
     if not isinstance(meta.get("compute_s", 0.0), (int, float)):
         raise ProtocolError(f"RESULT with bad compute_s {meta.get('compute_s')!r}")
+
+
+def check_end(meta: dict) -> None:
+    if len(meta["ids"]) != 1 or type(meta.get("items")) is not int:
+        raise ProtocolError(f"END with bad fields {meta!r:.200}")
 
 
 def check_error(meta: dict) -> None:

@@ -9,7 +9,7 @@ travels as one message and must fit the link's size limit). The head never waits
 already queued, so a lone request is dispatched at once. A request with more rows than
 ``max_rows`` is served alone; requests of other keys keep their place in the queue.
 Requests that run alone may still travel together, as a chunk of separate calls, when the
-dispatcher has a backlog (``chunk``).
+dispatcher has a backlog (``chunk``); a stream (``credit`` not None) always travels alone.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class Batcher:
         head = queue[0]
         if self.alone(head):
             taken = [queue.popleft()]
-            while len(taken) < chunk and queue and self.alone(queue[0]):
+            while len(taken) < chunk and queue and self.alone(queue[0]) and \
+                    not _streams(head) and not _streams(queue[0]):
                 taken.append(queue.popleft())
             return taken, None
         chosen, rows = self._compatible(queue, head)
@@ -103,3 +104,7 @@ class Batcher:
                 if rows == self.max_rows:
                     break
         return chosen, rows
+
+
+def _streams(item) -> bool:
+    return getattr(item, "credit", None) is not None

@@ -39,7 +39,7 @@ from ..ipc import wire
 from ..ipc.codec import Codec
 from .inbox import Inbox
 from .loop_driver import LoopDriver
-from .scheduler import (Answer, Deliver, QueueGauge, Request, Scheduler, Send, Signal,
+from .scheduler import (Answer, Deliver, Item, QueueGauge, Request, Scheduler, Send, Signal,
                         StartWorker, Stop)
 from .scheduling import BOOT_FAILURES_BEFORE_BROKEN, RESTART_BACKOFF_S
 from .supervisor import Supervisor
@@ -133,6 +133,28 @@ class Dispatcher(threading.Thread):
                         return future.result()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
+
+    def stream_control(self, request: Request, credit: int = 0, cancel: bool = False) -> None:
+        """From a stream's consumer: ``credit`` more items may be sent, or (``cancel``) it
+        is given up. Done at once where the scheduler runs, else posted; nothing once the
+        pool has stopped (the stream has its answer then)."""
+        control = _StreamControl(request, credit, cancel)
+        driver = self._driver_here()
+        if driver is not None:
+            self.carry_out(self.stream_action(control))
+            driver.queue_turn()
+        elif threading.current_thread() is self:
+            self.carry_out(self.stream_action(control))
+        else:
+            try:
+                self.inbox.post(control)
+            except PoolClosed:
+                pass
+
+    def stream_action(self, control: "_StreamControl") -> list:
+        if control.cancel:
+            return self.scheduler.cancel_stream(control.request)
+        return self.scheduler.stream_credit(control.request, control.credit)
 
     def on_owner_thread(self) -> bool:
         """True on the thread that runs the scheduler now."""
@@ -281,6 +303,14 @@ class Dispatcher(threading.Thread):
                     settle(action.request.future, value)
             elif kind is Answer:
                 settle(action.request.future, action.value, action.error)
+            elif kind is Item:
+                try:
+                    value = self.codec.decode(action.body, action.frames)
+                except BaseException as exc:  # noqa: BLE001 - the consumer's to see
+                    settle(action.request.future, error=exc)
+                    self.carry_out(self.scheduler.cancel_stream(action.request), strict)
+                else:
+                    action.request.future.put(value)
             elif kind is Send:
                 try:
                     wire.send(self.router, action.frames)
@@ -314,6 +344,8 @@ class Dispatcher(threading.Thread):
                 self.carry_out(scheduler.submit(item))
             elif isinstance(item, _Close):
                 self.carry_out(scheduler.close(item.drain))
+            elif isinstance(item, _StreamControl):
+                self.carry_out(self.stream_action(item))
             elif isinstance(item, _Wake):
                 pass  # the loop's turn (or the thread's) reads hand_over_to
             else:
@@ -388,6 +420,13 @@ class Dispatcher(threading.Thread):
 
 class _Wake:
     """Posted by drive_on: look at hand_over_to."""
+
+
+class _StreamControl:
+    __slots__ = ("request", "credit", "cancel")
+
+    def __init__(self, request: Request, credit: int, cancel: bool):
+        self.request, self.credit, self.cancel = request, credit, cancel
 
 
 class _Close:

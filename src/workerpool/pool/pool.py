@@ -7,7 +7,8 @@
         attaches once and forks the workers; its Dispatcher thread talks to them over
         ROUTER ipc://<0700 dir>/pool.sock; its Shutdown releases everything
       submit() encodes in the caller's thread and hands a Request to the dispatcher; map()
-        keeps a bounded window of submits in flight and yields in input order; reload()
+        keeps a bounded window of submits in flight and yields in input order; stream()
+        hands one whose items come back as predict yields them (pool/streams.py); reload()
         starts the next Generation beside the serving one and swaps once it is warm
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import os
 import threading
@@ -36,6 +38,8 @@ from .dispatcher import Request
 from .scheduling import MAX_CHUNK
 from .generation import Generation, worker_rows
 from .loop_answer import LoopAnswer
+from .streams import WINDOW as STREAM_WINDOW
+from .streams import AsyncStream, Stream
 from .metrics import Metrics
 from .supervisor import PrestartedZygote
 
@@ -220,16 +224,24 @@ class Pool:
         return self._submit(args, kwargs, timeout, self.config.max_queue)
 
     def _submit(self, args: tuple, kwargs: dict, timeout: float | None,
-                max_queue: int | None, answer: Future | LoopAnswer | None = None):
-        """The request's ``answer`` (a new Future unless given): what its caller waits on."""
+                max_queue: int | None, answer: Future | LoopAnswer | None = None,
+                stream: Stream | AsyncStream | None = None):
+        """The request's ``answer`` (a new Future unless given): what its caller waits on;
+        with ``stream``, a streaming call whose items go to that sink."""
         self._check_open()
         timeout = self.config.timeout if timeout is None else deadline_seconds(timeout)
         body, frames = self._codec.encode_call(args, kwargs)
-        batch_key, rows = batch_key_of(args, kwargs)
-        request = Request(next(self._ids), answer or Future(), body, frames,
-                          batch_key=batch_key, rows=rows, timeout=timeout)
+        if stream is not None:
+            request = Request(next(self._ids), stream, body, frames, timeout=timeout,
+                              credit=STREAM_WINDOW)
+        else:
+            batch_key, rows = batch_key_of(args, kwargs)
+            request = Request(next(self._ids), answer or Future(), body, frames,
+                              batch_key=batch_key, rows=rows, timeout=timeout)
         with self._swap_lock:
             dispatcher = self._generation.dispatcher
+            if stream is not None:
+                stream.attach(functools.partial(dispatcher.stream_control, request))
             if not dispatcher.queue_gauge.try_add(max_queue):
                 raise QueueFull(f"{max_queue} requests are already waiting (max_queue); "
                                 "retry later, add workers, or raise max_queue")
@@ -239,6 +251,30 @@ class Pool:
                 dispatcher.queue_gauge.remove()
                 raise
         return request.future
+
+    def stream(self, *args, timeout: float | None = None, **kwargs) -> Stream:
+        """Run ``predict(model, *args, **kwargs)`` in a worker and iterate over what it
+        yields, item by item, as the worker yields them (``predict`` a generator function,
+        or returning an iterator; a plain value is a stream of one item).
+
+        ``timeout`` bounds the whole stream, queueing included. Closing the stream early
+        (``break`` and ``close()``, a ``with`` block, or dropping it) stops the generator in
+        its worker (GeneratorExit where it yielded) and frees the worker at once. An error
+        in ``predict``, the deadline, or a worker that dies mid-stream (WorkerCrashed) is
+        raised after the items already delivered; a stream that delivered items is never
+        retried. The worker runs ahead of its consumer by at most a window of items.
+        """
+        sink = Stream()
+        self._submit(args, kwargs, timeout, self.config.max_queue, stream=sink)
+        return sink
+
+    def stream_async(self, *args, timeout: float | None = None, **kwargs) -> AsyncStream:
+        """``async for item in pool.stream_async(...)``: :meth:`stream` answered on the
+        running event loop; ``aclose()``, or cancelling the task that iterates, stops the
+        generator in its worker."""
+        sink = AsyncStream(asyncio.get_running_loop())
+        self._submit(args, kwargs, timeout, self.config.max_queue, stream=sink)
+        return sink
 
     def map(self, inputs: Iterable, *, window: int | None = None,
             timeout: float | None = None) -> Iterator:

@@ -10,6 +10,7 @@ pool/dispatcher.py to carry out in order:
     Stop(worker)                     STOP to a worker, best effort
     Answer(request, value, error)    settle the request's future
     Deliver(request, body, frames)   decode a worker's answer, then settle the future
+    Item(request, body, frames)      decode an item of a stream, hand it to its consumer
     StartWorker(worker_id, identity, cpus) / Signal(worker_id, signum)   via the zygote
 
 Events: ``submit``, ``close``, ``on_message`` (anything a worker sent), ``on_started``,
@@ -51,13 +52,20 @@ ABORT_GRACE_S = 1.0  # SIGABRT (the worker's faulthandler dumps its stack), then
 
 
 class Request:
+    """One call the pool holds. A stream (``credit`` not None: pool/streams.py) is a call
+    whose items come back one by one: ``future`` is then its consumer's sink, ``credit``
+    the items it may be sent so far and ``items`` those the worker sent."""
+
     __slots__ = ("id", "future", "body", "frames", "attempts", "batch_key", "rows",
-                 "enqueued_at", "deadline", "timeout", "worker", "answered")
+                 "enqueued_at", "deadline", "timeout", "worker", "answered", "credit",
+                 "items")
 
     def __init__(self, request_id: int, future: Future, body: bytes, frames: list, *,
                  batch_key: tuple | None = None, rows: int = 1, timeout: float | None = None,
-                 now: float | None = None):
+                 now: float | None = None, credit: int | None = None):
         self.id = request_id
+        self.credit = credit
+        self.items = 0
         self.future = future
         self.body = body
         self.frames = frames
@@ -117,6 +125,12 @@ class Answer(NamedTuple):
 
 
 class Deliver(NamedTuple):
+    request: Request
+    body: bytes
+    frames: list
+
+
+class Item(NamedTuple):
     request: Request
     body: bytes
     frames: list
@@ -323,17 +337,21 @@ class Scheduler:
         # a worker that hangs on such a chunk has all of it retried, each call alone, and
         # the one that hangs again is then known.
         coalesce = each and len(batch) > 1 and all(r.deadline is None for r in batch)
+        stream = batch[0].credit  # (a stream travels alone)
         self._actions.append(Send(worker, [worker.identity, *wire.task(
-            ids, [(r.body, r.frames) for r in batch], each, coalesce)], batch))
+            ids, [(r.body, r.frames) for r in batch], each, coalesce, stream)], batch))
         worker.last_sent = now
         for request in batch:
             request.attempts += 1
             request.worker = worker
             worker.inflight[request.id] = request
             self.metrics.queued(now - request.enqueued_at)
+        # A stream holds its worker until its consumer is done with it: nothing is queued
+        # behind it there (a task behind a long stream would wait all of it).
+        taken = max(1, worker.credits) if stream is not None else 1
         worker.tasks.append(Task(list(ids), each, coalesce,
-                                 started_at=None if worker.tasks else now))
-        worker.credits -= 1
+                                 started_at=None if worker.tasks else now, credits=taken))
+        worker.credits -= taken
         worker.sent += len(batch)
         if worker.retire_after and worker.sent >= worker.retire_after:
             self.retire_worker(worker, now)  # it has its share: nothing more is sent to it
@@ -382,7 +400,8 @@ class Scheduler:
             raise ProtocolError(f"a message of {len(frames)} frames")
         try:
             kind, meta = wire.read_head(frames[1])
-            ids = wire.reply_ids(meta) if kind in (wire.RESULT, wire.ERROR) else None
+            ids = wire.reply_ids(meta) if kind in (wire.RESULT, wire.ERROR, wire.ITEM,
+                                                   wire.END) else None
         except ProtocolError as exc:
             if worker.admitted and worker.state in (WorkerState.READY, WorkerState.RETIRING):
                 # Which requests it answered cannot be known: rather than leave them in
@@ -400,6 +419,10 @@ class Scheduler:
         worker.last_seen = now
         if kind == wire.RESULT:
             self.on_result(worker, ids, meta, frames[2:], now)
+        elif kind == wire.ITEM:
+            self.on_items(worker, ids, meta, frames[2:])
+        elif kind == wire.END:
+            self.on_end(worker, ids, meta, now)
         elif kind == wire.ERROR:
             self.on_error(worker, ids, meta, now)
         elif kind == wire.READY:
@@ -446,6 +469,47 @@ class Scheduler:
             if request is not None:  # else a late answer to one already failed: dropped
                 request.answered = True
                 self._actions.append(Deliver(request, body, part_frames))
+
+    def on_items(self, worker: WorkerSlot, ids: list[int], meta: dict, frames: list) -> None:
+        """Items of a stream, for its consumer; dropped when it gave up (cancelled, timed
+        out): the worker stops at the CANCEL it was sent."""
+        items = wire.split_items(meta, frames)
+        if len(set(ids)) != 1:
+            raise ProtocolError(f"ITEM for several streams {sorted(set(ids))[:8]}")
+        request = worker.inflight.get(ids[0])
+        if request is None or request.credit is None:
+            self.counters["late_replies"] += 1
+            return
+        request.items += len(items)
+        if request.done():
+            return
+        for body, part_frames in items:
+            self._actions.append(Item(request, body, part_frames))
+
+    def on_end(self, worker: WorkerSlot, ids: list[int], meta: dict, now: float) -> None:
+        """A stream's generator is done: its consumer has every item."""
+        for request in self.finish_reply(worker, ids, meta, wire.check_end, now):
+            if request is not None and not request.done():
+                self._answer(request)
+
+    def stream_credit(self, request: Request, n: int) -> list:
+        """The consumer of ``request`` (a stream) took items: ``n`` more may come."""
+        request.credit += n
+        worker = request.worker
+        if worker is not None and worker.inflight.get(request.id) is request:
+            self._actions.append(Send(worker, [worker.identity,
+                                               wire.stream_more(request.id, n)], []))
+        return self._take_actions()
+
+    def cancel_stream(self, request: Request) -> list:
+        """The consumer of ``request`` closed it: a queued stream is never sent, a running
+        one is told to stop (its generator gets GeneratorExit) and frees its worker."""
+        worker = request.worker
+        if worker is not None and worker.inflight.get(request.id) is request:
+            self.counters["cancelled_streams"] += 1
+            self._actions.append(Send(worker, [worker.identity,
+                                               wire.stream_cancel(request.id)], []))
+        return self._take_actions()
 
     def on_error(self, worker: WorkerSlot, ids: list[int], meta: dict, now: float) -> None:
         for request in self.finish_reply(worker, ids, meta, wire.check_error, now):
@@ -576,7 +640,12 @@ class Scheduler:
             if request.done():
                 continue
             what = fate(worker, request.id, request.attempts)
-            if what is Fate.FAILED_HUNG:
+            if request.items:
+                self._answer(request, error=crash_error(
+                    worker, status, report,
+                    f"{description}, after {request.items} items of this stream; a stream "
+                    "partly delivered is not retried"))
+            elif what is Fate.FAILED_HUNG:
                 self._answer(request, error=crash_error(
                     worker, status, report, f"{worker.hang_reason}, so it was aborted"))
             elif what is Fate.FAILED_CRASHES:
@@ -782,9 +851,12 @@ class Scheduler:
                     f"the request waited {now - request.enqueued_at:.3f} s in the queue, past "
                     f"its timeout of {request.timeout} s; it was never sent to a worker"))
                 continue
+            self.counters["timeouts"] += 1
+            if request.credit is not None:
+                self.stream_timed_out(worker, request, now)
+                continue
             worker.inflight.pop(request.id, None)
             request.worker = None
-            self.counters["timeouts"] += 1
             if cost is Overdue.WAITING:  # its late answer is dropped
                 self._answer(request, error=TaskTimeout(
                     f"the request was not answered within its timeout of {request.timeout} s"))
@@ -803,6 +875,20 @@ class Scheduler:
             if worker.state in (WorkerState.READY, WorkerState.RETIRING):
                 self.abort_worker(worker, f"a request ran past its timeout of {request.timeout} s",
                                   now, state=WorkerState.ABORTED)
+
+    def stream_timed_out(self, worker: WorkerSlot, request: Request, now: float) -> None:
+        """A stream sent to ``worker`` is past its deadline: its consumer gets TaskTimeout
+        after the items it had, the generator is told to stop, and the worker is aborted
+        only if it is still at it ABORT_GRACE_S later (stuck inside one item)."""
+        self._answer(request, error=TaskTimeout(
+            f"the stream was not done within its timeout of {request.timeout} s "
+            f"({request.items} items were sent)"))
+        self._actions.append(Send(worker, [worker.identity, wire.stream_cancel(request.id)],
+                                  []))
+        for task in worker.tasks:
+            if request.id in task.ids:
+                self.call_later(now, ABORT_GRACE_S,
+                                self._abort_if_still_running(worker, task, request))
 
     def _abort_if_still_running(self, worker: WorkerSlot, task: Task, request: Request):
         """A timer: abort ``worker`` if it still runs ``request``'s call, which has then
@@ -850,7 +936,7 @@ def answered(worker: WorkerSlot, ids: list[int], now: float) -> None:
                     task.ids.remove(request_id)
             if not task.ids:
                 worker.tasks.remove(task)
-                worker.credits += 1
+                worker.credits += task.credits
                 worker.isolating = False
                 if worker.tasks and worker.tasks[0].started_at is None:
                     worker.tasks[0].started_at = now

@@ -61,11 +61,12 @@ class Task:
     with ``coalesced`` answers come together, so which one runs is not known; else a batch,
     all running together."""
 
-    __slots__ = ("ids", "each", "coalesced", "started_at")
+    __slots__ = ("ids", "each", "coalesced", "started_at", "credits")
 
     def __init__(self, ids: list[int], each: bool, coalesced: bool = False,
-                 started_at: float | None = None):
+                 started_at: float | None = None, credits: int = 1):
         self.ids = ids
+        self.credits = credits  # the worker's credits it holds (a stream holds them all)
         self.each = each
         self.coalesced = coalesced
         # When what it runs now began, as far as the pool can know: when it was sent to an

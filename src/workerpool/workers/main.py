@@ -16,6 +16,7 @@ boot message (pickled, from the zygote over stdin), attaches the weights and ser
 
 from __future__ import annotations
 
+import collections
 import faulthandler
 import os
 import pickle
@@ -39,6 +40,7 @@ def import_worker_modules() -> None:
     from ..ipc import endpoints, wire  # noqa: F401
     from ..ipc.codec import Codec  # noqa: F401
     from .runner import Runner  # noqa: F401
+    from .streaming import run_stream  # noqa: F401
 
     active_adapters()  # those of the frameworks imported so far
 
@@ -104,27 +106,38 @@ def work_loop(sock, runner, heartbeat_ms: int) -> int:
     freed by the last requests goes back to the OS once idle for TRIM_AFTER_IDLE_MS."""
     from .. import malloc
     from ..ipc import wire
+    from .streaming import StreamLink, run_stream
 
     trim_after_ms = min(TRIM_AFTER_IDLE_MS, heartbeat_ms)  # never a late heartbeat
     trim_pending = True  # the warm-up has freed some already
+    backlog: collections.deque = collections.deque()  # what arrived during a stream
     while True:
-        quiet_ms = 0
-        if trim_pending and not sock.poll(trim_after_ms):
-            malloc.return_free_heap()
-            trim_pending, quiet_ms = False, trim_after_ms
-        if not sock.poll(max(0, heartbeat_ms - quiet_ms)):
-            # from the work loop itself: a worker stuck in predict stays silent
-            sock.send(wire.head(wire.HEARTBEAT, {}))
-            continue
+        if backlog:
+            frames = backlog.popleft()
+        else:
+            quiet_ms = 0
+            if trim_pending and not sock.poll(trim_after_ms):
+                malloc.return_free_heap()
+                trim_pending, quiet_ms = False, trim_after_ms
+            if not sock.poll(max(0, heartbeat_ms - quiet_ms)):
+                # from the work loop itself: a worker stuck in predict stays silent
+                sock.send(wire.head(wire.HEARTBEAT, {}))
+                continue
+            frames = wire.recv(sock)
         trim_pending = True
-        frames = wire.recv(sock)
         kind, meta = wire.read_head(frames[0])
         if kind == wire.TASK:
-            for reply in runner.run(meta, frames[1:]):
-                wire.send(sock, reply)
+            if meta.get("stream") is not None:
+                link = StreamLink(sock, (meta.get("ids") or [None])[0], meta["stream"],
+                                  heartbeat_ms, backlog)
+                run_stream(runner, meta, frames[1:], link)
+            else:
+                for reply in runner.run(meta, frames[1:]):
+                    wire.send(sock, reply)
         elif kind == wire.STOP:
             sock.send(wire.head(wire.BYE, {}))
             return EXIT_OK
+        # (MORE or CANCEL of a stream that has ended: nothing to do)
 
 
 # A worker idle this long hands back the heap its requests freed (activations, decoded

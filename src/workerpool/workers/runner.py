@@ -15,6 +15,7 @@ exceed it is answered with MessageTooLarge.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 
 from ..errors import (BatchShapeError, EncodeError, MessageTooLarge, OutputEncodeError,
@@ -83,9 +84,16 @@ class Runner:
                     now - held_since > FLUSH_AFTER_S:
                 yield flush()
 
-    def call(self, body: bytes, frames: list):
+    def call(self, body: bytes, frames: list, stream: bool = False):
         args, kwargs = self.codec.decode_call(body, frames)
-        return self.predict(self.model, *args, **kwargs)
+        output = self.predict(self.model, *args, **kwargs)
+        if not stream and inspect.isgenerator(output):
+            output.close()
+            raise OutputEncodeError(
+                "predict returned a generator: a model that yields is read item by item "
+                "with Pool.stream() or Pool.stream_async() (over HTTP: the generate_stream "
+                "route; over gRPC: ModelStreamInfer), not with submit()")
+        return output
 
     def call_batch(self, items: list) -> list:
         inputs = [self.codec.decode_call(body, frames)[0][0] for body, frames in items]
@@ -129,7 +137,10 @@ class Runner:
         for x in inputs:
             try:
                 with _inference_mode():
-                    self.predict(self.model, x)
+                    output = self.predict(self.model, x)
+                    if inspect.isgenerator(output):  # a streaming model: its items too
+                        for _ in output:
+                            pass
             except Exception as exc:
                 raise RuntimeError(f"warm-up input {_describe(x)} failed in predict: "
                                    f"{exc!r}") from exc

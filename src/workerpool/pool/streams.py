@@ -1,0 +1,224 @@
+"""The consumer's end of a stream: what ``Pool.stream`` and ``Pool.stream_async`` return.
+
+    worker: ITEM ──> dispatcher: decoded ──> sink.put(value) ──> the consumer's next()
+    consumer took half the window ──> dispatcher.stream_control(credit) ──> MORE to the worker
+    consumer closes (break, close(), aclose(), a cancelled task, garbage) ──> CANCEL
+    END ──> set_result: the iteration stops;  ERROR, a crash, a deadline ──> set_exception:
+    raised after the items already delivered
+
+A sink stands where a request's Future stands for the scheduler (``done``, ``running``,
+``set_running_or_notify_cancel``, ``set_result``, ``set_exception``), so retries, deadlines,
+crashes and closing treat a stream like any request; ``put`` is what it adds. At most
+WINDOW items wait here unread: the worker is granted a window of credits and half a window
+more each time the consumer has taken half, so a slow consumer slows the generator instead
+of filling memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from concurrent.futures import InvalidStateError
+
+# Items a worker may send ahead of its consumer.
+WINDOW = 16
+
+
+class _Sink:
+    """What the scheduler and the dispatcher see; subclasses add the consumer's side."""
+
+    def __init__(self):
+        self._items: collections.deque = collections.deque()
+        self._running = False
+        self._settled = False  # END, or an error: nothing more comes
+        self._cancelled = False  # the consumer gave up
+        self._error: BaseException | None = None
+        self._control = None  # (credit, cancel) -> None, set by attach()
+        self._taken = 0
+        self._granted = WINDOW
+
+    def attach(self, control) -> None:
+        """``control(credit=n)`` / ``control(cancel=True)``: the dispatcher's stream_control
+        for this stream's request."""
+        self._control = control
+
+    # -- the scheduler's side (a Future's interface) ----------------------------------------
+    def done(self) -> bool:
+        return self._settled or self._cancelled
+
+    def running(self) -> bool:
+        return self._running and not self.done()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        if self._cancelled:
+            return False
+        self._running = True
+        return True
+
+    def set_result(self, value=None) -> None:
+        self._settle(None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._settle(error)
+
+    def put(self, value) -> None:
+        """An item, in order (the dispatcher's side)."""
+        raise NotImplementedError
+
+    def _settle(self, error: BaseException | None) -> None:
+        raise NotImplementedError
+
+    # -- the consumer's side ------------------------------------------------------------------
+    def _took_one(self) -> None:
+        self._taken += 1
+        if not self._settled and not self._cancelled and \
+                self._granted - self._taken <= WINDOW // 2:
+            self._granted += WINDOW // 2
+            self._control(credit=WINDOW // 2)
+
+    def _cancel(self) -> None:
+        if not self._settled and not self._cancelled:
+            self._cancelled = True
+            self._items.clear()
+            if self._control is not None:
+                self._control(cancel=True)
+
+    def _next_or_end(self):
+        """The next item, or raise what ends the stream: StopIteration or its error."""
+        raise NotImplementedError
+
+
+class Stream(_Sink):
+    """``for item in pool.stream(x)``: the items ``predict`` yields, as they come.
+
+    ``close()`` (or leaving a ``with`` block, or ``break`` then dropping it) stops the
+    generator in its worker and frees the worker. An error in ``predict``, a worker that
+    died mid-stream (WorkerCrashed), or the deadline (TaskTimeout) is raised after the items
+    that came before it; a stream is never cut short silently."""
+
+    def __init__(self):
+        super().__init__()
+        self._ready = threading.Condition(threading.Lock())
+
+    def put(self, value) -> None:
+        with self._ready:
+            if not self._cancelled:
+                self._items.append(value)
+                self._ready.notify()
+
+    def _settle(self, error: BaseException | None) -> None:
+        with self._ready:
+            if self._settled:
+                raise InvalidStateError("this stream already has its end")
+            self._settled = True
+            self._error = error
+            self._ready.notify()
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self):
+        with self._ready:
+            while not self._items and not self._settled and not self._cancelled:
+                self._ready.wait()
+            if self._items:
+                value = self._items.popleft()
+            elif self._error is not None and not self._cancelled:
+                error, self._error = self._error, None
+                self._cancelled = True  # raised once; then the stream is over
+                raise error
+            else:
+                raise StopIteration
+        self._took_one()
+        return value
+
+    def close(self) -> None:
+        """Stop the stream: its generator gets GeneratorExit in the worker. Idempotent."""
+        self._cancel()
+        with self._ready:
+            self._ready.notify_all()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self):
+        self._cancel()
+
+
+class AsyncStream(_Sink):
+    """``async for item in pool.stream_async(x)``: :class:`Stream` for asyncio. ``aclose()``,
+    or a task cancelled while it waits for an item, stops the generator in its worker."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__()
+        self._loop = loop
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, value) -> None:
+        self._on_loop(self._append, value)
+
+    def _settle(self, error: BaseException | None) -> None:
+        if self._settled:
+            raise InvalidStateError("this stream already has its end")
+        self._settled = True
+        self._on_loop(self._end, error)
+
+    def _on_loop(self, fn, value) -> None:
+        if asyncio._get_running_loop() is self._loop:  # dispatch runs on this loop
+            fn(value)
+            return
+        try:
+            self._loop.call_soon_threadsafe(fn, value)
+        except RuntimeError:
+            pass  # the loop is closed: nobody reads this stream any more
+
+    def _append(self, value) -> None:
+        if not self._cancelled:
+            self._items.append(value)
+            self._wake()
+
+    def _end(self, error: BaseException | None) -> None:
+        self._error = error
+        self._ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    _ended = False  # the end reached the loop (``_settled`` is set where it was decided)
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def __anext__(self):
+        while not self._items and not self._ended and not self._cancelled:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            except asyncio.CancelledError:
+                self._cancel()  # the consumer's task was cancelled: so is the stream
+                raise
+            finally:
+                self._waiter = None
+        if self._items:
+            value = self._items.popleft()
+            self._took_one()
+            return value
+        if self._error is not None and not self._cancelled:
+            error, self._error = self._error, None
+            self._cancelled = True
+            raise error
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop the stream: its generator gets GeneratorExit in the worker. Idempotent."""
+        self._cancel()
+
+    def __del__(self):
+        self._cancel()
