@@ -123,3 +123,31 @@ def slow_warm_up(model, x):
 def scaled_and_total(model, x):
     """Two named outputs: x scaled by 2, and each row's sum."""
     return {"scaled": x * np.float32(2.0), "total": x.sum(axis=-1)}
+
+
+# -- traced models: what ran in the worker, seen from the test (files in $TRACE_DIR) --------
+def _trace(name: str) -> None:
+    open(os.path.join(os.environ["TRACE_DIR"], name), "w").close()
+
+
+def traced_sleep(model, x):
+    """Sleeps x[0, 0] seconds, leaving call-<x[0, 1]> in $TRACE_DIR first; returns x."""
+    flat = np.asarray(x).reshape(-1)
+    _trace(f"call-{int(flat[1])}")
+    time.sleep(float(flat[0]))
+    return x
+
+
+def traced_characters(model, inputs):
+    """The streaming demo (workerpool.serve.demo_generator), 20 ms a character, leaving
+    item-<i> in $TRACE_DIR for each character made and exit-<prompt> on GeneratorExit."""
+    from workerpool.serve import demo_generator
+
+    prompt = bytes(np.asarray(inputs["text_input"], dtype=object).reshape(-1)[0]).decode()
+    try:
+        for i, item in enumerate(demo_generator.predict(model, inputs, delay=0.02)):
+            _trace(f"item-{prompt}-{i}")
+            yield item
+    except GeneratorExit:
+        _trace(f"exit-{prompt}")
+        raise

@@ -18,7 +18,8 @@ def parser() -> argparse.ArgumentParser:
         prog="workerpool serve",
         description="Serve models over HTTP (KServe Open Inference Protocol v2, Triton's "
                     "binary tensors, Prometheus metrics) from pools of workers that share "
-                    "one copy of each model's weights. With no model: a built-in demo.")
+                    "one copy of each model's weights. With no model: two built-in demos "
+                    "(demo: an MLP; textgen: a streaming text generator).")
     p.add_argument("spec", nargs="?", help="module:load, path/to/file.py:load, or a model "
                    "path or URL (safetensors with --builder, torch checkpoint, TorchScript, "
                    "Hugging Face directory, SavedModel directory, .keras)")
@@ -217,7 +218,7 @@ def models_and_settings(args) -> tuple[list[ModelSpec], ServerSettings]:
                            version=version or "1", predict=args.predict,
                            builder=args.builder, warmup=args.warmup, pool_options=options)]
     else:
-        specs = [demo_spec(args.name or "demo", options)]
+        specs = [demo_spec(args.name or "demo", options), generator_spec(options)]
     labels = [f"{spec.name}@{spec.version}" for spec in specs]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"each model version must be given once: {labels}")
@@ -232,6 +233,15 @@ def demo_spec(name: str, options: dict) -> ModelSpec:
     return ModelSpec(name, demo_model.load, predict=demo_model.predict,
                      warmup=[demo_model.example(1)], inputs=list(demo_model.INPUTS),
                      outputs=list(demo_model.OUTPUTS), pool_options=options)
+
+
+def generator_spec(options: dict) -> ModelSpec:
+    """The streaming demo (serve/demo_generator.py), served beside the demo as "textgen"."""
+    from . import demo_generator
+
+    return ModelSpec("textgen", demo_generator.load, predict=demo_generator.predict,
+                     warmup=[demo_generator.example()], inputs=list(demo_generator.INPUTS),
+                     outputs=list(demo_generator.OUTPUTS), pool_options=options)
 
 
 def _installed(module: str) -> bool:

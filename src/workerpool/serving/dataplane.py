@@ -6,6 +6,8 @@
             outputs = await call.run(inputs, requested, timeout)   # the plane
             answer = encode(call.model, outputs)                    # the protocol's own
 
+    call.stream: the same checks, then pool.stream_async: the outputs of each item yielded,
+              named as run names them (the generate routes, gRPC ModelStreamInfer)
     call.run: the signature asked for (the default one, or a SavedModel's other by name:
               400 for none such) -> ready? (503 with why) -> inputs against that
               signature (400 naming what the model expects) -> pool.submit_async with the deadline (the caller's, never
@@ -91,6 +93,36 @@ class Inference:
         self.plane = plane
         self.model = model
 
+    async def stream(self, inputs: dict, outputs: list[str] | None = None,
+                     timeout: float | None = None):
+        """:meth:`run` for a model whose predict yields: an async iterator of the outputs
+        by name, one dict per item, as the worker yields them (a model that returns a
+        value gives one). ``timeout`` bounds the whole stream. Closing the iterator, or
+        cancelling the task that reads it, stops the generator in its worker."""
+        model = self.model
+        described = self.signature(None)
+        self._check(described, inputs)
+        items = await self._submit(call_argument(described.ordered(inputs)), timeout, {},
+                                   streamed=True)
+        try:
+            async for item in items:
+                named = name_outputs(item, described.output_names)
+                try:
+                    yield tensors.select_outputs(named, outputs, f"model {model.name}")
+                except ValueError as exc:
+                    raise BadRequest(str(exc)) from None
+        finally:
+            await items.aclose()
+
+    def _check(self, described: Signature, inputs: dict) -> None:
+        model = self.model
+        if not model.ready:
+            raise model.not_ready()
+        problem = described.mismatch(inputs)
+        if problem:
+            raise BadRequest(f"model {model.name}: {problem}")
+        model.last_used = time.monotonic()  # (a memory budget releases the least recent)
+
     async def run(self, inputs: dict, outputs: list[str] | None = None,
                   timeout: float | None = None,
                   signature: str | None = None) -> dict[str, np.ndarray]:
@@ -101,13 +133,8 @@ class Inference:
         gets ``signature=NAME`` for any other."""
         model = self.model
         described = self.signature(signature)
-        if not model.ready:
-            raise model.not_ready()
-        problem = described.mismatch(inputs)
-        if problem:
-            raise BadRequest(f"model {model.name}: {problem}")
+        self._check(described, inputs)
         chosen = {} if described is model.signature else {"signature": signature}
-        model.last_used = time.monotonic()  # (a memory budget releases the least recent)
         result = await self._submit(call_argument(described.ordered(inputs)), timeout, chosen)
         named = name_outputs(result, described.output_names)
         try:
@@ -125,7 +152,9 @@ class Inference:
             raise BadRequest(f"model {self.model.name} has no signature {name!r}; it has "
                              f"{signatures.names}") from None
 
-    async def _submit(self, argument, timeout: float | None, chosen: dict):
+    async def _submit(self, argument, timeout: float | None, chosen: dict,
+                      streamed: bool = False):
+        """predict's result; ``streamed``: the stream of its items (pool.stream_async)."""
         model = self.model
         pool = model.pool
         while True:
@@ -138,6 +167,8 @@ class Inference:
                 raise errors.TaskTimeout("the caller's deadline had passed when the request "
                                          "arrived")
             try:
+                if streamed:
+                    return pool.stream_async(argument, timeout=limit, **chosen)
                 return await pool.submit_async(argument, timeout=limit, **chosen)
             except errors.PoolClosed as exc:
                 if model.pool is None or model.pool is pool:  # not a swap of pools: closing

@@ -58,6 +58,16 @@ class Unimplemented(ServeError):
     """A method of a protocol this server does not offer (TF Serving's Classify, ...)."""
 
 
+class StreamFailed(Exception):
+    """A stream ended by ``error`` after its answer began: the client was told in the
+    stream itself (its last event or message); the request is counted by ``error``'s row
+    and answered nothing more."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 # (error type, HTTP status, seconds to put in Retry-After or None, gRPC status code name),
 # first match wins.
 STATUS_TABLE = [
@@ -85,6 +95,8 @@ _OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "to
 
 
 def _row(error: BaseException) -> tuple[int, int | None, str]:
+    if isinstance(error, StreamFailed):
+        error = error.error
     for kind, status, retry_after, code in STATUS_TABLE:
         if isinstance(error, kind):
             return status, retry_after, code

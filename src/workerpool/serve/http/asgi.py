@@ -3,6 +3,8 @@ ASGI entry (lifespan, scopes, errors as answers) and the API key check."""
 
 from __future__ import annotations
 
+import asyncio
+
 from ...serving.errors import Unauthorized
 from ..auth import key_matches
 from .exchange import Exchange
@@ -24,13 +26,39 @@ class AsgiApp:
         if scope["type"] != "http":
             return
         exchange = Exchange(scope, receive, send)
+        cycle = cancel_when_client_leaves(receive)
         try:
             await self.handle(exchange)
         except Exception as error:  # noqa: BLE001 - every error is an answer, never a crash
             await exchange.error(error, self.debug)
+        except asyncio.CancelledError:
+            if getattr(cycle, "disconnected", False):
+                return  # the client went away: nobody to answer (guard.py cancelled us)
+            raise
 
     async def handle(self, exchange: Exchange) -> None:
         raise NotImplementedError
+
+
+def cancel_when_client_leaves(receive):
+    """Mark this request's task for cancellation if its connection is lost before the
+    answer is complete (guard.py's protocols cancel it): a queued request is then never
+    sent to a worker, a stream stops its generator. uvicorn only flags the request as
+    disconnected, which a handler waiting on the pool never reads. Returns uvicorn's
+    request cycle (``receive``'s owner), or None under another server."""
+    cycle = getattr(receive, "__self__", None)
+    if cycle is not None:
+        cycle.workerpool_task = asyncio.current_task()
+    return cycle
+
+
+def cancel_abandoned(cycle) -> None:
+    """From a protocol whose connection was lost: cancel the request's task, if its answer
+    was not complete (uvicorn set ``disconnected``)."""
+    if cycle is not None and getattr(cycle, "disconnected", False):
+        task = getattr(cycle, "workerpool_task", None)
+        if task is not None and not task.done():
+            task.cancel()
 
 
 def require_key(headers, api_key: bytes) -> None:

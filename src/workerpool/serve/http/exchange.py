@@ -11,8 +11,8 @@ import json
 import logging
 import time
 
-from ...serving.errors import (BadRequest, MethodNotAllowed, RequestTooLarge, message_of,
-                               status_of)
+from ...serving.errors import (BadRequest, MethodNotAllowed, RequestTooLarge, StreamFailed,
+                               message_of, status_of)
 
 log = logging.getLogger("workerpool.serve")
 
@@ -72,6 +72,8 @@ class Exchange:
     async def error(self, error: BaseException, debug: bool) -> None:
         """Answer ``error`` with its status; nothing if the answer had already started or
         the client is gone."""
+        if isinstance(error, StreamFailed):
+            return  # its stream carried the error already
         status, retry_after = status_of(error)
         if status >= 500 and not isinstance(error, ConnectionError):
             log.info("request failed (%d): %s", status, error)

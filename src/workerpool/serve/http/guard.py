@@ -6,6 +6,8 @@
                      └─ not complete header_timeout s after the connection opened or the
                         request's first byte ──> 408, connection closed
     head complete ──> uvicorn as usual (the body is bounded by --max-request-bytes in app.py)
+    connection lost before the answer is complete ──> the request's task is cancelled
+                     (asgi.py): a queued request is never sent, a stream stops its generator
 
 Neither httptools nor uvicorn bounds the head: httptools joins a header's pieces by
 concatenation, so one 200 MiB header line kept the loop (HTTP and both gRPC services)
@@ -25,6 +27,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .asgi import cancel_abandoned
 from .cork import CorkedTransport
 from ..settings import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, MAX_HEADERS
 
@@ -63,6 +66,7 @@ class _HeadGuard:
     def connection_lost(self, exc) -> None:
         self._head_done()
         super().connection_lost(exc)
+        cancel_abandoned(self.cycle)  # nobody waits for its answer any more
 
     def _head_started(self) -> None:
         if self._head_timer is None:

@@ -6,6 +6,10 @@
     GET  /v2/models/{m}[/versions/{v}]/ready    200 or 503
     POST /v2/models/{m}[/versions/{v}]/infer    JSON or binary tensors (serving/kserve.py);
                                                 without a version: the newest ready one
+    POST /v2/models/{m}[/versions/{v}]/generate         Triton's generate extension: inputs
+                                                        as top-level JSON keys, one answer
+    POST /v2/models/{m}[/versions/{v}]/generate_stream  the same, an event per item the
+                                                        model yields (server-sent events)
     POST /v2/repository/index                   every model version and its state
     POST /v2/repository/models/{m}/load         load, or hot-swap a loaded one; optional JSON
                                                 {"parameters": {"version", "source", "config"}}
@@ -19,12 +23,15 @@ from __future__ import annotations
 
 import asyncio
 
+from ...serving import generate as generate_codec
 from ...serving import kserve
-from ...serving.errors import BadRequest, ModelNotFound
+from ...serving.errors import BadRequest, ModelNotFound, StreamFailed, message_of
 from ...serving.limits import parse_json
 from .exchange import Exchange
 
 PROTOCOL = "kserve_http"
+GENERATE = "generate_http"
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
 async def route(app, exchange: Exchange, parts: list[str]) -> None:
@@ -55,6 +62,9 @@ async def model_route(app, exchange: Exchange, parts: list[str]) -> None:
     if rest == ["infer"]:
         exchange.expect("POST")
         await infer(app, exchange, name, version)
+    elif rest in (["generate"], ["generate_stream"]):
+        exchange.expect("POST")
+        await generate(app, exchange, name, version, streamed=rest[0] == "generate_stream")
     elif rest == []:
         exchange.expect("GET")
         await exchange.json(200, app.plane.model_metadata(name, version))
@@ -77,6 +87,61 @@ async def infer(app, exchange: Exchange, name: str, version: str | None) -> None
                                                    request, outputs)
         await exchange.respond(200, response,
                                [(k.encode(), v.encode()) for k, v in headers.items()])
+
+
+async def generate(app, exchange: Exchange, name: str, version: str | None,
+                   streamed: bool) -> None:
+    """Triton's generate extension. A client that goes away ends the stream's generator in
+    its worker (asgi.py cancels this task)."""
+    with app.plane.inference(name, version, GENERATE, exchange.started) as call:
+        body = await exchange.body(app.max_request_bytes)
+        inputs = generate_codec.parse_generate(body, call.model.signature,
+                                               app.plane.max_tensor_bytes)
+        model = call.model
+        items = call.stream(inputs)
+        if not streamed:
+            await exchange.json(200, generate_codec.item_json(
+                model.name, model.version, await only_item(items, model.name)))
+            return
+        # The first item before the answer starts: what fails before it (not ready, bad
+        # inputs, a predict that raises at once) is answered with its own status.
+        first = await anext(items, None)
+        await exchange.send({"type": "http.response.start", "status": 200,
+                             "headers": SSE_HEADERS})
+        try:
+            if first is not None:
+                await send_event(exchange, model, first)
+                async for outputs in items:
+                    await send_event(exchange, model, outputs)
+        except Exception as error:
+            # The answer has started: the error is the stream's last event, as in Triton.
+            await exchange.send({"type": "http.response.body", "more_body": False,
+                                 "body": generate_codec.event(
+                                     {"error": message_of(error, app.debug)})})
+            raise StreamFailed(error) from error
+        await exchange.send({"type": "http.response.body", "body": b""})
+
+
+async def send_event(exchange: Exchange, model, outputs: dict) -> None:
+    await exchange.send({"type": "http.response.body", "more_body": True,
+                         "body": generate_codec.event(generate_codec.item_json(
+                             model.name, model.version, outputs))})
+
+
+async def only_item(items, name: str) -> dict:
+    """The one item of a stream; BadRequest if the model yields more (after closing it)."""
+    first = None
+    try:
+        async for outputs in items:
+            if first is not None:
+                raise BadRequest(f"model {name} yielded more than one item; read it with "
+                                 "generate_stream")
+            first = outputs
+    finally:
+        await items.aclose()
+    if first is None:
+        raise BadRequest(f"model {name} yielded nothing")
+    return first
 
 
 async def repository_route(app, exchange: Exchange, parts: list[str]) -> None:
