@@ -69,7 +69,7 @@ def kserve_request(x: np.ndarray, model: str):
     """A KServe v2 ModelInferRequest for ``model``: ``x`` as input "features", raw."""
     from workerpool.serve.proto import protocol
 
-    request = protocol("kserve_v2").message("inference.ModelInferRequest")(model_name=model)
+    request = protocol("triton").message("inference.ModelInferRequest")(model_name=model)
     request.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
     request.raw_input_contents.append(x.tobytes())
     return request
@@ -84,7 +84,7 @@ def kserve_infer(address: str, body: bytes) -> dict[str, np.ndarray]:
 
     with grpc.insecure_channel(address) as channel:
         raw = channel.unary_unary(KSERVE_INFER)(body, timeout=30)
-    response = protocol("kserve_v2").message("inference.ModelInferResponse").FromString(raw)
+    response = protocol("triton").message("inference.ModelInferResponse").FromString(raw)
     assert len(response.outputs) == len(response.raw_output_contents)
     return {tensor.name: np.frombuffer(content, DATATYPES[tensor.datatype]).reshape(
         tuple(tensor.shape)) for tensor, content in zip(response.outputs,

@@ -198,3 +198,74 @@ def test_a_grpc_call_whose_deadline_passes_while_queued_is_never_run(server, tra
     assert call(0, 203).as_numpy("output_0").reshape(-1)[1] == 203
     assert not (trace / "call-202").exists()  # never sent to the worker
     client.close()
+
+
+# -- gRPC: Triton's ModelStreamInfer through tritonclient.grpc's stream --------------------
+def text_inputs(prompt: str, max_tokens: int) -> list:
+    text = triton_grpc.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+    count = triton_grpc.InferInput("max_tokens", [1], "INT32")
+    count.set_data_from_numpy(np.array([max_tokens], np.int32))
+    return [text, count]
+
+
+def test_tritonclient_grpc_stream_equals_the_generator_in_process(server):
+    client = triton_grpc.InferenceServerClient(server.grpc["KServe v2"])
+    results, done = [], threading.Event()
+
+    def callback(result, error):
+        results.append((result, error))
+        if error is not None or result.get_response().parameters[
+                "triton_final_response"].bool_param:
+            done.set()
+
+    client.start_stream(callback)
+    try:
+        client.async_stream_infer("textgen", text_inputs("Once upon", 40), request_id="a",
+                                  enable_empty_final_response=True)
+        assert done.wait(60)
+        done.clear()
+        client.async_stream_infer("textgen", text_inputs("x", 5000), request_id="b")
+        assert done.wait(60)
+    finally:
+        client.stop_stream()
+        client.close()
+    first = [r for r, e in results if r is not None and r.get_response().id == "a"]
+    text = "".join(r.as_numpy("text_output")[0].decode() for r in first[:-1])
+    assert text == demo_generator.complete("Once upon", 40)
+    assert first[-1].get_response().parameters["triton_final_response"].bool_param
+    assert first[-1].as_numpy("text_output") is None  # the empty final response
+    errors = [e for r, e in results if e is not None]
+    assert len(errors) == 1 and "max_tokens must be" in str(errors[0])
+
+
+def test_a_grpc_stream_the_client_cancels_stops_the_generator(server, trace):
+    client = triton_grpc.InferenceServerClient(server.grpc["KServe v2"])
+    got = []
+    client.start_stream(lambda result, error: got.append((result, error)))
+    try:
+        client.async_stream_infer("slowtext", text_inputs("grpcgone", 4000))
+        assert wait_until(lambda: len(got) >= 3, 30)
+    finally:
+        client.stop_stream(cancel_requests=True)  # the client ends the call mid-stream
+        client.close()
+    assert wait_until(lambda: (trace / "exit-grpcgone").exists(), 30), server.stderr()
+    made = sum(name.startswith("item-grpcgone-") for name in os.listdir(trace))
+    assert made < len(got) + WINDOW + 5
+
+
+def test_grpc_repository_index_unload_and_load(server):
+    client = triton_grpc.InferenceServerClient(server.grpc["KServe v2"])
+    try:
+        index = {m.name: m.state for m in client.get_model_repository_index().models}
+        assert index["textgen"] == "READY"
+        client.unload_model("sleepy")
+        index = {m.name: m.state for m in client.get_model_repository_index().models}
+        assert index["sleepy"] == "UNAVAILABLE"
+        assert not client.is_model_ready("sleepy")
+        client.load_model("sleepy")
+        assert client.is_model_ready("sleepy")
+        with pytest.raises(InferenceServerException, match="NOT_FOUND|no model"):
+            client.load_model("nothere")
+    finally:
+        client.close()

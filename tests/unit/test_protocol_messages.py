@@ -145,10 +145,10 @@ def test_kserve_typed_contents_both_ways(datatype, dtype, field):
     request = service_pb2.ModelInferRequest(model_name="m")
     tensor = request.inputs.add(name="x", datatype=datatype, shape=list(x.shape))
     getattr(tensor.contents, field).extend(x.ravel().tolist())
-    ours_ = protocol("kserve_v2").message("inference.ModelInferRequest")
+    ours_ = protocol("triton").message("inference.ModelInferRequest")
     got = decode_inputs(ours_.FromString(request.SerializeToString()), LIMIT)["x"]
     assert got.dtype == x.dtype and np.array_equal(got, x)
-    response = protocol("kserve_v2").message("inference.ModelInferResponse")()
+    response = protocol("triton").message("inference.ModelInferResponse")()
     encode_outputs(response, {"y": x}, raw=False)
     theirs = service_pb2.ModelInferResponse.FromString(response.SerializeToString())
     assert not theirs.raw_output_contents
@@ -158,11 +158,11 @@ def test_kserve_typed_contents_both_ways(datatype, dtype, field):
 
 def test_kserve_fp16_goes_raw_and_mixed_forms_are_refused():
     x = sample(np.float16)
-    response = protocol("kserve_v2").message("inference.ModelInferResponse")()
+    response = protocol("triton").message("inference.ModelInferResponse")()
     encode_outputs(response, {"y": x}, raw=False)
     assert np.array_equal(np.frombuffer(response.raw_output_contents[0], "<f2")
                           .reshape(x.shape), x)
-    request = protocol("kserve_v2").message("inference.ModelInferRequest")()
+    request = protocol("triton").message("inference.ModelInferRequest")()
     tensor = request.inputs.add(name="x", datatype="FP32", shape=[1])
     tensor.contents.fp32_contents.append(1.0)
     request.raw_input_contents.append(np.float32(1).tobytes())

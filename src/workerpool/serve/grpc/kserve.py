@@ -1,9 +1,18 @@
-"""KServe Open Inference Protocol v2 over gRPC (``inference.GRPCInferenceService``).
+"""KServe Open Inference Protocol v2 over gRPC (``inference.GRPCInferenceService``), with
+Triton's additions to the same service (its grpc_service.proto: proto/triton.py).
 
     ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata: as the HTTP routes
     ModelInfer: inputs[i] {name, datatype, shape, contents}  or  raw_input_contents[i]
                 -> the data plane -> outputs as raw_output_contents when the request sent
                    raw inputs (or an output has no typed field: FP16), else typed contents
+    ModelStreamInfer (Triton, bidirectional): each request of the stream runs as it arrives
+                (several at once); every item its model yields is a response carrying the
+                request's id and triton_final_response=false; with the request
+                parameter triton_enable_empty_final_response, an empty response with
+                triton_final_response=true ends it. An error is a response with error_message; the stream goes
+                on. tritonclient.grpc's start_stream / async_stream_infer speak this.
+    RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload (Triton): as the HTTP
+                repository routes (load's parameters: version, source, config)
     Metadata: the data plane's KServe form parsed into the message (the HTTP route's fields)
 
 Raw contents are little-endian bytes as in the HTTP binary extension (BYTES: 4-byte lengths
@@ -12,16 +21,21 @@ and the bytes), read as numpy views of the message without a copy.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import numpy as np
 from google.protobuf import json_format
 
 from ...errors import OutputEncodeError
-from ...serving.errors import BadRequest
+from ...serving.errors import BadRequest, grpc_code_of
 from ...serving.kserve import bytes_of, from_binary
 from ...serving.limits import check_shape, narrow
 from ...signature import DATATYPES, datatype_of
 from ...tensors import nest
-from .server import Front
+from .server import Front, status_message
+
+log = logging.getLogger("workerpool.serve")
 
 SERVICE = "inference.GRPCInferenceService"
 # datatype -> the InferTensorContents field holding its typed values
@@ -35,7 +49,7 @@ CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int
 
 class KServeGrpc(Front):
     protocol = "kserve_grpc"
-    descriptors = "kserve_v2"
+    descriptors = "triton"
 
     def methods(self) -> dict:
         def method(handler, name: str):
@@ -49,7 +63,15 @@ class KServeGrpc(Front):
             "ModelReady": method(self.model_ready, "ModelReady"),
             "ModelMetadata": method(self.model_metadata, "ModelMetadata"),
             "ModelInfer": method(self.model_infer, "ModelInfer"),
+            "ModelStreamInfer": (self.model_stream_infer,
+                                 self.message("inference.ModelInferRequest"),
+                                 self.message("inference.ModelStreamInferResponse")),
+            "RepositoryIndex": method(self.repository_index, "RepositoryIndex"),
+            "RepositoryModelLoad": method(self.repository_load, "RepositoryModelLoad"),
+            "RepositoryModelUnload": method(self.repository_unload, "RepositoryModelUnload"),
         }}
+
+    streaming = frozenset({"ModelStreamInfer"})
 
     async def server_live(self, request, context):
         return self.message("inference.ServerLiveResponse")(live=True)
@@ -83,6 +105,112 @@ class KServeGrpc(Front):
                 model_name=call.model.name, model_version=call.model.version, id=request.id)
             encode_outputs(response, outputs, raw=bool(request.raw_input_contents))
             return response
+
+
+    async def model_stream_infer(self, requests, context):
+        """Triton's ModelStreamInfer: see the module docstring. The call ending (the client
+        closed it, its deadline) cancels what still runs: each stream's generator stops."""
+        responses: asyncio.Queue = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def answer(request):
+            try:
+                async for response in self.stream_responses(request, context):
+                    responses.put_nowait(response)
+            except Exception as error:  # noqa: BLE001 - its answer; the stream goes on
+                responses.put_nowait(self.stream_error(request, error))
+
+        async def read():
+            try:
+                async for request in requests:
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+                responses.put_nowait(_END)
+            except Exception as error:  # noqa: BLE001 - ends the call with its status
+                responses.put_nowait(error)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await responses.get()) is not _END:
+                if isinstance(response, Exception):
+                    raise response
+                yield response
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def stream_responses(self, request, context):
+        """The responses to one request of a ModelStreamInfer call, item by item."""
+        response_class = self.message("inference.ModelInferResponse")
+        final = request.parameters["triton_enable_empty_final_response"] \
+            if "triton_enable_empty_final_response" in request.parameters else None
+        with self.plane.inference(request.model_name, request.model_version or None,
+                                  self.protocol) as call:
+            inputs = decode_inputs(request, self.plane.max_tensor_bytes)
+            model = call.model
+            items = call.stream(inputs, [o.name for o in request.outputs],
+                                timeout=context.time_remaining())
+            async for outputs in items:
+                response = response_class(model_name=model.name, model_version=model.version,
+                                          id=request.id)
+                encode_outputs(response, outputs, raw=bool(request.raw_input_contents))
+                response.parameters["triton_final_response"].bool_param = False
+                yield self.message("inference.ModelStreamInferResponse")(
+                    infer_response=response)
+            if final is not None and final.bool_param:
+                response = response_class(model_name=model.name, model_version=model.version,
+                                          id=request.id)
+                response.parameters["triton_final_response"].bool_param = True
+                yield self.message("inference.ModelStreamInferResponse")(
+                    infer_response=response)
+
+    def stream_error(self, request, error: BaseException):
+        """A failed request of a stream, as Triton answers it: error_message, and the id."""
+        code = grpc_code_of(error)
+        if code == "INTERNAL":
+            log.info("ModelStreamInfer failed: %s", error)
+        return self.message("inference.ModelStreamInferResponse")(
+            error_message=status_message(error, self.debug),
+            infer_response=self.message("inference.ModelInferResponse")(
+                model_name=request.model_name, model_version=request.model_version,
+                id=request.id))
+
+    # -- the model repository (Triton's RPCs for KServe's repository extension) ----------
+    async def repository_index(self, request, context):
+        response = self.message("inference.RepositoryIndexResponse")()
+        for row in self.plane.models.index(request.ready):
+            response.models.add(**row)
+        return response
+
+    async def repository_load(self, request, context):
+        await asyncio.to_thread(self.plane.models.load, request.model_name,
+                                repository_parameters(request.parameters))
+        return self.message("inference.RepositoryModelLoadResponse")()
+
+    async def repository_unload(self, request, context):
+        await asyncio.to_thread(self.plane.models.unload, request.model_name,
+                                repository_parameters(request.parameters))
+        return self.message("inference.RepositoryModelUnloadResponse")()
+
+
+_END = object()  # (ModelStreamInfer: every request of the call is answered)
+
+
+def repository_parameters(parameters) -> dict | None:
+    """A repository request's parameters (ModelRepositoryParameter by name) as the plain
+    values registry.load and unload take; None when there are none."""
+    values = {}
+    for name, parameter in parameters.items():
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind is not None:
+            value = getattr(parameter, kind)
+            values[name] = value.decode() if kind == "bytes_param" and name == "config" \
+                else value
+    return values or None
 
 
 def decode_inputs(request, max_tensor_bytes: int) -> dict:

@@ -48,8 +48,11 @@ class Front:
 
     def methods(self) -> dict[str, dict[str, tuple]]:
         """service name -> method name -> (handler, request class, response class);
-        a handler is ``async (request, grpc.aio.ServicerContext) -> response``."""
+        a handler is ``async (request, grpc.aio.ServicerContext) -> response``, or, for a
+        method in ``streaming``, an async generator ``(requests, context)`` of responses."""
         raise NotImplementedError
+
+    streaming: frozenset = frozenset()  # its bidirectional streaming methods, by name
 
 
 def method(front: Front, name: str, handler: Callable[..., Awaitable], request_class):
@@ -78,6 +81,36 @@ def method(front: Front, name: str, handler: Callable[..., Awaitable], request_c
     return call
 
 
+def stream_method(front: Front, name: str, handler, request_class):
+    """One bidirectional streaming method: the API key checked once, each request message
+    decoded as it arrives (INVALID_ARGUMENT for bytes that are not one), the handler's
+    responses written as it yields them; an error ends the call with its status."""
+    async def call(raw_requests, context: grpc.aio.ServicerContext):
+        try:
+            if front.api_key is not None and \
+                    not key_matches(context.invocation_metadata(), front.api_key):
+                raise Unauthorized("this server needs its API key: send the metadata "
+                                   "'authorization: Bearer <key>' (or 'x-api-key: <key>')")
+
+            async def requests():
+                async for raw in raw_requests:
+                    try:
+                        yield request_class.FromString(raw)
+                    except DecodeError as exc:
+                        what = request_class.DESCRIPTOR.full_name
+                        raise BadRequest(f"a message is not a {what}: {exc}") from None
+
+            async for response in handler(requests(), context):
+                yield response
+        except Exception as error:  # noqa: BLE001 - every error is a status, never a crash
+            code = grpc.StatusCode[grpc_code_of(error)]
+            if code == grpc.StatusCode.INTERNAL:
+                log.info("%s failed: %s", name, error)
+            await context.abort(code, status_message(error, front.debug))
+
+    return call
+
+
 def status_message(error: BaseException, debug: bool) -> str:
     """The status message of a failed call: it travels as percent-encoded metadata, which
     clients refuse past 8 KiB (RESOURCE_EXHAUSTED instead of the real status), so at most
@@ -91,11 +124,16 @@ def handlers(front: Front) -> list:
     """grpcio generic handlers for every method of ``front``."""
     result = []
     for service, methods in front.methods().items():
-        table = {
-            name: grpc.unary_unary_rpc_method_handler(
-                method(front, name, handler, request),
-                response_serializer=response.SerializeToString)
-            for name, (handler, request, response) in methods.items()}
+        table = {}
+        for name, (handler, request, response) in methods.items():
+            if name in front.streaming:
+                table[name] = grpc.stream_stream_rpc_method_handler(
+                    stream_method(front, name, handler, request),
+                    response_serializer=response.SerializeToString)
+            else:
+                table[name] = grpc.unary_unary_rpc_method_handler(
+                    method(front, name, handler, request),
+                    response_serializer=response.SerializeToString)
         result.append(grpc.method_handlers_generic_handler(service, table))
     return result
 

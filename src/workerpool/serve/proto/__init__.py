@@ -1,6 +1,8 @@
 """The protocol buffer messages of our gRPC front ends, from the public .proto files.
 
-    kserve_v2.py    KServe Open Inference Protocol v2 (package ``inference``)
+    triton.py       Triton's grpc_service.proto (package ``inference``): KServe Open
+                    Inference Protocol v2's messages and service, and Triton's additions
+                    (ModelStreamInfer, the repository RPCs) with model_config.proto
     tf_serving.py   TensorFlow Serving's apis/*.proto and the TensorFlow framework
                     protos they import (package ``tensorflow.serving``, ``tensorflow``)
 
@@ -44,5 +46,5 @@ class Protocol:
 
 @functools.lru_cache(maxsize=None)
 def protocol(module_name: str) -> Protocol:
-    """``protocol("kserve_v2")`` or ``protocol("tf_serving")``, loaded once."""
+    """``protocol("triton")`` or ``protocol("tf_serving")``, loaded once."""
     return Protocol(module_name)
