@@ -58,15 +58,26 @@ CONFIG = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def trace(tmp_path_factory):
+def trace_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("trace")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, trace):
+@pytest.fixture
+def trace(trace_dir, server):
+    """The server's $TRACE_DIR, emptied of earlier tests' traces."""
+    for name in os.listdir(trace_dir):
+        os.remove(trace_dir / name)
+    return trace_dir
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-front-ends"])
+def server(request, tmp_path_factory, trace_dir):
+    """The server in one process, then with two HTTP front ends (--http-workers 2: the
+    streams and the cancellations cross the relay)."""
     config = tmp_path_factory.mktemp("generate") / "serve.toml"
     config.write_text(CONFIG)
-    server = Server(["--config", str(config)], env={"TRACE_DIR": str(trace)}, grpc_lines=1)
+    server = Server(["--config", str(config), "--http-workers", str(request.param)],
+                    env={"TRACE_DIR": str(trace_dir)}, grpc_lines=1)
     try:
         server.wait_ready()
         yield server

@@ -8,6 +8,12 @@
       a decode error of its own      --"count"-->   counted in the metrics (no answer)
       every other request, whole     --"http"--->   the server's own ASGI app answers it:
                                      <--response-   repository, status, metrics, TF Serving
+                                     <--parts----   an event stream (generate_stream) comes
+                                                    back as it is written: its head, then
+                                                    each piece, then the end
+      its client went away           --"cancel"->   the request's task there is cancelled
+                                                    (a queued request is never sent, a
+                                                    stream's generator stops)
 
 The front ends spend the CPU a request costs in HTTP parsing, JSON and response encoding;
 the server keeps what must be one: the pools, the registry, the counters. A message is a
@@ -124,6 +130,9 @@ class Relay:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._answering: set[asyncio.Task] = set()  # the loop holds tasks weakly
         self._streams: set[FramedStream] = set()
+        # what each front end's requests run as, by request id: a "cancel" or the front
+        # end's connection lost cancels them
+        self._tasks: dict[FramedStream, dict[int, asyncio.Task]] = {}
 
     @property
     def front_ends(self) -> int:
@@ -135,7 +144,7 @@ class Relay:
         self.loop = asyncio.get_running_loop()
         try:
             self.server = await self.loop.create_unix_server(
-                lambda: FramedStream(self._received, on_lost=self._streams.discard,
+                lambda: FramedStream(self._received, on_lost=self._front_end_lost,
                                      on_made=self._streams.add), self.path)
         except OSError:
             remove_private_dir(self.private_dir)
@@ -158,10 +167,19 @@ class Relay:
         await asyncio.gather(*self._answering, return_exceptions=True)
         remove_private_dir(self.private_dir)
 
+    def _front_end_lost(self, stream: FramedStream) -> None:
+        self._streams.discard(stream)
+        for task in self._tasks.pop(stream, {}).values():
+            task.cancel()  # nobody waits for their answers
+
     def _received(self, stream: FramedStream, request_id: int, parts: list) -> None:
         task = self.loop.create_task(self._answer(stream, request_id, parts))
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
+        if request_id != NO_ANSWER:
+            tasks = self._tasks.setdefault(stream, {})
+            tasks[request_id] = task
+            task.add_done_callback(lambda _: tasks.pop(request_id, None))
 
     async def _answer(self, stream: FramedStream, request_id: int, parts: list) -> None:
         try:
@@ -170,9 +188,14 @@ class Relay:
             if kind == "infer":
                 reply = {"ok": await self._infer(message)}
             elif kind == "http":
-                reply = {"ok": await self._http(message)}
+                reply = {"ok": await self._http(message, stream, request_id)}
             elif kind == "count":
                 self._count(message)
+                return
+            elif kind == "cancel":
+                task = self._tasks.get(stream, {}).get(message["id"])
+                if task is not None:
+                    task.cancel()
                 return
             else:
                 raise ValueError(f"relay: unknown message kind {kind!r}")
@@ -184,6 +207,9 @@ class Relay:
             header, body = self.codec.encode(reply)
         except Exception as exc:  # noqa: BLE001 - an output the codec cannot carry
             header, body = self.codec.encode({"error": wire.describe_error(exc, _ERROR_BYTES)})
+        self._send(stream, request_id, header, body)
+
+    def _send(self, stream: FramedStream, request_id: int, header, body) -> None:
         try:
             stream.send(request_id, [header, *body])
         except Exception as exc:  # noqa: BLE001 - its connection closed meanwhile
@@ -209,8 +235,10 @@ class Relay:
         except Exception:  # noqa: BLE001 - raised only to be counted
             pass
 
-    async def _http(self, message: dict) -> list:
-        """One whole HTTP request, answered by the server's app in this process."""
+    async def _http(self, message: dict, stream: FramedStream, request_id: int) -> list:
+        """One whole HTTP request, answered by the server's app in this process. An event
+        stream's answer goes back in parts as the app writes it (then [status, None,
+        None] ends it); any other answer whole, as [status, headers, body]."""
         body = message["body"]
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
                  "http_version": message["http_version"], "method": message["method"],
@@ -228,15 +256,27 @@ class Relay:
             return {"type": "http.disconnect"}
 
         response: list = [500, [], []]
+        streamed = False
 
         async def send(event):
+            nonlocal streamed
             if event["type"] == "http.response.start":
                 response[0] = event["status"]
                 response[1] = [list(pair) for pair in event.get("headers", ())]
+                streamed = [b"content-type", b"text/event-stream"] in response[1]
+                if streamed:
+                    self._send(stream, request_id, *self.codec.encode(
+                        {"start": response[:2]}))
             elif event["type"] == "http.response.body":
-                response[2].append(event.get("body", b""))
+                if streamed:
+                    self._send(stream, request_id, *self.codec.encode(
+                        {"part": event.get("body", b"")}))
+                else:
+                    response[2].append(event.get("body", b""))
 
         await self.app(scope, receive, send)
+        if streamed:
+            return [response[0], None, None]
         response[2] = b"".join(response[2])
         return response
 
@@ -256,6 +296,7 @@ class RelayClient:
         self.codec = _codec()
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
+        self._parts: dict[int, asyncio.Queue] = {}
         self.stream: FramedStream | None = None
 
     async def connect(self) -> None:
@@ -267,16 +308,26 @@ class RelayClient:
         if self.stream is not None and self.stream.transport is not None:
             self.stream.transport.close()
 
-    async def call(self, message: dict):
+    async def call(self, message: dict, parts: asyncio.Queue | None = None):
+        """The server's answer; ``parts``: where the pieces of an answer that comes in
+        parts go (``{"start": [status, headers]}``, ``{"part": bytes}``) before it ends.
+        Cancelled (its client went away), it tells the server to cancel the request."""
         request_id = next(self._ids)
         answer = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = answer
+        if parts is not None:
+            self._parts[request_id] = parts
         try:
             header, frames = self.codec.encode(message)
             self.stream.send(request_id, [header, *frames])
             reply = await answer
+        except asyncio.CancelledError:
+            if self.stream is not None and self.stream.transport is not None:
+                self.notify({"kind": "cancel", "id": request_id})
+            raise
         finally:
             self._waiting.pop(request_id, None)
+            self._parts.pop(request_id, None)
         if "error" in reply:
             raise wire.rebuild_exception(reply["error"], raised_by="the server")
         return reply["ok"]
@@ -290,9 +341,15 @@ class RelayClient:
         if answer is None or answer.done():
             return  # its caller gave up
         try:
-            answer.set_result(self.codec.decode(parts[0], parts[1:]))
+            reply = self.codec.decode(parts[0], parts[1:])
         except Exception as exc:  # noqa: BLE001 - a reply that does not decode
             answer.set_exception(exc)
+            return
+        pieces = self._parts.get(request_id)
+        if pieces is not None and ("start" in reply or "part" in reply):
+            pieces.put_nowait(reply)
+        else:
+            answer.set_result(reply)
 
     def _lost(self, stream: FramedStream) -> None:
         for answer in self._waiting.values():

@@ -125,13 +125,40 @@ class FrontApp(AsgiApp):
                    "client": list(scope["client"]) if scope.get("client") else None,
                    "server": list(scope["server"]) if scope.get("server") else None,
                    "body": body}
+        parts: asyncio.Queue = asyncio.Queue()  # an event stream's pieces, as they come
+        call = asyncio.ensure_future(self.client.call(message, parts))
         try:
-            status, headers, answer = await self.client.call(message)
+            while True:
+                piece = asyncio.ensure_future(parts.get())
+                await asyncio.wait({call, piece}, return_when=asyncio.FIRST_COMPLETED)
+                if not piece.done():
+                    piece.cancel()
+                    break
+                await _write_piece(exchange, piece.result())
+            while not parts.empty():  # (what came before the end, in order)
+                await _write_piece(exchange, parts.get_nowait())
+            status, headers, answer = call.result()
+        except asyncio.CancelledError:
+            call.cancel()  # our client went away: the server cancels it too
+            raise
         except Exception as exc:
             raise NotReady(f"the server could not answer: {exc}") from exc
+        if headers is None:  # an event stream, written already
+            await exchange.send({"type": "http.response.body", "body": b""})
+            return
         await exchange.send({"type": "http.response.start", "status": status,
                              "headers": [tuple(pair) for pair in headers]})
         await exchange.send({"type": "http.response.body", "body": answer})
+
+
+async def _write_piece(exchange: Exchange, piece: dict) -> None:
+    if "start" in piece:
+        status, headers = piece["start"]
+        await exchange.send({"type": "http.response.start", "status": status,
+                             "headers": [tuple(pair) for pair in headers]})
+    else:
+        await exchange.send({"type": "http.response.body", "body": bytes(piece["part"]),
+                             "more_body": True})
 
 
 def _infer_target(exchange: Exchange) -> tuple[str, str | None] | None:
