@@ -19,9 +19,10 @@ import workerpool as wp
 from workerpool.config import PoolConfig
 from workerpool.ipc import wire
 from workerpool.ipc.codec import Codec
-from workerpool.pool.scheduler import (ABORT_GRACE_S, Answer, Deliver, Request, Scheduler,
-                                       Send, Signal, StartWorker, Stop)
+from workerpool.pool.scheduler import (ABORT_GRACE_S, Answer, Deliver, Item, Request,
+                                       Scheduler, Send, Signal, StartWorker, Stop)
 from workerpool.pool.scheduling import MAX_ATTEMPTS, RESTART_BACKOFF_S, WorkerState
+from workerpool.pool.streams import Stream
 
 CODEC = Codec(allow_pickle=True, max_message_bytes=1 << 20)
 
@@ -62,6 +63,33 @@ class Harness:
         self.scheduler.queue_gauge.try_add(None)
         self.take(self.scheduler.submit(request))
         return request
+
+    def submit_stream(self, credit=4, timeout=None) -> Request:
+        body, frames = CODEC.encode_call((0,), {})
+        sink = Stream()
+        sink.attach(lambda **control: None)
+        request = Request(next(self.ids), sink, body, frames, timeout=timeout,
+                          now=self.now, credit=credit)
+        self.scheduler.queue_gauge.try_add(None)
+        self.take(self.scheduler.submit(request))
+        return request
+
+    def items(self, worker, request, values) -> list:
+        encoded = [CODEC.encode(v) for v in values]
+        return self.take(self.scheduler.on_message(
+            [worker.identity, *wire.stream_items(request.id, encoded)], self.now))
+
+    def end(self, worker, request, count) -> list:
+        return self.take(self.scheduler.on_message(
+            [worker.identity, *wire.stream_end(request.id, count)], self.now))
+
+    def streamed(self, request) -> list:
+        return [CODEC.decode(a.body, a.frames) for a in self.of(Item) if a.request is request]
+
+    def controls(self, worker, actions=None) -> list[tuple[bytes, dict]]:
+        """The MOREs and CANCELs sent to ``worker``."""
+        return [wire.read_head(a.frames[1]) for a in self.of(Send, actions)
+                if a.worker is worker and not a.requests]
 
     def tick(self, later: float = 0.0) -> list:
         self.now += later
@@ -622,3 +650,97 @@ def test_resize_starts_what_is_missing_and_stops_idle_workers_before_busy_ones()
     assert retiring[0] in [a.worker for a in harness.of(Stop)]
     assert all(harness.answer_of(r)[1] is None for r in requests)
     assert len(harness.of(StartWorker)) == 4  # nothing replaced
+
+
+# -- streams -----------------------------------------------------------------------------------
+def test_a_stream_travels_alone_holds_its_worker_and_delivers_its_items_in_order(pool):
+    for worker in pool.workers():
+        worker.credits = 2
+    stream = pool.submit_stream(credit=4)
+    plain = pool.submit()
+    actions = pool.tick()
+    sends = pool.of(Send, actions)
+    assert [s.requests for s in sends] == [[stream], [plain]]
+    worker = stream.worker
+    assert plain.worker is not worker and worker.credits == 0  # nothing queued behind it
+    kind, meta = wire.read_head(sends[0].frames[1])
+    assert kind == wire.TASK and meta["stream"] == 4
+    pool.items(worker, stream, ["a", "b"])
+    pool.items(worker, stream, ["c"])
+    assert pool.streamed(stream) == ["a", "b", "c"] and stream.items == 3
+    assert pool.unanswered(stream)
+    pool.end(worker, stream, 3)
+    assert pool.answer_of(stream) == (None, None)
+    assert worker.credits == 2 and not worker.inflight
+
+
+def test_credit_and_cancel_reach_the_worker_running_the_stream(pool):
+    stream = pool.submit_stream()
+    pool.tick()
+    worker = stream.worker
+    pool.take(pool.scheduler.stream_credit(stream, 8))
+    assert stream.credit == 12
+    pool.take(pool.scheduler.cancel_stream(stream))
+    assert [(kind, meta) for kind, meta in pool.controls(worker)] == [
+        (wire.MORE, {"id": stream.id, "n": 8}), (wire.CANCEL, {"id": stream.id})]
+    stream.future.close()  # the consumer gave up: its sink is done
+    pool.items(worker, stream, ["late"])
+    assert pool.streamed(stream) == []  # dropped: nobody reads it
+    pool.end(worker, stream, 1)
+    assert pool.unanswered(stream) and not worker.inflight and worker.credits == 1
+
+
+def test_credit_for_a_queued_stream_travels_with_its_task(pool):
+    for worker in pool.workers():
+        worker.credits = 0
+    stream = pool.submit_stream(credit=4)
+    pool.take(pool.scheduler.stream_credit(stream, 2))
+    assert pool.of(Send) == []
+    for worker in pool.workers():
+        worker.credits = 1
+    (send,) = pool.of(Send, pool.tick())
+    assert wire.read_head(send.frames[1])[1]["stream"] == 6
+
+
+def test_a_stream_cut_by_a_crash_after_items_fails_and_is_not_retried(pool):
+    stream = pool.submit_stream()
+    pool.tick()
+    worker = stream.worker
+    pool.items(worker, stream, ["a", "b"])
+    pool.exit(worker, -signal.SIGKILL)
+    _, error = pool.answer_of(stream)
+    assert isinstance(error, wp.WorkerCrashed) and "after 2 items" in str(error)
+    assert not pool.scheduler.retries
+
+
+def test_a_stream_whose_worker_died_before_its_first_item_is_retried(pool):
+    stream = pool.submit_stream()
+    pool.tick()
+    pool.exit(stream.worker, -signal.SIGKILL)
+    assert pool.unanswered(stream) and list(pool.scheduler.retries) == [stream]
+
+
+def test_a_stream_past_its_deadline_is_cancelled_then_its_worker_aborted_if_it_goes_on(pool):
+    stream = pool.submit_stream(timeout=1.0)
+    pool.tick()
+    worker = stream.worker
+    pool.items(worker, stream, ["a"])
+    pool.tick(1.5)
+    _, error = pool.answer_of(stream)
+    assert isinstance(error, wp.TaskTimeout) and "1 items were sent" in str(error)
+    assert [kind for kind, _ in pool.controls(worker)] == [wire.CANCEL]
+    assert worker.state == WorkerState.READY  # told to stop; not aborted yet
+    pool.tick(ABORT_GRACE_S + 0.01)  # still streaming after the grace: stuck in an item
+    assert worker.state == WorkerState.ABORTED
+    assert pool.of(Signal)[-1] == Signal(worker.worker_id, signal.SIGABRT)
+
+
+def test_a_stream_that_stops_when_cancelled_for_its_deadline_keeps_its_worker(pool):
+    stream = pool.submit_stream(timeout=1.0)
+    pool.tick()
+    worker = stream.worker
+    pool.tick(1.5)
+    pool.end(worker, stream, 0)
+    pool.tick(ABORT_GRACE_S + 0.01)
+    assert worker.state == WorkerState.READY and worker.credits == 1
+    assert pool.of(Signal) == []
