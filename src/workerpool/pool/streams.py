@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import InvalidStateError
 
 # Items a worker may send ahead of its consumer.
-WINDOW = 16
+WINDOW = 64
 
 
 class _Sink:

@@ -41,8 +41,9 @@ class StreamLink:
         self.cancelled = False
 
     def read_pending(self) -> None:
-        """Everything the pool sent so far, without waiting."""
-        while self.sock.poll(0):
+        """Everything the pool sent so far, without waiting (ZMQ_EVENTS, not poll(): a
+        poll builds a Poller each call, a fifth of a fast stream's time per item)."""
+        while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
             self._read_one()
 
     def wait_for_credit(self) -> bool:
