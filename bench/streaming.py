@@ -10,10 +10,12 @@ arrays (16 float32), so each path's own cost per item is what is measured:
 - LitServe (its own venv, bench/.venvs/litserve): a LitAPI with ``stream=True``, one
   inference worker (bench/peers/litserve/stream_app.py), lines of JSON over HTTP.
 
-For each, ``--rounds`` rounds (medians) of: a stream of one item (time to the first item,
-request sent to item read), and a stream of ``--items`` items (per item: the time after the
-first item over the items after it). Every path's items are checked against the model run
-here. Prints JSON and writes bench/results/streaming.md.
+For each, ``--rounds`` rounds of: 20 streams of one item back to back (time to the first
+item, request sent to item read: their median), and a stream of ``--items`` items (per
+item: the time after the first item over the items after it); medians over the rounds.
+``Pool.submit`` is the reference for the first item: one plain answer of the same model,
+the same way. Every path's items are checked against the model run here. Prints JSON and
+writes bench/results/streaming.md.
 
     .venv/bin/python bench/streaming.py [--rounds 5] [--items 2000]
 """
@@ -165,10 +167,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2000)
     args = parser.parse_args()
     n = args.items
-    results = {name: {"first": [], "per_item": []}
-               for name in ("in process", "Pool.stream", "workerpool serve", "LitServe")}
+    results = {name: {"first": [], "per_item": []} for name in (
+        "in process", "Pool.submit (one answer)", "Pool.stream", "workerpool serve",
+        "LitServe")}
     with tempfile.TemporaryDirectory() as tmp, \
-            wp.Pool(stream_model.load, stream_model.predict, workers=1) as pool:
+            wp.Pool(stream_model.load, stream_model.predict, workers=1) as pool, \
+            wp.Pool(stream_model.load, stream_model.first, workers=1) as unary:
         servers = {"workerpool serve": start_workerpool(pathlib.Path(tmp))}
         try:
             servers["LitServe"] = start_litserve()
@@ -189,15 +193,26 @@ def main() -> None:
                 _, _, items = timed(path(n))
                 check(items, n, name)
             for round_ in range(args.rounds):
+                firsts = []
+                for _ in range(20):
+                    started = time.perf_counter()
+                    unary.submit(np.array([1])).result()
+                    firsts.append(time.perf_counter() - started)
+                results["Pool.submit (one answer)"]["first"].append(statistics.median(firsts))
                 for name, path in paths.items():
-                    first, _, items = timed(path(1))
-                    check(items, 1, name)
+                    firsts = []
+                    for _ in range(20):
+                        first, _, items = timed(path(1))
+                        check(items, 1, name)
+                        firsts.append(first)
+                    first = statistics.median(firsts)
                     _, per_item, items = timed(path(n))
                     check(items, n, name)
                     results[name]["first"].append(first)
                     results[name]["per_item"].append(per_item)
                 log(f"round {round_ + 1}: " + ", ".join(
-                    f"{k} {1e6 * v['per_item'][-1]:.1f} us/item" for k, v in results.items()
+                    f"{k} {1e3 * v['first'][-1]:.2f} ms first, "
+                    f"{1e6 * v['per_item'][-1]:.1f} us/item" for k, v in results.items()
                     if v["per_item"]))
         finally:
             for server in servers.values():
@@ -208,10 +223,12 @@ def main() -> None:
         if not values["first"]:
             continue
         first = statistics.median(values["first"])
-        per_item = statistics.median(values["per_item"])
-        rows.append({"path": name, "first item ms": 1e3 * first,
-                     "per item us": 1e6 * per_item, "items/s": 1 / per_item,
-                     "per item vs in process": per_item / base})
+        row = {"path": name, "first item ms": 1e3 * first}
+        if values["per_item"]:
+            per_item = statistics.median(values["per_item"])
+            row.update({"per item us": 1e6 * per_item, "items/s": 1 / per_item,
+                        "per item vs in process": per_item / base})
+        rows.append(row)
     ours = next(r for r in rows if r["path"] == "workerpool serve")
     peer = next((r for r in rows if r["path"] == "LitServe"), None)
     if peer is not None:
