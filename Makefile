@@ -27,7 +27,7 @@ test: $(STAMP)
 # cores. CI and every commit run the whole suite (`make test`).
 FAST_TESTS := tests/unit tests/integration/test_lifecycle.py \
 	tests/integration/test_failures.py tests/integration/test_serve_limits.py \
-	tests/integration/test_protocols.py
+	tests/integration/test_protocols.py tests/integration/test_streaming.py
 test-fast: $(STAMP)
 	$(PY) -m pytest -q $(FAST_TESTS)
 

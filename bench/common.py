@@ -215,3 +215,27 @@ def p50_us(call, n: int) -> float:
         call()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(process) -> None:
+    """SIGTERM to a server started with ``start_new_session=True`` and its whole process
+    group, SIGKILL after 60 s."""
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -40,8 +40,6 @@ import os
 import pathlib
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +51,7 @@ import numpy as np
 import psutil
 
 import light_model
-from common import emit, log, markdown_table
+from common import emit, free_port, log, markdown_table, stop_group
 from reporting import venvs
 from protocols import KSERVE_INFER, kserve_infer, kserve_request
 from serve import run_load
@@ -81,12 +79,6 @@ def bodies(directory: pathlib.Path) -> dict[str, tuple[pathlib.Path, dict]]:
             "binary": (directory / "binary.body",
                        {"Inference-Header-Content-Length": str(len(header))}),
             "grpc": (directory / "grpc.body", None)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -141,13 +133,7 @@ class Server:
                 sum(cpu(p) for p in children if p not in fronts))
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_group(self.process)
 
 
 def start_workerpool(workers: int, directory: pathlib.Path, http_workers: int) -> Server:

@@ -27,8 +27,6 @@ import http.client
 import json
 import os
 import pathlib
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,18 +36,12 @@ import time
 import numpy as np
 
 import stream_model
-from common import emit, log, markdown_table
+from common import emit, free_port, log, markdown_table, stop_group
 from reporting import venvs
 
 import workerpool as wp
 
 HERE = pathlib.Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def expected(n: int) -> list[np.ndarray]:
@@ -135,13 +127,7 @@ class Process:
             return False
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_group(self.process)
 
 
 def start_workerpool(directory: pathlib.Path) -> Process:

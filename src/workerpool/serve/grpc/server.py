@@ -62,10 +62,8 @@ def method(front: Front, name: str, handler: Callable[..., Awaitable], request_c
     run, an error turned into a gRPC status."""
     async def call(raw: bytes, context: grpc.aio.ServicerContext):
         try:
-            if front.api_key is not None and name not in OPEN_METHODS and \
-                    not key_matches(context.invocation_metadata(), front.api_key):
-                raise Unauthorized("this server needs its API key: send the metadata "
-                                   "'authorization: Bearer <key>' (or 'x-api-key: <key>')")
+            if name not in OPEN_METHODS:
+                check_key(front, context)
             try:
                 request = request_class.FromString(raw)
             except DecodeError as exc:
@@ -73,10 +71,7 @@ def method(front: Front, name: str, handler: Callable[..., Awaitable], request_c
                                  f"message: {exc}") from None
             return await handler(request, context)
         except Exception as error:  # noqa: BLE001 - every error is a status, never a crash
-            code = grpc.StatusCode[grpc_code_of(error)]
-            if code == grpc.StatusCode.INTERNAL:
-                log.info("%s failed: %s", name, error)
-            await context.abort(code, status_message(error, front.debug))
+            await abort(front, name, context, error)
 
     return call
 
@@ -87,10 +82,7 @@ def stream_method(front: Front, name: str, handler, request_class):
     responses written as it yields them; an error ends the call with its status."""
     async def call(raw_requests, context: grpc.aio.ServicerContext):
         try:
-            if front.api_key is not None and \
-                    not key_matches(context.invocation_metadata(), front.api_key):
-                raise Unauthorized("this server needs its API key: send the metadata "
-                                   "'authorization: Bearer <key>' (or 'x-api-key: <key>')")
+            check_key(front, context)
 
             async def requests():
                 async for raw in raw_requests:
@@ -103,12 +95,25 @@ def stream_method(front: Front, name: str, handler, request_class):
             async for response in handler(requests(), context):
                 yield response
         except Exception as error:  # noqa: BLE001 - every error is a status, never a crash
-            code = grpc.StatusCode[grpc_code_of(error)]
-            if code == grpc.StatusCode.INTERNAL:
-                log.info("%s failed: %s", name, error)
-            await context.abort(code, status_message(error, front.debug))
+            await abort(front, name, context, error)
 
     return call
+
+
+def check_key(front: Front, context: grpc.aio.ServicerContext) -> None:
+    if front.api_key is not None and \
+            not key_matches(context.invocation_metadata(), front.api_key):
+        raise Unauthorized("this server needs its API key: send the metadata "
+                           "'authorization: Bearer <key>' (or 'x-api-key: <key>')")
+
+
+async def abort(front: Front, name: str, context: grpc.aio.ServicerContext,
+                error: Exception) -> None:
+    """End the call with the status ``error`` maps to."""
+    code = grpc.StatusCode[grpc_code_of(error)]
+    if code == grpc.StatusCode.INTERNAL:
+        log.info("%s failed: %s", name, error)
+    await context.abort(code, status_message(error, front.debug))
 
 
 def status_message(error: BaseException, debug: bool) -> str:
