@@ -53,7 +53,7 @@ def attach_guard(marker: str) -> AttachGuard:
 
 def texts(model, x):
     """BYTES in, BYTES and numbers out: each item upper-cased, and its length."""
-    items = [item for row in x for item in row] if x and isinstance(x[0], list) else list(x)
+    items = np.asarray(x, dtype=object).reshape(-1).tolist()
     return {"upper": [item.upper() for item in items],
             "length": np.array([len(item) for item in items], dtype=np.int32)}
 

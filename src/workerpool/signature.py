@@ -136,7 +136,7 @@ class Signature:
         return [spec.name for spec in self.outputs] if self.outputs else None
 
     def mismatch(self, inputs: dict) -> str | None:
-        """Why named ``inputs`` (arrays, or nested lists of bytes for BYTES) do not fit,
+        """Why named ``inputs`` (arrays; BYTES: object arrays or nested lists of bytes) do not fit,
         naming what the model expects; None when they fit or the inputs are not known."""
         if not self.inputs:
             return None

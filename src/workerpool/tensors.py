@@ -97,6 +97,14 @@ def as_tensor(name: str, value) -> np.ndarray:
     return array
 
 
+def bytes_tensor(items: list, shape: list) -> np.ndarray:
+    """A BYTES tensor as predict gets it: a numpy object array of bytes, of ``shape`` (how
+    Triton's clients and Python backend hold one)."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
 def nest(items: list, shape: list):
     """A flat list as nested lists of ``shape`` (BYTES tensors: lists of bytes)."""
     for size in reversed(shape[1:]):

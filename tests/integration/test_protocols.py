@@ -29,6 +29,8 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2,  # noq
 
 tf = test_tensorflow.tf
 pytestmark = pytest.mark.module_pool
+# Triton's words for a model the server does not have (serving/errors.py)
+UNKNOWN_NOPE = "Request for unknown model: 'nope' is not found"
 
 CONFIG = textwrap.dedent("""
     [server]
@@ -152,7 +154,7 @@ CASES = [
     # protocols that cannot carry the request (JSON has no dtypes; TF REST selects no outputs)
     ("answered", "two", {"x": X}, None, "ok", "", ()),
     ("an output selected", "two", {"x": X}, ["total"], "ok", "", ("tf_rest",)),
-    ("unknown model", "nope", {"x": X}, None, "not_found", "no model named 'nope'", ()),
+    ("unknown model", "nope", {"x": X}, None, "not_found", UNKNOWN_NOPE, ()),
     ("wrong datatype", "two", {"x": X.astype(np.int32)}, None, "invalid",
      "input 'x' must be FP32, got INT32", ("tf_rest",)),
     ("wrong shape", "two", {"x": X[:, :2]}, None, "invalid",

@@ -32,6 +32,8 @@ import modelzoo
 from testkit import is_running, wait_until
 
 pytestmark = pytest.mark.module_pool
+# Triton's words for a model the server does not have (serving/errors.py)
+UNKNOWN_NOPE = "Request for unknown model: 'nope' is not found"
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1024 * 1024
@@ -293,9 +295,9 @@ ERRORS = [
         {"inputs": [{"name": "x", "shape": [1, 32], "datatype": "FP32",
                      "parameters": {"binary_data_size": 64}}]}, X.tobytes()[:64]),
      400, "needs 128 bytes"),
-    ("unknown model", "/v2/models/nope/infer", b"{}", {}, 404, "no model named 'nope'"),
+    ("unknown model", "/v2/models/nope/infer", b"{}", {}, 404, UNKNOWN_NOPE),
     ("unknown version", "/v2/models/mlp/versions/7/infer", b"{}", {}, 404, "no version '7'"),
-    ("unknown model metadata", "/v2/models/nope", None, {}, 404, "no model named"),
+    ("unknown model metadata", "/v2/models/nope", None, {}, 404, UNKNOWN_NOPE),
     ("unknown route", "/v3/anything", None, {}, 404, "no route"),
     ("model raised", "/v2/models/faulty/infer", json.dumps({"inputs": [
         {"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}).encode(), {}, 500,

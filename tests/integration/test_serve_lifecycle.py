@@ -241,7 +241,8 @@ def test_sighup_applies_the_edited_config(tmp_path, client_of):
         assert infer(client, "changed")[0] == 3
         assert infer(client, "added") == (1, "2") and infer(client, "added", "1") == (4, "1")
         assert infer(client, "gone")[0] == 1
-        with pytest.raises(InferenceServerException, match="no model named 'kept'"):
+        with pytest.raises(InferenceServerException,
+                           match="Request for unknown model: 'kept' is not found"):
             infer(client, "kept")
         assert wait_until(lambda: not any(is_running(pid) for pid in kept_pids))
         # a broken edit changes nothing

@@ -99,11 +99,41 @@ def test_other_objects_are_pickled_only_where_allowed():
         NETWORK_CODEC.decode(header, frames)
 
 
-def test_object_arrays_and_unknown_dtypes_are_refused():
-    with pytest.raises(EncodeError, match="dtype object"):
+def test_object_arrays_of_other_things_and_unknown_dtypes_are_refused():
+    with pytest.raises(EncodeError, match="every element is bytes"):
         CODEC.encode(np.array([1, "a"], dtype=object))
     with pytest.raises(EncodeError, match="dtype"):
         CODEC.encode(np.zeros(2, dtype="datetime64[s]"))
+
+
+STRICT = Codec(allow_pickle=False, max_message_bytes=1 << 20)  # no pickling at all
+
+
+@pytest.mark.parametrize("array, kind", [
+    (np.array([[b"a", b"bc"], [b"\xff\x00", b""]], dtype=object), bytes),
+    (np.array(["h\u00e9", "", "\U0001f600"], dtype=object), str),
+    (np.array([b"ab", b"c"]), bytes),  # numpy's fixed-width S and U arrays
+    (np.array(["ab", "c"]), str),
+    (np.empty((0, 3), dtype=object), bytes),
+    (np.array([b"x" * (INLINE_ARRAY_BYTES + 1), b"y"], dtype=object), bytes),  # a frame
+])
+def test_arrays_of_bytes_or_str_cross_in_their_own_framing_never_pickled(array, kind):
+    header, frames = STRICT.encode({"t": array})
+    got = STRICT.decode(header, frames)["t"]
+    assert got.dtype == object and got.shape == array.shape
+    assert got.tolist() == array.astype(object).tolist()
+    assert all(type(item) is kind for item in got.ravel())
+
+
+@pytest.mark.parametrize("payload, shape", [
+    (b"\x05\x00\x00\x00ab", [1]),  # a length past the end
+    (b"\x01\x00\x00\x00ab", [1]),  # bytes left over
+    (b"\x01\x00", [1]),  # not even the lengths
+])
+def test_a_malformed_bytes_array_is_a_protocol_error(payload, shape):
+    node = msgpack.ExtType(5, msgpack.packb([payload, "bytes", shape]))
+    with pytest.raises(ProtocolError):
+        STRICT.decode(msgpack.packb(node), [])
 
 
 def test_object_arrays_are_pickled_where_the_codec_is_told_to():

@@ -2,8 +2,11 @@
 
 The header is msgpack; arrays (numpy, torch CPU tensors) become an extension node holding
 their bytes (up to INLINE_ARRAY_BYTES) or naming a frame index, with dtype and shape; larger
-arrays travel as their own frame, without a copy above ``zero_copy_threshold``. Tuples keep
-their type. Other objects are pickled, and only when the codec is built with
+arrays travel as their own frame, without a copy above ``zero_copy_threshold``. Arrays of
+bytes or of str (object arrays, as Triton's clients and Python backend hold BYTES tensors,
+and numpy's fixed-width S/U arrays) travel in a framing of their own: every element's
+length (u32, little-endian), then the elements, never pickled; they arrive as object
+arrays of bytes (or str). Tuples keep their type. Other objects are pickled, and only when the codec is built with
 ``allow_pickle=True``: the pool's own ipc link (a 0700 directory of the same user); an
 object whose unpickling raises gives its own exception, with a note saying where. Decoding
 validates every array node: dtype on the allow-list, frame index used once, bytes equal to
@@ -33,6 +36,8 @@ _EXT_NDARRAY = 1
 _EXT_TENSOR = 2
 _EXT_TUPLE = 3
 _EXT_PICKLE = 4
+_EXT_STRINGS = 5
+_LENGTHS = np.dtype("<u4")
 
 ALLOWED_DTYPES = frozenset(
     ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -90,8 +95,10 @@ class Codec:
                     "the mask would be lost; send .filled(value) or the data and the mask "
                     "as two arrays")
             if isinstance(obj, np.ndarray):
-                if self.pickle_object_arrays and obj.dtype.kind == "O":
-                    return self._pickle_node(obj, frames)
+                if obj.dtype.kind in "OSU":
+                    if self.pickle_object_arrays and obj.dtype.kind == "O":
+                        return self._pickle_node(obj, frames)
+                    return self._strings_node(obj, frames)
                 return self._array_node(_EXT_NDARRAY, obj, dtype_name(obj.dtype), frames)
             if isinstance(obj, (np.str_, np.bytes_)):
                 return str(obj) if isinstance(obj, str) else bytes(obj)
@@ -140,6 +147,30 @@ class Codec:
             node.append(True)
         return msgpack.ExtType(ext, msgpack.packb(node))
 
+    def _strings_node(self, array: np.ndarray, frames: list):
+        """An array of bytes or of str: the elements' lengths, then the elements."""
+        items = np.asarray(array).ravel().tolist()
+        if all(isinstance(item, bytes) for item in items):
+            kind = "bytes"
+        elif all(isinstance(item, str) for item in items):
+            kind, items = "str", [item.encode("utf-8", "surrogatepass") for item in items]
+        else:
+            kinds = sorted({type(item).__name__ for item in items})
+            raise EncodeError(
+                f"object arrays cross the pool's link when every element is bytes (or every "
+                f"one str), as BYTES tensors; this one holds {kinds[:5]}: send such values "
+                "in a list, or as arrays of a numeric dtype")
+        lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+        if lengths.size and lengths.max() >= 1 << 32:
+            raise EncodeError("an element of a bytes array is 4 GiB or more")
+        payload = lengths.astype(_LENGTHS).tobytes() + b"".join(items)
+        if len(payload) <= INLINE_ARRAY_BYTES:
+            where = payload
+        else:
+            frames.append(payload)
+            where = len(frames) - 1
+        return msgpack.ExtType(_EXT_STRINGS, msgpack.packb([where, kind, list(array.shape)]))
+
     def _pickle_node(self, obj, frames: list):
         if not self.allow_pickle:
             raise EncodeError(f"values of type {type(obj).__name__} cannot be sent here; "
@@ -178,6 +209,10 @@ class Codec:
                             else array
                     return _array_as_tensor(array, dtype_name)
                 return array[()] if flags == [True] and not shape else array
+            if code == _EXT_STRINGS:
+                where, kind, shape = msgpack.unpackb(data)
+                buffer = where if isinstance(where, bytes) else take(where)
+                return _strings_from_buffer(buffer, kind, shape)
             if code == _EXT_PICKLE:
                 if not self.allow_pickle:
                     raise ProtocolError("pickled values are refused on this link")
@@ -251,6 +286,31 @@ def _array_from_buffer(buffer, dtype_name, shape) -> np.ndarray:
             f"array of shape {shape} and dtype {dtype_name} does not match its "
             f"{len(buffer)}-byte frame")
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _strings_from_buffer(buffer, kind, shape) -> np.ndarray:
+    """The object array of bytes (or str) a strings node carries, checked against its
+    shape and its buffer's length."""
+    if kind not in ("bytes", "str"):
+        raise ProtocolError(f"bad strings kind {kind!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError(f"bad shape {shape!r}")
+    count = math.prod(shape)
+    view = memoryview(buffer).cast("B")
+    if 4 * count > len(view):
+        raise ProtocolError(f"a bytes array of {count} elements in {len(view)} bytes")
+    lengths = np.frombuffer(view[:4 * count], dtype=_LENGTHS).astype(np.int64)
+    ends = 4 * count + np.cumsum(lengths)
+    if (ends[-1] if count else 4 * count) != len(view):
+        raise ProtocolError("a bytes array whose lengths do not add up to its frame")
+    starts = ends - lengths
+    data = view.tobytes()
+    items = [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+    if kind == "str":
+        items = [item.decode("utf-8", "surrogatepass") for item in items]
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array.reshape(shape)
 
 
 def bfloat16_as_float32(bits: np.ndarray) -> np.ndarray:

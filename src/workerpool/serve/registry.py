@@ -39,7 +39,9 @@ from ..config import usable_cores
 from ..errors import ConfigError
 from ..pool.pool import Pool
 from ..pool.runtime import Runtime
-from ..serving.errors import BadRequest, ModelNotFound, NotReady, TooManyModels
+from ..serving.errors import (BadRequest, ModelNotFound, NotReady, TooManyModels,
+                              unknown_model)
+from ..serving import triton
 from ..serving.model import HOLDS_A_POOL, ModelState, ServedModel, pool_signature
 from ..signature import Signature, TensorSpec, datatype_of
 from ..specs import is_function_spec
@@ -285,12 +287,12 @@ class Registry:
         """That version; without one, the newest ready version (or the newest)."""
         versions = self.versions.get(name)
         if not versions:
-            raise ModelNotFound(f"no model named {name!r}; this server has "
+            raise ModelNotFound(f"{unknown_model(name)}; this server has "
                                 f"{sorted(self.versions)}")
         if version is not None:
             model = versions.get(version)
             if model is None:
-                raise ModelNotFound(f"model {name!r} has no version {version!r}; it has "
+                raise ModelNotFound(f"{unknown_model(name, version)}; it has versions "
                                     f"{self.version_labels(name)}")
             return model
         models = list(versions.values())  # (one C call: loads change it from threads)
@@ -338,16 +340,28 @@ class Registry:
         """Load a model version, or hot-swap it if it is loaded (blocking: call it in a
         thread). ``parameters``: ``version`` (a new label adds a version beside the
         others), ``source`` (a path on the allow-list), or ``config``: a JSON object with
-        those keys (what tritonclient's ``load_model(config=...)`` sends)."""
-        parameters = load_parameters(parameters)
+        those keys (what tritonclient's ``load_model(config=...)`` sends) and Triton's
+        model configuration fields that set the pool (serving/triton.py's
+        pool_overrides: max_batch_size, instance_group count, dynamic_batching)."""
+        try:
+            return self._load(name, load_parameters(parameters))
+        except (errors.ReloadFailed, BadRequest) as exc:
+            # the words Triton's clients look for, then ours
+            raise type(exc)(f"failed to load {name!r}: {exc}") from exc
+
+    def _load(self, name: str, parameters: dict) -> Model:
         with self.lifecycle:
             self._check_open()
             versions = self.versions.get(name, {})
             version = parameters.get("version")
             model = versions.get(version) if version is not None else (
                 newest(versions) if versions else None)
+            overrides = parameters.get("pool_options") or {}
             if model is None:
                 spec = self._new_spec(name, versions, version, parameters.get("source"))
+                if overrides:
+                    spec = dataclasses.replace(spec, pool_options={**spec.pool_options,
+                                                                   **overrides})
                 self._check_room(f"{name}@{spec.version}")
                 model = self._new_model(spec)
                 model.load()
@@ -361,6 +375,9 @@ class Registry:
             spec = model.spec
             if "source" in parameters:
                 spec = dataclasses.replace(spec, source=self.allowed(parameters["source"]))
+            if overrides:  # Triton's config: new pool settings, so a new pool
+                spec = dataclasses.replace(spec, pool_options={**spec.pool_options,
+                                                               **overrides})
             model.swap(spec)
             return model
 
@@ -370,7 +387,7 @@ class Registry:
         with self.lifecycle:
             versions = self.versions.get(name)
             if not versions:
-                raise ModelNotFound(f"no model named {name!r}")
+                raise ModelNotFound(unknown_model(name))
             targets = [self.get(name, parameters["version"])] if "version" in parameters \
                 else list(versions.values())
             for model in targets:
@@ -464,7 +481,7 @@ class Registry:
                                        source=self.allowed(source) if source else
                                        template.source)
         if source is None:
-            raise ModelNotFound(f"no model named {name!r}; to load a new one, give "
+            raise ModelNotFound(f"{unknown_model(name)}; to load a new one, give "
                                 "parameters.source (a path on the allow-list)")
         try:
             name = check_name(name)
@@ -512,13 +529,18 @@ def load_parameters(parameters, unload: bool = False) -> dict:
             raise BadRequest(f"parameters.config is not JSON: {exc}") from None
         if not isinstance(extra, dict):
             raise BadRequest("parameters.config must be a JSON object")
-        parameters.update(extra)
+        extra = dict(extra)
+        for key in ("version", "source"):  # ours, in the config object
+            if key in extra:
+                parameters[key] = extra.pop(key)
+        if not unload:  # the rest is Triton's model configuration: the pool's settings
+            parameters["pool_options"] = triton.pool_overrides(extra)
     parameters.pop("unload_dependents", None)  # tritonclient sends it; nothing depends here
     uploads = [key for key in parameters if key.startswith("file:")]
     if uploads:
         raise BadRequest("this server does not take model files in requests; it loads "
                          "only sources on its allow-list")
-    known = {"version"} if unload else {"version", "source"}
+    known = {"version"} if unload else {"version", "source", "pool_options"}
     unknown = set(parameters) - known
     if unknown:
         raise BadRequest(f"unknown parameters {sorted(unknown)}; known: {sorted(known)}")

@@ -31,11 +31,13 @@ import numpy as np
 from .. import __version__, errors, tensors
 from ..signature import Signature
 from ..tensors import call_argument, name_outputs
+from . import triton
 from .errors import BadRequest, NotReady
 from .limits import DEFAULT_MAX_REQUEST_BYTES
 from .model import ServedModel
 
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration",
+              "generate"]
 
 
 class DataPlane:
@@ -82,8 +84,31 @@ class DataPlane:
         the model is looked up first (ModelNotFound before the protocol decodes a byte)."""
         counted = self.metrics.counted(name, protocol, started) if self.metrics is not None \
             else contextlib.nullcontext()
+        started = time.perf_counter() if started is None else started
         with counted:
-            yield Inference(self, self.model(name, version))
+            call = Inference(self, self.model(name, version))
+            try:
+                yield call
+            except BaseException:
+                call.model.statistics.record(False, time.perf_counter() - started)
+                raise
+            call.model.statistics.record(True, time.perf_counter() - started)
+
+    # -- Triton's statistics and model configuration extensions (blocking: in a thread) ---
+    def statistics(self, name: str | None = None, version: str | None = None) -> dict:
+        """``{"model_stats": [...]}`` of one model version, every version of ``name``
+        (without a version), or every model (without a name)."""
+        if not name:
+            models = self.models.models
+        elif version:
+            models = [self.model(name, version)]
+        else:
+            models = self.versions(name)
+        return {"model_stats": [triton.statistics(model) for model in models]}
+
+    def config(self, name: str, version: str | None = None) -> dict:
+        """Triton's model configuration of that version (the newest ready without one)."""
+        return triton.config(self.model(name, version))
 
 
 class Inference:

@@ -58,6 +58,13 @@ class Unimplemented(ServeError):
     """A method of a protocol this server does not offer (TF Serving's Classify, ...)."""
 
 
+def unknown_model(name: str, version: str | None = None) -> str:
+    """Triton's words for a model (or a version) the server does not have: what its
+    clients match on. Our detail follows them."""
+    what = repr(name) + (f" version {version}" if version is not None else "")
+    return f"Request for unknown model: {what} is not found"
+
+
 class StreamFailed(Exception):
     """A stream ended by ``error`` after its answer began: the client was told in the
     stream itself (its last event or message); the request is counted by ``error``'s row

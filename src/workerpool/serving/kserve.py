@@ -6,7 +6,7 @@ extension (used by ``workerpool serve`` and the Ray Serve deployment).
       inputs[i]: name, shape, datatype, and either data (flat or nested) or
                  parameters.binary_data_size (its bytes follow the header, in input order)
       outputs[j]: name, parameters.binary_data ; parameters.binary_data_output: all binary
-    -> InferRequest(inputs: {name: ndarray | nested list of bytes}, outputs, ...)
+    -> InferRequest(inputs: {name: ndarray (BYTES: an object array of bytes)}, outputs, ...)
     -> the data plane -> {name: ndarray}, selected and ordered
     -> response body = JSON header [+ raw output bytes], the same way back
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import OutputEncodeError
 from ..signature import DATATYPES, datatype_of
-from ..tensors import nest
+from ..tensors import bytes_tensor
 from . import jsontext
 from .errors import BadRequest
 from .limits import MAX_RANK, check_shape, parse_json
@@ -52,7 +52,7 @@ class RequestedOutput:
 @dataclasses.dataclass
 class InferRequest:
     id: str | None
-    inputs: dict  # name -> ndarray, or nested list of bytes (BYTES)
+    inputs: dict  # name -> ndarray (BYTES: an object array of bytes)
     outputs: list[RequestedOutput] | None  # None: every output
     binary_output: bool  # the default for outputs not named in ``outputs``
 
@@ -143,7 +143,7 @@ def _decode_input(tensor, raw: memoryview, offset: int, max_tensor_bytes: int):
 
 def from_binary(name: str, datatype: str, shape: list, count: int, data: memoryview):
     if datatype == "BYTES":
-        return nest(_split_bytes(name, data, count), shape)
+        return bytes_tensor(_split_bytes(name, data, count), shape)
     dtype = DATATYPES[datatype]
     if len(data) != count * dtype.itemsize:
         raise BadRequest(f"input {name!r}: shape {shape} of {datatype} needs "
@@ -182,7 +182,7 @@ def _from_json(name: str, datatype: str, shape: list, count: int, data):
     if datatype == "BYTES":
         if not types <= {str}:
             raise BadRequest(f"input {name!r}: BYTES data must be strings")
-        return nest([v.encode() for v in flat], shape)
+        return bytes_tensor([v.encode() for v in flat], shape)
     if datatype == "BOOL":
         if not types <= {bool}:
             raise BadRequest(f"input {name!r}: BOOL data must be true or false")

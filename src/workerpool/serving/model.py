@@ -17,7 +17,8 @@ import itertools
 import time
 
 from ..signature import Signature
-from .errors import ModelNotFound, NotReady, NoWorkerNow
+from .errors import ModelNotFound, NotReady, NoWorkerNow, unknown_model
+from .triton import InferenceStatistics
 
 _added = itertools.count()  # the order versions were added, for "newest"
 
@@ -59,6 +60,7 @@ class ServedModel:
         self.state = ModelState.LOADING
         self.error = ""
         self.signature = Signature()
+        self.statistics = InferenceStatistics()  # Triton's statistics extension
 
     @classmethod
     def of_pool(cls, name: str, pool, version: str | None = None) -> "ServedModel":
@@ -130,12 +132,16 @@ class SingleModel:
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         if name != self.model.name or version not in (None, self.model.version):
-            raise ModelNotFound(f"no model named {name!r} version {version!r}; this "
+            raise ModelNotFound(f"{unknown_model(name, version)}; this "
                                 f"deployment serves {self.model.name!r}")
         return self.model
 
     def version_labels(self, name: str) -> list[str]:
         return [self.get(name).version]
+
+    @property
+    def models(self) -> list[ServedModel]:
+        return [self.model]
 
     @property
     def ready(self) -> bool:

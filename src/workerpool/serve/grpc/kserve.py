@@ -3,16 +3,18 @@ Triton's additions to the same service (its grpc_service.proto: proto/triton.py)
 
     ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata: as the HTTP routes
     ModelInfer: inputs[i] {name, datatype, shape, contents}  or  raw_input_contents[i]
-                -> the data plane -> outputs as raw_output_contents when the request sent
-                   raw inputs (or an output has no typed field: FP16), else typed contents
+                -> the data plane -> outputs in raw_output_contents, whatever the request
+                   used (as Triton answers: clients read them there)
     ModelStreamInfer (Triton, bidirectional): each request of the stream runs as it arrives
                 (several at once); every item its model yields is a response carrying the
                 request's id and triton_final_response=false; with the request
                 parameter triton_enable_empty_final_response, an empty response with
-                triton_final_response=true ends it. An error is a response with error_message; the stream goes
-                on. tritonclient.grpc's start_stream / async_stream_infer speak this.
+                triton_final_response=true ends it. An error is a response with
+                error_message; the stream goes on. tritonclient.grpc's start_stream /
+                async_stream_infer speak this.
     RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload (Triton): as the HTTP
                 repository routes (load's parameters: version, source, config)
+    ModelStatistics, ModelConfig (Triton's extensions): serving/triton.py's, as over HTTP
     Metadata: the data plane's KServe form parsed into the message (the HTTP route's fields)
 
 Raw contents are little-endian bytes as in the HTTP binary extension (BYTES: 4-byte lengths
@@ -32,7 +34,7 @@ from ...serving.errors import BadRequest, grpc_code_of
 from ...serving.kserve import bytes_of, from_binary
 from ...serving.limits import check_shape, narrow
 from ...signature import DATATYPES, datatype_of
-from ...tensors import nest
+from ...tensors import bytes_tensor
 from .server import Front, status_message
 
 log = logging.getLogger("workerpool.serve")
@@ -66,6 +68,8 @@ class KServeGrpc(Front):
             "ModelStreamInfer": (self.model_stream_infer,
                                  self.message("inference.ModelInferRequest"),
                                  self.message("inference.ModelStreamInferResponse")),
+            "ModelStatistics": method(self.model_statistics, "ModelStatistics"),
+            "ModelConfig": method(self.model_config, "ModelConfig"),
             "RepositoryIndex": method(self.repository_index, "RepositoryIndex"),
             "RepositoryModelLoad": method(self.repository_load, "RepositoryModelLoad"),
             "RepositoryModelUnload": method(self.repository_unload, "RepositoryModelUnload"),
@@ -80,7 +84,8 @@ class KServeGrpc(Front):
         return self.message("inference.ServerReadyResponse")(ready=self.plane.ready)
 
     async def server_metadata(self, request, context):
-        metadata = dict(self.plane.server_metadata(), extensions=["model_repository"])
+        metadata = dict(self.plane.server_metadata(), extensions=[
+            "model_repository", "statistics", "model_configuration"])
         return json_format.ParseDict(metadata,
                                      self.message("inference.ServerMetadataResponse")())
 
@@ -103,7 +108,7 @@ class KServeGrpc(Front):
                                      timeout=context.time_remaining())
             response = self.message("inference.ModelInferResponse")(
                 model_name=call.model.name, model_version=call.model.version, id=request.id)
-            encode_outputs(response, outputs, raw=bool(request.raw_input_contents))
+            encode_outputs(response, outputs)
             return response
 
 
@@ -157,7 +162,7 @@ class KServeGrpc(Front):
             async for outputs in items:
                 response = response_class(model_name=model.name, model_version=model.version,
                                           id=request.id)
-                encode_outputs(response, outputs, raw=bool(request.raw_input_contents))
+                encode_outputs(response, outputs)
                 response.parameters["triton_final_response"].bool_param = False
                 yield self.message("inference.ModelStreamInferResponse")(
                     infer_response=response)
@@ -178,6 +183,18 @@ class KServeGrpc(Front):
             infer_response=self.message("inference.ModelInferResponse")(
                 model_name=request.model_name, model_version=request.model_version,
                 id=request.id))
+
+    # -- Triton's statistics and model configuration extensions -------------------------
+    async def model_statistics(self, request, context):
+        statistics = await asyncio.to_thread(self.plane.statistics, request.name,
+                                             request.version or None)
+        return json_format.ParseDict(statistics,
+                                     self.message("inference.ModelStatisticsResponse")())
+
+    async def model_config(self, request, context):
+        config = self.plane.config(request.name, request.version or None)
+        return self.message("inference.ModelConfigResponse")(config=json_format.ParseDict(
+            config, self.message("inference.ModelConfig")()))
 
     # -- the model repository (Triton's RPCs for KServe's repository extension) ----------
     async def repository_index(self, request, context):
@@ -214,7 +231,7 @@ def repository_parameters(parameters) -> dict | None:
 
 
 def decode_inputs(request, max_tensor_bytes: int) -> dict:
-    """A ModelInferRequest's inputs by name: arrays, or nested lists of bytes (BYTES).
+    """A ModelInferRequest's inputs by name: arrays (BYTES: object arrays of bytes).
     ``max_tensor_bytes``: the bound of limits.check_shape (--max-request-bytes)."""
     if not request.inputs:
         raise BadRequest("the request has no inputs")
@@ -255,26 +272,21 @@ def _from_contents(name: str, datatype: str, shape: list, count: int, contents):
         raise BadRequest(f"input {name!r}: shape {shape} needs {count} values, "
                          f"{field} has {len(values)}")
     if datatype == "BYTES":
-        return nest(list(values), shape)
+        return bytes_tensor(list(values), shape)
     dtype = DATATYPES[datatype]
     if field in ("int_contents", "uint_contents") and dtype.itemsize < 4:
         return narrow(name, values, dtype, datatype).reshape(shape)
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def encode_outputs(response, arrays: dict, raw: bool) -> None:
-    """Named outputs into a ModelInferResponse: raw bytes when ``raw`` or when an output
-    has no typed field, typed contents otherwise."""
+def encode_outputs(response, arrays: dict) -> None:
+    """Named outputs into a ModelInferResponse, always in ``raw_output_contents``, as
+    Triton answers (clients that send typed contents read the answer there too)."""
     try:
         datatypes = {name: datatype_of(array.dtype) for name, array in arrays.items()}
     except ValueError as exc:
         raise OutputEncodeError(f"the model's output cannot be sent: {exc}") from None
-    raw = raw or any(d not in CONTENTS_FIELD for d in datatypes.values())
     for name, array in arrays.items():
         datatype = datatypes[name]
-        tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        if raw:
-            response.raw_output_contents.append(bytes_of(array, datatype))
-        else:
-            getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(
-                array.reshape(-1).tolist())
+        response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        response.raw_output_contents.append(bytes_of(array, datatype))

@@ -10,6 +10,9 @@
                                                         as top-level JSON keys, one answer
     POST /v2/models/{m}[/versions/{v}]/generate_stream  the same, an event per item the
                                                         model yields (server-sent events)
+    GET  /v2/models/stats                       Triton's statistics extension: every model
+    GET  /v2/models/{m}[/versions/{v}]/stats    ... of a model (every version) or a version
+    GET  /v2/models/{m}[/versions/{v}]/config   Triton's model configuration extension
     POST /v2/repository/index                   every model version and its state
     POST /v2/repository/models/{m}/load         load, or hot-swap a loaded one; optional JSON
                                                 {"parameters": {"version", "source", "config"}}
@@ -45,6 +48,9 @@ async def route(app, exchange: Exchange, parts: list[str]) -> None:
     elif parts == ["health", "ready"]:
         ready = plane.ready
         await exchange.json(200 if ready else 503, {"ready": ready})
+    elif parts == ["models", "stats"]:
+        exchange.expect("GET")
+        await exchange.json(200, await asyncio.to_thread(plane.statistics))
     elif parts[0] == "models" and len(parts) >= 2:
         await model_route(app, exchange, parts[1:])
     elif parts[0] == "repository":
@@ -73,6 +79,12 @@ async def model_route(app, exchange: Exchange, parts: list[str]) -> None:
         model = app.plane.model(name, version)
         await exchange.json(200 if model.ready else 503,
                             {"name": model.name, "ready": model.ready})
+    elif rest == ["stats"]:
+        exchange.expect("GET")
+        await exchange.json(200, await asyncio.to_thread(app.plane.statistics, name, version))
+    elif rest == ["config"]:
+        exchange.expect("GET")
+        await exchange.json(200, app.plane.config(name, version))
     else:
         raise ModelNotFound(f"no route {exchange.method} {exchange.path}")
 
