@@ -9,6 +9,7 @@ worker, not inferred from timing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import threading
@@ -107,6 +108,16 @@ def test_closing_early_stops_the_generator_in_its_worker_and_frees_it(tmp_path):
         assert produced(tmp_path) <= 5 + WINDOW
         # the one worker is free: the next stream runs to its end
         assert len(list(pool.stream(5))) == 5
+
+
+def test_a_stream_dropped_unclosed_stops_its_generator_too(tmp_path):
+    with wp.Pool(weights, counting, workers=1) as pool:
+        stream = pool.stream(10**6, str(tmp_path), 0.001)
+        next(stream)
+        del stream  # the consumer forgot it: its finalizer cancels it
+        gc.collect()
+        assert wait_until(lambda: (tmp_path / "exit").exists(), 30)
+        assert len(list(pool.stream(3))) == 3
 
 
 def test_a_slow_consumer_holds_the_generator_to_its_window(tmp_path):

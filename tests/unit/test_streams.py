@@ -15,7 +15,7 @@ class Controls:
     def __init__(self):
         self.credit, self.cancels = 0, 0
 
-    def __call__(self, credit=0, cancel=False):
+    def __call__(self, credit=0, cancel=False, post=False):
         self.credit += credit
         self.cancels += cancel
 

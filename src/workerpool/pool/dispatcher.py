@@ -134,16 +134,18 @@ class Dispatcher(threading.Thread):
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
 
-    def stream_control(self, request: Request, credit: int = 0, cancel: bool = False) -> None:
+    def stream_control(self, request: Request, credit: int = 0, cancel: bool = False,
+                       post: bool = False) -> None:
         """From a stream's consumer: ``credit`` more items may be sent, or (``cancel``) it
-        is given up. Done at once where the scheduler runs, else posted; nothing once the
+        is given up. Done at once where the scheduler runs, else (or with ``post``: from a
+        finalizer, which may run inside the scheduler's own code) posted; nothing once the
         pool has stopped (the stream has its answer then)."""
         control = _StreamControl(request, credit, cancel)
-        driver = self._driver_here()
+        driver = None if post else self._driver_here()
         if driver is not None:
             self.carry_out(self.stream_action(control))
             driver.queue_turn()
-        elif threading.current_thread() is self:
+        elif not post and threading.current_thread() is self:
             self.carry_out(self.stream_action(control))
         else:
             try:

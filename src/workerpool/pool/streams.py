@@ -77,12 +77,12 @@ class _Sink:
             self._granted += WINDOW // 2
             self._control(credit=WINDOW // 2)
 
-    def _cancel(self) -> None:
+    def _cancel(self, post: bool = False) -> None:
         if not self._settled and not self._cancelled:
             self._cancelled = True
             self._items.clear()
             if self._control is not None:
-                self._control(cancel=True)
+                self._control(cancel=True, post=post)
 
     def _next_or_end(self):
         """The next item, or raise what ends the stream: StopIteration or its error."""
@@ -146,7 +146,7 @@ class Stream(_Sink):
         self.close()
 
     def __del__(self):
-        self._cancel()
+        self._cancel(post=True)  # (the gc may run this inside the scheduler's own code)
 
 
 class AsyncStream(_Sink):
@@ -221,4 +221,4 @@ class AsyncStream(_Sink):
         self._cancel()
 
     def __del__(self):
-        self._cancel()
+        self._cancel(post=True)
