@@ -37,6 +37,7 @@ class Harness:
         self.now = now
         self.ids = iter(range(1, 10**6))
         self.actions: list = []
+        self.streams: list = []
         self.take(self.scheduler.start(now))
 
     def take(self, actions: list) -> list:
@@ -66,7 +67,9 @@ class Harness:
 
     def submit_stream(self, credit=4, timeout=None) -> Request:
         body, frames = CODEC.encode_call((0,), {})
-        sink = Stream()
+        stream = Stream()
+        self.streams.append(stream)  # its consumer holds it: dropped, it would cancel
+        sink = stream.sink
         sink.attach(lambda **control: None)
         request = Request(next(self.ids), sink, body, frames, timeout=timeout,
                           now=self.now, credit=credit)

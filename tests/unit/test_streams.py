@@ -20,18 +20,19 @@ class Controls:
         self.cancels += cancel
 
 
-def attached(sink):
+def attached(stream):
+    """The stream, and what its sink told the pool; ``stream.sink`` is the pool's side."""
     controls = Controls()
-    sink.attach(controls)
-    assert sink.set_running_or_notify_cancel()
-    return sink, controls
+    stream.sink.attach(controls)
+    assert stream.sink.set_running_or_notify_cancel()
+    return stream, controls
 
 
 def test_items_in_order_then_the_end_and_credit_as_the_consumer_takes_them():
     stream, controls = attached(Stream())
     granted = []
     for i in range(3 * WINDOW):
-        stream.put(i)
+        stream.sink.put(i)
         assert next(stream) == i
         granted.append(controls.credit)
     # half a window more each time half the window was taken: the worker is never more
@@ -39,15 +40,15 @@ def test_items_in_order_then_the_end_and_credit_as_the_consumer_takes_them():
     assert granted[WINDOW // 2 - 2] == 0 and granted[WINDOW // 2 - 1] == WINDOW // 2
     assert all(WINDOW + g - (i + 1) > 0 for i, g in enumerate(granted))
     assert all(WINDOW + g - (i + 1) <= WINDOW for i, g in enumerate(granted))
-    stream.set_result(None)
+    stream.sink.set_result(None)
     assert list(stream) == []
     assert controls.cancels == 0
 
 
 def test_the_error_comes_after_the_items_and_once():
     stream, _ = attached(Stream())
-    stream.put("a")
-    stream.set_exception(KeyError("boom"))
+    stream.sink.put("a")
+    stream.sink.set_exception(KeyError("boom"))
     assert next(stream) == "a"
     with pytest.raises(KeyError):
         next(stream)
@@ -60,25 +61,25 @@ def test_close_cancels_once_wakes_a_waiting_reader_and_drops_what_comes_later():
     got = []
     reader = threading.Thread(target=lambda: got.extend(stream))
     reader.start()
-    stream.put(1)
+    stream.sink.put(1)
     while not got:
         pass
     stream.close()
     stream.close()
     reader.join(10)
     assert not reader.is_alive() and got == [1]
-    assert controls.cancels == 1 and stream.done()
-    stream.put(2)
+    assert controls.cancels == 1 and stream.sink.done()
+    stream.sink.put(2)
     assert list(stream) == []
-    assert not stream.set_running_or_notify_cancel()  # (a queued one would never be sent)
+    assert not stream.sink.set_running_or_notify_cancel()  # (a queued one would never be sent)
 
 
 def test_async_stream_order_end_and_a_cancelled_reader_cancels_the_stream():
     async def main():
         stream, controls = attached(AsyncStream(asyncio.get_running_loop()))
         for i in range(5):
-            stream.put(i)
-        stream.set_result(None)
+            stream.sink.put(i)
+        stream.sink.set_result(None)
         assert [x async for x in stream] == list(range(5))
 
         waiting, controls = attached(AsyncStream(asyncio.get_running_loop()))
@@ -90,11 +91,11 @@ def test_async_stream_order_end_and_a_cancelled_reader_cancels_the_stream():
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert controls.cancels == 1 and waiting.done()
+        assert controls.cancels == 1 and waiting.sink.done()
 
         failing, _ = attached(AsyncStream(asyncio.get_running_loop()))
-        failing.put("a")
-        failing.set_exception(ValueError("bad"))
+        failing.sink.put("a")
+        failing.sink.set_exception(ValueError("bad"))
         assert await failing.__anext__() == "a"
         with pytest.raises(ValueError):
             await failing.__anext__()

@@ -411,6 +411,9 @@ class Dispatcher(threading.Thread):
         if op == "started":
             self.carry_out(scheduler.on_started(event.get("worker_id"), event["pid"]))
         elif op == "exited":
+            # What the worker sent before it died is read first: its answers and a
+            # stream's items count as delivered, not as lost with it.
+            self.read_workers()
             worker_id = event.get("worker_id")
             report = self.supervisor.crash_report(worker_id) \
                 if worker_id in scheduler.workers else ""

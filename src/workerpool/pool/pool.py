@@ -225,9 +225,10 @@ class Pool:
 
     def _submit(self, args: tuple, kwargs: dict, timeout: float | None,
                 max_queue: int | None, answer: Future | LoopAnswer | None = None,
-                stream: Stream | AsyncStream | None = None):
+                stream=None):
         """The request's ``answer`` (a new Future unless given): what its caller waits on;
-        with ``stream``, a streaming call whose items go to that sink."""
+        with ``stream`` (a Stream's or AsyncStream's sink), a streaming call whose items
+        go there."""
         self._check_open()
         timeout = self.config.timeout if timeout is None else deadline_seconds(timeout)
         body, frames = self._codec.encode_call(args, kwargs)
@@ -264,17 +265,17 @@ class Pool:
         raised after the items already delivered; a stream that delivered items is never
         retried. The worker runs ahead of its consumer by at most a window of items.
         """
-        sink = Stream()
-        self._submit(args, kwargs, timeout, self.config.max_queue, stream=sink)
-        return sink
+        stream = Stream()
+        self._submit(args, kwargs, timeout, self.config.max_queue, stream=stream.sink)
+        return stream
 
     def stream_async(self, *args, timeout: float | None = None, **kwargs) -> AsyncStream:
         """``async for item in pool.stream_async(...)``: :meth:`stream` answered on the
         running event loop; ``aclose()``, or cancelling the task that iterates, stops the
         generator in its worker."""
-        sink = AsyncStream(asyncio.get_running_loop())
-        self._submit(args, kwargs, timeout, self.config.max_queue, stream=sink)
-        return sink
+        stream = AsyncStream(asyncio.get_running_loop())
+        self._submit(args, kwargs, timeout, self.config.max_queue, stream=stream.sink)
+        return stream
 
     def map(self, inputs: Iterable, *, window: int | None = None,
             timeout: float | None = None) -> Iterator:

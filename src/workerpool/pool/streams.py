@@ -2,11 +2,13 @@
 
     worker: ITEM ──> dispatcher: decoded ──> sink.put(value) ──> the consumer's next()
     consumer took half the window ──> dispatcher.stream_control(credit) ──> MORE to the worker
-    consumer closes (break, close(), aclose(), a cancelled task, garbage) ──> CANCEL
+    consumer closes (close(), aclose(), a cancelled task, the stream dropped) ──> CANCEL
     END ──> set_result: the iteration stops;  ERROR, a crash, a deadline ──> set_exception:
     raised after the items already delivered
 
-A sink stands where a request's Future stands for the scheduler (``done``, ``running``,
+A sink (a Stream's or AsyncStream's ``sink``: the pool holds it, not the consumer's
+object, whose finalizer can then cancel) stands where a request's Future stands for the
+scheduler (``done``, ``running``,
 ``set_running_or_notify_cancel``, ``set_result``, ``set_exception``), so retries, deadlines,
 crashes and closing treat a stream like any request; ``put`` is what it adds. At most
 WINDOW items wait here unread: the worker is granted a window of credits and half a window
@@ -89,13 +91,8 @@ class _Sink:
         raise NotImplementedError
 
 
-class Stream(_Sink):
-    """``for item in pool.stream(x)``: the items ``predict`` yields, as they come.
-
-    ``close()`` (or leaving a ``with`` block, or ``break`` then dropping it) stops the
-    generator in its worker and frees the worker. An error in ``predict``, a worker that
-    died mid-stream (WorkerCrashed), or the deadline (TaskTimeout) is raised after the items
-    that came before it; a stream is never cut short silently."""
+class _SyncSink(_Sink):
+    """A Stream's state, read by a thread."""
 
     def __init__(self):
         super().__init__()
@@ -115,10 +112,7 @@ class Stream(_Sink):
             self._error = error
             self._ready.notify()
 
-    def __iter__(self) -> "Stream":
-        return self
-
-    def __next__(self):
+    def next(self):
         with self._ready:
             while not self._items and not self._settled and not self._cancelled:
                 self._ready.wait()
@@ -134,10 +128,34 @@ class Stream(_Sink):
         return value
 
     def close(self) -> None:
-        """Stop the stream: its generator gets GeneratorExit in the worker. Idempotent."""
         self._cancel()
         with self._ready:
             self._ready.notify_all()
+
+
+class Stream:
+    """``for item in pool.stream(x)``: the items ``predict`` yields, as they come.
+
+    ``close()`` (or leaving a ``with`` block, or dropping the stream) stops the generator
+    in its worker and frees the worker. An error in ``predict``, a worker that died
+    mid-stream (WorkerCrashed), or the deadline (TaskTimeout) is raised after the items
+    that came before it; a stream is never cut short silently. (The pool holds the
+    stream's state, ``sink``, not this object: dropping it is the consumer's word.)"""
+
+    __slots__ = ("sink",)
+
+    def __init__(self):
+        self.sink = _SyncSink()
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self):
+        return self.sink.next()
+
+    def close(self) -> None:
+        """Stop the stream: its generator gets GeneratorExit in the worker. Idempotent."""
+        self.sink.close()
 
     def __enter__(self) -> "Stream":
         return self
@@ -146,12 +164,11 @@ class Stream(_Sink):
         self.close()
 
     def __del__(self):
-        self._cancel(post=True)  # (the gc may run this inside the scheduler's own code)
+        self.sink._cancel(post=True)  # (the gc may run this inside the scheduler's code)
 
 
-class AsyncStream(_Sink):
-    """``async for item in pool.stream_async(x)``: :class:`Stream` for asyncio. ``aclose()``,
-    or a task cancelled while it waits for an item, stops the generator in its worker."""
+class _AsyncSink(_Sink):
+    """An AsyncStream's state, read on its event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__()
@@ -193,10 +210,7 @@ class AsyncStream(_Sink):
 
     _ended = False  # the end reached the loop (``_settled`` is set where it was decided)
 
-    def __aiter__(self) -> "AsyncStream":
-        return self
-
-    async def __anext__(self):
+    async def anext(self):
         while not self._items and not self._ended and not self._cancelled:
             self._waiter = self._loop.create_future()
             try:
@@ -216,9 +230,27 @@ class AsyncStream(_Sink):
             raise error
         raise StopAsyncIteration
 
+
+
+class AsyncStream:
+    """``async for item in pool.stream_async(x)``: :class:`Stream` for asyncio. ``aclose()``,
+    a task cancelled while it waits for an item, or dropping the stream stops the generator
+    in its worker."""
+
+    __slots__ = ("sink",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.sink = _AsyncSink(loop)
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def __anext__(self):
+        return await self.sink.anext()
+
     async def aclose(self) -> None:
         """Stop the stream: its generator gets GeneratorExit in the worker. Idempotent."""
-        self._cancel()
+        self.sink._cancel()
 
     def __del__(self):
-        self._cancel(post=True)
+        self.sink._cancel(post=True)
