@@ -42,8 +42,9 @@ def test_non_finite_floats_are_read_from_their_names():
     assert math.isnan(array[0]) and array[1] == math.inf and array[2] == -math.inf
 
 
-def test_bytes_are_strings_nested_to_the_shape():
-    assert decoded("BYTES", [2, 1], ["a", "é"]) == [[b"a"], ["é".encode()]]
+def test_bytes_are_an_object_array_of_the_shape():
+    got = decoded("BYTES", [2, 1], ["a", "é"])
+    assert got.dtype == object and got.tolist() == [[b"a"], ["é".encode()]]
 
 
 @pytest.mark.parametrize("datatype, shape, data, message", [

@@ -157,9 +157,9 @@ class Codec:
         else:
             kinds = sorted({type(item).__name__ for item in items})
             raise EncodeError(
-                f"object arrays cross the pool's link when every element is bytes (or every "
-                f"one str), as BYTES tensors; this one holds {kinds[:5]}: send such values "
-                "in a list, or as arrays of a numeric dtype")
+                f"arrays of dtype object cross the pool's link only as BYTES tensors, every "
+                f"element bytes (or every one str); this one holds {kinds[:5]}: send such "
+                "values in a list, or as arrays of a numeric dtype")
         lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
         if lengths.size and lengths.max() >= 1 << 32:
             raise EncodeError("an element of a bytes array is 4 GiB or more")

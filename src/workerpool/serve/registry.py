@@ -533,8 +533,9 @@ def load_parameters(parameters, unload: bool = False) -> dict:
         for key in ("version", "source"):  # ours, in the config object
             if key in extra:
                 parameters[key] = extra.pop(key)
-        if not unload:  # the rest is Triton's model configuration: the pool's settings
-            parameters["pool_options"] = triton.pool_overrides(extra)
+        overrides = {} if unload else triton.pool_overrides(extra)  # Triton's config
+        if overrides:
+            parameters["pool_options"] = overrides
     parameters.pop("unload_dependents", None)  # tritonclient sends it; nothing depends here
     uploads = [key for key in parameters if key.startswith("file:")]
     if uploads:
