@@ -341,7 +341,7 @@ REST_ERRORS = [
     ("/v1/models/mnist:predict", b'{"instances": [1], "signature_name": "other"}', 400,
      "has no signature 'other'; it has ['serving_default']"),
     ("/v1/models/nope:predict", b'{"instances": [1]}', 404, UNKNOWN_NOPE),
-    ("/v1/models/mnist/versions/7:predict", b'{"instances": [1]}', 404, "no version '7'"),
+    ("/v1/models/mnist/versions/7:predict", b'{"instances": [1]}', 404, "version 7 is not found"),
     ("/v1/models/mnist:classify", b'{"examples": []}', 501, "use :predict"),
     ("/v1/models/faulty:predict", b'{"instances": [1.0]}', 500, "refuses this input"),
 ]
@@ -389,7 +389,7 @@ GRPC_ERRORS = [
     ("message too large", "kserve", _kserve(raw=b"\0" * (2 * MIB)), "RESOURCE_EXHAUSTED",
      "larger than max"),
     ("TF unknown model", "tf", _tf_predict("nope"), "NOT_FOUND", UNKNOWN_NOPE),
-    ("TF unknown version", "tf", _tf_predict(version=3), "NOT_FOUND", "no version '3'"),
+    ("TF unknown version", "tf", _tf_predict(version=3), "NOT_FOUND", "version 3 is not found"),
     ("TF wrong dtype", "tf", _tf_predict(dtype=tf.int32), "INVALID_ARGUMENT",
      "must be FP32, got INT32"),
     ("TF wrong input name", "tf", _tf_predict(name="pixels"), "INVALID_ARGUMENT",

@@ -251,14 +251,33 @@ def test_close_from_a_done_callback_finishes_by_itself():
 def test_close_interrupted_by_ctrl_c_finishes_on_the_second_call():
     memfds = our_memfds()
     pool = wp.Pool(modelzoo.numpy_model, probe_predict, workers=1)
-    slow = pool.submit(1.0, mode="sleep")
-    main = threading.get_ident()
-    threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    slow = pool.submit(3.0, mode="sleep")
+    main, seen = threading.get_ident(), threading.Event()
+
+    def ctrl_c_while_closing():
+        # Ctrl-C once close() is draining, and again every 0.2 s until it was seen: in
+        # two full-suite runs a single SIGINT on a 0.3 s timer came to nothing (close()
+        # returned uninterrupted), which no run of the module alone reproduced
+        assert wait_until(lambda: pool._generation.shutdown.requested, 10)
+        while not seen.is_set():
+            time.sleep(0.2)
+            if not seen.is_set():
+                signal.pthread_kill(main, signal.SIGINT)
+
+    interrupter = threading.Thread(target=ctrl_c_while_closing, daemon=True)
+    interrupter.start()
     with pytest.raises(KeyboardInterrupt):
         pool.close()  # draining the slow request when Ctrl-C arrives
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # a late one lands here
+    try:
+        seen.set()
+        interrupter.join(5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not slow.done()  # it was interrupted while the request still ran
     pool.close()
     assert released(pool, memfds)
-    assert slow.result(timeout=0) == 1.0  # the drain went on and answered it
+    assert slow.result(timeout=0) == 3.0  # the drain went on and answered it
 
 
 def test_an_unreachable_pool_shuts_itself_down_with_a_resource_warning():
