@@ -296,7 +296,8 @@ ERRORS = [
                      "parameters": {"binary_data_size": 64}}]}, X.tobytes()[:64]),
      400, "needs 128 bytes"),
     ("unknown model", "/v2/models/nope/infer", b"{}", {}, 404, UNKNOWN_NOPE),
-    ("unknown version", "/v2/models/mlp/versions/7/infer", b"{}", {}, 404, "version 7 is not found"),
+    ("unknown version", "/v2/models/mlp/versions/7/infer", b"{}", {}, 404,
+     "version 7 is not found"),
     ("unknown model metadata", "/v2/models/nope", None, {}, 404, UNKNOWN_NOPE),
     ("unknown route", "/v3/anything", None, {}, 404, "no route"),
     ("model raised", "/v2/models/faulty/infer", json.dumps({"inputs": [

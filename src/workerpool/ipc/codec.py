@@ -6,11 +6,11 @@ arrays travel as their own frame, without a copy above ``zero_copy_threshold``. 
 bytes or of str (object arrays, as Triton's clients and Python backend hold BYTES tensors,
 and numpy's fixed-width S/U arrays) travel in a framing of their own: every element's
 length (u32, little-endian), then the elements, never pickled; they arrive as object
-arrays of bytes (or str). Tuples keep their type. Other objects are pickled, and only when the codec is built with
-``allow_pickle=True``: the pool's own ipc link (a 0700 directory of the same user); an
-object whose unpickling raises gives its own exception, with a note saying where. Decoding
-validates every array node: dtype on the allow-list, frame index used once, bytes equal to
-shape x itemsize.
+arrays of bytes (or str). Tuples keep their type. Other objects are pickled, and only when
+the codec is built with ``allow_pickle=True``: the pool's own ipc link (a 0700 directory of
+the same user); an object whose unpickling raises gives its own exception, with a note
+saying where. Decoding validates every array node: dtype on the allow-list, frame index
+used once, bytes equal to shape x itemsize.
 
 What round-trips exactly and what is converted (the README's "Inputs and outputs" table):
 0-d arrays and tensors keep shape ``()``; a numpy scalar comes back a numpy scalar of its

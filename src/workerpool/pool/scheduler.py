@@ -495,21 +495,24 @@ class Scheduler:
     def stream_credit(self, request: Request, n: int) -> list:
         """The consumer of ``request`` (a stream) took items: ``n`` more may come."""
         request.credit += n
-        worker = request.worker
-        if worker is not None and worker.inflight.get(request.id) is request:
-            self._actions.append(Send(worker, [worker.identity,
-                                               wire.stream_more(request.id, n)], []))
+        self._tell_stream(request, wire.stream_more(request.id, n))
         return self._take_actions()
 
     def cancel_stream(self, request: Request) -> list:
         """The consumer of ``request`` closed it: a queued stream is never sent, a running
         one is told to stop (its generator gets GeneratorExit) and frees its worker."""
-        worker = request.worker
-        if worker is not None and worker.inflight.get(request.id) is request:
+        if self._tell_stream(request, wire.stream_cancel(request.id)):
             self.counters["cancelled_streams"] += 1
-            self._actions.append(Send(worker, [worker.identity,
-                                               wire.stream_cancel(request.id)], []))
         return self._take_actions()
+
+    def _tell_stream(self, request: Request, head: bytes) -> bool:
+        """Send ``head`` (a MORE or CANCEL) to the worker running the stream ``request``;
+        False when none runs it (queued: its TASK carries its credit when sent)."""
+        worker = request.worker
+        if worker is None or worker.inflight.get(request.id) is not request:
+            return False
+        self._actions.append(Send(worker, [worker.identity, head], []))
+        return True
 
     def on_error(self, worker: WorkerSlot, ids: list[int], meta: dict, now: float) -> None:
         for request in self.finish_reply(worker, ids, meta, wire.check_error, now):
@@ -883,8 +886,7 @@ class Scheduler:
         self._answer(request, error=TaskTimeout(
             f"the stream was not done within its timeout of {request.timeout} s "
             f"({request.items} items were sent)"))
-        self._actions.append(Send(worker, [worker.identity, wire.stream_cancel(request.id)],
-                                  []))
+        self._tell_stream(request, wire.stream_cancel(request.id))
         for task in worker.tasks:
             if request.id in task.ids:
                 self.call_later(now, ABORT_GRACE_S,

@@ -1,7 +1,7 @@
 """The consumer's end of a stream: what ``Pool.stream`` and ``Pool.stream_async`` return.
 
     worker: ITEM ──> dispatcher: decoded ──> sink.put(value) ──> the consumer's next()
-    consumer took half the window ──> dispatcher.stream_control(credit) ──> MORE to the worker
+    consumer took half the window ──> dispatcher.stream_control(credit) ──> MORE to worker
     consumer closes (close(), aclose(), a cancelled task, the stream dropped) ──> CANCEL
     END ──> set_result: the iteration stops;  ERROR, a crash, a deadline ──> set_exception:
     raised after the items already delivered
@@ -79,16 +79,25 @@ class _Sink:
             self._granted += WINDOW // 2
             self._control(credit=WINDOW // 2)
 
-    def _cancel(self, post: bool = False) -> None:
+    def cancel(self, post: bool = False) -> None:
+        """The consumer gave up: nothing more is kept, the worker is told to stop (``post``:
+        from a finalizer, which may run inside the scheduler's own code)."""
         if not self._settled and not self._cancelled:
             self._cancelled = True
             self._items.clear()
             if self._control is not None:
                 self._control(cancel=True, post=post)
 
-    def _next_or_end(self):
-        """The next item, or raise what ends the stream: StopIteration or its error."""
-        raise NotImplementedError
+    def _pop(self, end: type[Exception]):
+        """The next item (there is one, or the stream has ended): else raise the stream's
+        error (once; then it is over) or ``end``."""
+        if self._items:
+            return self._items.popleft()
+        if self._error is not None and not self._cancelled:
+            error, self._error = self._error, None
+            self._cancelled = True
+            raise error
+        raise end
 
 
 class _SyncSink(_Sink):
@@ -116,19 +125,12 @@ class _SyncSink(_Sink):
         with self._ready:
             while not self._items and not self._settled and not self._cancelled:
                 self._ready.wait()
-            if self._items:
-                value = self._items.popleft()
-            elif self._error is not None and not self._cancelled:
-                error, self._error = self._error, None
-                self._cancelled = True  # raised once; then the stream is over
-                raise error
-            else:
-                raise StopIteration
+            value = self._pop(StopIteration)
         self._took_one()
         return value
 
     def close(self) -> None:
-        self._cancel()
+        self.cancel()
         with self._ready:
             self._ready.notify_all()
 
@@ -164,7 +166,7 @@ class Stream:
         self.close()
 
     def __del__(self):
-        self.sink._cancel(post=True)  # (the gc may run this inside the scheduler's code)
+        self.sink.cancel(post=True)
 
 
 class _AsyncSink(_Sink):
@@ -216,20 +218,13 @@ class _AsyncSink(_Sink):
             try:
                 await self._waiter
             except asyncio.CancelledError:
-                self._cancel()  # the consumer's task was cancelled: so is the stream
+                self.cancel()  # the consumer's task was cancelled: so is the stream
                 raise
             finally:
                 self._waiter = None
-        if self._items:
-            value = self._items.popleft()
-            self._took_one()
-            return value
-        if self._error is not None and not self._cancelled:
-            error, self._error = self._error, None
-            self._cancelled = True
-            raise error
-        raise StopAsyncIteration
-
+        value = self._pop(StopAsyncIteration)
+        self._took_one()
+        return value
 
 
 class AsyncStream:
@@ -250,7 +245,7 @@ class AsyncStream:
 
     async def aclose(self) -> None:
         """Stop the stream: its generator gets GeneratorExit in the worker. Idempotent."""
-        self.sink._cancel()
+        self.sink.cancel()
 
     def __del__(self):
-        self.sink._cancel(post=True)
+        self.sink.cancel(post=True)

@@ -46,8 +46,8 @@ def load() -> dict:
 
 def predict(model: dict, inputs: dict, delay: float = 0.0):
     """Yield ``max_tokens`` characters continuing ``text_input``, each as
-    ``{"text_output": [char as bytes]}`` (a BYTES tensor of one element). ``delay``: seconds per character (a slow model, for
-    tests)."""
+    ``{"text_output": [char as bytes]}`` (a BYTES tensor of one element). ``delay``:
+    seconds per character (a slow model, for tests)."""
     prompt = _first(inputs["text_input"])
     prompt = prompt.decode("utf-8", "replace") if isinstance(prompt, bytes) else str(prompt)
     count = int(_first(inputs["max_tokens"]))

@@ -358,10 +358,8 @@ class Registry:
                 newest(versions) if versions else None)
             overrides = parameters.get("pool_options") or {}
             if model is None:
-                spec = self._new_spec(name, versions, version, parameters.get("source"))
-                if overrides:
-                    spec = dataclasses.replace(spec, pool_options={**spec.pool_options,
-                                                                   **overrides})
+                spec = with_pool_options(self._new_spec(name, versions, version,
+                                                        parameters.get("source")), overrides)
                 self._check_room(f"{name}@{spec.version}")
                 model = self._new_model(spec)
                 model.load()
@@ -375,10 +373,7 @@ class Registry:
             spec = model.spec
             if "source" in parameters:
                 spec = dataclasses.replace(spec, source=self.allowed(parameters["source"]))
-            if overrides:  # Triton's config: new pool settings, so a new pool
-                spec = dataclasses.replace(spec, pool_options={**spec.pool_options,
-                                                               **overrides})
-            model.swap(spec)
+            model.swap(with_pool_options(spec, overrides))  # new settings: a new pool
             return model
 
     def unload(self, name: str, parameters: dict | None = None) -> list[Model]:
@@ -512,6 +507,13 @@ def newest_first(models: list[Model]) -> list[Model]:
 def next_version(versions: dict) -> str:
     numbers = [int(v) for v in versions if v.isdigit()]
     return str(max(numbers, default=0) + 1)
+
+
+def with_pool_options(spec: ModelSpec, overrides: dict) -> ModelSpec:
+    """``spec`` with the pool options a load's Triton config sets (``overrides``)."""
+    if not overrides:
+        return spec
+    return dataclasses.replace(spec, pool_options={**spec.pool_options, **overrides})
 
 
 def load_parameters(parameters, unload: bool = False) -> dict:

@@ -24,20 +24,17 @@ and the bytes), read as numpy views of the message without a copy.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import numpy as np
 from google.protobuf import json_format
 
 from ...errors import OutputEncodeError
-from ...serving.errors import BadRequest, grpc_code_of
+from ...serving.errors import BadRequest
 from ...serving.kserve import bytes_of, from_binary
 from ...serving.limits import check_shape, narrow
 from ...signature import DATATYPES, datatype_of
 from ...tensors import bytes_tensor
-from .server import Front, status_message
-
-log = logging.getLogger("workerpool.serve")
+from .server import Front, failure
 
 SERVICE = "inference.GRPCInferenceService"
 # datatype -> the InferTensorContents field holding its typed values
@@ -175,11 +172,9 @@ class KServeGrpc(Front):
 
     def stream_error(self, request, error: BaseException):
         """A failed request of a stream, as Triton answers it: error_message, and the id."""
-        code = grpc_code_of(error)
-        if code == "INTERNAL":
-            log.info("ModelStreamInfer failed: %s", error)
+        _, message = failure(self, "ModelStreamInfer", error)
         return self.message("inference.ModelStreamInferResponse")(
-            error_message=status_message(error, self.debug),
+            error_message=message,
             infer_response=self.message("inference.ModelInferResponse")(
                 model_name=request.model_name, model_version=request.model_version,
                 id=request.id))

@@ -110,10 +110,16 @@ def check_key(front: Front, context: grpc.aio.ServicerContext) -> None:
 async def abort(front: Front, name: str, context: grpc.aio.ServicerContext,
                 error: Exception) -> None:
     """End the call with the status ``error`` maps to."""
+    await context.abort(*failure(front, name, error))
+
+
+def failure(front: Front, name: str, error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status ``error`` maps to and the message the client gets; a failure of the
+    model's own (INTERNAL) is logged."""
     code = grpc.StatusCode[grpc_code_of(error)]
     if code == grpc.StatusCode.INTERNAL:
         log.info("%s failed: %s", name, error)
-    await context.abort(code, status_message(error, front.debug))
+    return code, status_message(error, front.debug)
 
 
 def status_message(error: BaseException, debug: bool) -> str:
