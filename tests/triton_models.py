@@ -6,10 +6,14 @@ tests/integration/test_triton.py (served by reference: tests/ is on the server's
     simple_int8    the same on INT8
     repeat_int32   decoupled: IN [n] INT32 (and DELAY [n] UINT32 ms, WAIT [1] UINT32) ->
                    one response per element, OUT [1] and IDX [1]
+
+and two for tests/integration/test_shared_memory.py: ``scale`` (FP32 x -> 2x) and
+``slow_sum`` (the sum of x, when the test lets it).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -47,3 +51,24 @@ def repeat(model, inputs):
     for index, (value, delay) in enumerate(zip(values, delays)):
         time.sleep(float(delay) / 1000)
         yield {"OUT": np.array([value], np.int32), "IDX": np.array([index], np.uint32)}
+
+
+def scale(model, x):
+    """One FP32 tensor in, twice it out (the large shared-memory round trip)."""
+    return x * np.float32(2)
+
+
+WAITING_SIZE = 1 << 16
+
+
+def slow_sum(model, x):
+    """The sum of x, once the test lets it: it touches $WP_TEST_SIGNALS/started, then waits
+    for $WP_TEST_SIGNALS/go (a request in flight while the test unregisters and unlinks its
+    region; the worker mapped the region before predict began)."""
+    signals = os.environ.get("WP_TEST_SIGNALS")
+    if signals and x.size == WAITING_SIZE:  # (not the server's warm-up call)
+        open(os.path.join(signals, "started"), "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(signals, "go")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return np.asarray([x.sum()], dtype=x.dtype)

@@ -3,7 +3,7 @@
 from .errors import (BatchShapeError, ConfigError, EncodeError, InputMismatch, MessageTooLarge,
                      ModelSourceError, OutputEncodeError, OutputTooLarge, PoolBroken, PoolClosed,
                      PoolStartError, ProtocolError, QueueFull, ReloadFailed, RemoteError,
-                     TaskTimeout, WorkerCrashed, WorkerpoolError, WrongProcess)
+                     SharedMemoryError, TaskTimeout, WorkerCrashed, WorkerpoolError, WrongProcess)
 from .signature import TensorSpec
 
 # Pool and Runtime are imported on first use (PEP 562): a process that uses a part of the
@@ -29,7 +29,8 @@ __all__ = [
     "Pool", "Runtime", "WorkerpoolError", "PoolClosed", "PoolBroken", "PoolStartError", "WorkerCrashed",
     "QueueFull", "TaskTimeout", "EncodeError", "MessageTooLarge", "BatchShapeError",
     "ProtocolError", "RemoteError", "ModelSourceError", "WrongProcess", "TensorSpec",
-    "ReloadFailed", "InputMismatch", "ConfigError", "OutputEncodeError", "OutputTooLarge", "score",
+    "ReloadFailed", "InputMismatch", "ConfigError", "OutputEncodeError", "OutputTooLarge",
+    "SharedMemoryError", "score",
 ]
 __version__ = "0.1.0"
 

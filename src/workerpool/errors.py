@@ -92,6 +92,12 @@ class InputMismatch(WorkerpoolError, ValueError):
     the wrong length. The message lists the names the model takes."""
 
 
+class SharedMemoryError(WorkerpoolError, ValueError):
+    """A tensor in a shared-memory region cannot be read or written: the region is gone
+    (its client unlinked it), smaller than the tensor, or not a shared-memory object.
+    Raised where the region is mapped (in a worker); the message names the region."""
+
+
 class BatchShapeError(WorkerpoolError, ValueError):
     """A batched ``predict`` returned something that cannot be split back per request."""
 

@@ -147,8 +147,8 @@ class Signature:
                     f"{shown if len(shown) <= 20 else shown[:20] + ['...']}")
         for spec in self.inputs:
             value = inputs[spec.name]
-            if isinstance(value, np.ndarray):
-                problem = spec.mismatch(value)
+            if isinstance(value, np.ndarray) or hasattr(value, "datatype"):
+                problem = spec.mismatch(value)  # (an array, or a tensor in shared memory)
             elif spec.datatype != "BYTES":
                 problem = f"input {spec.name!r} must be {spec.datatype}, got BYTES"
             else:

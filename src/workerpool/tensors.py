@@ -17,9 +17,13 @@ Ray Serve deployment and ``workerpool score`` (output columns).
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from .errors import OutputEncodeError
+
+_LENGTH = struct.Struct("<I")
 
 
 def call_argument(inputs):
@@ -55,11 +59,14 @@ def output_items(result, names: list[str] | None = None,
     return list(zip(names, values))
 
 
-def name_outputs(result, names: list[str] | None = None) -> dict[str, np.ndarray]:
+def name_outputs(result, names: list[str] | None = None,
+                 keep: type | None = None) -> dict[str, np.ndarray]:
     """predict's result as named tensors (see ``output_items``); OutputEncodeError when a
-    value is no tensor a protocol can carry."""
+    value is no tensor a protocol can carry. Values of type ``keep`` stay as they are (an
+    output a worker wrote into shared memory)."""
     try:
-        return {name: as_tensor(name, value) for name, value in output_items(result, names)}
+        return {name: value if keep is not None and type(value) is keep
+                else as_tensor(name, value) for name, value in output_items(result, names)}
     except ValueError as exc:
         raise OutputEncodeError(str(exc)) from None
 
@@ -103,6 +110,30 @@ def bytes_tensor(items: list, shape: list) -> np.ndarray:
     array = np.empty(len(items), dtype=object)
     array[:] = items
     return array.reshape(shape)
+
+
+def serialized_bytes(array: np.ndarray) -> bytes:
+    """A BYTES tensor as Triton lays it out in binary data and shared memory: each
+    element's length (u32, little-endian), then its bytes, element after element."""
+    return b"".join(_LENGTH.pack(len(item)) + item for item in array.reshape(-1).tolist())
+
+
+def split_serialized_bytes(data, count: int) -> list[bytes]:
+    """The ``count`` elements of a BYTES tensor laid out as :func:`serialized_bytes`
+    writes it; ValueError saying what does not add up."""
+    items, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise ValueError("a BYTES element's length is cut off")
+        (length,) = _LENGTH.unpack_from(data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise ValueError("a BYTES element runs past its data")
+        items.append(bytes(data[offset:offset + length]))
+        offset += length
+    if len(items) != count:
+        raise ValueError(f"shape needs {count} BYTES elements, got {len(items)}")
+    return items
 
 
 def nest(items: list, shape: list):

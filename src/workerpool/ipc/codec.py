@@ -6,7 +6,10 @@ arrays travel as their own frame, without a copy above ``zero_copy_threshold``. 
 bytes or of str (object arrays, as Triton's clients and Python backend hold BYTES tensors,
 and numpy's fixed-width S/U arrays) travel in a framing of their own: every element's
 length (u32, little-endian), then the elements, never pickled; they arrive as object
-arrays of bytes (or str). Tuples keep their type. Other objects are pickled, and only when
+arrays of bytes (or str). A tensor in a client's shared-memory region, a call whose outputs
+go to regions, and an output written into one travel as references (ipc/regions.py); a
+worker's codec (``map_regions``) decodes the first as the array in the region, read in
+place. Tuples keep their type. Other objects are pickled, and only when
 the codec is built with ``allow_pickle=True``: the pool's own ipc link (a 0700 directory of
 the same user); an object whose unpickling raises gives its own exception, with a note
 saying where. Decoding validates every array node: dtype on the allow-list, frame index
@@ -29,14 +32,19 @@ import pickle
 import msgpack
 import numpy as np
 
-from ..errors import EncodeError, MessageTooLarge, ProtocolError
+from ..errors import EncodeError, MessageTooLarge, ProtocolError, SharedMemoryError
 from ..modules import imported
+from ..signature import DATATYPES
+from .regions import PlacedCall, PlacedOutput, RegionSlot, RegionTensor
 
 _EXT_NDARRAY = 1
 _EXT_TENSOR = 2
 _EXT_TUPLE = 3
 _EXT_PICKLE = 4
 _EXT_STRINGS = 5
+_EXT_REGION = 6
+_EXT_PLACED_CALL = 7
+_EXT_PLACED_OUTPUT = 8
 _LENGTHS = np.dtype("<u4")
 
 ALLOWED_DTYPES = frozenset(
@@ -51,8 +59,12 @@ class Codec:
 
     def __init__(self, *, allow_pickle: bool, max_message_bytes: int,
                  zero_copy_threshold: int = 64 * 1024, align_arrays: bool = False,
-                 tensors_as_arrays: bool = False, pickle_object_arrays: bool = False):
+                 tensors_as_arrays: bool = False, pickle_object_arrays: bool = False,
+                 map_regions: bool = False):
         self.allow_pickle = allow_pickle
+        # Decode a tensor in a shared-memory region as the array there (mapped: a worker)
+        # rather than as its RegionTensor reference.
+        self.map_regions = map_regions
         # Object arrays (BYTES tensors) pickled whole, where both ends are this server's
         # processes (serve/relay.py); the pool's link refuses them (predict's outputs are
         # converted before they travel).
@@ -108,6 +120,16 @@ class Codec:
             if _is_torch_tensor(obj):
                 array, name = _tensor_as_array(obj)
                 return self._array_node(_EXT_TENSOR, array, name, frames)
+            if type(obj) is RegionTensor:
+                return msgpack.ExtType(_EXT_REGION, msgpack.packb(
+                    [obj.key, obj.offset, obj.nbytes, obj.datatype, list(obj.shape)]))
+            if type(obj) is PlacedOutput:
+                return msgpack.ExtType(_EXT_PLACED_OUTPUT, msgpack.packb(
+                    [obj.datatype, list(obj.shape), obj.nbytes]))
+            if type(obj) is PlacedCall:
+                slots = {name: [slot.key, slot.offset, slot.byte_size]
+                         for name, slot in obj.slots.items()}
+                return msgpack.ExtType(_EXT_PLACED_CALL, pack([obj.argument, obj.names, slots]))
             # Anything else, subclasses of builtins included (IntEnum, OrderedDict,
             # namedtuple): only pickle keeps their type.
             return self._pickle_node(obj, frames)
@@ -213,6 +235,8 @@ class Codec:
                 where, kind, shape = msgpack.unpackb(data)
                 buffer = where if isinstance(where, bytes) else take(where)
                 return _strings_from_buffer(buffer, kind, shape)
+            if code in (_EXT_REGION, _EXT_PLACED_CALL, _EXT_PLACED_OUTPUT):
+                return self._region_value(code, data, unpack)
             if code == _EXT_PICKLE:
                 if not self.allow_pickle:
                     raise ProtocolError("pickled values are refused on this link")
@@ -232,11 +256,29 @@ class Codec:
         except _UnpicklingFailed as failed:
             failed.error.add_note("(raised while unpickling a value sent through the pool)")
             raise failed.error from None
-        except ProtocolError:
+        except (ProtocolError, SharedMemoryError):
             raise
         except Exception as exc:
             raise ProtocolError(f"undecodable message: {exc}") from exc
         return value
+
+    def _region_value(self, code: int, data: bytes, unpack):
+        """A shared-memory node: a region's tensor (read there with ``map_regions``), a
+        call whose outputs go to regions, or an output written into one."""
+        if code == _EXT_PLACED_CALL:
+            argument, names, slots = unpack(data)
+            return PlacedCall(argument, names, {
+                name: RegionSlot(*_region_fields(slot, (str, int, int)))
+                for name, slot in slots.items()})
+        fields = msgpack.unpackb(data)
+        if code == _EXT_PLACED_OUTPUT:
+            datatype, shape, nbytes = _region_fields(fields, (str, list, int))
+            return PlacedOutput(datatype, _checked_shape(shape), nbytes)
+        key, offset, nbytes, datatype, shape = _region_fields(fields, (str, int, int, str, list))
+        if datatype not in DATATYPES:
+            raise ProtocolError(f"bad datatype {datatype!r} of a shared-memory tensor")
+        tensor = RegionTensor(key, offset, nbytes, datatype, _checked_shape(shape))
+        return tensor.read() if self.map_regions else tensor
 
 
 class _UnpicklingFailed(Exception):
@@ -311,6 +353,22 @@ def _strings_from_buffer(buffer, kind, shape) -> np.ndarray:
     array = np.empty(count, dtype=object)
     array[:] = items
     return array.reshape(shape)
+
+
+def _region_fields(fields, types: tuple) -> list:
+    if not isinstance(fields, list) or len(fields) != len(types) or not all(
+            isinstance(field, kind) and not isinstance(field, bool)
+            for field, kind in zip(fields, types)):
+        raise ProtocolError(f"bad shared-memory node {fields!r}")
+    if any(isinstance(field, int) and field < 0 for field in fields):
+        raise ProtocolError(f"negative offset or size in a shared-memory node {fields!r}")
+    return fields
+
+
+def _checked_shape(shape) -> tuple:
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError(f"bad shape {shape!r}")
+    return tuple(shape)
 
 
 def bfloat16_as_float32(bits: np.ndarray) -> np.ndarray:

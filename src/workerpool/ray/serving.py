@@ -52,7 +52,8 @@ class PoolDeployment:
                 infer = kserve.parse_infer(
                     await request.body(), request.headers.get("inference-header-content-length"),
                     self.plane.max_tensor_bytes)
-                outputs = await call.run(infer.inputs, infer.output_names)
+                outputs = await call.run(infer.inputs, infer.output_names,
+                                        placed=infer.placed)
                 body, headers = kserve.encode_response(self.name, call.model.version, infer,
                                                        outputs)
         except Exception as error:  # noqa: BLE001 - every error is an answer, as in serve

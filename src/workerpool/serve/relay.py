@@ -219,7 +219,8 @@ class Relay:
         plane = self.app.plane
         with plane.inference(message["name"], message["version"], message["protocol"],
                              message["started"]) as call:
-            outputs = await call.run(message["inputs"], message["outputs"])
+            outputs = await call.run(message["inputs"], message["outputs"],
+                                     placed=message.get("placed"))
         return [call.model.name, call.model.version, outputs]
 
     def _count(self, message: dict) -> None:

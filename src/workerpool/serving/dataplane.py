@@ -30,14 +30,16 @@ import numpy as np
 
 from .. import __version__, errors, tensors
 from ..signature import Signature
+from ..ipc.regions import PlacedCall, PlacedOutput
 from ..tensors import call_argument, name_outputs
 from . import triton
 from .errors import BadRequest, NotReady
 from .limits import DEFAULT_MAX_REQUEST_BYTES
 from .model import ServedModel
+from .shared_memory import SharedInput, SharedUse, SystemSharedMemory
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration",
-              "generate"]
+              "generate", "system_shared_memory"]
 
 
 class DataPlane:
@@ -50,6 +52,7 @@ class DataPlane:
         self.models = models
         self.metrics = metrics
         self.max_tensor_bytes = max_tensor_bytes  # what one tensor may decode to
+        self.shared_memory = SystemSharedMemory()  # the regions clients registered
 
     # -- health and description ------------------------------------------------------
     @property
@@ -126,6 +129,7 @@ class Inference:
         cancelling the task that reads it, stops the generator in its worker."""
         model = self.model
         described = self.signature(None)
+        inputs = self._resolved(inputs)
         self._check(described, inputs)
         items = await self._submit(call_argument(described.ordered(inputs)), timeout, {},
                                    streamed=True)
@@ -139,6 +143,12 @@ class Inference:
         finally:
             await items.aclose()
 
+    def _resolved(self, inputs: dict) -> dict:
+        """``inputs`` with those in shared memory as the references a worker maps."""
+        if any(type(value) is SharedInput for value in inputs.values()):
+            return self.plane.shared_memory.resolve(inputs)
+        return inputs
+
     def _check(self, described: Signature, inputs: dict) -> None:
         model = self.model
         if not model.ready:
@@ -150,18 +160,26 @@ class Inference:
 
     async def run(self, inputs: dict, outputs: list[str] | None = None,
                   timeout: float | None = None,
-                  signature: str | None = None) -> dict[str, np.ndarray]:
-        """predict on ``inputs`` (by name): the outputs by name, those requested in their
-        order (all in the model's order when ``outputs`` is None or empty). ``timeout``:
-        the caller's deadline in seconds, which shortens the model's own, never lengthens
-        it. ``signature``: which of the model's signatures (None: its default); predict
-        gets ``signature=NAME`` for any other."""
+                  signature: str | None = None,
+                  placed: dict[str, SharedUse] | None = None) -> dict[str, np.ndarray]:
+        """predict on ``inputs`` (by name; those in shared memory as SharedInput): the
+        outputs by name, those requested in their order (all in the model's order when
+        ``outputs`` is None or empty). ``timeout``: the caller's deadline in seconds, which
+        shortens the model's own, never lengthens it. ``signature``: which of the model's
+        signatures (None: its default); predict gets ``signature=NAME`` for any other.
+        ``placed``: outputs the worker writes into shared memory (each answered as a
+        PlacedOutput)."""
         model = self.model
         described = self.signature(signature)
+        inputs = self._resolved(inputs)
         self._check(described, inputs)
         chosen = {} if described is model.signature else {"signature": signature}
-        result = await self._submit(call_argument(described.ordered(inputs)), timeout, chosen)
-        named = name_outputs(result, described.output_names)
+        argument = call_argument(described.ordered(inputs))
+        if placed:
+            slots = {name: self.plane.shared_memory.slot(use) for name, use in placed.items()}
+            argument = PlacedCall(argument, described.output_names, slots)
+        result = await self._submit(argument, timeout, chosen)
+        named = name_outputs(result, described.output_names, keep=PlacedOutput)
         try:
             return tensors.select_outputs(named, outputs, f"model {model.name}")
         except ValueError as exc:

@@ -79,6 +79,7 @@ class StreamFailed(Exception):
 # first match wins.
 STATUS_TABLE = [
     (BadRequest, 400, None, "INVALID_ARGUMENT"),
+    (errors.SharedMemoryError, 400, None, "INVALID_ARGUMENT"),  # the client's region
     (errors.OutputEncodeError, 500, None, "INTERNAL"),  # the model's output: its fault
     (errors.MessageTooLarge, 413, None, "RESOURCE_EXHAUSTED"),
     (errors.EncodeError, 400, None, "INVALID_ARGUMENT"),

@@ -6,6 +6,8 @@ extension (used by ``workerpool serve`` and the Ray Serve deployment).
       inputs[i]: name, shape, datatype, and either data (flat or nested) or
                  parameters.binary_data_size (its bytes follow the header, in input order)
       outputs[j]: name, parameters.binary_data ; parameters.binary_data_output: all binary
+      either, in Triton's system shared memory: parameters.shared_memory_region,
+                 shared_memory_byte_size, shared_memory_offset (serving/shared_memory.py)
     -> InferRequest(inputs: {name: ndarray (BYTES: an object array of bytes)}, outputs, ...)
     -> the data plane -> {name: ndarray}, selected and ordered
     -> response body = JSON header [+ raw output bytes], the same way back
@@ -20,18 +22,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import struct
 
 import numpy as np
 
 from ..errors import OutputEncodeError
+from ..ipc.regions import PlacedOutput
 from ..signature import DATATYPES, datatype_of
-from ..tensors import bytes_tensor
+from ..tensors import bytes_tensor, serialized_bytes, split_serialized_bytes
 from . import jsontext
 from .errors import BadRequest
 from .limits import MAX_RANK, check_shape, parse_json
+from .shared_memory import SharedUse, shared_input, shared_use
 
-_LENGTH = struct.Struct("<I")
 _FLOATS = {"FP16", "FP32", "FP64"}
 _NUMBERS = frozenset({int, float})
 _SCALARS = frozenset({int, float, str, bool})
@@ -47,6 +49,7 @@ NON_FINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 class RequestedOutput:
     name: str
     binary: bool
+    shared: SharedUse | None = None  # written into this region by the worker
 
 
 @dataclasses.dataclass
@@ -59,6 +62,11 @@ class InferRequest:
     @property
     def output_names(self) -> list[str] | None:
         return [o.name for o in self.outputs] if self.outputs is not None else None
+
+    @property
+    def placed(self) -> dict[str, SharedUse] | None:
+        """The outputs asked for in shared memory, by name (None: none)."""
+        return {o.name: o.shared for o in self.outputs or () if o.shared is not None} or None
 
 
 def parse_infer(body: bytes, header_length: str | None,
@@ -126,8 +134,9 @@ def _decode_input(tensor, raw: memoryview, offset: int, max_tensor_bytes: int):
                          f"{shape!r}")
     count = check_shape(name, shape, DATATYPES[datatype].itemsize, max_tensor_bytes)
     parameters = _mapping(tensor.get("parameters"), f"input {name!r} parameters")
-    if "shared_memory_region" in parameters:
-        raise BadRequest(f"input {name!r}: shared-memory tensors are not supported")
+    use = shared_use(f"input {name!r}", parameters)
+    if use is not None:  # its data is in a client's region: the worker reads it there
+        return name, shared_input(name, datatype, shape, use), 0
     size = parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -143,28 +152,15 @@ def _decode_input(tensor, raw: memoryview, offset: int, max_tensor_bytes: int):
 
 def from_binary(name: str, datatype: str, shape: list, count: int, data: memoryview):
     if datatype == "BYTES":
-        return bytes_tensor(_split_bytes(name, data, count), shape)
+        try:
+            return bytes_tensor(split_serialized_bytes(data, count), shape)
+        except ValueError as exc:
+            raise BadRequest(f"input {name!r}: {exc}") from None
     dtype = DATATYPES[datatype]
     if len(data) != count * dtype.itemsize:
         raise BadRequest(f"input {name!r}: shape {shape} of {datatype} needs "
                          f"{count * dtype.itemsize} bytes, binary_data_size is {len(data)}")
     return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
-
-
-def _split_bytes(name: str, data: memoryview, count: int) -> list[bytes]:
-    items, offset = [], 0
-    while offset < len(data):
-        if offset + 4 > len(data):
-            raise BadRequest(f"input {name!r}: a BYTES element's length is cut off")
-        (length,) = _LENGTH.unpack_from(data, offset)
-        offset += 4
-        if offset + length > len(data):
-            raise BadRequest(f"input {name!r}: a BYTES element runs past its data")
-        items.append(bytes(data[offset:offset + length]))
-        offset += length
-    if len(items) != count:
-        raise BadRequest(f"input {name!r}: shape needs {count} BYTES elements, got {len(items)}")
-    return items
 
 
 def _from_json(name: str, datatype: str, shape: list, count: int, data):
@@ -261,8 +257,10 @@ def _requested_outputs(outputs) -> list[RequestedOutput] | None:
     for output in outputs:
         if not isinstance(output, dict) or not isinstance(output.get("name"), str):
             raise BadRequest("each requested output must be an object with a name")
-        parameters = _mapping(output.get("parameters"), f"output {output['name']!r} parameters")
-        requested.append(RequestedOutput(output["name"], parameters.get("binary_data")))
+        what = f"output {output['name']!r}"
+        parameters = _mapping(output.get("parameters"), f"{what} parameters")
+        requested.append(RequestedOutput(output["name"], parameters.get("binary_data"),
+                                         shared_use(what, parameters)))
     return requested
 
 
@@ -277,6 +275,9 @@ def encode_response(model: str, version: str, request: InferRequest,
     tensors, buffers = [], []
     try:
         for name, array in outputs.items():
+            if type(array) is PlacedOutput:  # written into the client's region
+                tensors.append(placed_json(name, array, request.placed[name]))
+                continue
             binary = binary_of.get(name)
             if binary is None:
                 binary = request.binary_output
@@ -302,9 +303,19 @@ def encode_response(model: str, version: str, request: InferRequest,
         "inference-header-content-length": str(len(header_bytes))}
 
 
+def placed_json(name: str, placed: PlacedOutput, use: SharedUse) -> dict:
+    """An output the worker wrote into shared memory: its description, and where."""
+    parameters = {"shared_memory_region": use.region,
+                  "shared_memory_byte_size": placed.nbytes}
+    if use.offset:
+        parameters["shared_memory_offset"] = use.offset
+    return {"name": name, "datatype": placed.datatype, "shape": list(placed.shape),
+            "parameters": parameters}
+
+
 def bytes_of(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
-        return b"".join(_LENGTH.pack(len(item)) + item for item in array.reshape(-1).tolist())
+        return serialized_bytes(array)
     little = array.astype(array.dtype.newbyteorder("<"), copy=False)
     return np.ascontiguousarray(little).tobytes()
 

@@ -74,7 +74,8 @@ def serve(model, predict, boot: dict) -> int:
     if callable(prepare):
         prepare()
     codec = Codec(allow_pickle=True, max_message_bytes=boot["max_message_bytes"],
-                  zero_copy_threshold=boot["zero_copy_threshold"], align_arrays=True)
+                  zero_copy_threshold=boot["zero_copy_threshold"], align_arrays=True,
+                  map_regions=True)
     runner = Runner(model, predict, codec)
     runner.warm_up(codec.decode(*boot["warmup"]))
     context = zmq.Context(io_threads=1)

@@ -22,6 +22,7 @@ from ..errors import (BatchShapeError, EncodeError, MessageTooLarge, OutputEncod
                       OutputTooLarge)
 from ..ipc import wire
 from ..ipc.codec import Codec, frame_nbytes
+from ..ipc.regions import PlacedCall
 from ..modules import imported
 
 
@@ -86,6 +87,9 @@ class Runner:
 
     def call(self, body: bytes, frames: list, stream: bool = False):
         args, kwargs = self.codec.decode_call(body, frames)
+        placed = args[0] if len(args) == 1 and type(args[0]) is PlacedCall else None
+        if placed is not None:  # outputs go into a client's shared memory
+            args = [placed.argument]
         output = self.predict(self.model, *args, **kwargs)
         if not stream and inspect.isgenerator(output):
             output.close()
@@ -93,7 +97,7 @@ class Runner:
                 "predict returned a generator: a model that yields is read item by item "
                 "with Pool.stream() or Pool.stream_async() (over HTTP: the generate_stream "
                 "route; over gRPC: ModelStreamInfer), not with submit()")
-        return output
+        return placed.place(output) if placed is not None and not stream else output
 
     def call_batch(self, items: list) -> list:
         inputs = [self.codec.decode_call(body, frames)[0][0] for body, frames in items]

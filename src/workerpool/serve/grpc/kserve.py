@@ -15,6 +15,10 @@ Triton's additions to the same service (its grpc_service.proto: proto/triton.py)
     RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload (Triton): as the HTTP
                 repository routes (load's parameters: version, source, config)
     ModelStatistics, ModelConfig (Triton's extensions): serving/triton.py's, as over HTTP
+    SystemSharedMemoryStatus / Register / Unregister (Triton): serving/shared_memory.py, as
+                over HTTP; an input or requested output whose parameters name a
+                shared_memory_region is read (written) there by the worker, and has no raw
+                contents entry. CudaSharedMemory*: none (register refused)
     Metadata: the data plane's KServe form parsed into the message (the HTTP route's fields)
 
 Raw contents are little-endian bytes as in the HTTP binary extension (BYTES: 4-byte lengths
@@ -29,9 +33,11 @@ import numpy as np
 from google.protobuf import json_format
 
 from ...errors import OutputEncodeError
+from ...ipc.regions import PlacedOutput
 from ...serving.errors import BadRequest
 from ...serving.kserve import bytes_of, from_binary
 from ...serving.limits import check_shape, narrow
+from ...serving.shared_memory import BYTE_SIZE, OFFSET, REGION, shared_input, shared_use
 from ...signature import DATATYPES, datatype_of
 from ...tensors import bytes_tensor
 from .server import Front, failure
@@ -70,6 +76,10 @@ class KServeGrpc(Front):
             "RepositoryIndex": method(self.repository_index, "RepositoryIndex"),
             "RepositoryModelLoad": method(self.repository_load, "RepositoryModelLoad"),
             "RepositoryModelUnload": method(self.repository_unload, "RepositoryModelUnload"),
+            **{f"{kind}SharedMemory{action}": method(
+                getattr(self, f"{kind.lower()}_shared_memory_{action.lower()}"),
+                f"{kind}SharedMemory{action}")
+               for kind in ("System", "Cuda") for action in ("Status", "Register", "Unregister")},
         }}
 
     streaming = frozenset({"ModelStreamInfer"})
@@ -82,7 +92,7 @@ class KServeGrpc(Front):
 
     async def server_metadata(self, request, context):
         metadata = dict(self.plane.server_metadata(), extensions=[
-            "model_repository", "statistics", "model_configuration"])
+            "model_repository", "statistics", "model_configuration", "system_shared_memory"])
         return json_format.ParseDict(metadata,
                                      self.message("inference.ServerMetadataResponse")())
 
@@ -101,11 +111,12 @@ class KServeGrpc(Front):
         with self.plane.inference(request.model_name, request.model_version or None,
                                   self.protocol) as call:
             inputs = decode_inputs(request, self.plane.max_tensor_bytes)
+            placed = placed_outputs(request)
             outputs = await call.run(inputs, [o.name for o in request.outputs],
-                                     timeout=context.time_remaining())
+                                     timeout=context.time_remaining(), placed=placed)
             response = self.message("inference.ModelInferResponse")(
                 model_name=call.model.name, model_version=call.model.version, id=request.id)
-            encode_outputs(response, outputs)
+            encode_outputs(response, outputs, placed)
             return response
 
 
@@ -153,6 +164,9 @@ class KServeGrpc(Front):
         with self.plane.inference(request.model_name, request.model_version or None,
                                   self.protocol) as call:
             inputs = decode_inputs(request, self.plane.max_tensor_bytes)
+            if placed_outputs(request):
+                raise BadRequest("a stream's outputs cannot be written into shared memory; "
+                                 "ask for them without shared_memory_region")
             model = call.model
             items = call.stream(inputs, [o.name for o in request.outputs],
                                 timeout=context.time_remaining())
@@ -209,19 +223,66 @@ class KServeGrpc(Front):
         return self.message("inference.RepositoryModelUnloadResponse")()
 
 
+    # -- Triton's system shared memory extension (and no CUDA shared memory) -------------
+    async def system_shared_memory_status(self, request, context):
+        response = self.message("inference.SystemSharedMemoryStatusResponse")()
+        for region in self.plane.shared_memory.status(request.name or None):
+            response.regions[region["name"]].CopyFrom(self.message(
+                "inference.SystemSharedMemoryStatusResponse.RegionStatus")(**region))
+        return response
+
+    async def system_shared_memory_register(self, request, context):
+        self.plane.shared_memory.register(request.name, request.key, request.offset,
+                                          request.byte_size)
+        return self.message("inference.SystemSharedMemoryRegisterResponse")()
+
+    async def system_shared_memory_unregister(self, request, context):
+        self.plane.shared_memory.unregister(request.name or None)
+        return self.message("inference.SystemSharedMemoryUnregisterResponse")()
+
+    async def cuda_shared_memory_status(self, request, context):
+        if request.name:
+            raise BadRequest(f"Unable to find cuda shared memory region: '{request.name}'")
+        return self.message("inference.CudaSharedMemoryStatusResponse")()
+
+    async def cuda_shared_memory_register(self, request, context):
+        raise BadRequest("CUDA shared memory is not supported: this server runs its models "
+                         "on CPUs; register system shared memory instead")
+
+    async def cuda_shared_memory_unregister(self, request, context):
+        return self.message("inference.CudaSharedMemoryUnregisterResponse")()
+
+
 _END = object()  # (ModelStreamInfer: every request of the call is answered)
+
+
+def parameter_values(parameters) -> dict:
+    """A map of InferParameter (or ModelRepositoryParameter) as plain values by name."""
+    values = {}
+    for name, parameter in parameters.items():
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind is not None:
+            values[name] = getattr(parameter, kind)
+    return values
+
+
+def placed_outputs(request) -> dict | None:
+    """The requested outputs to be written into shared memory, by name (None: none)."""
+    placed = {}
+    for output in request.outputs:
+        if output.parameters:
+            use = shared_use(f"output {output.name!r}", parameter_values(output.parameters))
+            if use is not None:
+                placed[output.name] = use
+    return placed or None
 
 
 def repository_parameters(parameters) -> dict | None:
     """A repository request's parameters (ModelRepositoryParameter by name) as the plain
     values registry.load and unload take; None when there are none."""
-    values = {}
-    for name, parameter in parameters.items():
-        kind = parameter.WhichOneof("parameter_choice")
-        if kind is not None:
-            value = getattr(parameter, kind)
-            values[name] = value.decode() if kind == "bytes_param" and name == "config" \
-                else value
+    values = parameter_values(parameters)
+    if isinstance(values.get("config"), bytes):
+        values["config"] = values["config"].decode()
     return values or None
 
 
@@ -231,11 +292,14 @@ def decode_inputs(request, max_tensor_bytes: int) -> dict:
     if not request.inputs:
         raise BadRequest("the request has no inputs")
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise BadRequest(f"raw_input_contents has {len(raw)} entries for "
-                         f"{len(request.inputs)} inputs; give one per input, in order")
-    decoded = {}
-    for index, tensor in enumerate(request.inputs):
+    shared = {tensor.name: use for tensor in request.inputs if tensor.parameters and (
+        use := shared_use(f"input {tensor.name!r}", parameter_values(tensor.parameters)))}
+    carried = len(request.inputs) - len(shared)  # (raw contents: one per input not shared)
+    if raw and len(raw) != carried:
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {carried} inputs "
+                         "not in shared memory; give one per input, in order")
+    decoded, index = {}, 0
+    for tensor in request.inputs:
         name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
         if not name:
             raise BadRequest("an input has no name")
@@ -247,11 +311,14 @@ def decode_inputs(request, max_tensor_bytes: int) -> dict:
         if any(d < 0 for d in shape):
             raise BadRequest(f"input {name!r}: shape {shape} has a negative dimension")
         count = check_shape(name, shape, DATATYPES[datatype].itemsize, max_tensor_bytes)
-        if raw:
+        if name in shared:
+            decoded[name] = shared_input(name, datatype, shape, shared[name])
+        elif raw:
             if tensor.HasField("contents"):
                 raise BadRequest(f"input {name!r}: give its data either in contents or in "
                                  "raw_input_contents, not both")
             decoded[name] = from_binary(name, datatype, shape, count, memoryview(raw[index]))
+            index += 1
         else:
             decoded[name] = _from_contents(name, datatype, shape, count, tensor.contents)
     return decoded
@@ -274,14 +341,23 @@ def _from_contents(name: str, datatype: str, shape: list, count: int, contents):
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def encode_outputs(response, arrays: dict) -> None:
+def encode_outputs(response, arrays: dict, placed: dict | None = None) -> None:
     """Named outputs into a ModelInferResponse, always in ``raw_output_contents``, as
-    Triton answers (clients that send typed contents read the answer there too)."""
+    Triton answers (clients that send typed contents read the answer there too). Those
+    written into shared memory (``placed``: their regions by name) are described only,
+    with no raw entry (as Triton does)."""
     try:
         datatypes = {name: datatype_of(array.dtype) for name, array in arrays.items()}
     except ValueError as exc:
         raise OutputEncodeError(f"the model's output cannot be sent: {exc}") from None
     for name, array in arrays.items():
         datatype = datatypes[name]
-        response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        response.raw_output_contents.append(bytes_of(array, datatype))
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        if type(array) is PlacedOutput:
+            use = placed[name]
+            tensor.parameters[REGION].string_param = use.region
+            tensor.parameters[BYTE_SIZE].int64_param = array.nbytes
+            if use.offset:
+                tensor.parameters[OFFSET].int64_param = use.offset
+        else:
+            response.raw_output_contents.append(bytes_of(array, datatype))

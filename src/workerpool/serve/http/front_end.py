@@ -51,10 +51,11 @@ class RemoteInference:
         self.model = None  # (name, version) of the model that answered, after run
         self.reached_server = False  # the server counted it (outcome included)
 
-    async def run(self, inputs: dict, outputs: list[str] | None = None):
+    async def run(self, inputs: dict, outputs: list[str] | None = None,
+                  placed: dict | None = None):
         message = {"kind": "infer", "name": self.name, "version": self.version,
                    "protocol": self.protocol, "started": self.started, "inputs": inputs,
-                   "outputs": outputs}
+                   "outputs": outputs, "placed": placed}
         try:
             name, version, answer = await self.plane.client.call(message)
         finally:

@@ -13,6 +13,10 @@
     GET  /v2/models/stats                       Triton's statistics extension: every model
     GET  /v2/models/{m}[/versions/{v}]/stats    ... of a model (every version) or a version
     GET  /v2/models/{m}[/versions/{v}]/config   Triton's model configuration extension
+    GET  /v2/systemsharedmemory[/region/{r}]/status      Triton's system shared memory
+    POST /v2/systemsharedmemory/region/{r}/register     {"key", "offset", "byte_size"}
+    POST /v2/systemsharedmemory[/region/{r}]/unregister  (and /v2/cudasharedmemory/...:
+                                                        no CUDA regions, register refused)
     POST /v2/repository/index                   every model version and its state
     POST /v2/repository/models/{m}/load         load, or hot-swap a loaded one; optional JSON
                                                 {"parameters": {"version", "source", "config"}}
@@ -55,6 +59,8 @@ async def route(app, exchange: Exchange, parts: list[str]) -> None:
         await model_route(app, exchange, parts[1:])
     elif parts[0] == "repository":
         await repository_route(app, exchange, parts[1:])
+    elif parts[0] in ("systemsharedmemory", "cudasharedmemory"):
+        await shared_memory_route(app, exchange, parts[0], parts[1:])
     else:
         raise ModelNotFound(f"no route {exchange.method} {exchange.path}")
 
@@ -94,7 +100,8 @@ async def infer(app, exchange: Exchange, name: str, version: str | None) -> None
         body = await exchange.body(app.max_request_bytes)  # after the lookup: 404 first
         request = kserve.parse_infer(body, exchange.header(b"inference-header-content-length"),
                                      app.plane.max_tensor_bytes)
-        outputs = await call.run(request.inputs, request.output_names)
+        outputs = await call.run(request.inputs, request.output_names,
+                                 placed=request.placed)
         response, headers = kserve.encode_response(call.model.name, call.model.version,
                                                    request, outputs)
         await exchange.respond(200, response,
@@ -154,6 +161,47 @@ async def only_item(items, name: str) -> dict:
     if first is None:
         raise BadRequest(f"model {name} yielded nothing")
     return first
+
+
+async def shared_memory_route(app, exchange: Exchange, kind: str, parts: list[str]) -> None:
+    """Triton's system shared memory extension (serving/shared_memory.py); its CUDA twin
+    answers that there is no CUDA shared memory (its status is empty, unregistering is a
+    no-op: what clients do first)."""
+    if len(parts) == 3 and parts[0] == "region":
+        region, action = parts[1], parts[2]
+    elif len(parts) == 1:
+        region, action = None, parts[0]
+    else:
+        raise ModelNotFound(f"no route {exchange.method} {exchange.path}")
+    regions = app.plane.shared_memory
+    if action == "status":
+        exchange.expect("GET")
+        if kind == "cudasharedmemory":
+            if region:
+                raise BadRequest(f"Unable to find cuda shared memory region: '{region}'")
+            await exchange.json(200, [])
+        else:
+            await exchange.json(200, regions.status(region))
+    elif action == "unregister":
+        exchange.expect("POST")
+        if kind == "systemsharedmemory":
+            regions.unregister(region)
+        await exchange.json(200, {})
+    elif action == "register" and region:
+        exchange.expect("POST")
+        if kind == "cudasharedmemory":
+            raise BadRequest("CUDA shared memory is not supported: this server runs its "
+                             "models on CPUs; register system shared memory instead")
+        body = await exchange.body(app.max_request_bytes)
+        request = parse_json(body)
+        if not isinstance(request, dict) or not isinstance(request.get("key"), str):
+            raise BadRequest('the body must be a JSON object {"key": ..., "offset": ..., '
+                             '"byte_size": ...}')
+        regions.register(region, request["key"], request.get("offset", 0),
+                         request.get("byte_size"))
+        await exchange.json(200, {})
+    else:
+        raise ModelNotFound(f"no route {exchange.method} {exchange.path}")
 
 
 async def repository_route(app, exchange: Exchange, parts: list[str]) -> None:
