@@ -19,6 +19,10 @@ class Recording(asyncio.Transport):
     def write(self, data) -> None:
         self.writes.append(bytes(data))
 
+    def writelines(self, chunks) -> None:
+        self.writes.append([chunk if isinstance(chunk, bytes) else chunk.obj
+                            for chunk in chunks])
+
     def is_closing(self) -> bool:
         return self.closed or self.aborted
 
@@ -52,6 +56,26 @@ def test_a_pass_of_writes_is_one_write_and_the_next_pass_another():
     assert raw.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}", b"ab"]
     assert held == len(raw.writes[0])
     assert sockname == ("127.0.0.1", 8000)  # the rest is the transport's own
+
+
+def test_large_parts_are_written_together_without_being_joined():
+    """A binary tensor's view goes to the transport as it is, beside the head (one
+    vectored write), never copied into one bytes object."""
+    import numpy as np
+
+    tensor = np.ones(1 << 20, np.float32)
+
+    async def main():
+        raw = Recording()
+        corked = CorkedTransport(raw, asyncio.get_running_loop())
+        corked.write(b"head")
+        corked.write(memoryview(tensor).cast("B"))
+        await asyncio.sleep(0)
+        return raw
+
+    raw = asyncio.run(main())
+    assert len(raw.writes) == 1 and raw.writes[0][0] == b"head"
+    assert raw.writes[0][1] is tensor  # the array itself: no copy was made
 
 
 def test_close_writes_what_is_held_and_abort_drops_it():

@@ -78,7 +78,8 @@ def _map(key: str, offset: int, nbytes: int, writable: bool) -> tuple[mmap.mmap,
                 "do not fit (was it shrunk after it was registered?)")
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         access = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        mapping = mmap.mmap(fd, offset + nbytes - start, mmap.MAP_SHARED, access, offset=start)
+        mapping = mmap.mmap(fd, offset + nbytes - start, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                            access, offset=start)
     finally:
         os.close(fd)
     return mapping, offset - start

@@ -54,8 +54,9 @@ class PoolDeployment:
                     self.plane.max_tensor_bytes)
                 outputs = await call.run(infer.inputs, infer.output_names,
                                         placed=infer.placed)
-                body, headers = kserve.encode_response(self.name, call.model.version, infer,
-                                                       outputs)
+                parts, headers = kserve.encode_response(self.name, call.model.version, infer,
+                                                        outputs)
+                body = b"".join(parts)
         except Exception as error:  # noqa: BLE001 - every error is an answer, as in serve
             status, _ = status_of(error)
             return Response(json.dumps({"error": message_of(error)}), status_code=status,

@@ -5,6 +5,7 @@ segments for the client to read). On loopback a send runs the receiver's side of
 the two were ~17% of the server process's CPU under a light model's load (py-spy).
 
     write(a); write(b)      (same loop pass)   ──> one send(a + b) when the pass ends
+    write(head); write(256 MiB view)           ──> writelines: sent together, not joined
     close()                                    ──> what is held is written first
     abort()                                    ──> dropped, as the transport drops its buffer
 
@@ -14,6 +15,9 @@ Everything else is the transport's own (flow control, extra info, set_protocol).
 from __future__ import annotations
 
 import asyncio
+
+
+WRITE_PARTS_FROM = 64 * 1024
 
 
 class CorkedTransport:
@@ -37,10 +41,14 @@ class CorkedTransport:
         held = self._held
         if not held:
             return
-        data = held[0] if len(held) == 1 else b"".join(held)
-        held.clear()
         if not self._transport.is_closing():
-            self._transport.write(data)
+            if len(held) == 1:
+                self._transport.write(held[0])
+            elif sum(map(len, held)) < WRITE_PARTS_FROM:
+                self._transport.write(b"".join(held))
+            else:  # large parts (binary tensors) are not copied to be joined
+                self._transport.writelines(list(held))
+        held.clear()
 
     def close(self) -> None:
         self._flush()

@@ -66,6 +66,18 @@ class Exchange:
                          "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         await self.send({"type": "http.response.body", "body": body})
 
+    async def respond_parts(self, status: int, parts: list, headers: list) -> None:
+        """:meth:`respond` with a body given as parts (bytes-like, each sent as it is)."""
+        if len(parts) == 1:
+            await self.respond(status, parts[0], headers)
+            return
+        length = sum(map(len, parts))
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": [*headers, (b"content-length", str(length).encode())]})
+        for index, part in enumerate(parts):
+            await self.send({"type": "http.response.body", "body": part,
+                             "more_body": index < len(parts) - 1})
+
     async def json(self, status: int, payload) -> None:
         await self.respond(status, json.dumps(payload).encode(), JSON)
 

@@ -102,10 +102,10 @@ async def infer(app, exchange: Exchange, name: str, version: str | None) -> None
                                      app.plane.max_tensor_bytes)
         outputs = await call.run(request.inputs, request.output_names,
                                  placed=request.placed)
-        response, headers = kserve.encode_response(call.model.name, call.model.version,
-                                                   request, outputs)
-        await exchange.respond(200, response,
-                               [(k.encode(), v.encode()) for k, v in headers.items()])
+        parts, headers = kserve.encode_response(call.model.name, call.model.version,
+                                                request, outputs)
+        await exchange.respond_parts(200, parts,
+                                     [(k.encode(), v.encode()) for k, v in headers.items()])
 
 
 async def generate(app, exchange: Exchange, name: str, version: str | None,
