@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# What serving needs and nothing more (no torch, TensorFlow or Ray): `make serve`.
+SERVE_STAMP := $(VENV)/.installed-serve
 
 .PHONY: test test-fast demo serve bench report install clean
 
@@ -18,6 +20,13 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# A venv that already has the development set has everything serving needs.
+$(SERVE_STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -f $(STAMP) || $(PY) -m pip install --quiet --upgrade pip
+	test -f $(STAMP) || $(PY) -m pip install --quiet -e '.[serve]'
+	touch $(SERVE_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -35,7 +44,7 @@ demo: $(STAMP)
 	$(PY) -m workerpool.demo
 
 # The built-in demo model over HTTP on 127.0.0.1:8000 (KServe v2); Ctrl-C drains and stops.
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(PY) -m workerpool serve
 
 bench: $(STAMP)

@@ -1,4 +1,4 @@
-"""workerpool on a Ray cluster (``pip install 'workerpool[ray]'``): one copy of the
+"""workerpool on a Ray cluster (``pip install 'workerpool-serve[ray]'``): one copy of the
 model's weights per Ray actor (a node, or a share of one), not one per CPU.
 
     ray.data.Dataset.map_batches(PoolPredictor, compute=ActorPoolStrategy(size=nodes),

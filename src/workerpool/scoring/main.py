@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
                    "per actor, default its node's CPUs)")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local (default): a Pool here; ray: a Pool in an actor per node of "
-                   "a Ray cluster (pip install 'workerpool[ray]'); the same output bytes")
+                   "a Ray cluster (pip install 'workerpool-serve[ray]'); the same output bytes")
     p.add_argument("--address", default=None,
                    help="with --engine ray: the cluster to join (auto, or HOST:PORT; "
                    "default: start a local one)")

@@ -181,7 +181,8 @@ def missing_extra(settings: ServerSettings) -> str | None:
         if getattr(settings, port) is not None and not all(
                 _installed(m) for m in ("grpc", "google.protobuf")):
             return (f"--{port.replace('_', '-')} needs grpcio and protobuf: "
-                    f"pip install 'workerpool[{extra}]'")
+                    f"pip install 'workerpool-serve[{extra}]' (from a clone of workerpool: "
+                    f"pip install '.[{extra}]')")
     return None
 
 

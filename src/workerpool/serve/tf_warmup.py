@@ -43,7 +43,7 @@ def read_samples(path: str) -> list[dict]:
         from .proto.tensor import to_array
     except ImportError as exc:
         raise WarmupError(f"{path}: reading TF Serving warm-up requests needs protobuf: "
-                          f"pip install 'workerpool[tfserving]' ({exc})") from None
+                          f"pip install 'workerpool-serve[tfserving]' ({exc})") from None
     log_type = protocol("tf_serving").message("tensorflow.serving.PredictionLog")
     samples = []
     for index, record in enumerate(records(path)):
