@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -76,7 +77,7 @@ class Server:
     """A `workerpool serve` process; ``url`` once it listens."""
 
     def __init__(self, args: list[str], env: dict | None = None, grpc_lines: int = 0,
-                 metrics_line: bool = False):
+                 metrics_line: bool = False, cafile: str | None = None):
         environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [TESTS, os.path.join(TESTS, "integration"), os.environ.get("PYTHONPATH", "")]))
         environment.update(env or {})
@@ -85,28 +86,33 @@ class Server:
             [sys.executable, "-m", "workerpool", "serve", "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=environment)
         line = self.process.stdout.readline()
-        assert line.startswith("workerpool serve: http://"), line + self.stderr()
+        assert line.startswith(("workerpool serve: http://", "workerpool serve: https://")), \
+            line + self.stderr()
         self.url = line.split()[2]
-        self.address = self.url.removeprefix("http://")
+        self.address = self.url.split("://", 1)[1]
+        # (with --tls-cert: the certificate's authority, which get/post trust)
+        self.context = ssl.create_default_context(cafile=cafile) if cafile else None
         self.host, self.port = self.address.rsplit(":", 1)
         self.port = int(self.port)
         self.grpc = {}  # what it speaks ("KServe v2", "TensorFlow Serving") -> address
         for _ in range(grpc_lines):  # "workerpool serve: grpc://HOST:PORT (WHAT)"
             line = self.process.stdout.readline()
-            assert line.startswith("workerpool serve: grpc://"), line + self.stderr()
+            assert line.startswith(("workerpool serve: grpc://", "workerpool serve: grpcs://")), \
+                line + self.stderr()
             address, what = line.split(None, 3)[2:]
-            self.grpc[what.strip().strip("()")] = address.removeprefix("grpc://")
+            self.grpc[what.strip().strip("()")] = address.split("://", 1)[1]
         self.metrics_url = None  # "workerpool serve: metrics http://HOST:PORT/metrics"
         if metrics_line:
             line = self.process.stdout.readline()
-            assert line.startswith("workerpool serve: metrics http://"), line + self.stderr()
+            assert line.startswith(("workerpool serve: metrics http://",
+                                    "workerpool serve: metrics https://")), line + self.stderr()
             self.metrics_url = line.split()[3]
 
     def get(self, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
-        return request("GET", self.url + path, headers=headers)
+        return request("GET", self.url + path, headers=headers, context=self.context)
 
     def post(self, path: str, body: bytes, headers: dict | None = None):
-        return request("POST", self.url + path, body, headers)
+        return request("POST", self.url + path, body, headers, context=self.context)
 
     def wait_ready(self, timeout: float = 120) -> None:
         assert wait_until(lambda: self.get("/v2/health/ready")[0] == 200, timeout), \
@@ -130,10 +136,11 @@ class Server:
         self.stop()
 
 
-def request(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+def request(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
+            context: ssl.SSLContext | None = None):
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=60) as response:
+        with urllib.request.urlopen(req, timeout=60, context=context) as response:
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read()

@@ -183,6 +183,9 @@ def models_from_toml(path: str, cli_options: dict) -> tuple[list[ModelSpec], dic
             raise ConfigError(f"{path}: allow_sources must be a list of paths, got "
                               f"{settings['allow_sources']!r}")
         settings["allow_sources"] = [_relative(p, base) for p in settings["allow_sources"]]
+    for key in ("tls_cert", "tls_key"):
+        if isinstance(settings.get(key), str):
+            settings[key] = os.path.join(base, settings[key])  # (an absolute path stays)
     return specs, settings
 
 

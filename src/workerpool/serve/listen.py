@@ -40,14 +40,16 @@ def bind(host: str, port: int, *, reuse_port: bool = False,
 
 
 def http_server(app, settings: ServerSettings) -> _Server:
-    """A uvicorn server for the ASGI ``app``, its request heads bounded (http/guard.py)."""
+    """A uvicorn server for the ASGI ``app``, its request heads bounded (http/guard.py);
+    TLS only, with the settings' certificate."""
     http = settings.http if has_module(settings.http) else "h11"
     head = HeadLimits(settings.max_header_bytes, MAX_HEADERS, settings.header_timeout)
     config = uvicorn.Config(app, http=protocol_class(http, head),
                             h11_max_incomplete_event_size=head.max_bytes,
                             lifespan="off", ws="none", access_log=False, log_level="warning",
                             timeout_graceful_shutdown=int(max(1, settings.drain_timeout)),
-                            timeout_keep_alive=30)
+                            timeout_keep_alive=30, ssl_certfile=settings.tls_cert,
+                            ssl_keyfile=settings.tls_key)
     return _Server(config)
 
 

@@ -87,6 +87,11 @@ def parser() -> argparse.ArgumentParser:
                    "(needs the tfserving extra). Its REST API is always on the HTTP port")
     p.add_argument("--api-key", default=None, help="require this key on every route but "
                    "health (also WORKERPOOL_API_KEY)")
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="serve TLS with this certificate (chain) on the HTTP, metrics and "
+                   "gRPC ports; needs --tls-key")
+    p.add_argument("--tls-key", default=None, metavar="PEM",
+                   help="the private key of --tls-cert (unencrypted PEM)")
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="largest request body, or gRPC request message (default 64 MiB)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",

@@ -122,13 +122,14 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
     if host in ("0.0.0.0", "::"):
         log.warning("workerpool serve: listening on every interface (%s); anyone who can "
                     "reach this machine can call the models. Set --api-key", host)
-    print(f"workerpool serve: http://{host}:{bound_port} (models: "
+    secure = "s" if settings.tls else ""
+    print(f"workerpool serve: http{secure}://{host}:{bound_port} (models: "
           f"{', '.join(registry.names())}; loading)", flush=True)
     for _, grpc_bound, what in grpc_servers:
-        print(f"workerpool serve: grpc://{host}:{grpc_bound} ({what})", flush=True)
+        print(f"workerpool serve: grpc{secure}://{host}:{grpc_bound} ({what})", flush=True)
     if metrics_sock is not None:
-        print(f"workerpool serve: metrics http://{host}:{metrics_sock.getsockname()[1]}"
-              "/metrics", flush=True)
+        print(f"workerpool serve: metrics http{secure}://{host}:"
+              f"{metrics_sock.getsockname()[1]}/metrics", flush=True)
     try:
         if fronts is None:
             await server.serve(sockets=[sock])
@@ -190,7 +191,8 @@ async def start_grpc(app: App, settings: ServerSettings) -> list[tuple]:
     for fronts, port, what in wanted:
         server, bound = await grpc_server.start(
             [front(app.plane, api_key=app.api_key, debug=app.debug) for front in fronts],
-            settings.host, port, max_message_bytes=settings.max_request_bytes)
+            settings.host, port, max_message_bytes=settings.max_request_bytes,
+            tls=settings.tls_pair())
         started.append((server, bound, what))
     return started
 

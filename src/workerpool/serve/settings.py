@@ -64,6 +64,8 @@ class ServerSettings:
     watch_interval: float = 2.0
     max_memory: int | None = None  # bytes the server's process tree may hold (PSS)
     http_workers: int = 1  # front-end processes on the port; 1: the server's own process
+    tls_cert: str | None = None  # PEM certificate (chain) for every port: TLS only
+    tls_key: str | None = None
     http: str = "httptools"
     loop: str = "uvloop"
 
@@ -71,7 +73,7 @@ class ServerSettings:
     FILE_KEYS = ("host", "port", "metrics_port", "grpc_port", "tf_serving_port", "api_key",
                  "max_request_bytes", "max_header_bytes", "header_timeout", "max_models",
                  "drain_timeout", "debug", "allow_sources", "watch", "watch_interval",
-                 "max_memory", "http_workers")
+                 "max_memory", "http_workers", "tls_cert", "tls_key")
 
     def __post_init__(self):
         self._type("host", str)
@@ -100,10 +102,40 @@ class ServerSettings:
         if not all(isinstance(path, str) for path in self.allow_sources):
             raise ConfigError(f"allow_sources must be a list of paths, got "
                               f"{self.allow_sources!r}")
+        self._check_tls()
         if self.http not in ("httptools", "h11"):
             raise ConfigError(f"http must be httptools or h11, got {self.http!r}")
         if self.loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"loop must be uvloop or asyncio, got {self.loop!r}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def _check_tls(self) -> None:
+        """Both files or neither, and a pair that loads (a wrong key or a missing file says
+        so at start, not at the first client's handshake)."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both tls_cert and tls_key (--tls-cert, --tls-key)")
+        if self.tls_cert is None:
+            return
+        self._type("tls_cert", str)
+        self._type("tls_key", str)
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot use tls_cert {self.tls_cert!r} with tls_key "
+                              f"{self.tls_key!r}: {exc}") from None
+
+    def tls_pair(self) -> tuple[bytes, bytes] | None:
+        """(certificate chain, private key) as PEM bytes, for gRPC; None without TLS."""
+        if not self.tls:
+            return None
+        with open(self.tls_cert, "rb") as cert, open(self.tls_key, "rb") as key:
+            return cert.read(), key.read()
 
     def _type(self, key: str, kind: type) -> None:
         if not isinstance(getattr(self, key), kind):

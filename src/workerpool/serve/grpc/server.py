@@ -149,9 +149,10 @@ def handlers(front: Front) -> list:
     return result
 
 
-async def start(fronts: list[Front], host: str, port: int, *,
-                max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
-    """A started server for ``fronts`` on host:port (0: any); returns it and its port."""
+async def start(fronts: list[Front], host: str, port: int, *, max_message_bytes: int,
+                tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, int]:
+    """A started server for ``fronts`` on host:port (0: any); returns it and its port.
+    ``tls``: (certificate chain, private key) in PEM: TLS only."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", -1),  # the client's own limit applies
@@ -161,7 +162,12 @@ async def start(fronts: list[Front], host: str, port: int, *,
         server.add_generic_rpc_handlers(handlers(front))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            certificate, key = tls
+            bound = server.add_secure_port(
+                address, grpc.ssl_server_credentials([(key, certificate)]))
     except RuntimeError as exc:
         raise OSError(f"cannot listen for gRPC on {address}: {exc}") from None
     await server.start()
