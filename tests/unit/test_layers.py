@@ -12,7 +12,7 @@ import workerpool
 PACKAGE = pathlib.Path(workerpool.__file__).parent
 # Lowest first; a module may import its own layer's and lower ones.
 LAYERS = [
-    {"errors", "modules", "memfd", "malloc", "config", "signature", "tensors"},
+    {"errors", "modules", "memfd", "malloc", "config", "signature", "tensors", "request_ids"},
     {"ipc", "frameworks"},
     {"sources", "publishing"},
     {"specs", "pool", "workers"},

@@ -22,7 +22,9 @@ frame is one ``send`` and, under load, one chance for another thread to take the
                                  answers of fast calls together (one message for many: see
                                  workers/runner.py); else they are one batch, run together.
                                  With ``stream: n`` it is one call whose items stream back
-                                 (workers/streaming.py), at most ``n`` before a MORE
+                                 (workers/streaming.py), at most ``n`` before a MORE.
+                                 ``tags`` (optional, one per id): the request ids of a
+                                 server's requests, which prefix predict's output lines
                        MORE      {id, n}   the stream ``id`` may send ``n`` more items
                        CANCEL    {id}      stop the stream ``id`` (GeneratorExit in predict)
                        STOP      {}   finish the current task, then exit
@@ -163,11 +165,14 @@ def _n(ids) -> str:
 
 
 def task(ids: list[int], items: list[tuple[bytes, list]], each: bool,
-         coalesce: bool = False, stream: int | None = None) -> list:
+         coalesce: bool = False, stream: int | None = None,
+         tags: list | None = None) -> list:
     bodies, parts, frames = pack_items(items)
     meta = {"ids": ids, "bodies": bodies, "parts": parts, "each": each, "coalesce": coalesce}
     if stream is not None:
         meta["stream"] = stream
+    if tags is not None:
+        meta["tags"] = tags
     return [head(TASK, meta), *frames]
 
 

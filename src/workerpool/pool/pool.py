@@ -27,7 +27,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
-from .. import signature
+from .. import request_ids, signature
 from ..config import PoolConfig, deadline_seconds
 from ..errors import PoolBroken, PoolClosed, QueueFull, ReloadFailed, WrongProcess
 from ..ipc.codec import Codec
@@ -232,13 +232,14 @@ class Pool:
         self._check_open()
         timeout = self.config.timeout if timeout is None else deadline_seconds(timeout)
         body, frames = self._codec.encode_call(args, kwargs)
+        tag = request_ids.current.get()
         if stream is not None:
             request = Request(next(self._ids), stream, body, frames, timeout=timeout,
-                              credit=STREAM_WINDOW)
+                              credit=STREAM_WINDOW, tag=tag)
         else:
             batch_key, rows = batch_key_of(args, kwargs)
             request = Request(next(self._ids), answer or Future(), body, frames,
-                              batch_key=batch_key, rows=rows, timeout=timeout)
+                              batch_key=batch_key, rows=rows, timeout=timeout, tag=tag)
         with self._swap_lock:
             dispatcher = self._generation.dispatcher
             if stream is not None:

@@ -58,12 +58,14 @@ class Request:
 
     __slots__ = ("id", "future", "body", "frames", "attempts", "batch_key", "rows",
                  "enqueued_at", "deadline", "timeout", "worker", "answered", "credit",
-                 "items")
+                 "items", "tag")
 
     def __init__(self, request_id: int, future: Future, body: bytes, frames: list, *,
                  batch_key: tuple | None = None, rows: int = 1, timeout: float | None = None,
-                 now: float | None = None, credit: int | None = None):
+                 now: float | None = None, credit: int | None = None,
+                 tag: str | None = None):
         self.id = request_id
+        self.tag = tag  # the server's request id, for the worker's log lines
         self.credit = credit
         self.items = 0
         self.future = future
@@ -338,8 +340,9 @@ class Scheduler:
         # the one that hangs again is then known.
         coalesce = each and len(batch) > 1 and all(r.deadline is None for r in batch)
         stream = batch[0].credit  # (a stream travels alone)
+        tags = [r.tag for r in batch] if any(r.tag for r in batch) else None
         self._actions.append(Send(worker, [worker.identity, *wire.task(
-            ids, [(r.body, r.frames) for r in batch], each, coalesce, stream)], batch))
+            ids, [(r.body, r.frames) for r in batch], each, coalesce, stream, tags)], batch))
         worker.last_sent = now
         for request in batch:
             request.attempts += 1

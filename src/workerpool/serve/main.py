@@ -87,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
                    "(needs the tfserving extra). Its REST API is always on the HTTP port")
     p.add_argument("--api-key", default=None, help="require this key on every route but "
                    "health (also WORKERPOOL_API_KEY)")
+    p.add_argument("--access-log", default=None, choices=("text", "json"),
+                   help="write a line per request (HTTP and gRPC) to stderr: time, client, "
+                   "protocol, route, model, version, status, duration, request id")
     p.add_argument("--tls-cert", default=None, metavar="PEM",
                    help="serve TLS with this certificate (chain) on the HTTP, metrics and "
                    "gRPC ports; needs --tls-key")
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"workerpool serve: {missing}", file=sys.stderr)
         return 2
+    from .access_log import AccessLog
     from .http.app import App
     from .registry import Registry
     from .server import run
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                         defaults=pool_options(args), drain_timeout=settings.drain_timeout,
                         max_models=settings.max_models)
     app = App(registry, api_key=settings.api_key,
-              max_request_bytes=settings.max_request_bytes, debug=settings.debug)
+              max_request_bytes=settings.max_request_bytes, debug=settings.debug,
+              access_log=AccessLog(settings.access_log) if settings.access_log else None)
 
     def reread_config() -> list[ModelSpec]:
         """The models --config declares now (SIGHUP)."""

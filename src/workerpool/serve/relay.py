@@ -39,9 +39,11 @@ import logging
 import os
 import struct
 
+from .. import request_ids
 from ..ipc import wire
 from ..ipc.codec import Codec
 from ..ipc.endpoints import make_private_dir, remove_private_dir
+from .http.asgi import RELAYED
 
 log = logging.getLogger("workerpool.serve")
 
@@ -216,6 +218,7 @@ class Relay:
             log.warning("relay: an answer was not sent: %s", exc)
 
     async def _infer(self, message: dict) -> list:
+        request_ids.current.set(message.get("request_id"))  # (the worker's log lines)
         plane = self.app.plane
         with plane.inference(message["name"], message["version"], message["protocol"],
                              message["started"]) as call:
@@ -246,7 +249,8 @@ class Relay:
                  "scheme": "http", "path": message["path"], "raw_path": message["raw_path"],
                  "query_string": message["query_string"], "root_path": "",
                  "headers": [tuple(pair) for pair in message["headers"]],
-                 "client": _address(message["client"]), "server": _address(message["server"])}
+                 "client": _address(message["client"]), "server": _address(message["server"]),
+                 RELAYED: True}  # (the front end logs it)
         delivered = False
 
         async def receive():

@@ -190,7 +190,8 @@ async def start_grpc(app: App, settings: ServerSettings) -> list[tuple]:
     started = []
     for fronts, port, what in wanted:
         server, bound = await grpc_server.start(
-            [front(app.plane, api_key=app.api_key, debug=app.debug) for front in fronts],
+            [front(app.plane, api_key=app.api_key, debug=app.debug,
+                   access_log=app.access_log) for front in fronts],
             settings.host, port, max_message_bytes=settings.max_request_bytes,
             tls=settings.tls_pair())
         started.append((server, bound, what))

@@ -66,6 +66,7 @@ class ServerSettings:
     http_workers: int = 1  # front-end processes on the port; 1: the server's own process
     tls_cert: str | None = None  # PEM certificate (chain) for every port: TLS only
     tls_key: str | None = None
+    access_log: str | None = None  # "text" or "json": a line per request on stderr
     http: str = "httptools"
     loop: str = "uvloop"
 
@@ -73,7 +74,7 @@ class ServerSettings:
     FILE_KEYS = ("host", "port", "metrics_port", "grpc_port", "tf_serving_port", "api_key",
                  "max_request_bytes", "max_header_bytes", "header_timeout", "max_models",
                  "drain_timeout", "debug", "allow_sources", "watch", "watch_interval",
-                 "max_memory", "http_workers", "tls_cert", "tls_key")
+                 "max_memory", "http_workers", "tls_cert", "tls_key", "access_log")
 
     def __post_init__(self):
         self._type("host", str)
@@ -103,6 +104,8 @@ class ServerSettings:
             raise ConfigError(f"allow_sources must be a list of paths, got "
                               f"{self.allow_sources!r}")
         self._check_tls()
+        if self.access_log is not None and self.access_log not in ("text", "json"):
+            raise ConfigError(f"access_log must be text or json, got {self.access_log!r}")
         if self.http not in ("httptools", "h11"):
             raise ConfigError(f"http must be httptools or h11, got {self.http!r}")
         if self.loop not in ("uvloop", "asyncio"):

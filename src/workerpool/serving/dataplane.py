@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from .. import __version__, errors, tensors
+from .. import __version__, errors, request_ids, tensors
 from ..signature import Signature
 from ..ipc.regions import PlacedCall, PlacedOutput
 from ..tensors import call_argument, name_outputs
@@ -90,6 +90,7 @@ class DataPlane:
         started = time.perf_counter() if started is None else started
         with counted:
             call = Inference(self, self.model(name, version))
+            request_ids.served.set((call.model.name, call.model.version, protocol))
             try:
                 yield call
             except BaseException:

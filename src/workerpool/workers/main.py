@@ -39,6 +39,7 @@ def import_worker_modules() -> None:
     from ..frameworks import active_adapters
     from ..ipc import endpoints, wire  # noqa: F401
     from ..ipc.codec import Codec  # noqa: F401
+    from . import tagged_output  # noqa: F401
     from .runner import Runner  # noqa: F401
     from .streaming import run_stream  # noqa: F401
 
@@ -53,6 +54,7 @@ def serve(model, predict, boot: dict) -> int:
     from ..frameworks import active_adapters
     from ..ipc import endpoints, wire
     from ..ipc.codec import Codec
+    from . import tagged_output
     from .runner import Runner
 
     worker_id = boot["worker_id"]
@@ -73,6 +75,7 @@ def serve(model, predict, boot: dict) -> int:
     prepare = getattr(model, "prepare_in_worker", None)
     if callable(prepare):
         prepare()
+    tagged_output.install()  # predict's lines carry the request id they serve
     codec = Codec(allow_pickle=True, max_message_bytes=boot["max_message_bytes"],
                   zero_copy_threshold=boot["zero_copy_threshold"], align_arrays=True,
                   map_regions=True)

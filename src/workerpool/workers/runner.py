@@ -23,6 +23,7 @@ from ..errors import (BatchShapeError, EncodeError, MessageTooLarge, OutputEncod
 from ..ipc import wire
 from ..ipc.codec import Codec, frame_nbytes
 from ..ipc.regions import PlacedCall
+from . import tagged_output
 from ..modules import imported
 
 
@@ -42,15 +43,22 @@ class Runner:
         except BaseException as exc:  # noqa: BLE001 - every failure is the caller's answer
             yield self.error(ids, exc)
             return
+        tags = meta.get("tags")
+        if not isinstance(tags, list) or len(tags) != len(items):
+            tags = [None] * len(items)
         if meta.get("coalesce") and len(items) > 1:
-            yield from self.run_coalesced(ids, items)
+            yield from self.run_coalesced(ids, items, tags)
         elif meta.get("each") or len(items) == 1:
-            for request_id, item in zip(ids, items):
-                yield self.answer([request_id], lambda: [self.call(*item)])
+            for request_id, item, tag in zip(ids, items, tags):
+                with tagged_output.serving(tag):
+                    reply = self.answer([request_id], lambda: [self.call(*item)])
+                yield reply
         else:
-            yield self.answer(ids, lambda: self.call_batch(items))
+            with tagged_output.serving(",".join(sorted({t for t in tags if t})) or None):
+                reply = self.answer(ids, lambda: self.call_batch(items))
+            yield reply
 
-    def run_coalesced(self, ids: list, items: list):
+    def run_coalesced(self, ids: list, items: list, tags: list):
         """A chunk's calls one by one, the answers of fast ones sent together: held until
         one was held FLUSH_AFTER_S, a call took longer than SLOW_CALL_S (slow calls gain
         nothing from company, and their answers must not wait for the next), an error (sent
@@ -63,9 +71,10 @@ class Runner:
             held_items.clear()
             return reply
 
-        for position, (request_id, item) in enumerate(zip(ids, items)):
+        for position, (request_id, item, tag) in enumerate(zip(ids, items, tags)):
             started = self.clock()
-            encoded, compute_s, error = self.outcome(lambda: [self.call(*item)])
+            with tagged_output.serving(tag):
+                encoded, compute_s, error = self.outcome(lambda: [self.call(*item)])
             now = self.clock()
             if error is not None:
                 if held_ids:

@@ -25,6 +25,7 @@ import time
 import zmq
 
 from ..ipc import wire
+from . import tagged_output
 from .runner import FLUSH_AFTER_S, SLOW_CALL_S, Runner, _inference_mode, _items_nbytes
 
 
@@ -74,7 +75,15 @@ class StreamLink:
 
 def run_stream(runner: Runner, meta: dict, frames: list, link: StreamLink,
                clock=time.perf_counter) -> None:
-    """Serve one streaming TASK over ``link``; every outcome is sent (nothing raises)."""
+    """Serve one streaming TASK over ``link``; every outcome is sent (nothing raises).
+    What predict writes meanwhile carries the request's id (workers/tagged_output.py)."""
+    tags = meta.get("tags")
+    with tagged_output.serving(tags[0] if isinstance(tags, list) and tags else None):
+        _run_stream(runner, meta, frames, link, clock)
+
+
+def _run_stream(runner: Runner, meta: dict, frames: list, link: StreamLink,
+                clock) -> None:
     request_id = link.request_id
     try:
         (item,) = wire.split_items(meta, frames)

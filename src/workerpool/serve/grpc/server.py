@@ -17,11 +17,13 @@ methods pass the client's deadline (``context.time_remaining()``) as the request
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from ... import request_ids
 from ...serving.errors import (MAX_ERROR_CHARS, BadRequest, Unauthorized, clip_utf8,
                                grpc_code_of, message_of)
 from ..auth import key_matches
@@ -40,10 +42,12 @@ class Front:
     protocol = "grpc"  # the metrics' protocol label
     descriptors = ""  # its module of proto/
 
-    def __init__(self, plane, *, api_key: bytes | None = None, debug: bool = False):
+    def __init__(self, plane, *, api_key: bytes | None = None, debug: bool = False,
+                 access_log=None):
         self.plane = plane  # serving/dataplane.py: every method's one path
         self.api_key = api_key
         self.debug = debug
+        self.access_log = access_log  # serve/access_log.py's AccessLog, or None
         self.message = protocol(self.descriptors).message  # a message class by full name
 
     def methods(self) -> dict[str, dict[str, tuple]]:
@@ -61,17 +65,19 @@ def method(front: Front, name: str, handler: Callable[..., Awaitable], request_c
     the client's error, INVALID_ARGUMENT, so grpcio never decodes them itself), the handler
     run, an error turned into a gRPC status."""
     async def call(raw: bytes, context: grpc.aio.ServicerContext):
-        try:
-            if name not in OPEN_METHODS:
-                check_key(front, context)
+        with Logged(front, name, context) as logged:
             try:
-                request = request_class.FromString(raw)
-            except DecodeError as exc:
-                raise BadRequest(f"the request is not a {request_class.DESCRIPTOR.full_name} "
-                                 f"message: {exc}") from None
-            return await handler(request, context)
-        except Exception as error:  # noqa: BLE001 - every error is a status, never a crash
-            await abort(front, name, context, error)
+                if name not in OPEN_METHODS:
+                    check_key(front, context)
+                try:
+                    request = request_class.FromString(raw)
+                except DecodeError as exc:
+                    raise BadRequest(f"the request is not a "
+                                     f"{request_class.DESCRIPTOR.full_name} message: "
+                                     f"{exc}") from None
+                return await handler(request, context)
+            except Exception as error:  # noqa: BLE001 - every error is a status, never a crash
+                await logged.abort(error)
 
     return call
 
@@ -81,23 +87,59 @@ def stream_method(front: Front, name: str, handler, request_class):
     decoded as it arrives (INVALID_ARGUMENT for bytes that are not one), the handler's
     responses written as it yields them; an error ends the call with its status."""
     async def call(raw_requests, context: grpc.aio.ServicerContext):
-        try:
-            check_key(front, context)
+        with Logged(front, name, context) as logged:
+            try:
+                check_key(front, context)
 
-            async def requests():
-                async for raw in raw_requests:
-                    try:
-                        yield request_class.FromString(raw)
-                    except DecodeError as exc:
-                        what = request_class.DESCRIPTOR.full_name
-                        raise BadRequest(f"a message is not a {what}: {exc}") from None
+                async def requests():
+                    async for raw in raw_requests:
+                        try:
+                            yield request_class.FromString(raw)
+                        except DecodeError as exc:
+                            what = request_class.DESCRIPTOR.full_name
+                            raise BadRequest(f"a message is not a {what}: {exc}") from None
 
-            async for response in handler(requests(), context):
-                yield response
-        except Exception as error:  # noqa: BLE001 - every error is a status, never a crash
-            await abort(front, name, context, error)
+                async for response in handler(requests(), context):
+                    yield response
+            except Exception as error:  # noqa: BLE001 - every error is a status, never a crash
+                await logged.abort(error)
 
     return call
+
+
+class Logged:
+    """One call's request id (the client's x-request-id metadata, or a new one: set for
+    the pool, sent back in the trailing metadata) and its access log line, written when
+    the call ends with its status code's name."""
+
+    def __init__(self, front: Front, name: str, context: grpc.aio.ServicerContext):
+        self.front, self.name, self.context = front, name, context
+        self.started = time.perf_counter()
+        given = dict(context.invocation_metadata() or ()).get("x-request-id")
+        self.request_id = request_ids.accepted(given)
+        self.code = "OK"
+
+    def __enter__(self) -> "Logged":
+        request_ids.current.set(self.request_id)
+        self.context.set_trailing_metadata((("x-request-id", self.request_id),))
+        return self
+
+    async def abort(self, error: Exception) -> None:
+        """End the call with the status ``error`` maps to."""
+        code, message = failure(self.front, self.name, error)
+        self.code = code.name
+        await self.context.abort(code, message,
+                                 trailing_metadata=(("x-request-id", self.request_id),))
+
+    def __exit__(self, kind, error, traceback) -> None:
+        log = self.front.access_log
+        if log is None:
+            return
+        if kind is not None and self.code == "OK":  # (cancelled: the client left)
+            self.code = "CANCELLED"
+        log.write(client=self.context.peer(), protocol=self.front.protocol, method="grpc",
+                  path=f"/{self.name}", status=self.code, started=self.started,
+                  request_id=self.request_id)
 
 
 def check_key(front: Front, context: grpc.aio.ServicerContext) -> None:
@@ -105,12 +147,6 @@ def check_key(front: Front, context: grpc.aio.ServicerContext) -> None:
             not key_matches(context.invocation_metadata(), front.api_key):
         raise Unauthorized("this server needs its API key: send the metadata "
                            "'authorization: Bearer <key>' (or 'x-api-key: <key>')")
-
-
-async def abort(front: Front, name: str, context: grpc.aio.ServicerContext,
-                error: Exception) -> None:
-    """End the call with the status ``error`` maps to."""
-    await context.abort(*failure(front, name, error))
 
 
 def failure(front: Front, name: str, error: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -33,8 +33,10 @@ class App(AsgiApp):
     """The ASGI callable ``uvicorn`` runs."""
 
     def __init__(self, registry: Registry, *, api_key: str | None = None,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, debug: bool = False):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, debug: bool = False,
+                 access_log=None):
         self.registry = registry
+        self.access_log = access_log  # serve/access_log.py's AccessLog, or None
         self.api_key = api_key.encode() if api_key else None
         self.max_request_bytes = max_request_bytes
         self.debug = debug

@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import asyncio
 
+from ... import request_ids
 from ...serving.errors import Unauthorized
+from ..access_log import client_of
 from ..auth import key_matches
 from .exchange import Exchange
 
 OPEN_ROUTES = {"/v2/health/live", "/v2/health/ready", "/"}  # no API key needed
 
 
+# A scope key the relay sets on requests a front end passed on whole: that front end logs
+# them in its access log, the server's app does not again.
+RELAYED = "workerpool.relayed"
+
+
 class AsgiApp:
     """What every HTTP app of the server does around its routes: the lifespan answered,
-    other scopes ignored, every error an answer (never a crash). ``handle(exchange)``: the
-    request."""
+    other scopes ignored, every error an answer (never a crash), the request's id set for
+    the pool (its worker's log lines), and the access log written. ``handle(exchange)``:
+    the request."""
 
     debug = False
+    access_log = None  # serve/access_log.py's AccessLog, when one is kept
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -26,6 +35,7 @@ class AsgiApp:
         if scope["type"] != "http":
             return
         exchange = Exchange(scope, receive, send)
+        request_ids.current.set(exchange.request_id)
         cycle = cancel_when_client_leaves(receive)
         try:
             await self.handle(exchange)
@@ -35,6 +45,12 @@ class AsgiApp:
             if getattr(cycle, "disconnected", False):
                 return  # the client went away: nobody to answer (guard.py cancelled us)
             raise
+        finally:
+            if self.access_log is not None and not scope.get(RELAYED):
+                self.access_log.write(
+                    client=client_of(scope), protocol="http", method=exchange.method,
+                    path=exchange.path, status=exchange.status, started=exchange.started,
+                    request_id=exchange.request_id)
 
     async def handle(self, exchange: Exchange) -> None:
         raise NotImplementedError

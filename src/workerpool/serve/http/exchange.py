@@ -2,7 +2,8 @@
 
 Bodies are read whole, refused with 413 before a byte is read when Content-Length is over
 the limit (or as soon as a chunked body grows past it); compressed bodies are refused.
-Errors are answered ``{"error": ...}`` with the status serving/errors.py's table gives.
+Errors are answered ``{"error": ..., "request_id": ...}`` with the status serving/errors.py's
+table gives; every answer carries X-Request-ID (the client's, or one made here).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import time
 
+from ... import request_ids
 from ...serving.errors import (BadRequest, MethodNotAllowed, RequestTooLarge, StreamFailed,
                                message_of, status_of)
 
@@ -21,10 +23,25 @@ JSON = [(b"content-type", b"application/json")]
 
 class Exchange:
     def __init__(self, scope, receive, send):
-        self.scope, self.receive, self.send = scope, receive, send
+        self.scope, self.receive, self._send = scope, receive, send
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.started = time.perf_counter()
+        # X-Request-ID: the client's (if sane) or a new one; on every answer, in error
+        # bodies, and in the log lines of the worker that serves it
+        self.request_id = request_ids.accepted(self.header(b"x-request-id"))
+        self.status: int | None = None  # the answer's, once it started
+
+    async def send(self, message: dict) -> None:
+        """The ASGI send, with the request id on the answer (unless a relayed answer has
+        it already)."""
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            headers = message.get("headers") or []
+            if not any(key == b"x-request-id" for key, _ in headers):
+                message = dict(message, headers=[
+                    *headers, (b"x-request-id", self.request_id.encode())])
+        await self._send(message)
 
     def header(self, name: bytes) -> str | None:
         """A request header's value (``name`` in lower case), or None."""
@@ -92,7 +109,8 @@ class Exchange:
         headers = list(JSON)
         if retry_after is not None:
             headers.append((b"retry-after", str(retry_after).encode()))
-        body = json.dumps({"error": message_of(error, debug)}).encode()
+        body = json.dumps({"error": message_of(error, debug),
+                           "request_id": self.request_id}).encode()
         try:
             await self.respond(status, body, headers)
         except Exception:  # noqa: BLE001 - the response had started, or the client is gone

@@ -29,10 +29,12 @@ import signal
 import socket
 import sys
 
+from ... import request_ids
 from ...ipc import wire
 from ...ipc.endpoints import remove_private_dir
 from ...serving.errors import NotReady
 from ...workers.main import exit_when_any_dies
+from ..access_log import AccessLog
 from ..listen import bind, http_server
 from ..relay import RelayClient
 from ..settings import ServerSettings
@@ -55,12 +57,14 @@ class RemoteInference:
                   placed: dict | None = None):
         message = {"kind": "infer", "name": self.name, "version": self.version,
                    "protocol": self.protocol, "started": self.started, "inputs": inputs,
-                   "outputs": outputs, "placed": placed}
+                   "outputs": outputs, "placed": placed,
+                   "request_id": request_ids.current.get()}
         try:
             name, version, answer = await self.plane.client.call(message)
         finally:
             self.reached_server = True
         self.model = _Answered(name, version)
+        request_ids.served.set((name, version, self.protocol))  # (the access log)
         return answer
 
 
@@ -103,6 +107,7 @@ class FrontApp(AsgiApp):
         self.max_request_bytes = settings.max_request_bytes
         self.debug = settings.debug
         self.plane = RemotePlane(client, settings.max_request_bytes)
+        self.access_log = AccessLog(settings.access_log) if settings.access_log else None
 
     async def handle(self, exchange: Exchange) -> None:
         # the key first, as the server's app asks it: before a byte of the body is read
@@ -122,7 +127,10 @@ class FrontApp(AsgiApp):
                    "raw_path": scope.get("raw_path") or exchange.path.encode(),
                    "query_string": scope.get("query_string", b""),
                    "http_version": scope.get("http_version", "1.1"),
-                   "headers": [list(pair) for pair in scope["headers"]],
+                   # the id this front end gave the request, which the server keeps
+                   "headers": [*([key, value] for key, value in scope["headers"]
+                                 if key != b"x-request-id"),
+                               [b"x-request-id", exchange.request_id.encode()]],
                    "client": list(scope["client"]) if scope.get("client") else None,
                    "server": list(scope["server"]) if scope.get("server") else None,
                    "body": body}
