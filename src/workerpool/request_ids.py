@@ -5,6 +5,7 @@ predict prints or logs with it (workers/tagged_output.py).
 
     current: ContextVar   the id of the request this task serves (None: none)
     served: ContextVar    (model, version, protocol) that answered it, for the access log
+    timings: ContextVar   a dict the pool fills with the request's queue and compute times
     accepted(value)       a client's X-Request-ID if it is a sane one, else a new id
 """
 
@@ -41,3 +42,8 @@ def accepted(value: str | None) -> str:
 # reads it when the answer is done).
 served: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
     "workerpool_served", default=None)
+
+# Where a pool notes a request's times (monotonic seconds: "enqueued", "sent", "answered",
+# and the worker's "compute_s"), when a tracer asked (serve/tracing.py); None: nobody did.
+timings: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "workerpool_timings", default=None)

@@ -240,6 +240,10 @@ class Pool:
             batch_key, rows = batch_key_of(args, kwargs)
             request = Request(next(self._ids), answer or Future(), body, frames,
                               batch_key=batch_key, rows=rows, timeout=timeout, tag=tag)
+        trace = request_ids.timings.get()
+        if trace is not None:  # a tracer wants its queue and compute times
+            request.trace = trace
+            trace["enqueued"] = request.enqueued_at
         with self._swap_lock:
             dispatcher = self._generation.dispatcher
             if stream is not None:

@@ -58,7 +58,7 @@ class Request:
 
     __slots__ = ("id", "future", "body", "frames", "attempts", "batch_key", "rows",
                  "enqueued_at", "deadline", "timeout", "worker", "answered", "credit",
-                 "items", "tag")
+                 "items", "tag", "trace")
 
     def __init__(self, request_id: int, future: Future, body: bytes, frames: list, *,
                  batch_key: tuple | None = None, rows: int = 1, timeout: float | None = None,
@@ -66,6 +66,7 @@ class Request:
                  tag: str | None = None):
         self.id = request_id
         self.tag = tag  # the server's request id, for the worker's log lines
+        self.trace: dict | None = None  # its times, for a tracer (request_ids.timings)
         self.credit = credit
         self.items = 0
         self.future = future
@@ -347,6 +348,8 @@ class Scheduler:
         for request in batch:
             request.attempts += 1
             request.worker = worker
+            if request.trace is not None:
+                request.trace["sent"] = now
             worker.inflight[request.id] = request
             self.metrics.queued(now - request.enqueued_at)
         # A stream holds its worker until its consumer is done with it: nothing is queued
@@ -550,6 +553,8 @@ class Scheduler:
             else:
                 request.worker = None
                 worker.served += 1
+                if request.trace is not None:
+                    request.trace.update(answered=now, compute_s=meta.get("compute_s"))
             requests.append(request)
         if "compute_s" in meta:
             self.metrics.computed(meta["compute_s"], sum(r is not None for r in requests))

@@ -90,6 +90,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", default=None, choices=("text", "json"),
                    help="write a line per request (HTTP and gRPC) to stderr: time, client, "
                    "protocol, route, model, version, status, duration, request id")
+    p.add_argument("--tracing", action="store_true",
+                   help="OpenTelemetry: a span per request with its queue wait and worker "
+                   "compute, to the environment's tracer provider or OTLP (OTEL_* variables; "
+                   "needs the otel extra)")
     p.add_argument("--tls-cert", default=None, metavar="PEM",
                    help="serve TLS with this certificate (chain) on the HTTP, metrics and "
                    "gRPC ports; needs --tls-key")
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .access_log import AccessLog
     from .http.app import App
+    from .tracing import Tracing
     from .registry import Registry
     from .server import run
 
@@ -149,15 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     registry = Registry(specs, allowed_sources=settings.allow_sources,
                         defaults=pool_options(args), drain_timeout=settings.drain_timeout,
                         max_models=settings.max_models)
+    try:
+        tracing = Tracing.start() if settings.tracing else None
+    except ImportError as exc:
+        print(f"workerpool serve: {exc}", file=sys.stderr)
+        return 2
     app = App(registry, api_key=settings.api_key,
               max_request_bytes=settings.max_request_bytes, debug=settings.debug,
-              access_log=AccessLog(settings.access_log) if settings.access_log else None)
+              access_log=AccessLog(settings.access_log) if settings.access_log else None,
+              tracing=tracing)
 
     def reread_config() -> list[ModelSpec]:
         """The models --config declares now (SIGHUP)."""
         return models_and_settings(args)[0]
 
-    return run(registry, app, settings, reread_config if args.config else None)
+    try:
+        return run(registry, app, settings, reread_config if args.config else None)
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # (what is buffered goes out)
 
 
 def raise_open_files_limit() -> None:

@@ -34,6 +34,7 @@ stream for asyncio's protocols; this is struct and a buffer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -219,9 +220,12 @@ class Relay:
 
     async def _infer(self, message: dict) -> list:
         request_ids.current.set(message.get("request_id"))  # (the worker's log lines)
-        plane = self.app.plane
-        with plane.inference(message["name"], message["version"], message["protocol"],
-                             message["started"]) as call:
+        plane, tracing = self.app.plane, self.app.tracing
+        # with --tracing: the queue and compute spans, children of the front end's span
+        with tracing.pool_times(message.get("trace")) if tracing is not None \
+                else contextlib.nullcontext(), \
+                plane.inference(message["name"], message["version"], message["protocol"],
+                                message["started"]) as call:
             outputs = await call.run(message["inputs"], message["outputs"],
                                      placed=message.get("placed"))
         return [call.model.name, call.model.version, outputs]

@@ -191,7 +191,7 @@ async def start_grpc(app: App, settings: ServerSettings) -> list[tuple]:
     for fronts, port, what in wanted:
         server, bound = await grpc_server.start(
             [front(app.plane, api_key=app.api_key, debug=app.debug,
-                   access_log=app.access_log) for front in fronts],
+                   access_log=app.access_log, tracing=app.tracing) for front in fronts],
             settings.host, port, max_message_bytes=settings.max_request_bytes,
             tls=settings.tls_pair())
         started.append((server, bound, what))

@@ -67,6 +67,7 @@ class ServerSettings:
     tls_cert: str | None = None  # PEM certificate (chain) for every port: TLS only
     tls_key: str | None = None
     access_log: str | None = None  # "text" or "json": a line per request on stderr
+    tracing: bool = False  # OpenTelemetry spans per request (serve/tracing.py)
     http: str = "httptools"
     loop: str = "uvloop"
 
@@ -74,7 +75,8 @@ class ServerSettings:
     FILE_KEYS = ("host", "port", "metrics_port", "grpc_port", "tf_serving_port", "api_key",
                  "max_request_bytes", "max_header_bytes", "header_timeout", "max_models",
                  "drain_timeout", "debug", "allow_sources", "watch", "watch_interval",
-                 "max_memory", "http_workers", "tls_cert", "tls_key", "access_log")
+                 "max_memory", "http_workers", "tls_cert", "tls_key", "access_log",
+                 "tracing")
 
     def __post_init__(self):
         self._type("host", str)
@@ -98,7 +100,7 @@ class ServerSettings:
                 object.__setattr__(self, "max_memory", parse_size(self.max_memory))
             except ValueError as exc:
                 raise ConfigError(f"max_memory: {exc}") from None
-        for key in ("debug", "watch"):
+        for key in ("debug", "watch", "tracing"):
             self._type(key, bool)
         if not all(isinstance(path, str) for path in self.allow_sources):
             raise ConfigError(f"allow_sources must be a list of paths, got "

@@ -43,11 +43,12 @@ class Front:
     descriptors = ""  # its module of proto/
 
     def __init__(self, plane, *, api_key: bytes | None = None, debug: bool = False,
-                 access_log=None):
+                 access_log=None, tracing=None):
         self.plane = plane  # serving/dataplane.py: every method's one path
         self.api_key = api_key
         self.debug = debug
         self.access_log = access_log  # serve/access_log.py's AccessLog, or None
+        self.tracing = tracing  # serve/tracing.py's Tracing, or None
         self.message = protocol(self.descriptors).message  # a message class by full name
 
     def methods(self) -> dict[str, dict[str, tuple]]:
@@ -109,8 +110,8 @@ def stream_method(front: Front, name: str, handler, request_class):
 
 class Logged:
     """One call's request id (the client's x-request-id metadata, or a new one: set for
-    the pool, sent back in the trailing metadata) and its access log line, written when
-    the call ends with its status code's name."""
+    the pool, sent back in the trailing metadata), its span (with --tracing) and its access
+    log line, written when the call ends with its status code's name."""
 
     def __init__(self, front: Front, name: str, context: grpc.aio.ServicerContext):
         self.front, self.name, self.context = front, name, context
@@ -122,6 +123,12 @@ class Logged:
     def __enter__(self) -> "Logged":
         request_ids.current.set(self.request_id)
         self.context.set_trailing_metadata((("x-request-id", self.request_id),))
+        tracing = self.front.tracing
+        self._span = tracing.request(
+            self.name, dict(self.context.invocation_metadata() or ()),
+            {"rpc.system": "grpc", "rpc.method": self.name,
+             "workerpool.request_id": self.request_id}) if tracing is not None else None
+        self.span = self._span.__enter__() if self._span is not None else None
         return self
 
     async def abort(self, error: Exception) -> None:
@@ -132,11 +139,14 @@ class Logged:
                                  trailing_metadata=(("x-request-id", self.request_id),))
 
     def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None and self.code == "OK":  # (cancelled: the client left)
+            self.code = "CANCELLED"
+        if self._span is not None:
+            self.span.set_attribute("rpc.grpc.status_code", self.code)
+            self._span.__exit__(kind, error, traceback)
         log = self.front.access_log
         if log is None:
             return
-        if kind is not None and self.code == "OK":  # (cancelled: the client left)
-            self.code = "CANCELLED"
         log.write(client=self.context.peer(), protocol=self.front.protocol, method="grpc",
                   path=f"/{self.name}", status=self.code, started=self.started,
                   request_id=self.request_id)

@@ -34,9 +34,10 @@ class App(AsgiApp):
 
     def __init__(self, registry: Registry, *, api_key: str | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, debug: bool = False,
-                 access_log=None):
+                 access_log=None, tracing=None):
         self.registry = registry
         self.access_log = access_log  # serve/access_log.py's AccessLog, or None
+        self.tracing = tracing  # serve/tracing.py's Tracing, or None
         self.api_key = api_key.encode() if api_key else None
         self.max_request_bytes = max_request_bytes
         self.debug = debug

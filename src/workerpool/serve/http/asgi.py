@@ -4,6 +4,7 @@ ASGI entry (lifespan, scopes, errors as answers) and the API key check."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from ... import request_ids
 from ...serving.errors import Unauthorized
@@ -27,6 +28,7 @@ class AsgiApp:
 
     debug = False
     access_log = None  # serve/access_log.py's AccessLog, when one is kept
+    tracing = None  # serve/tracing.py's Tracing, with --tracing
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -37,23 +39,37 @@ class AsgiApp:
         exchange = Exchange(scope, receive, send)
         request_ids.current.set(exchange.request_id)
         cycle = cancel_when_client_leaves(receive)
-        try:
-            await self.handle(exchange)
-        except Exception as error:  # noqa: BLE001 - every error is an answer, never a crash
-            await exchange.error(error, self.debug)
-        except asyncio.CancelledError:
-            if getattr(cycle, "disconnected", False):
-                return  # the client went away: nobody to answer (guard.py cancelled us)
-            raise
-        finally:
-            if self.access_log is not None and not scope.get(RELAYED):
-                self.access_log.write(
-                    client=client_of(scope), protocol="http", method=exchange.method,
-                    path=exchange.path, status=exchange.status, started=exchange.started,
-                    request_id=exchange.request_id)
+        relayed = scope.get(RELAYED)  # (its front end logs and traces it)
+        traced = self.tracing is not None and not relayed
+        with self.span(exchange) if traced else contextlib.nullcontext() as span:
+            try:
+                await self.handle(exchange)
+            except Exception as error:  # noqa: BLE001 - every error is an answer, never a crash
+                await exchange.error(error, self.debug)
+            except asyncio.CancelledError:
+                if getattr(cycle, "disconnected", False):
+                    return  # the client went away: nobody to answer (guard.py cancelled us)
+                raise
+            finally:
+                if span is not None and exchange.status is not None:
+                    span.set_attribute("http.response.status_code", exchange.status)
+                if self.access_log is not None and not relayed:
+                    self.access_log.write(
+                        client=client_of(scope), protocol="http", method=exchange.method,
+                        path=exchange.path, status=exchange.status, started=exchange.started,
+                        request_id=exchange.request_id)
 
     async def handle(self, exchange: Exchange) -> None:
         raise NotImplementedError
+
+    def span(self, exchange: Exchange):
+        """The request's span (serve/tracing.py), under the client's trace context."""
+        return self.tracing.request(
+            f"{exchange.method} {exchange.path}",
+            {key.decode("latin-1"): value.decode("latin-1")
+             for key, value in exchange.scope["headers"]},
+            {"http.request.method": exchange.method, "url.path": exchange.path,
+             "workerpool.request_id": exchange.request_id})
 
 
 def cancel_when_client_leaves(receive):

@@ -35,6 +35,7 @@ from ...ipc.endpoints import remove_private_dir
 from ...serving.errors import NotReady
 from ...workers.main import exit_when_any_dies
 from ..access_log import AccessLog
+from ..tracing import Tracing
 from ..listen import bind, http_server
 from ..relay import RelayClient
 from ..settings import ServerSettings
@@ -58,7 +59,8 @@ class RemoteInference:
         message = {"kind": "infer", "name": self.name, "version": self.version,
                    "protocol": self.protocol, "started": self.started, "inputs": inputs,
                    "outputs": outputs, "placed": placed,
-                   "request_id": request_ids.current.get()}
+                   "request_id": request_ids.current.get(),
+                   "trace": tracing.inject() if (tracing := self.plane.tracing) else None}
         try:
             name, version, answer = await self.plane.client.call(message)
         finally:
@@ -78,9 +80,10 @@ class _Answered:
 class RemotePlane:
     """What kserve.infer reads of the data plane, in a front end."""
 
-    def __init__(self, client: RelayClient, max_tensor_bytes: int):
+    def __init__(self, client: RelayClient, max_tensor_bytes: int, tracing=None):
         self.client = client
         self.max_tensor_bytes = max_tensor_bytes
+        self.tracing = tracing  # (the request's trace context goes to the server)
 
     @contextlib.contextmanager
     def inference(self, name: str, version: str | None, protocol: str, started: float):
@@ -106,8 +109,9 @@ class FrontApp(AsgiApp):
         self.api_key = settings.api_key.encode() if settings.api_key else None
         self.max_request_bytes = settings.max_request_bytes
         self.debug = settings.debug
-        self.plane = RemotePlane(client, settings.max_request_bytes)
         self.access_log = AccessLog(settings.access_log) if settings.access_log else None
+        self.tracing = Tracing.start() if settings.tracing else None
+        self.plane = RemotePlane(client, settings.max_request_bytes, self.tracing)
 
     async def handle(self, exchange: Exchange) -> None:
         # the key first, as the server's app asks it: before a byte of the body is read
@@ -191,12 +195,15 @@ async def serve(settings: ServerSettings, sock: socket.socket, relay_path: str) 
 
     client = RelayClient(relay_path, on_lost=drain)  # the server's end closed: stop too
     await client.connect()
-    server = http_server(FrontApp(client, settings), settings)
+    app = FrontApp(client, settings)
+    server = http_server(app, settings)
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, drain)
     try:
         await server.serve(sockets=[sock])
     finally:
         client.close()
+        if app.tracing is not None:
+            app.tracing.shutdown()
     return 0
 
 
