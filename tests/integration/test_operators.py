@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from test_serve import Server, wait_until
+from test_serve import Server, ready_server, wait_until
 
 pytestmark = pytest.mark.module_pool
 
@@ -39,13 +39,7 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 def start(directory, *args) -> Server:
     (directory / "serve.toml").write_text(CONFIG)
-    server = Server(["--config", str(directory / "serve.toml"), *args], grpc_lines=1)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.kill()
-        raise
-    return server
+    return ready_server(["--config", str(directory / "serve.toml"), *args], grpc_lines=1)
 
 
 @pytest.fixture(scope="module")

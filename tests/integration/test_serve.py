@@ -136,6 +136,17 @@ class Server:
         self.stop()
 
 
+def ready_server(args: list[str], **options) -> Server:
+    """A Server (``options`` as Server takes them) once it is ready; killed if it never is."""
+    server = Server(args, **options)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.kill()
+        raise
+    return server
+
+
 def request(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
             context: ssl.SSLContext | None = None):
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})

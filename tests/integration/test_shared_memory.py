@@ -28,8 +28,8 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import (InferenceServerException, serialize_byte_tensor,
                                serialized_byte_size)
 
-from test_serve import Server
-from test_triton import A, B, tensors
+from test_serve import Server, ready_server
+from test_triton import SIMPLE, SIMPLE_STRING, A, B, simple_inputs
 from triton_models import WAITING_SIZE
 
 pytestmark = pytest.mark.module_pool
@@ -41,6 +41,8 @@ def auth() -> dict:
     """The API key's header, a new dict each call: tritonclient's infer writes its
     Inference-Header-Content-Length into the dict it is given."""
     return {"authorization": f"Bearer {KEY}"}  # (gRPC metadata keys are lowercase)
+
+
 MIB = 1 << 20
 BIG = 64 * MIB
 
@@ -49,45 +51,30 @@ CONFIG = textwrap.dedent("""
     grpc_port = 0
     api_key = "{key}"
     max_request_bytes = {max_request}
-
-    [models.simple]
-    source = "triton_models:load"
-    predict = "triton_models:add_sub"
-    workers = 1
-    {int32}
-    [models.simple_string]
-    source = "triton_models:load"
-    predict = "triton_models:add_sub_strings"
-    workers = 1
-    {bytes}
+    """).format(key=KEY, max_request=BIG + MIB) + SIMPLE + SIMPLE_STRING + textwrap.dedent("""
     [models.scale]
     source = "triton_models:load"
     predict = "triton_models:scale"
     workers = 1
-    inputs = [{{name = "INPUT0", datatype = "FP32", shape = [-1]}}]
-    outputs = [{{name = "OUTPUT0", datatype = "FP32", shape = [-1]}}]
+    inputs = [{name = "INPUT0", datatype = "FP32", shape = [-1]}]
+    outputs = [{name = "OUTPUT0", datatype = "FP32", shape = [-1]}]
 
     [models.slow_sum]
     source = "triton_models:load"
     predict = "triton_models:slow_sum"
     workers = 1
-    inputs = [{{name = "INPUT0", datatype = "INT64", shape = [-1]}}]
-    outputs = [{{name = "OUTPUT0", datatype = "INT64", shape = [1]}}]
-""").format(key=KEY, max_request=BIG + MIB, int32=tensors("INT32"), bytes=tensors("BYTES"))
+    inputs = [{name = "INPUT0", datatype = "INT64", shape = [-1]}]
+    outputs = [{name = "OUTPUT0", datatype = "INT64", shape = [1]}]
+""")
 
 
 def start(tmp_path_factory, *args) -> Server:
     folder = tmp_path_factory.mktemp("shm")
     (folder / "serve.toml").write_text(CONFIG)
     (folder / "signals").mkdir()
-    server = Server(["--config", str(folder / "serve.toml"), *args], grpc_lines=1,
-                    env={"WP_TEST_SIGNALS": str(folder / "signals")})
+    server = ready_server(["--config", str(folder / "serve.toml"), *args], grpc_lines=1,
+                          env={"WP_TEST_SIGNALS": str(folder / "signals")})
     server.signals = folder / "signals"
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.kill()
-        raise
     return server
 
 
@@ -469,24 +456,16 @@ def test_registration_and_use_are_checked(server, regions, module):
         small[1].set_shared_memory("r", 64)
         refused("unexpected shared-memory byte size 32, expecting 64", triton.infer,
                 "simple", small)
-        fine = simple_inputs_plain(module)
+        fine = simple_inputs(module)
         tight = [module.InferRequestedOutput("OUTPUT0")]
         tight[0].set_shared_memory("r", 16)  # 64 bytes will not fit in 16
         refused("takes 64 bytes but its shared memory gives it 16", triton.infer, "simple",
                 fine, outputs=tight)
-        check = triton.infer("simple", simple_inputs_plain(module), headers=auth())
+        check = triton.infer("simple", simple_inputs(module), headers=auth())
         np.testing.assert_array_equal(check.as_numpy("OUTPUT0"), A + B)  # still serving
     finally:
         triton.unregister_system_shared_memory(headers=auth())
         triton.close()
-
-
-def simple_inputs_plain(module):
-    inputs = [module.InferInput("INPUT0", [1, 16], "INT32"),
-              module.InferInput("INPUT1", [1, 16], "INT32")]
-    inputs[0].set_data_from_numpy(A)
-    inputs[1].set_data_from_numpy(B)
-    return inputs
 
 
 @pytest.mark.parametrize("module", [triton_http, triton_grpc], ids=["http", "grpc"])

@@ -22,8 +22,8 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 import grpc
-from test_serve import Server
-from test_triton import A, B, tensors
+from test_serve import Server, ready_server
+from test_triton import SIMPLE, A, B, simple_inputs
 
 pytestmark = pytest.mark.module_pool
 
@@ -34,13 +34,7 @@ CONFIG = textwrap.dedent("""
     metrics_port = 0
     tls_cert = "cert.pem"
     tls_key = "key.pem"
-
-    [models.simple]
-    source = "triton_models:load"
-    predict = "triton_models:add_sub"
-    workers = 1
-    {int32}
-""").format(int32=tensors("INT32"))
+    """) + SIMPLE
 
 
 def write_certificate(directory, name: str = "") -> tuple[str, str]:
@@ -74,13 +68,8 @@ def write_certificate(directory, name: str = "") -> tuple[str, str]:
 def start(directory, *args) -> Server:
     cert, _ = write_certificate(directory)
     (directory / "serve.toml").write_text(CONFIG)
-    server = Server(["--config", str(directory / "serve.toml"), *args], grpc_lines=2,
-                    metrics_line=True, cafile=cert)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.kill()
-        raise
+    server = ready_server(["--config", str(directory / "serve.toml"), *args], grpc_lines=2,
+                          metrics_line=True, cafile=cert)
     server.cert = cert
     return server
 
@@ -90,14 +79,6 @@ def server(tmp_path_factory):
     server = start(tmp_path_factory.mktemp("tls"))
     yield server
     assert server.stop() == 0, server.stderr()
-
-
-def simple_inputs(module):
-    inputs = [module.InferInput("INPUT0", [1, 16], "INT32"),
-              module.InferInput("INPUT1", [1, 16], "INT32")]
-    inputs[0].set_data_from_numpy(A)
-    inputs[1].set_data_from_numpy(B)
-    return inputs
 
 
 def https_client(server, **options):

@@ -31,20 +31,23 @@ def tensors(datatype: str) -> str:
             f'outputs = [{{name = "OUTPUT0", {spec}}}, {{name = "OUTPUT1", {spec}}}]\n')
 
 
+def model_table(name: str, predict: str, datatype: str) -> str:
+    """A serve.toml table for one of Triton's simple models (add/sub on ``datatype``)."""
+    return textwrap.dedent(f"""
+        [models.{name}]
+        source = "triton_models:load"
+        predict = "triton_models:{predict}"
+        workers = 1
+        """) + tensors(datatype)
+
+
+SIMPLE = model_table("simple", "add_sub", "INT32")
+SIMPLE_STRING = model_table("simple_string", "add_sub_strings", "BYTES")
+
 CONFIG = textwrap.dedent("""
     [server]
     grpc_port = 0
-
-    [models.simple]
-    source = "triton_models:load"
-    predict = "triton_models:add_sub"
-    workers = 1
-    {int32}
-    [models.simple_string]
-    source = "triton_models:load"
-    predict = "triton_models:add_sub_strings"
-    workers = 1
-    {bytes}
+    """) + SIMPLE + SIMPLE_STRING + textwrap.dedent("""
     [models.simple_int8]
     source = "triton_models:load"
     predict = "triton_models:add_sub_int8"
@@ -59,7 +62,7 @@ CONFIG = textwrap.dedent("""
               {{name = "WAIT", datatype = "UINT32", shape = [1]}}]
     outputs = [{{name = "OUT", datatype = "INT32", shape = [1]}},
                {{name = "IDX", datatype = "UINT32", shape = [1]}}]
-""").format(int32=tensors("INT32"), bytes=tensors("BYTES"), int8=tensors("INT8"))
+""").format(int8=tensors("INT8"))
 
 
 @pytest.fixture(scope="module")
