@@ -88,6 +88,52 @@ def test_status_page_shows_the_pools_real_numbers(browser):
         assert server.stop() == 0
 
 
+def test_charts_of_the_last_minutes_match_the_metrics(browser):
+    """The page charts the server's samples (requests/s, p50/p99, queue depth, PSS per
+    worker); their latest values are those /metrics gives for the same moment."""
+    server = Server(["--workers", "2", "--history-interval", "0.3"])
+    try:
+        server.wait_ready()
+        body = json.dumps({"inputs": [{"name": "features", "shape": [1, 64],
+                                       "datatype": "FP32", "data": [0.5] * 64}]}).encode()
+        for _ in range(10):
+            assert server.post("/v2/models/demo/infer", body)[0] == 200
+
+        def history():
+            return json.loads(server.get("/status")[2])["history"].get("demo", [])
+
+        assert wait_until(lambda: history() and history()[-1]["requests_total"] == 10, 30)
+        assert any(s["p50_ms"] for s in history()) and any(s["rps"] > 0 for s in history())
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        charts = '.charts[data-model="demo"]'
+        assert wait_until(lambda: page.query_selector(charts) is not None and
+                          page.get_attribute(charts, "data-requests-total") == "10", 30)
+        metrics = server.get("/metrics")[2].decode()
+        answered = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("workerpool_requests_total{") and
+                       'model="demo"' in line)
+        assert answered == 10
+        pss_lines = page.query_selector_all(
+            f'{charts} [data-chart="pss"] polyline[data-series]')
+        real = {line.split('pid="')[1].split('"')[0]: float(line.split()[-1])
+                for line in metrics.splitlines()
+                if line.startswith("workerpool_worker_pss_bytes{") and 'model="demo"' in line}
+        assert len(pss_lines) == 2 and set(real) == {
+            line.get_attribute("data-series") for line in pss_lines}
+        for line in pss_lines:  # the page's latest sample and the scrape: within 10 %
+            shown = float(line.get_attribute("data-last"))
+            assert abs(shown - real[line.get_attribute("data-series")]) <= 0.1 * shown
+        queued = page.query_selector(f'{charts} [data-chart="queued"] polyline')
+        assert queued.get_attribute("data-last") == "0"
+        latency = page.query_selector_all(f'{charts} [data-chart="latency"] polyline')
+        assert [line.get_attribute("data-series") for line in latency] == ["p50", "p99"]
+        assert all(line.get_attribute("points") for line in latency)  # drawn
+        page.close()
+    finally:
+        assert server.stop() == 0
+
+
 def test_status_page_without_the_key_says_so(browser):
     server = Server(["--workers", "1", "--api-key", "k3y"])
     try:

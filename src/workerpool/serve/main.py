@@ -115,6 +115,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout", type=float, default=None,
                    help="seconds a connection may take to send a request's line and "
                    f"headers; 408 after (default {DEFAULT_HEADER_TIMEOUT_S:g})")
+    p.add_argument("--history-interval", type=float, default=None, metavar="SECONDS",
+                   help="seconds between the samples the status page charts (default 5; "
+                   "the last 120 are kept)")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds to finish requests in flight on SIGTERM (default 30)")
     p.add_argument("--http-workers", type=int, default=None, metavar="N",
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     app = App(registry, api_key=settings.api_key,
               max_request_bytes=settings.max_request_bytes, debug=settings.debug,
               access_log=AccessLog(settings.access_log) if settings.access_log else None,
-              tracing=tracing)
+              tracing=tracing, history_interval=settings.history_interval)
 
     def reread_config() -> list[ModelSpec]:
         """The models --config declares now (SIGHUP)."""

@@ -47,10 +47,13 @@ class ServerMetrics:
         # a light model's request for the two metrics).
         self._counts: dict = {}
         self._durations: dict = {}
+        self.history = None  # serve/history.py's History: the status page's charts
 
     def observe(self, model: str, outcome: str, seconds: float, protocol: str) -> None:
         _child(self._counts, self.requests, (model, outcome, protocol)).inc()
         _child(self._durations, self.request_duration, (model, protocol)).observe(seconds)
+        if self.history is not None:
+            self.history.observe(model, seconds)
 
     @contextlib.contextmanager
     def counted(self, model: str, protocol: str, started: float | None = None):

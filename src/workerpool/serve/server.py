@@ -110,6 +110,7 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
         watcher.start()
     metrics_task = asyncio.ensure_future(metrics_server.serve(sockets=[metrics_sock])) \
         if metrics_server is not None else None
+    history_task = asyncio.ensure_future(app.history.run())  # the status page's charts
     registry.drive_on(loop)
     registry.start_loading()
     if fronts is not None:
@@ -151,6 +152,8 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
         if metrics_task is not None:
             metrics_server.should_exit = True
             await asyncio.gather(metrics_task, return_exceptions=True)
+        history_task.cancel()
+        await asyncio.gather(history_task, return_exceptions=True)
         await asyncio.to_thread(registry.close, drain_timeout)
     return 0
 

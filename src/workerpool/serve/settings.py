@@ -68,6 +68,7 @@ class ServerSettings:
     tls_key: str | None = None
     access_log: str | None = None  # "text" or "json": a line per request on stderr
     tracing: bool = False  # OpenTelemetry spans per request (serve/tracing.py)
+    history_interval: float = 5.0  # seconds between the status page's samples
     http: str = "httptools"
     loop: str = "uvloop"
 
@@ -76,7 +77,7 @@ class ServerSettings:
                  "max_request_bytes", "max_header_bytes", "header_timeout", "max_models",
                  "drain_timeout", "debug", "allow_sources", "watch", "watch_interval",
                  "max_memory", "http_workers", "tls_cert", "tls_key", "access_log",
-                 "tracing")
+                 "tracing", "history_interval")
 
     def __post_init__(self):
         self._type("host", str)
@@ -89,7 +90,7 @@ class ServerSettings:
             value = getattr(self, key)
             if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("header_timeout", "drain_timeout", "watch_interval"):
+        for key in ("header_timeout", "drain_timeout", "watch_interval", "history_interval"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}")

@@ -4,7 +4,8 @@
     /v1/models/...          TensorFlow Serving's REST API                  (tfserving.py)
     GET /metrics            Prometheus text format
     GET /                   the operators' status page (static HTML)
-    GET /status             what the page shows, as JSON
+    GET /status             what the page shows, as JSON (with the last minutes' samples:
+                            serve/history.py)
 
 Every route but health and the static page needs the API key when one is set (checked here,
 before any route reads a byte of the body). Route modules decode their protocol, call the
@@ -20,6 +21,7 @@ import importlib.resources
 from ...serving.dataplane import DataPlane
 from ...serving.errors import ModelNotFound
 from ...serving.limits import DEFAULT_MAX_REQUEST_BYTES
+from ..history import History
 from ..metrics import CONTENT_TYPE, ServerMetrics
 from ..registry import Registry
 from ..status import status_report
@@ -34,7 +36,7 @@ class App(AsgiApp):
 
     def __init__(self, registry: Registry, *, api_key: str | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, debug: bool = False,
-                 access_log=None, tracing=None):
+                 access_log=None, tracing=None, history_interval: float = 5.0):
         self.registry = registry
         self.access_log = access_log  # serve/access_log.py's AccessLog, or None
         self.tracing = tracing  # serve/tracing.py's Tracing, or None
@@ -42,6 +44,8 @@ class App(AsgiApp):
         self.max_request_bytes = max_request_bytes
         self.debug = debug
         self.metrics = ServerMetrics(registry)
+        self.history = History(registry, history_interval)  # (the server's loop samples it)
+        self.metrics.history = self.history
         self.plane = DataPlane(registry, self.metrics, max_tensor_bytes=max_request_bytes)
         self.status_page = importlib.resources.files("workerpool.serve").joinpath(
             "status.html").read_bytes()
@@ -68,7 +72,9 @@ class App(AsgiApp):
                                    [(b"content-type", b"text/html; charset=utf-8")])
         elif path == "/status":
             exchange.expect("GET")
-            await exchange.json(200, await asyncio.to_thread(status_report, self.registry))
+            report = await asyncio.to_thread(status_report, self.registry)
+            report["history"] = self.history.report()
+            await exchange.json(200, report)
         else:
             raise ModelNotFound(f"no route {exchange.method} {path}")
 
