@@ -116,8 +116,8 @@ class Logged:
     def __init__(self, front: Front, name: str, context: grpc.aio.ServicerContext):
         self.front, self.name, self.context = front, name, context
         self.started = time.perf_counter()
-        given = dict(context.invocation_metadata() or ()).get("x-request-id")
-        self.request_id = request_ids.accepted(given)
+        self.metadata = dict(context.invocation_metadata() or ())  # (read once)
+        self.request_id = request_ids.accepted(self.metadata.get("x-request-id"))
         self.code = "OK"
 
     def __enter__(self) -> "Logged":
@@ -125,7 +125,7 @@ class Logged:
         self.context.set_trailing_metadata((("x-request-id", self.request_id),))
         tracing = self.front.tracing
         self._span = tracing.request(
-            self.name, dict(self.context.invocation_metadata() or ()),
+            self.name, self.metadata,
             {"rpc.system": "grpc", "rpc.method": self.name,
              "workerpool.request_id": self.request_id}) if tracing is not None else None
         self.span = self._span.__enter__() if self._span is not None else None
