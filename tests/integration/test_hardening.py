@@ -87,8 +87,8 @@ def same(got, sent) -> bool:
         np.array_equal(got, sent)
 
 
-# -- what goes in comes back: exactly, or converted as documented (README "Inputs and
-# outputs") ------------------------------------------------------------------------------
+# -- what goes in comes back: exactly, or converted as documented (docs/python-api.md,
+# "Inputs and outputs") ---------------------------------------------------------------------
 ROUND_TRIPS = [
     # id, value sent, what must come back
     ("0-d array", np.array(2.5, dtype=np.float32), np.array(2.5, dtype=np.float32)),

@@ -111,6 +111,22 @@ def test_npy_200k_rows_command_line_equals_in_process(tmp_path):
     assert np.array_equal(np.load(tmp_path / "out.npy"), reference(x, 20_000))
 
 
+def test_a_whole_pickled_module_scores_only_with_trust_pickle(tmp_path):
+    """torch.save(module) pickles code: the command line refuses it, saying which flag
+    allows it, and --trust-pickle scores it like the module itself."""
+    x = make_input(tmp_path / "in.npy", 20_000)
+    torch.save(modelzoo.mlp(), tmp_path / "whole.pt")
+    command = [sys.executable, "-m", "workerpool", "score", str(tmp_path / "whole.pt"),
+               "--input", str(tmp_path / "in.npy"), "--output", str(tmp_path / "out.npy"),
+               "--chunk-rows", "5000", "--workers", "2"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--trust-pickle" in refused.stderr, refused.stderr
+    trusted = subprocess.run([*command, "--trust-pickle"], capture_output=True, text=True,
+                             timeout=600)
+    assert trusted.returncode == 0, trusted.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), reference(x, 5000))
+
+
 def test_csv_and_jsonl_in_and_out(tmp_path):
     x = make_input(tmp_path / "in.parquet", 3_000)
     table = pq.read_table(tmp_path / "in.parquet")

@@ -15,7 +15,7 @@ the same user); an object whose unpickling raises gives its own exception, with 
 saying where. Decoding validates every array node: dtype on the allow-list, frame index
 used once, bytes equal to shape x itemsize.
 
-What round-trips exactly and what is converted (the README's "Inputs and outputs" table):
+What round-trips exactly and what is converted (docs/python-api.md, "Inputs and outputs"):
 0-d arrays and tensors keep shape ``()``; a numpy scalar comes back a numpy scalar of its
 dtype; arrays in non-native byte order (``>f4``) are converted to native order (same
 values); ``np.matrix`` and other ndarray subclasses arrive as plain ndarrays, numpy strings

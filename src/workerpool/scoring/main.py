@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
                    "torch and Keras/TensorFlow models (the model is called)")
     p.add_argument("--builder", help="module:function returning the empty module, for "
                    "state-dict files")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a model file that "
+                   "pickles a whole module (unpickling runs code from the file: only files "
+                   "you trust)")
     p.add_argument("--input", required=True, help="a .parquet, .csv, .jsonl or .npy file")
     p.add_argument("--output", required=True, help="a .parquet, .csv, .jsonl or .npy file; "
                    "written only when every chunk is done")
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         total = Reader(fetch(args.input), columns, args.id_column, args.dtype).total_rows
         load, predict = load_and_predict(args.spec, args.predict, args.builder,
+                                         trust_pickle=args.trust_pickle,
                                          import_here=args.load_in != "loader")
         options = {"load_in": args.load_in, "numpy_results": True}
     except (InputError, ConfigError, ModelSourceError, OSError, TypeError) as exc:
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                             batch_rows=args.max_batch_size, resume=args.resume,
                             on_error=args.on_error, progress=progress.update, stop=stop,
                             model_identity=identity, dtype=args.dtype)
-    except (InputError, ResumeRefused) as exc:
+    except (InputError, ResumeRefused, ModelSourceError) as exc:  # (load() refused a file)
         return fail(2, str(exc))
     except (ScoreFailed, OutputError) as exc:
         return fail(1, str(exc).split("\n", 1)[0])

@@ -38,6 +38,9 @@ POOL_OPTIONS = ("workers", "min_workers", "idle_timeout", "max_batch_size", "max
                 "start_method", "threads_per_worker", "tf_engine", "preload",
                 "max_message_bytes", "heartbeat_timeout", "max_requests_per_worker",
                 "spare_zygote", "load_in")
+# What a [models.NAME] table may hold besides source/version or versions.
+MODEL_KEYS = ("predict", "builder", "warmup", "inputs", "outputs", "trust_pickle",
+              *POOL_OPTIONS)
 # A server runs load() in a loader process, so its own process imports no framework and
 # holds no weights, whatever models it serves.
 SERVER_LOAD_IN = "loader"
@@ -159,8 +162,7 @@ def models_from_toml(path: str, cli_options: dict) -> tuple[list[ModelSpec], dic
                 isinstance(v, str) for v in versions.values()):
             raise ConfigError(f"{path}: [models.{name}] versions must be a table of "
                               'version = "source"')
-        known = {"predict", "builder", "warmup", "inputs", "outputs",
-                 "trust_pickle", *POOL_OPTIONS}
+        known = set(MODEL_KEYS)
         if set(table) - known:
             raise ConfigError(f"{path}: [models.{name}] has unknown keys "
                               f"{sorted(set(table) - known)}; known: {sorted(known)}")

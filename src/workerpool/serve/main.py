@@ -27,6 +27,9 @@ def parser() -> argparse.ArgumentParser:
                    "torch modules and Keras/TensorFlow models (the model is called)")
     p.add_argument("--builder", help="module:function returning the empty module, for "
                    "state-dict files")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a model file that "
+                   "pickles a whole module (unpickling runs code from the file: only files "
+                   "you trust); serve.toml: trust_pickle = true per model")
     p.add_argument("--name", help="the model's name in URLs (default: from the SPEC)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=SPEC[@VERSION]",
                    help="serve several models, each its own pool (repeatable; the same NAME "
@@ -240,12 +243,14 @@ def models_and_settings(args) -> tuple[list[ModelSpec], ServerSettings]:
             source, version = split_version(source)
             specs.append(ModelSpec(check_name(name), source, version=version or "1",
                                    predict=args.predict, builder=args.builder,
-                                   warmup=args.warmup, pool_options=options))
+                                   warmup=args.warmup, trust_pickle=args.trust_pickle,
+                                   pool_options=options))
     elif args.spec:
         source, version = split_version(args.spec)
         specs = [ModelSpec(check_name(args.name or default_name(source)), source,
                            version=version or "1", predict=args.predict,
-                           builder=args.builder, warmup=args.warmup, pool_options=options)]
+                           builder=args.builder, warmup=args.warmup,
+                           trust_pickle=args.trust_pickle, pool_options=options)]
     else:
         specs = [demo_spec(args.name or "demo", options), generator_spec(options)]
     labels = [f"{spec.name}@{spec.version}" for spec in specs]

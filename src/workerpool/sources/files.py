@@ -93,7 +93,8 @@ def load_checkpoint(path: str, builder=None, trust_pickle: bool = False):
         if not trust_pickle:
             raise ModelSourceError(
                 f"{path} pickles more than tensors (a whole module?). Loading it runs code "
-                "from the file: pass trust_pickle=True only if you trust its origin, or save "
+                "from the file: only if you trust its origin, pass trust_pickle=True (the "
+                "command line's --trust-pickle; trust_pickle = true in serve.toml), or save "
                 f"a state_dict instead. ({exc})") from exc
         loaded = torch.load(path, mmap=True, weights_only=False, map_location="cpu")
     if isinstance(loaded, dict) and all(isinstance(v, torch.Tensor) for v in loaded.values()):
