@@ -190,6 +190,11 @@ def test_errors_reach_the_caller_and_the_metrics_count_them(server):
     assert status == 500 and b"cannot be multiplied" in raw, raw
     status, _, raw = server.post("/v2/models/nope/infer", json.dumps(bad_shape).encode())
     assert status == 404 and b"nope" in raw
+    # an unknown model (or version) is a 404 whatever its body, as in the server's process
+    status, _, raw = server.post("/v2/models/nope/infer", b"{not json")
+    assert status == 404 and b"nope" in raw, raw
+    status, _, raw = server.post("/v2/models/mlp/versions/9/infer", b"{not json")
+    assert status == 404, raw
     good = {"inputs": [{"name": "x", "shape": [1, 32], "datatype": "FP32",
                         "data": [0.5] * 32}]}
     status, _, raw = server.post("/v2/models/mlp/infer", json.dumps(good).encode())

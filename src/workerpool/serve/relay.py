@@ -190,6 +190,9 @@ class Relay:
             kind = message["kind"]
             if kind == "infer":
                 reply = {"ok": await self._infer(message)}
+            elif kind == "lookup":  # ModelNotFound, or nothing
+                self.app.plane.model(message["name"], message["version"])
+                reply = {"ok": None}
             elif kind == "http":
                 reply = {"ok": await self._http(message, stream, request_id)}
             elif kind == "count":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import json
 import os
@@ -32,7 +33,7 @@ import sys
 from ... import request_ids
 from ...ipc import wire
 from ...ipc.endpoints import remove_private_dir
-from ...serving.errors import NotReady
+from ...serving.errors import ModelNotFound, NotReady
 from ...workers.main import exit_when_any_dies
 from ..access_log import AccessLog
 from ..tracing import Tracing
@@ -42,6 +43,11 @@ from ..settings import ServerSettings
 from . import kserve
 from .asgi import OPEN_ROUTES, AsgiApp, require_key
 from .exchange import Exchange
+
+
+# The inference that failed in this front end before reaching the server, if any (set by
+# RemotePlane.inference, read by FrontApp.handle in the same task).
+failed_here: contextvars.ContextVar = contextvars.ContextVar("failed_here", default=None)
 
 
 class RemoteInference:
@@ -90,10 +96,26 @@ class RemotePlane:
         call = RemoteInference(self, name, version, protocol, started)
         try:
             yield call
-        except Exception as error:
+        except Exception:
             if not call.reached_server:  # failed here (a body that does not decode)
-                self._count(call, error)
+                failed_here.set(call)  # FrontApp settles and counts it
             raise
+
+    async def settle(self, call: RemoteInference, error: Exception) -> Exception:
+        """The error a request that failed in this front end is answered with, counted.
+
+        The server's own process looks the model up before it decodes a byte, so an
+        unknown model is a 404 whatever the body; here the body is decoded first, so the
+        server is asked about the model before a decoding error is answered."""
+        try:
+            await self.client.call({"kind": "lookup", "name": call.name,
+                                    "version": call.version})
+        except ModelNotFound as missing:
+            error = missing
+        except Exception:  # noqa: BLE001 - the server could not say (draining): as it was
+            pass
+        self._count(call, error)
+        return error
 
     def _count(self, call: RemoteInference, error: Exception) -> None:
         message = {"kind": "count", "name": call.name, "protocol": call.protocol,
@@ -120,8 +142,18 @@ class FrontApp(AsgiApp):
         target = _infer_target(exchange)
         if target is None:
             await self.relay(exchange)
-        else:
+            return
+        failed_here.set(None)
+        try:
             await kserve.infer(self, exchange, *target)
+        except Exception as error:
+            call = failed_here.get()
+            if call is None:
+                raise
+            settled = await self.plane.settle(call, error)
+            if settled is error:
+                raise
+            raise settled from None
 
     async def relay(self, exchange: Exchange) -> None:
         """The whole request to the server's app; its answer back as it is."""
