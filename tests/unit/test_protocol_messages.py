@@ -19,7 +19,8 @@ from workerpool.serving.errors import BadRequest  # noqa: E402
 from workerpool.serve.proto import protocol  # noqa: E402
 from workerpool.serve.proto.tensor import from_array, to_array  # noqa: E402
 from workerpool.serve.tf_warmup import WarmupError, records  # noqa: E402
-from workerpool.serve.grpc.kserve import decode_inputs, encode_outputs  # noqa: E402
+from workerpool.serve.grpc.kserve import (decode_inputs, encode_outputs,  # noqa: E402
+                                         serialized_with_raw)
 
 LIMIT = 64 * 1024 * 1024  # what one tensor may decode to (--max-request-bytes)
 DTYPES = [np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64,
@@ -187,3 +188,25 @@ def test_tfrecords_written_by_tensorflow_read_back_and_corruption_is_caught(tmp_
     open(path, "wb").write(bytes(data[:20]))
     with pytest.raises(WarmupError, match="cut off|CRC"):
         list(records(path))
+
+
+@pytest.mark.parametrize("sizes", [[0], [3], [200], [20_000, 5], [1 << 21, 0, 130]])
+def test_an_answer_serialized_with_raw_contents_is_the_message_tritonclient_reads(sizes):
+    """serialized_with_raw appends the tensors to the message's bytes; tritonclient's own
+    ModelInferResponse parses them as the outputs in order (varint lengths of 1-3 bytes,
+    an empty tensor, a BYTES tensor)."""
+    rng = np.random.default_rng(len(sizes))
+    arrays = {f"out{i}": rng.standard_normal(n).astype(np.float32)
+              for i, n in enumerate(sizes)}
+    arrays["words"] = np.array([b"a", b"bc"], dtype=object)
+    response = protocol("triton").message("inference.ModelInferResponse")(
+        model_name="m", model_version="1", id="r")
+    raw: list = []
+    encode_outputs(response, arrays, None, raw)
+    answer = service_pb2.ModelInferResponse.FromString(serialized_with_raw(response, raw))
+    assert (answer.model_name, answer.model_version, answer.id) == ("m", "1", "r")
+    assert [o.name for o in answer.outputs] == list(arrays)
+    for i, n in enumerate(sizes):
+        assert np.frombuffer(answer.raw_output_contents[i], np.float32).tobytes() == \
+            arrays[f"out{i}"].tobytes()
+    assert answer.raw_output_contents[-1] == b"\x01\x00\x00\x00a\x02\x00\x00\x00bc"

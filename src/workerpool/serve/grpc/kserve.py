@@ -35,7 +35,7 @@ from google.protobuf import json_format
 from ...errors import OutputEncodeError
 from ...ipc.regions import PlacedOutput
 from ...serving.errors import BadRequest
-from ...serving.kserve import bytes_of, from_binary
+from ...serving.kserve import buffer_of, bytes_of, from_binary
 from ...serving.limits import check_shape, narrow
 from ...serving.shared_memory import BYTE_SIZE, OFFSET, REGION, shared_input, shared_use
 from ...signature import DATATYPES, datatype_of
@@ -116,8 +116,9 @@ class KServeGrpc(Front):
                                      timeout=context.time_remaining(), placed=placed)
             response = self.message("inference.ModelInferResponse")(
                 model_name=call.model.name, model_version=call.model.version, id=request.id)
-            encode_outputs(response, outputs, placed)
-            return response
+            raw: list = []
+            encode_outputs(response, outputs, placed, raw)
+            return serialized_with_raw(response, raw)
 
 
     async def model_stream_infer(self, requests, context):
@@ -341,11 +342,14 @@ def _from_contents(name: str, datatype: str, shape: list, count: int, contents):
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def encode_outputs(response, arrays: dict, placed: dict | None = None) -> None:
+def encode_outputs(response, arrays: dict, placed: dict | None = None,
+                   raw: list | None = None) -> None:
     """Named outputs into a ModelInferResponse, always in ``raw_output_contents``, as
     Triton answers (clients that send typed contents read the answer there too). Those
     written into shared memory (``placed``: their regions by name) are described only,
-    with no raw entry (as Triton does)."""
+    with no raw entry (as Triton does). With ``raw``, the contents are appended there
+    instead, as buffers (views of the arrays where they can be), for
+    :func:`serialized_with_raw`."""
     try:
         datatypes = {name: datatype_of(array.dtype) for name, array in arrays.items()}
     except ValueError as exc:
@@ -359,5 +363,30 @@ def encode_outputs(response, arrays: dict, placed: dict | None = None) -> None:
             tensor.parameters[BYTE_SIZE].int64_param = array.nbytes
             if use.offset:
                 tensor.parameters[OFFSET].int64_param = use.offset
+        elif raw is not None:
+            raw.append(buffer_of(array, datatype))
         else:
             response.raw_output_contents.append(bytes_of(array, datatype))
+
+
+def serialized_with_raw(response, raw: list) -> bytes:
+    """``response`` serialized with ``raw`` as its ``raw_output_contents``: the tensors'
+    bytes are copied once, into the answer. (Set on the message, each would be copied into
+    a bytes and then again by the serializer: 0.22 s per 64 MiB here, against 0.035.) A
+    repeated field's entries may follow the rest of the message on the wire."""
+    field = response.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+    tag = _varint(field << 3 | 2)  # (wire type 2: length-delimited)
+    parts = [response.SerializeToString()]
+    for buffer in raw:
+        parts += [tag, _varint(memoryview(buffer).nbytes), buffer]
+    return b"".join(parts)
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint (protobuf's own encoder is internal API)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -177,6 +177,12 @@ def status_message(error: BaseException, debug: bool) -> str:
     return clip_utf8(text, GRPC_MESSAGE_BYTES)
 
 
+def serialize(response) -> bytes:
+    """A handler's answer on the wire: a message, or bytes a handler serialized itself
+    (a large ModelInferResponse: grpc/kserve.py serialized_with_raw)."""
+    return response if type(response) is bytes else response.SerializeToString()
+
+
 def handlers(front: Front) -> list:
     """grpcio generic handlers for every method of ``front``."""
     result = []
@@ -186,11 +192,11 @@ def handlers(front: Front) -> list:
             if name in front.streaming:
                 table[name] = grpc.stream_stream_rpc_method_handler(
                     stream_method(front, name, handler, request),
-                    response_serializer=response.SerializeToString)
+                    response_serializer=serialize)
             else:
                 table[name] = grpc.unary_unary_rpc_method_handler(
                     method(front, name, handler, request),
-                    response_serializer=response.SerializeToString)
+                    response_serializer=serialize)
         result.append(grpc.method_handlers_generic_handler(service, table))
     return result
 
