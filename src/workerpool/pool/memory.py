@@ -107,14 +107,4 @@ def tree_pss(root: int) -> int:
         pids = [root, *(child.pid for child in psutil.Process(root).children(recursive=True))]
     except psutil.NoSuchProcess:
         return 0
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as rollup:
-                for line in rollup:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * _KB
-                        break
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            pass
-    return total
+    return sum(pss_of(pid) or 0 for pid in pids)
