@@ -99,3 +99,24 @@ def test_parent_model_is_repointed_at_the_segment():
         with modelzoo.torch_threads(1), torch.inference_mode():
             assert torch.equal(net(x), before)
         assert torch.equal(pool.submit(x).result(timeout=60), before)
+
+
+def test_one_reading_of_many_pools_reads_each_process_once():
+    """A server's scrape passes one memo to every pool's stats(): the parent (every pool's)
+    is read once, each pool's own processes once, and every pool still gets its rows."""
+    first = wp.Pool(modelzoo.numpy_model, modelzoo.numpy_predict, workers=1)
+    second = wp.Pool(modelzoo.numpy_model, modelzoo.numpy_predict, workers=2)
+    try:
+        memo: dict = {}
+        a, b = first.stats(memory_memo=memo), second.stats(memory_memo=memo)
+        assert a["parent"] == b["parent"] and a["parent"]["pss"] > 0
+        own = [a["zygote"]["pid"], b["zygote"]["pid"],
+               *(w["pid"] for w in a["workers"] + b["workers"])]
+        assert sorted(pid for pid, _ in memo) == sorted([a["parent"]["pid"], *own])
+        for stats in (a, b):
+            assert all(w["pss"] > 0 and w["uss"] > 0 for w in stats["workers"])
+            assert stats["total_pss"] == sum(
+                row["pss"] for row in (stats["parent"], stats["zygote"], *stats["workers"]))
+    finally:
+        first.close()
+        second.close()

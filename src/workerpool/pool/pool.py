@@ -345,7 +345,7 @@ class Pool:
                                                                 MAX_CHUNK)
 
     # -- observation ---------------------------------------------------------------------
-    def stats(self, memory_usage: bool = True) -> dict:
+    def stats(self, memory_usage: bool = True, memory_memo: dict | None = None) -> dict:
         """Per-worker pid, state, requests served, start time, and (``memory_usage``) PSS,
         USS, RSS, shared bytes, the weights' resident/proportional/copied bytes, and what
         is really shared: ``weights_mapped`` (bytes of the published weights this process
@@ -361,7 +361,11 @@ class Pool:
         depth, batch-size histogram (rows per predict call), p50/p99 queue and compute
         time per request (ms). Counters (restarts, crashes, hung, aborted, timeouts,
         retired, retried_requests, late_replies, ...) and histograms count every version
-        since the pool started."""
+        since the pool started.
+
+        ``memory_memo``: a dict shared by the ``stats()`` calls of one reading (a scrape of
+        every model of a server): a process's memory is read once per reading, not once per
+        pool (the server's own process is every pool's parent)."""
         if self._closed:
             raise PoolClosed("the pool is closed")
         with self._history_lock:
@@ -425,7 +429,14 @@ class Pool:
             rows = (parent, zygote, *workers, *zygotes, *retiring_workers,
                     *([spare] if spare else []))
             for row in rows:
-                row.update(memory.process_memory(row["pid"], files))
+                if memory_memo is None:
+                    row.update(memory.process_memory(row["pid"], files))
+                    continue
+                key = (row["pid"], files)
+                if key not in memory_memo:
+                    memory_memo[key] = memory.process_memory(row["pid"], files)
+                usage = memory_memo[key]
+                row.update(usage, weights_mappings=list(usage["weights_mappings"]))
             stats["total_pss"] = sum(row["pss"] for row in rows)
         return stats
 

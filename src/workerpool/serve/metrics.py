@@ -131,6 +131,7 @@ class PoolCollector:
     def collect(self):
         families = {key: kind(name, text, labels=labels)
                     for key, kind, name, text, labels in FAMILIES}
+        memo: dict = {}  # each process's memory read once per scrape (pool.stats)
         for model in self.registry.models:
             name = [model.name, model.version]
             families["ready"].add_metric(name, 1.0 if model.ready else 0.0)
@@ -138,7 +139,7 @@ class PoolCollector:
             if pool is None or model.state != ModelState.LOADED:
                 continue
             try:
-                stats = pool.stats()
+                stats = pool.stats(memory_memo=memo)
             except Exception as exc:  # noqa: BLE001 - a closing pool: skip it this time
                 log.debug("no stats for %s: %s", name, exc)
                 continue

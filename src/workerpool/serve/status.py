@@ -17,12 +17,13 @@ _STARTED = time.time()
 
 
 def status_report(registry: Registry) -> dict:
+    memo: dict = {}  # each process's memory read once per report (pool.stats)
     return {
         "server": {"version": __version__, "pid": os.getpid(), "ready": registry.ready,
                    "uptime_s": round(time.time() - _STARTED, 1),
                    "memory_budget": budget_report(registry.budget),
                    "http_workers": http_workers_report(registry.http_workers)},
-        "models": [model_report(model) for model in registry.models],
+        "models": [model_report(model, memo) for model in registry.models],
     }
 
 
@@ -41,7 +42,7 @@ def http_workers_report(http_workers) -> dict | None:
     return {"pids": http_workers.pids(), "restarts": http_workers.restarts}
 
 
-def model_report(model) -> dict:
+def model_report(model, memory_memo: dict | None = None) -> dict:
     report = {"name": model.name, "version": model.version, "state": model.state,
               "ready": model.ready, "error": model.error, "swaps": model.swaps,
               "metadata_source": model.signature.source, "workers": []}
@@ -49,7 +50,7 @@ def model_report(model) -> dict:
     if pool is None or model.state != ModelState.LOADED:
         return report
     try:
-        stats = pool.stats()
+        stats = pool.stats(memory_memo=memory_memo)
     except Exception as exc:  # noqa: BLE001 - closing or broken: say so, show what is known
         report["error"] = str(exc).splitlines()[0]
         return report
