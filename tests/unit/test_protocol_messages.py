@@ -150,8 +150,8 @@ def test_kserve_typed_contents_in_raw_contents_out(datatype, dtype, field):
     got = decode_inputs(ours_.FromString(request.SerializeToString()), LIMIT)["x"]
     assert got.dtype == x.dtype and np.array_equal(got, x)
     response = protocol("triton").message("inference.ModelInferResponse")()
-    encode_outputs(response, {"y": x})
-    theirs = service_pb2.ModelInferResponse.FromString(response.SerializeToString())
+    theirs = service_pb2.ModelInferResponse.FromString(
+        serialized_with_raw(response, encode_outputs(response, {"y": x})))
     # answered raw whatever the request used, as Triton answers
     assert not theirs.outputs[0].HasField("contents")
     raw = np.frombuffer(theirs.raw_output_contents[0], np.dtype(dtype).newbyteorder("<"))
@@ -161,8 +161,9 @@ def test_kserve_typed_contents_in_raw_contents_out(datatype, dtype, field):
 def test_kserve_fp16_goes_raw_and_mixed_forms_are_refused():
     x = sample(np.float16)
     response = protocol("triton").message("inference.ModelInferResponse")()
-    encode_outputs(response, {"y": x})
-    assert np.array_equal(np.frombuffer(response.raw_output_contents[0], "<f2")
+    theirs = service_pb2.ModelInferResponse.FromString(
+        serialized_with_raw(response, encode_outputs(response, {"y": x})))
+    assert np.array_equal(np.frombuffer(theirs.raw_output_contents[0], "<f2")
                           .reshape(x.shape), x)
     request = protocol("triton").message("inference.ModelInferRequest")()
     tensor = request.inputs.add(name="x", datatype="FP32", shape=[1])
@@ -201,8 +202,7 @@ def test_an_answer_serialized_with_raw_contents_is_the_message_tritonclient_read
     arrays["words"] = np.array([b"a", b"bc"], dtype=object)
     response = protocol("triton").message("inference.ModelInferResponse")(
         model_name="m", model_version="1", id="r")
-    raw: list = []
-    encode_outputs(response, arrays, None, raw)
+    raw = encode_outputs(response, arrays)
     answer = service_pb2.ModelInferResponse.FromString(serialized_with_raw(response, raw))
     assert (answer.model_name, answer.model_version, answer.id) == ("m", "1", "r")
     assert [o.name for o in answer.outputs] == list(arrays)

@@ -35,7 +35,7 @@ from google.protobuf import json_format
 from ...errors import OutputEncodeError
 from ...ipc.regions import PlacedOutput
 from ...serving.errors import BadRequest
-from ...serving.kserve import buffer_of, bytes_of, from_binary
+from ...serving.kserve import buffer_of, from_binary
 from ...serving.limits import check_shape, narrow
 from ...serving.shared_memory import BYTE_SIZE, OFFSET, REGION, shared_input, shared_use
 from ...signature import DATATYPES, datatype_of
@@ -116,9 +116,7 @@ class KServeGrpc(Front):
                                      timeout=context.time_remaining(), placed=placed)
             response = self.message("inference.ModelInferResponse")(
                 model_name=call.model.name, model_version=call.model.version, id=request.id)
-            raw: list = []
-            encode_outputs(response, outputs, placed, raw)
-            return serialized_with_raw(response, raw)
+            return serialized_with_raw(response, encode_outputs(response, outputs, placed))
 
 
     async def model_stream_infer(self, requests, context):
@@ -174,7 +172,8 @@ class KServeGrpc(Front):
             async for outputs in items:
                 response = response_class(model_name=model.name, model_version=model.version,
                                           id=request.id)
-                encode_outputs(response, outputs)
+                raw = encode_outputs(response, outputs)
+                response.raw_output_contents.extend(map(bytes, raw))
                 response.parameters["triton_final_response"].bool_param = False
                 yield self.message("inference.ModelStreamInferResponse")(
                     infer_response=response)
@@ -342,18 +341,17 @@ def _from_contents(name: str, datatype: str, shape: list, count: int, contents):
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def encode_outputs(response, arrays: dict, placed: dict | None = None,
-                   raw: list | None = None) -> None:
-    """Named outputs into a ModelInferResponse, always in ``raw_output_contents``, as
-    Triton answers (clients that send typed contents read the answer there too). Those
-    written into shared memory (``placed``: their regions by name) are described only,
-    with no raw entry (as Triton does). With ``raw``, the contents are appended there
-    instead, as buffers (views of the arrays where they can be), for
-    :func:`serialized_with_raw`."""
+def encode_outputs(response, arrays: dict, placed: dict | None = None) -> list:
+    """Named outputs described in a ModelInferResponse; their contents returned, in order,
+    as buffers (views of the arrays where they can be) for ``raw_output_contents``: always
+    raw, as Triton answers (clients that send typed contents read the answer there too).
+    Those written into shared memory (``placed``: their regions by name) are described
+    only, with no raw entry (as Triton does)."""
     try:
         datatypes = {name: datatype_of(array.dtype) for name, array in arrays.items()}
     except ValueError as exc:
         raise OutputEncodeError(f"the model's output cannot be sent: {exc}") from None
+    raw = []
     for name, array in arrays.items():
         datatype = datatypes[name]
         tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
@@ -363,10 +361,9 @@ def encode_outputs(response, arrays: dict, placed: dict | None = None,
             tensor.parameters[BYTE_SIZE].int64_param = array.nbytes
             if use.offset:
                 tensor.parameters[OFFSET].int64_param = use.offset
-        elif raw is not None:
-            raw.append(buffer_of(array, datatype))
         else:
-            response.raw_output_contents.append(bytes_of(array, datatype))
+            raw.append(buffer_of(array, datatype))
+    return raw
 
 
 def serialized_with_raw(response, raw: list) -> bytes:
