@@ -27,6 +27,7 @@ import hmac
 import logging
 import math
 import os
+import select
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -51,6 +52,12 @@ HAND_BACK_CHECK_S = 0.5
 # A caller on that loop, waiting for a call before the loop took the sockets: how often it
 # looks whether it can take them itself.
 CALL_ON_LOOP_SLICE_S = 0.005
+# A caller driving the pool for its own answer (pool/driven_future.py) lets go of the baton
+# at least this often, so the thread is never kept from its events for longer.
+DRIVE_SLICE_S = 0.05
+
+# As plain ints: pyzmq's enums cost a Flag operation per test, several per request.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 __all__ = ["Dispatcher", "QueueGauge", "Request"]
 
@@ -73,6 +80,19 @@ class Dispatcher(threading.Thread):
         self.hand_over_to: asyncio.AbstractEventLoop | None = None
         self.driver: LoopDriver | None = None
         self.resume = threading.Event()
+        # Whoever holds the baton may use the scheduler and the sockets: this thread, but
+        # for its waits in poll(), or a caller (pool/driven_future.py). Held from here
+        # until the thread is ready to poll; never given up again once it stops.
+        self.baton = threading.Lock()
+        self.baton.acquire()
+        self.holder: int | None = None  # the baton holder's thread ident
+        self.planned_wake: float | None = None  # when the thread's poll() times out
+        self.failure: BaseException | None = None  # a bug met by a caller driving it
+        self.pid = os.getpid()  # the pool's process: only its threads may drive it
+        self._caller_poller: tuple[int, zmq.Poller] | None = None
+        self.epoll: select.epoll | None = None  # what the thread waits on, in loop()
+        self.router_unwatched = False  # a caller took the ROUTER out of the thread's epoll
+        self.deferred: list | None = None  # answers held back by a submit (Dispatcher.submit)
 
     # What the pool reads of the scheduler's state (from any thread: plain reads).
     @property
@@ -100,13 +120,164 @@ class Dispatcher(threading.Thread):
         return self.scheduler.start_error
 
     # -- called from other threads -------------------------------------------------------
-    def submit(self, request: Request) -> None:
-        """Hand over a request; PoolClosed once the thread has stopped taking them."""
+    def submit(self, request: Request) -> list:
+        """Hand over a request; PoolClosed once the thread has stopped taking them. A
+        caller that finds a worker idle and the baton free sends it itself (no wake of the
+        thread); under a backlog the thread sends requests in chunks. Returns the answers
+        (future, value, error) to other requests it met meanwhile, for the caller to give
+        with ``settle`` once it holds no lock: their futures' callbacks may call the
+        pool."""
         driver = self._driver_here()
         if driver is not None:
             driver.submit(request)
-        else:
+            return []
+        if not (self._idle_look() and self._take_baton()):
             self.inbox.post(request)
+            return []
+        accepted, interrupted = None, None
+        self.deferred = []  # answers met meanwhile: their callbacks run after the lock
+        try:
+            if self.inbox.waiting():
+                self.read_inbox()  # what this thread posted before goes first
+            if self.scheduler.has_idle_worker():
+                accepted, request = request, None
+                self.carry_out(self.scheduler.submit(accepted))
+                self.carry_out(self.scheduler.tick(time.monotonic()))  # sends it
+        except BaseException as exc:
+            interrupted = self._failed_here(exc, accepted or request)
+            request = None
+        later, interrupted_giving = self._give_baton()
+        interrupted = interrupted or interrupted_giving
+        if interrupted is not None:  # (Ctrl-C) the caller's, once the others are answered
+            for answer in later:
+                settle(*answer)
+            raise interrupted
+        if request is not None:
+            self.inbox.post(request)
+        return later
+
+    def _idle_look(self) -> bool:
+        """Nothing waits to be sent, at a glance (no baton: a hint). Then a caller sends
+        its own request and reads its own answer; under a backlog the thread does, in
+        chunks, and callers wait on their futures."""
+        scheduler = self.scheduler
+        return not scheduler.pending and not scheduler.retries and not self.inbox.waiting()
+
+    def drive_until(self, future, deadline: float | None) -> None:
+        """On a caller's thread: dispatch until ``future`` is answered, ``deadline``
+        (monotonic) passes, or the baton is not to be had; the thread (or the loop) answers
+        it otherwise. Interrupted in poll() (Ctrl-C), nothing is lost; interrupted while
+        it dispatches, the pool cannot know what was, and is failed (PoolBroken)."""
+        if not self._idle_look():
+            return  # under a backlog the thread dispatches in chunks; it answers this too
+        slice_end = time.monotonic() + DRIVE_SLICE_S
+        while not future.done():
+            if not self._take_baton():
+                return
+            interrupted, stop = None, False
+            try:
+                events = self._poll_for_caller(slice_end, deadline)
+            except BaseException as exc:  # (Ctrl-C) in poll: nothing was being done
+                self._give_baton()
+                raise exc
+            if events is None:
+                stop = True
+            else:
+                try:
+                    self.read_workers()
+                    if self.inbox.fd in events:
+                        self.read_inbox()
+                    self.carry_out(self.scheduler.tick(time.monotonic()))
+                except BaseException as exc:
+                    interrupted = self._failed_here(exc)
+                    stop = True  # the thread fails what the pool holds, this future too
+                # the zygote's events are the thread's
+                stop = stop or self.supervisor.control_fd in events
+            interrupted = interrupted or self._give_baton()[1]
+            if interrupted is not None:
+                raise interrupted
+            now = time.monotonic()
+            if stop or (deadline is not None and now >= deadline):
+                return
+            if now >= slice_end:
+                slice_end = now + DRIVE_SLICE_S
+
+    def _take_baton(self) -> bool:
+        """The baton for this caller, if free and the pool may be driven from here now:
+        not while an event loop drives, nor in a process forked from the pool's (its
+        sockets are not this process's), nor again on a thread that holds it. Never waited
+        for: a busy baton means another thread dispatches, and reads this answer too."""
+        if self.hand_over_to is not None or self.driver is not None or \
+                self.holder is not None or os.getpid() != self.pid or \
+                not self.baton.acquire(blocking=False):
+            return False
+        if self.hand_over_to is not None or self.driver is not None or \
+                self.scheduler.finished() or self.failure is not None:
+            self.baton.release()
+            return False
+        self.holder = threading.get_ident()
+        return True
+
+    def _give_baton(self) -> tuple[list, BaseException | None]:
+        """Leave the sockets as the thread's poll() expects them (no reply waiting behind
+        a consumed edge), wake it if it must look at something sooner than planned, and
+        let go. Returns the answers deferred meanwhile (Dispatcher.submit's) and a Ctrl-C
+        met doing it, for the caller to raise."""
+        interrupted = None
+        try:
+            self.drain_router()
+            if self.router_unwatched:  # its signal consumed now: no wake for what was read
+                self.router_unwatched = False
+                self.epoll.modify(self.router.getsockopt(zmq.FD), select.EPOLLIN)
+            wake, planned = self.scheduler.next_wake(), self.planned_wake
+            if self.scheduler.closing or self.hand_over_to is not None or \
+                    self.failure is not None or \
+                    (wake is not None and (planned is None or wake < planned)):
+                self.inbox.nudge()
+        except BaseException as exc:
+            interrupted = self._failed_here(exc)
+            self.inbox.nudge()
+        finally:
+            later, self.deferred = self.deferred or [], None
+            self.holder = None
+            self.baton.release()
+        return later, interrupted
+
+    def _poll_for_caller(self, slice_end: float, deadline: float | None) -> dict | None:
+        """Wait in poll() for the ROUTER, the inbox and the zygote, until the scheduler's
+        next wake, the slice's end or ``deadline``; None if nothing may be polled here.
+        The thread's epoll leaves the ROUTER meanwhile: a reply wakes this caller only."""
+        control_fd = self.supervisor.control_fd
+        epoll = self.epoll
+        if control_fd is None or control_fd < 0 or epoll is None:
+            return None
+        if self._caller_poller is None or self._caller_poller[0] != control_fd:
+            poller = zmq.Poller()
+            poller.register(self.router, zmq.POLLIN)
+            poller.register(self.inbox.fd, zmq.POLLIN)
+            poller.register(control_fd, zmq.POLLIN)
+            self._caller_poller = (control_fd, poller)
+        until = slice_end if deadline is None else min(slice_end, deadline)
+        wake = self.scheduler.next_wake()
+        if wake is not None:
+            until = min(until, wake)
+        timeout_ms = max(0, math.ceil((until - time.monotonic()) * 1000))
+        if not self.router_unwatched:
+            epoll.modify(self.router.getsockopt(zmq.FD), 0)
+            self.router_unwatched = True  # until the baton is given back
+        return dict(self._caller_poller[1].poll(timeout_ms))
+
+    def _failed_here(self, exc: BaseException,
+                     request: Request | None = None) -> BaseException | None:
+        """A bug (or a Ctrl-C) met while a caller's thread dispatched: what the pool holds
+        may be half updated, so the thread fails all of it, as for a bug met there
+        (PoolBroken); the caller's own request is answered so at once. Returns ``exc``
+        when the caller must raise it (Ctrl-C and the like, not a bug)."""
+        if self.failure is None:
+            self.failure = exc
+        if request is not None:
+            settle(request.future, error=PoolBroken(f"the pool's dispatcher failed: {exc!r}"))
+        return None if isinstance(exc, Exception) else exc
 
     def call(self, fn, timeout: float | None = None):
         """Run ``fn()`` where the scheduler runs (this thread, or the loop driving it) and
@@ -145,7 +316,7 @@ class Dispatcher(threading.Thread):
         if driver is not None:
             self.carry_out(self.stream_action(control))
             driver.queue_turn()
-        elif not post and threading.current_thread() is self:
+        elif not post and self.holder == threading.get_ident():
             self.carry_out(self.stream_action(control))
         else:
             try:
@@ -159,8 +330,9 @@ class Dispatcher(threading.Thread):
         return self.scheduler.stream_credit(control.request, control.credit)
 
     def on_owner_thread(self) -> bool:
-        """True on the thread that runs the scheduler now."""
-        return threading.current_thread() is self or self._driver_here() is not None
+        """True on the thread that runs the scheduler now (it holds the baton, or it is
+        the loop driving the pool)."""
+        return self.holder == threading.get_ident() or self._driver_here() is not None
 
     def _driver_here(self) -> LoopDriver | None:
         """The loop driver when called on its loop's thread, else None. A driver handed
@@ -205,6 +377,7 @@ class Dispatcher(threading.Thread):
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + 1024 * 1024)
         self.router.bind(self.endpoint)
+        self.holder = threading.get_ident()  # the baton: taken in __init__ for this thread
         try:
             self.carry_out(self.scheduler.start(time.monotonic()))
             self.loop()
@@ -229,33 +402,59 @@ class Dispatcher(threading.Thread):
                 self.on_exit()
 
     def loop(self) -> None:
+        """Dispatch on this thread (holding the baton) until the pool finishes or an event
+        loop is to drive it. The wait is an epoll on the ROUTER's fd, not zmq_poll on the
+        socket: callers may use the socket while this thread waits without the baton, and
+        a caller reading its own answer takes the ROUTER out of the set meanwhile
+        (epoll's set may change while it is waited on), so a reply wakes one thread."""
         scheduler = self.scheduler
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self.inbox.fd, zmq.POLLIN)
-        control_fd = self.supervisor.control_fd
-        poller.register(control_fd, zmq.POLLIN)
-        while not scheduler.finished():
-            events = dict(poller.poll(self.poll_timeout_ms()))
-            if self.router in events:
+        self.epoll = epoll = select.epoll()
+        try:
+            epoll.register(self.router.getsockopt(zmq.FD), select.EPOLLIN)
+            epoll.register(self.inbox.fd, select.EPOLLIN)
+            control_fd = self.supervisor.control_fd
+            epoll.register(control_fd, select.EPOLLIN)
+            while not scheduler.finished():
+                self.drain_router()  # the fd is edge-triggered: no reply may wait unseen
+                self.planned_wake = scheduler.next_wake()
+                self.holder = None
+                self.baton.release()
+                try:
+                    events = {fd for fd, _ in epoll.poll(self.poll_timeout(self.planned_wake))}
+                finally:
+                    self.baton.acquire()
+                    self.holder = threading.get_ident()
+                if self.failure is not None:
+                    raise self.failure
                 self.read_workers()
-            if control_fd in events:
-                event = self.supervisor.read_event()
-                if event["op"] == "zygote_died":
-                    poller.unregister(control_fd)  # EOF would stay readable forever
-                    control_fd = -1
-                    self.carry_out(scheduler.on_zygote_died(time.monotonic()))
-                    if self.restart_zygote():
-                        control_fd = self.supervisor.control_fd
-                        poller.register(control_fd, zmq.POLLIN)
-                else:
-                    self.on_supervisor_event(event)
-            if self.inbox.fd in events:
-                self.read_inbox()
-            self.carry_out(scheduler.tick(time.monotonic()))
-            if self.hand_over_to is not None and self.started.is_set() and \
-                    not scheduler.closing and not scheduler.finished():
-                return  # run() hands the sockets to the loop
+                if control_fd in events:
+                    event = self.supervisor.read_event()
+                    if event["op"] == "zygote_died":
+                        epoll.unregister(control_fd)  # EOF would stay readable forever
+                        control_fd = -1
+                        self.carry_out(scheduler.on_zygote_died(time.monotonic()))
+                        if self.restart_zygote():
+                            control_fd = self.supervisor.control_fd
+                            epoll.register(control_fd, select.EPOLLIN)
+                    else:
+                        self.on_supervisor_event(event)
+                if self.inbox.fd in events:
+                    self.read_inbox()
+                self.carry_out(scheduler.tick(time.monotonic()))
+                if self.hand_over_to is not None and self.started.is_set() and \
+                        not scheduler.closing and not scheduler.finished():
+                    return  # run() hands the sockets to the loop
+        finally:
+            self.epoll = None
+            epoll.close()
+
+    def drain_router(self) -> None:
+        """Read the ROUTER until ZeroMQ says nothing waits (a send may consume the edge of
+        its fd's signal, so poll() alone could miss a reply), dispatching after each read
+        (a reply's credit may let queued work go)."""
+        while self.router.getsockopt(_EVENTS) & _POLLIN:
+            self.read_workers()
+            self.carry_out(self.scheduler.tick(time.monotonic()))
 
     def hand_over(self) -> bool:
         """Give the sockets to the loop asked for and wait until it gives them back; then
@@ -284,27 +483,28 @@ class Dispatcher(threading.Thread):
             self.restart_zygote()
         return True
 
-    def poll_timeout_ms(self) -> int | None:
-        wake = self.scheduler.next_wake()
+    def poll_timeout(self, wake: float | None) -> float:
+        """Seconds until ``wake`` for epoll (-1: no timeout)."""
         if wake is None:
-            return None
-        return max(0, math.ceil((wake - time.monotonic()) * 1000))
+            return -1
+        return max(0.0, wake - time.monotonic())
 
     # -- carrying out the scheduler's actions ---------------------------------------------
     def carry_out(self, actions: list, strict: bool = True) -> None:
         """Perform ``actions`` in order. ``strict=False`` (tearing down): a socket that
         fails is passed over, so every future still gets its answer."""
+        answer = settle if self.deferred is None else self._defer
         for action in actions:
             kind = type(action)
             if kind is Deliver:
                 try:
                     value = self.codec.decode(action.body, action.frames)
                 except BaseException as exc:  # noqa: BLE001 - the caller's to see
-                    settle(action.request.future, error=exc)
+                    answer(action.request.future, error=exc)
                 else:
-                    settle(action.request.future, value)
+                    answer(action.request.future, value)
             elif kind is Answer:
-                settle(action.request.future, action.value, action.error)
+                answer(action.request.future, action.value, action.error)
             elif kind is Item:
                 try:
                     value = self.codec.decode(action.body, action.frames)
@@ -339,6 +539,9 @@ class Dispatcher(threading.Thread):
             self.started.set()
 
     # -- inbox: requests and commands from callers ----------------------------------------
+    def _defer(self, future, value=None, error: BaseException | None = None) -> None:
+        self.deferred.append((future, value, error))
+
     def read_inbox(self) -> None:
         scheduler = self.scheduler
         for item in self.inbox.drain():
@@ -359,13 +562,16 @@ class Dispatcher(threading.Thread):
 
     # -- what workers say ----------------------------------------------------------------
     def read_workers(self) -> None:
-        while True:
+        """Every message waiting on the ROUTER (asked with ZMQ_EVENTS: a recv that ends
+        in zmq.Again costs an exception each time)."""
+        router, scheduler = self.router, self.scheduler
+        while router.getsockopt(_EVENTS) & _POLLIN:
             try:
                 # The head as a zmq Frame: admission asks it for the peer's credentials.
-                frames = wire.recv(self.router, zmq.NOBLOCK, copied=1)
+                frames = wire.recv(router, zmq.NOBLOCK, copied=1)
             except zmq.Again:
                 return
-            self.carry_out(self.scheduler.on_message(frames, time.monotonic()))
+            self.carry_out(scheduler.on_message(frames, time.monotonic()))
 
     def admits(self, meta: dict, frame) -> bool:
         """READY from a process the pool started: the right secret (compared in constant

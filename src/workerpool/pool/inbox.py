@@ -37,6 +37,15 @@ class Inbox:
                 self._wake_pending = True
                 os.eventfd_write(self.fd, 1)
 
+    def waiting(self) -> bool:
+        """Items are queued (read without draining: no system call)."""
+        return not self._queue.empty()
+
+    def nudge(self) -> None:
+        """Wake the dispatcher thread's poll() with nothing posted: a caller that drove
+        the pool changed what it must look at (pool/driven_future.py)."""
+        os.eventfd_write(self.fd, 1)
+
     def drain(self):
         """Every item posted until the queue is empty (the dispatcher thread's side)."""
         try:

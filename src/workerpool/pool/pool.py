@@ -34,7 +34,8 @@ from ..ipc.codec import Codec
 from ..sources import files
 from . import memory
 from .batching import batch_key_of
-from .dispatcher import Request
+from .dispatcher import Request, settle
+from .driven_future import DrivenFuture
 from .scheduling import MAX_CHUNK
 from .generation import Generation, worker_rows
 from .loop_answer import LoopAnswer
@@ -238,7 +239,7 @@ class Pool:
                               credit=STREAM_WINDOW, tag=tag)
         else:
             batch_key, rows = batch_key_of(args, kwargs)
-            request = Request(next(self._ids), answer or Future(), body, frames,
+            request = Request(next(self._ids), answer or DrivenFuture(), body, frames,
                               batch_key=batch_key, rows=rows, timeout=timeout, tag=tag)
         trace = request_ids.timings.get()
         if trace is not None:  # a tracer wants its queue and compute times
@@ -251,11 +252,15 @@ class Pool:
             if not dispatcher.queue_gauge.try_add(max_queue):
                 raise QueueFull(f"{max_queue} requests are already waiting (max_queue); "
                                 "retry later, add workers, or raise max_queue")
+            if type(request.future) is DrivenFuture:
+                request.future.dispatcher = dispatcher
             try:
-                dispatcher.submit(request)
+                later = dispatcher.submit(request)
             except BaseException:
                 dispatcher.queue_gauge.remove()
                 raise
+        for future, value, error in later:  # other requests' answers, outside the lock
+            settle(future, value, error)
         return request.future
 
     def stream(self, *args, timeout: float | None = None, **kwargs) -> Stream:

@@ -262,6 +262,11 @@ class Scheduler:
         return self.closing and not self.pending and not self.retries and not any(
             w.inflight for w in self.workers.values())
 
+    def has_idle_worker(self) -> bool:
+        """Nothing waits and a ready worker runs nothing: a request now is sent at once."""
+        return not self.pending and not self.retries and \
+            pick_worker(self.workers.values(), idle=True) is not None
+
     def queued(self) -> int:
         """Requests waiting to be sent (retries included)."""
         return len(self.pending) + len(self.retries)

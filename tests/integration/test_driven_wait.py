@@ -1,0 +1,149 @@
+"""A caller waiting on ``submit(...).result()`` reads its own answer (pool/driven_future.py):
+the answer is settled on the waiting thread, not the pool's; many waiting threads share
+the sockets without losing a request, a worker killed meanwhile included; Ctrl-C while
+waiting leaves the pool whole and the request answered."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import modelzoo
+import workerpool as wp
+from testkit import wait_until
+
+pytestmark = pytest.mark.module_pool
+
+
+def sleepy_echo(model, x, sleep=0.0):
+    if sleep:
+        time.sleep(sleep)
+    return x
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with wp.Pool(modelzoo.numpy_model, sleepy_echo, workers=2) as pool:
+        yield pool
+
+
+def settled_on(future) -> list[int]:
+    threads = []
+    future.add_done_callback(lambda f: threads.append(threading.get_ident()))
+    return threads
+
+
+@pytest.mark.parametrize("where", ["main thread", "other thread"])
+def test_the_waiting_thread_reads_its_own_answer(pool, where):
+    def calls():
+        seen = []
+        for i in range(5):
+            future = pool.submit(float(i), sleep=0.05)  # answered after the callback is on
+            threads = settled_on(future)
+            assert future.result(timeout=30) == float(i)
+            seen += threads
+        return seen
+
+    if where == "main thread":
+        seen, caller = calls(), threading.get_ident()
+    else:
+        out = []
+        thread = threading.Thread(target=lambda: out.append(calls()))
+        thread.start()
+        thread.join(60)
+        seen, caller = out[0], thread.ident
+    assert seen == [caller] * 5  # not the pool's thread: no wake of it per request
+
+
+def test_a_future_waited_on_elsewhere_is_still_answered_by_the_pool(pool):
+    future = pool.submit(7.0, sleep=0.05)
+    threads = settled_on(future)
+    assert wait_until(future.done, 30)  # nobody calls result(): the pool's thread answers
+    assert future.result() == 7.0
+    assert threads and threads[0] != threading.get_ident()
+
+
+def test_threads_waiting_together_lose_nothing_while_a_worker_is_killed(pool):
+    results, errors = {}, []
+
+    def caller(n):
+        try:
+            for i in range(150):
+                value = n * 1000.0 + i
+                results[(n, i)] = pool.submit(value).result(timeout=60) == value
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: len(results) >= 200, 60)
+    os.kill(pool.pids[0], signal.SIGKILL)
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert len(results) == 900 and all(results.values())
+    assert pool.broken is None
+
+
+def test_ctrl_c_while_waiting_loses_nothing(pool):
+    future = pool.submit(2.0, sleep=2.0)
+    main, seen = threading.get_ident(), threading.Event()
+
+    def ctrl_c_while_waiting():
+        assert wait_until(future.running, 10)
+        while not seen.is_set():
+            time.sleep(0.2)
+            if not seen.is_set():
+                signal.pthread_kill(main, signal.SIGINT)
+
+    # Python's own handler, whatever was inherited (see test_hardening's Ctrl-C test)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupter = threading.Thread(target=ctrl_c_while_waiting, daemon=True)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            future.result(timeout=30)
+        signal.signal(signal.SIGINT, lambda *_: None)  # a late one lands here
+        seen.set()
+        interrupter.join(5)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert future.result(timeout=30) == 2.0  # still answered
+    assert pool.broken is None
+    x = np.arange(4.0)
+    assert np.array_equal(pool.submit(x).result(timeout=30), x)
+
+
+def test_callbacks_that_call_the_pool_run_outside_its_locks(pool):
+    # A submit that sends its request itself also reads the replies waiting then (other
+    # threads' answers); their futures' callbacks must not run under the pool's locks (a
+    # callback that submits would wait on a lock its own thread holds: a hang).
+    chained, errors = [], []
+
+    def resubmit(future):
+        chained.append(pool.submit(future.result() + 1.0))
+
+    def caller(n):
+        try:
+            for i in range(100):
+                future = pool.submit(n * 1000.0 + i)
+                future.add_done_callback(resubmit)
+                future.result(timeout=60)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(n,), daemon=True) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and not any(thread.is_alive() for thread in threads)
+    assert wait_until(lambda: len(chained) == 400, 60)
+    assert sorted(f.result(timeout=60) for f in chained) == sorted(
+        n * 1000.0 + i + 1.0 for n in range(4) for i in range(100))
