@@ -120,10 +120,10 @@ class Dispatcher(threading.Thread):
         return self.scheduler.start_error
 
     # -- called from other threads -------------------------------------------------------
-    def submit(self, request: Request) -> list:
+    def submit(self, request: Request, direct: bool = True) -> list:
         """Hand over a request; PoolClosed once the thread has stopped taking them. A
-        caller that finds a worker idle and the baton free sends it itself (no wake of the
-        thread); under a backlog the thread sends requests in chunks. Returns the answers
+        caller that finds a worker idle and the baton free sends it itself (``direct``; no
+        wake of the thread); under a backlog the thread sends requests in chunks. Returns the answers
         (future, value, error) to other requests it met meanwhile, for the caller to give
         with ``settle`` once it holds no lock: their futures' callbacks may call the
         pool."""
@@ -131,7 +131,8 @@ class Dispatcher(threading.Thread):
         if driver is not None:
             driver.submit(request)
             return []
-        if not (self._idle_look() and self._take_baton()):
+        if not (direct and self._idle_look() and self.scheduler.has_idle_worker(hint=True)
+                and self._take_baton()):
             self.inbox.post(request)
             return []
         accepted, interrupted = None, None
@@ -168,8 +169,8 @@ class Dispatcher(threading.Thread):
         (monotonic) passes, or the baton is not to be had; the thread (or the loop) answers
         it otherwise. Interrupted in poll() (Ctrl-C), nothing is lost; interrupted while
         it dispatches, the pool cannot know what was, and is failed (PoolBroken)."""
-        if not self._idle_look():
-            return  # under a backlog the thread dispatches in chunks; it answers this too
+        if not (self._idle_look() and self.scheduler.alone_in_flight()):
+            return  # others wait too: the thread answers them in turn, this one included
         slice_end = time.monotonic() + DRIVE_SLICE_S
         while not future.done():
             if not self._take_baton():

@@ -226,10 +226,11 @@ class Pool:
 
     def _submit(self, args: tuple, kwargs: dict, timeout: float | None,
                 max_queue: int | None, answer: Future | LoopAnswer | None = None,
-                stream=None):
+                stream=None, direct: bool = True):
         """The request's ``answer`` (a new Future unless given): what its caller waits on;
         with ``stream`` (a Stream's or AsyncStream's sink), a streaming call whose items
-        go there."""
+        go there. ``direct``: the caller may send it itself when a worker is idle
+        (Dispatcher.submit)."""
         self._check_open()
         timeout = self.config.timeout if timeout is None else deadline_seconds(timeout)
         body, frames = self._codec.encode_call(args, kwargs)
@@ -255,7 +256,7 @@ class Pool:
             if type(request.future) is DrivenFuture:
                 request.future.dispatcher = dispatcher
             try:
-                later = dispatcher.submit(request)
+                later = dispatcher.submit(request, direct)
             except BaseException:
                 dispatcher.queue_gauge.remove()
                 raise
@@ -300,7 +301,10 @@ class Pool:
         timeout = deadline_seconds(timeout)
         in_flight: collections.deque[Future] = collections.deque()
         for x in inputs:
-            in_flight.append(self._submit((x,), {}, timeout, None))
+            # A plain Future, posted: map keeps a window in flight, which the pool's
+            # thread sends in chunks; a caller sending its own request gains nothing here.
+            in_flight.append(self._submit((x,), {}, timeout, None, answer=Future(),
+                                          direct=False))
             if len(in_flight) >= window:
                 yield in_flight.popleft().result()
         while in_flight:

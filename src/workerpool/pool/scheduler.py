@@ -262,10 +262,28 @@ class Scheduler:
         return self.closing and not self.pending and not self.retries and not any(
             w.inflight for w in self.workers.values())
 
-    def has_idle_worker(self) -> bool:
-        """Nothing waits and a ready worker runs nothing: a request now is sent at once."""
-        return not self.pending and not self.retries and \
-            pick_worker(self.workers.values(), idle=True) is not None
+    def has_idle_worker(self, hint: bool = False) -> bool:
+        """Nothing waits and a ready worker runs nothing: a request now is sent at once.
+        ``hint``: read without the baton (a worker table that changes meanwhile: False)."""
+        if self.pending or self.retries:
+            return False
+        if not hint:
+            return pick_worker(self.workers.values(), idle=True) is not None
+        try:
+            return pick_worker(list(self.workers.values()), idle=True) is not None
+        except RuntimeError:
+            return False
+
+    def alone_in_flight(self) -> bool:
+        """At most one request is out: the one of a caller that waits for it alone
+        (Dispatcher.drive_until). Read without the baton, as a hint."""
+        out = 0
+        try:
+            for worker in list(self.workers.values()):
+                out += len(worker.inflight)
+        except RuntimeError:  # the table changed meanwhile (a worker came or went)
+            return False
+        return out <= 1
 
     def queued(self) -> int:
         """Requests waiting to be sent (retries included)."""
