@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import signal
 import threading
 import time
 
@@ -103,3 +105,32 @@ def kill_a_worker_and_wait_for_its_replacement(pool) -> int:
     assert wait_until(lambda: victim not in pool.pids and len(pool.pids) == workers and all(
         w["state"] == "ready" for w in pool.stats(memory_usage=False)["workers"]))
     return victim
+
+
+@contextlib.contextmanager
+def ctrl_c_once(ready, timeout: float = 10.0):
+    """Ctrl-C to this (the main) thread while the body runs, once ``ready()`` holds: again
+    every 0.2 s until the body is done (in two full-suite runs a single SIGINT on a timer
+    came to nothing, which no run of one module alone reproduced). Python's own handler is
+    installed meanwhile, whatever this process inherited: a test run started in the
+    background by a non-interactive shell ignores SIGINT (POSIX), and Python then installs
+    none, so no KeyboardInterrupt would ever come."""
+    main, done = threading.get_ident(), threading.Event()
+
+    def interrupt():
+        assert wait_until(ready, timeout)
+        while not done.is_set():
+            time.sleep(0.2)
+            if not done.is_set():
+                signal.pthread_kill(main, signal.SIGINT)
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupter = threading.Thread(target=interrupt, daemon=True)
+    interrupter.start()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, lambda *_: None)  # a late one lands here
+        done.set()
+        interrupter.join(5)
+        signal.signal(signal.SIGINT, inherited)

@@ -15,7 +15,7 @@ import pytest
 
 import modelzoo
 import workerpool as wp
-from testkit import wait_until
+from testkit import ctrl_c_once, wait_until
 
 pytestmark = pytest.mark.module_pool
 
@@ -93,27 +93,9 @@ def test_threads_waiting_together_lose_nothing_while_a_worker_is_killed(pool):
 
 def test_ctrl_c_while_waiting_loses_nothing(pool):
     future = pool.submit(2.0, sleep=2.0)
-    main, seen = threading.get_ident(), threading.Event()
-
-    def ctrl_c_while_waiting():
-        assert wait_until(future.running, 10)
-        while not seen.is_set():
-            time.sleep(0.2)
-            if not seen.is_set():
-                signal.pthread_kill(main, signal.SIGINT)
-
-    # Python's own handler, whatever was inherited (see test_hardening's Ctrl-C test)
-    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-    interrupter = threading.Thread(target=ctrl_c_while_waiting, daemon=True)
-    interrupter.start()
-    try:
+    with ctrl_c_once(future.running):
         with pytest.raises(KeyboardInterrupt):
             future.result(timeout=30)
-        signal.signal(signal.SIGINT, lambda *_: None)  # a late one lands here
-        seen.set()
-        interrupter.join(5)
-    finally:
-        signal.signal(signal.SIGINT, inherited)
     assert future.result(timeout=30) == 2.0  # still answered
     assert pool.broken is None
     x = np.arange(4.0)

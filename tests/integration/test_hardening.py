@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import warnings
 
@@ -28,7 +27,7 @@ import zmq
 
 import modelzoo
 import workerpool as wp
-from testkit import is_running, our_memfds, wait_until
+from testkit import ctrl_c_once, is_running, our_memfds, wait_until
 
 pytestmark = pytest.mark.module_pool
 
@@ -252,33 +251,9 @@ def test_close_interrupted_by_ctrl_c_finishes_on_the_second_call():
     memfds = our_memfds()
     pool = wp.Pool(modelzoo.numpy_model, probe_predict, workers=1)
     slow = pool.submit(3.0, mode="sleep")
-    main, seen = threading.get_ident(), threading.Event()
-
-    def ctrl_c_while_closing():
-        # Ctrl-C once close() is draining, and again every 0.2 s until it was seen: in
-        # two full-suite runs a single SIGINT on a 0.3 s timer came to nothing (close()
-        # returned uninterrupted), which no run of the module alone reproduced
-        assert wait_until(lambda: pool._generation.shutdown.requested, 10)
-        while not seen.is_set():
-            time.sleep(0.2)
-            if not seen.is_set():
-                signal.pthread_kill(main, signal.SIGINT)
-
-    # Python's own Ctrl-C handler, whatever this process inherited: a test run started in
-    # the background by a non-interactive shell ignores SIGINT (POSIX), and Python then
-    # installs no handler, so no KeyboardInterrupt ever came (the failures of full local
-    # runs, never seen in CI)
-    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-    interrupter = threading.Thread(target=ctrl_c_while_closing, daemon=True)
-    interrupter.start()
-    try:
+    with ctrl_c_once(lambda: pool._generation.shutdown.requested):
         with pytest.raises(KeyboardInterrupt):
             pool.close()  # draining the slow request when Ctrl-C arrives
-        signal.signal(signal.SIGINT, lambda *_: None)  # a late one lands here
-        seen.set()
-        interrupter.join(5)
-    finally:
-        signal.signal(signal.SIGINT, inherited)
     assert not slow.done()  # it was interrupted while the request still ran
     pool.close()
     assert released(pool, memfds)
