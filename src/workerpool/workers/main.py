@@ -108,6 +108,8 @@ def serve(model, predict, boot: dict) -> int:
 def work_loop(sock, runner, heartbeat_ms: int) -> int:
     """TASK -> replies, until STOP; HEARTBEAT when idle for ``heartbeat_ms``; the heap
     freed by the last requests goes back to the OS once idle for TRIM_AFTER_IDLE_MS."""
+    import zmq
+
     from .. import malloc
     from ..ipc import wire
     from .streaming import StreamLink, run_stream
@@ -115,18 +117,25 @@ def work_loop(sock, runner, heartbeat_ms: int) -> int:
     trim_after_ms = min(TRIM_AFTER_IDLE_MS, heartbeat_ms)  # never a late heartbeat
     trim_pending = True  # the warm-up has freed some already
     backlog: collections.deque = collections.deque()  # what arrived during a stream
+    # One Poller, asked only when nothing waits already (ZMQ_EVENTS): Socket.poll builds a
+    # Poller per call, and the loop polled twice per request (the trim's wait, then the
+    # heartbeat's).
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    events_option, pollin = int(zmq.EVENTS), int(zmq.POLLIN)
     while True:
         if backlog:
             frames = backlog.popleft()
         else:
-            quiet_ms = 0
-            if trim_pending and not sock.poll(trim_after_ms):
-                malloc.return_free_heap()
-                trim_pending, quiet_ms = False, trim_after_ms
-            if not sock.poll(max(0, heartbeat_ms - quiet_ms)):
-                # from the work loop itself: a worker stuck in predict stays silent
-                sock.send(wire.head(wire.HEARTBEAT, {}))
-                continue
+            if not sock.getsockopt(events_option) & pollin:
+                quiet_ms = 0
+                if trim_pending and not poller.poll(trim_after_ms):
+                    malloc.return_free_heap()
+                    trim_pending, quiet_ms = False, trim_after_ms
+                if not trim_pending and not poller.poll(max(0, heartbeat_ms - quiet_ms)):
+                    # from the work loop itself: a worker stuck in predict stays silent
+                    sock.send(wire.head(wire.HEARTBEAT, {}))
+                    continue
             frames = wire.recv(sock)
         trim_pending = True
         kind, meta = wire.read_head(frames[0])
