@@ -1,11 +1,13 @@
-"""The dispatcher thread: the only owner of the ROUTER socket; it carries out what the
-scheduler (pool/scheduler.py) decides. ``drive_on(loop)`` lends the sockets to an event
+"""The dispatcher thread: it owns the ROUTER socket and carries out what the scheduler
+(pool/scheduler.py) decides. Whoever holds its baton may do the same: the thread holds it
+but while it waits, and a caller alone in flight takes it to send its own request and read
+its own answer (pool/driven_future.py). ``drive_on(loop)`` lends the sockets to an event
 loop's thread instead (pool/loop_driver.py), which runs the same methods; the thread keeps
 what sleeps or ends (a zygote restart, the teardown).
 
     caller threads ── submit(Request) / call(fn) / close ──> Inbox (pool/inbox.py) ───────┐
                                                                                           ▼
-    Dispatcher.run():  poll [ROUTER, inbox eventfd, zygote control socket] until the
+    Dispatcher.run():  epoll [ROUTER's fd, inbox eventfd, zygote control socket] until the
                        scheduler's next_wake, then hand each event to the Scheduler and
                        carry out the actions it returns:
         ROUTER  <- READY{credits} | RESULT | ERROR | HEARTBEAT | BYE   (per worker identity)
@@ -123,10 +125,10 @@ class Dispatcher(threading.Thread):
     def submit(self, request: Request, direct: bool = True) -> list:
         """Hand over a request; PoolClosed once the thread has stopped taking them. A
         caller that finds a worker idle and the baton free sends it itself (``direct``; no
-        wake of the thread); under a backlog the thread sends requests in chunks. Returns the answers
-        (future, value, error) to other requests it met meanwhile, for the caller to give
-        with ``settle`` once it holds no lock: their futures' callbacks may call the
-        pool."""
+        wake of the thread); under a backlog the thread sends requests in chunks. Returns
+        the answers (future, value, error) to other requests it met meanwhile, for the
+        caller to give with ``settle`` once it holds no lock: their futures' callbacks may
+        call the pool."""
         driver = self._driver_here()
         if driver is not None:
             driver.submit(request)
