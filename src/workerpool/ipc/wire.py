@@ -70,9 +70,18 @@ EXIT_PARENT_GONE = 71  # the pool's process or the zygote died
 EXIT_SERVING_ERROR = 72  # the worker's own loop failed after READY (a bug in workerpool)
 
 _SNDMORE = int(zmq.SNDMORE)
+# As plain ints: pyzmq's enums cost a Flag operation per test, several per request.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 # Frames below this are copied by libzmq anyway (pyzmq's own threshold): sending them as
 # bytes skips making a zmq.Frame for each.
 _COPY_BELOW = zmq.COPY_THRESHOLD
+
+
+def has_message(sock: zmq.Socket) -> bool:
+    """A whole message waits on ``sock`` (ZMQ_EVENTS: no wait, no Poller, no zmq.Again).
+    Also what a socket polled by its fd must be asked after every send or receive: either
+    may consume the edge of the fd's signal."""
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
 
 
 # -- heads -----------------------------------------------------------------------------------

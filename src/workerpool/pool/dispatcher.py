@@ -58,9 +58,6 @@ CALL_ON_LOOP_SLICE_S = 0.005
 # at least this often, so the thread is never kept from its events for longer.
 DRIVE_SLICE_S = 0.05
 
-# As plain ints: pyzmq's enums cost a Flag operation per test, several per request.
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-
 __all__ = ["Dispatcher", "QueueGauge", "Request"]
 
 
@@ -133,7 +130,7 @@ class Dispatcher(threading.Thread):
         if driver is not None:
             driver.submit(request)
             return []
-        if not (direct and self._idle_look() and self.scheduler.has_idle_worker(hint=True)
+        if not (direct and self._idle_look() and self.scheduler.has_idle_worker()
                 and self._take_baton()):
             self.inbox.post(request)
             return []
@@ -180,9 +177,9 @@ class Dispatcher(threading.Thread):
             interrupted, stop = None, False
             try:
                 events = self._poll_for_caller(slice_end, deadline)
-            except BaseException as exc:  # (Ctrl-C) in poll: nothing was being done
+            except BaseException:  # (Ctrl-C) in poll: nothing was being done
                 self._give_baton()
-                raise exc
+                raise
             if events is None:
                 stop = True
             else:
@@ -264,7 +261,7 @@ class Dispatcher(threading.Thread):
         wake = self.scheduler.next_wake()
         if wake is not None:
             until = min(until, wake)
-        timeout_ms = max(0, math.ceil((until - time.monotonic()) * 1000))
+        timeout_ms = math.ceil(self.poll_timeout(until) * 1000)
         if not self.router_unwatched:
             epoll.modify(self.router.getsockopt(zmq.FD), 0)
             self.router_unwatched = True  # until the baton is given back
@@ -455,7 +452,7 @@ class Dispatcher(threading.Thread):
         """Read the ROUTER until ZeroMQ says nothing waits (a send may consume the edge of
         its fd's signal, so poll() alone could miss a reply), dispatching after each read
         (a reply's credit may let queued work go)."""
-        while self.router.getsockopt(_EVENTS) & _POLLIN:
+        while wire.has_message(self.router):
             self.read_workers()
             self.carry_out(self.scheduler.tick(time.monotonic()))
 
@@ -565,10 +562,10 @@ class Dispatcher(threading.Thread):
 
     # -- what workers say ----------------------------------------------------------------
     def read_workers(self) -> None:
-        """Every message waiting on the ROUTER (asked with ZMQ_EVENTS: a recv that ends
-        in zmq.Again costs an exception each time)."""
+        """Every message waiting on the ROUTER (wire.has_message: a recv that ends in
+        zmq.Again costs an exception each time)."""
         router, scheduler = self.router, self.scheduler
-        while router.getsockopt(_EVENTS) & _POLLIN:
+        while wire.has_message(router):
             try:
                 # The head as a zmq Frame: admission asks it for the peer's credentials.
                 frames = wire.recv(router, zmq.NOBLOCK, copied=1)

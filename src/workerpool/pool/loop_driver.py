@@ -31,6 +31,8 @@ import time
 
 import zmq
 
+from ..ipc import wire
+
 
 class LoopDriver:
     def __init__(self, dispatcher, loop: asyncio.AbstractEventLoop):
@@ -113,15 +115,13 @@ class LoopDriver:
 
     def _step(self) -> None:
         d = self.dispatcher
-        router = d.router
-        if router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            d.read_workers()
+        d.read_workers()  # (reads only what waits)
         scheduler = d.scheduler
         d.carry_out(scheduler.tick(time.monotonic()))
         if scheduler.finished() or d.hand_over_to is None:
             self.hand_back()
             return
-        if router.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # sends may have eaten the edge
+        if wire.has_message(d.router):  # sends may have eaten the edge
             self.queue_turn()
         self._arm_timer(scheduler.next_wake())
 

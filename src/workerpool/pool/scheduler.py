@@ -262,28 +262,27 @@ class Scheduler:
         return self.closing and not self.pending and not self.retries and not any(
             w.inflight for w in self.workers.values())
 
-    def has_idle_worker(self, hint: bool = False) -> bool:
+    def has_idle_worker(self) -> bool:
         """Nothing waits and a ready worker runs nothing: a request now is sent at once.
-        ``hint``: read without the baton (a worker table that changes meanwhile: False)."""
+        Also read without the baton, as a hint (Dispatcher.submit)."""
         if self.pending or self.retries:
             return False
-        if not hint:
-            return pick_worker(self.workers.values(), idle=True) is not None
-        try:
-            return pick_worker(list(self.workers.values()), idle=True) is not None
-        except RuntimeError:
-            return False
+        workers = self._workers_now()
+        return workers is not None and pick_worker(workers, idle=True) is not None
 
     def alone_in_flight(self) -> bool:
         """At most one request is out: the one of a caller that waits for it alone
         (Dispatcher.drive_until). Read without the baton, as a hint."""
-        out = 0
+        workers = self._workers_now()
+        return workers is not None and sum(len(w.inflight) for w in workers) <= 1
+
+    def _workers_now(self) -> list | None:
+        """The worker table as a list, safe to read from any thread; None when it
+        changed while being copied (a worker came or went)."""
         try:
-            for worker in list(self.workers.values()):
-                out += len(worker.inflight)
-        except RuntimeError:  # the table changed meanwhile (a worker came or went)
-            return False
-        return out <= 1
+            return list(self.workers.values())
+        except RuntimeError:
+            return None
 
     def queued(self) -> int:
         """Requests waiting to be sent (retries included)."""

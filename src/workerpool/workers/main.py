@@ -117,17 +117,16 @@ def work_loop(sock, runner, heartbeat_ms: int) -> int:
     trim_after_ms = min(TRIM_AFTER_IDLE_MS, heartbeat_ms)  # never a late heartbeat
     trim_pending = True  # the warm-up has freed some already
     backlog: collections.deque = collections.deque()  # what arrived during a stream
-    # One Poller, asked only when nothing waits already (ZMQ_EVENTS): Socket.poll builds a
+    # One Poller, asked only when nothing waits already (has_message): Socket.poll builds a
     # Poller per call, and the loop polled twice per request (the trim's wait, then the
     # heartbeat's).
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    events_option, pollin = int(zmq.EVENTS), int(zmq.POLLIN)
     while True:
         if backlog:
             frames = backlog.popleft()
         else:
-            if not sock.getsockopt(events_option) & pollin:
+            if not wire.has_message(sock):
                 quiet_ms = 0
                 if trim_pending and not poller.poll(trim_after_ms):
                     malloc.return_free_heap()

@@ -44,7 +44,7 @@ class StreamLink:
     def read_pending(self) -> None:
         """Everything the pool sent so far, without waiting (ZMQ_EVENTS, not poll(): a
         poll builds a Poller each call, a fifth of a fast stream's time per item)."""
-        while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+        while wire.has_message(self.sock):
             self._read_one()
 
     def wait_for_credit(self) -> bool:
