@@ -10,7 +10,7 @@ checked against the same model called in this benchmark's helper process), measu
 
 - the server process's PSS, USS and RSS (psutil ``memory_full_info``), and whether torch's
   or TensorFlow's shared libraries are mapped in it (``/proc/PID/maps``);
-- the whole tree's PSS (the server, two zygotes, the workers);
+- the whole tree's PSS (the server, the runtime, the workers);
 - ``ready_s``: from starting the server to both models ready.
 
 Prints JSON and writes bench/results/server_memory.md.
@@ -64,13 +64,18 @@ def get(port: int, path: str, body: dict | None = None) -> tuple[int, dict]:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as error:
-        return error.code, {}
+        try:
+            return error.code, json.loads(error.read() or b"{}")
+        except ValueError:
+            return error.code, {}
     except OSError:
         return 0, {}
 
 
 def infer(port: int, model: str, x: np.ndarray) -> np.ndarray:
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+    # the input's name as the model declares it (a Keras model names its own)
+    inputs = get(port, f"/v2/models/{model}")[1].get("inputs") or [{"name": "input"}]
+    body = {"inputs": [{"name": inputs[0]["name"], "datatype": "FP32", "shape": list(x.shape),
                         "data": x.reshape(-1).tolist()}]}
     status, answer = get(port, f"/v2/models/{model}/infer", body)
     if status != 200:
