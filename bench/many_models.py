@@ -71,9 +71,11 @@ def kind_of(process: psutil.Process, server_pid: int) -> str:
         parent = process.parent()
         if parent is not None and parent.pid == server_pid:
             return "runtime"
+        # the runtime forks a zygote only for a model loaded as it attaches (TorchScript);
+        # the others' workers are its children
         grandparent = parent.parent() if parent is not None else None
         return "zygote" if grandparent is not None and grandparent.pid == server_pid \
-            else "worker"
+            and process.children() else "worker"
     if "workerpool.workers.zygote" in command:
         return "zygote"
     return "worker"

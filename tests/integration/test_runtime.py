@@ -47,16 +47,16 @@ def test_pools_on_one_runtime_answer_each_from_its_own_model_and_share_one_torch
                 answers = list(pool.map([x] * 4))
                 assert len(answers) == 4 and all(torch.equal(a, expected(seed, x))
                                                  for a in answers)
-            # every zygote forked from the one runtime; each worker from its pool's zygote
-            zygotes = [pool.zygote_pid for pool in shared]
-            assert len(set(zygotes)) == 3
-            assert {psutil.Process(z).ppid() for z in zygotes} == {runtime.pid}
-            assert all(psutil.Process(pool.pids[0]).ppid() == pool.zygote_pid
-                       for pool in shared)
+            # the runtime plays every pool's zygote: it forked each worker itself, and no
+            # zygote process of a model's own stands between them
+            assert {pool.zygote_pid for pool in shared} == {runtime.pid}
+            workers = [p for pool in shared for p in pool.pids]
+            assert sorted(c.pid for c in psutil.Process(runtime.pid).children()) == \
+                sorted(workers)
             assert all(psutil.Process(pool.zygote_pid).ppid() == os.getpid() for pool in alone)
-            # torch imported once for three models, not three times (measured: 248 MiB for
-            # the runtime, three zygotes and three workers against 556 MiB without it)
-            with_runtime = pss([runtime.pid, *zygotes, *(p for pool in shared for p in pool.pids)])
+            # torch imported once for three models, not three times (measured: 187 MiB for
+            # the runtime and three workers against 500 MiB without it)
+            with_runtime = pss([runtime.pid, *workers])
             without = pss([p for pool in alone for p in (pool.zygote_pid, *pool.pids)])
             assert with_runtime * 1.5 < without, (with_runtime / MIB, without / MIB)
         finally:
@@ -65,40 +65,86 @@ def test_pools_on_one_runtime_answer_each_from_its_own_model_and_share_one_torch
     assert runtime.pid is None and runtime.forks == 3
 
 
-def test_a_zygote_that_dies_is_forked_again_and_the_other_models_never_notice():
+def test_a_worker_that_dies_is_forked_again_by_the_runtime_and_the_other_models_never_notice():
     x = torch.randn(2, 32)
     with wp.Runtime() as runtime:
         with wp.Pool(model(1), modelzoo.torch_predict, workers=1, runtime=runtime) as first, \
                 wp.Pool(model(2), modelzoo.torch_predict, workers=1, runtime=runtime) as second:
-            untouched = (second.zygote_pid, second.pids)
-            dead = first.zygote_pid
-            os.kill(dead, signal.SIGKILL)
-            assert wait_until(lambda: first.zygote_pid not in (dead, None)
-                              and len(first.pids) == 1, 30)
-            assert psutil.Process(first.zygote_pid).ppid() == runtime.pid
+            untouched = second.pids
+            kill_a_worker_and_wait_for_its_replacement(first)
+            assert psutil.Process(first.pids[0]).ppid() == runtime.pid
             assert torch.equal(first.submit(x).result(timeout=30), expected(1, x))
-            assert (second.zygote_pid, second.pids) == untouched
+            assert second.pids == untouched
             assert torch.equal(second.submit(x).result(timeout=30), expected(2, x))
-            kill_a_worker_and_wait_for_its_replacement(second)  # replaced by its own zygote
-            assert torch.equal(second.submit(x).result(timeout=30), expected(2, x))
-            assert first.stats()["zygote_restarts"] == 1
-            assert second.stats()["zygote_restarts"] == 0
+            assert first.stats()["zygote_restarts"] == second.stats()["zygote_restarts"] == 0
 
 
-def test_a_runtime_that_dies_leaves_its_pools_serving_and_is_started_again_for_the_next():
+def test_a_model_loaded_as_it_attaches_keeps_a_zygote_of_its_own(tmp_path):
+    """TorchScript loads where it is unpickled: once in its zygote, forked from the runtime,
+    whose workers share that load."""
+    path = str(tmp_path / "net.pt")
+    torch.jit.script(modelzoo.mlp()).save(path)
+    x = torch.randn(2, 32)
+    with wp.Runtime() as runtime:
+        with wp.Pool(path, modelzoo.torch_predict, workers=2, runtime=runtime) as scripted, \
+                wp.Pool(model(1), modelzoo.torch_predict, workers=1, runtime=runtime) as plain:
+            assert scripted.zygote_pid != runtime.pid
+            assert psutil.Process(scripted.zygote_pid).ppid() == runtime.pid
+            assert all(psutil.Process(p).ppid() == scripted.zygote_pid for p in scripted.pids)
+            assert plain.zygote_pid == runtime.pid
+            reference = modelzoo.reference(modelzoo.mlp, modelzoo.torch_predict, x)
+            assert all(torch.equal(y, reference) for y in scripted.map([x] * 4))
+            assert torch.equal(plain.submit(x).result(timeout=30), expected(1, x))
+
+
+def mlp_with_a_row_type():
+    """A model whose skeleton names a class of an installed module nothing imports yet."""
+    import sqlite3
+
+    return {"net": modelzoo.mlp(seed=1), "row_type": sqlite3.Row}
+
+
+def predict_with_net(model, x):
+    return modelzoo.torch_predict(model["net"], x)
+
+
+def test_installed_modules_an_attach_imports_are_imported_once_in_the_runtime():
+    """Attached in each worker, after the fork: what the model's attach imported from the
+    installed packages (here the standard library's sqlite3 and its C extension) is
+    imported in the runtime when the pool boots, so its workers share it."""
+    x = torch.randn(2, 32)
+
+    def maps(pid):
+        with open(f"/proc/{pid}/maps") as text:
+            return text.read()
+
+    with wp.Runtime() as runtime:
+        with wp.Pool(model(1), modelzoo.torch_predict, workers=1, runtime=runtime):
+            assert "_sqlite3" not in maps(runtime.pid)
+            with wp.Pool(mlp_with_a_row_type, predict_with_net, workers=2,
+                         runtime=runtime) as pool:
+                assert "_sqlite3" in maps(runtime.pid)
+                assert all(torch.equal(y, expected(1, x)) for y in pool.map([x] * 4))
+                assert all("_sqlite3" in maps(pid) for pid in pool.pids)
+
+
+def test_a_runtime_that_dies_is_started_again_and_its_pools_serve_on_new_workers():
     x = torch.randn(2, 32)
     with wp.Runtime() as runtime:
         with wp.Pool(model(1), modelzoo.torch_predict, workers=1, runtime=runtime) as first:
-            dead = runtime.pid
-            os.kill(dead, signal.SIGKILL)
-            assert wait_until(lambda: runtime.pid is None, 10)
+            dead, dead_workers = runtime.pid, first.pids
+            os.kill(dead, signal.SIGKILL)  # its workers watch it and leave with it
             assert torch.equal(first.submit(x).result(timeout=30), expected(1, x))
+            assert wait_until(lambda: runtime.pid not in (None, dead) and len(first.pids) == 1
+                              and first.pids != dead_workers, 30)
+            assert runtime.restarts == 1 and first.zygote_pid == runtime.pid
+            assert not any(is_running(pid) for pid in dead_workers)
             with wp.Pool(model(2), modelzoo.torch_predict, workers=1,
                          runtime=runtime) as second:
-                assert runtime.pid not in (None, dead) and runtime.restarts == 1
+                assert runtime.restarts == 1
                 assert torch.equal(second.submit(x).result(timeout=30), expected(2, x))
-            first.reload(model(3))  # a new version forks from the new runtime too
-            assert psutil.Process(first.zygote_pid).ppid() == runtime.pid
+            first.reload(model(3))  # a new version's workers fork from the runtime too
+            assert psutil.Process(first.pids[0]).ppid() == runtime.pid
             assert torch.equal(first.submit(x).result(timeout=30), expected(3, x))
 
 
@@ -125,14 +171,15 @@ PARENT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sigkill_of_the_parent_takes_the_runtime_zygotes_and_workers_with_it(tmp_path):
+def test_sigkill_of_the_parent_takes_the_runtime_and_workers_with_it(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(PARENT_SCRIPT.format(paths=[*sys.path, os.path.dirname(__file__)]))
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         info = json.loads(next(line for line in parent.stdout if line.startswith('{"pids"')))
-        processes = [*info["pids"], *info["zygotes"], info["runtime"]]
-        assert len(set(processes)) == 7 and all(is_running(pid) for pid in processes)
+        assert set(info["zygotes"]) == {info["runtime"]}  # it plays both pools' zygotes
+        processes = [*info["pids"], info["runtime"]]
+        assert len(set(processes)) == 5 and all(is_running(pid) for pid in processes)
     finally:
         parent.kill()
         parent.wait()
@@ -154,7 +201,7 @@ def test_loaders_fork_from_the_runtime_too_and_a_failing_load_keeps_its_type():
                          load_in="loader") as pool:
                 assert torch.equal(pool.submit(x).result(timeout=30), expected(seed, x))
                 assert pool.stats(memory_usage=False)["weights_source"]
-        assert runtime.forks == 4  # a loader and a zygote each
+        assert runtime.forks == 4  # a loader and a zygote (played by the runtime) each
         with pytest.raises(ValueError,
                            match="no such checkpoint"):
             wp.Pool(failing_load, modelzoo.torch_predict, workers=1, runtime=runtime,

@@ -1,16 +1,19 @@
-"""One runtime process per server, whose imports every model's zygote shares.
+"""One runtime process per server, whose imports every model's workers share.
 
-    Runtime().zygote_channel(skeleton)  ──fork──> a zygote for one pool (workers/runtime.py)
-        returns (Forked, this side of the zygote's control channel); the Supervisor then
-        boots it exactly as a zygote it spawned itself
+    Runtime().zygote_channel(skeleton)  ──> one pool's zygote (workers/runtime.py): played
+        by the runtime itself (Hosted: it forks the pool's workers, each attaching the
+        weights after the fork), or, for a model loaded as it is attached (TorchScript), a
+        zygote process forked from it (Forked); with this side of its control channel,
+        over which the Supervisor boots it exactly as a zygote it spawned itself
     Runtime().loader_channel()  ──fork──> a loader (load_in="loader"), which then loads and
         publishes as a spawned one does, minus the framework import
 
 Pools given the same ``Runtime`` (``Pool(..., runtime=r)``; ``workerpool serve`` gives all
-its models one) fork their zygotes from one process that has imported the frameworks once:
-N torch models cost one torch runtime, not N. The runtime process starts on first use and
-again if it died (zygotes already forked live on: they are their pools'); closing it reaps
-it (close the pools first).
+its models one) start their workers from one process that has imported the frameworks
+once: N torch models cost one torch runtime, not N. The runtime process starts on first
+use and again if it died (the workers it forked leave with it; each pool then starts new
+ones from the new runtime; zygote processes already forked live on); closing it reaps it
+(close the pools first).
 """
 
 from __future__ import annotations
@@ -96,9 +99,59 @@ class Forked:
         self._pidfd = -1
 
 
+def loads_on_attach(skeleton: bytes) -> bool:
+    """Whether attaching the model loads it (TorchScript, torch.export: sources/files.py's
+    ZygoteLoaded): a zygote of its own then loads it once for all its workers."""
+    names = {argument for _, argument, _ in pickletools.genops(skeleton)
+             if isinstance(argument, str)}
+    return "_load_in_worker" in names and bool(
+        names & {"workerpool.sources.files", "workerpool.sources.files _load_in_worker"})
+
+
+class Hosted:
+    """A pool's zygote played by the runtime process (no process of its own): what the
+    Supervisor uses of ``subprocess.Popen``, told through the pool's channel. It has
+    "exited" once the runtime has closed its end (the pool's workers are then gone, or
+    going: each watches the runtime); killing it closes ours, and the runtime kills them."""
+
+    status_known = False
+
+    def __init__(self, pid: int, channel: socket.socket):
+        self.pid = pid  # the runtime's: the parent of the pool's workers
+        self._channel = channel
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._has_exited(0):
+            self.returncode = -1
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not self._has_exited(timeout):
+                raise subprocess.TimeoutExpired("workerpool zygote", timeout)
+            self.returncode = -1
+        return self.returncode
+
+    def _has_exited(self, timeout: float | None) -> bool:
+        if self._channel.fileno() < 0:  # the Supervisor closed it: done with it
+            return True
+        waiter = select.poll()
+        waiter.register(self._channel, 0)  # POLLHUP: the runtime's end is closed
+        return bool(waiter.poll(None if timeout is None else int(timeout * 1000)))
+
+    def kill(self) -> None:
+        if self.returncode is None and self._channel.fileno() >= 0:
+            try:
+                self._channel.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 class Runtime:
-    """The process that imports the frameworks once and forks every zygote of the pools
-    that share it. Thread-safe: pools of a server start in threads of their own."""
+    """The process that imports the frameworks once and plays (or forks) the zygote of
+    every pool that shares it. Thread-safe: pools of a server start in threads of their
+    own."""
 
     def __init__(self, start_timeout: float = 300.0):
         self.start_timeout = start_timeout
@@ -120,9 +173,14 @@ class Runtime:
         with self._lock:
             self._learned.update(modules)
 
-    def zygote_channel(self, skeleton: bytes) -> tuple["Forked", socket.socket]:
-        """A zygote forked from the runtime, not yet booted, and our end of its channel."""
-        return self._fork("zygote", frameworks_in(skeleton, PREIMPORTABLE))
+    def zygote_channel(self, skeleton: bytes, start_method: str = "zygote"
+                       ) -> tuple["Forked | Hosted", socket.socket]:
+        """The pool's zygote, not yet booted, and our end of its channel: played by the
+        runtime itself where the model attaches zero-copy (workers/runtime.py says why),
+        else a process forked from it."""
+        role = "host" if start_method == "zygote" and not loads_on_attach(skeleton) \
+            else "zygote"
+        return self._fork(role, frameworks_in(skeleton, PREIMPORTABLE))
 
     def loader_channel(self) -> tuple["Forked", socket.socket]:
         """A loader forked from the runtime (workers/loader.py), waiting for its request,
@@ -147,6 +205,9 @@ class Runtime:
                         reply = control.recv(self._ctl)
                         pidfd = control.recv_fds(self._ctl, 1)[0] \
                             if reply and reply["op"] == "forked" else None
+                        if reply is not None and reply["op"] == "hosted":
+                            self.forks += 1
+                            return Hosted(reply["pid"], ours), ours
                     except (OSError, ConnectionError):
                         reply = None
                     finally:

@@ -58,7 +58,8 @@ class Supervisor:
         if prestarted is not None:
             self.zygote, parent_end = prestarted.take()
         elif self.runtime is not None:
-            self.zygote, parent_end = self.runtime.zygote_channel(self.published.skeleton)
+            self.zygote, parent_end = self.runtime.zygote_channel(self.published.skeleton,
+                                                                  self.config.start_method)
         else:
             self.zygote, parent_end = spawn_zygote(self.published.fd, self.published.all_fds())
         self.ctl = parent_end

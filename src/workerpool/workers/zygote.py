@@ -45,11 +45,18 @@ from ..ipc.wire import EXIT_BOOT_ERROR, EXIT_PARENT_GONE
 
 
 class Zygote:
-    def __init__(self, ctl: socket.socket, boot: dict, weights_fd: int):
+    """One pool's zygote: a process of its own, which attaches the model once and forks
+    workers that have it; or a role the runtime plays for a pool (``host``,
+    workers/runtime.py), which attaches nothing: each worker it forks attaches the weights
+    after the fork."""
+
+    def __init__(self, ctl: socket.socket, boot: dict, weights_fd: int, host=None):
         self.ctl = ctl
         self.boot = boot
         self.weights_fd = weights_fd
-        self.parent_pidfd = os.pidfd_open(boot["parent_pid"])
+        self.host = host
+        # a hosted zygote's process is the runtime, which watches the pool's process itself
+        self.parent_pidfd = os.pidfd_open(boot["parent_pid"]) if host is None else -1
         self.children: dict[int, tuple[int, int, subprocess.Popen | None]] = {}  # pidfd ->
         self.output_of: dict[int, int] = {}  # pidfd -> read end of the worker's stderr pipe
         self.relay = Relay(is_quiet())
@@ -133,22 +140,56 @@ class Zygote:
         while True:
             if self.exiting and not self.children:
                 return 0
-            readable, _, _ = select.select(
-                [self.ctl, self.parent_pidfd, *self.children, *self.relay.fds()], [], [])
+            readable, _, _ = select.select([self.parent_pidfd, *self.watched()], [], [])
             for fd in readable:
-                if fd is self.ctl:
-                    message = control.recv(self.ctl)
-                    if message is None:  # the parent closed the channel or died
-                        self.kill_workers()
-                        return 0
-                    self.handle(message)
-                elif fd == self.parent_pidfd:
+                if fd == self.parent_pidfd:
                     self.kill_workers()
                     return EXIT_PARENT_GONE
-                elif fd in self.children:
-                    self.reap_worker(fd)
-                elif fd in self.output_of.values():
-                    self.relay.read(fd)
+                if not self.on_readable(fd):
+                    return 0
+
+    def watched(self) -> list[int]:
+        """What this zygote waits on besides the pool's process: its channel, its
+        workers' pidfds and their stderr pipes."""
+        return [self.ctl.fileno(), *self.children, *self.relay.fds()]
+
+    def on_readable(self, fd: int) -> bool:
+        """Handle ``fd`` (one of :meth:`watched`); False once this zygote is done (the
+        parent closed the channel: its workers are killed; or told to exit: all reaped)."""
+        if fd == self.ctl.fileno():
+            message = control.recv(self.ctl)
+            if message is None:  # the parent closed the channel or died
+                self.kill_workers()
+                return False
+            self.handle(message)
+        elif fd in self.children:
+            self.reap_worker(fd)
+        elif fd in self.output_of.values():
+            self.relay.read(fd)
+        return not (self.exiting and not self.children)
+
+    def close_in_child(self) -> None:
+        """In a worker forked by the runtime for another pool: nothing of ours is its."""
+        self.ctl.close()
+        for fd in [*self.children, self.weights_fd, *self.boot["file_fds"],
+                   *self.boot["region_fds"]]:
+            if fd >= 0:
+                os.close(fd)
+        self.relay.close_in_child()
+
+    def release(self, remove_private_dir: bool = True) -> None:
+        """A hosted zygote that is done: its workers killed, its descriptors closed (the
+        parent's end of the channel then reads end of file) and the pool's private
+        directory removed, as a zygote process does on its way out."""
+        self.kill_workers()
+        for fd in [self.weights_fd, *self.boot["file_fds"], *self.boot["region_fds"]]:
+            if fd >= 0:
+                os.close(fd)
+        self.weights_fd = -1
+        self.boot["file_fds"] = self.boot["region_fds"] = []
+        self.ctl.close()
+        if remove_private_dir:
+            endpoints.remove_private_dir(self.boot["private_dir"])
 
     def handle(self, message: dict) -> None:
         op = message["op"]
@@ -171,16 +212,34 @@ class Zygote:
         code = EXIT_BOOT_ERROR
         try:
             self.ctl.close()
-            os.close(self.parent_pidfd)
+            if self.host is not None:
+                self.host.close_in_child(keep=self)
+                model, predict = self.attach_in_worker()
+            else:
+                os.close(self.parent_pidfd)
+                model, predict = self.model, self.predict
             for pidfd in self.children:
                 os.close(pidfd)
             self.relay.close_in_child()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            code = worker_main.serve(self.model, self.predict, boot)
+            code = worker_main.serve(model, predict, boot)
         except BaseException:
             worker_main.write_boot_error(boot)
         finally:
             os._exit(code)
+
+    def attach_in_worker(self):
+        """``(model, predict)`` in a worker the runtime forked for this pool: its weights
+        mapped here, after the fork (the runtime attaches no model: two pools' modules
+        could share a name)."""
+        from .attach import attach
+
+        sys.path[:] = self.boot["sys_path"]
+        attached = attach(self.boot["skeleton"], self.weights_fd, self.boot["file_fds"],
+                          self.boot["region_fds"])
+        for fd in [self.weights_fd, *self.boot["file_fds"]]:
+            os.close(fd)
+        return attached
 
     def _spawn_worker(self, boot: dict, stderr: int) -> subprocess.Popen:
         threads = str(self.boot["threads_per_worker"])
