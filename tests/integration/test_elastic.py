@@ -4,6 +4,7 @@ same through `workerpool serve`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -91,10 +92,15 @@ def test_it_grows_toward_workers_under_load_then_shrinks_to_min_workers(x_and_ex
         assert all(m.endswith(") stopped") for m in exits()), exits()
 
 
-def test_no_request_is_lost_while_workers_come_and_go_and_one_is_killed(x_and_expected):
+@pytest.mark.parametrize("on_runtime", [False, True], ids=["own-zygote", "runtime"])
+def test_no_request_is_lost_while_workers_come_and_go_and_one_is_killed(x_and_expected,
+                                                                        on_runtime):
+    """With a Runtime the runtime forks each worker, which attaches after the fork."""
     x, expected = x_and_expected
-    with wp.Pool(modelzoo.mlp, slow_predict, workers=3, min_workers=0,
-                 idle_timeout=0.1) as pool:
+    runtime = wp.Runtime() if on_runtime else None
+    with runtime or contextlib.nullcontext(), \
+            wp.Pool(modelzoo.mlp, slow_predict, workers=3, min_workers=0, idle_timeout=0.1,
+                    runtime=runtime) as pool:
         answers, errors = [], []
         stop = threading.Event()
 
