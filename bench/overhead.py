@@ -7,7 +7,7 @@ median of ``--rounds`` rounds, the pool and its baseline interleaved within a ro
 1. sequential round trip, p50 over ``--sequential`` calls of ``submit(1.0).result()``,
    against a raw pyzmq ROUTER -> DEALER echo process sent the same payload (the codec's
    header for ``((1.0,), {})``) over ipc:// like the pool's link, one message at a time.
-   Target: <= 1.3x.
+   Target: <= 1.5x (the light-model issue's; 1.3x was an earlier one's).
 2. ``--burst`` scalar submits, then waiting on all: requests/s against
    ``multiprocessing.Pool(2).apply_async``. Target: >= 1.0x (aim: 2x).
 3. ``pool.map`` over ``--burst`` scalars: requests/s against
@@ -162,7 +162,7 @@ def profile_burst(pool, n: int, top: int = 15) -> dict:
 
 
 ROWS = [  # (row, what, pool key, baseline key, "time" (lower is better) or "rate", target)
-    ("1", "sequential round trip p50 (us)", "seq_pool_us", "seq_raw_us", "time", "<= 1.3"),
+    ("1", "sequential round trip p50 (us)", "seq_pool_us", "seq_raw_us", "time", "<= 1.5"),
     ("2", "burst then wait (req/s) vs mp.Pool.apply_async", "burst_pool_rps",
      "burst_mp_rps", "rate", ">= 1.0 (aim 2)"),
     ("3a", "map (req/s) vs ProcessPoolExecutor.map", "map_pool_rps", "map_executor_rps",
