@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from workerpool.modules import PREIMPORTABLE
-from workerpool.pool.runtime import frameworks_in
+from workerpool.pool.runtime import frameworks_in, loads_on_attach, skeleton_strings
 
 
 def test_a_skeleton_names_the_frameworks_its_zygote_would_import():
@@ -22,6 +22,20 @@ def test_a_skeleton_names_the_frameworks_its_zygote_would_import():
     for protocol in (2, pickle.HIGHEST_PROTOCOL):  # GLOBAL "module name" / STACK_GLOBAL
         assert frameworks_in(pickle.dumps(FrozenSignatures, protocol=protocol),
                              PREIMPORTABLE) == {"tensorflow"}
+
+
+def test_a_model_loaded_as_it_is_attached_is_told_from_one_attached_zero_copy():
+    """TorchScript travels as a path loaded where it is unpickled: it gets a zygote of its
+    own (one load for its workers); a skeleton over published weights does not."""
+    from workerpool.sources.files import ZygoteLoaded
+
+    scripted = ZygoteLoaded("/models/net.pt", "torchscript")
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):  # GLOBAL "module name" / STACK_GLOBAL
+        assert loads_on_attach(skeleton_strings(pickle.dumps(scripted, protocol=protocol)))
+        assert not loads_on_attach(skeleton_strings(
+            pickle.dumps(torch.nn.Linear(2, 2), protocol=protocol)))
+    # a string that merely names the function is not a reference to it
+    assert not loads_on_attach(skeleton_strings(pickle.dumps({"note": "_load_in_worker"})))
 
 
 def test_what_a_worker_imports_is_imported_before_the_fork():

@@ -38,13 +38,23 @@ _ADAPTER_FRAMEWORKS = {
 }
 
 
+def skeleton_strings(skeleton: bytes) -> set[str]:
+    """Every string a pickled skeleton holds: the modules and names its classes come from
+    among them (STACK_GLOBAL's "module" and "name", or GLOBAL's "module name")."""
+    return {argument for _, argument, _ in pickletools.genops(skeleton)
+            if isinstance(argument, str)}
+
+
 def frameworks_in(skeleton: bytes, known: tuple[str, ...]) -> set[str]:
     """The frameworks among ``known`` whose classes a model's skeleton names: what its
     zygote would import to attach it (imported in the runtime instead, once)."""
+    return frameworks_named(skeleton_strings(skeleton), known)
+
+
+def frameworks_named(strings: set[str], known: tuple[str, ...]) -> set[str]:
+    """:func:`frameworks_in`, from the skeleton's :func:`skeleton_strings`."""
     found: set[str] = set()
-    for _, argument, _ in pickletools.genops(skeleton):
-        if not isinstance(argument, str):
-            continue
+    for argument in strings:
         name = argument.split(" ")[0]  # GLOBAL's argument is "module name"
         top = name.split(".")[0]
         if top in known:
@@ -52,6 +62,14 @@ def frameworks_in(skeleton: bytes, known: tuple[str, ...]) -> set[str]:
         elif name in _ADAPTER_FRAMEWORKS:
             found.add(_ADAPTER_FRAMEWORKS[name])
     return found
+
+
+def loads_on_attach(strings: set[str]) -> bool:
+    """Whether attaching the model loads it (TorchScript, torch.export: sources/files.py's
+    ZygoteLoaded), from its skeleton's :func:`skeleton_strings`: a zygote of its own then
+    loads it once for all its workers."""
+    return {"workerpool.sources.files", "_load_in_worker"} <= strings or \
+        "workerpool.sources.files _load_in_worker" in strings
 
 
 class Forked:
@@ -99,39 +117,18 @@ class Forked:
         self._pidfd = -1
 
 
-def loads_on_attach(skeleton: bytes) -> bool:
-    """Whether attaching the model loads it (TorchScript, torch.export: sources/files.py's
-    ZygoteLoaded): a zygote of its own then loads it once for all its workers."""
-    names = {argument for _, argument, _ in pickletools.genops(skeleton)
-             if isinstance(argument, str)}
-    return "_load_in_worker" in names and bool(
-        names & {"workerpool.sources.files", "workerpool.sources.files _load_in_worker"})
-
-
-class Hosted:
-    """A pool's zygote played by the runtime process (no process of its own): what the
-    Supervisor uses of ``subprocess.Popen``, told through the pool's channel. It has
-    "exited" once the runtime has closed its end (the pool's workers are then gone, or
-    going: each watches the runtime); killing it closes ours, and the runtime kills them."""
-
-    status_known = False
+class Hosted(Forked):
+    """A pool's zygote played by the runtime process (no process of its own): what Forked
+    offers, told through the pool's channel. It has "exited" once the runtime has closed
+    its end (the pool's workers are then gone, or going: each watches the runtime);
+    killing it closes ours, and the runtime kills them."""
 
     def __init__(self, pid: int, channel: socket.socket):
-        self.pid = pid  # the runtime's: the parent of the pool's workers
+        super().__init__(pid, -1)  # pid: the runtime's, the parent of the pool's workers
         self._channel = channel
-        self.returncode: int | None = None
 
-    def poll(self) -> int | None:
-        if self.returncode is None and self._has_exited(0):
-            self.returncode = -1
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            if not self._has_exited(timeout):
-                raise subprocess.TimeoutExpired("workerpool zygote", timeout)
-            self.returncode = -1
-        return self.returncode
+    def _exited(self) -> None:
+        self.returncode = -1
 
     def _has_exited(self, timeout: float | None) -> bool:
         if self._channel.fileno() < 0:  # the Supervisor closed it: done with it
@@ -178,9 +175,10 @@ class Runtime:
         """The pool's zygote, not yet booted, and our end of its channel: played by the
         runtime itself where the model attaches zero-copy (workers/runtime.py says why),
         else a process forked from it."""
-        role = "host" if start_method == "zygote" and not loads_on_attach(skeleton) \
+        strings = skeleton_strings(skeleton)
+        role = "host" if start_method == "zygote" and not loads_on_attach(strings) \
             else "zygote"
-        return self._fork(role, frameworks_in(skeleton, PREIMPORTABLE))
+        return self._fork(role, frameworks_named(strings, PREIMPORTABLE))
 
     def loader_channel(self) -> tuple["Forked", socket.socket]:
         """A loader forked from the runtime (workers/loader.py), waiting for its request,

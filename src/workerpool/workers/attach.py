@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 
 from ..errors import ProtocolError
@@ -44,3 +45,13 @@ def attach(skeleton: bytes, weights_fd: int, file_fds: list[int] = (),
     """
     memfd.attached_regions[:] = region_fds
     return SkeletonUnpickler(io.BytesIO(skeleton), weights_fd, list(file_fds)).load()
+
+
+def attach_boot(boot: dict, weights_fd: int):
+    """:func:`attach` the model a zygote's boot message describes, over ``weights_fd``,
+    then close the weights fd and the weight files' (the mappings are all a model needs;
+    the region fds stay open, for TensorFlow)."""
+    attached = attach(boot["skeleton"], weights_fd, boot["file_fds"], boot["region_fds"])
+    for fd in [weights_fd, *boot["file_fds"]]:
+        os.close(fd)
+    return attached

@@ -204,12 +204,9 @@ def spawned_main(argv: list[str]) -> int:
     sys.stdin.close()
     sys.path[:] = boot["sys_path"]
     try:
-        from .attach import attach
+        from .attach import attach_boot
 
-        model, predict = attach(boot["skeleton"], int(argv[0]), boot["file_fds"],
-                                boot["region_fds"])
-        for fd in [int(argv[0]), *boot["file_fds"]]:
-            os.close(fd)
+        model, predict = attach_boot(boot, int(argv[0]))
     except BaseException:
         write_boot_error(boot)
         return EXIT_BOOT_ERROR

@@ -16,6 +16,7 @@ and errors still show), and the INFO lines printed before that level applies, Li
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -138,6 +139,18 @@ class Relay:
                 out += prefix + line + b"\n"
         if out:
             write_out(bytes(out), self.out_fd)
+
+
+@contextlib.contextmanager
+def held_back_when_quiet(prefix: str):
+    """What fd 2 gets in the block held back and replayed filtered (HeldBack), in quiet
+    mode; untouched otherwise."""
+    held = HeldBack(prefix) if is_quiet() else None
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.release()
 
 
 class HeldBack:

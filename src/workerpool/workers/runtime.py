@@ -57,7 +57,7 @@ from ..ipc import control
 from ..modules import PREIMPORTABLE
 from . import loader, zygote
 from . import main as worker_main
-from .output import HeldBack, is_quiet
+from .output import held_back_when_quiet
 
 from ..ipc.wire import EXIT_PARENT_GONE
 
@@ -69,7 +69,6 @@ class Probe:
     """A child attaching a hosted pool's model once before its pool is told "booted"."""
 
     zygote: zygote.Zygote
-    key: int  # the pool's channel fd: its key in Runtime.hosted
     pid: int
     report: bytearray
 
@@ -89,13 +88,9 @@ class Runtime:
         missing = [m for m in modules if m in PREIMPORTABLE and m not in sys.modules]
         if not missing and self.frozen:
             return
-        held = HeldBack("[workerpool runtime] ") if is_quiet() else None
-        try:
-            if missing:
+        if missing:
+            with held_back_when_quiet("[workerpool runtime] "):
                 zygote.preimport(",".join(missing))
-        finally:
-            if held is not None:
-                held.release()
         worker_main.import_worker_modules()
         gc.collect()
         gc.freeze()
@@ -150,9 +145,9 @@ class Runtime:
         self.booting[channel_fd] = socket.socket(fileno=channel_fd)
         control.send(self.ctl, {"op": "hosted", "pid": os.getpid()})
 
-    def boot_hosted(self, key: int) -> None:
+    def boot_hosted(self, channel_fd: int) -> None:
         """The boot message and fds of a hosted pool: a probe attaches its model once."""
-        channel = self.booting.pop(key)
+        channel = self.booting.pop(channel_fd)
         try:
             boot = control.recv(channel)
             weights_fd = zygote.receive_fds(channel, boot) if boot is not None else -1
@@ -177,7 +172,7 @@ class Runtime:
             finally:
                 os._exit(code)
         os.close(write_fd)
-        self.probes[read_fd] = Probe(role, key, pid, bytearray())
+        self.probes[read_fd] = Probe(role, pid, bytearray())
 
     def read_probe(self, read_fd: int) -> None:
         probe = self.probes[read_fd]
@@ -200,13 +195,11 @@ class Runtime:
                 role.release(remove_private_dir=False)  # the pool may try again
                 return
             self.import_installed(report["imported"])
-            control.send(role.ctl, {"op": "booted", "pid": os.getpid(),
-                                    "threads": zygote.os_thread_count(),
-                                    "modules": [m for m in PREIMPORTABLE if m in sys.modules]})
+            control.send(role.ctl, zygote.booted_message())
         except OSError:  # the pool's process gave up on it meanwhile
             role.release(remove_private_dir=False)
             return
-        self.hosted[probe.key] = role
+        self.hosted[role.ctl.fileno()] = role
 
     def abandon_probe(self, read_fd: int) -> None:
         probe = self.probes.pop(read_fd)
@@ -224,16 +217,12 @@ class Runtime:
         missing = [name for name in names if name not in sys.modules]
         if not missing:
             return
-        held = HeldBack("[workerpool runtime] ") if is_quiet() else None
-        try:
+        with held_back_when_quiet("[workerpool runtime] "):
             for name in missing:
                 try:
                     importlib.import_module(name)
                 except Exception:  # noqa: BLE001 - a worker imports it itself, and reports
                     pass
-        finally:
-            if held is not None:
-                held.release()
         gc.collect()
         gc.freeze()
 
@@ -255,7 +244,8 @@ class Runtime:
             # poll(), not select(): a runtime of many models holds descriptors past 1024
             waiter = select.poll()
             hosted = [fd for role in self.hosted.values() for fd in role.watched()]
-            probing = {probe.key: read_fd for read_fd, probe in self.probes.items()}
+            probing = {probe.zygote.ctl.fileno(): read_fd
+                       for read_fd, probe in self.probes.items()}
             for fd in (self.ctl.fileno(), self.parent_pidfd, *self.children, *self.booting,
                        *self.probes, *probing, *hosted):
                 waiter.register(fd, select.POLLIN)
@@ -326,15 +316,12 @@ def probe_attach(role: "zygote.Zygote") -> bytes:
     """In the probe child: attach the pool's model once; the pickled report says what
     installed modules that imported, or why it failed."""
     before = set(sys.modules)
-    held = HeldBack("[workerpool zygote] ") if is_quiet() else None
-    try:
-        role.attach_in_worker()
-        report = {"imported": installed_modules(set(sys.modules) - before)}
-    except BaseException:  # noqa: BLE001 - the pool's start says why
-        report = {"traceback": traceback.format_exc()}
-    finally:
-        if held is not None:
-            held.release()
+    with held_back_when_quiet("[workerpool zygote] "):
+        try:
+            role.attach_in_worker()
+            report = {"imported": installed_modules(set(sys.modules) - before)}
+        except BaseException:  # noqa: BLE001 - the pool's start says why
+            report = {"traceback": traceback.format_exc()}
     return pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL)
 
 

@@ -39,7 +39,7 @@ import traceback
 from ..ipc import control, endpoints
 from ..modules import PREIMPORTABLE
 from . import main as worker_main
-from .output import HeldBack, Relay, is_quiet
+from .output import Relay, held_back_when_quiet, is_quiet
 
 from ..ipc.wire import EXIT_BOOT_ERROR, EXIT_PARENT_GONE
 
@@ -67,12 +67,9 @@ class Zygote:
     def attach_model(self) -> None:
         if self.boot["start_method"] != "zygote":
             return
-        from .attach import attach
+        from .attach import attach_boot
 
-        self.model, self.predict = attach(self.boot["skeleton"], self.weights_fd,
-                                          self.boot["file_fds"], self.boot["region_fds"])
-        for fd in [self.weights_fd, *self.boot["file_fds"]]:
-            os.close(fd)  # the mappings are all forked workers need
+        self.model, self.predict = attach_boot(self.boot, self.weights_fd)
         self.weights_fd = -1
         worker_main.import_worker_modules()  # (the adapter of the model's framework too)
         # Everything built so far is read-only for the workers: freeze it out of the cyclic
@@ -171,10 +168,9 @@ class Zygote:
     def close_in_child(self) -> None:
         """In a worker forked by the runtime for another pool: nothing of ours is its."""
         self.ctl.close()
-        for fd in [*self.children, self.weights_fd, *self.boot["file_fds"],
-                   *self.boot["region_fds"]]:
-            if fd >= 0:
-                os.close(fd)
+        for pidfd in self.children:
+            os.close(pidfd)
+        self._close_model_fds()
         self.relay.close_in_child()
 
     def release(self, remove_private_dir: bool = True) -> None:
@@ -182,14 +178,19 @@ class Zygote:
         parent's end of the channel then reads end of file) and the pool's private
         directory removed, as a zygote process does on its way out."""
         self.kill_workers()
+        self._close_model_fds()
+        self.ctl.close()
+        if remove_private_dir:
+            endpoints.remove_private_dir(self.boot["private_dir"])
+
+    def _close_model_fds(self) -> None:
+        """The weights', weight files' and mapped constants' fds a hosted zygote keeps for
+        the workers it will fork."""
         for fd in [self.weights_fd, *self.boot["file_fds"], *self.boot["region_fds"]]:
             if fd >= 0:
                 os.close(fd)
         self.weights_fd = -1
         self.boot["file_fds"] = self.boot["region_fds"] = []
-        self.ctl.close()
-        if remove_private_dir:
-            endpoints.remove_private_dir(self.boot["private_dir"])
 
     def handle(self, message: dict) -> None:
         op = message["op"]
@@ -232,14 +233,10 @@ class Zygote:
         """``(model, predict)`` in a worker the runtime forked for this pool: its weights
         mapped here, after the fork (the runtime attaches no model: two pools' modules
         could share a name)."""
-        from .attach import attach
+        from .attach import attach_boot
 
         sys.path[:] = self.boot["sys_path"]
-        attached = attach(self.boot["skeleton"], self.weights_fd, self.boot["file_fds"],
-                          self.boot["region_fds"])
-        for fd in [self.weights_fd, *self.boot["file_fds"]]:
-            os.close(fd)
-        return attached
+        return attach_boot(self.boot, self.weights_fd)
 
     def _spawn_worker(self, boot: dict, stderr: int) -> subprocess.Popen:
         threads = str(self.boot["threads_per_worker"])
@@ -282,6 +279,14 @@ def os_thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def booted_message() -> dict:
+    """What a zygote (a process, or the runtime for a hosted pool) says once the model is
+    attached: the process that forks the pool's workers, its thread count (stats'
+    threads_at_boot) and the frameworks it has imported (a successor preimports them)."""
+    return {"op": "booted", "pid": os.getpid(), "threads": os_thread_count(),
+            "modules": [m for m in PREIMPORTABLE if m in sys.modules]}
+
+
 def main(argv: list[str]) -> int:
     worker_main.ignore_stop_signals()
     ctl = socket.socket(fileno=int(argv[0]))
@@ -295,8 +300,7 @@ def serve_channel(ctl: socket.socket, weights_fd: int | None, preimports: str = 
     workers until told to exit. ``weights_fd`` None: the fds come over ``ctl`` after the
     boot message (a prestarted zygote, or one forked by a runtime: workers/runtime.py)."""
     # Importing a framework prints before its log level applies: held back, then filtered.
-    held = HeldBack("[workerpool zygote] ") if is_quiet() else None
-    try:
+    with held_back_when_quiet("[workerpool zygote] "):
         if preimports:  # started before its model existed: import while the parent loads it
             preimport(preimports)
         boot = control.recv(ctl)
@@ -311,11 +315,7 @@ def serve_channel(ctl: socket.socket, weights_fd: int | None, preimports: str = 
         except BaseException:
             control.send(ctl, {"op": "boot_error", "traceback": traceback.format_exc()})
             return EXIT_BOOT_ERROR
-    finally:
-        if held is not None:
-            held.release()
-    control.send(ctl, {"op": "booted", "pid": os.getpid(), "threads": os_thread_count(),
-                       "modules": [m for m in PREIMPORTABLE if m in sys.modules]})
+    control.send(ctl, booted_message())
     try:
         return zygote.run()
     finally:
