@@ -9,6 +9,8 @@ processes on this machine's cores:
   contents; bench/grpc_load.py, grpc.aio, concurrent calls on one channel);
 - ``workerpool serve --http-workers N`` for each N of ``--http-workers`` past 1: N HTTP
   front-end processes relaying to the server's process (JSON and binary);
+- ``workerpool serve`` with the model ``inline = true``: called in the server's own
+  process, no worker (serving/inline.py); JSON, binary and gRPC;
 - ``gunicorn -w N`` with uvicorn workers (httptools, uvloop) and a FastAPI app holding the
   model in each HTTP worker (bench/peers/light; its own venv, bench/.venvs/light): the
   same KServe v2 JSON body, the same JSON answer.
@@ -136,14 +138,20 @@ class Server:
         stop_group(self.process)
 
 
-def start_workerpool(workers: int, directory: pathlib.Path, http_workers: int) -> Server:
-    config = directory / "serve.toml"
+def start_workerpool(workers: int, directory: pathlib.Path, http_workers: int,
+                     inline: bool = False) -> Server:
+    config = directory / ("serve-inline.toml" if inline else "serve.toml")
     config.write_text('[models.light]\nsource = "light_model:load"\n'
                       'predict = "light_model:predict"\n'
+                      f'inline = {"true" if inline else "false"}\n'
                       'inputs = [{name = "features", datatype = "FP32", shape = [-1, 64]}]\n')
     port = free_port()
     command = [sys.executable, "-m", "workerpool", "serve", "--port", str(port), "--config",
                str(config), "--workers", str(workers)]
+    if inline:
+        grpc_port = free_port()
+        return Server("workerpool serve, inline", [*command, "--grpc-port", str(grpc_port)],
+                      port, grpc_port=grpc_port)
     if http_workers > 1:  # gRPC is served by the server's own process either way
         return Server(f"workerpool serve --http-workers {http_workers}",
                       [*command, "--http-workers", str(http_workers)], port)
@@ -200,7 +208,8 @@ def main() -> None:
     trials: dict[tuple, list[dict]] = {}
     try:
         servers = [start_gunicorn(args.workers),
-                   *(start_workerpool(args.workers, directory, n) for n in http_workers)]
+                   *(start_workerpool(args.workers, directory, n) for n in http_workers),
+                   start_workerpool(args.workers, directory, 1, inline=True)]
         for server in servers:
             answers = {"HTTP JSON": server.answer(x)}
             if server.grpc_port is not None:
@@ -247,9 +256,10 @@ def main() -> None:
         row["rps_vs_gunicorn"] = round(row["requests_per_s"] / baseline[same], 2)
         row["p50_vs_gunicorn"] = round(row["p50_ms"] / base_p50[same], 2)
         rows.append(row)
-    binary = {r["clients"]: r["requests_per_s"] for r in rows
-              if r["body"] == "binary" and r["server"] == "workerpool serve"}
-    grpc_vs_binary = {r["clients"]: round(r["requests_per_s"] / binary[r["clients"]], 2)
+    binary = {(r["server"], r["clients"]): r["requests_per_s"] for r in rows
+              if r["body"] == "binary"}
+    grpc_vs_binary = {f'{r["server"]}, {r["clients"]} clients':
+                      round(r["requests_per_s"] / binary[(r["server"], r["clients"])], 2)
                       for r in rows if r["body"] == "grpc"}
     columns = ["server", "body", "clients", "requests_per_s", "p50_ms", "p99_ms",
                "rps_vs_gunicorn", "p50_vs_gunicorn", "cpu_us_per_request",
@@ -264,7 +274,7 @@ def main() -> None:
                 "pools). body grpc: KServe v2 gRPC, raw tensor contents.\n\n"
                 + markdown_table(rows, columns)
                 + "\nKServe v2 gRPC req/s against HTTP binary (target >= 0.9x): "
-                + ", ".join(f"{ratio}x at {c} clients" for c, ratio in grpc_vs_binary.items())
+                + ", ".join(f"{ratio}x ({c})" for c, ratio in grpc_vs_binary.items())
                 + "\n")
     emit({"rounds": args.rounds, "workers": args.workers, "rows": rows,
           "grpc_vs_binary": grpc_vs_binary}, "light", markdown)

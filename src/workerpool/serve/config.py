@@ -37,7 +37,7 @@ _VERSION = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
 POOL_OPTIONS = ("workers", "min_workers", "idle_timeout", "max_batch_size", "max_wait_ms", "max_queue", "timeout",
                 "start_method", "threads_per_worker", "tf_engine", "preload",
                 "max_message_bytes", "heartbeat_timeout", "max_requests_per_worker",
-                "spare_zygote", "load_in")
+                "spare_zygote", "load_in", "inline")
 # What a [models.NAME] table may hold besides source/version or versions.
 MODEL_KEYS = ("predict", "builder", "warmup", "inputs", "outputs", "trust_pickle",
               *POOL_OPTIONS)
@@ -71,9 +71,11 @@ class ModelSpec:
                        warmup=[call_argument(s) for s in self.warmup_samples()],
                        numpy_results=True)
         options.setdefault("load_in", SERVER_LOAD_IN)
+        # An inline model is called in this process (serving/inline.py): it loads here.
+        import_here = bool(options.get("inline")) or options["load_in"] != "loader"
         load, predict = load_and_predict(self.source, self.predict, self.builder,
                                          trust_pickle=self.trust_pickle,
-                                         import_here=options["load_in"] != "loader")
+                                         import_here=import_here)
         return load, predict, options
 
     def warmup_samples(self) -> list:
@@ -204,7 +206,13 @@ def _relative(spec: str | None, base: str) -> str | None:
 
 
 def check_declarations(spec: ModelSpec) -> None:
-    """Refuse a bad inputs/outputs declaration before anything loads."""
+    """Refuse a bad inputs/outputs declaration, or an inline model asked to batch, before
+    anything loads."""
+    options = spec.pool_options
+    if options.get("inline") and (options.get("max_batch_size") or 1) > 1:
+        raise ConfigError(f"model {spec.name}: an inline model is called once per request "
+                          "in the server's process and cannot batch; drop max_batch_size "
+                          "or inline")
     for field in ("inputs", "outputs"):
         try:
             signature.specs(getattr(spec, field))

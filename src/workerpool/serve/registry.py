@@ -42,6 +42,7 @@ from ..pool.runtime import Runtime
 from ..serving.errors import (BadRequest, ModelNotFound, NotReady, TooManyModels,
                               unknown_model)
 from ..serving import triton
+from ..serving.inline import InlinePool
 from ..serving.model import HOLDS_A_POOL, ModelState, ServedModel, pool_signature
 from ..signature import Signature, TensorSpec, datatype_of
 from ..specs import is_function_spec
@@ -255,7 +256,9 @@ class Registry:
     def _new_model(self, spec: ModelSpec) -> Model:
         return Model(spec, self._new_pool)
 
-    def _new_pool(self, *args, **kwargs):
+    def _new_pool(self, *args, inline: bool | None = None, **kwargs):
+        if inline:
+            return InlinePool(*args, **kwargs)
         pool = self.pool_factory(*args, **kwargs)
         self._drive(pool)
         return pool

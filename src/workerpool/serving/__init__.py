@@ -5,6 +5,7 @@
     errors.py      what goes wrong, and the one table of statuses (HTTP, gRPC, metrics)
     limits.py      what one client may make a server hold or do
     kserve.py      KServe v2 over HTTP, the codec (JSON and binary tensors)
+    inline.py      a light model called in the serving process itself (no worker)
 
 It imports no server, no web framework, no extra: only the pool and numpy.
 """
