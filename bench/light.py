@@ -10,7 +10,8 @@ processes on this machine's cores:
 - ``workerpool serve --http-workers N`` for each N of ``--http-workers`` past 1: N HTTP
   front-end processes relaying to the server's process (JSON and binary);
 - ``workerpool serve`` with the model ``inline = true``: called in the server's own
-  process, no worker (serving/inline.py); JSON, binary and gRPC;
+  process, no worker (serving/inline.py); JSON, binary and gRPC; with ``--http-workers N``
+  each front end calls its own copy (serve/inline_fronts.py);
 - ``gunicorn -w N`` with uvicorn workers (httptools, uvloop) and a FastAPI app holding the
   model in each HTTP worker (bench/peers/light; its own venv, bench/.venvs/light): the
   same KServe v2 JSON body, the same JSON answer.
@@ -148,16 +149,12 @@ def start_workerpool(workers: int, directory: pathlib.Path, http_workers: int,
     port = free_port()
     command = [sys.executable, "-m", "workerpool", "serve", "--port", str(port), "--config",
                str(config), "--workers", str(workers)]
-    if inline:
-        grpc_port = free_port()
-        return Server("workerpool serve, inline", [*command, "--grpc-port", str(grpc_port)],
-                      port, grpc_port=grpc_port)
+    name = "workerpool serve" + (", inline" if inline else "")
     if http_workers > 1:  # gRPC is served by the server's own process either way
-        return Server(f"workerpool serve --http-workers {http_workers}",
+        return Server(f"{name} --http-workers {http_workers}",
                       [*command, "--http-workers", str(http_workers)], port)
     grpc_port = free_port()
-    return Server("workerpool serve", [*command, "--grpc-port", str(grpc_port)], port,
-                  grpc_port=grpc_port)
+    return Server(name, [*command, "--grpc-port", str(grpc_port)], port, grpc_port=grpc_port)
 
 
 def start_gunicorn(workers: int) -> Server:
@@ -208,8 +205,8 @@ def main() -> None:
     trials: dict[tuple, list[dict]] = {}
     try:
         servers = [start_gunicorn(args.workers),
-                   *(start_workerpool(args.workers, directory, n) for n in http_workers),
-                   start_workerpool(args.workers, directory, 1, inline=True)]
+                   *(start_workerpool(args.workers, directory, n, inline)
+                     for inline in (False, True) for n in http_workers)]
         for server in servers:
             answers = {"HTTP JSON": server.answer(x)}
             if server.grpc_port is not None:

@@ -12,6 +12,8 @@ it; and an inline model asked to batch is refused at start with a message.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -28,7 +30,7 @@ import serve_models
 from serve_models import save_version, version_of
 from test_serve import Server, infer, metric_samples
 from test_serve_limits import BAD_OUTPUTS, json_infer
-from testkit import Traffic
+from testkit import Traffic, wait_until
 
 pytestmark = pytest.mark.module_pool
 
@@ -212,17 +214,86 @@ def test_hot_swaps_under_traffic_fail_nothing(request, files, which):
         assert status == 200, raw
 
 
-def test_through_http_workers_the_server_process_computes(fronted):
-    x = np.random.default_rng(5).standard_normal((2, 4)).astype(np.float32)
+def front_end_pids(server) -> set[int]:
+    return {p.pid for p in psutil.Process(server.process.pid).children()
+            if "front_end" in " ".join(p.cmdline())}
+
+
+def light_answers_from(server, x, connections: int = 20) -> set[int]:
+    """The pids that computed ``connections`` answers, each on a new connection (which the
+    kernel spreads over the front ends); every answer checked."""
     pids = set()
-    for _ in range(20):  # connections land on either front end
-        with triton.InferenceServerClient(fronted.address) as client:
+    for _ in range(connections):
+        with triton.InferenceServerClient(server.address) as client:
             answer = infer(client, "light", x, binary=True)
         assert np.array_equal(answer.as_numpy("y"), expected(x))
         pids.update(answer.as_numpy("pid").tolist())
-    assert pids == {fronted.process.pid}
-    fronts = psutil.Process(fronted.process.pid).children()
-    assert len(fronts) == 2 and all("front_end" in " ".join(p.cmdline()) for p in fronts)
+    return pids
+
+
+def test_through_http_workers_each_front_end_calls_its_own_copy(fronted):
+    x = np.random.default_rng(5).standard_normal((2, 4)).astype(np.float32)
+    fronts = front_end_pids(fronted)
+    assert len(fronts) == 2
+    pids = light_answers_from(fronted, x)
+    assert pids <= fronts and fronted.process.pid not in pids, (pids, fronts)
+    with triton.InferenceServerClient(fronted.address) as client:  # JSON too
+        answer = infer(client, "light", x, binary=False)
+    assert np.array_equal(answer.as_numpy("y"), expected(x))
+    assert answer.as_numpy("pid").tolist()[0] in fronts
+
+
+def settled_samples(server) -> dict:
+    """The metrics once the front ends' tallies of earlier requests have arrived (two
+    readings 0.3 s apart agree)."""
+    samples = metric_samples(server)
+    while True:
+        time.sleep(0.3)
+        again = metric_samples(server)
+        counts = {k: v for k, v in again.items() if k[0] == "workerpool_requests_total"}
+        if counts == {k: v for k, v in samples.items() if k[0] == "workerpool_requests_total"}:
+            return again
+        samples = again
+
+
+def test_front_ends_requests_are_counted_by_the_server(fronted):
+    before = settled_samples(fronted)
+    x = np.ones((2, 4), np.float32)
+    with triton.InferenceServerClient(fronted.address) as client:
+        for _ in range(7):
+            answer = infer(client, "light", x, binary=True)
+    assert answer.as_numpy("pid").tolist()[0] != fronted.process.pid
+    status, _, _ = fronted.post("/v2/models/refuses/infer", json_infer("x", [1], [1.0]))
+    assert status == 500
+    ok = ("workerpool_requests_total", (("model", "light"), ("outcome", "success"),
+                                        ("protocol", "kserve_http")))
+    failed = ("workerpool_requests_total", (("model", "refuses"), ("outcome", "error"),
+                                            ("protocol", "kserve_http")))
+    calls = ("workerpool_compute_duration_seconds_count", (("model", "light"),
+                                                           ("version", "1")))
+
+    def counted():
+        after = metric_samples(fronted)
+        return (after.get(ok, 0) - before.get(ok, 0), after.get(failed, 0)
+                - before.get(failed, 0), after.get(calls, 0) - before.get(calls, 0))
+
+    assert wait_until(lambda: counted() == (7, 1, 7), 10), counted()
+    status, _, raw = fronted.get("/v2/models/light/versions/1/stats")
+    assert status == 200
+    stats = json.loads(raw)["model_stats"][0]
+    assert stats["inference_stats"]["success"]["count"] >= 7
+
+
+def test_a_killed_front_end_is_replaced_and_its_replacement_holds_the_model(fronted):
+    x = np.ones((1, 4), np.float32)
+    old = front_end_pids(fronted)
+    victim = min(old)
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: len(front_end_pids(fronted)) == 2 and
+                      victim not in front_end_pids(fronted), 60)
+    new = front_end_pids(fronted) - old
+    assert len(new) == 1
+    assert wait_until(lambda: new <= light_answers_from(fronted, x, 10), 60)
 
 
 def test_an_inline_model_asked_to_batch_is_refused_at_start(tmp_path):

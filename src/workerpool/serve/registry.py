@@ -251,6 +251,8 @@ class Registry:
         self.lifecycle = threading.Lock()
         self.budget = None  # --max-memory's MemoryBudget, when the server has one
         self.http_workers = None  # --http-workers' HttpWorkers, when the server has them
+        # run after every change of what is loaded (the front ends' inline models follow)
+        self.changed: Callable[[], None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # see drive_on()
 
     def _new_model(self, spec: ModelSpec) -> Model:
@@ -334,6 +336,7 @@ class Registry:
                     model.load()
                 else:  # unloaded or closed while it waited its turn
                     model.loaded.set()
+            self._changed()
 
         for model in self.models:
             threading.Thread(target=load, args=(model,), daemon=True,
@@ -351,6 +354,8 @@ class Registry:
         except (errors.ReloadFailed, BadRequest) as exc:
             # the words Triton's clients look for, then ours
             raise type(exc)(f"failed to load {name!r}: {exc}") from exc
+        finally:
+            self._changed()
 
     def _load(self, name: str, parameters: dict) -> Model:
         with self.lifecycle:
@@ -390,7 +395,8 @@ class Registry:
                 else list(versions.values())
             for model in targets:
                 model.unload(self.drain_timeout)
-            return targets
+        self._changed()
+        return targets
 
     def apply(self, specs: list[ModelSpec]) -> dict:
         """Make the served models those of ``specs`` (a re-read --config): new versions
@@ -423,6 +429,7 @@ class Registry:
                         done[label] = "swapped"
                 except Exception as exc:  # noqa: BLE001 - one model's failure is reported
                     done[label] = f"failed: {exc}"
+        self._changed()
         return done
 
     def swap_if(self, model: Model, spec: ModelSpec) -> None:
@@ -431,6 +438,14 @@ class Registry:
             self._check_open()
             if self.versions.get(model.name, {}).get(model.version) is model:
                 model.swap(spec)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.changed is not None and not self.closing:
+            try:
+                self.changed()
+            except Exception as exc:  # noqa: BLE001 - the change itself is done
+                log.warning("after a model change: %s", exc)
 
     def close(self, timeout: float) -> None:
         """Close every pool, draining accepted work, all within ``timeout`` seconds; a model

@@ -14,6 +14,9 @@
       its client went away           --"cancel"->   the request's task there is cancelled
                                                     (a queued request is never sent, a
                                                     stream's generator stops)
+      the inline models to hold      --"inline"->   answered when they change (a long poll)
+      what its inline models served  --"tally"-->   counted as the server's own requests
+                                                    (inline_fronts.py)
 
 The front ends spend the CPU a request costs in HTTP parsing, JSON and response encoding;
 the server keeps what must be one: the pools, the registry, the counters. A message is a
@@ -45,6 +48,7 @@ from ..ipc import wire
 from ..ipc.codec import Codec
 from ..ipc.endpoints import make_private_dir, remove_private_dir
 from .http.asgi import RELAYED
+from .inline_fronts import InlineTable, count_tally
 
 log = logging.getLogger("workerpool.serve")
 
@@ -136,6 +140,8 @@ class Relay:
         # what each front end's requests run as, by request id: a "cancel" or the front
         # end's connection lost cancels them
         self._tasks: dict[FramedStream, dict[int, asyncio.Task]] = {}
+        # the inline models each front end calls itself (inline_fronts.py)
+        self.inline = InlineTable(app.registry)
 
     @property
     def front_ends(self) -> int:
@@ -145,6 +151,7 @@ class Relay:
     async def start(self) -> None:
         """Listens from now on, on the running loop."""
         self.loop = asyncio.get_running_loop()
+        self.inline.bind(self.loop)
         try:
             self.server = await self.loop.create_unix_server(
                 lambda: FramedStream(self._received, on_lost=self._front_end_lost,
@@ -172,6 +179,7 @@ class Relay:
 
     def _front_end_lost(self, stream: FramedStream) -> None:
         self._streams.discard(stream)
+        self.inline.lost(stream)
         for task in self._tasks.pop(stream, {}).values():
             task.cancel()  # nobody waits for their answers
 
@@ -197,6 +205,11 @@ class Relay:
                 reply = {"ok": await self._http(message, stream, request_id)}
             elif kind == "count":
                 self._count(message)
+                return
+            elif kind == "inline":  # the next table of inline models (a long poll)
+                reply = {"ok": await self.inline.next_table(stream, message["after"])}
+            elif kind == "tally":  # what a front end's inline models answered
+                count_tally(self.app, message)
                 return
             elif kind == "cancel":
                 task = self._tasks.get(stream, {}).get(message["id"])

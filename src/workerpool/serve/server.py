@@ -61,6 +61,7 @@ async def serve(registry: Registry, app: App, settings: ServerSettings,
     if fronts_serve:
         fronts, relay = await start_relay(app, (host, bound_port), settings)
         registry.http_workers = fronts
+        registry.changed = relay.inline.publish  # front ends hold the inline models too
 
     def drain_grpc() -> None:
         """New calls refused at once; those in flight get up to drain_timeout."""

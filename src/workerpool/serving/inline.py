@@ -35,7 +35,6 @@ from ..modules import imported
 from ..ipc.regions import PlacedCall, RegionTensor
 from ..pool import memory
 from ..pool.metrics import Metrics
-from ..pool.pool import COUNTERS
 from ..tensors import output_items
 
 # Pool options that shape workers; an inline model has none, so they are not used.
@@ -69,7 +68,7 @@ class InlinePool:
     def __init__(self, load: Callable[[], Any], predict: Callable[..., Any], *,
                  inputs=None, outputs=None, warmup=(), timeout: float | None = None,
                  version: str | None = None, max_batch_size: int | None = None,
-                 **worker_options):
+                 on_call: Callable[[float, int], None] | None = None, **worker_options):
         unknown = set(worker_options) - set(WORKER_OPTIONS) - {"inline"}
         if unknown:
             raise TypeError(f"unexpected options for an inline model: {sorted(unknown)}")
@@ -88,6 +87,7 @@ class InlinePool:
         self._closed = False
         self._reload_lock = threading.Lock()
         self._metrics = Metrics()
+        self.on_call = on_call  # (compute seconds, rows) of each call: a front end's tally
         self._load = load
         self.generation = 0
         self._serving = self._loaded(load, predict, version)
@@ -141,8 +141,7 @@ class InlinePool:
         started = time.perf_counter()
         with _inference_mode():
             output = predict(model, argument, **(kwargs or {}))
-        self._metrics.computed(time.perf_counter() - started, 1)
-        self._metrics.batch(_rows(argument))
+        self.record(time.perf_counter() - started, _rows(argument))
         if inspect.isgenerator(output):
             output.close()
             raise errors.OutputEncodeError(
@@ -166,6 +165,13 @@ class InlinePool:
         finally:
             output.close()
 
+    def record(self, compute_s: float, rows: int) -> None:
+        """One call's figures (this process's, or a front end's call of its own copy)."""
+        self._metrics.computed(compute_s, 1)
+        self._metrics.batch(rows)
+        if self.on_call is not None:
+            self.on_call(compute_s, rows)
+
     # -- state -----------------------------------------------------------------------
     @property
     def version(self) -> str:
@@ -183,6 +189,8 @@ class InlinePool:
 
     def stats(self, memory_usage: bool = True, memory_memo: dict | None = None) -> dict:
         """Pool.stats()'s fields for a model with no workers (``inline``: True)."""
+        from ..pool.pool import COUNTERS  # (a front end holding a copy never asks this)
+
         self._check_open()
         parent = {"pid": os.getpid()}
         stats = {

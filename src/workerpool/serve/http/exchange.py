@@ -31,6 +31,7 @@ class Exchange:
         # bodies, and in the log lines of the worker that serves it
         self.request_id = request_ids.accepted(self.header(b"x-request-id"))
         self.status: int | None = None  # the answer's, once it started
+        self._body: bytes | None = None  # once read (a front end may relay it after)
 
     async def send(self, message: dict) -> None:
         """The ASGI send, with the request id on the answer (unless a relayed answer has
@@ -56,7 +57,10 @@ class Exchange:
 
     async def body(self, max_bytes: int) -> bytes:
         """The whole body; 413 before reading it when Content-Length says it is too big,
-        or as soon as a chunked body grows past ``max_bytes``."""
+        or as soon as a chunked body grows past ``max_bytes``. Read once: a second call
+        returns what the first read."""
+        if self._body is not None:
+            return self._body
         length = self.header(b"content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             raise RequestTooLarge(f"the body is {length} bytes; this server takes at most "
@@ -76,7 +80,8 @@ class Exchange:
                                       "(--max-request-bytes)")
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                self._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return self._body
 
     async def respond(self, status: int, body: bytes, headers: list) -> None:
         await self.send({"type": "http.response.start", "status": status,

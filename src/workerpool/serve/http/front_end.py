@@ -36,6 +36,7 @@ from ...ipc.endpoints import remove_private_dir
 from ...serving.errors import ModelNotFound, NotReady
 from ...workers.main import exit_when_any_dies
 from ..access_log import AccessLog
+from ..inline_fronts import FrontInline, RelayInstead
 from ..tracing import Tracing
 from ..listen import bind, http_server
 from ..relay import RelayClient
@@ -134,6 +135,8 @@ class FrontApp(AsgiApp):
         self.access_log = AccessLog(settings.access_log) if settings.access_log else None
         self.tracing = Tracing.start() if settings.tracing else None
         self.plane = RemotePlane(client, settings.max_request_bytes, self.tracing)
+        # inline models: called here, from this front end's own copy
+        self.inline = FrontInline(client, settings.max_request_bytes)
 
     async def handle(self, exchange: Exchange) -> None:
         # the key first, as the server's app asks it: before a byte of the body is read
@@ -143,6 +146,12 @@ class FrontApp(AsgiApp):
         if target is None:
             await self.relay(exchange)
             return
+        if self.inline.serves(*target):
+            try:
+                await kserve.infer(self.inline, exchange, *target)
+                return
+            except RelayInstead:
+                pass  # (shared memory; or the model left meanwhile) the server answers it
         failed_here.set(None)
         try:
             await kserve.infer(self, exchange, *target)
@@ -231,8 +240,10 @@ async def serve(settings: ServerSettings, sock: socket.socket, relay_path: str) 
     server = http_server(app, settings)
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, drain)
     try:
+        await app.inline.start()  # its inline models loaded before it answers
         await server.serve(sockets=[sock])
     finally:
+        await app.inline.stop()  # (its last tally sent)
         client.close()
         if app.tracing is not None:
             app.tracing.shutdown()
