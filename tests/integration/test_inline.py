@@ -22,6 +22,8 @@ import time
 import numpy as np
 import psutil
 import pytest
+import requests
+import sseclient
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
@@ -31,6 +33,7 @@ from serve_models import save_version, version_of
 from test_serve import Server, infer, metric_samples
 from test_serve_limits import BAD_OUTPUTS, json_infer
 from testkit import Traffic, wait_until
+from workerpool.serve import demo_generator
 
 pytestmark = pytest.mark.module_pool
 
@@ -58,6 +61,14 @@ CONFIG = textwrap.dedent("""
     source = "serve_models:numbers"
     predict = "serve_models:misbehaving_output"
     inline = true
+
+    [models.textgen]
+    source = "workerpool.serve.demo_generator:load"
+    predict = "workerpool.serve.demo_generator:predict"
+    inline = true
+    inputs = [{{name = "text_input", datatype = "BYTES", shape = [1]}},
+              {{name = "max_tokens", datatype = "INT32", shape = [1]}}]
+    outputs = [{{name = "text_output", datatype = "BYTES", shape = [1]}}]
 """)
 
 
@@ -158,6 +169,21 @@ def test_an_output_that_cannot_be_sent_is_500_and_the_server_goes_on(server, cho
     assert "500" in str(caught.value.status()) and message in caught.value.message()
     status, _, raw = server.post("/v2/models/outputs/infer", json_infer("x", [1], [7.0]))
     assert status == 200 and json.loads(raw)["outputs"][0]["data"] == [7.0], raw
+
+
+@pytest.mark.parametrize("which", ["one process", "http workers"])
+def test_a_generator_inline_streams_what_it_yields(request, which):
+    server = request.getfixturevalue("server" if which == "one process" else "fronted")
+    response = requests.post(f"{server.url}/v2/models/textgen/generate_stream",
+                             json={"text_input": "Once upon", "max_tokens": 40}, stream=True,
+                             timeout=60)
+    assert response.status_code == 200, response.text
+    events = [json.loads(event.data) for event in sseclient.SSEClient(response).events()]
+    assert "".join(e["text_output"] for e in events) == demo_generator.complete("Once upon", 40)
+    status, _, raw = server.post("/v2/models/textgen/infer", json.dumps({"inputs": [
+        {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]},
+        {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [3]}]}).encode())
+    assert status == 500 and "generate_stream" in json.loads(raw)["error"], raw
 
 
 def test_metrics_and_the_status_page_count_an_inline_model(server):

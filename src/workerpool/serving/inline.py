@@ -89,8 +89,8 @@ class InlinePool:
         self._metrics = Metrics()
         self.on_call = on_call  # (compute seconds, rows) of each call: a front end's tally
         self._load = load
-        self.generation = 0
         self._serving = self._loaded(load, predict, version)
+        self.generation = 1  # +1 per reload
 
     # -- loading ---------------------------------------------------------------------
     def _loaded(self, load, predict, version) -> tuple:
@@ -102,7 +102,6 @@ class InlinePool:
             except Exception as exc:
                 raise errors.PoolStartError(f"the warm-up call raised {type(exc).__name__}: "
                                             f"{exc}") from exc
-        self.generation += 1
         return model, predict, version if version is not None else _content_version(model)
 
     def reload(self, load=None, *, predict=None, version: str | None = None) -> str:
@@ -117,6 +116,7 @@ class InlinePool:
                 raise errors.ReloadFailed(f"the new version did not load: "
                                           f"{type(exc).__name__}: {exc}") from exc
             self._load, self._serving = load, serving  # one assignment: a call sees either
+            self.generation += 1
             return serving[2]
 
     # -- calls -----------------------------------------------------------------------
