@@ -27,8 +27,9 @@ import torch
 import tritonclient.http as triton
 
 import modelzoo
-from serve_models import save_version, version_of
-from test_serve import Server, assert_sigterm_drains_under_load, infer, metric_samples
+from serve_models import save_version
+from test_serve import (Server, assert_sigterm_drains_under_load,
+                        assert_swaps_under_traffic_fail_nothing, infer, metric_samples)
 from testkit import Traffic, is_running, wait_until
 
 pytestmark = pytest.mark.module_pool
@@ -266,33 +267,8 @@ def test_worker_kills_under_traffic_fail_no_request(server):
 
 
 def test_hot_swaps_under_traffic_through_front_ends_fail_nothing(server, files):
-    clients = [triton.InferenceServerClient(server.address, network_timeout=120)
-               for _ in range(3)]
-
-    def call(i):
-        tensor = triton.InferInput("input_0", [1, 4], "FP32")
-        tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
-        return version_of(clients[i].infer("lin", [tensor]).as_numpy("output_0"))
-
-    try:
-        with Traffic(call, 3, floor=1) as traffic:
-            for version in (2, 3):
-                time.sleep(0.3)
-                # the repository call is relayed to the server's own process
-                status, _, raw = server.post(
-                    "/v2/repository/models/lin/load",
-                    json.dumps({"parameters": {"source": str(files / f"v{version}.pt")}})
-                    .encode())
-                assert status == 200, raw
-                traffic.floor = version
-            time.sleep(0.3)
-        assert not traffic.failures, traffic.failures[:3]
-        assert all(answer >= floor for floor, answer in traffic.answers), \
-            "a request sent after a swap was answered by the old version"
-        assert 3 in {answer for _, answer in traffic.answers}
-    finally:
-        for client in clients:
-            client.close()
+    # the repository calls are relayed to the server's own process
+    assert_swaps_under_traffic_fail_nothing(server, files)
 
 
 def test_a_killed_front_end_is_replaced_and_its_replacement_serves(server):

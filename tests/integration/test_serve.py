@@ -19,6 +19,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -30,7 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 import modelzoo
-from testkit import is_running, wait_until
+from serve_models import version_of
+from testkit import Traffic, is_running, wait_until
 
 pytestmark = pytest.mark.module_pool
 # Triton's words for a model the server does not have (serving/errors.py)
@@ -549,3 +551,35 @@ def test_sigterm_while_a_model_loads_exits_0_and_leaves_nothing():
                      "--workers", "1"], env={"SLOW_LOAD_S": "2"})
     assert server.get("/v2/health/ready")[0] == 503
     assert server.stop() == 0
+
+
+def assert_swaps_under_traffic_fail_nothing(server, files, model: str = "lin") -> None:
+    """Three callers of ``model`` (serve_models.save_version's weights) while the
+    repository swaps it to files/v2.pt, then v3.pt: no request fails, and none sent after
+    a swap's answer is answered by an older version."""
+    clients = [triton.InferenceServerClient(server.address, network_timeout=120)
+               for _ in range(3)]
+
+    def call(i):
+        tensor = triton.InferInput("input_0", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+        return version_of(clients[i].infer(model, [tensor]).as_numpy("output_0"))
+
+    try:
+        with Traffic(call, 3, floor=1) as traffic:
+            for version in (2, 3):
+                time.sleep(0.3)
+                status, _, raw = server.post(
+                    f"/v2/repository/models/{model}/load",
+                    json.dumps({"parameters": {"source": str(files / f"v{version}.pt")}})
+                    .encode())
+                assert status == 200, raw
+                traffic.floor = version
+            time.sleep(0.3)
+        assert not traffic.failures, traffic.failures[:3]
+        assert all(answer >= floor for floor, answer in traffic.answers), \
+            "a request sent after a swap was answered by the old version"
+        assert 3 in {answer for _, answer in traffic.answers}
+    finally:
+        for client in clients:
+            client.close()
