@@ -279,9 +279,13 @@ class FrontInline:
                 await self._follow_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the relay closed: the front end stops
-                log.debug("inline models: %s", exc)
-                return
+            except ConnectionError:
+                return  # the relay closed: this front end is stopping
+            except Exception as exc:  # noqa: BLE001 - never serve a table it could not follow
+                log.warning("workerpool serve: this HTTP front end relays every inline model "
+                            "for now: %s", exc)
+                self.models, self.entries = {}, {}
+                await asyncio.sleep(1.0)
 
     async def _follow_once(self) -> None:
         update = await self.client.call({"kind": "inline", "after": self.generation})
