@@ -79,7 +79,7 @@ def model_report(model, memory_memo: dict | None = None) -> dict:
 def workers_state(stats: dict) -> str:
     """In words: how many workers serve, out of what range, and whether it scaled to zero."""
     if stats.get("inline"):
-        return "inline (called in the server's process; no workers)"
+        return "inline (called by the process that serves the request; no workers)"
     live = sum(w["state"] in ("ready", "starting") for w in stats["workers"])
     if stats["idle_timeout"] is None:
         return f"{live} of {stats['max_workers']} (fixed)"
