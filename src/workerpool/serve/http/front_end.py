@@ -8,7 +8,9 @@ with the same routes as the server's own process:
 
     POST /v2/models/{m}[/versions/{v}]/infer   decoded and encoded here (kserve.infer, the
                                                same code as in one process); the inference
-                                               itself runs in the server (relay.py "infer")
+                                               itself runs in the server (relay.py "infer"),
+                                               or, for an inline model, here on this front
+                                               end's own copy (inline_fronts.py)
     anything else                              relayed whole to the server's app (relay.py
                                                "http"): repository, metadata, health,
                                                status, metrics, TF Serving REST
