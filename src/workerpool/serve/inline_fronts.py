@@ -111,10 +111,11 @@ class InlineTable:
             if on_loop:
                 self._install(table)
                 return
+            # (bounded: a loop that stopped meanwhile, the server exiting, never answers)
             generation = asyncio.run_coroutine_threadsafe(
-                self._installed(table), self.loop).result()
+                self._installed(table), self.loop).result(self.ack_timeout)
             held = asyncio.run_coroutine_threadsafe(
-                self._held_by_all(generation), self.loop).result()
+                self._held_by_all(generation), self.loop).result(self.ack_timeout + 5)
             if not held:
                 log.warning("workerpool serve: an HTTP front end did not take the new inline "
                             "models within %g s; it relays them meanwhile", self.ack_timeout)
