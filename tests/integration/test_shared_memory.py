@@ -29,7 +29,7 @@ from tritonclient.utils import (InferenceServerException, serialize_byte_tensor,
                                serialized_byte_size)
 
 from test_serve import Server, ready_server
-from test_triton import SIMPLE, SIMPLE_STRING, A, B, simple_inputs
+from test_triton import SIMPLE, SIMPLE_STRING, A, B, model_table, simple_inputs
 from triton_models import WAITING_SIZE
 
 pytestmark = pytest.mark.module_pool
@@ -65,7 +65,7 @@ CONFIG = textwrap.dedent("""
     workers = 1
     inputs = [{name = "INPUT0", datatype = "INT64", shape = [-1]}]
     outputs = [{name = "OUTPUT0", datatype = "INT64", shape = [1]}]
-""")
+""") + model_table("simple_inline", "add_sub", "INT32").replace("workers = 1", "inline = true")
 
 
 def start(tmp_path_factory, *args) -> Server:
@@ -491,9 +491,30 @@ def test_shared_memory_needs_the_api_key(server, regions, module):
 
 
 # -- through front-end processes ----------------------------------------------------------
+@pytest.mark.parametrize("module", [triton_http, triton_grpc], ids=["http", "grpc"])
+def test_an_inline_model_reads_and_writes_regions_in_the_servers_process(server, regions,
+                                                                         module):
+    triton = client(module, server)
+    prefix = f"inline_{module.__name__.replace('.', '_')}"
+    try:
+        in_handle, out_handle = simple_regions(regions, prefix)
+        triton.register_system_shared_memory(f"{prefix}_in", key_of(in_handle), 2 * A.nbytes,
+                                             headers=auth())
+        triton.register_system_shared_memory(f"{prefix}_out", key_of(out_handle),
+                                             2 * A.nbytes, headers=auth())
+        inputs, outputs = simple_request(module, f"{prefix}_in", f"{prefix}_out")
+        check_simple(triton.infer("simple_inline", inputs, outputs=outputs, headers=auth()),
+                     out_handle)
+    finally:
+        triton.unregister_system_shared_memory(headers=auth())
+        triton.close()
+
+
 def test_shared_memory_through_http_workers(tmp_path_factory, regions):
     """Front ends decode the request and relay the regions' names; the server's process
-    resolves them against its one table (registered through a front end too)."""
+    resolves them against its one table (registered through a front end too). An inline
+    model too: a front end holds its own copy, but a request naming regions goes to the
+    server's process, which holds them."""
     server = start(tmp_path_factory, "--http-workers", "2")
     try:
         in_handle, out_handle = simple_regions(regions, "relay")
@@ -504,10 +525,11 @@ def test_shared_memory_through_http_workers(tmp_path_factory, regions):
             triton.register_system_shared_memory("relay_out", key_of(out_handle),
                                                  2 * A.nbytes, headers=auth())
             inputs, outputs = simple_request(triton_http, "relay_in", "relay_out")
-            for _ in range(4):  # (both front ends, whichever the connection lands on)
-                shm.set_shared_memory_region(out_handle, [np.zeros((2, 16), np.int32)])
-                check_simple(triton.infer("simple", inputs, outputs=outputs,
-                                          headers=auth()), out_handle)
+            for model in ("simple", "simple_inline"):
+                for _ in range(4):  # (both front ends, whichever the connection lands on)
+                    shm.set_shared_memory_region(out_handle, [np.zeros((2, 16), np.int32)])
+                    check_simple(triton.infer(model, inputs, outputs=outputs,
+                                              headers=auth()), out_handle)
         finally:
             triton.close()
     finally:
