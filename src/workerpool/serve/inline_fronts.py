@@ -118,7 +118,8 @@ class InlineTable:
                 self._held_by_all(generation), self.loop).result(self.ack_timeout + 5)
             if not held:
                 log.warning("workerpool serve: an HTTP front end did not take the new inline "
-                            "models within %g s; it relays them meanwhile", self.ack_timeout)
+                            "models within %g s; until it does it may answer with what it "
+                            "held", self.ack_timeout)
 
     async def _installed(self, table: dict) -> int:
         return self._install(table)
