@@ -6,6 +6,7 @@ a numpy model must never import torch or TensorFlow just because workerpool aske
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 
@@ -25,3 +26,10 @@ def imported(name: str):
                                       False):
         return importlib.import_module(name)  # blocks on the module's import lock
     return module
+
+
+def inference_mode():
+    """torch.inference_mode() where this process has imported torch (a model that uses it
+    has), else a context that does nothing: what a call of predict runs under."""
+    torch = imported("torch")
+    return torch.inference_mode() if torch is not None else contextlib.nullcontext()

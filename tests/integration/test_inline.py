@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 import serve_models
 from serve_models import save_version, version_of
 from test_serve import Server, assert_swaps_under_traffic_fail_nothing, infer, metric_samples
+from test_http_workers import front_ends
 from test_serve_limits import BAD_OUTPUTS, json_infer
 from testkit import wait_until
 from workerpool.serve import demo_generator
@@ -217,18 +218,6 @@ def test_hot_swaps_under_traffic_fail_nothing(request, files, which):
         assert status == 200, raw
 
 
-def front_end_pids(server) -> set[int]:
-    """The server's live front ends (a killed one, not yet reaped, is not one)."""
-    pids = set()
-    for child in psutil.Process(server.process.pid).children():
-        try:
-            if "front_end" in " ".join(child.cmdline()):
-                pids.add(child.pid)
-        except psutil.Error:  # a zombie, or gone
-            pass
-    return pids
-
-
 def light_answers_from(server, x, connections: int = 20) -> set[int]:
     """The pids that computed ``connections`` answers, each on a new connection (which the
     kernel spreads over the front ends); every answer checked."""
@@ -243,7 +232,7 @@ def light_answers_from(server, x, connections: int = 20) -> set[int]:
 
 def test_through_http_workers_each_front_end_calls_its_own_copy(fronted):
     x = np.random.default_rng(5).standard_normal((2, 4)).astype(np.float32)
-    fronts = front_end_pids(fronted)
+    fronts = set(front_ends(fronted))
     assert len(fronts) == 2
     pids = light_answers_from(fronted, x)
     assert pids <= fronts and fronted.process.pid not in pids, (pids, fronts)
@@ -296,12 +285,14 @@ def test_front_ends_requests_are_counted_by_the_server(fronted):
 
 def test_a_killed_front_end_is_replaced_and_its_replacement_holds_the_model(fronted):
     x = np.ones((1, 4), np.float32)
-    old = front_end_pids(fronted)
+    old = set(front_ends(fronted))
     victim = min(old)
     os.kill(victim, signal.SIGKILL)
-    assert wait_until(lambda: len(front_end_pids(fronted)) == 2 and
-                      victim not in front_end_pids(fronted), 60)
-    new = front_end_pids(fronted) - old
+    # (until it is reaped, a connection hashed to its socket is reset: test_http_workers)
+    assert wait_until(lambda: not psutil.pid_exists(victim), 10)
+    assert wait_until(lambda: len(set(front_ends(fronted))) == 2 and
+                      victim not in set(front_ends(fronted)), 60)
+    new = set(front_ends(fronted)) - old
     assert len(new) == 1
     assert wait_until(lambda: new <= light_answers_from(fronted, x, 10), 60)
 

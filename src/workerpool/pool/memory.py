@@ -32,6 +32,21 @@ def process_memory(pid: int | None, weight_files: tuple[str, ...] = ()) -> dict:
     return usage
 
 
+def add_process_memory(row: dict, weight_files: tuple[str, ...] = (),
+                       memo: dict | None = None) -> None:
+    """``row`` (a stats row with a "pid") updated with :func:`process_memory`; with a
+    ``memo`` shared by one reading's rows, each process's is read once (the server's own
+    process is every pool's parent)."""
+    if memo is None:
+        row.update(process_memory(row["pid"], weight_files))
+        return
+    key = (row["pid"], weight_files)
+    if key not in memo:
+        memo[key] = process_memory(row["pid"], weight_files)
+    usage = memo[key]
+    row.update(usage, weights_mappings=list(usage["weights_mappings"]))
+
+
 def pss_of(pid: int) -> int | None:
     """The PSS of ``pid`` alone, from /proc/PID/smaps_rollup: the kernel's sum, a read of
     well under a millisecond where walking smaps takes 5-10 (a torch process has hundreds of

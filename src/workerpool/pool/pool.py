@@ -438,14 +438,7 @@ class Pool:
             rows = (parent, zygote, *workers, *zygotes, *retiring_workers,
                     *([spare] if spare else []))
             for row in rows:
-                if memory_memo is None:
-                    row.update(memory.process_memory(row["pid"], files))
-                    continue
-                key = (row["pid"], files)
-                if key not in memory_memo:
-                    memory_memo[key] = memory.process_memory(row["pid"], files)
-                usage = memory_memo[key]
-                row.update(usage, weights_mappings=list(usage["weights_mappings"]))
+                memory.add_process_memory(row, files, memory_memo)
             stats["total_pss"] = sum(row["pss"] for row in rows)
         return stats
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import signature
 from ..errors import ConfigError
+from ..serving.inline import CANNOT_BATCH
 from ..specs import FILE_ATTR, MODULE_ATTR, is_function_spec, load_and_predict
 from ..tensors import call_argument
 from . import tf_warmup
@@ -210,9 +211,7 @@ def check_declarations(spec: ModelSpec) -> None:
     anything loads."""
     options = spec.pool_options
     if options.get("inline") and (options.get("max_batch_size") or 1) > 1:
-        raise ConfigError(f"model {spec.name}: an inline model is called once per request "
-                          "in the server's process and cannot batch; drop max_batch_size "
-                          "or inline")
+        raise ConfigError(f"model {spec.name}: {CANNOT_BATCH}")
     for field in ("inputs", "outputs"):
         try:
             signature.specs(getattr(spec, field))

@@ -27,11 +27,10 @@ import contextlib
 import functools
 import logging
 import threading
-import time
 
 from .. import request_ids
 from ..serving.dataplane import DataPlane
-from ..serving.errors import outcome_of
+from ..serving.errors import outcome_of, outcome_recorded
 from ..serving.inline import InlinePool
 from ..serving.model import ModelState, ServedModel
 
@@ -188,26 +187,17 @@ class Tally:
         self.requests: list = []  # (name, version, protocol, outcome, seconds)
         self.calls: list = []  # (name, version, compute seconds, rows)
 
-    @contextlib.contextmanager
     def counted(self, name: str, protocol: str, started: float | None = None):
         """DataPlane's metrics: the request the block answers, with its outcome."""
-        started = time.perf_counter() if started is None else started
-        outcome: str | None = "error"
-        try:
-            yield
-            outcome = "success"
-        except RelayInstead:
-            outcome = None  # the server counts it
-            raise
-        except BaseException as error:
-            outcome = outcome_of(error)
-            raise
-        finally:
-            if outcome is not None:
-                served = request_ids.served.get()  # (name, version, protocol), set by the plane
-                version = served[1] if served is not None and served[0] == name else None
-                self.requests.append((name, version, protocol, outcome,
-                                      time.perf_counter() - started))
+        def record(error: BaseException | None, seconds: float) -> None:
+            if isinstance(error, RelayInstead):
+                return  # the server counts it
+            served = request_ids.served.get()  # (name, version, protocol), set by the plane
+            version = served[1] if served is not None and served[0] == name else None
+            self.requests.append((name, version, protocol,
+                                  "success" if error is None else outcome_of(error), seconds))
+
+        return outcome_recorded(record, started)
 
     def taken(self) -> dict | None:
         """What to send, emptied here; None when there is nothing."""
@@ -237,20 +227,23 @@ class FrontInline:
 
     # what DataPlane reads of its models
     def get(self, name: str, version: str | None = None) -> ServedModel:
-        model = self.models.get((name, version if version is not None
-                                 else self.defaults.get(name)))
+        model = self.models.get(self._key(name, version))
         if model is None:
             raise RelayInstead()
         return model
 
     def version_labels(self, name: str) -> list[str]:
-        return sorted(label for model, label in self.models if model == name)
+        return sorted(label for held, label in self.models if held == name)
 
     ready = True
 
     def serves(self, name: str, version: str | None) -> bool:
-        return (name, version if version is not None else self.defaults.get(name)) \
-            in self.models
+        return self._key(name, version) in self.models
+
+    def _key(self, name: str, version: str | None) -> tuple[str, str | None]:
+        """(name, label) of the version a request names; without one, the server's
+        default version of ``name``."""
+        return name, version if version is not None else self.defaults.get(name)
 
     async def start(self) -> None:
         """The server's table taken (before this front end serves), then followed."""

@@ -76,8 +76,9 @@ def parser() -> argparse.ArgumentParser:
                    help="keep each model's next zygote started (its framework imported), "
                    "so a hot swap skips that (about 2 s for torch) for one idle process")
     p.add_argument("--inline", action="store_const", const=True, default=None,
-                   help="call the model in the server's own process, on the thread that "
-                   "decoded the request: no worker, no hop (for light models: logistic "
+                   help="call the model in the server's own process (with --http-workers, "
+                   "each front end calls its own copy), on the thread that decoded the "
+                   "request: no worker, no hop (for light models: logistic "
                    "regression, trees; predict must take well under a millisecond). A "
                    "predict that crashes takes the server with it; no batching")
     p.add_argument("--load-in", choices=LOAD_IN, default=None,

@@ -13,9 +13,7 @@ One registry per server (not prometheus-client's global one), so servers in one 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -23,7 +21,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.utils import floatToGoString
 
 from ..pool.metrics import LATENCY_BUCKETS_S
-from ..serving.errors import outcome_of
+from ..serving.errors import outcome_of, outcome_recorded
 from ..serving.model import ModelState
 
 log = logging.getLogger("workerpool.serve")
@@ -55,21 +53,15 @@ class ServerMetrics:
         if self.history is not None:
             self.history.observe(model, seconds)
 
-    @contextlib.contextmanager
     def counted(self, model: str, protocol: str, started: float | None = None):
         """Counts the request the block answers, with its outcome (errors.outcome_of);
         only for a model this server has (no label per unknown name)."""
-        started = time.perf_counter() if started is None else started
-        outcome = "error"
-        try:
-            yield
-            outcome = "success"
-        except BaseException as error:
-            outcome = outcome_of(error)
-            raise
-        finally:
+        def record(error: BaseException | None, seconds: float) -> None:
             if model in self.models.versions:
-                self.observe(model, outcome, time.perf_counter() - started, protocol)
+                self.observe(model, "success" if error is None else outcome_of(error),
+                             seconds, protocol)
+
+        return outcome_recorded(record, started)
 
     def exposition(self) -> bytes:
         """The text format; reads every pool's stats (call it off the event loop)."""

@@ -14,14 +14,13 @@ status page, hot swaps) with no worker behind it. What inline gives up, by desig
 - a running call cannot be cut short: a deadline is checked before the call, not during;
 - batching and elastic workers: there are no workers (``max_batch_size`` > 1 is refused);
 - the lean server: ``load()`` runs here, so the model's framework is imported here.
-With ``--http-workers N`` the front ends relay to this process, which calls the model.
+With ``--http-workers N`` each front end calls its own copy (serve/inline_fronts.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import hashlib
 import inspect
 import os
@@ -31,7 +30,7 @@ import time
 from typing import Any, Callable
 
 from .. import errors, signature
-from ..modules import imported
+from ..modules import inference_mode
 from ..ipc.regions import PlacedCall, RegionTensor
 from ..pool import memory
 from ..pool.metrics import Metrics
@@ -42,6 +41,10 @@ WORKER_OPTIONS = ("workers", "min_workers", "idle_timeout", "start_method",
                   "threads_per_worker", "tf_engine", "preload", "max_message_bytes",
                   "heartbeat_timeout", "max_requests_per_worker", "spare_zygote", "load_in",
                   "max_queue", "max_wait_ms", "numpy_results")
+
+CANNOT_BATCH = ("an inline model is called once per request in the process that serves it, "
+                "so it cannot batch: drop max_batch_size, or serve it with workers (inline = "
+                "false)")
 
 
 class InlineSettings:
@@ -73,10 +76,7 @@ class InlinePool:
         if unknown:
             raise TypeError(f"unexpected options for an inline model: {sorted(unknown)}")
         if max_batch_size not in (None, 1):
-            raise errors.ConfigError(
-                "an inline model is called once per request in the server's process, so it "
-                "cannot batch: drop max_batch_size, or serve it with workers (inline = "
-                "false)")
+            raise errors.ConfigError(CANNOT_BATCH)
         if not callable(predict):
             raise TypeError(f"predict must be a callable predict(model, *args), got {predict!r}")
         self.inputs = signature.specs(inputs)
@@ -139,7 +139,7 @@ class InlinePool:
         placed = x if type(x) is PlacedCall else None
         argument = _read_regions(placed.argument if placed is not None else x)
         started = time.perf_counter()
-        with _inference_mode():
+        with inference_mode():
             output = predict(model, argument, **(kwargs or {}))
         self.record(time.perf_counter() - started, _rows(argument))
         if inspect.isgenerator(output):
@@ -153,7 +153,7 @@ class InlinePool:
         """predict's items, for a model that yields (one item for one that returns)."""
         self._check_open()
         model, predict, _ = self._serving
-        with _inference_mode():
+        with inference_mode():
             output = predict(model, _read_regions(x), **kwargs)
         if not inspect.isgenerator(output):
             yield output
@@ -203,13 +203,7 @@ class InlinePool:
             "parent": parent, "zygote": {"pid": None, "threads_at_boot": None, "pss": 0},
             "queued": 0, **{name: 0 for name in COUNTERS}, **self._metrics.snapshot()}
         if memory_usage:
-            key = (parent["pid"], ())
-            usage = memory_memo.get(key) if memory_memo is not None else None
-            if usage is None:
-                usage = memory.process_memory(parent["pid"], ())
-                if memory_memo is not None:
-                    memory_memo[key] = usage
-            parent.update(usage, weights_mappings=list(usage["weights_mappings"]))
+            memory.add_process_memory(parent, (), memory_memo)
             stats["total_pss"] = parent["pss"]
         return stats
 
@@ -225,7 +219,7 @@ class InlinePool:
 
 
 def _call(predict, model, x):
-    with _inference_mode():
+    with inference_mode():
         output = predict(model, x)
     output_items(output)  # a warm-up's output must be one a request could be answered with
     return output
@@ -247,14 +241,11 @@ def _rows(argument) -> int:
     return int(shape[0]) if shape else 1
 
 
-def _inference_mode():
-    torch = imported("torch")  # only a model that imported torch needs it
-    return torch.inference_mode() if torch is not None else contextlib.nullcontext()
-
 
 def _content_version(model) -> str:
     """A hash of the model's pickle (light models are small), as a Pool hashes its
-    weights; a model that does not pickle is labelled by its load count instead."""
+    weights; a model that does not pickle gets a label no other load has (this process
+    and the time)."""
     try:
         data = pickle.dumps(model, protocol=5)
     except Exception:  # noqa: BLE001 - an unpicklable model still serves

@@ -14,7 +14,6 @@ exceed it is answered with MessageTooLarge.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import time
 
@@ -24,7 +23,7 @@ from ..ipc import wire
 from ..ipc.codec import Codec, frame_nbytes
 from ..ipc.regions import PlacedCall
 from . import tagged_output
-from ..modules import imported
+from ..modules import imported, inference_mode
 
 
 class Runner:
@@ -125,7 +124,7 @@ class Runner:
         that is its answer instead, as ``([], 0.0, exception)``."""
         started = self.clock()
         try:
-            with _inference_mode():
+            with inference_mode():
                 values = compute()
         except BaseException as exc:  # noqa: BLE001 - every failure is the caller's answer
             return [], 0.0, exc
@@ -149,7 +148,7 @@ class Runner:
         """``predict`` once on each input, before the worker takes work; raises on failure."""
         for x in inputs:
             try:
-                with _inference_mode():
+                with inference_mode():
                     output = self.predict(self.model, x)
                     if inspect.isgenerator(output):  # a streaming model: its items too
                         for _ in output:
@@ -214,7 +213,3 @@ def _describe(value) -> str:
     return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None \
         else f"a {type(value).__name__}"
 
-
-def _inference_mode():
-    torch = imported("torch")
-    return torch.inference_mode() if torch is not None else contextlib.nullcontext()

@@ -26,7 +26,8 @@ import zmq
 
 from ..ipc import wire
 from . import tagged_output
-from .runner import FLUSH_AFTER_S, SLOW_CALL_S, Runner, _inference_mode, _items_nbytes
+from ..modules import inference_mode
+from .runner import FLUSH_AFTER_S, SLOW_CALL_S, Runner, _items_nbytes
 
 
 class StreamLink:
@@ -87,7 +88,7 @@ def _run_stream(runner: Runner, meta: dict, frames: list, link: StreamLink,
     request_id = link.request_id
     try:
         (item,) = wire.split_items(meta, frames)
-        with _inference_mode():
+        with inference_mode():
             output = runner.call(*item, stream=True)
     except BaseException as exc:  # noqa: BLE001 - every failure is the caller's answer
         link.send(runner.error([request_id], exc))
@@ -112,7 +113,7 @@ def _run_stream(runner: Runner, meta: dict, frames: list, link: StreamLink,
                 break
             started = clock()
             try:
-                with _inference_mode():
+                with inference_mode():
                     value = next(iterator)
             except StopIteration:
                 break
@@ -140,7 +141,7 @@ def _run_stream(runner: Runner, meta: dict, frames: list, link: StreamLink,
         close = getattr(iterator, "close", None)
         if close is not None:
             try:
-                with _inference_mode():
+                with inference_mode():
                     close()  # GeneratorExit inside predict, where it stopped
             except BaseException:  # noqa: BLE001 - a generator that fails to close has ended
                 pass
