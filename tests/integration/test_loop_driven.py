@@ -37,6 +37,8 @@ def test_a_loop_driven_pool_answers_everything_through_kills_a_swap_and_other_th
         assert wait_until(lambda: pool.stats(memory_usage=False)["dispatch"] == "event loop",
                           timeout=10)
 
+        swapped = asyncio.Event()
+
         async def caller(i):
             return i, await pool.submit_async(rows(i))
 
@@ -46,14 +48,20 @@ def test_a_loop_driven_pool_answers_everything_through_kills_a_swap_and_other_th
                 victim = pool.pids[0]
                 pids_seen.add(victim)
                 os.kill(victim, signal.SIGKILL)
-            await asyncio.sleep(0.6)  # after the swap: the new version's zygote
+            await asyncio.sleep(0.6)
+            # after the swap: the new version's zygote (killing the retiring version's fails
+            # its requests in flight, PoolBroken: the note on issue 31 says so)
+            await swapped.wait()
             zygote = pool.zygote_pid
             pids_seen.add(zygote)
             os.kill(zygote, signal.SIGKILL)  # restarting it is the thread's (it sleeps)
 
         async def swap():
             await asyncio.sleep(0.1)
-            return await pool.reload_async(version="second")
+            try:
+                return await pool.reload_async(version="second")
+            finally:
+                swapped.set()
 
         def from_a_thread():  # posted to the inbox; the loop wakes for it
             return [pool.submit(rows(1000 + i)).result(timeout=60) for i in range(40)]
