@@ -201,6 +201,22 @@ def test_close_while_the_old_version_drains_leaves_nothing():
         pool.reload(versioned(3))
 
 
+@pytest.mark.parametrize("victim", ["worker", "zygote"])
+def test_the_old_versions_requests_survive_its_worker_or_zygote_dying_while_it_drains(victim):
+    # The old version drains after the swap; a death there is retried on a new worker (or
+    # zygote) of the old version, as it would be before the swap: nothing fails.
+    with wp.Pool(versioned(1), slow_predict, workers=1) as pool:
+        old_zygote, (old_worker,) = pool.zygote_pid, pool.pids
+        accepted = [pool.submit(X, 1.0) for _ in range(6)]
+        pool.reload(versioned(2))
+        assert not all(f.done() for f in accepted)  # (the swap takes well under 6 s)
+        os.kill(old_zygote if victim == "zygote" else old_worker, 9)
+        assert [version_of(f.result(timeout=60)) for f in accepted] == [1] * 6
+        assert version_of(pool.submit(X, 0.0).result(timeout=30)) == 2
+        assert pool.stats(memory_usage=False)["retried_requests"] >= 1  # it was in flight
+        assert wait_until(lambda: not is_running(old_zygote) and not is_running(old_worker))
+
+
 def test_a_broken_pool_is_repaired_by_reload():
     with wp.Pool(versioned(1), modelzoo.torch_predict, workers=1) as pool:
         # A dead zygote is replaced, unless no new one can start: here, as after a zygote

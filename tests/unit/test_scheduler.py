@@ -472,13 +472,48 @@ def test_a_zygote_that_cannot_be_restarted_breaks_the_pool(pool):
     assert pool.scheduler.finished()
 
 
-def test_a_zygote_death_while_closing_fails_what_is_left(pool):
+def test_a_zygote_death_while_draining_retries_what_is_left_on_a_new_zygote(pool):
+    # (a retiring version drains so after a hot swap: what it accepted is never failed)
     running = pool.submit()
     pool.tick()
     pool.take(pool.scheduler.close(drain=True))
+    starts = len(pool.of(StartWorker))
     pool.take(pool.scheduler.on_zygote_died(pool.now))
-    assert isinstance(pool.answer_of(running)[1], wp.PoolBroken)
-    assert pool.scheduler.finished()
+    assert pool.scheduler.broken is None and pool.unanswered(running)
+    assert pool.scheduler.may_start_workers()  # the dispatcher restarts the zygote
+    pool.take(pool.scheduler.on_zygote_restarted(pool.now))
+    assert len(pool.of(StartWorker)) == starts + 2
+    pool.ready_all()
+    (sent,) = pool.of(Send, pool.tick())
+    pool.reply(sent.worker, [running])
+    assert pool.answer_of(running) == (running.id, None)
+    assert pool.scheduler.finished() and not pool.scheduler.may_start_workers()
+
+
+def test_a_zygote_death_while_closing_with_nothing_left_just_finishes(pool):
+    pool.take(pool.scheduler.close(drain=True))
+    pool.take(pool.scheduler.on_zygote_died(pool.now))
+    assert not pool.scheduler.may_start_workers() and pool.scheduler.finished()
+
+
+def test_a_worker_death_while_draining_is_retried_on_a_replacement():
+    pool = Harness(workers=1)
+    pool.ready_all()
+    first, second = pool.submit(), pool.submit()
+    pool.tick()
+    pool.take(pool.scheduler.close(drain=True))
+    starts = len(pool.of(StartWorker))
+    pool.exit(first.worker, -signal.SIGKILL)
+    assert len(pool.of(StartWorker)) == starts + 1
+    assert pool.unanswered(first) and pool.unanswered(second)
+    pool.ready_all()
+    (sent,) = pool.of(Send, pool.tick())
+    assert [r.id for r in sent.requests] == [first.id]
+    pool.reply(sent.worker, [first])
+    (sent,) = pool.of(Send, pool.tick())
+    pool.reply(sent.worker, [second])
+    assert pool.answer_of(first) == (first.id, None)
+    assert pool.answer_of(second) == (second.id, None) and pool.scheduler.finished()
 
 
 @pytest.mark.parametrize("frames", [

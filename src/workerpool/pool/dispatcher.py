@@ -593,7 +593,7 @@ class Dispatcher(threading.Thread):
         tries; after BOOT_FAILURES_BEFORE_BROKEN failed tries the pool is broken. This
         thread waits meanwhile: no worker is left to send work to anyway (callers' requests
         wait in the inbox)."""
-        if self.scheduler.broken is not None or self.scheduler.closing:
+        if not self.scheduler.may_start_workers():
             return False
         for attempt in range(BOOT_FAILURES_BEFORE_BROKEN):
             time.sleep(RESTART_BACKOFF_S[attempt])

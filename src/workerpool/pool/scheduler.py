@@ -262,6 +262,12 @@ class Scheduler:
         return self.closing and not self.pending and not self.retries and not any(
             w.inflight for w in self.workers.values())
 
+    def may_start_workers(self) -> bool:
+        """Workers may start: not broken, and not closing unless accepted work still waits
+        for one (a draining pool, a retiring version among them, whose worker or zygote
+        died: its requests are retried there, as before the close, never failed)."""
+        return self.broken is None and (not self.closing or bool(self.pending or self.retries))
+
     def has_idle_worker(self) -> bool:
         """Nothing waits and a ready worker runs nothing: a request now is sent at once.
         Also read without the baton, as a hint (Dispatcher.submit)."""
@@ -620,7 +626,7 @@ class Scheduler:
         self.counters["retried_requests"] += lost
         log.warning("workerpool: the worker zygote died, and its workers with it; %d requests "
                     "in flight will be retried once a new zygote has started", lost)
-        if self.closing:
+        if not self.may_start_workers():  # closing, with nothing left to retry
             self.mark_broken(PoolBroken("the worker zygote died while the pool was closing"))
         return self._take_actions()
 
@@ -705,7 +711,7 @@ class Scheduler:
         count toward broken."""
         self.start_deaths += 1
         self.boot_failures += self_inflicted
-        then, delay = after_boot_failure(self.started, self.closing,
+        then, delay = after_boot_failure(self.started, not self.may_start_workers(),
                                          self.boot_failures, self.start_deaths)
         if then is AfterBootFailure.START_ERROR:
             self.start_error = PoolStartError(f"a worker failed to start: {message}")
@@ -726,7 +732,7 @@ class Scheduler:
 
     # -- starting, retiring, stopping, aborting workers -----------------------------------
     def start_worker(self, now: float) -> None:
-        if self.closing or self.broken is not None or not self.zygote_up:
+        if not self.may_start_workers() or not self.zygote_up:
             return  # (a new zygote starts a full set)
         taken = {w.slot for w in self.workers.values()
                  if w.state not in (WorkerState.RETIRING, WorkerState.STOPPING)}
@@ -739,7 +745,7 @@ class Scheduler:
         log.info("workerpool: starting worker %s", worker.worker_id)
 
     def replace_worker(self, now: float) -> None:
-        if not self.closing and self.broken is None and \
+        if self.may_start_workers() and \
                 len(self.live_workers()) < self.max_workers:  # (resize may have lowered it)
             self.counters["restarts"] += 1
             log.info("workerpool: replacing a worker")
@@ -768,8 +774,7 @@ class Scheduler:
         max_workers) until ready and starting ones have credit for all that wait. From
         zero this is the wake: a fork from the zygote, no reload. Not while starts back
         off after failures (their timer starts the next)."""
-        if self.closing or self.broken is not None or not self.zygote_up or \
-                self.start_deaths:
+        if not self.may_start_workers() or not self.zygote_up or self.start_deaths:
             return
         live = self.live_workers()
         per_worker = self.config.credits_per_worker

@@ -188,10 +188,10 @@ class AfterBootFailure(enum.Enum):
     START_ERROR = "start_error"  # the pool is still starting: Pool() raises PoolStartError
     BROKEN = "broken"  # too many in a row: PoolBroken
     RESTART = "restart"  # try again after the backoff delay
-    NOTHING = "nothing"  # closing: no replacement
+    NOTHING = "nothing"  # closing, nothing left to serve: no replacement
 
 
-def after_boot_failure(started: bool, closing: bool, boot_failures: int,
+def after_boot_failure(started: bool, closed: bool, boot_failures: int,
                        start_deaths: int) -> tuple[AfterBootFailure, float]:
     """What follows a worker's death before READY; the counts include this one
     (``boot_failures``: the ones that failed by themselves, ``start_deaths``: all)."""
@@ -199,7 +199,7 @@ def after_boot_failure(started: bool, closing: bool, boot_failures: int,
         return AfterBootFailure.START_ERROR, 0.0
     if boot_failures >= BOOT_FAILURES_BEFORE_BROKEN:
         return AfterBootFailure.BROKEN, 0.0
-    if closing:
+    if closed:
         return AfterBootFailure.NOTHING, 0.0
     return AfterBootFailure.RESTART, RESTART_BACKOFF_S[min(start_deaths,
                                                             len(RESTART_BACKOFF_S)) - 1]
