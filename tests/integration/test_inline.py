@@ -297,6 +297,31 @@ def test_a_killed_front_end_is_replaced_and_its_replacement_holds_the_model(fron
     assert wait_until(lambda: new <= light_answers_from(fronted, x, 10), 60)
 
 
+def test_front_ends_warm_up_their_copies_before_they_answer(tmp_path):
+    # slow_warm_up leaves warm-PID in WARM_MARKERS when called on the warm-up input, which
+    # no request here sends: each front end's copy is warmed as the server's own is
+    np.savez(tmp_path / "warmup.npz", x=np.full((1, 4), serve_models.WARM_UP_VALUE, np.float32))
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    server = Server(["serve_models:numbers", "--predict", "serve_models:slow_warm_up",
+                     "--name", "warm", "--inline", "--warmup", str(tmp_path / "warmup.npz"),
+                     "--http-workers", "2"],
+                    env={"WARM_MARKERS": str(markers), "WARM_UP_S": "0"})
+    try:
+        server.wait_ready()
+        assert wait_until(lambda: len(set(front_ends(server))) == 2, 60)
+        fronts = set(front_ends(server))
+        x = np.ones((1, 4), np.float32)
+        with triton.InferenceServerClient(server.address) as client:
+            for _ in range(4):  # (answered by the front ends, from their warmed copies)
+                assert np.array_equal(infer(client, "warm", x, binary=False).as_numpy(
+                    "output_0"), x)
+        warmed = {int(name.split("-")[1]) for name in os.listdir(markers)}
+        assert warmed == fronts | {server.process.pid}, (warmed, fronts)
+    finally:
+        assert server.stop() == 0, server.stderr()
+
+
 def test_an_inline_model_asked_to_batch_is_refused_at_start(tmp_path):
     config = tmp_path / "serve.toml"
     config.write_text(textwrap.dedent("""

@@ -16,7 +16,7 @@ import pytest
 import workerpool as wp
 from workerpool import request_ids
 from workerpool.serve.config import ModelSpec
-from workerpool.serve.inline_fronts import RelayInstead, Tally, inline_table
+from workerpool.serve.inline_fronts import FrontInline, RelayInstead, Tally, inline_table
 from workerpool.serve.registry import Registry
 from workerpool.serving.dataplane import DataPlane
 from workerpool.serving.errors import BadRequest
@@ -31,6 +31,14 @@ def weights(scale: float = 2.0):
 
 
 def scaled(model, x):
+    return x * model["scale"]
+
+
+WARMED: list = []  # the inputs recorded_scaled was called on
+
+
+def recorded_scaled(model, x):
+    WARMED.append(np.array(x))
     return x * model["scale"]
 
 
@@ -119,6 +127,26 @@ def test_the_inline_table_lists_loaded_inline_versions_loadable_by_spec():
             "sha256:")
         registry.unload("light", {"version": "1"})
         assert set(inline_table(registry)["light"]["versions"]) == {"2"}
+    finally:
+        registry.close(5.0)
+
+
+def test_a_front_ends_copy_is_warmed_up_with_the_servers_warm_up_inputs():
+    spec = ModelSpec("light", "test_inline_pool:weights",
+                     predict="test_inline_pool:recorded_scaled", warmup=[X * 5],
+                     inputs=DECLARED, pool_options={"inline": True})
+    registry = Registry([spec])
+    WARMED.clear()
+    try:
+        registry.models[0].load()
+        served = len(WARMED)  # the server's copy: warmed, and called to describe its outputs
+        assert served >= 1
+        table = inline_table(registry)
+        assert table == inline_table(registry)  # (entries compare whole: no array in them)
+        front = FrontInline(None, 1 << 20)
+        copy = front._loaded(("light", "1"), table["light"]["versions"]["1"])
+        assert len(WARMED) == served + 1 and np.array_equal(WARMED[-1], X * 5)  # and its copy
+        copy.pool.close()
     finally:
         registry.close(5.0)
 

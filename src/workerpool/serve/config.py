@@ -22,7 +22,7 @@ import numpy as np
 from .. import signature
 from ..errors import ConfigError
 from ..serving.inline import CANNOT_BATCH
-from ..specs import FILE_ATTR, MODULE_ATTR, is_function_spec, load_and_predict
+from ..specs import FILE_ATTR, MODULE_ATTR, load_and_predict
 from ..tensors import call_argument
 from . import tf_warmup
 
@@ -69,8 +69,7 @@ class ModelSpec:
         imported in the loader and the workers, never in this process (their modules
         may import torch or TensorFlow)."""
         options = dict(self.pool_options, inputs=self.inputs, outputs=self.outputs,
-                       warmup=[call_argument(s) for s in self.warmup_samples()],
-                       numpy_results=True)
+                       warmup=self.warmup_arguments(), numpy_results=True)
         options.setdefault("load_in", SERVER_LOAD_IN)
         # An inline model is called in this process (serving/inline.py): it loads here.
         import_here = bool(options.get("inline")) or options["load_in"] != "loader"
@@ -78,6 +77,10 @@ class ModelSpec:
                                          trust_pickle=self.trust_pickle,
                                          import_here=import_here)
         return load, predict, options
+
+    def warmup_arguments(self) -> list:
+        """The warm-up inputs as predict's arguments (a pool's ``warmup``)."""
+        return [call_argument(s) for s in self.warmup_samples()]
 
     def warmup_samples(self) -> list:
         """The warm-up inputs: from an .npz file, one sample: a dict of its arrays by name;

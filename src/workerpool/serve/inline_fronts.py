@@ -26,6 +26,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import pickle
 import threading
 
 from .. import request_ids
@@ -54,6 +56,7 @@ def inline_table(registry) -> dict:
                 not isinstance(spec.builder, (str, type(None))):
             continue
         entry = {"source": spec.source, "predict": spec.predict, "builder": spec.builder,
+                 "warmup": _table_warmup(spec.warmup),
                  "trust_pickle": spec.trust_pickle, "inputs": spec.inputs,
                  "outputs": spec.outputs, "timeout": pool.config.timeout,
                  "signature": model.signature, "weights": pool.version}
@@ -65,6 +68,15 @@ def inline_table(registry) -> dict:
         except Exception:  # noqa: BLE001 - removed meanwhile: no default, all relayed
             pass
     return table
+
+
+def _table_warmup(warmup):
+    """A spec's warm-up as a table entry carries it: a file's path (or None: a SavedModel's
+    own warm-up file, if any) as it is; inputs given as a list, pickled (entries are
+    compared whole with ==, which arrays do not answer with one bool)."""
+    if warmup is None or isinstance(warmup, (str, os.PathLike)):
+        return None if warmup is None else os.fspath(warmup)
+    return pickle.dumps(list(warmup))
 
 
 class InlineTable:
@@ -307,11 +319,16 @@ class FrontInline:
 
     def _loaded(self, key: tuple[str, str], entry: dict) -> ServedModel:
         from ..specs import load_and_predict
+        from .config import ModelSpec
 
         load, predict = load_and_predict(entry["source"], entry["predict"], entry["builder"],
                                          trust_pickle=entry["trust_pickle"], import_here=True)
+        warmup = entry["warmup"]  # (pickled by the server's process, behind the relay)
+        spec = ModelSpec(key[0], entry["source"], warmup=pickle.loads(warmup)
+                         if isinstance(warmup, bytes) else warmup)
+        # warmed up as the server's copy was: its first request does not pay for it
         pool = InlinePool(load, predict, inputs=entry["inputs"], outputs=entry["outputs"],
-                          timeout=entry["timeout"],
+                          timeout=entry["timeout"], warmup=spec.warmup_arguments(),
                           on_call=functools.partial(self._called, key))
         if pool.version != entry["weights"]:
             pool.close()
