@@ -90,6 +90,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="seconds of load at 32 clients (half that at 1 client)")
     parser.add_argument("--per-worker", type=int, default=100)
+    parser.add_argument("--min-samples", type=int, default=300,
+                        help="each latency phase goes on past --seconds until this many "
+                             "answers were timed (a p99 of fewer is a guess) ...")
+    parser.add_argument("--max-seconds", type=float, default=120.0,
+                        help="... or this many seconds passed")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--recover-timeout", type=float, default=60.0,
                         help="after a worker is killed, how long calls wait for an answer "
@@ -118,7 +123,8 @@ def main(argv=None) -> None:
     given = {name: str(pathlib.Path(path).absolute())
              for name, path in (item.split("=", 1) for item in args.python)}
     settings = trial.Settings(seconds=args.seconds, per_worker=args.per_worker,
-                              clients=args.clients, recover_timeout=args.recover_timeout)
+                              clients=args.clients, recover_timeout=args.recover_timeout,
+                              min_samples=args.min_samples, max_seconds=args.max_seconds)
     command = "bench/report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     data = {"commands": [command],
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -155,6 +161,7 @@ def main(argv=None) -> None:
         data["model_info"][model] = models.describe(directories[model])
     workers = [int(n) for n in args.workers.split(",")]
     source = venvs.source_commit()  # workerpool's package that its rows run
+    harness = venvs.harness_commit()  # the harness and the peers' apps
     for rep in range(args.repeats):
         for model in args.models.split(","):
             for n in workers:
@@ -176,6 +183,7 @@ def main(argv=None) -> None:
                     result["rep"] = rep
                     if name in OURS:
                         result["workerpool_source"] = source
+                    result["harness"] = harness
                     result["settings"] = vars(settings)
                     data["trials"].append(result)
                     print(f"[report] {json.dumps(result)}", file=log, flush=True)

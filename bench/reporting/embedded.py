@@ -132,7 +132,8 @@ def main(argv=None) -> None:
     recovered = state["recovered_at"]
     print(json.dumps({"recover_s": None if recovered is None else recovered - state["killed_at"],
                       "failed": sum(1 for o in after if not o[1]), "after_kill": len(after),
-                      "recover_timeout": args.recover_timeout}), flush=True)
+                      "recover_timeout": args.recover_timeout, "clients": args.clients}),
+          flush=True)
     close()
 
 

@@ -7,12 +7,16 @@ the worker that ran it, so the modes can say which workers served:
 
 - ``spread``: ``--clients`` clients until each of ``--workers`` distinct pids has answered
   ``--per-worker`` times (or ``--max-requests`` were sent);
-- ``load``: ``--clients`` clients for ``--seconds`` (after ``--warmup-seconds``):
-  requests/s, latency p50/p99, errors;
+- ``load``: ``--clients`` clients for ``--seconds`` (after ``--warmup-seconds``), longer
+  until ``--min-samples`` answers were measured (a p99 of fewer is a guess) or
+  ``--max-seconds`` passed: requests/s, latency p50/p99, errors, samples;
 - ``restart``: ``--clients`` clients; after ``--seconds`` of load, SIGKILL the worker that
   answered last; a probe on a fresh connection every 50 ms until a pid never seen before
   answers it (the replacement is serving) or ``--recover-timeout`` passes: seconds to
   that answer, and the load's requests that failed from the kill on.
+
+With ``--reference-json`` every answer is checked against the model run in-process (its
+head values, as peer.parse gives them): answers that differ count as ``wrong``.
 
     python -m reporting.loadgen --peer bench/peers/litserve --port 18200 \
         --model-dir DIR --mode load --clients 32 --seconds 10
@@ -32,6 +36,7 @@ import time
 import aiohttp
 
 REQUEST_TIMEOUT = 120.0
+TOLERANCE = 1e-4  # |answer - in-process| allowed (one torch thread each side: ~1e-7 seen)
 
 
 def load_peer(folder: str):
@@ -45,13 +50,18 @@ def load_peer(folder: str):
 class Client:
     """One keep-alive session posting the contender's request; records every outcome."""
 
-    def __init__(self, peer, port: int, inputs: list):
+    def __init__(self, peer, port: int, inputs: list, reference: list | None = None):
         path, self.body, headers = peer.request(inputs)
         self.url = f"http://127.0.0.1:{port}{path}"
         self.headers = dict(headers)
         self.parse = peer.parse
+        self.reference = reference
         self.outcomes: list[tuple[float, float, bool, int | None]] = []  # end, secs, ok, pid
         self.failures: dict[str, int] = {}  # HTTP status or exception type -> count
+        self.checked = self.wrong = 0  # answers compared with the reference; those that differ
+        self.max_abs_diff = 0.0
+        self.counted_from: float | None = None  # answers ending from then on are counted
+        self.counted = 0
 
     async def post(self, session: aiohttp.ClientSession, record: bool = True
                    ) -> tuple[bool, int | None]:
@@ -61,7 +71,9 @@ class Client:
             async with session.post(self.url, data=self.body, headers=self.headers) as r:
                 body = await r.read()
                 if r.status == 200:
-                    ok, pid = True, int(self.parse(r.status, body)["pid"])
+                    answer = self.parse(r.status, body)
+                    ok, pid = True, int(answer["pid"])
+                    self.check(answer["y"])
                 else:
                     failure = str(r.status)
         except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as error:
@@ -71,7 +83,26 @@ class Client:
             self.outcomes.append((ended, ended - started, ok, pid))
             if failure:
                 self.failures[failure] = self.failures.get(failure, 0) + 1
+            if ok and self.counted_from is not None and ended >= self.counted_from:
+                self.counted += 1
         return ok, pid
+
+    def check(self, values: list) -> None:
+        if self.reference is None:
+            return
+        diff = max((abs(a - b) for a, b in zip(values, self.reference)), default=float("inf"))
+        if len(values) < len(self.reference):
+            diff = float("inf")  # a short answer is a wrong one
+        self.checked += 1
+        self.wrong += diff > TOLERANCE
+        self.max_abs_diff = max(self.max_abs_diff, diff)
+
+    def answers(self) -> dict:
+        """What the check of every answer found (None: no reference given)."""
+        if self.reference is None:
+            return {"checked": None, "wrong": None, "max_abs_diff": None}
+        return {"checked": self.checked, "wrong": self.wrong,
+                "max_abs_diff": self.max_abs_diff}
 
 
 async def drive(client: Client, clients: int, keep_going, fresh: bool = False) -> None:
@@ -114,20 +145,33 @@ async def spread(client: Client, args) -> dict:
     await drive(client, args.clients, keep_going, fresh=True)
     keep_going()
     return {"requests": len(client.outcomes), "failed": tally["failed"],
-            "pids": {str(pid): n for pid, n in sorted(counts.items())}}
+            "pids": {str(pid): n for pid, n in sorted(counts.items())}, **client.answers()}
 
 
 async def load(client: Client, args) -> dict:
     start = time.perf_counter()
     measured_from = start + args.warmup_seconds
     until = measured_from + args.seconds
-    await drive(client, args.clients, lambda: time.perf_counter() < until)
-    window = [o for o in client.outcomes if o[0] >= measured_from and o[0] <= until]
+    cap = measured_from + max(args.seconds, args.max_seconds)
+    client.counted_from = measured_from
+    ended = {}
+
+    def keep_going() -> bool:
+        now = time.perf_counter()
+        going = now < until or (now < cap and client.counted < args.min_samples)
+        if not going:
+            ended.setdefault("at", now)
+        return going
+    await drive(client, args.clients, keep_going)
+    stop = ended.get("at", time.perf_counter())
+    window = [o for o in client.outcomes if measured_from <= o[0] <= stop]
     ok = [secs for _, secs, good, _ in window if good]
-    return {"clients": args.clients, "seconds": args.seconds, "requests": len(window),
-            "failed": len(window) - len(ok), "rps": len(ok) / args.seconds,
+    seconds = stop - measured_from
+    return {"clients": args.clients, "seconds": seconds, "requests": len(window),
+            "failed": len(window) - len(ok), "rps": len(ok) / seconds, "samples": len(ok),
             "p50_ms": _ms(percentile(ok, 50)), "p99_ms": _ms(percentile(ok, 99)),
-            "pids": len({o[3] for o in window if o[2]}), "failures": client.failures}
+            "pids": len({o[3] for o in window if o[2]}), "failures": client.failures,
+            **client.answers()}
 
 
 async def restart(client: Client, args) -> dict:
@@ -163,7 +207,8 @@ async def restart(client: Client, args) -> dict:
     return {"killed_pid": state["killed"],
             "recover_s": None if recovered is None else recovered - state["killed_at"],
             "failed": sum(1 for o in after if not o[2]), "after_kill": len(after),
-            "failures": client.failures, "recover_timeout": args.recover_timeout}
+            "failures": client.failures, "recover_timeout": args.recover_timeout,
+            **client.answers()}
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -182,11 +227,21 @@ def main(argv=None) -> None:
     parser.add_argument("--max-requests", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup-seconds", type=float, default=1.0)
+    parser.add_argument("--min-samples", type=int, default=0,
+                        help="load: go on past --seconds until this many answers")
+    parser.add_argument("--max-seconds", type=float, default=120.0,
+                        help="load: but never longer than this")
+    parser.add_argument("--reference-json",
+                        help="the in-process model's answer: every answer is checked")
     parser.add_argument("--recover-timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
     with open(args.inputs_json) as file:
         inputs = json.load(file)
-    client = Client(load_peer(args.peer), args.port, inputs)
+    reference = None
+    if args.reference_json:
+        with open(args.reference_json) as file:
+            reference = json.load(file)
+    client = Client(load_peer(args.peer), args.port, inputs, reference)
     mode = {"spread": spread, "load": load, "restart": restart}[args.mode]
     json.dump(asyncio.run(mode(client, args)), sys.stdout)
 

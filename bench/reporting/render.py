@@ -1,14 +1,19 @@
 """The report as markdown: machine, headline ratios, then per model memory, start/restart
-and throughput/latency tables (medians over the repetitions), the embedded overhead rows,
-and every contender that could not run with the reason."""
+and throughput/latency tables (medians over the repetitions, min-max beside them), the
+embedded overhead rows, and every contender that could not run with the reason.
+
+A restart that never recovered counts as never in its median (not dropped from it); a p99
+timed from fewer than MIN_P99_SAMPLES answers is marked."""
 
 from __future__ import annotations
 
 import collections
+import math
 import statistics
 
 BASELINE = "workerpool"           # the HTTP contenders' ratios are against workerpool serve
 EMBEDDED_BASELINE = "workerpool-pool"
+MIN_P99_SAMPLES = 300  # below this a p99 is one of the few largest values: marked
 LABELS = {"workerpool-pool": "workerpool Pool (embedded)",
           "multiprocessing": "multiprocessing.Pool(initializer=load)"}
 
@@ -40,6 +45,29 @@ def fmt(value, digits: int = 1, suffix: str = "") -> str:
     return f"{value:,.{digits}f}{suffix}"
 
 
+def spread(values: list, digits: int = 1) -> str:
+    """The median, and the range when there are several values (math.inf: never)."""
+    def one(value) -> str:
+        return "never" if value == math.inf else fmt(value, digits)
+    if not values:
+        return "—"
+    middle = one(statistics.median(values))
+    if len(values) == 1 or min(values) == max(values):
+        return middle
+    return f"{middle} ({one(min(values))}-{one(max(values))})"
+
+
+def samples_of(load: dict) -> int | None:
+    """Answers a latency phase timed (a run before loadgen counted them: requests - failed)."""
+    if not isinstance(load, dict):
+        return None
+    if "samples" in load:
+        return load["samples"]
+    if isinstance(load.get("requests"), int) and isinstance(load.get("failed"), int):
+        return load["requests"] - load["failed"]
+    return None
+
+
 def ratio(value, base) -> str:
     if value is None or not base:
         return "—"
@@ -63,6 +91,52 @@ class Report:
 
     def value(self, model: str, contender: str, workers: int, path: str):
         return median(self.groups.get((model, contender, workers), []), path)
+
+    def values(self, model: str, contender: str, workers: int, path: str) -> list:
+        return [v for v in (dig(t, path) for t in self.groups.get((model, contender, workers),
+                                                                  []))
+                if isinstance(v, (int, float))]
+
+    def cell(self, model: str, contender: str, workers: int, path: str,
+             digits: int = 1) -> str:
+        """Median (min-max) over the repetitions."""
+        return spread(self.values(model, contender, workers, path), digits)
+
+    def recovery(self, model: str, contender: str, workers: int) -> str:
+        """Seconds to a new worker's answer after the kill, a trial that saw none counted
+        as never (so a median of mostly never is never), and the requests that failed."""
+        restarts = [t["restart"] for t in self.groups.get((model, contender, workers), [])
+                    if isinstance(t.get("restart"), dict)]
+        if not restarts:
+            return "—"
+        times = [math.inf if r.get("recover_s") is None else r["recover_s"] for r in restarts]
+        never = times.count(math.inf)
+        text = spread(times, 2)
+        if never:
+            text += f", {never} of {len(times)} never recovered"
+        failed = spread([r["failed"] for r in restarts if isinstance(r.get("failed"), int)], 0)
+        return f"{text} / {failed}"
+
+    def p99(self, model: str, contender: str, workers: int, phase: str) -> str:
+        """The p99 cell, marked † when a repetition timed fewer than MIN_P99_SAMPLES."""
+        trials = self.groups.get((model, contender, workers), [])
+        text = self.cell(model, contender, workers, f"{phase}.p99_ms")
+        counts = [samples_of(t.get(phase)) for t in trials if t.get(phase)]
+        if text != "—" and any(c is None or c < MIN_P99_SAMPLES for c in counts):
+            text += " †"
+        return text
+
+    def answers_checked(self, model: str, contender: str, workers: int) -> str:
+        """Answers under load checked against the in-process model / how many differed."""
+        checked = wrong = 0
+        for trial in self.groups.get((model, contender, workers), []):
+            for phase in ("load", "single"):
+                counted = trial.get(phase) or {}
+                if counted.get("checked") is None:
+                    return "—"  # a run before loadgen checked answers
+                checked += counted["checked"]
+                wrong += counted["wrong"]
+        return f"{checked:,} / {wrong}"
 
     def settings(self, model: str) -> dict:
         """The settings the model's trials ran with (a resumed run may have changed them)."""
@@ -94,12 +168,21 @@ class Report:
             lines.append("- workerpool's rows ran its package as of commit "
                          + ", ".join(f"{commit} ({count} trials)"
                                      for commit, count in sources.items()))
+        harnesses = collections.Counter(t["harness"] for t in self.data["trials"]
+                                        if "harness" in t)
+        if harnesses:
+            lines.append("- the harness and the contenders' apps (bench/) as of commit "
+                         + ", ".join(f"{commit} ({count} trials)"
+                                     for commit, count in harnesses.items())
+                         + "; each trial's command line, environment, peer folder digest "
+                         "and start and end times are in report.json")
         return lines + [""]
 
     def headline(self) -> list[str]:
         top = max(self.workers) if self.workers else 0
         lines = [f"## Headline: N = {top} workers, as ratios to workerpool", "",
-                 "Total PSS of the whole process tree, requests/s and p99 latency at 32 "
+                 "Total PSS of the whole process tree, requests/s and p99 latency at "
+                 f"{self.data['settings']['clients']} "
                  "concurrent clients, each divided by workerpool's in the same run "
                  "(`workerpool serve` for the servers, workerpool's `Pool` for "
                  "`multiprocessing.Pool`). Memory and p99: above 1.00x is worse than "
@@ -135,9 +218,12 @@ class Report:
                  f"Reproduce: `.venv/bin/python bench/report.py --models {model} "
                  f"--repeats {self.repeats(model)} --seconds {settings['seconds']:g}`"
                  " (add `--contenders NAME,...` for fewer rows).", "",
-                 f"Medians of {self.repeats(model)} interleaved repetition(s). "
-                 "Every output checked against the model run in-process "
-                 "(largest difference in the last column of the first table).", ""]
+                 f"Medians of {self.repeats(model)} interleaved repetition(s), the "
+                 "smallest and largest in brackets. Each trial's first answer is checked "
+                 "against the model run in-process (the largest difference in the memory "
+                 "table's last column), and so is every answer under load (the throughput "
+                 "table's last column: answers checked / those that differed by more than "
+                 "1e-4).", ""]
         ns = self.workers
         lines += [f"### Memory: total PSS of the process tree (MiB) after every worker "
                   f"served >= {settings['per_worker']} requests", "",
@@ -146,6 +232,7 @@ class Report:
                   "|---|" + "---|" * (len(ns) + 3)]
         for contender in self.contenders:
             values = [self.value(model, contender, n, "pss_mib") for n in ns]
+            cells = [self.cell(model, contender, n, "pss_mib") for n in ns]
             extra = None
             if len(ns) > 1 and values[0] is not None and values[-1] is not None:
                 extra = (values[-1] - values[0]) / (ns[-1] - ns[0])
@@ -154,15 +241,16 @@ class Report:
             diffs = [d for d in diffs if d is not None]
             processes = self.value(model, contender, ns[-1], "processes")
             lines.append(f"| {self.name(contender)} | " +
-                         " | ".join(fmt(v) for v in values) +
+                         " | ".join(cells) +
                          f" | {fmt(extra)} | {fmt(processes, 0)} | "
                          f"{f'{max(diffs):.1e}' if diffs else '—'} |")
         lines += ["", "### Start and restart", "",
                   "Start: launch to the first successful answer. Restart: under load "
                   f"({settings['clients']} clients), SIGKILL the worker that "
                   "answered last; seconds until a worker never seen before answers, and "
-                  "the load's requests that failed from the kill on (—: no new worker "
-                  f"answered within {settings['recover_timeout']:.0f} s). Over HTTP the "
+                  "the load's requests that failed from the kill on (never: no new worker "
+                  f"answered within {settings['recover_timeout']:.0f} s; such a trial counts "
+                  "as never in the median, and how many there were is said). Over HTTP the "
                   "new worker must answer a probe sent on a fresh connection every 50 ms, "
                   "so a server that queues requests in order (workerpool, TorchServe, "
                   "MLServer) adds the probe's wait behind the queued load and the odds of "
@@ -175,21 +263,23 @@ class Report:
                   " | ".join(f"restart N={n}: s / failed" for n in ns) + " |",
                   "|---|" + "---|" * (2 * len(ns))]
         for contender in self.contenders:
-            starts = [fmt(self.value(model, contender, n, "start_s"), 2) for n in ns]
-            restarts = [f"{fmt(self.value(model, contender, n, 'restart.recover_s'), 2)} / "
-                        f"{fmt(self.value(model, contender, n, 'restart.failed'), 0)}"
-                        for n in ns]
+            starts = [self.cell(model, contender, n, "start_s", 2) for n in ns]
+            restarts = [self.recovery(model, contender, n) for n in ns]
             lines.append(f"| {self.name(contender)} | " + " | ".join(starts + restarts) + " |")
+        timed = (f" and at least {settings['min_samples']} answers (at most "
+                 f"{settings['max_seconds']:.0f} s)" if settings.get("min_samples") else "")
         lines += ["", "### Throughput and latency over each one's own HTTP API", "",
                   f"{settings['clients']} concurrent clients for "
-                  f"{settings['seconds']:.0f} s (req/s, p50, p99), then 1 "
+                  f"{settings['seconds']:.0f} s{timed} (req/s, p50, p99), then 1 "
                   "client (p50, p99); latencies in ms. Failed requests in brackets when "
-                  "any. Each client keeps its connection alive, as client libraries do, "
+                  f"any; † marks a p99 timed from fewer than {MIN_P99_SAMPLES} answers in "
+                  "some repetition (it is then one of the few slowest). Each client keeps "
+                  "its connection alive, as client libraries do, "
                   "so a server whose workers share accept() serves a client from the "
-                  "worker that accepted it (last column).", "",
+                  "worker that accepted it (workers that answered).", "",
                   "| contender | N | req/s | p50 | p99 | 1 client p50 | 1 client p99 | "
-                  "workers that answered |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "workers that answered | answers checked / wrong |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for contender in self.contenders:
             if contender in LABELS:
                 continue
@@ -198,12 +288,13 @@ class Report:
                 note = f" ({failed:.0f} failed)" if failed else ""
                 lines.append(
                     f"| {self.name(contender)} | {n} | "
-                    f"{fmt(self.value(model, contender, n, 'load.rps'))}{note} | "
-                    f"{fmt(self.value(model, contender, n, 'load.p50_ms'))} | "
-                    f"{fmt(self.value(model, contender, n, 'load.p99_ms'))} | "
-                    f"{fmt(self.value(model, contender, n, 'single.p50_ms'))} | "
-                    f"{fmt(self.value(model, contender, n, 'single.p99_ms'))} | "
-                    f"{fmt(self.value(model, contender, n, 'load.pids'), 0)} |")
+                    f"{self.cell(model, contender, n, 'load.rps')}{note} | "
+                    f"{self.cell(model, contender, n, 'load.p50_ms')} | "
+                    f"{self.p99(model, contender, n, 'load')} | "
+                    f"{self.cell(model, contender, n, 'single.p50_ms')} | "
+                    f"{self.p99(model, contender, n, 'single')} | "
+                    f"{fmt(self.value(model, contender, n, 'load.pids'), 0)} | "
+                    f"{self.answers_checked(model, contender, n)} |")
         plots = self.data.get("plots", {}).get(model, [])
         lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
         return lines
@@ -234,6 +325,13 @@ class Report:
             lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
                          f"N={trial['workers']}, repetition {trial.get('rep')}: "
                          f"{trial['error']}")
+        for trial in self.trials:
+            wrong = sum((trial.get(phase) or {}).get("wrong") or 0
+                        for phase in ("load", "single", "restart"))
+            if wrong:
+                lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
+                             f"N={trial['workers']}, repetition {trial.get('rep')}: {wrong} "
+                             "answers under load differed from the model run in-process")
         by_contender_model: dict[tuple, list[dict]] = {}
         for trial in self.trials:
             by_contender_model.setdefault((trial["contender"], trial["model"]), []).append(trial)
@@ -248,7 +346,7 @@ class Report:
                              + "; ".join(f"`{c}`" for c in commands))
         if not lines:
             return []
-        return ["## What did not run, or did not stop", ""] + lines + [""]
+        return ["## What did not run, answered wrong, or did not stop", ""] + lines + [""]
 
     def markdown(self) -> str:
         lines = ["# workerpool against the servers users would pick instead", "",

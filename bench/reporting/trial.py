@@ -4,15 +4,21 @@
    checked against the model run in-process;
 2. memory: every worker serves >= ``per_worker`` requests (32 clients), then the total PSS
    of the whole process tree (copy-on-write decay shows here);
-3. throughput/latency: 32 clients (req/s, p50, p99), then 1 client (p50, p99);
+3. throughput/latency: 32 clients (req/s, p50, p99), then 1 client (p50, p99), each for
+   ``seconds`` or longer, until ``min_samples`` answers were timed; every answer under
+   load is checked against the model run in-process (loadgen's ``wrong``);
 4. restart: under load, SIGKILL the worker that answered last; seconds until a new worker
    answers, and the requests that failed meanwhile;
 5. stop: SIGTERM to the tree (SIGKILL after 30 s); any process left is reported and killed.
 
-The load generator runs as its own process (``reporting.loadgen``)."""
+The load generator runs as its own process (``reporting.loadgen``). Each trial keeps what
+ran it: the contender's command line and environment, a digest of its peer folder, and
+when it started and ended."""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
 import pathlib
@@ -37,8 +43,11 @@ class Settings:
     """How long each phase runs; the smoke run in CI shrinks them."""
 
     def __init__(self, seconds: float = 10.0, per_worker: int = 100, clients: int = 32,
-                 start_timeout: float = 600.0, recover_timeout: float = 60.0):
+                 start_timeout: float = 600.0, recover_timeout: float = 60.0,
+                 min_samples: int = 300, max_seconds: float = 120.0):
         self.seconds = seconds
+        self.min_samples = min_samples  # a p99 rests on at least this many answers
+        self.max_seconds = max_seconds  # ... unless that takes longer than this
         self.per_worker = per_worker
         self.clients = clients
         self.start_timeout = start_timeout
@@ -78,6 +87,29 @@ def tree_pss(root: int) -> tuple[float, list[list]]:
     return total / 2**20, each
 
 
+def now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def peer_digest(folder: pathlib.Path) -> str:
+    """sha256 (16 hex digits) of the peer folder's files: its app, handler, requirements
+    and settings as this trial ran them."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()
+                       and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def configuration(argv: list[str], env: dict, folder: pathlib.Path) -> dict:
+    """What a trial ran: command line and extra environment (this checkout's paths
+    shortened to ./), and the peer folder's digest."""
+    root = str(BENCH.parent) + os.sep
+    return {"argv": [str(a).replace(root, "./") for a in argv],
+            "env": {k: str(v).replace(root, "./") for k, v in env.items()},
+            "peer_digest": peer_digest(folder)}
+
+
 def post_once(peer, port: int, inputs: list, timeout: float = 60.0):
     path, body, headers = peer.request(inputs)
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
@@ -102,7 +134,7 @@ def loadgen(folder: pathlib.Path, port: int, model_dir: pathlib.Path, mode: str,
             **options) -> dict:
     argv = [sys.executable, "-m", "reporting.loadgen", "--peer", str(folder),
             "--port", str(port), "--inputs-json", str(model_dir / "input.json"),
-            "--mode", mode]
+            "--reference-json", str(model_dir / "reference.json"), "--mode", mode]
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
@@ -175,7 +207,8 @@ def run(name: str, python: str, model_dir: pathlib.Path, workers: int, port: int
            "PEER_WORKERS": str(workers), "PEER_PORT": str(port),
            "PYTHONPATH": os.pathsep.join([str(PEERS), str(folder)])}
     env.pop("VIRTUAL_ENV", None)
-    result: dict = {"contender": name, "workers": workers, "model": model_dir.name}
+    result: dict = {"contender": name, "workers": workers, "model": model_dir.name,
+                    "started_at": now(), "config": configuration(argv, extra_env, folder)}
     launched = time.perf_counter()
     process = subprocess.Popen(argv, cwd=workdir, env=env, stdout=log, stderr=log,
                                stdin=subprocess.DEVNULL, start_new_session=True)
@@ -189,15 +222,17 @@ def run(name: str, python: str, model_dir: pathlib.Path, workers: int, port: int
         result["served"] = spread
         result["pss_mib"], result["pss_by_process"] = tree_pss(process.pid)
         result["processes"] = len(result["pss_by_process"])
+        timed = {"min_samples": settings.min_samples, "max_seconds": settings.max_seconds}
         result["load"] = loadgen(folder, port, model_dir, "load", clients=settings.clients,
-                                 seconds=settings.seconds)
+                                 seconds=settings.seconds, **timed)
         result["single"] = loadgen(folder, port, model_dir, "load", clients=1,
-                                   seconds=settings.seconds / 2)
+                                   seconds=settings.seconds / 2, **timed)
         result["restart"] = loadgen(folder, port, model_dir, "restart",
                                     clients=settings.clients, seconds=2,
                                     recover_timeout=settings.recover_timeout)
     finally:
         result["left_running"] = stop(process)
+        result["finished_at"] = now()
     return result
 
 
@@ -211,9 +246,12 @@ def run_embedded(name: str, python: str, model_dir: pathlib.Path, workers: int,
     kind = "workerpool" if name == "workerpool-pool" else "multiprocessing"
     argv = [python, "-m", "reporting.embedded", "--kind", kind, "--model-dir",
             str(model_dir), "--workers", str(workers), "--per-worker",
-            str(settings.per_worker), "--recover-timeout", str(settings.recover_timeout)]
+            str(settings.per_worker), "--recover-timeout", str(settings.recover_timeout),
+            "--clients", str(settings.clients)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), str(PEERS)])}
-    result: dict = {"contender": name, "workers": workers, "model": model_dir.name}
+    result: dict = {"contender": name, "workers": workers, "model": model_dir.name,
+                    "started_at": now(),
+                    "config": configuration(argv, {}, BENCH / "reporting")}
     process = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=log, text=True, start_new_session=True)
     try:
@@ -238,4 +276,5 @@ def run_embedded(name: str, python: str, model_dir: pathlib.Path, workers: int,
             pass
     finally:
         result["left_running"] = stop(process)
+        result["finished_at"] = now()
     return result

@@ -42,13 +42,22 @@ def source_fingerprint() -> str:
 def source_commit() -> str:
     """The last commit that changed workerpool's package (PACKAGE_PATHS), with
     ``+local changes`` if the checkout differs from it there: what workerpool's rows ran."""
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("log", "-1", "--format=%h", "--", *PACKAGE_PATHS) or "unknown"
-    return commit + (" +local changes" if git("status", "--porcelain", "--", *PACKAGE_PATHS)
+    commit = _git("log", "-1", "--format=%h", "--", *PACKAGE_PATHS) or "unknown"
+    return commit + (" +local changes" if _git("status", "--porcelain", "--", *PACKAGE_PATHS)
                      else "")
+
+
+def harness_commit() -> str:
+    """This checkout's commit (the harness and the peers' apps that ran), with
+    ``+local changes`` if bench/ differs from it."""
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" +local changes" if _git("status", "--porcelain", "--", "bench",
+                                               ":!bench/results") else "")
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def build(name: str, log) -> str:

@@ -16,6 +16,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_MIB = 128
 PER_WORKER = 10
+MIN_SAMPLES = 100  # more than 1 s of load gives N=1: the latency phases go on for them
 # The module's fixture runs the whole report (a few minutes) inside the first test's setup.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -28,6 +29,7 @@ def report(tmp_path_factory):
          "--contenders", "workerpool,workerpool-pool,multiprocessing",
          "--models", f"mlp{MODEL_MIB}", "--workers", "1,2", "--repeats", "1",
          "--seconds", "1", "--per-worker", str(PER_WORKER), "--clients", "8",
+         "--min-samples", str(MIN_SAMPLES), "--max-seconds", "60",
          # multiprocessing.Pool loses the killed worker's calls: each waits this out
          "--recover-timeout", "10",
          "--port", "18790", "--python", f"workerpool={sys.executable}",
@@ -57,9 +59,30 @@ def test_every_trial_ran_answered_right_and_stopped(report):
         assert trial["left_running"] == [] or trial["contender"] == "multiprocessing", trial
     for n, trial in trials(data, "workerpool").items():
         assert trial["load"]["requests"] > 0 and trial["load"]["failed"] == 0
+        for phase in ("load", "single"):  # every answer under load matched the model
+            timed = trial[phase]
+            assert timed["samples"] >= MIN_SAMPLES and timed["seconds"] >= 0.5, timed
+            assert timed["checked"] >= timed["samples"] and timed["wrong"] == 0, timed
+            assert timed["max_abs_diff"] < 1e-5, timed
         assert trial["load"]["pids"] == n and trial["single"]["p99_ms"] > 0
         assert trial["restart"]["recover_s"] is not None, trial   # a new worker answered
     assert trials(data, "workerpool-pool")[2]["restart"]["failed"] == 0
+    # the embedded drivers run the clients asked for (they ran 8 whatever was asked)
+    assert trials(data, "multiprocessing")[2]["restart"]["clients"] == 8
+
+
+def test_each_trial_keeps_what_ran_it_and_when(report):
+    _, data = report
+    for trial in data["trials"]:
+        assert trial["started_at"] <= trial["finished_at"], trial
+        config = trial["config"]
+        assert config["argv"] and len(config["peer_digest"]) == 16, config
+        assert trial["harness"].split()[0] == subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True).stdout.strip()
+    (served,) = {" ".join(t["config"]["argv"][1:4]) for t in data["trials"]
+                 if t["contender"] == "workerpool" and t["workers"] == 1}
+    assert served.startswith("-m workerpool serve"), served
 
 
 def test_the_report_shows_sharing_where_there_is_sharing(report):
@@ -97,3 +120,4 @@ def test_markdown_headline_plots_and_overhead_are_written(report):
     rows = {row["row"] for row in data["overhead"]}
     assert {"1", "2", "3a", "3b"} <= {str(r) for r in rows}
     assert "## Embedded: the Pool against multiprocessing.Pool" in markdown
+    assert "answers checked / wrong |" in markdown

@@ -1,0 +1,74 @@
+"""The report's tables say what the trials saw: a restart that never recovered is shown as
+never (not dropped from a median), the range of the repetitions stands beside each median,
+a p99 timed from too few answers is marked, and answers under load that differed from the
+model are counted and listed. Rendered from trials written here, as report.py writes them."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "bench"))
+from reporting import render  # noqa: E402
+
+SETTINGS = {"seconds": 8, "per_worker": 100, "clients": 32, "recover_timeout": 60,
+            "min_samples": 300, "max_seconds": 120}
+
+
+def trial(contender: str, rep: int, recover_s, rps: float, samples: int, wrong: int = 0,
+          pss: float = 500.0) -> dict:
+    load = {"rps": rps, "p50_ms": 10.0, "p99_ms": 20.0 + rep, "requests": samples,
+            "failed": 0, "samples": samples, "pids": 1, "checked": samples, "wrong": wrong}
+    return {"contender": contender, "model": "mlp8", "workers": 1, "rep": rep,
+            "settings": SETTINGS, "start_s": 2.0 + rep, "pss_mib": pss + rep,
+            "processes": 3, "max_abs_diff": 0.0, "load": load,
+            "single": {**load, "checked": 10, "wrong": 0},
+            "restart": {"recover_s": recover_s, "failed": 0},
+            "harness": "abc1234", "left_running": []}
+
+
+def markdown(trials: list[dict]) -> str:
+    data = {"machine": {"cpus": 2, "cpu": "x", "memory_gib": 1, "kernel": "k", "os": "o",
+                        "python": "3.11"},
+            "started": "then", "commands": ["bench/report.py"], "settings": SETTINGS,
+            "contenders": ["workerpool", "litserve"], "models": ["mlp8"], "trials": trials,
+            "model_info": {"mlp8": {"mib": 8, "config": {"kind": "mlp", "layers": 2,
+                                                          "width": 1024}}}}
+    return render.Report(data, {"workerpool": "workerpool serve",
+                                "litserve": "LitServe"}).markdown()
+
+
+def row(text: str, starts: str, section: str) -> str:
+    part = text.split(section, 1)[1]
+    return next(line for line in part.splitlines() if line.startswith(f"| {starts} |"))
+
+
+def test_a_restart_that_never_recovered_counts_as_never_in_the_median():
+    text = markdown([trial("workerpool", 0, 0.5, 100, 800), trial("workerpool", 1, 0.7, 100, 800),
+                     trial("workerpool", 2, 0.6, 100, 800),
+                     trial("litserve", 0, 3.0, 90, 800), trial("litserve", 1, None, 90, 800),
+                     trial("litserve", 2, None, 90, 800)])
+    assert "| 0.60 (0.50-0.70) / 0 |" in row(text, "workerpool serve", "### Start and restart")
+    # two of three never recovered: the median is never, not 3.00 (the one that did)
+    assert "| never (3.00-never), 2 of 3 never recovered / 0 |" in row(
+        text, "LitServe", "### Start and restart")
+
+
+def test_medians_carry_the_range_and_a_p99_of_few_answers_is_marked():
+    text = markdown([trial("workerpool", 0, 0.5, 100, 800, pss=500),
+                     trial("workerpool", 1, 0.5, 120, 250, pss=500)])
+    throughput = row(text, "workerpool serve", "### Throughput")
+    cells = [c.strip() for c in throughput.strip("|").split("|")]
+    assert cells[2] == "110.0 (100.0-120.0)"  # req/s
+    assert cells[4] == "20.5 (20.0-21.0) †"  # one repetition timed 250 answers
+    assert cells[6] == "20.5 (20.0-21.0) †"  # the 1-client phase: 250 there too
+    assert cells[8] == "1,070 / 0"  # every answer checked: 800 + 250 + 10 + 10
+    memory = row(text, "workerpool serve", "### Memory")
+    assert "| 500.5 (500.0-501.0) |" in memory
+
+
+def test_answers_that_differed_under_load_are_counted_and_listed():
+    text = markdown([trial("workerpool", 0, 0.5, 100, 800, wrong=3)])
+    assert row(text, "workerpool serve", "### Throughput").endswith("| 810 / 3 |")
+    assert "workerpool serve, mlp8, N=1, repetition 0: 3 answers under load differed" in text
+    assert "harness and the contenders' apps (bench/) as of commit abc1234 (1 trials)" in text
