@@ -9,6 +9,11 @@ restart after a SIGKILL) and stopped. A contender that cannot be installed or ru
 row saying why. Writes bench/results/report.json, report.md and PNG plots; the results are
 saved after every trial and ``--resume`` keeps them.
 
+Then the wider rows, each a benchmark of bench/ run once against its own baseline in the
+same run (EXTRAS; ``--extra NAME=ARGS`` picks them): a light model against gunicorn +
+FastAPI, streaming's first item against LitServe's, many models in one server, KServe gRPC
+beside HTTP, dynamic batching on and off, and the embedded Pool's per-request overhead.
+
     .venv/bin/python bench/report.py                       # make report: everything
     .venv/bin/python bench/report.py --contenders workerpool,litserve --models mlp256 \
         --workers 1,2 --repeats 1 --seconds 3
@@ -37,6 +42,14 @@ CONTENDERS = HTTP + list(trial.EMBEDDED)
 PACKAGES = ["workerpool", "torch", "ray", "litserve", "torchserve", "torch-model-archiver",
             "mlserver", "gunicorn", "uvicorn", "fastapi", "safetensors", "numpy"]
 RESULTS = venvs.BENCH / "results"
+# The wider rows: bench/NAME.py and its arguments, run once after the trials.
+EXTRAS = {
+    "light": "--rounds 3 --requests 4000 --http-workers 1,2",
+    "streaming": "--rounds 5",
+    "many_models": "",
+    "protocols": "--rounds 3",
+    "throughput": "",
+}
 
 
 def environment(name: str) -> str:
@@ -59,14 +72,40 @@ def names() -> dict[str, str]:
     return out
 
 
-def run_overhead(python: str, args, out: pathlib.Path) -> list[dict] | None:
-    argv = [python, str(venvs.BENCH / "overhead.py"), *shlex.split(args.overhead_args)]
-    env = {**os.environ, "WORKERPOOL_BENCH_RESULTS": str(out)}  # not bench/results/overhead.md
+def run_bench(python: str, script: str, arguments: str, out: pathlib.Path) -> dict:
+    """bench/<script>.py run once: the command, when, and its JSON and markdown (or the
+    error that ended it)."""
+    argv = [python, str(venvs.BENCH / f"{script}.py"), *shlex.split(arguments)]
+    extras = out / "extras"  # (not bench/results/<script>.md)
+    env = {**os.environ, "WORKERPOOL_BENCH_RESULTS": str(extras)}
+    record = {"command": " ".join([f"bench/{script}.py", arguments]).strip(),
+              "started_at": trial.now()}
+    print(f"[report] {record['command']}", file=sys.stderr, flush=True)
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    record["finished_at"] = trial.now()
     if done.returncode:
-        print(f"[report] bench/overhead.py failed: {done.stderr[-1500:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout)["rows"]
+        record["error"] = f"exited with {done.returncode}: {done.stderr.strip()[-1500:]}"
+        print(f"[report] {record['command']} failed: {record['error']}", file=sys.stderr)
+        return record
+    record["result"] = json.loads(done.stdout)
+    markdown = extras / f"{script}.md"
+    record["markdown"] = markdown.read_text() if markdown.exists() else ""
+    return record
+
+
+def extras_wanted(given: list[str]) -> dict[str, str]:
+    """``--extra NAME=ARGS`` (or NAME alone: its usual arguments; ``none``: no extras)."""
+    if not given:
+        return dict(EXTRAS)  # (streaming and light build LitServe's and gunicorn's venvs)
+    wanted = {}
+    for item in given:
+        name, _, arguments = item.partition("=")
+        if name == "none":
+            return {}
+        if name not in EXTRAS:
+            raise SystemExit(f"unknown extra {name!r}; known: {sorted(EXTRAS)}")
+        wanted[name] = arguments if "=" in item else EXTRAS[name]
+    return wanted
 
 
 def write(data: dict, out: pathlib.Path) -> pathlib.Path:
@@ -106,6 +145,9 @@ def main(argv=None) -> None:
                              "its venv (e.g. workerpool=.venv/bin/python)")
     parser.add_argument("--overhead-args", default="--rounds 3",
                         help="bench/overhead.py's arguments ('' skips it)")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME[=ARGS]",
+                        help=f"the wider rows to run, of {sorted(EXTRAS)} (default: all, "
+                             "with their usual arguments; 'none': none)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--resume", action="store_true",
                         help="keep the trials already in OUT/report.json")
@@ -117,6 +159,7 @@ def main(argv=None) -> None:
         print(f"wrote {write(json.loads((out / 'report.json').read_text()), out)}")
         return
     contenders = [c for c in args.contenders.split(",") if c]
+    extras = list(extras_wanted(args.extra).items())
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         parser.error(f"unknown contenders {sorted(unknown)}; known: {CONTENDERS}")
@@ -141,7 +184,7 @@ def main(argv=None) -> None:
         data["contenders"] = list(dict.fromkeys(old["contenders"] + data["contenders"]))
         for key in ("versions", "unavailable"):
             data[key] = {**old.get(key, {}), **data[key]}
-        for key in ("overhead", "overhead_args"):
+        for key in ("overhead", "overhead_args", "extras"):
             if key in old:
                 data[key] = old[key]
     done = {(t["model"], t["contender"], t["workers"], t.get("rep")) for t in data["trials"]}
@@ -190,7 +233,16 @@ def main(argv=None) -> None:
                     write(data, out)
     if args.overhead_args and "workerpool" in pythons:
         data["overhead_args"] = args.overhead_args
-        data["overhead"] = run_overhead(pythons["workerpool"], args, out)
+        data["overhead"] = run_bench(pythons["workerpool"], "overhead", args.overhead_args,
+                                     out).get("result", {}).get("rows")
+    if "workerpool" in pythons:
+        # (with this interpreter, as `make bench` runs them: the checkout's package and
+        # every extra's client, which workerpool's report venv does not hold)
+        data.setdefault("extras", {})
+        for name, arguments in extras:
+            data["extras"][name] = {**run_bench(sys.executable, name, arguments, out),
+                                    "workerpool_source": source, "harness": harness}
+            write(data, out)
     data["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"wrote {write(data, out)}", file=log)
 

@@ -14,6 +14,13 @@ import statistics
 BASELINE = "workerpool"           # the HTTP contenders' ratios are against workerpool serve
 EMBEDDED_BASELINE = "workerpool-pool"
 MIN_P99_SAMPLES = 300  # below this a p99 is one of the few largest values: marked
+EXTRA_TITLES = {  # report.py's EXTRAS
+    "light": "A light model (logistic-regression size) against gunicorn + FastAPI",
+    "streaming": "Streaming: first item and per-item cost against LitServe",
+    "many_models": "Many models in one server",
+    "protocols": "KServe v2 gRPC and TF Serving gRPC beside HTTP",
+    "throughput": "Dynamic batching on and off (the embedded Pool)",
+}
 LABELS = {"workerpool-pool": "workerpool Pool (embedded)",
           "multiprocessing": "multiprocessing.Pool(initializer=load)"}
 
@@ -316,8 +323,33 @@ class Report:
                          f"{fmt(row.get('ratio'), 2)} |")
         return lines + [""]
 
+    def extras(self) -> list[str]:
+        extras = self.data.get("extras") or {}
+        if not extras:
+            return []
+        lines = ["## Wider rows, each against its own baseline in the same run", "",
+                 "Benchmarks of bench/ run once after the trials above (the command under "
+                 "each; its file's docstring says what it measures and how), on the same "
+                 "machine, workerpool at the same commit. Their markdown as they wrote it.",
+                 ""]
+        for name, record in extras.items():
+            lines += [f"### {EXTRA_TITLES.get(name, name)}", "",
+                      f"`.venv/bin/python {record['command']}`, from "
+                      f"{record.get('started_at', '?')} to {record.get('finished_at', '?')}"
+                      + (f", workerpool {record['workerpool_source']}"
+                         if record.get("workerpool_source") else "") + ".", ""]
+            if "error" in record:
+                lines += ["It failed (see the list of what did not run).", ""]
+                continue
+            lines += ["###" + line if line.startswith("#") else line
+                      for line in record.get("markdown", "").strip().splitlines()] + [""]
+        return lines
+
     def problems(self) -> list[str]:
         lines = []
+        for name, record in (self.data.get("extras") or {}).items():
+            if "error" in record:
+                lines.append(f"- `{record['command']}` {record['error']}")
         for contender, reason in self.data.get("unavailable", {}).items():
             lines.append(f"- {self.name(contender)}: could not be installed or run here: "
                          f"{reason}")
@@ -358,5 +390,5 @@ class Report:
         lines += self.machine() + self.headline()
         for model in self.models:
             lines += self.model_tables(model)
-        lines += self.overhead() + self.problems()
+        lines += self.overhead() + self.extras() + self.problems()
         return "\n".join(lines)

@@ -34,6 +34,8 @@ def report(tmp_path_factory):
          "--recover-timeout", "10",
          "--port", "18790", "--python", f"workerpool={sys.executable}",
          "--overhead-args", "--rounds 1 --burst 300 --sequential 50 --array-calls 10",
+         # one of the wider rows, small (the others build LitServe's and gunicorn's venvs)
+         "--extra", "protocols=--rounds 1 --requests 200",
          "--out", str(out)],
         capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -121,3 +123,13 @@ def test_markdown_headline_plots_and_overhead_are_written(report):
     assert {"1", "2", "3a", "3b"} <= {str(r) for r in rows}
     assert "## Embedded: the Pool against multiprocessing.Pool" in markdown
     assert "answers checked / wrong |" in markdown
+    # the wider rows: run once, their markdown in the report under the command that ran it
+    (name,) = data["extras"]
+    extra = data["extras"][name]
+    assert name == "protocols" and "error" not in extra, extra
+    assert extra["command"] == "bench/protocols.py --rounds 1 --requests 200"
+    assert {row["protocol"] for row in extra["result"]["rows"]} >= {"KServe v2 gRPC",
+                                                                   "KServe v2 HTTP binary"}
+    assert "### KServe v2 gRPC and TF Serving gRPC beside HTTP" in markdown
+    assert "`.venv/bin/python bench/protocols.py --rounds 1 --requests 200`" in markdown
+    assert "| KServe v2 gRPC | 32 |" in markdown
