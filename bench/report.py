@@ -139,6 +139,9 @@ def main(argv=None) -> None:
                         help="after a worker is killed, how long calls wait for an answer "
                              "(a pool that loses the call, as multiprocessing.Pool does, "
                              "waits it out)")
+    parser.add_argument("--no-cold-start", dest="cold_start", action="store_false",
+                        help="skip each server trial's start from a dropped page cache "
+                             "(it needs root)")
     parser.add_argument("--port", type=int, default=18500)
     parser.add_argument("--python", action="append", default=[], metavar="NAME=PATH",
                         help="run contender NAME with this interpreter instead of building "
@@ -167,7 +170,8 @@ def main(argv=None) -> None:
              for name, path in (item.split("=", 1) for item in args.python)}
     settings = trial.Settings(seconds=args.seconds, per_worker=args.per_worker,
                               clients=args.clients, recover_timeout=args.recover_timeout,
-                              min_samples=args.min_samples, max_seconds=args.max_seconds)
+                              min_samples=args.min_samples, max_seconds=args.max_seconds,
+                              cold_start=args.cold_start)
     command = "bench/report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     data = {"commands": [command],
             "started": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -251,8 +251,14 @@ class Report:
                          " | ".join(cells) +
                          f" | {fmt(extra)} | {fmt(processes, 0)} | "
                          f"{f'{max(diffs):.1e}' if diffs else '—'} |")
+        cold = any(isinstance(dig(t, "cold.start_s"), (int, float))
+                   for k, v in self.groups.items() if k[0] == model for t in v)
         lines += ["", "### Start and restart", "",
-                  "Start: launch to the first successful answer. Restart: under load "
+                  "Start: launch to the first successful answer, the model's files and the "
+                  "framework's libraries in the page cache (read by the launch before). "
+                  + ("Cold start: the same with the kernel's page cache dropped first "
+                     "(everything read from disk; embedded rows have none). " if cold else "")
+                  + "Restart: under load "
                   f"({settings['clients']} clients), SIGKILL the worker that "
                   "answered last; seconds until a worker never seen before answers, and "
                   "the load's requests that failed from the kill on (never: no new worker "
@@ -267,12 +273,16 @@ class Report:
                   "error or a broken connection; each client retries after 10 ms, so a "
                   "server that fails fast while it has no worker counts many.", "",
                   "| contender | " + " | ".join(f"start N={n} (s)" for n in ns) + " | " +
+                  "".join(f"cold start N={n} (s) | " for n in ns if cold) +
                   " | ".join(f"restart N={n}: s / failed" for n in ns) + " |",
-                  "|---|" + "---|" * (2 * len(ns))]
+                  "|---|" + "---|" * ((3 if cold else 2) * len(ns))]
         for contender in self.contenders:
             starts = [self.cell(model, contender, n, "start_s", 2) for n in ns]
+            colds = [self.cell(model, contender, n, "cold.start_s", 2) for n in ns] \
+                if cold else []
             restarts = [self.recovery(model, contender, n) for n in ns]
-            lines.append(f"| {self.name(contender)} | " + " | ".join(starts + restarts) + " |")
+            lines.append(f"| {self.name(contender)} | " +
+                         " | ".join(starts + colds + restarts) + " |")
         timed = (f" and at least {settings['min_samples']} answers (at most "
                  f"{settings['max_seconds']:.0f} s)" if settings.get("min_samples") else "")
         lines += ["", "### Throughput and latency over each one's own HTTP API", "",
@@ -358,6 +368,10 @@ class Report:
                          f"N={trial['workers']}, repetition {trial.get('rep')}: "
                          f"{trial['error']}")
         for trial in self.trials:
+            if (trial.get("cold") or {}).get("error"):
+                lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
+                             f"N={trial['workers']}, repetition {trial.get('rep')}: no cold "
+                             f"start: {trial['cold']['error']}")
             wrong = sum((trial.get(phase) or {}).get("wrong") or 0
                         for phase in ("load", "single", "restart"))
             if wrong:

@@ -1,7 +1,9 @@
 """One trial: one contender serving one model with N workers, measured from launch to stop.
 
+0. cold start (a server, with ``cold_start``): the kernel's page cache dropped (root only),
+   seconds from launch to the first answer; that server is then stopped;
 1. start: seconds from launch to the first successful answer (polled), whose output is
-   checked against the model run in-process;
+   checked against the model run in-process (a warm page cache: the files were just read);
 2. memory: every worker serves >= ``per_worker`` requests (32 clients), then the total PSS
    of the whole process tree (copy-on-write decay shows here);
 3. throughput/latency: 32 clients (req/s, p50, p99), then 1 client (p50, p99), each for
@@ -44,8 +46,10 @@ class Settings:
 
     def __init__(self, seconds: float = 10.0, per_worker: int = 100, clients: int = 32,
                  start_timeout: float = 600.0, recover_timeout: float = 60.0,
-                 min_samples: int = 300, max_seconds: float = 120.0):
+                 min_samples: int = 300, max_seconds: float = 120.0,
+                 cold_start: bool = True):
         self.seconds = seconds
+        self.cold_start = cold_start
         self.min_samples = min_samples  # a p99 rests on at least this many answers
         self.max_seconds = max_seconds  # ... unless that takes longer than this
         self.per_worker = per_worker
@@ -108,6 +112,17 @@ def configuration(argv: list[str], env: dict, folder: pathlib.Path) -> dict:
     return {"argv": [str(a).replace(root, "./") for a in argv],
             "env": {k: str(v).replace(root, "./") for k, v in env.items()},
             "peer_digest": peer_digest(folder)}
+
+
+def drop_page_cache() -> str | None:
+    """Write back and drop the kernel's page cache (root only): None, or why not."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as control:
+            control.write("3\n")
+    except OSError as error:
+        return f"the page cache cannot be dropped here: {error}"
+    return None
 
 
 def post_once(peer, port: int, inputs: list, timeout: float = 60.0):
@@ -209,9 +224,14 @@ def run(name: str, python: str, model_dir: pathlib.Path, workers: int, port: int
     env.pop("VIRTUAL_ENV", None)
     result: dict = {"contender": name, "workers": workers, "model": model_dir.name,
                     "started_at": now(), "config": configuration(argv, extra_env, folder)}
+
+    def launch() -> subprocess.Popen:
+        return subprocess.Popen(argv, cwd=workdir, env=env, stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    if settings.cold_start:
+        result["cold"] = cold_start(launch, peer, port, inputs, settings.start_timeout)
     launched = time.perf_counter()
-    process = subprocess.Popen(argv, cwd=workdir, env=env, stdout=log, stderr=log,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
+    process = launch()
     try:
         first = wait_first_answer(peer, process, port, inputs, settings.start_timeout)
         result["start_s"] = time.perf_counter() - launched
@@ -234,6 +254,24 @@ def run(name: str, python: str, model_dir: pathlib.Path, workers: int, port: int
         result["left_running"] = stop(process)
         result["finished_at"] = now()
     return result
+
+
+def cold_start(launch, peer, port: int, inputs: list, timeout: float) -> dict:
+    """Seconds from launch to the first answer with the page cache dropped first (the
+    model's files, the framework's libraries: all read from disk), then a stop."""
+    why = drop_page_cache()
+    if why is not None:
+        return {"error": why}
+    launched = time.perf_counter()
+    process = launch()
+    try:
+        wait_first_answer(peer, process, port, inputs, timeout)
+        outcome = {"start_s": time.perf_counter() - launched}
+    except Unavailable as error:
+        outcome = {"error": str(error)}
+    finally:
+        left = stop(process)
+    return {**outcome, "left_running": left}
 
 
 EMBEDDED = ("workerpool-pool", "multiprocessing")

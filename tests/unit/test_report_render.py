@@ -72,3 +72,16 @@ def test_answers_that_differed_under_load_are_counted_and_listed():
     assert row(text, "workerpool serve", "### Throughput").endswith("| 810 / 3 |")
     assert "workerpool serve, mlp8, N=1, repetition 0: 3 answers under load differed" in text
     assert "harness and the contenders' apps (bench/) as of commit abc1234 (1 trials)" in text
+
+
+def test_a_cold_start_has_its_columns_and_one_that_could_not_run_says_why():
+    cold = trial("workerpool", 0, 0.5, 100, 800)
+    cold["cold"] = {"start_s": 9.25, "left_running": []}
+    refused = trial("litserve", 0, 1.0, 90, 800)
+    refused["cold"] = {"error": "the page cache cannot be dropped here: [Errno 13]"}
+    text = markdown([cold, refused])
+    assert "| start N=1 (s) | cold start N=1 (s) | restart N=1: s / failed |" in text
+    assert row(text, "workerpool serve", "### Start and restart").startswith(
+        "| workerpool serve | 2.00 | 9.25 | 0.50 / 0 |")
+    assert "LitServe, mlp8, N=1, repetition 0: no cold start: the page cache cannot" in text
+    assert "cold start" not in markdown([trial("workerpool", 0, 0.5, 100, 800)])
