@@ -37,8 +37,10 @@ from reporting import machine, models, plots, render, trial, venvs  # noqa: E402
 from reporting.loadgen import load_peer  # noqa: E402
 
 HTTP = ["workerpool", "rayserve", "litserve", "torchserve", "mlserver", "gunicorn"]
-OURS = ("workerpool", "workerpool-pool")  # the rows that run workerpool's package
-CONTENDERS = HTTP + list(trial.EMBEDDED)
+# Dynamic batching on, each server's own (gunicorn has none), at the largest N only.
+BATCHING = [f"{name}{trial.BATCHED}" for name in HTTP if name != "gunicorn"]
+OURS = ("workerpool", "workerpool-pool", f"workerpool{trial.BATCHED}")  # workerpool's package
+CONTENDERS = HTTP + list(trial.EMBEDDED) + BATCHING
 PACKAGES = ["workerpool", "torch", "ray", "litserve", "torchserve", "torch-model-archiver",
             "mlserver", "gunicorn", "uvicorn", "fastapi", "safetensors", "numpy"]
 RESULTS = venvs.BENCH / "results"
@@ -54,7 +56,7 @@ EXTRAS = {
 
 def environment(name: str) -> str:
     """The venv that runs ``name`` (the embedded ones run in workerpool's)."""
-    return "workerpool" if name in trial.EMBEDDED else name
+    return "workerpool" if name in trial.EMBEDDED else trial.peer_folder(name).name
 
 
 def python_for(name: str, given: dict[str, str], log) -> str:
@@ -69,6 +71,8 @@ def names() -> dict[str, str]:
             out[name] = load_peer(str(venvs.PEERS / name)).NAME
         except (OSError, AttributeError):
             out[name] = name
+    for name in BATCHING:
+        out[name] = f"{out[trial.peer_folder(name).name]}, batching"
     return out
 
 
@@ -142,6 +146,10 @@ def main(argv=None) -> None:
     parser.add_argument("--no-cold-start", dest="cold_start", action="store_false",
                         help="skip each server trial's start from a dropped page cache "
                              "(it needs root)")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="the +batch contenders' largest batch ...")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="... and how long each waits for one to fill")
     parser.add_argument("--port", type=int, default=18500)
     parser.add_argument("--python", action="append", default=[], metavar="NAME=PATH",
                         help="run contender NAME with this interpreter instead of building "
@@ -171,7 +179,8 @@ def main(argv=None) -> None:
     settings = trial.Settings(seconds=args.seconds, per_worker=args.per_worker,
                               clients=args.clients, recover_timeout=args.recover_timeout,
                               min_samples=args.min_samples, max_seconds=args.max_seconds,
-                              cold_start=args.cold_start)
+                              cold_start=args.cold_start, max_batch=args.max_batch,
+                              batch_wait_ms=args.batch_wait_ms)
     command = "bench/report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     data = {"commands": [command],
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -215,6 +224,8 @@ def main(argv=None) -> None:
                 for name in pythons:
                     if (model, name, n, rep) in done or name in data["unavailable"]:
                         continue
+                    if name in BATCHING and n != max(workers):
+                        continue  # batching rows: at the largest N only
                     print(f"[report] rep {rep} {model} N={n} {name}", file=log, flush=True)
                     try:
                         if name in trial.EMBEDDED:

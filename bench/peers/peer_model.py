@@ -11,7 +11,9 @@ torch, safetensors and the standard library. A model is a directory holding
 The request payload is a fixed list (``example_input``): floats for an MLP, token ids for
 the encoder. ``predict`` answers the head of the output and the pid of the process that
 ran it, so the harness can tell workers apart and check outputs against the model run in
-its own process.
+its own process. With dynamic batching on (a ``+batch`` contender: PEER_MAX_BATCH above 1)
+a server hands ``predict_batch`` the requests it gathered, or, stacked as rows,
+``predict_rows``: one forward pass for all of them.
 """
 
 from __future__ import annotations
@@ -128,6 +130,41 @@ def predict(model, inputs) -> dict:
     if out.dim() == 3:  # the encoder: the first token's vector, as BERT's pooler reads
         out = out[:, 0, :]
     return {"y": [float(v) for v in out.reshape(-1)[:HEAD]], "pid": os.getpid()}
+
+
+def predict_batch(model, requests: list) -> list[dict]:
+    """Several requests in one forward pass: ``predict``'s answer for each, in order, and
+    how many shared that pass ("batch": the harness counts it)."""
+    rows = [_flat(inputs) for inputs in requests]
+    answers = predict_rows(model, rows)
+    return [{"y": [float(v) for v in answers["y"][i]], "pid": os.getpid(),
+             "batch": len(rows)} for i in range(len(rows))]
+
+
+def predict_rows(model, rows) -> dict:
+    """Requests stacked as rows (an array, or a list of ``example_input`` lists): one
+    forward pass; {"y": the first HEAD values of each row's output, "pid": this process
+    and "batch": the rows of this pass, for each row}, as arrays split by rows (a server
+    that batches cuts them back)."""
+    import numpy as np
+    import torch
+
+    config = getattr(model, "peer_config", None) or _config_of(model)
+    dtype = torch.float32 if config["kind"] == "mlp" else torch.int64
+    with torch.inference_mode():
+        out = model(torch.as_tensor(np.asarray(rows)).to(dtype))
+    if out.dim() == 3:
+        out = out[:, 0, :]
+    return {"y": out[:, :HEAD].numpy().astype(np.float32),
+            "pid": np.full(out.shape[0], os.getpid(), np.int64),
+            "batch": np.full(out.shape[0], out.shape[0], np.int64)}
+
+
+def batch_settings() -> tuple[int, float]:
+    """(max batch size, max wait in ms) this server was started with (PEER_MAX_BATCH,
+    PEER_BATCH_WAIT_MS; 1: no batching)."""
+    return (int(os.environ.get("PEER_MAX_BATCH", "1")),
+            float(os.environ.get("PEER_BATCH_WAIT_MS", "5")))
 
 
 def _config_of(model) -> dict:

@@ -59,6 +59,7 @@ class Client:
         self.outcomes: list[tuple[float, float, bool, int | None]] = []  # end, secs, ok, pid
         self.failures: dict[str, int] = {}  # HTTP status or exception type -> count
         self.checked = self.wrong = 0  # answers compared with the reference; those that differ
+        self.batched_rows = self.answered = 0  # for the mean rows per forward pass
         self.max_abs_diff = 0.0
         self.counted_from: float | None = None  # answers ending from then on are counted
         self.counted = 0
@@ -74,6 +75,8 @@ class Client:
                     answer = self.parse(r.status, body)
                     ok, pid = True, int(answer["pid"])
                     self.check(answer["y"])
+                    self.answered += 1
+                    self.batched_rows += int(answer.get("batch", 1))
                 else:
                     failure = str(r.status)
         except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as error:
@@ -99,10 +102,13 @@ class Client:
 
     def answers(self) -> dict:
         """What the check of every answer found (None: no reference given)."""
+        # mean_batch: the rows of the forward pass that made each answer, as the model
+        # says (peer_model.predict_batch); 1 for a server that does not batch
+        batch = self.batched_rows / self.answered if self.answered else None
         if self.reference is None:
-            return {"checked": None, "wrong": None, "max_abs_diff": None}
+            return {"checked": None, "wrong": None, "max_abs_diff": None, "mean_batch": batch}
         return {"checked": self.checked, "wrong": self.wrong,
-                "max_abs_diff": self.max_abs_diff}
+                "max_abs_diff": self.max_abs_diff, "mean_batch": batch}
 
 
 async def drive(client: Client, clients: int, keep_going, fresh: bool = False) -> None:

@@ -13,6 +13,7 @@ import statistics
 
 BASELINE = "workerpool"           # the HTTP contenders' ratios are against workerpool serve
 EMBEDDED_BASELINE = "workerpool-pool"
+BATCHED = "+batch"  # a contender with its dynamic batching on: against workerpool's
 MIN_P99_SAMPLES = 300  # below this a p99 is one of the few largest values: marked
 EXTRA_TITLES = {  # report.py's EXTRAS
     "light": "A light model (logistic-regression size) against gunicorn + FastAPI",
@@ -191,7 +192,8 @@ class Report:
                  "Total PSS of the whole process tree, requests/s and p99 latency at "
                  f"{self.data['settings']['clients']} "
                  "concurrent clients, each divided by workerpool's in the same run "
-                 "(`workerpool serve` for the servers, workerpool's `Pool` for "
+                 "(`workerpool serve` for the servers, `workerpool serve` with batching for "
+                 "the rows with batching, workerpool's `Pool` for "
                  "`multiprocessing.Pool`). Memory and p99: above 1.00x is worse than "
                  "workerpool; req/s: below 1.00x is worse. Medians of "
                  + ", ".join(f"{self.repeats(m)} repetition(s) for {m}" for m in self.models)
@@ -200,7 +202,8 @@ class Report:
             f" {m}: memory | {m}: req/s | {m}: p99 |" for m in self.models)
         lines += [header, "|---|" + "---|---|---|" * len(self.models)]
         for contender in self.contenders:
-            base = EMBEDDED_BASELINE if contender in LABELS else BASELINE
+            base = EMBEDDED_BASELINE if contender in LABELS else \
+                BASELINE + BATCHED if contender.endswith(BATCHED) else BASELINE
             row = f"| {self.name(contender)} |"
             for model in self.models:
                 row += " " + " | ".join([
@@ -293,14 +296,20 @@ class Report:
                   "some repetition (it is then one of the few slowest). Each client keeps "
                   "its connection alive, as client libraries do, "
                   "so a server whose workers share accept() serves a client from the "
-                  "worker that accepted it (workers that answered).", "",
+                  "worker that accepted it (workers that answered). Requests per forward "
+                  "pass: the mean, at the many clients, of how many requests the forward "
+                  "pass that answered each one held (the model says: 1 without batching).",
+                  "",
                   "| contender | N | req/s | p50 | p99 | 1 client p50 | 1 client p99 | "
-                  "workers that answered | answers checked / wrong |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "workers that answered | requests per forward pass | "
+                  "answers checked / wrong |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for contender in self.contenders:
             if contender in LABELS:
                 continue
             for n in ns:
+                if not self.groups.get((model, contender, n)):
+                    continue  # (batching rows run at the largest N only)
                 failed = self.value(model, contender, n, "load.failed")
                 note = f" ({failed:.0f} failed)" if failed else ""
                 lines.append(
@@ -311,6 +320,7 @@ class Report:
                     f"{self.cell(model, contender, n, 'single.p50_ms')} | "
                     f"{self.p99(model, contender, n, 'single')} | "
                     f"{fmt(self.value(model, contender, n, 'load.pids'), 0)} | "
+                    f"{self.cell(model, contender, n, 'load.mean_batch', 2)} | "
                     f"{self.answers_checked(model, contender, n)} |")
         plots = self.data.get("plots", {}).get(model, [])
         lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -394,12 +404,19 @@ class Report:
             return []
         return ["## What did not run, answered wrong, or did not stop", ""] + lines + [""]
 
+    def batching(self) -> str:
+        settings = self.data["settings"]
+        return (f"up to {settings.get('max_batch', 8)} requests, waiting up to "
+                f"{settings.get('batch_wait_ms', 5):g} ms for them")
+
     def markdown(self) -> str:
         lines = ["# workerpool against the servers users would pick instead", "",
                  "Written by `bench/report.py`. Every contender serves the same model files "
                  "(bench/peers/peer_model.py: seeded weights saved as safetensors) with the "
-                 "same predict, one torch thread per worker, no batching, and is called "
-                 "over its own native HTTP API by one load generator "
+                 "same predict, one torch thread per worker, no batching (except the rows "
+                 "named with batching: each server's own dynamic batching, "
+                 f"{self.batching()}, at the largest N, one forward pass per batch), and is "
+                 "called over its own native HTTP API by one load generator "
                  "(bench/reporting/loadgen.py: asyncio + aiohttp, fixed payloads).", ""]
         lines += self.machine() + self.headline()
         for model in self.models:

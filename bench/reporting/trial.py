@@ -47,8 +47,10 @@ class Settings:
     def __init__(self, seconds: float = 10.0, per_worker: int = 100, clients: int = 32,
                  start_timeout: float = 600.0, recover_timeout: float = 60.0,
                  min_samples: int = 300, max_seconds: float = 120.0,
-                 cold_start: bool = True):
+                 cold_start: bool = True, max_batch: int = 8, batch_wait_ms: float = 5.0):
         self.seconds = seconds
+        self.max_batch = max_batch  # a +batch contender's dynamic batching ...
+        self.batch_wait_ms = batch_wait_ms  # ... and how long a batch waits to fill
         self.cold_start = cold_start
         self.min_samples = min_samples  # a p99 rests on at least this many answers
         self.max_seconds = max_seconds  # ... unless that takes longer than this
@@ -210,14 +212,31 @@ def prepare_once(peer, name: str, python: str, model_dir: pathlib.Path) -> pathl
     return workdir
 
 
+BATCHED = "+batch"  # NAME+batch: contender NAME with its own dynamic batching on
+
+
+def peer_folder(name: str) -> pathlib.Path:
+    """bench/peers/NAME of a contender (NAME+batch: NAME's)."""
+    return PEERS / name.removesuffix(BATCHED)
+
+
 def run(name: str, python: str, model_dir: pathlib.Path, workers: int, port: int,
         settings: Settings, log) -> dict:
     """Measure one contender at ``workers`` workers; raises Unavailable when it cannot run."""
-    folder = PEERS / name
+    folder = peer_folder(name)
     peer = load_peer(str(folder))
     inputs = json.loads((model_dir / "input.json").read_text())
     workdir = prepare_once(peer, name, python, model_dir)
-    argv, extra_env = peer.command(python, str(model_dir), workers, port, str(workdir))
+    batching = {"PEER_MAX_BATCH": str(settings.max_batch),
+                "PEER_BATCH_WAIT_MS": str(settings.batch_wait_ms)} \
+        if name.endswith(BATCHED) else {}
+    os.environ.update(batching)  # (peer.command reads them too)
+    try:
+        argv, extra_env = peer.command(python, str(model_dir), workers, port, str(workdir))
+    finally:
+        for key in batching:
+            del os.environ[key]
+    extra_env = {**extra_env, **batching}
     env = {**os.environ, **extra_env, "PEER_MODEL_DIR": str(model_dir),
            "PEER_WORKERS": str(workers), "PEER_PORT": str(port),
            "PYTHONPATH": os.pathsep.join([str(PEERS), str(folder)])}

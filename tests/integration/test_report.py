@@ -26,7 +26,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "report.py"),
-         "--contenders", "workerpool,workerpool-pool,multiprocessing",
+         "--contenders", "workerpool,workerpool-pool,multiprocessing,workerpool+batch",
          "--models", f"mlp{MODEL_MIB}", "--workers", "1,2", "--repeats", "1",
          "--seconds", "1", "--per-worker", str(PER_WORKER), "--clients", "8",
          "--min-samples", str(MIN_SAMPLES), "--max-seconds", "60",
@@ -74,6 +74,21 @@ def test_every_trial_ran_answered_right_and_stopped(report):
     assert trials(data, "workerpool-pool")[2]["restart"]["failed"] == 0
     # the embedded drivers run the clients asked for (they ran 8 whatever was asked)
     assert trials(data, "multiprocessing")[2]["restart"]["clients"] == 8
+
+
+def test_a_batching_row_runs_at_the_largest_n_and_answers_right(report):
+    _, data = report
+    (batched,) = [t for t in data["trials"] if t["contender"] == "workerpool+batch"]
+    assert batched["workers"] == 2 and "error" not in batched, batched
+    argv = batched["config"]["argv"]
+    assert argv[argv.index("--max-batch-size") + 1] == "8", argv
+    assert argv[argv.index("--predict") + 1].endswith(":predict_rows"), argv
+    for phase in ("load", "single"):
+        assert batched[phase]["failed"] == 0 and batched[phase]["wrong"] == 0, batched[phase]
+        assert batched[phase]["checked"] >= MIN_SAMPLES, batched[phase]
+    # 8 clients on 2 workers: requests queue, and forward passes answered several of them
+    assert batched["load"]["mean_batch"] > 1.5, batched["load"]
+    assert trials(data, "workerpool")[2]["load"]["mean_batch"] == 1
 
 
 def test_each_trial_keeps_what_ran_it_and_when(report):

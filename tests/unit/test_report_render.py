@@ -62,7 +62,7 @@ def test_medians_carry_the_range_and_a_p99_of_few_answers_is_marked():
     assert cells[2] == "110.0 (100.0-120.0)"  # req/s
     assert cells[4] == "20.5 (20.0-21.0) †"  # one repetition timed 250 answers
     assert cells[6] == "20.5 (20.0-21.0) †"  # the 1-client phase: 250 there too
-    assert cells[8] == "1,070 / 0"  # every answer checked: 800 + 250 + 10 + 10
+    assert cells[9] == "1,070 / 0"  # every answer checked: 800 + 250 + 10 + 10
     memory = row(text, "workerpool serve", "### Memory")
     assert "| 500.5 (500.0-501.0) |" in memory
 

@@ -11,6 +11,9 @@ Settings beyond LitServe's defaults, each for a reason:
 - timeout=300 (default 30 s, counted from arrival to when a worker picks the request up):
   one fp32 BERT pass on one thread takes about a second here, so a deep queue would
   otherwise be answered 504 (gunicorn's row runs with --timeout 300 too).
+- dynamic batching (a ``litserve+batch`` contender: PEER_MAX_BATCH above 1): LitAPI's
+  max_batch_size and batch_timeout; predict then gets the gathered requests' inputs as a
+  list (LitAPI.batch keeps lists as they are) and answers a list (its unbatch).
 - SIGTERM: LitServe installs no handler, so its main process would die on SIGTERM and
   leave every child running. It is turned into the KeyboardInterrupt that LitServer.run
   answers with its graceful shutdown.
@@ -33,6 +36,8 @@ class PeerAPI(ls.LitAPI):
         return request["inputs"]
 
     def predict(self, inputs):
+        if self.max_batch_size > 1:  # the batch's inputs, one list each
+            return peer_model.predict_batch(self.model, inputs)
         return peer_model.predict(self.model, inputs)
 
     def encode_response(self, output):
@@ -53,8 +58,11 @@ def _interrupt(signum, frame):
 def main():
     workers = int(os.environ.get("PEER_WORKERS", "1"))
     port = int(os.environ.get("PEER_PORT", "8000"))
-    # No batching (max_batch_size defaults to 1); the default endpoint /predict.
-    server = ls.LitServer(PeerAPI(), accelerator="cpu", workers_per_device=workers,
+    # No batching unless asked (max_batch_size defaults to 1); the default endpoint /predict.
+    batch, wait_ms = peer_model.batch_settings()
+    timeout_s = wait_ms / 1000 if batch > 1 else 0.0
+    server = ls.LitServer(PeerAPI(max_batch_size=batch, batch_timeout=timeout_s),
+                          accelerator="cpu", workers_per_device=workers,
                           timeout=300, restart_workers=True)
     # How long shutdown waits for each uvicorn process to drain (LitServe's default: 30 s,
     # one after the other). A request that was in flight on a killed worker never gets an

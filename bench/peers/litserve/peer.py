@@ -21,4 +21,4 @@ def parse(status, body):
     if status != 200:
         raise RuntimeError(f"LitServe answered {status}: {body[:200]!r}")
     answer = json.loads(body)
-    return {"y": answer["y"], "pid": int(answer["pid"])}
+    return {"y": answer["y"], "pid": int(answer["pid"]), "batch": answer.get("batch", 1)}

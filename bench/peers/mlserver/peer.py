@@ -36,11 +36,15 @@ def command(python, model_dir, workers, port, workdir):
         "debug": False,                  # no per-request access log
         "load_models_at_startup": True,
     }
+    # an mlserver+batch contender: adaptive batching of PEER_MAX_BATCH requests, waiting
+    # up to PEER_BATCH_WAIT_MS for them
+    batch = int(os.environ.get("PEER_MAX_BATCH", "1"))
+    wait_s = float(os.environ.get("PEER_BATCH_WAIT_MS", "5")) / 1000 if batch > 1 else 0
     model_settings = {
         "name": MODEL,
         "implementation": "runtime.PeerRuntime",
-        "max_batch_size": 0,             # no adaptive batching: one request, one forward
-        "max_batch_time": 0,
+        "max_batch_size": batch if batch > 1 else 0,  # 0: no adaptive batching
+        "max_batch_time": wait_s,
     }
     (workdir / "settings.json").write_text(json.dumps(settings, indent=2))
     (workdir / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
@@ -62,4 +66,5 @@ def parse(status, body):
     if status != 200:
         raise ValueError(f"MLServer answered {status}: {body[:200]!r}")
     outputs = {o["name"]: o["data"] for o in json.loads(body)["outputs"]}
-    return {"y": [float(v) for v in outputs["y"]], "pid": int(outputs["pid"][0])}
+    return {"y": [float(v) for v in outputs["y"]], "pid": int(outputs["pid"][0]),
+            "batch": int(outputs["batch"][0]) if "batch" in outputs else 1}

@@ -36,6 +36,9 @@ from starlette.requests import Request
 import peer_model
 
 WORKERS = int(os.environ.get("PEER_WORKERS", "1"))
+# a rayserve+batch contender: @serve.batch gathers up to BATCH requests per replica, waiting
+# up to BATCH_WAIT_MS for them (1: no batching)
+BATCH, BATCH_WAIT_MS = peer_model.batch_settings()
 
 
 class _RayParams(_ray_parameter.RayParams):
@@ -51,16 +54,22 @@ _ray_parameter.RayParams = _RayParams  # ray.init looks it up at call time
 
 @serve.deployment
 class Model:
-    """One replica: the model loaded once, one forward pass per request (no batching)."""
+    """One replica: the model loaded once, one forward pass per request (unless BATCH)."""
 
     def __init__(self, model_dir: str):
         self.model = peer_model.load(model_dir)
 
     async def __call__(self, request: Request) -> dict:
         body = await request.json()
+        if BATCH > 1:
+            return await self.predict_batch(body["inputs"])
         # A plain blocking call, as Serve's own examples do: the replica runs one
         # forward pass at a time, on its one intra-op thread.
         return peer_model.predict(self.model, body["inputs"])
+
+    @serve.batch(max_batch_size=max(BATCH, 1), batch_wait_timeout_s=BATCH_WAIT_MS / 1000)
+    async def predict_batch(self, inputs: list) -> list:
+        return peer_model.predict_batch(self.model, inputs)
 
 
 def _ray_temp_dir() -> str | None:

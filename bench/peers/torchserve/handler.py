@@ -4,8 +4,9 @@ TorchServe runs this in each backend worker (a Python process the Java frontend 
 ``initialize`` loads the model from the archive's directory (``model.safetensors`` and
 ``config.json`` were packed into it as extra files, beside ``peer_model.py``), and each
 request is one JSON ``{"inputs": [...]}`` body answered with ``peer_model.predict``.
-There is no batching: the model is registered with a batch size of 1, so ``data`` holds
-one request, but the loop answers every request it is handed, one forward pass each.
+Without batching the model is registered with a batch size of 1, so ``data`` holds one
+request; with it (a ``torchserve+batch`` contender) ``data`` holds what the frontend
+gathered, answered in one forward pass (``peer_model.predict_batch``).
 """
 
 import json
@@ -36,6 +37,8 @@ class PeerHandler(BaseHandler):
         return inputs
 
     def inference(self, data, *args, **kwargs):
+        if len(data) > 1:
+            return peer_model.predict_batch(self.model, data)
         return [peer_model.predict(self.model, inputs) for inputs in data]
 
     def postprocess(self, data):

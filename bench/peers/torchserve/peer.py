@@ -57,6 +57,10 @@ def command(python, model_dir, workers, port, workdir):
     store = os.path.join(workdir, STORE)
     if not os.path.isdir(os.path.join(store, MODEL)):
         prepare(python, model_dir, workdir)
+    # a torchserve+batch contender: PEER_MAX_BATCH requests per forward pass, waiting up
+    # to PEER_BATCH_WAIT_MS for them (TorchServe's batchSize and maxBatchDelay)
+    batch = int(os.environ.get("PEER_MAX_BATCH", "1"))
+    delay_ms = int(float(os.environ.get("PEER_BATCH_WAIT_MS", "5"))) if batch > 1 else 0
     settings = {
         "inference_address": f"http://127.0.0.1:{port}",
         "management_address": f"http://127.0.0.1:{port + 1}",
@@ -68,11 +72,11 @@ def command(python, model_dir, workers, port, workdir):
         "model_store": store,
         "load_models": MODEL,
         "default_workers_per_model": workers,
-        # per model: exactly `workers` workers, one request per forward pass (no batching)
+        # per model: exactly `workers` workers, one request per forward pass unless asked
         "models": json.dumps({MODEL: {"1.0": {
             "defaultVersion": True, "marName": MODEL,
             "minWorkers": workers, "maxWorkers": workers,
-            "batchSize": 1, "maxBatchDelay": 0, "responseTimeout": 300,
+            "batchSize": batch, "maxBatchDelay": delay_ms, "responseTimeout": 300,
             "startupTimeout": 600}}}),
         "job_queue_size": 1000,
         "disable_token_authorization": "true",
@@ -104,4 +108,4 @@ def parse(status, body):
     if status != 200:
         raise RuntimeError(f"TorchServe answered {status}: {body[:200]!r}")
     answer = json.loads(body)
-    return {"y": answer["y"], "pid": int(answer["pid"])}
+    return {"y": answer["y"], "pid": int(answer["pid"]), "batch": answer.get("batch", 1)}

@@ -12,9 +12,19 @@ def command(python, model_dir, workers, port, workdir):
     # --threads-per-worker 1: every contender's workers run on one intra-op thread
     # (peer_model.load sets it for the others); workerpool's default would give a single
     # worker all the cores.
-    return [python, "-m", "workerpool", "serve", f"{MODEL}:load",
-            "--predict", f"{MODEL}:predict", "--name", "model", "--workers", str(workers),
+    batch, wait_ms = _batch_settings()
+    predict = ["--predict", f"{MODEL}:predict"] if batch <= 1 else [
+        # dynamic batching: queued requests' rows stacked, one predict_rows call, cut back
+        "--predict", f"{MODEL}:predict_rows", "--max-batch-size", str(batch),
+        "--max-wait-ms", str(wait_ms)]
+    return [python, "-m", "workerpool", "serve", f"{MODEL}:load", *predict,
+            "--name", "model", "--workers", str(workers),
             "--threads-per-worker", "1", "--host", "127.0.0.1", "--port", str(port)], {}
+
+
+def _batch_settings():
+    return (int(os.environ.get("PEER_MAX_BATCH", "1")),
+            float(os.environ.get("PEER_BATCH_WAIT_MS", "5")))
 
 
 def request(inputs):
@@ -27,4 +37,5 @@ def request(inputs):
 
 def parse(status, body):
     outputs = {o["name"]: o["data"] for o in json.loads(body)["outputs"]}
-    return {"y": outputs["y"], "pid": int(outputs["pid"][0])}
+    return {"y": outputs["y"], "pid": int(outputs["pid"][0]),
+            "batch": int(outputs["batch"][0]) if "batch" in outputs else 1}
