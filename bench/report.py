@@ -41,7 +41,7 @@ HTTP = ["workerpool", "rayserve", "litserve", "torchserve", "mlserver", "gunicor
 BATCHING = [f"{name}{trial.BATCHED}" for name in HTTP if name != "gunicorn"]
 OURS = ("workerpool", "workerpool-pool", f"workerpool{trial.BATCHED}")  # workerpool's package
 CONTENDERS = HTTP + list(trial.EMBEDDED) + BATCHING
-PACKAGES = ["workerpool", "torch", "ray", "litserve", "torchserve", "torch-model-archiver",
+PACKAGES = ["workerpool-serve", "torch", "ray", "litserve", "torchserve", "torch-model-archiver",
             "mlserver", "gunicorn", "uvicorn", "fastapi", "safetensors", "numpy"]
 RESULTS = venvs.BENCH / "results"
 # The wider rows: bench/NAME.py and its arguments, run once after the trials.

@@ -86,3 +86,17 @@ def test_workerpools_venv_is_rebuilt_when_the_package_changes_and_only_then(chec
     (checkout / "src" / "workerpool" / "pool" / "scheduling.py").write_text("MAX_CHUNK = 8\n")
     assert rebuilt("workerpool") and not rebuilt("litserve")
     assert not rebuilt("workerpool")
+
+
+def test_the_workerpool_venv_installs_this_checkouts_distribution_by_its_name():
+    # (pip refuses `NAME @ file://checkout` when the checkout's metadata names another
+    # distribution: the report then had no workerpool rows at all)
+    import configparser
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    name = setup["metadata"]["name"]
+    lines = [line for line in (venvs.PEERS / "workerpool" / "requirements.txt")
+             .read_text().splitlines() if "${WORKERPOOL_ROOT}" in line]
+    assert len(lines) == 1 and lines[0].split("[")[0].split("@")[0].strip() == name, lines
