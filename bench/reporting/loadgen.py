@@ -40,6 +40,10 @@ TOLERANCE = 1e-4  # |answer - in-process| allowed (one torch thread each side: ~
 
 
 def load_peer(folder: str):
+    """A contender's peer.py; it may import peer_model (standard library at import time)."""
+    peers = os.path.dirname(os.path.abspath(folder.rstrip("/")))
+    if peers not in sys.path:
+        sys.path.append(peers)
     spec = importlib.util.spec_from_file_location(
         f"peer_{os.path.basename(folder.rstrip('/'))}", os.path.join(folder, "peer.py"))
     module = importlib.util.module_from_spec(spec)

@@ -35,11 +35,6 @@ def dig(trial: dict, path: str):
     return value
 
 
-def median(trials: list[dict], path: str):
-    values = [v for v in (dig(t, path) for t in trials) if isinstance(v, (int, float))]
-    return statistics.median(values) if values else None
-
-
 def grouped(trials: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for trial in trials:
@@ -98,7 +93,9 @@ class Report:
         return self.names.get(contender, contender)
 
     def value(self, model: str, contender: str, workers: int, path: str):
-        return median(self.groups.get((model, contender, workers), []), path)
+        """The median over the repetitions (None: no value)."""
+        values = self.values(model, contender, workers, path)
+        return statistics.median(values) if values else None
 
     def values(self, model: str, contender: str, workers: int, path: str) -> list:
         return [v for v in (dig(t, path) for t in self.groups.get((model, contender, workers),

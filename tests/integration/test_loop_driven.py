@@ -49,8 +49,8 @@ def test_a_loop_driven_pool_answers_everything_through_kills_a_swap_and_other_th
                 pids_seen.add(victim)
                 os.kill(victim, signal.SIGKILL)
             await asyncio.sleep(0.6)
-            # after the swap: the new version's zygote (killing the retiring version's fails
-            # its requests in flight, PoolBroken: the note on issue 31 says so)
+            # after the swap: the new version's zygote (the retiring version's, killed while
+            # it drains, is test_reload's subject)
             await swapped.wait()
             zygote = pool.zygote_pid
             pids_seen.add(zygote)

@@ -63,7 +63,8 @@ def test_every_trial_ran_answered_right_and_stopped(report):
         assert trial["load"]["requests"] > 0 and trial["load"]["failed"] == 0
         cold = trial["cold"]  # a launch from a dropped page cache, or why there was none
         assert cold.get("start_s", 0) > 0 or "cannot be dropped" in cold["error"], cold
-        assert cold["left_running"] == [] if "start_s" in cold else True
+        if "start_s" in cold:
+            assert cold["left_running"] == [], cold
         for phase in ("load", "single"):  # every answer under load matched the model
             timed = trial[phase]
             assert timed["samples"] >= MIN_SAMPLES and timed["seconds"] >= 0.5, timed

@@ -8,6 +8,8 @@ import json
 import os
 import pathlib
 
+import peer_model  # bench/peers/: standard library only at import (loadgen.load_peer)
+
 NAME = "MLServer"
 MODEL = "peer"
 
@@ -38,8 +40,8 @@ def command(python, model_dir, workers, port, workdir):
     }
     # an mlserver+batch contender: adaptive batching of PEER_MAX_BATCH requests, waiting
     # up to PEER_BATCH_WAIT_MS for them
-    batch = int(os.environ.get("PEER_MAX_BATCH", "1"))
-    wait_s = float(os.environ.get("PEER_BATCH_WAIT_MS", "5")) / 1000 if batch > 1 else 0
+    batch, wait_ms = peer_model.batch_settings()
+    wait_s = wait_ms / 1000 if batch > 1 else 0
     model_settings = {
         "name": MODEL,
         "implementation": "runtime.PeerRuntime",

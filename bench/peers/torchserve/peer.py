@@ -17,6 +17,8 @@ import shutil
 import subprocess
 import tempfile
 
+import peer_model  # bench/peers/: standard library only at import (loadgen.load_peer)
+
 NAME = "TorchServe"
 MODEL = "peer"
 HERE = pathlib.Path(__file__).resolve().parent
@@ -59,8 +61,8 @@ def command(python, model_dir, workers, port, workdir):
         prepare(python, model_dir, workdir)
     # a torchserve+batch contender: PEER_MAX_BATCH requests per forward pass, waiting up
     # to PEER_BATCH_WAIT_MS for them (TorchServe's batchSize and maxBatchDelay)
-    batch = int(os.environ.get("PEER_MAX_BATCH", "1"))
-    delay_ms = int(float(os.environ.get("PEER_BATCH_WAIT_MS", "5"))) if batch > 1 else 0
+    batch, wait_ms = peer_model.batch_settings()
+    delay_ms = int(wait_ms) if batch > 1 else 0
     settings = {
         "inference_address": f"http://127.0.0.1:{port}",
         "management_address": f"http://127.0.0.1:{port + 1}",

@@ -3,6 +3,8 @@
 import json
 import os
 
+import peer_model  # bench/peers/: standard library only at import (loadgen.load_peer)
+
 NAME = "workerpool serve"
 PEERS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(PEERS, "peer_model.py")
@@ -12,7 +14,7 @@ def command(python, model_dir, workers, port, workdir):
     # --threads-per-worker 1: every contender's workers run on one intra-op thread
     # (peer_model.load sets it for the others); workerpool's default would give a single
     # worker all the cores.
-    batch, wait_ms = _batch_settings()
+    batch, wait_ms = peer_model.batch_settings()
     predict = ["--predict", f"{MODEL}:predict"] if batch <= 1 else [
         # dynamic batching: queued requests' rows stacked, one predict_rows call, cut back
         "--predict", f"{MODEL}:predict_rows", "--max-batch-size", str(batch),
@@ -20,11 +22,6 @@ def command(python, model_dir, workers, port, workdir):
     return [python, "-m", "workerpool", "serve", f"{MODEL}:load", *predict,
             "--name", "model", "--workers", str(workers),
             "--threads-per-worker", "1", "--host", "127.0.0.1", "--port", str(port)], {}
-
-
-def _batch_settings():
-    return (int(os.environ.get("PEER_MAX_BATCH", "1")),
-            float(os.environ.get("PEER_BATCH_WAIT_MS", "5")))
 
 
 def request(inputs):

@@ -74,8 +74,10 @@ def _table_warmup(warmup):
     """A spec's warm-up as a table entry carries it: a file's path (or None: a SavedModel's
     own warm-up file, if any) as it is; inputs given as a list, pickled (entries are
     compared whole with ==, which arrays do not answer with one bool)."""
-    if warmup is None or isinstance(warmup, (str, os.PathLike)):
-        return None if warmup is None else os.fspath(warmup)
+    if warmup is None:
+        return None
+    if isinstance(warmup, (str, os.PathLike)):
+        return os.fspath(warmup)
     return pickle.dumps(list(warmup))
 
 
