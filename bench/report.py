@@ -5,9 +5,11 @@ Each contender (bench/peers/<name>/) runs from its own virtual environment, buil
 from its pinned requirements file. For every repetition, model and N, each contender in
 turn (interleaved, so a noisy stretch of the machine hits them all) is launched, measured
 (reporting/trial.py: start, memory after every worker served, throughput and latency,
-restart after a SIGKILL) and stopped. A contender that cannot be installed or run gets a
-row saying why. Writes bench/results/report.json, report.md and PNG plots; the results are
-saved after every trial and ``--resume`` keeps them.
+restart after a SIGKILL) and stopped; then each server serves ``--many-models`` distinct
+models at once (reporting/trial.py's run_many: memory and latency, the models called in
+turn). A contender that cannot be installed or run gets a row saying why. Writes
+bench/results/report.json, report.md and PNG plots; the results are saved after every
+trial and ``--resume`` keeps them.
 
 Then the wider rows, each a benchmark of bench/ run once against its own baseline in the
 same run (EXTRAS; ``--extra NAME=ARGS`` picks them): a light model against gunicorn +
@@ -97,6 +99,17 @@ def run_bench(python: str, script: str, arguments: str, out: pathlib.Path) -> di
     return record
 
 
+def many_models(setting: str) -> dict[str, pathlib.Path]:
+    """``COUNTxMIB``: {m0: directory, ...}, COUNT MLPs of MIB MiB, each from its own seed
+    (distinct weights: nothing a server could share between them); '': none."""
+    if not setting:
+        return {}
+    count, _, size = setting.partition("x")
+    if not (count.isdigit() and size.isdigit() and int(count) > 0):
+        raise SystemExit(f"--many-models {setting!r}: give COUNTxMIB, as 8x32")
+    return {f"m{i}": models.ensure(f"mlp{size}", seed=i) for i in range(int(count))}
+
+
 def extras_wanted(given: list[str]) -> dict[str, str]:
     """``--extra NAME=ARGS`` (or NAME alone: its usual arguments; ``none``: no extras)."""
     if not given:
@@ -150,6 +163,9 @@ def main(argv=None) -> None:
                         help="the +batch contenders' largest batch ...")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0,
                         help="... and how long each waits for one to fill")
+    parser.add_argument("--many-models", default="8x32", metavar="COUNTxMIB",
+                        help="each repetition also serves this many distinct MLPs of this "
+                             "many MiB from every server at once ('' skips it)")
     parser.add_argument("--port", type=int, default=18500)
     parser.add_argument("--python", action="append", default=[], metavar="NAME=PATH",
                         help="run contender NAME with this interpreter instead of building "
@@ -170,6 +186,7 @@ def main(argv=None) -> None:
         print(f"wrote {write(json.loads((out / 'report.json').read_text()), out)}")
         return
     contenders = [c for c in args.contenders.split(",") if c]
+    wanted_models = [m for m in args.models.split(",") if m]  # '': the many-models rows only
     extras = list(extras_wanted(args.extra).items())
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
@@ -185,7 +202,7 @@ def main(argv=None) -> None:
     data = {"commands": [command],
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine.describe(), "contenders": contenders,
-            "models": args.models.split(","), "settings": vars(settings),
+            "models": wanted_models, "settings": vars(settings),
             "trials": [], "unavailable": {}, "versions": {}, "model_info": {}}
     if args.resume and (out / "report.json").exists():
         old = json.loads((out / "report.json").read_text())
@@ -197,10 +214,12 @@ def main(argv=None) -> None:
         data["contenders"] = list(dict.fromkeys(old["contenders"] + data["contenders"]))
         for key in ("versions", "unavailable"):
             data[key] = {**old.get(key, {}), **data[key]}
+        data["many_models"] = [t for t in old.get("many_models", []) if "error" not in t]
         for key in ("overhead", "overhead_args", "extras"):
             if key in old:
                 data[key] = old[key]
     done = {(t["model"], t["contender"], t["workers"], t.get("rep")) for t in data["trials"]}
+    done |= {(t["many"], t["contender"], 1, t["rep"]) for t in data.get("many_models", [])}
     log = sys.stderr
     pythons: dict[str, str] = {}
     for name in contenders:
@@ -218,8 +237,22 @@ def main(argv=None) -> None:
     workers = [int(n) for n in args.workers.split(",")]
     source = venvs.source_commit()  # workerpool's package that its rows run
     harness = venvs.harness_commit()  # the harness and the peers' apps
+    many = many_models(args.many_models)
+    if many:
+        data["many_models_setting"] = args.many_models
+        data.setdefault("many_models", [])
+
+    def record(result: dict, name: str, rep: int, key: str) -> None:
+        result["rep"] = rep
+        if name in OURS:
+            result["workerpool_source"] = source
+        result["harness"] = harness
+        result["settings"] = vars(settings)
+        data[key].append(result)
+        print(f"[report] {json.dumps(result)}", file=log, flush=True)
+        write(data, out)
     for rep in range(args.repeats):
-        for model in args.models.split(","):
+        for model in wanted_models:
             for n in workers:
                 for name in pythons:
                     if (model, name, n, rep) in done or name in data["unavailable"]:
@@ -238,14 +271,20 @@ def main(argv=None) -> None:
                         traceback.print_exc(file=log)
                         result = {"contender": name, "workers": n, "model": model,
                                   "error": f"{type(error).__name__}: {error}"}
-                    result["rep"] = rep
-                    if name in OURS:
-                        result["workerpool_source"] = source
-                    result["harness"] = harness
-                    result["settings"] = vars(settings)
-                    data["trials"].append(result)
-                    print(f"[report] {json.dumps(result)}", file=log, flush=True)
-                    write(data, out)
+                    record(result, name, rep, "trials")
+        for name in pythons if many else []:
+            if name not in HTTP or (args.many_models, name, 1, rep) in done \
+                    or name in data["unavailable"]:
+                continue
+            print(f"[report] rep {rep} {args.many_models} models {name}", file=log,
+                  flush=True)
+            try:
+                result = trial.run_many(name, pythons[name], many, args.port, settings, log)
+            except Exception as error:  # one contender's failure is its row
+                traceback.print_exc(file=log)
+                result = {"contender": name, "error": f"{type(error).__name__}: {error}"}
+            result["many"] = args.many_models
+            record(result, name, rep, "many_models")
     if args.overhead_args and "workerpool" in pythons:
         data["overhead_args"] = args.overhead_args
         data["overhead"] = run_bench(pythons["workerpool"], "overhead", args.overhead_args,

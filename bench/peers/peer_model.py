@@ -167,6 +167,13 @@ def batch_settings() -> tuple[int, float]:
             float(os.environ.get("PEER_BATCH_WAIT_MS", "5")))
 
 
+def served_models() -> dict[str, str]:
+    """{name: model directory} of a many-models trial (PEER_MODELS, JSON, which the harness
+    sets for ``peer.command_many``'s server); {} when the server serves the one model of
+    PEER_MODEL_DIR."""
+    return json.loads(os.environ.get("PEER_MODELS") or "{}")
+
+
 def _config_of(model) -> dict:
     if hasattr(model, "tokens"):
         return {"kind": "bert"}

@@ -16,7 +16,9 @@ the worker that ran it, so the modes can say which workers served:
   that answer, and the load's requests that failed from the kill on.
 
 With ``--reference-json`` every answer is checked against the model run in-process (its
-head values, as peer.parse gives them): answers that differ count as ``wrong``.
+head values, as peer.parse gives them): answers that differ count as ``wrong``. With
+``--targets-json`` (a list of {"model", "inputs", "reference"}) each client calls the
+contender's several models in turn, each answer checked against its own model's.
 
     python -m reporting.loadgen --peer bench/peers/litserve --port 18200 \
         --model-dir DIR --mode load --clients 32 --seconds 10
@@ -52,14 +54,20 @@ def load_peer(folder: str):
 
 
 class Client:
-    """One keep-alive session posting the contender's request; records every outcome."""
+    """One keep-alive session posting the contender's request; records every outcome.
 
-    def __init__(self, peer, port: int, inputs: list, reference: list | None = None):
-        path, self.body, headers = peer.request(inputs)
-        self.url = f"http://127.0.0.1:{port}{path}"
-        self.headers = dict(headers)
+    ``targets``: (model, inputs, reference) of each model called, in turn (round robin);
+    model None: the contender's one model."""
+
+    def __init__(self, peer, port: int, targets: list[tuple]):
+        self.targets = []  # (url, body, headers, reference)
+        for model, inputs, reference in targets:
+            path, body, headers = peer.request(inputs) if model is None else \
+                peer.request(inputs, model=model)
+            self.targets.append((f"http://127.0.0.1:{port}{path}", body, dict(headers),
+                                 reference))
+        self.turn = 0
         self.parse = peer.parse
-        self.reference = reference
         self.outcomes: list[tuple[float, float, bool, int | None]] = []  # end, secs, ok, pid
         self.failures: dict[str, int] = {}  # HTTP status or exception type -> count
         self.checked = self.wrong = 0  # answers compared with the reference; those that differ
@@ -68,17 +76,23 @@ class Client:
         self.counted_from: float | None = None  # answers ending from then on are counted
         self.counted = 0
 
+    @property
+    def checking(self) -> bool:
+        return any(target[3] is not None for target in self.targets)
+
     async def post(self, session: aiohttp.ClientSession, record: bool = True
                    ) -> tuple[bool, int | None]:
+        url, data, headers, reference = self.targets[self.turn % len(self.targets)]
+        self.turn += 1
         started = time.perf_counter()
         ok, pid, failure = False, None, None
         try:
-            async with session.post(self.url, data=self.body, headers=self.headers) as r:
+            async with session.post(url, data=data, headers=headers) as r:
                 body = await r.read()
                 if r.status == 200:
                     answer = self.parse(r.status, body)
                     ok, pid = True, int(answer["pid"])
-                    self.check(answer["y"])
+                    self.check(answer["y"], reference)
                     self.answered += 1
                     self.batched_rows += int(answer.get("batch", 1))
                 else:
@@ -94,11 +108,11 @@ class Client:
                 self.counted += 1
         return ok, pid
 
-    def check(self, values: list) -> None:
-        if self.reference is None:
+    def check(self, values: list, reference: list | None) -> None:
+        if reference is None:
             return
-        diff = max((abs(a - b) for a, b in zip(values, self.reference)), default=float("inf"))
-        if len(values) < len(self.reference):
+        diff = max((abs(a - b) for a, b in zip(values, reference)), default=float("inf"))
+        if len(values) < len(reference):
             diff = float("inf")  # a short answer is a wrong one
         self.checked += 1
         self.wrong += diff > TOLERANCE
@@ -109,7 +123,7 @@ class Client:
         # mean_batch: the rows of the forward pass that made each answer, as the model
         # says (peer_model.predict_batch); 1 for a server that does not batch
         batch = self.batched_rows / self.answered if self.answered else None
-        if self.reference is None:
+        if not self.checking:
             return {"checked": None, "wrong": None, "max_abs_diff": None, "mean_batch": batch}
         return {"checked": self.checked, "wrong": self.wrong,
                 "max_abs_diff": self.max_abs_diff, "mean_batch": batch}
@@ -229,7 +243,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer", required=True, help="the contender's folder (peer.py)")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--inputs-json", required=True, help="a file holding the payload")
+    parser.add_argument("--inputs-json", help="a file holding the payload")
+    parser.add_argument("--targets-json",
+                        help="instead: several models called in turn, a file holding "
+                             '[{"model": NAME, "inputs": [...], "reference": [...]}, ...]')
     parser.add_argument("--mode", choices=["spread", "load", "restart"], required=True)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
@@ -245,13 +262,20 @@ def main(argv=None) -> None:
                         help="the in-process model's answer: every answer is checked")
     parser.add_argument("--recover-timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
-    with open(args.inputs_json) as file:
-        inputs = json.load(file)
-    reference = None
-    if args.reference_json:
-        with open(args.reference_json) as file:
-            reference = json.load(file)
-    client = Client(load_peer(args.peer), args.port, inputs, reference)
+    if args.targets_json:
+        with open(args.targets_json) as file:
+            targets = [(t["model"], t["inputs"], t.get("reference")) for t in json.load(file)]
+    elif args.inputs_json:
+        with open(args.inputs_json) as file:
+            inputs = json.load(file)
+        reference = None
+        if args.reference_json:
+            with open(args.reference_json) as file:
+                reference = json.load(file)
+        targets = [(None, inputs, reference)]
+    else:
+        parser.error("give --inputs-json or --targets-json")
+    client = Client(load_peer(args.peer), args.port, targets)
     mode = {"spread": spread, "load": load, "restart": restart}[args.mode]
     json.dump(asyncio.run(mode(client, args)), sys.stdout)
 

@@ -29,11 +29,12 @@ def config_expression(name: str) -> str:
     raise ValueError(f"unknown model {name!r}: use mlp<MiB> or bert")
 
 
-def ensure(name: str) -> pathlib.Path:
+def ensure(name: str, seed: int = 0) -> pathlib.Path:
     """The model's directory, with input.json (the payload) and reference.json (the
     in-process answer's ``y``) beside the weights; built in a child process so this one
-    never holds the weights."""
-    directory = MODELS / name
+    never holds the weights. Another ``seed``: the same shape with other weights (the
+    many-models trials serve several distinct models)."""
+    directory = MODELS / (name if seed == 0 else f"{name}-seed{seed}")
     if (directory / "reference.json").exists():
         return directory
     code = f"""
@@ -41,7 +42,7 @@ import json, pathlib, sys
 sys.path.insert(0, {str(PEERS)!r})
 import peer_model as m
 config = m.{config_expression(name)}
-directory = m.make_model(config, {str(directory)!r})
+directory = m.make_model(config, {str(directory)!r}, seed={seed})
 inputs = m.example_input(config)
 (directory / "input.json").write_text(json.dumps(inputs))
 answer = m.predict(m.load(directory), inputs)

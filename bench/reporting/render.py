@@ -1,6 +1,7 @@
 """The report as markdown: machine, headline ratios, then per model memory, start/restart
-and throughput/latency tables (medians over the repetitions, min-max beside them), the
-embedded overhead rows, and every contender that could not run with the reason.
+and throughput/latency tables (medians over the repetitions, min-max beside them), many
+models in one server, the embedded overhead rows, and every contender that could not run
+with the reason.
 
 A restart that never recovered counts as never in its median (not dropped from it); a p99
 timed from fewer than MIN_P99_SAMPLES answers is marked."""
@@ -88,6 +89,9 @@ class Report:
                            if any(t["contender"] == c for t in self.trials)]
         self.models = [m for m in data["models"] if any(t["model"] == m for t in self.trials)]
         self.workers = sorted({t["workers"] for t in self.trials})
+        many = data.get("many_models") or []
+        self.many = [t for t in many if "error" not in t]
+        self.many_failures = [t for t in many if "error" in t]
 
     def name(self, contender: str) -> str:
         return self.names.get(contender, contender)
@@ -323,6 +327,70 @@ class Report:
         lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
         return lines
 
+    def many_values(self, contender: str, path: str) -> list:
+        return [v for v in (dig(t, path) for t in self.many if t["contender"] == contender)
+                if isinstance(v, (int, float))]
+
+    def many_models(self) -> list[str]:
+        """Several distinct models served at once by each server (trial.run_many)."""
+        if not self.many:
+            return []
+        setting = self.data.get("many_models_setting", self.many[0].get("many", "?"))
+        count, _, size = setting.partition("x")
+        settings = self.many[0].get("settings", self.data["settings"])
+        contenders = [c for c in self.data["contenders"]
+                      if any(t["contender"] == c for t in self.many)]
+        repeats = min(len(self.many_values(c, "pss_mib")) for c in contenders)
+        base = statistics.median(self.many_values(BASELINE, "pss_mib")) \
+            if self.many_values(BASELINE, "pss_mib") else None
+        lines = [f"## Many models in one server: {count} distinct MLPs of {size} MiB", "",
+                 f"Reproduce: `.venv/bin/python bench/report.py --many-models {setting} "
+                 f"--models '' --repeats {repeats} --extra none --overhead-args ''`.", "",
+                 f"Each server serves {count} models of {size} MiB of fp32 weights each, "
+                 "every one from its own seed (nothing to share between them), as its "
+                 "documentation says to serve several (bench/peers/NAME/peer.py's "
+                 "command_many): one worker per model where the server has per-model "
+                 "workers (workerpool: a [models.NAME] table each; TorchServe: an archive "
+                 "each; Ray Serve: an application each; LitServe: a LitAPI each, with its "
+                 "default of one uvicorn process per worker), and where it has none one "
+                 "process holding every model (gunicorn: one worker of one app; MLServer: "
+                 "one parallel worker loading every model-settings.json). Start: launch "
+                 "until every model has answered once (each answer checked). Then "
+                 f"{settings['clients']} clients, and then 1, call the models in turn "
+                 f"({settings['seconds']:.0f} s or longer, until {settings['min_samples']} "
+                 "answers were timed; each answer checked against its own model run "
+                 "in-process); then the total PSS of the process tree. Medians of "
+                 f"{repeats} repetition(s), smallest and largest in brackets; latencies in "
+                 "ms.", "",
+                 "| contender | total PSS (MiB) | against workerpool | processes | start (s) "
+                 "| req/s | p50 | p99 | 1 client p50 | answers checked / wrong |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for contender in contenders:
+            pss = self.many_values(contender, "pss_mib")
+            samples = [samples_of(t.get("load")) for t in self.many
+                       if t["contender"] == contender]
+            p99 = spread(self.many_values(contender, "load.p99_ms"))
+            if p99 != "—" and any(c is None or c < MIN_P99_SAMPLES for c in samples):
+                p99 += " †"
+            checked = wrong = 0
+            for t in self.many:
+                if t["contender"] == contender:
+                    for phase in ("load", "single"):
+                        checked += (t.get(phase) or {}).get("checked") or 0
+                        wrong += (t.get(phase) or {}).get("wrong") or 0
+            failed = self.many_values(contender, "load.failed")
+            note = f" ({statistics.median(failed):.0f} failed)" if any(failed) else ""
+            lines.append(
+                f"| {self.name(contender)} | {spread(pss, 0)} | "
+                f"{ratio(statistics.median(pss), base) if pss else '—'} | "
+                f"{spread(self.many_values(contender, 'processes'), 0)} | "
+                f"{spread(self.many_values(contender, 'start_s'), 1)} | "
+                f"{spread(self.many_values(contender, 'load.rps'))}{note} | "
+                f"{spread(self.many_values(contender, 'load.p50_ms'))} | {p99} | "
+                f"{spread(self.many_values(contender, 'single.p50_ms'))} | "
+                f"{checked:,} / {wrong} |")
+        return lines + [""]
+
     def overhead(self) -> list[str]:
         rows = self.data.get("overhead")
         if not rows:
@@ -374,6 +442,20 @@ class Report:
             lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
                          f"N={trial['workers']}, repetition {trial.get('rep')}: "
                          f"{trial['error']}")
+        for trial in self.many_failures:
+            lines.append(f"- {self.name(trial['contender'])}, {trial.get('many')} models, "
+                         f"repetition {trial.get('rep')}: {trial['error']}")
+        for trial in self.many:
+            wrong = sum((trial.get(phase) or {}).get("wrong") or 0
+                        for phase in ("load", "single"))
+            if wrong:
+                lines.append(f"- {self.name(trial['contender'])}, {trial['many']} models, "
+                             f"repetition {trial.get('rep')}: {wrong} answers differed from "
+                             "the model run in-process")
+            if trial.get("left_running"):
+                lines.append(f"- {self.name(trial['contender'])}, {trial['many']} models, "
+                             f"repetition {trial.get('rep')}: still running 30 s after "
+                             f"SIGTERM (then killed): {len(trial['left_running'])} processes")
         for trial in self.trials:
             if (trial.get("cold") or {}).get("error"):
                 lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
@@ -418,5 +500,5 @@ class Report:
         lines += self.machine() + self.headline()
         for model in self.models:
             lines += self.model_tables(model)
-        lines += self.overhead() + self.extras() + self.problems()
+        lines += self.many_models() + self.overhead() + self.extras() + self.problems()
         return "\n".join(lines)

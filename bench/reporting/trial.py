@@ -13,9 +13,10 @@
    answers, and the requests that failed meanwhile;
 5. stop: SIGTERM to the tree (SIGKILL after 30 s); any process left is reported and killed.
 
-The load generator runs as its own process (``reporting.loadgen``). Each trial keeps what
-ran it: the contender's command line and environment, a digest of its peer folder, and
-when it started and ended."""
+``run_many``: one server serving several distinct models at once (start, latency with the
+models called in turn, memory). The load generator runs as its own process
+(``reporting.loadgen``). Each trial keeps what ran it: the contender's command line and
+environment, a digest of its peer folder, and when it started and ended."""
 
 from __future__ import annotations
 
@@ -127,31 +128,37 @@ def drop_page_cache() -> str | None:
     return None
 
 
-def post_once(peer, port: int, inputs: list, timeout: float = 60.0):
-    path, body, headers = peer.request(inputs)
+def post_once(peer, port: int, inputs: list, timeout: float = 60.0, model: str | None = None):
+    path, body, headers = peer.request(inputs) if model is None else \
+        peer.request(inputs, model=model)
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
                                      headers=dict(headers), method="POST")
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return peer.parse(response.status, response.read())
 
 
-def wait_first_answer(peer, process, port: int, inputs: list, timeout: float):
+def wait_first_answer(peer, process, port: int, inputs: list, timeout: float,
+                      model: str | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise Unavailable(f"the server exited with {process.returncode} before answering")
         try:
-            return post_once(peer, port, inputs)
+            return post_once(peer, port, inputs, model=model)
         except (urllib.error.URLError, ConnectionError, OSError, ValueError, KeyError):
             time.sleep(0.1)
     raise Unavailable(f"no successful answer within {timeout:.0f} s of launch")
 
 
-def loadgen(folder: pathlib.Path, port: int, model_dir: pathlib.Path, mode: str,
+def loadgen(folder: pathlib.Path, port: int, model_dir: pathlib.Path | None, mode: str,
             **options) -> dict:
+    """reporting.loadgen in its own process: ``model_dir``'s payload, each answer checked
+    against its reference (None: ``targets_json=PATH`` among the options, several models)."""
     argv = [sys.executable, "-m", "reporting.loadgen", "--peer", str(folder),
-            "--port", str(port), "--inputs-json", str(model_dir / "input.json"),
-            "--reference-json", str(model_dir / "reference.json"), "--mode", mode]
+            "--port", str(port), "--mode", mode]
+    if model_dir is not None:
+        argv += ["--inputs-json", str(model_dir / "input.json"),
+                 "--reference-json", str(model_dir / "reference.json")]
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
@@ -291,6 +298,59 @@ def cold_start(launch, peer, port: int, inputs: list, timeout: float) -> dict:
     finally:
         left = stop(process)
     return {**outcome, "left_running": left}
+
+
+def run_many(name: str, python: str, model_dirs: dict[str, pathlib.Path], port: int,
+             settings: Settings, log) -> dict:
+    """Several distinct models in one server, started as that server's documentation says
+    to serve many (``peer.command_many``: one worker per model where the server has
+    per-model workers): launch to every model's first answer (each checked), then
+    ``settings.clients`` clients and 1 client calling the models in turn (every answer
+    checked against its own model's), then the total PSS of the tree; then stop."""
+    folder = peer_folder(name)
+    peer = load_peer(str(folder))
+    if not hasattr(peer, "command_many"):
+        raise Unavailable(f"bench/peers/{folder.name} has no many-models mode (command_many)")
+    workdir = WORK / name / f"many-{len(model_dirs)}x{next(iter(model_dirs.values())).name}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    served = {model: str(directory) for model, directory in model_dirs.items()}
+    argv, extra_env = peer.command_many(python, served, port, str(workdir))
+    extra_env = {**extra_env, "PEER_MODELS": json.dumps(served)}
+    env = {**os.environ, **extra_env, "PEER_WORKERS": "1", "PEER_PORT": str(port),
+           "PYTHONPATH": os.pathsep.join([str(PEERS), str(folder)])}
+    env.pop("VIRTUAL_ENV", None)
+    result: dict = {"contender": name, "models": len(model_dirs), "started_at": now(),
+                    "config": configuration(argv, extra_env, folder)}
+    launched = time.perf_counter()
+    process = subprocess.Popen(argv, cwd=workdir, env=env, stdout=log, stderr=log,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        targets, diffs = [], []
+        for model, directory in model_dirs.items():
+            inputs = json.loads((directory / "input.json").read_text())
+            first = wait_first_answer(peer, process, port, inputs,
+                                      max(1.0, settings.start_timeout
+                                          - (time.perf_counter() - launched)), model=model)
+            diffs.append(max(abs(a - b) for a, b in zip(first["y"], reference(directory))))
+            targets.append({"model": model, "inputs": inputs,
+                            "reference": reference(directory)})
+        result["start_s"] = time.perf_counter() - launched  # every model answered
+        result["max_abs_diff"] = max(diffs)
+        targets_json = workdir / "targets.json"
+        targets_json.write_text(json.dumps(targets))
+        timed = {"min_samples": settings.min_samples, "max_seconds": settings.max_seconds,
+                 "targets_json": targets_json}
+        result["load"] = loadgen(folder, port, None, "load", clients=settings.clients,
+                                 seconds=settings.seconds, **timed)
+        result["single"] = loadgen(folder, port, None, "load", clients=1,
+                                   seconds=settings.seconds / 2, **timed)
+        # after every model has answered many times: what serving them all costs
+        result["pss_mib"], result["pss_by_process"] = tree_pss(process.pid)
+        result["processes"] = len(result["pss_by_process"])
+    finally:
+        result["left_running"] = stop(process)
+        result["finished_at"] = now()
+    return result
 
 
 EMBEDDED = ("workerpool-pool", "multiprocessing")

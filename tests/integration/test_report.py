@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_MIB = 128
 PER_WORKER = 10
 MIN_SAMPLES = 100  # more than 1 s of load gives N=1: the latency phases go on for them
+MANY, MANY_MIB = 3, 16  # the many-models rows: distinct models served at once
 # The module's fixture runs the whole report (a few minutes) inside the first test's setup.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -36,6 +37,7 @@ def report(tmp_path_factory):
          "--overhead-args", "--rounds 1 --burst 300 --sequential 50 --array-calls 10",
          # one of the wider rows, small (the others build LitServe's and gunicorn's venvs)
          "--extra", "protocols=--rounds 1 --requests 200",
+         "--many-models", f"{MANY}x{MANY_MIB}",
          "--out", str(out)],
         capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -152,3 +154,30 @@ def test_markdown_headline_plots_and_overhead_are_written(report):
     assert "### KServe v2 gRPC and TF Serving gRPC beside HTTP" in markdown
     assert "`.venv/bin/python bench/protocols.py --rounds 1 --requests 200`" in markdown
     assert "| KServe v2 gRPC | 32 |" in markdown
+
+
+def test_many_models_in_one_server_each_answer_from_its_own_model(report):
+    """workerpool serve with three distinct models, one worker each (peer.command_many):
+    every model answered at start and under load, each answer checked against its own
+    model run in-process, the calls spread over the three models' workers."""
+    out, data = report
+    assert data["many_models_setting"] == f"{MANY}x{MANY_MIB}"
+    (served,) = data["many_models"]
+    assert served["contender"] == "workerpool" and "error" not in served, served
+    assert served["models"] == MANY and served["max_abs_diff"] < 1e-5, served
+    for phase in ("load", "single"):
+        timed = served[phase]
+        assert timed["failed"] == 0 and timed["wrong"] == 0, timed
+        assert timed["checked"] >= timed["samples"] >= MIN_SAMPLES, timed
+        assert timed["pids"] == MANY, timed  # each model's own worker answered
+    # distinct weights: a model whose answer matched another's reference would be wrong
+    references = {json.dumps(json.loads((ROOT / "bench" / ".models" / name /
+                                         "reference.json").read_text()))
+                  for name in [f"mlp{MANY_MIB}"] + [f"mlp{MANY_MIB}-seed{i}"
+                                                     for i in range(1, MANY)]}
+    assert len(references) == MANY
+    assert served["pss_mib"] > MANY * MANY_MIB and served["left_running"] == [], served
+    markdown = (out / "report.md").read_text()
+    section = f"## Many models in one server: {MANY} distinct MLPs of {MANY_MIB} MiB"
+    assert section in markdown
+    assert "| workerpool serve |" in markdown.split(section, 1)[1]

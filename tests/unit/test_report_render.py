@@ -85,3 +85,40 @@ def test_a_cold_start_has_its_columns_and_one_that_could_not_run_says_why():
         "| workerpool serve | 2.00 | 9.25 | 0.50 / 0 |")
     assert "LitServe, mlp8, N=1, repetition 0: no cold start: the page cache cannot" in text
     assert "cold start" not in markdown([trial("workerpool", 0, 0.5, 100, 800)])
+
+
+def many(contender: str, rep: int, pss: float, wrong: int = 0, samples: int = 400) -> dict:
+    load = {"rps": 50.0 + rep, "p50_ms": 10.0, "p99_ms": 30.0, "requests": samples,
+            "failed": 0, "samples": samples, "pids": 8, "checked": samples, "wrong": wrong}
+    return {"contender": contender, "many": "8x32", "models": 8, "rep": rep,
+            "settings": SETTINGS, "start_s": 9.0, "pss_mib": pss, "processes": 10,
+            "max_abs_diff": 0.0, "load": load, "single": {**load, "wrong": 0},
+            "left_running": []}
+
+
+def test_the_many_models_table_has_medians_ratios_and_lists_what_went_wrong():
+    data_trials = [trial("workerpool", 0, 0.5, 100, 800)]
+    rows = [many("workerpool", 0, 400.0), many("workerpool", 1, 420.0),
+            many("litserve", 0, 1600.0, wrong=3, samples=200),
+            many("litserve", 1, 1700.0),
+            {"contender": "litserve", "many": "8x32", "rep": 2, "error": "Unavailable: boom"}]
+    data = {"machine": {"cpus": 2, "cpu": "x", "memory_gib": 1, "kernel": "k", "os": "o",
+                        "python": "3.11"},
+            "started": "then", "commands": ["bench/report.py"], "settings": SETTINGS,
+            "contenders": ["workerpool", "litserve"], "models": ["mlp8"],
+            "trials": data_trials, "many_models": rows, "many_models_setting": "8x32",
+            "model_info": {"mlp8": {"mib": 8, "config": {"kind": "mlp", "layers": 2,
+                                                          "width": 1024}}}}
+    text = render.Report(data, {"workerpool": "workerpool serve",
+                                "litserve": "LitServe"}).markdown()
+    section = "## Many models in one server: 8 distinct MLPs of 32 MiB"
+    assert section in text
+    ours = row(text, "workerpool serve", section)
+    assert ours.startswith("| workerpool serve | 410 (400-420) | 1.00x | 10 |"), ours
+    theirs = row(text, "LitServe", section)
+    # 1650 / 410; a p99 of 200 answers in one repetition is marked; wrong answers counted
+    assert "| 1,650 (1,600-1,700) | 4.02x |" in theirs and "30.0 †" in theirs, theirs
+    assert theirs.endswith("| 1,200 / 3 |"), theirs
+    problems = text.split("## What did not run", 1)[1]
+    assert "- LitServe, 8x32 models, repetition 2: Unavailable: boom" in problems
+    assert "- LitServe, 8x32 models, repetition 0: 3 answers differed" in problems

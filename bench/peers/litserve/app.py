@@ -14,6 +14,10 @@ Settings beyond LitServe's defaults, each for a reason:
 - dynamic batching (a ``litserve+batch`` contender: PEER_MAX_BATCH above 1): LitAPI's
   max_batch_size and batch_timeout; predict then gets the gathered requests' inputs as a
   list (LitAPI.batch keeps lists as they are) and answers a list (its unbatch).
+- many models (PEER_MODELS, a many-models trial): one LitAPI per model, each at
+  /predict/NAME with one inference worker (LitServer takes a list of LitAPIs, and
+  workers_per_device counts per API); LitServe's default num_api_servers is then one
+  uvicorn process per worker, as with one model.
 - SIGTERM: LitServe installs no handler, so its main process would die on SIGTERM and
   leave every child running. It is turned into the KeyboardInterrupt that LitServer.run
   answers with its graceful shutdown.
@@ -29,8 +33,12 @@ import peer_model
 
 
 class PeerAPI(ls.LitAPI):
+    def __init__(self, model_dir=None, **options):
+        super().__init__(**options)
+        self.model_dir = model_dir or os.environ["PEER_MODEL_DIR"]
+
     def setup(self, device):
-        self.model = peer_model.load(os.environ["PEER_MODEL_DIR"])
+        self.model = peer_model.load(self.model_dir)
 
     def decode_request(self, request):
         return request["inputs"]
@@ -61,8 +69,11 @@ def main():
     # No batching unless asked (max_batch_size defaults to 1); the default endpoint /predict.
     batch, wait_ms = peer_model.batch_settings()
     timeout_s = wait_ms / 1000 if batch > 1 else 0.0
-    server = ls.LitServer(PeerAPI(max_batch_size=batch, batch_timeout=timeout_s),
-                          accelerator="cpu", workers_per_device=workers,
+    served = peer_model.served_models()
+    apis = [PeerAPI(model_dir=directory, api_path=f"/predict/{name}")
+            for name, directory in served.items()] if served else \
+        PeerAPI(max_batch_size=batch, batch_timeout=timeout_s)
+    server = ls.LitServer(apis, accelerator="cpu", workers_per_device=workers,
                           timeout=300, restart_workers=True)
     # How long shutdown waits for each uvicorn process to drain (LitServe's default: 30 s,
     # one after the other). A request that was in flight on a killed worker never gets an

@@ -12,9 +12,14 @@ def command(python, model_dir, workers, port, workdir):
     return [python, APP], {"PEER_WORKERS": str(workers), "PEER_PORT": str(port)}
 
 
-def request(inputs):
-    return "/predict", json.dumps({"inputs": inputs}).encode(), {
-        "Content-Type": "application/json"}
+def command_many(python, models, port, workdir):
+    """One LitAPI per model (app.py reads PEER_MODELS), one inference worker each."""
+    return command(python, None, 1, port, workdir)
+
+
+def request(inputs, model=None):
+    path = "/predict" if model is None else f"/predict/{model}"
+    return path, json.dumps({"inputs": inputs}).encode(), {"Content-Type": "application/json"}
 
 
 def parse(status, body):

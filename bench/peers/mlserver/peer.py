@@ -28,7 +28,38 @@ def command(python, model_dir, workers, port, workdir):
     server and worker but then hangs in multiprocessing's exit handler joining that thread
     (with MLP payloads of ~10 KiB and more; BERT's 128 ids stay below the pipe's 64 KiB)."""
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    # an mlserver+batch contender: adaptive batching of PEER_MAX_BATCH requests, waiting
+    # up to PEER_BATCH_WAIT_MS for them
+    batch, wait_ms = peer_model.batch_settings()
+    _model_settings(workdir, MODEL, model_dir, batch, wait_ms / 1000)
+    return _start(python, workers, port, workdir)
+
+
+def command_many(python, models, port, workdir):
+    """MLServer's multi-model serving: a model-settings.json per model in its own folder
+    of the repository. MLServer has no per-model workers: each of its
+    ``parallel_workers`` (1 here) loads every model."""
+    workdir = pathlib.Path(workdir)
+    for name, model_dir in models.items():
+        _model_settings(workdir / name, name, model_dir, 1, 0)
+    return _start(python, 1, port, workdir)
+
+
+def _model_settings(folder, name, model_dir, batch, wait_s):
+    """``folder``/model-settings.json: the model's files at ``parameters.uri``, where
+    MLServer's settings say a runtime finds them (the runtime loads from there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "name": name,
+        "implementation": "runtime.PeerRuntime",
+        "max_batch_size": batch if batch > 1 else 0,  # 0: no adaptive batching
+        "max_batch_time": wait_s if batch > 1 else 0,
+        "parameters": {"uri": str(model_dir)},
+    }
+    (folder / "model-settings.json").write_text(json.dumps(settings, indent=2))
+
+
+def _start(python, workers, port, workdir):
     settings = {
         "host": "127.0.0.1",
         "http_port": port,
@@ -38,29 +69,18 @@ def command(python, model_dir, workers, port, workdir):
         "debug": False,                  # no per-request access log
         "load_models_at_startup": True,
     }
-    # an mlserver+batch contender: adaptive batching of PEER_MAX_BATCH requests, waiting
-    # up to PEER_BATCH_WAIT_MS for them
-    batch, wait_ms = peer_model.batch_settings()
-    wait_s = wait_ms / 1000 if batch > 1 else 0
-    model_settings = {
-        "name": MODEL,
-        "implementation": "runtime.PeerRuntime",
-        "max_batch_size": batch if batch > 1 else 0,  # 0: no adaptive batching
-        "max_batch_time": wait_s,
-    }
     (workdir / "settings.json").write_text(json.dumps(settings, indent=2))
-    (workdir / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
     mlserver = os.path.join(os.path.dirname(python), "mlserver")
     return [python, mlserver, "start", str(workdir)], {}
 
 
-def request(inputs):
+def request(inputs, model=None):
     """One V2 inference request: the payload as the tensor "inputs" (FP32 for an MLP's
     floats, INT64 for token ids), JSON-encoded."""
     datatype = "FP32" if isinstance(inputs[0], float) else "INT64"
     body = {"inputs": [{"name": "inputs", "shape": [1, len(inputs)],
                         "datatype": datatype, "data": inputs}]}
-    return (f"/v2/models/{MODEL}/infer", json.dumps(body).encode(),
+    return (f"/v2/models/{model or MODEL}/infer", json.dumps(body).encode(),
             {"Content-Type": "application/json"})
 
 

@@ -11,9 +11,6 @@ requests' tensors along the first axis into one request and cuts the outputs bac
 ``predict`` answers every row in one forward pass (``peer_model.predict_rows``).
 """
 
-import os
-
-
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
@@ -23,7 +20,8 @@ import peer_model
 
 class PeerRuntime(MLModel):
     async def load(self) -> bool:
-        self._model = peer_model.load(os.environ["PEER_MODEL_DIR"])
+        # the model's directory: its model-settings.json's parameters.uri
+        self._model = peer_model.load(self.settings.parameters.uri)
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:

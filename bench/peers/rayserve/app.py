@@ -4,11 +4,14 @@ Run in the foreground by ``peer.command``; it stays up until SIGTERM (or SIGINT)
 shuts the Ray node down, so no raylet, gcs_server or worker outlives it.
 
 Environment: PEER_MODEL_DIR (the model), PEER_WORKERS (replicas), PEER_PORT (Serve's HTTP
-proxy on 127.0.0.1). Ports PEER_PORT+1..+9 are ours, and Ray's fixed defaults move there:
-its metrics export port to +1, the dashboard agent's HTTP port (52365, which ray.init
-cannot change) to +2, the autoscaler's and the dashboard's metrics ports (44217, 44227) to
-+3 and +4. Every other Ray port (GCS, raylet, object manager, agents' gRPC, workers) is 0,
-so the OS hands out a free one and parallel runs never collide.
+proxy on 127.0.0.1). In a many-models trial (PEER_MODELS) each model is its own Serve
+application of one replica at /NAME, as Serve's guide to several applications does it.
+
+Ports PEER_PORT+1..+9 are ours, and Ray's fixed defaults move there: its metrics export
+port to +1, the dashboard agent's HTTP port (52365, which ray.init cannot change) to +2,
+the autoscaler's and the dashboard's metrics ports (44217, 44227) to +3 and +4. Every
+other Ray port (GCS, raylet, object manager, agents' gRPC, workers) is 0, so the OS hands
+out a free one and parallel runs never collide.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from starlette.requests import Request
 import peer_model
 
 WORKERS = int(os.environ.get("PEER_WORKERS", "1"))
+SERVED = peer_model.served_models()
 # a rayserve+batch contender: @serve.batch gathers up to BATCH requests per replica, waiting
 # up to BATCH_WAIT_MS for them (1: no batching)
 BATCH, BATCH_WAIT_MS = peer_model.batch_settings()
@@ -98,11 +102,11 @@ def main() -> int:
 
 
 def _serve(stop: threading.Event) -> None:
-    # CPU accounting: the node gets num_cpus=WORKERS and each replica asks for 1 CPU
-    # (Serve's default), so exactly WORKERS replicas fit whatever the machine's core
-    # count; the Serve controller and HTTP proxy actors ask for 0 CPUs.
+    # CPU accounting: the node gets num_cpus=WORKERS (or one per model) and each replica
+    # asks for 1 CPU (Serve's default), so exactly WORKERS replicas fit whatever the
+    # machine's core count; the Serve controller and HTTP proxy actors ask for 0 CPUs.
     ray.init(
-        num_cpus=WORKERS,
+        num_cpus=len(SERVED) or WORKERS,
         include_dashboard=False,
         object_store_memory=128 * 2**20,  # Serve's small requests never go to plasma
         log_to_driver=False,              # replica logs stay in the session's files
@@ -112,17 +116,22 @@ def _serve(stop: threading.Event) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    app = Model.options(
-        num_replicas=WORKERS,
-        ray_actor_options={"num_cpus": 1},
-        # Serve's default of 5 makes its router back off while every replica is full:
-        # with 32 clients on 1 replica that gave 5.8 req/s and a 5 s p99 (256 MiB MLP,
-        # where the others do ~60 req/s), so the report lets requests queue in the
-        # replica instead, as a user tuning Serve for this load would.
-        max_ongoing_requests=32,
-    ).bind(os.environ["PEER_MODEL_DIR"])
-    serve.run(app, name="peer", route_prefix="/")
-    print(f"ray serve: {WORKERS} replica(s) on http://127.0.0.1:{PORT}/", flush=True)
+    # Serve's default of 5 max_ongoing_requests makes its router back off while every
+    # replica is full: with 32 clients on 1 replica that gave 5.8 req/s and a 5 s p99
+    # (256 MiB MLP, where the others do ~60 req/s), so the report lets requests queue in
+    # the replica instead, as a user tuning Serve for this load would.
+    options = {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 32}
+    if SERVED:
+        for name, directory in SERVED.items():
+            serve.run(Model.options(num_replicas=1, **options).bind(directory), name=name,
+                      route_prefix=f"/{name}")
+        print(f"ray serve: {len(SERVED)} applications on http://127.0.0.1:{PORT}/",
+              flush=True)
+    else:
+        app = Model.options(num_replicas=WORKERS, **options).bind(
+            os.environ["PEER_MODEL_DIR"])
+        serve.run(app, name="peer", route_prefix="/")
+        print(f"ray serve: {WORKERS} replica(s) on http://127.0.0.1:{PORT}/", flush=True)
     stop.wait()
 
 

@@ -22,9 +22,14 @@ def command(python, model_dir, workers, port, workdir):
     return [str(python), os.path.join(HERE, "app.py")], env
 
 
-def request(inputs):
+def command_many(python, models, port, workdir):
+    """One Serve application per model (app.py reads PEER_MODELS), one replica each."""
+    return command(python, "", 1, port, workdir)
+
+
+def request(inputs, model=None):
     body = json.dumps({"inputs": inputs}).encode()
-    return "/", body, {"Content-Type": "application/json"}
+    return "/" if model is None else f"/{model}", body, {"Content-Type": "application/json"}
 
 
 def parse(status, body):

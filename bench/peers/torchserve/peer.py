@@ -31,14 +31,14 @@ def _tool(python, name):
     return str(pathlib.Path(python).parent / name)
 
 
-def prepare(python, model_dir, workdir):
+def prepare(python, model_dir, workdir, name=MODEL):
     model_dir = pathlib.Path(model_dir)
     store = pathlib.Path(workdir) / STORE
     store.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(store / MODEL, ignore_errors=True)
+    shutil.rmtree(store / name, ignore_errors=True)
     files = [model_dir / "model.safetensors", model_dir / "config.json", PEER_MODEL]
     subprocess.run([_tool(python, "torch-model-archiver"),
-                    "--model-name", MODEL, "--version", "1.0",
+                    "--model-name", name, "--version", "1.0",
                     "--handler", str(HERE / "handler.py"),
                     "--extra-files", ",".join(str(f) for f in files),
                     "--export-path", str(store),
@@ -56,9 +56,24 @@ def _tmpdir(workdir):
 
 def command(python, model_dir, workers, port, workdir):
     workdir = os.path.abspath(workdir)
-    store = os.path.join(workdir, STORE)
-    if not os.path.isdir(os.path.join(store, MODEL)):
+    if not os.path.isdir(os.path.join(workdir, STORE, MODEL)):
         prepare(python, model_dir, workdir)
+    return _serve(python, {MODEL: workers}, port, workdir)
+
+
+def command_many(python, models, port, workdir):
+    """Every model of ``models`` ({name: directory}) archived under its name and
+    registered at start, each with one worker."""
+    workdir = os.path.abspath(workdir)
+    for name, model_dir in models.items():
+        if not os.path.isdir(os.path.join(workdir, STORE, name)):
+            prepare(python, model_dir, workdir, name)
+    return _serve(python, dict.fromkeys(models, 1), port, workdir)
+
+
+def _serve(python, workers, port, workdir):
+    """config.properties for the archived models ({name: workers}) and the command."""
+    store = os.path.join(workdir, STORE)
     # a torchserve+batch contender: PEER_MAX_BATCH requests per forward pass, waiting up
     # to PEER_BATCH_WAIT_MS for them (TorchServe's batchSize and maxBatchDelay)
     batch, wait_ms = peer_model.batch_settings()
@@ -72,14 +87,14 @@ def command(python, model_dir, workers, port, workdir):
         "grpc_management_address": "127.0.0.1",
         "grpc_management_port": port + 4,
         "model_store": store,
-        "load_models": MODEL,
-        "default_workers_per_model": workers,
-        # per model: exactly `workers` workers, one request per forward pass unless asked
-        "models": json.dumps({MODEL: {"1.0": {
-            "defaultVersion": True, "marName": MODEL,
-            "minWorkers": workers, "maxWorkers": workers,
+        "load_models": ",".join(workers),
+        "default_workers_per_model": max(workers.values()),
+        # per model: exactly its workers, one request per forward pass unless asked
+        "models": json.dumps({name: {"1.0": {
+            "defaultVersion": True, "marName": name,
+            "minWorkers": count, "maxWorkers": count,
             "batchSize": batch, "maxBatchDelay": delay_ms, "responseTimeout": 300,
-            "startupTimeout": 600}}}),
+            "startupTimeout": 600}} for name, count in workers.items()}),
         "job_queue_size": 1000,
         "disable_token_authorization": "true",
         "enable_model_api": "false",
@@ -101,9 +116,9 @@ def command(python, model_dir, workers, port, workdir):
     return argv, env
 
 
-def request(inputs):
+def request(inputs, model=None):
     body = json.dumps({"inputs": inputs}).encode()
-    return f"/predictions/{MODEL}", body, {"Content-Type": "application/json"}
+    return f"/predictions/{model or MODEL}", body, {"Content-Type": "application/json"}
 
 
 def parse(status, body):

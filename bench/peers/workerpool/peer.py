@@ -24,11 +24,33 @@ def command(python, model_dir, workers, port, workdir):
             "--threads-per-worker", "1", "--host", "127.0.0.1", "--port", str(port)], {}
 
 
-def request(inputs):
+def command_many(python, models, port, workdir):
+    """``workerpool serve --config``: a [models.NAME] table per model, one worker each,
+    each loaded by its own function of a generated loaders module (a source names a
+    function that takes no arguments)."""
+    loaders = ["# A many-models trial's loaders (bench/peers/workerpool/peer.py wrote them)",
+               "import sys", f"sys.path.insert(0, {PEERS!r})", "import peer_model", ""]
+    tables = []
+    for name, model_dir in models.items():
+        loaders += [f"def load_{name}():", f"    return peer_model.load({str(model_dir)!r})",
+                    ""]
+        tables += [f"[models.{name}]", f'source = "loaders.py:load_{name}"',
+                   f"predict = {MODEL + ':predict'!r}", "workers = 1",
+                   "threads_per_worker = 1", ""]
+    with open(os.path.join(workdir, "loaders.py"), "w") as file:
+        file.write("\n".join(loaders))
+    config = os.path.join(workdir, "serve.toml")
+    with open(config, "w") as file:
+        file.write("\n".join(tables))
+    return [python, "-m", "workerpool", "serve", "--config", config,
+            "--host", "127.0.0.1", "--port", str(port)], {}
+
+
+def request(inputs, model=None):
     datatype = "INT64" if isinstance(inputs[0], int) else "FP32"
     body = {"inputs": [{"name": "inputs", "shape": [1, len(inputs)], "datatype": datatype,
                         "data": inputs}]}
-    return "/v2/models/model/infer", json.dumps(body).encode(), {
+    return f"/v2/models/{model or 'model'}/infer", json.dumps(body).encode(), {
         "Content-Type": "application/json"}
 
 
