@@ -64,7 +64,9 @@ bench: $(STAMP)
 
 # The benchmark report (docs/benchmarks.md): workerpool against Ray Serve, LitServe, TorchServe,
 # MLServer, gunicorn --preload and multiprocessing.Pool, each installed into its own venv
-# (bench/.venvs) from bench/peers/NAME/requirements.txt. Hours on a 2-core machine.
+# (bench/.venvs) from bench/peers/NAME/requirements.txt. Hours on a 2-core machine; it
+# writes bench/results/report.*, and `bench/report.py --publish` then makes it the
+# published one (docs/benchmarks.*, README.md's summary).
 report: $(STAMP)
 	$(PY) bench/report.py
 

@@ -125,6 +125,34 @@ def extras_wanted(given: list[str]) -> dict[str, str]:
     return wanted
 
 
+DOCS = venvs.ROOT / "docs"
+README = venvs.ROOT / "README.md"
+# README.md's summary of the report lies between these lines (publish() writes it)
+SUMMARY_START = ("<!-- report summary: `bench/report.py --publish` writes it from "
+                 "docs/benchmarks.json -->")
+SUMMARY_END = "<!-- end of report summary -->"
+
+
+def readme_summary(data: dict) -> str:
+    """The README block, markers included, for this report's data."""
+    return "\n".join([SUMMARY_START, render.Report(data, names()).readme_summary(),
+                      SUMMARY_END])
+
+
+def publish(data: dict, out: pathlib.Path) -> None:
+    """The report in OUT becomes the published one: docs/benchmarks.md and .json, its
+    plots beside them, and README.md's summary block rewritten from it."""
+    (DOCS / "benchmarks.md").write_text((out / "report.md").read_text())
+    (DOCS / "benchmarks.json").write_text((out / "report.json").read_text())
+    for plots in data.get("plots", {}).values():
+        for name in plots:
+            (DOCS / name).write_bytes((out / name).read_bytes())
+    readme = README.read_text()
+    start, end = readme.index(SUMMARY_START), readme.index(SUMMARY_END) + len(SUMMARY_END)
+    README.write_text(readme[:start] + readme_summary(data) + readme[end:])
+    print(f"wrote {DOCS / 'benchmarks.md'}, its JSON and plots, and {README}'s summary")
+
+
 def write(data: dict, out: pathlib.Path) -> pathlib.Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(data, indent=1))
@@ -180,10 +208,17 @@ def main(argv=None) -> None:
                         help="keep the trials already in OUT/report.json")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite OUT/report.md and the plots from OUT/report.json")
+    parser.add_argument("--publish", action="store_true",
+                        help="render OUT's report, then copy it into docs/ (benchmarks.md, "
+                             "benchmarks.json, the plots) and rewrite README.md's summary "
+                             "from it")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
-    if args.render_only:
-        print(f"wrote {write(json.loads((out / 'report.json').read_text()), out)}")
+    if args.render_only or args.publish:
+        data = json.loads((out / "report.json").read_text())
+        print(f"wrote {write(data, out)}")
+        if args.publish:
+            publish(data, out)
         return
     contenders = [c for c in args.contenders.split(",") if c]
     wanted_models = [m for m in args.models.split(",") if m]  # '': the many-models rows only

@@ -5,6 +5,7 @@ model are counted and listed. Rendered from trials written here, as report.py wr
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -122,3 +123,31 @@ def test_the_many_models_table_has_medians_ratios_and_lists_what_went_wrong():
     problems = text.split("## What did not run", 1)[1]
     assert "- LitServe, 8x32 models, repetition 2: Unavailable: boom" in problems
     assert "- LitServe, 8x32 models, repetition 0: 3 answers differed" in problems
+
+
+def test_the_readme_summary_says_where_another_server_did_better():
+    ours = [trial("workerpool", rep, 0.5, 100, 800, pss=500) for rep in range(2)]
+    theirs = [trial("litserve", rep, 0.5, 90, 800, pss=1500) for rep in range(2)]
+    for t in theirs:
+        t["load"] = {**t["load"], "p99_ms": 10.0}  # a better tail than ours (20-21 ms)
+        t["restart"]["failed"] = 3
+    data = {"machine": {"cpus": 2}, "started": "2026-12-05T01:00:00",
+            "finished": "2026-12-06T02:00:00", "settings": SETTINGS,
+            "contenders": ["workerpool", "litserve"], "models": ["mlp8"],
+            "trials": ours + theirs,
+            "model_info": {"mlp8": {"mib": 8, "config": {"kind": "mlp"}}}}
+    text = render.Report(data, {"workerpool": "workerpool serve",
+                                "litserve": "LitServe"}).readme_summary()
+    assert "| workerpool serve | 500.5 MiB | 100.0 | 20 ms | 0 |" in text
+    assert "| LitServe | 3.00x | 0.90x | 0.49x | 3 |" in text
+    better = " ".join(text.split("Where another server did better in this run:")[1].split())
+    assert better.startswith("LitServe's p99 (0.49x ours).")  # and nothing else of theirs
+
+
+def test_the_readmes_summary_is_the_published_reports():
+    """README.md's numbers come from docs/benchmarks.json, as `report.py --publish` wrote
+    them: a hand edit of either shows here."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    import report  # bench/report.py (bench is on the path)
+    data = json.loads((root / "docs" / "benchmarks.json").read_text())
+    assert report.readme_summary(data) in (root / "README.md").read_text()
