@@ -21,7 +21,7 @@ head values, as peer.parse gives them): answers that differ count as ``wrong``. 
 contender's several models in turn, each answer checked against its own model's.
 
     python -m reporting.loadgen --peer bench/peers/litserve --port 18200 \
-        --model-dir DIR --mode load --clients 32 --seconds 10
+        --inputs-json DIR/input.json --mode load --clients 32 --seconds 10
 """
 
 from __future__ import annotations
