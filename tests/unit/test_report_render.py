@@ -151,3 +151,29 @@ def test_the_readmes_summary_is_the_published_reports():
     import report  # bench/report.py (bench is on the path)
     data = json.loads((root / "docs" / "benchmarks.json").read_text())
     assert report.readme_summary(data) in (root / "README.md").read_text()
+
+
+def test_publish_copies_the_report_into_docs_and_rewrites_only_readmes_block(tmp_path,
+                                                                               monkeypatch):
+    import report
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    out.mkdir()
+    docs.mkdir()
+    data = json.loads((pathlib.Path(__file__).resolve().parents[2] / "docs" /
+                       "benchmarks.json").read_text())
+    data["plots"] = {"mlp256": ["report-mlp256-load.png"]}
+    (out / "report.json").write_text(json.dumps(data))
+    (out / "report.md").write_text("# the report\n")
+    (out / "report-mlp256-load.png").write_bytes(b"\x89PNG")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{report.SUMMARY_START}\nold numbers\n{report.SUMMARY_END}\n"
+                      "after\n")
+    monkeypatch.setattr(report, "DOCS", docs)
+    monkeypatch.setattr(report, "README", readme)
+    report.publish(data, out)
+    assert (docs / "benchmarks.md").read_text() == "# the report\n"
+    assert json.loads((docs / "benchmarks.json").read_text()) == data
+    assert (docs / "report-mlp256-load.png").read_bytes() == b"\x89PNG"
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("\nafter\n")
+    assert "old numbers" not in text and report.readme_summary(data) in text
