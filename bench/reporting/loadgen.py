@@ -62,8 +62,7 @@ class Client:
     def __init__(self, peer, port: int, targets: list[tuple]):
         self.targets = []  # (url, body, headers, reference)
         for model, inputs, reference in targets:
-            path, body, headers = peer.request(inputs) if model is None else \
-                peer.request(inputs, model=model)
+            path, body, headers = peer.request(inputs, model=model)
             self.targets.append((f"http://127.0.0.1:{port}{path}", body, dict(headers),
                                  reference))
         self.turn = 0

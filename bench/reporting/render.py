@@ -73,6 +73,34 @@ def samples_of(load: dict) -> int | None:
     return None
 
 
+def numbers(trials: list[dict], path: str) -> list:
+    """The numeric values at ``path`` of these trials (those without one left out)."""
+    return [v for v in (dig(t, path) for t in trials) if isinstance(v, (int, float))]
+
+
+def marked_p99(trials: list[dict], phase: str) -> str:
+    """The p99 cell of these trials' ``phase``, marked † when one timed fewer than
+    MIN_P99_SAMPLES answers."""
+    text = spread(numbers(trials, f"{phase}.p99_ms"))
+    counts = [samples_of(t.get(phase)) for t in trials if t.get(phase)]
+    if text != "—" and any(c is None or c < MIN_P99_SAMPLES for c in counts):
+        text += " †"
+    return text
+
+
+def answers_checked(trials: list[dict]) -> str:
+    """Answers under load checked against the in-process model / how many differed."""
+    checked = wrong = 0
+    for trial in trials:
+        for phase in ("load", "single"):
+            counted = trial.get(phase) or {}
+            if counted.get("checked") is None:
+                return "—"  # a run before loadgen checked answers
+            checked += counted["checked"]
+            wrong += counted["wrong"]
+    return f"{checked:,} / {wrong}"
+
+
 def ratio(value, base) -> str:
     if value is None or not base:
         return "—"
@@ -103,9 +131,7 @@ class Report:
         return statistics.median(values) if values else None
 
     def values(self, model: str, contender: str, workers: int, path: str) -> list:
-        return [v for v in (dig(t, path) for t in self.groups.get((model, contender, workers),
-                                                                  []))
-                if isinstance(v, (int, float))]
+        return numbers(self.groups.get((model, contender, workers), []), path)
 
     def cell(self, model: str, contender: str, workers: int, path: str,
              digits: int = 1) -> str:
@@ -129,24 +155,11 @@ class Report:
 
     def p99(self, model: str, contender: str, workers: int, phase: str) -> str:
         """The p99 cell, marked † when a repetition timed fewer than MIN_P99_SAMPLES."""
-        trials = self.groups.get((model, contender, workers), [])
-        text = self.cell(model, contender, workers, f"{phase}.p99_ms")
-        counts = [samples_of(t.get(phase)) for t in trials if t.get(phase)]
-        if text != "—" and any(c is None or c < MIN_P99_SAMPLES for c in counts):
-            text += " †"
-        return text
+        return marked_p99(self.groups.get((model, contender, workers), []), phase)
 
     def answers_checked(self, model: str, contender: str, workers: int) -> str:
         """Answers under load checked against the in-process model / how many differed."""
-        checked = wrong = 0
-        for trial in self.groups.get((model, contender, workers), []):
-            for phase in ("load", "single"):
-                counted = trial.get(phase) or {}
-                if counted.get("checked") is None:
-                    return "—"  # a run before loadgen checked answers
-                checked += counted["checked"]
-                wrong += counted["wrong"]
-        return f"{checked:,} / {wrong}"
+        return answers_checked(self.groups.get((model, contender, workers), []))
 
     def settings(self, model: str) -> dict:
         """The settings the model's trials ran with (a resumed run may have changed them)."""
@@ -328,9 +341,11 @@ class Report:
         lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
         return lines
 
+    def many_trials(self, contender: str) -> list[dict]:
+        return [t for t in self.many if t["contender"] == contender]
+
     def many_values(self, contender: str, path: str) -> list:
-        return [v for v in (dig(t, path) for t in self.many if t["contender"] == contender)
-                if isinstance(v, (int, float))]
+        return numbers(self.many_trials(contender), path)
 
     def many_models(self) -> list[str]:
         """Several distinct models served at once by each server (trial.run_many)."""
@@ -368,17 +383,6 @@ class Report:
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for contender in contenders:
             pss = self.many_values(contender, "pss_mib")
-            samples = [samples_of(t.get("load")) for t in self.many
-                       if t["contender"] == contender]
-            p99 = spread(self.many_values(contender, "load.p99_ms"))
-            if p99 != "—" and any(c is None or c < MIN_P99_SAMPLES for c in samples):
-                p99 += " †"
-            checked = wrong = 0
-            for t in self.many:
-                if t["contender"] == contender:
-                    for phase in ("load", "single"):
-                        checked += (t.get(phase) or {}).get("checked") or 0
-                        wrong += (t.get(phase) or {}).get("wrong") or 0
             failed = self.many_values(contender, "load.failed")
             note = f" ({statistics.median(failed):.0f} failed)" if any(failed) else ""
             lines.append(
@@ -387,9 +391,10 @@ class Report:
                 f"{spread(self.many_values(contender, 'processes'), 0)} | "
                 f"{spread(self.many_values(contender, 'start_s'), 1)} | "
                 f"{spread(self.many_values(contender, 'load.rps'))}{note} | "
-                f"{spread(self.many_values(contender, 'load.p50_ms'))} | {p99} | "
+                f"{spread(self.many_values(contender, 'load.p50_ms'))} | "
+                f"{marked_p99(self.many_trials(contender), 'load')} | "
                 f"{spread(self.many_values(contender, 'single.p50_ms'))} | "
-                f"{checked:,} / {wrong} |")
+                f"{answers_checked(self.many_trials(contender))} |")
         return lines + [""]
 
     def overhead(self) -> list[str]:

@@ -129,8 +129,7 @@ def drop_page_cache() -> str | None:
 
 
 def post_once(peer, port: int, inputs: list, timeout: float = 60.0, model: str | None = None):
-    path, body, headers = peer.request(inputs) if model is None else \
-        peer.request(inputs, model=model)
+    path, body, headers = peer.request(inputs, model=model)
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
                                      headers=dict(headers), method="POST")
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -227,6 +226,16 @@ def peer_folder(name: str) -> pathlib.Path:
     return PEERS / name.removesuffix(BATCHED)
 
 
+def server_env(extra_env: dict, folder: pathlib.Path, workers: int, port: int) -> dict:
+    """The environment a contender's server runs in: ours, its command's, the PEER_
+    variables, and PYTHONPATH holding bench/peers and its folder (no VIRTUAL_ENV: it runs
+    its own venv's interpreter)."""
+    env = {**os.environ, **extra_env, "PEER_WORKERS": str(workers), "PEER_PORT": str(port),
+           "PYTHONPATH": os.pathsep.join([str(PEERS), str(folder)])}
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
 def run(name: str, python: str, model_dir: pathlib.Path, workers: int, port: int,
         settings: Settings, log) -> dict:
     """Measure one contender at ``workers`` workers; raises Unavailable when it cannot run."""
@@ -244,10 +253,7 @@ def run(name: str, python: str, model_dir: pathlib.Path, workers: int, port: int
         for key in batching:
             del os.environ[key]
     extra_env = {**extra_env, **batching}
-    env = {**os.environ, **extra_env, "PEER_MODEL_DIR": str(model_dir),
-           "PEER_WORKERS": str(workers), "PEER_PORT": str(port),
-           "PYTHONPATH": os.pathsep.join([str(PEERS), str(folder)])}
-    env.pop("VIRTUAL_ENV", None)
+    env = {**server_env(extra_env, folder, workers, port), "PEER_MODEL_DIR": str(model_dir)}
     result: dict = {"contender": name, "workers": workers, "model": model_dir.name,
                     "started_at": now(), "config": configuration(argv, extra_env, folder)}
 
@@ -316,9 +322,7 @@ def run_many(name: str, python: str, model_dirs: dict[str, pathlib.Path], port: 
     served = {model: str(directory) for model, directory in model_dirs.items()}
     argv, extra_env = peer.command_many(python, served, port, str(workdir))
     extra_env = {**extra_env, "PEER_MODELS": json.dumps(served)}
-    env = {**os.environ, **extra_env, "PEER_WORKERS": "1", "PEER_PORT": str(port),
-           "PYTHONPATH": os.pathsep.join([str(PEERS), str(folder)])}
-    env.pop("VIRTUAL_ENV", None)
+    env = server_env(extra_env, folder, 1, port)
     result: dict = {"contender": name, "models": len(model_dirs), "started_at": now(),
                     "config": configuration(argv, extra_env, folder)}
     launched = time.perf_counter()
@@ -328,12 +332,12 @@ def run_many(name: str, python: str, model_dirs: dict[str, pathlib.Path], port: 
         targets, diffs = [], []
         for model, directory in model_dirs.items():
             inputs = json.loads((directory / "input.json").read_text())
+            expected = reference(directory)
             first = wait_first_answer(peer, process, port, inputs,
                                       max(1.0, settings.start_timeout
                                           - (time.perf_counter() - launched)), model=model)
-            diffs.append(max(abs(a - b) for a, b in zip(first["y"], reference(directory))))
-            targets.append({"model": model, "inputs": inputs,
-                            "reference": reference(directory)})
+            diffs.append(max(abs(a - b) for a, b in zip(first["y"], expected)))
+            targets.append({"model": model, "inputs": inputs, "reference": expected})
         result["start_s"] = time.perf_counter() - launched  # every model answered
         result["max_abs_diff"] = max(diffs)
         targets_json = workdir / "targets.json"
