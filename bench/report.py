@@ -35,7 +35,7 @@ import traceback
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from reporting import machine, models, plots, render, trial, venvs  # noqa: E402
+from reporting import machine, models, plots, render, summary, trial, venvs  # noqa: E402
 from reporting.loadgen import load_peer  # noqa: E402
 
 HTTP = ["workerpool", "rayserve", "litserve", "torchserve", "mlserver", "gunicorn"]
@@ -135,7 +135,7 @@ SUMMARY_END = "<!-- end of report summary -->"
 
 def readme_summary(data: dict) -> str:
     """The README block, markers included, for this report's data."""
-    return "\n".join([SUMMARY_START, render.Report(data, names()).readme_summary(),
+    return "\n".join([SUMMARY_START, summary.readme(render.Report(data, names())),
                       SUMMARY_END])
 
 

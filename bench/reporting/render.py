@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import math
 import statistics
-import textwrap
 
 BASELINE = "workerpool"           # the HTTP contenders' ratios are against workerpool serve
 EMBEDDED_BASELINE = "workerpool-pool"
@@ -493,82 +492,6 @@ class Report:
         settings = self.data["settings"]
         return (f"up to {settings.get('max_batch', 8)} requests, waiting up to "
                 f"{settings.get('batch_wait_ms', 5):g} ms for them")
-
-    # -- README's summary ----------------------------------------------------------------
-    def readme_summary(self, model: str | None = None) -> str:
-        """README's block: the first model at the largest N, workerpool serve's own
-        numbers and the other servers' as ratios to them, and every column where another
-        server did better, said in words (report.py --publish writes it into README.md)."""
-        model = model or self.models[0]
-        top = max(self.workers)
-        info = self.data["model_info"].get(model, {})
-        servers = [c for c in self.contenders if c not in LABELS and not c.endswith(BATCHED)
-                   and self.groups.get((model, c, top))]
-        reps = min(len(self.groups[(model, c, top)]) for c in servers)
-        clients = self.settings(model)["clients"]
-        sources = sorted({t["workerpool_source"].split()[0]
-                          for t in self.groups.get((model, BASELINE, top), [])
-                          if t.get("workerpool_source")})
-        kind = ("torch MLP" if info.get("config", {}).get("kind") == "mlp"
-                else "BERT-base-sized encoder")
-        lines = [f"Measured on our {self.data['machine']['cpus']}-core machine, {top} "
-                 f"workers serving a {info.get('mib', 0):.0f} MiB {kind}, each server over "
-                 f"its own HTTP API, medians of {reps} interleaved repetitions "
-                 "([docs/benchmarks.md](docs/benchmarks.md), `make report`, run from "
-                 f"{self.data['started'][:10]} to "
-                 f"{(self.data.get('finished') or '?')[:10]}"
-                 + (f"; workerpool's rows ran commit {', '.join(sources)}" if sources else "")
-                 + "):", "",
-                 f"| server | total memory (PSS) | req/s, {clients} clients | "
-                 f"p99 latency, {clients} clients | a worker SIGKILLed under load: requests "
-                 "failed |", "|---|---|---|---|---|"]
-        ours = {path: self.value(model, BASELINE, top, path)
-                for path in ("pss_mib", "load.rps", "load.p99_ms", "restart.failed")}
-        better = []
-        for contender in servers:
-            values = {path: self.value(model, contender, top, path) for path in ours}
-            failed = fmt(values["restart.failed"], 0)
-            never = sum(1 for t in self.groups[(model, contender, top)]
-                        if isinstance(t.get("restart"), dict)
-                        and t["restart"].get("recover_s") is None)
-            if never:
-                failed += f" ({never} of {reps} never recovered)"
-            if contender == BASELINE:
-                lines.append(f"| {self.name(contender)} | {fmt(values['pss_mib'])} MiB | "
-                             f"{fmt(values['load.rps'])} | {fmt(values['load.p99_ms'], 0)} ms "
-                             f"| {failed} |")
-                continue
-            lines.append(f"| {self.name(contender)} | "
-                         + " | ".join(ratio(values[p], ours[p])
-                                      for p in ("pss_mib", "load.rps", "load.p99_ms"))
-                         + f" | {failed} |")
-            for path, what, wins in (("pss_mib", "memory", lambda a, b: a < b),
-                                     ("load.rps", "req/s", lambda a, b: a > b),
-                                     ("load.p99_ms", "p99", lambda a, b: a < b),
-                                     ("restart.failed", "requests failed on a kill",
-                                      lambda a, b: a < b)):
-                if values[path] is not None and ours[path] is not None \
-                        and wins(values[path], ours[path]):
-                    shown = fmt(values[path], 0) if path == "restart.failed" else \
-                        ratio(values[path], ours[path]) + " ours"
-                    better.append(f"{self.name(contender)}'s {what} ({shown})")
-        lines += ["", ("Where another server did better in this run: " + "; ".join(better)
-                       + "." if better else "No other server did better on these columns "
-                       "in this run.") + " The other models, worker counts, the 1-client "
-                 "latency, start and restart times and the batching rows are in the report."]
-        if self.many:
-            setting = self.data.get("many_models_setting", self.many[0].get("many", "?"))
-            count, _, size = setting.partition("x")
-            pss = {c: self.many_values(c, "pss_mib") for c in servers}
-            if pss.get(BASELINE):
-                base = statistics.median(pss[BASELINE])
-                others = [f"{self.name(c)} {ratio(statistics.median(v), base)}"
-                          for c, v in pss.items() if v and c != BASELINE]
-                lines += ["", f"{count} distinct models of {size} MiB in one server: "
-                          f"workerpool serve {base:,.0f} MiB of PSS in all; "
-                          + ", ".join(others) + " (the report's many-models table)."]
-        return "\n".join(textwrap.fill(line, 92, break_on_hyphens=False)
-                         if not line.startswith("|") else line for line in lines)
 
     def markdown(self) -> str:
         lines = ["# workerpool against the servers users would pick instead", "",

@@ -1,31 +1,16 @@
 """The report's tables say what the trials saw: a restart that never recovered is shown as
 never (not dropped from a median), the range of the repetitions stands beside each median,
 a p99 timed from too few answers is marked, and answers under load that differed from the
-model are counted and listed. Rendered from trials written here, as report.py writes them."""
+model are counted and listed. Rendered from trials as report.py writes them (tests/report_data.py)."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "bench"))
 from reporting import render  # noqa: E402
-
-SETTINGS = {"seconds": 8, "per_worker": 100, "clients": 32, "recover_timeout": 60,
-            "min_samples": 300, "max_seconds": 120}
-
-
-def trial(contender: str, rep: int, recover_s, rps: float, samples: int, wrong: int = 0,
-          pss: float = 500.0) -> dict:
-    load = {"rps": rps, "p50_ms": 10.0, "p99_ms": 20.0 + rep, "requests": samples,
-            "failed": 0, "samples": samples, "pids": 1, "checked": samples, "wrong": wrong}
-    return {"contender": contender, "model": "mlp8", "workers": 1, "rep": rep,
-            "settings": SETTINGS, "start_s": 2.0 + rep, "pss_mib": pss + rep,
-            "processes": 3, "max_abs_diff": 0.0, "load": load,
-            "single": {**load, "checked": 10, "wrong": 0},
-            "restart": {"recover_s": recover_s, "failed": 0},
-            "harness": "abc1234", "left_running": []}
+from report_data import SETTINGS, many, trial  # noqa: E402
 
 
 def markdown(trials: list[dict]) -> str:
@@ -88,15 +73,6 @@ def test_a_cold_start_has_its_columns_and_one_that_could_not_run_says_why():
     assert "cold start" not in markdown([trial("workerpool", 0, 0.5, 100, 800)])
 
 
-def many(contender: str, rep: int, pss: float, wrong: int = 0, samples: int = 400) -> dict:
-    load = {"rps": 50.0 + rep, "p50_ms": 10.0, "p99_ms": 30.0, "requests": samples,
-            "failed": 0, "samples": samples, "pids": 8, "checked": samples, "wrong": wrong}
-    return {"contender": contender, "many": "8x32", "models": 8, "rep": rep,
-            "settings": SETTINGS, "start_s": 9.0, "pss_mib": pss, "processes": 10,
-            "max_abs_diff": 0.0, "load": load, "single": {**load, "wrong": 0},
-            "left_running": []}
-
-
 def test_the_many_models_table_has_medians_ratios_and_lists_what_went_wrong():
     data_trials = [trial("workerpool", 0, 0.5, 100, 800)]
     rows = [many("workerpool", 0, 400.0), many("workerpool", 1, 420.0),
@@ -123,57 +99,3 @@ def test_the_many_models_table_has_medians_ratios_and_lists_what_went_wrong():
     problems = text.split("## What did not run", 1)[1]
     assert "- LitServe, 8x32 models, repetition 2: Unavailable: boom" in problems
     assert "- LitServe, 8x32 models, repetition 0: 3 answers differed" in problems
-
-
-def test_the_readme_summary_says_where_another_server_did_better():
-    ours = [trial("workerpool", rep, 0.5, 100, 800, pss=500) for rep in range(2)]
-    theirs = [trial("litserve", rep, 0.5, 90, 800, pss=1500) for rep in range(2)]
-    for t in theirs:
-        t["load"] = {**t["load"], "p99_ms": 10.0}  # a better tail than ours (20-21 ms)
-        t["restart"]["failed"] = 3
-    data = {"machine": {"cpus": 2}, "started": "2026-12-05T01:00:00",
-            "finished": "2026-12-06T02:00:00", "settings": SETTINGS,
-            "contenders": ["workerpool", "litserve"], "models": ["mlp8"],
-            "trials": ours + theirs,
-            "model_info": {"mlp8": {"mib": 8, "config": {"kind": "mlp"}}}}
-    text = render.Report(data, {"workerpool": "workerpool serve",
-                                "litserve": "LitServe"}).readme_summary()
-    assert "| workerpool serve | 500.5 MiB | 100.0 | 20 ms | 0 |" in text
-    assert "| LitServe | 3.00x | 0.90x | 0.49x | 3 |" in text
-    better = " ".join(text.split("Where another server did better in this run:")[1].split())
-    assert better.startswith("LitServe's p99 (0.49x ours).")  # and nothing else of theirs
-
-
-def test_the_readmes_summary_is_the_published_reports():
-    """README.md's numbers come from docs/benchmarks.json, as `report.py --publish` wrote
-    them: a hand edit of either shows here."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    import report  # bench/report.py (bench is on the path)
-    data = json.loads((root / "docs" / "benchmarks.json").read_text())
-    assert report.readme_summary(data) in (root / "README.md").read_text()
-
-
-def test_publish_copies_the_report_into_docs_and_rewrites_only_readmes_block(tmp_path,
-                                                                               monkeypatch):
-    import report
-    out, docs = tmp_path / "out", tmp_path / "docs"
-    out.mkdir()
-    docs.mkdir()
-    data = json.loads((pathlib.Path(__file__).resolve().parents[2] / "docs" /
-                       "benchmarks.json").read_text())
-    data["plots"] = {"mlp256": ["report-mlp256-load.png"]}
-    (out / "report.json").write_text(json.dumps(data))
-    (out / "report.md").write_text("# the report\n")
-    (out / "report-mlp256-load.png").write_bytes(b"\x89PNG")
-    readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{report.SUMMARY_START}\nold numbers\n{report.SUMMARY_END}\n"
-                      "after\n")
-    monkeypatch.setattr(report, "DOCS", docs)
-    monkeypatch.setattr(report, "README", readme)
-    report.publish(data, out)
-    assert (docs / "benchmarks.md").read_text() == "# the report\n"
-    assert json.loads((docs / "benchmarks.json").read_text()) == data
-    assert (docs / "report-mlp256-load.png").read_bytes() == b"\x89PNG"
-    text = readme.read_text()
-    assert text.startswith("before\n") and text.endswith("\nafter\n")
-    assert "old numbers" not in text and report.readme_summary(data) in text
