@@ -250,6 +250,9 @@ def main(argv=None) -> None:
         for key in ("versions", "unavailable"):
             data[key] = {**old.get(key, {}), **data[key]}
         data["many_models"] = [t for t in old.get("many_models", []) if "error" not in t]
+        # a failed trial runs again; its failure stays in the report, said as re-run
+        data["retried"] = old.get("retried", []) + [
+            t for t in old["trials"] + old.get("many_models", []) if "error" in t]
         for key in ("overhead", "overhead_args", "extras"):
             if key in old:
                 data[key] = old[key]

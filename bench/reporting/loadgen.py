@@ -202,6 +202,14 @@ async def restart(client: Client, args) -> dict:
 
     async def kill_then_probe():
         await asyncio.sleep(args.seconds)
+        # a slow model behind the load phase's backlog (BERT in batches of 8) may not have
+        # answered yet, and the worker to kill is one that answered
+        waited = time.perf_counter() + args.recover_timeout
+        while not any(o[2] for o in client.outcomes):
+            if time.perf_counter() > waited:
+                raise RuntimeError(f"no answer in {args.seconds + args.recover_timeout:.0f} "
+                                   "s of load: no worker to kill")
+            await asyncio.sleep(0.1)
         state["seen"] = {o[3] for o in client.outcomes if o[2]}
         state["killed"] = next(o[3] for o in reversed(client.outcomes) if o[2])
         state["killed_at"] = time.perf_counter()

@@ -450,6 +450,13 @@ class Report:
         for trial in self.many_failures:
             lines.append(f"- {self.name(trial['contender'])}, {trial.get('many')} models, "
                          f"repetition {trial.get('rep')}: {trial['error']}")
+        for trial in self.data.get("retried") or []:
+            where = (f"{trial.get('many')} models" if "many" in trial else
+                     f"{trial.get('model')}, N={trial.get('workers')}")
+            lines.append(f"- {self.name(trial['contender'])}, {where}, repetition "
+                         f"{trial.get('rep')}: failed ({trial['error'].splitlines()[0]} ... "
+                         f"{trial['error'].splitlines()[-1]}), then ran again "
+                         "(`--resume` re-runs failed trials)")
         for trial in self.many:
             wrong = sum((trial.get(phase) or {}).get("wrong") or 0
                         for phase in ("load", "single"))

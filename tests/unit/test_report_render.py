@@ -13,13 +13,14 @@ from reporting import render  # noqa: E402
 from report_data import SETTINGS, many, trial  # noqa: E402
 
 
-def markdown(trials: list[dict]) -> str:
+def markdown(trials: list[dict], **more) -> str:
     data = {"machine": {"cpus": 2, "cpu": "x", "memory_gib": 1, "kernel": "k", "os": "o",
                         "python": "3.11"},
             "started": "then", "commands": ["bench/report.py"], "settings": SETTINGS,
             "contenders": ["workerpool", "litserve"], "models": ["mlp8"], "trials": trials,
             "model_info": {"mlp8": {"mib": 8, "config": {"kind": "mlp", "layers": 2,
-                                                          "width": 1024}}}}
+                                                          "width": 1024}}},
+            **more}
     return render.Report(data, {"workerpool": "workerpool serve",
                                 "litserve": "LitServe"}).markdown()
 
@@ -99,3 +100,14 @@ def test_the_many_models_table_has_medians_ratios_and_lists_what_went_wrong():
     problems = text.split("## What did not run", 1)[1]
     assert "- LitServe, 8x32 models, repetition 2: Unavailable: boom" in problems
     assert "- LitServe, 8x32 models, repetition 0: 3 answers differed" in problems
+
+
+def test_a_failed_trial_that_a_resume_ran_again_stays_listed():
+    failed = {"contender": "litserve", "model": "mlp8", "workers": 1, "rep": 0,
+              "error": "RuntimeError: loadgen restart failed: Traceback\n  File x\n"
+                       "RuntimeError: coroutine raised StopIteration"}
+    text = markdown([trial("workerpool", 0, 0.5, 100, 800), trial("litserve", 0, 0.5, 90, 800)],
+                    retried=[failed])
+    assert ("- LitServe, mlp8, N=1, repetition 0: failed (RuntimeError: loadgen restart "
+            "failed: Traceback ... RuntimeError: coroutine raised StopIteration), then ran "
+            "again (`--resume` re-runs failed trials)") in text
