@@ -435,6 +435,12 @@ class Report:
                       for line in record.get("markdown", "").strip().splitlines()] + [""]
         return lines
 
+    def which(self, trial: dict) -> str:
+        """A trial as the list of problems names it: contender, row, repetition."""
+        row = (f"{trial['many']} models" if "many" in trial
+               else f"{trial['model']}, N={trial['workers']}")
+        return f"{self.name(trial['contender'])}, {row}, repetition {trial.get('rep')}"
+
     def problems(self) -> list[str]:
         lines = []
         for name, record in (self.data.get("extras") or {}).items():
@@ -444,41 +450,31 @@ class Report:
             lines.append(f"- {self.name(contender)}: could not be installed or run here: "
                          f"{reason}")
         for trial in self.failures:
-            lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
-                         f"N={trial['workers']}, repetition {trial.get('rep')}: "
-                         f"{trial['error']}")
+            lines.append(f"- {self.which(trial)}: {trial['error']}")
         for trial in self.many_failures:
-            lines.append(f"- {self.name(trial['contender'])}, {trial.get('many')} models, "
-                         f"repetition {trial.get('rep')}: {trial['error']}")
+            lines.append(f"- {self.which(trial)}: {trial['error']}")
         for trial in self.data.get("retried") or []:
-            where = (f"{trial.get('many')} models" if "many" in trial else
-                     f"{trial.get('model')}, N={trial.get('workers')}")
-            lines.append(f"- {self.name(trial['contender'])}, {where}, repetition "
-                         f"{trial.get('rep')}: failed ({trial['error'].splitlines()[0]} ... "
-                         f"{trial['error'].splitlines()[-1]}), then ran again "
+            lines.append(f"- {self.which(trial)}: failed ({trial['error'].splitlines()[0]} "
+                         f"... {trial['error'].splitlines()[-1]}), then ran again "
                          "(`--resume` re-runs failed trials)")
         for trial in self.many:
             wrong = sum((trial.get(phase) or {}).get("wrong") or 0
                         for phase in ("load", "single"))
             if wrong:
-                lines.append(f"- {self.name(trial['contender'])}, {trial['many']} models, "
-                             f"repetition {trial.get('rep')}: {wrong} answers differed from "
-                             "the model run in-process")
+                lines.append(f"- {self.which(trial)}: {wrong} answers differed from the "
+                             "model run in-process")
             if trial.get("left_running"):
-                lines.append(f"- {self.name(trial['contender'])}, {trial['many']} models, "
-                             f"repetition {trial.get('rep')}: still running 30 s after "
-                             f"SIGTERM (then killed): {len(trial['left_running'])} processes")
+                lines.append(f"- {self.which(trial)}: still running 30 s after SIGTERM "
+                             f"(then killed): {len(trial['left_running'])} processes")
         for trial in self.trials:
             if (trial.get("cold") or {}).get("error"):
-                lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
-                             f"N={trial['workers']}, repetition {trial.get('rep')}: no cold "
-                             f"start: {trial['cold']['error']}")
+                lines.append(f"- {self.which(trial)}: no cold start: "
+                             f"{trial['cold']['error']}")
             wrong = sum((trial.get(phase) or {}).get("wrong") or 0
                         for phase in ("load", "single", "restart"))
             if wrong:
-                lines.append(f"- {self.name(trial['contender'])}, {trial['model']}, "
-                             f"N={trial['workers']}, repetition {trial.get('rep')}: {wrong} "
-                             "answers under load differed from the model run in-process")
+                lines.append(f"- {self.which(trial)}: {wrong} answers under load differed "
+                             "from the model run in-process")
         by_contender_model: dict[tuple, list[dict]] = {}
         for trial in self.trials:
             by_contender_model.setdefault((trial["contender"], trial["model"]), []).append(trial)

@@ -57,7 +57,7 @@ async def serve_then_restart(first_answer_after: float, workers, options):
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     try:
         client = loadgen.Client(loadgen.load_peer(str(PEER)), port, [(None, [[0.0]], None)])
         return await loadgen.restart(client, options)
