@@ -405,7 +405,9 @@ class Report:
                  "Per-request overhead with a model that does nothing (reproduce: "
                  f"`.venv/bin/python bench/overhead.py {self.data.get('overhead_args', '')}`;"
                  " its rows as it prints them, "
-                 "workerpool / baseline, medians of its rounds).", "",
+                 "workerpool / baseline, medians of its rounds; the baseline of rows 1 and 4 "
+                 "is a raw pyzmq echo of the same message over the same kind of link, no "
+                 "pool).", "",
                  "| row | what | workerpool | baseline | ratio |", "|---|---|---|---|---|"]
         for row in rows:
             lines.append(f"| {row.get('row', '')} | {row.get('what', '')} | "
@@ -449,9 +451,7 @@ class Report:
         for contender, reason in self.data.get("unavailable", {}).items():
             lines.append(f"- {self.name(contender)}: could not be installed or run here: "
                          f"{reason}")
-        for trial in self.failures:
-            lines.append(f"- {self.which(trial)}: {trial['error']}")
-        for trial in self.many_failures:
+        for trial in self.failures + self.many_failures:
             lines.append(f"- {self.which(trial)}: {trial['error']}")
         for trial in self.data.get("retried") or []:
             lines.append(f"- {self.which(trial)}: failed ({trial['error'].splitlines()[0]} "

@@ -194,27 +194,30 @@ def streaming(data: dict) -> str:
 
 
 def embedded(data: dict) -> str:
-    """bench/overhead.py's rows: the Pool against multiprocessing.Pool with a no-op model."""
+    """bench/overhead.py's rows: the Pool against multiprocessing.Pool with a no-op model,
+    and its sequential round trip against a raw pyzmq echo (no pool: ZeroMQ's floor)."""
     rows = {r.get("row"): r for r in data.get("overhead") or []}
-    parts, behind = [], []
-    for key, said, what, higher_is_better in (
+    parts, behind = [], {}
+    for key, said, what, higher_is_better, rival in (
             ("3b", "`Pool.map` {value:,.0f} req/s, {ratio:.2f}x multiprocessing.Pool.imap's",
-             "`map`", True),
+             "`map`", True, "multiprocessing.Pool"),
             ("2", "a burst of `submit` calls {value:,.0f} req/s, {ratio:.2f}x "
-                  "apply_async's", "a burst", True),
-            ("1", "a sequential round trip {value:.0f} us, {ratio:.2f}x "
-                  "multiprocessing.Pool's", "the sequential round trip", False)):
+                  "apply_async's", "a burst", True, "multiprocessing.Pool"),
+            ("1", "a sequential round trip {value:.0f} us, {ratio:.2f}x a raw pyzmq echo's "
+                  "(the same message over the same link, no pool)",
+             "the sequential round trip", False, "The raw pyzmq echo")):
         row = rows.get(key)
         if not row or not isinstance(row.get("ratio"), (int, float)):
             continue
         parts.append(said.format(value=row["workerpool"], ratio=row["ratio"]))
         if (row["ratio"] < 1) if higher_is_better else (row["ratio"] > 1):
-            behind.append(what)
+            behind.setdefault(rival, []).append(what)
     if not parts:
         return ""
     command = f"bench/overhead.py {data.get('overhead_args', '')}".strip()
     return (f"- Embedded, a model that does nothing (`{command}`): " + "; ".join(parts) + "."
-            + (f" multiprocessing.Pool did better on {' and '.join(behind)}." if behind else ""))
+            + "".join(f" {rival} did better on {' and '.join(whats)}."
+                      for rival, whats in behind.items()))
 
 
 def workers(report: Report, model: str, servers: list[str]) -> str:
