@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(PY) bench/score.py
 	$(PY) bench/overhead.py
 	$(PY) bench/thread_hops.py
+	$(PY) bench/round_trip_phases.py
 
 # The benchmark report (docs/benchmarks.md): workerpool against Ray Serve, LitServe, TorchServe,
 # MLServer, gunicorn --preload and multiprocessing.Pool, each installed into its own venv
