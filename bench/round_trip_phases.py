@@ -20,7 +20,7 @@ and, inside ``wait``, the worker's own timing of decoding the call and running p
 The other calls (the answer read by the pool's thread, or within submit) are counted apart.
 Each phase is its mean over the driven calls whose total lies in the middle 80% (so the
 phases add up to the total), medians of ``--rounds`` rounds. The probes cost a
-few microseconds each: the phases add up to more than the p50 of an unprobed call, given
+few microseconds each, so the phases' total may exceed the p50 of an unprobed call, given
 beside them. Prints JSON and writes bench/results/round_trip_phases.md.
 
     .venv/bin/python bench/round_trip_phases.py [--rounds 3] [--calls 3000]
@@ -54,18 +54,18 @@ class Probes:
         from workerpool.pool import dispatcher
 
         self.stamps: dict[str, float] = {}
-        self.module = dispatcher
         self.saved = {}
-        self._wrap_function("wire", "send", "send0", "send1")
-        self._wrap_function(None, "settle", "settled", None)
-        self._wrap_method("_poll_for_caller", "poll0", "poll1")
+        self._wrap(dispatcher.wire, "send", "send0", "send1")
+        self._wrap(dispatcher, "settle", "settled", None)
+        self._wrap(dispatcher.Dispatcher, "_poll_for_caller", "poll0", "poll1")
 
     def _stamp(self, name: str | None) -> None:
         if name is not None and name not in self.stamps:
             self.stamps[name] = time.perf_counter()
 
-    def _wrap_function(self, holder: str | None, name: str, before: str, after: str | None):
-        owner = getattr(self.module, holder) if holder else self.module
+    def _wrap(self, owner, name: str, before: str, after: str | None) -> None:
+        """``owner.name`` (a module's function, or a class's method: its instance comes
+        in ``args``) stamped ``before`` it runs and ``after`` it returns."""
         original = getattr(owner, name)
         self.saved[(owner, name)] = original
 
@@ -73,19 +73,6 @@ class Probes:
             self._stamp(before)
             try:
                 return original(*args, **kwargs)
-            finally:
-                self._stamp(after)
-        setattr(owner, name, probed)
-
-    def _wrap_method(self, name: str, before: str, after: str):
-        owner = self.module.Dispatcher
-        original = getattr(owner, name)
-        self.saved[(owner, name)] = original
-
-        def probed(dispatcher, *args, **kwargs):
-            self._stamp(before)
-            try:
-                return original(dispatcher, *args, **kwargs)
             finally:
                 self._stamp(after)
         setattr(owner, name, probed)
@@ -124,15 +111,24 @@ def polled_round_trip(raw: ZmqEcho, poller, frames: list) -> list:
     return raw.router.recv_multipart(zmq.NOBLOCK, copy=False)[1:]
 
 
+def middle(rows: list, key=None) -> list:
+    """The middle 80% of ``rows`` by ``key``: means over them add up, as medians would not
+    (the wait's is bimodal: an answer may be in before the poll starts), and a stall
+    (a page fault, the other core's work) does not weigh on them."""
+    ordered = sorted(rows, key=key)
+    return ordered[len(ordered) // 10: len(ordered) - len(ordered) // 10]
+
+
 def raw_send_us(raw: ZmqEcho, frames: list, calls: int) -> float:
-    """p50 of the raw round trip's send alone (its answer read untimed)."""
+    """The raw round trip's send alone (its answer read untimed), as the phases are
+    taken: the mean over the middle 80% of the calls."""
     times = []
     for _ in range(calls):
         start = time.perf_counter()
         raw.router.send_multipart([raw.identity, *frames], copy=False)
         times.append(time.perf_counter() - start)
         raw.router.recv_multipart(copy=False)
-    return statistics.median(times) * 1e6
+    return statistics.fmean(middle(times)) * 1e6
 
 
 def one_round(pool, raw: ZmqEcho, calls: int) -> dict:
@@ -154,12 +150,9 @@ def one_round(pool, raw: ZmqEcho, calls: int) -> dict:
     out["driven_share"] = len(driven) / calls
     # the worker's own timing of decode + predict (the reservoir's latest calls: these)
     out["worker_compute_us"] = pool.stats()["compute_ms"]["p50"] * 1000
-    # Means over the middle 80% of calls by total (means add up; medians of the phases
-    # would not, and the wait's is bimodal: an answer may be in before the poll starts)
-    driven.sort(key=lambda row: row["total"])
-    middle = driven[len(driven) // 10: len(driven) - len(driven) // 10]
+    typical = middle(driven, key=lambda row: row["total"])
     for key in (*PHASES, "total"):
-        out[f"{key}_us"] = statistics.fmean(row[key] for row in middle) * 1e6
+        out[f"{key}_us"] = statistics.fmean(row[key] for row in typical) * 1e6
     return out
 
 
@@ -196,9 +189,10 @@ def main() -> None:
         f"# Where a sequential round trip goes: a no-op model, {WORKERS} workers, medians of "
         f"{args.rounds} rounds",
         f"`bench/round_trip_phases.py --rounds {args.rounds} --calls {args.calls}`. The "
-        f"round trips: p50 of each. The phases (to_send ... to_result, adding up to total): "
-        f"means over the middle 80% of the calls the caller drove itself "
-        f"({medians['driven_share']:.0%} of them); the probes add a few us each. "
+        f"round trips: p50 of each. The phases (to_send ... to_result, adding up to total) "
+        f"and the raw send alone: means over the middle 80% of the calls (for the phases, "
+        f"of those the caller drove itself: {medians['driven_share']:.0%}); the probes add "
+        f"a few us each. "
         f"worker_compute: the worker's own timing of decode + predict, inside wait.",
         markdown_table(rows, ["what", "us", "x_raw_round_trip"])])
     emit({"rows": rows, "rounds": rounds}, "round_trip_phases", markdown)
