@@ -13,6 +13,7 @@ import os
 import signal
 from concurrent.futures import Future
 
+import numpy as np
 import pytest
 
 import workerpool as wp
@@ -164,6 +165,71 @@ def test_a_request_is_sent_to_a_ready_worker_and_its_result_delivered(pool):
     pool.reply(send.worker, [request], value=14.0)
     assert pool.answer_of(request) == (14.0, None)
     assert send.worker.credits == 1 and not send.worker.inflight
+
+
+def send_now(harness, x=1.0, timeout=None, **request_options):
+    """A caller's request handed to ``send_now`` (Dispatcher.submit's first try): the
+    request, and the actions, or None where it must be submitted as usual."""
+    body, frames = CODEC.encode_call((x,), {})
+    request = Request(next(harness.ids), Future(), body, frames, timeout=timeout,
+                      now=harness.now, **request_options)
+    harness.scheduler.queue_gauge.try_add(None)
+    actions = harness.scheduler.send_now(request, harness.now)
+    return request, None if actions is None else harness.take(actions)
+
+
+def test_a_request_that_finds_the_pool_idle_is_sent_at_once_as_a_tick_would(pool):
+    request, actions = send_now(pool, 7.0, timeout=0.5)
+    (send,) = pool.of(Send, actions)
+    assert send.requests == [request] and request.worker is send.worker
+    assert send.worker.inflight == {request.id: request} and send.worker.credits == 0
+    assert pool.scheduler.queue_gauge.count == 0 and not pool.scheduler.pending
+    kind, meta = wire.read_head(send.frames[1])
+    assert kind == wire.TASK and meta["ids"] == [request.id] and meta["each"]
+    assert pool.scheduler.metrics.batch_rows[1] == 1  # counted as dispatch counts it
+    # Its deadline is kept: past it, it fails and its worker is aborted, as if queued.
+    assert pool.scheduler.next_wake() == pytest.approx(request.deadline)
+    pool.tick(0.6)
+    _, error = pool.answer_of(request)
+    assert isinstance(error, wp.TaskTimeout) and send.worker.state == WorkerState.ABORTED
+    # The next one goes to the other worker, idle; with none idle, it is not sent here.
+    other, actions = send_now(pool)
+    assert pool.sent_to(send.worker, actions) == [] and other.worker is not None
+    assert send_now(pool)[1] is None
+
+
+def test_send_now_declines_what_must_queue_or_wait_for_company(pool):
+    queued = pool.submit()
+    for worker in pool.workers():
+        worker.credits = 0  # nothing idle can take it yet: it stays queued
+    pool.tick()
+    for worker in pool.workers():
+        worker.credits = 1
+    assert send_now(pool)[1] is None  # something is queued: it goes behind it
+    pool.tick()
+    assert queued.worker is not None
+    batching = Harness(max_batch_size=8, max_wait_ms=5)
+    batching.ready_all()
+    array = np.zeros((1, 4), np.float32)
+    body, frames = CODEC.encode_call((array,), {})
+    request = Request(1, Future(), body, frames, batch_key=("numpy", "float32", (4,)),
+                      rows=1, now=batching.now)
+    assert batching.scheduler.send_now(request, batching.now) is None  # waits for company
+    assert send_now(batching)[1] is not None  # not batchable: nothing to wait for
+    assert send_now(pool, credit=4)[1] is None  # a stream: dispatch sends it alone
+    pool.take(pool.scheduler.close(drain=True))
+    assert send_now(pool)[1] is None
+
+
+def test_tick_with_nothing_due_does_nothing_and_a_due_timer_still_runs(pool):
+    request = pool.submit()
+    pool.tick()
+    assert pool.tick() == [] and request.worker is not None
+    ran = []
+    pool.scheduler.call_later(pool.now, 1.0, ran.append)
+    assert pool.tick(0.5) == [] and ran == []
+    pool.tick(0.6)
+    assert ran == [pytest.approx(pool.now)]
 
 
 def test_no_credit_means_queued_and_the_next_send_follows_a_reply(pool):

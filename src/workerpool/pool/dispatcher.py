@@ -90,7 +90,11 @@ class Dispatcher(threading.Thread):
         self.pid = os.getpid()  # the pool's process: only its threads may drive it
         self._caller_poller: tuple[int, zmq.Poller] | None = None
         self.epoll: select.epoll | None = None  # what the thread waits on, in loop()
+        self.router_fd = -1  # its ZMQ_FD, what the thread's epoll and callers poll
         self.router_unwatched = False  # a caller took the ROUTER out of the thread's epoll
+        # The ROUTER was last found empty (ZMQ_EVENTS) and nothing was sent or read on it
+        # since: its fd will signal the next message, so there is nothing to drain.
+        self.router_quiet = False
         self.deferred: list | None = None  # answers held back by a submit (Dispatcher.submit)
 
     # What the pool reads of the scheduler's state (from any thread: plain reads).
@@ -139,7 +143,11 @@ class Dispatcher(threading.Thread):
         try:
             if self.inbox.waiting():
                 self.read_inbox()  # what this thread posted before goes first
-            if self.scheduler.has_idle_worker():
+            actions = self.scheduler.send_now(request, time.monotonic())
+            if actions is not None:
+                accepted, request = request, None
+                self.carry_out(actions)
+            elif self.scheduler.has_idle_worker():
                 accepted, request = request, None
                 self.carry_out(self.scheduler.submit(accepted))
                 self.carry_out(self.scheduler.tick(time.monotonic()))  # sends it
@@ -228,7 +236,7 @@ class Dispatcher(threading.Thread):
             self.drain_router()
             if self.router_unwatched:  # its signal consumed now: no wake for what was read
                 self.router_unwatched = False
-                self.epoll.modify(self.router.getsockopt(zmq.FD), select.EPOLLIN)
+                self.epoll.modify(self.router_fd, select.EPOLLIN)
             wake, planned = self.scheduler.next_wake(), self.planned_wake
             if self.scheduler.closing or self.hand_over_to is not None or \
                     self.failure is not None or \
@@ -246,26 +254,30 @@ class Dispatcher(threading.Thread):
     def _poll_for_caller(self, slice_end: float, deadline: float | None) -> dict | None:
         """Wait in poll() for the ROUTER, the inbox and the zygote, until the scheduler's
         next wake, the slice's end or ``deadline``; None if nothing may be polled here.
-        The thread's epoll leaves the ROUTER meanwhile: a reply wakes this caller only."""
+        The thread's epoll leaves the ROUTER meanwhile: a reply wakes this caller only.
+        The ROUTER is polled by its fd, as the thread does (a zmq.Poller's extra passes
+        over the socket cost a lone round trip several system calls)."""
         control_fd = self.supervisor.control_fd
         epoll = self.epoll
         if control_fd is None or control_fd < 0 or epoll is None:
             return None
         if self._caller_poller is None or self._caller_poller[0] != control_fd:
-            poller = zmq.Poller()
-            poller.register(self.router, zmq.POLLIN)
-            poller.register(self.inbox.fd, zmq.POLLIN)
-            poller.register(control_fd, zmq.POLLIN)
+            poller = select.poll()
+            for fd in (self.router_fd, self.inbox.fd, control_fd):
+                poller.register(fd, select.POLLIN)
             self._caller_poller = (control_fd, poller)
+        if not self.router_unwatched:
+            epoll.modify(self.router_fd, 0)
+            self.router_unwatched = True  # until the baton is given back
+        if not self.router_quiet:
+            if wire.has_message(self.router):  # in already: its fd's signal may be spent
+                return {self.router_fd: select.POLLIN}
+            self.router_quiet = True
         until = slice_end if deadline is None else min(slice_end, deadline)
         wake = self.scheduler.next_wake()
         if wake is not None:
             until = min(until, wake)
-        timeout_ms = math.ceil(self.poll_timeout(until) * 1000)
-        if not self.router_unwatched:
-            epoll.modify(self.router.getsockopt(zmq.FD), 0)
-            self.router_unwatched = True  # until the baton is given back
-        return dict(self._caller_poller[1].poll(timeout_ms))
+        return dict(self._caller_poller[1].poll(math.ceil(self.poll_timeout(until) * 1000)))
 
     def _failed_here(self, exc: BaseException,
                      request: Request | None = None) -> BaseException | None:
@@ -377,6 +389,7 @@ class Dispatcher(threading.Thread):
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + 1024 * 1024)
         self.router.bind(self.endpoint)
+        self.router_fd = self.router.getsockopt(zmq.FD)
         self.holder = threading.get_ident()  # the baton: taken in __init__ for this thread
         try:
             self.carry_out(self.scheduler.start(time.monotonic()))
@@ -410,7 +423,7 @@ class Dispatcher(threading.Thread):
         scheduler = self.scheduler
         self.epoll = epoll = select.epoll()
         try:
-            epoll.register(self.router.getsockopt(zmq.FD), select.EPOLLIN)
+            epoll.register(self.router_fd, select.EPOLLIN)
             epoll.register(self.inbox.fd, select.EPOLLIN)
             control_fd = self.supervisor.control_fd
             epoll.register(control_fd, select.EPOLLIN)
@@ -451,10 +464,12 @@ class Dispatcher(threading.Thread):
     def drain_router(self) -> None:
         """Read the ROUTER until ZeroMQ says nothing waits (a send may consume the edge of
         its fd's signal, so poll() alone could miss a reply), dispatching after each read
-        (a reply's credit may let queued work go)."""
-        while wire.has_message(self.router):
+        (a reply's credit may let queued work go). Nothing to do while the ROUTER is
+        quiet (``router_quiet``)."""
+        while not self.router_quiet and wire.has_message(self.router):
             self.read_workers()
             self.carry_out(self.scheduler.tick(time.monotonic()))
+        self.router_quiet = True
 
     def hand_over(self) -> bool:
         """Give the sockets to the loop asked for and wait until it gives them back; then
@@ -514,6 +529,7 @@ class Dispatcher(threading.Thread):
                 else:
                     action.request.future.put(value)
             elif kind is Send:
+                self.router_quiet = False
                 try:
                     wire.send(self.router, action.frames)
                 except zmq.ZMQError as exc:
@@ -523,6 +539,7 @@ class Dispatcher(threading.Thread):
                     self.carry_out(self.scheduler.unreachable(action, time.monotonic()),
                                    strict)
             elif kind is Stop:
+                self.router_quiet = False
                 try:
                     wire.send(self.router, [action.worker.identity,
                                             wire.head(wire.STOP, {})], zmq.NOBLOCK)
@@ -566,12 +583,14 @@ class Dispatcher(threading.Thread):
         zmq.Again costs an exception each time)."""
         router, scheduler = self.router, self.scheduler
         while wire.has_message(router):
+            self.router_quiet = False
             try:
                 # The head as a zmq Frame: admission asks it for the peer's credentials.
                 frames = wire.recv(router, zmq.NOBLOCK, copied=1)
             except zmq.Again:
                 return
             self.carry_out(scheduler.on_message(frames, time.monotonic()))
+        self.router_quiet = True
 
     def admits(self, meta: dict, frame) -> bool:
         """READY from a process the pool started: the right secret (compared in constant

@@ -59,7 +59,7 @@ class LoopDriver:
             self.taken = True
             self.thread_id = threading.get_ident()
         d = self.dispatcher
-        router_fd = d.router.getsockopt(zmq.FD)
+        router_fd = d.router_fd
         self._fds = [router_fd, d.inbox.fd, d.supervisor.control_fd]
         self.loop.add_reader(router_fd, self.queue_turn)
         self.loop.add_reader(d.inbox.fd, self._on_inbox)

@@ -235,6 +235,26 @@ class Scheduler:
                 heapq.heappush(self.deadlines, (request.deadline, request.id, request))
         return self._take_actions()
 
+    def send_now(self, request: Request, now: float) -> list | None:
+        """``submit`` and ``tick`` for a request that finds the pool idle (nothing queued)
+        and a worker free: sent to it at once, as a lone request would be by ``dispatch``,
+        without passing through the queue. None when it cannot be (it is then ``submit``ted
+        as usual): something is queued, no worker is idle, the pool is broken or closing,
+        or the batcher would have it wait for company."""
+        if self.pending or self.retries or self.broken is not None or self.closing or \
+                request.credit is not None or \
+                (self.batcher.max_wait_s and not self.batcher.alone(request)):
+            return None
+        worker = pick_worker(self.workers.values(), idle=True, recent=self.elastic)
+        if worker is None:
+            return None
+        self.queue_gauge.remove()
+        if request.deadline is not None:
+            heapq.heappush(self.deadlines, (request.deadline, request.id, request))
+        if mark_running(request):
+            self.send(worker, [request], True, now)
+        return self._take_actions()
+
     def close(self, drain: bool) -> list:
         """Accept nothing more; ``drain``: finish accepted work, else fail it (PoolClosed)
         and kill the workers (any of them may be running a request just failed)."""
@@ -302,6 +322,10 @@ class Scheduler:
 
     def tick(self, now: float) -> list:
         """Due timers, requests past their deadline, then send what workers can take."""
+        if not (self.pending or self.retries or self.batch_wake_at is not None or
+                (self.timers and self.timers[0][0] <= now) or
+                (self.deadlines and self.deadlines[0][0] <= now)):
+            return self._take_actions()  # nothing is due: the idle pool's every reply
         while self.timers and self.timers[0][0] <= now:
             _, _, fn = heapq.heappop(self.timers)
             fn(now)
