@@ -269,10 +269,8 @@ class Dispatcher(threading.Thread):
         if not self.router_unwatched:
             epoll.modify(self.router_fd, 0)
             self.router_unwatched = True  # until the baton is given back
-        if not self.router_quiet:
-            if wire.has_message(self.router):  # in already: its fd's signal may be spent
-                return {self.router_fd: select.POLLIN}
-            self.router_quiet = True
+        if self.router_waiting():  # in already: its fd's signal may be spent
+            return {self.router_fd: select.POLLIN}
         until = slice_end if deadline is None else min(slice_end, deadline)
         wake = self.scheduler.next_wake()
         if wake is not None:
@@ -466,10 +464,21 @@ class Dispatcher(threading.Thread):
         its fd's signal, so poll() alone could miss a reply), dispatching after each read
         (a reply's credit may let queued work go). Nothing to do while the ROUTER is
         quiet (``router_quiet``)."""
-        while not self.router_quiet and wire.has_message(self.router):
+        while self.router_waiting():
             self.read_workers()
             self.carry_out(self.scheduler.tick(time.monotonic()))
+
+    def router_waiting(self) -> bool:
+        """A message waits on the ROUTER that its fd may not signal (a send or receive
+        consumed the signal). Not asked of ZeroMQ while the ROUTER is quiet; found empty,
+        it is quiet from then on. What wakes a poll of the fd is read by read_workers,
+        which always asks."""
+        if self.router_quiet:
+            return False
+        if wire.has_message(self.router):
+            return True
         self.router_quiet = True
+        return False
 
     def hand_over(self) -> bool:
         """Give the sockets to the loop asked for and wait until it gives them back; then

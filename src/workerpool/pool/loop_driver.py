@@ -29,10 +29,6 @@ import asyncio
 import threading
 import time
 
-import zmq
-
-from ..ipc import wire
-
 
 class LoopDriver:
     def __init__(self, dispatcher, loop: asyncio.AbstractEventLoop):
@@ -121,7 +117,7 @@ class LoopDriver:
         if scheduler.finished() or d.hand_over_to is None:
             self.hand_back()
             return
-        if wire.has_message(d.router):  # sends may have eaten the edge
+        if d.router_waiting():  # sends may have eaten the edge
             self.queue_turn()
         self._arm_timer(scheduler.next_wake())
 

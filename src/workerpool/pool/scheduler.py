@@ -316,9 +316,12 @@ class Scheduler:
 
     def next_wake(self) -> float | None:
         """When ``tick`` has something to do next (None: only an event can bring work)."""
-        due = [t for t in (self.timers and self.timers[0][0],
-                           self.deadlines and self.deadlines[0][0], self.batch_wake_at) if t]
-        return min(due) if due else None
+        wake = self.batch_wake_at  # (asked several times a round trip: no list built)
+        if self.timers and (wake is None or self.timers[0][0] < wake):
+            wake = self.timers[0][0]
+        if self.deadlines and (wake is None or self.deadlines[0][0] < wake):
+            wake = self.deadlines[0][0]
+        return wake
 
     def tick(self, now: float) -> list:
         """Due timers, requests past their deadline, then send what workers can take."""
