@@ -167,19 +167,23 @@ def test_a_request_is_sent_to_a_ready_worker_and_its_result_delivered(pool):
     assert send.worker.credits == 1 and not send.worker.inflight
 
 
-def send_now(harness, x=1.0, timeout=None, **request_options):
-    """A caller's request handed to ``send_now`` (Dispatcher.submit's first try): the
-    request, and the actions, or None where it must be submitted as usual."""
+def send_alone(harness, x=1.0, timeout=None, **request_options):
+    """A caller's request sent as Dispatcher.submit sends one that finds the pool idle:
+    lone_task's TASK, then lone_sent's record of it. The request, and the actions (the
+    TASK first), or None where it must be submitted as usual."""
     body, frames = CODEC.encode_call((x,), {})
     request = Request(next(harness.ids), Future(), body, frames, timeout=timeout,
                       now=harness.now, **request_options)
     harness.scheduler.queue_gauge.try_add(None)
-    actions = harness.scheduler.send_now(request, harness.now)
-    return request, None if actions is None else harness.take(actions)
+    sent = harness.scheduler.lone_task(request)
+    if sent is None:
+        return request, None
+    assert request.worker is None and not sent.worker.inflight  # nothing recorded yet
+    return request, harness.take([sent, *harness.scheduler.lone_sent(sent, harness.now)])
 
 
 def test_a_request_that_finds_the_pool_idle_is_sent_at_once_as_a_tick_would(pool):
-    request, actions = send_now(pool, 7.0, timeout=0.5)
+    request, actions = send_alone(pool, 7.0, timeout=0.5)
     (send,) = pool.of(Send, actions)
     assert send.requests == [request] and request.worker is send.worker
     assert send.worker.inflight == {request.id: request} and send.worker.credits == 0
@@ -193,19 +197,19 @@ def test_a_request_that_finds_the_pool_idle_is_sent_at_once_as_a_tick_would(pool
     _, error = pool.answer_of(request)
     assert isinstance(error, wp.TaskTimeout) and send.worker.state == WorkerState.ABORTED
     # The next one goes to the other worker, idle; with none idle, it is not sent here.
-    other, actions = send_now(pool)
+    other, actions = send_alone(pool)
     assert pool.sent_to(send.worker, actions) == [] and other.worker is not None
-    assert send_now(pool)[1] is None
+    assert send_alone(pool)[1] is None
 
 
-def test_send_now_declines_what_must_queue_or_wait_for_company(pool):
+def test_no_lone_task_for_what_must_queue_or_wait_for_company(pool):
     queued = pool.submit()
     for worker in pool.workers():
         worker.credits = 0  # nothing idle can take it yet: it stays queued
     pool.tick()
     for worker in pool.workers():
         worker.credits = 1
-    assert send_now(pool)[1] is None  # something is queued: it goes behind it
+    assert send_alone(pool)[1] is None  # something is queued: it goes behind it
     pool.tick()
     assert queued.worker is not None
     batching = Harness(max_batch_size=8, max_wait_ms=5)
@@ -214,11 +218,24 @@ def test_send_now_declines_what_must_queue_or_wait_for_company(pool):
     body, frames = CODEC.encode_call((array,), {})
     request = Request(1, Future(), body, frames, batch_key=("numpy", "float32", (4,)),
                       rows=1, now=batching.now)
-    assert batching.scheduler.send_now(request, batching.now) is None  # waits for company
-    assert send_now(batching)[1] is not None  # not batchable: nothing to wait for
-    assert send_now(pool, credit=4)[1] is None  # a stream: dispatch sends it alone
+    assert batching.scheduler.lone_task(request) is None  # waits for company
+    assert send_alone(batching)[1] is not None  # not batchable: nothing to wait for
+    assert send_alone(pool, credit=4)[1] is None  # a stream: dispatch sends it alone
+    cancelled = Request(99, Future(), b"", [], now=pool.now)
+    cancelled.future.cancel()
+    assert pool.scheduler.lone_task(cancelled) is None  # given up on: never sent
     pool.take(pool.scheduler.close(drain=True))
-    assert send_now(pool)[1] is None
+    assert send_alone(pool)[1] is None
+
+
+def test_a_lone_task_that_cannot_reach_its_worker_is_retried_unsent(pool):
+    request, actions = send_alone(pool)
+    (sent,) = pool.of(Send, actions)
+    pool.take(pool.scheduler.unreachable(sent, pool.now))  # as Dispatcher._send_alone does
+    assert not sent.worker.inflight and sent.worker.credits == 0
+    (again,) = pool.of(Send)[1:]  # sent again at once, to the other worker
+    assert again.requests == [request] and again.worker is not sent.worker
+    assert request.worker is again.worker and request.attempts == 1  # the one that left
 
 
 def test_tick_with_nothing_due_does_nothing_and_a_due_timer_still_runs(pool):

@@ -143,10 +143,10 @@ class Dispatcher(threading.Thread):
         try:
             if self.inbox.waiting():
                 self.read_inbox()  # what this thread posted before goes first
-            actions = self.scheduler.send_now(request, time.monotonic())
-            if actions is not None:
+            sent = self.scheduler.lone_task(request)
+            if sent is not None:
                 accepted, request = request, None
-                self.carry_out(actions)
+                self._send_alone(sent)
             elif self.scheduler.has_idle_worker():
                 accepted, request = request, None
                 self.carry_out(self.scheduler.submit(accepted))
@@ -163,6 +163,22 @@ class Dispatcher(threading.Thread):
         if request is not None:
             self.inbox.post(request)
         return later
+
+    def _send_alone(self, sent: Send) -> None:
+        """A lone request's TASK (Scheduler.lone_task) out first, then its record: the
+        worker starts on it while this caller writes it down. A worker whose connection
+        is gone gives it back, as carry_out's Send would."""
+        self.router_quiet = False
+        try:
+            wire.send(self.router, sent.frames)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            now = time.monotonic()
+            self.carry_out(self.scheduler.lone_sent(sent, now))
+            self.carry_out(self.scheduler.unreachable(sent, now))
+            return
+        self.carry_out(self.scheduler.lone_sent(sent, time.monotonic()))
 
     def _idle_look(self) -> bool:
         """Nothing waits to be sent, at a glance (no baton: a hint). Then a caller sends

@@ -235,24 +235,31 @@ class Scheduler:
                 heapq.heappush(self.deadlines, (request.deadline, request.id, request))
         return self._take_actions()
 
-    def send_now(self, request: Request, now: float) -> list | None:
-        """``submit`` and ``tick`` for a request that finds the pool idle (nothing queued)
-        and a worker free: sent to it at once, as a lone request would be by ``dispatch``,
-        without passing through the queue. None when it cannot be (it is then ``submit``ted
-        as usual): something is queued, no worker is idle, the pool is broken or closing,
-        or the batcher would have it wait for company."""
+    def lone_task(self, request: Request) -> Send | None:
+        """The TASK that sends ``request`` at once, when it finds the pool idle (nothing
+        queued) and a worker free: what ``submit`` and ``tick`` would send, decided without
+        passing through the queue. Nothing is recorded until ``lone_sent``: the caller
+        sends it first (the worker starts while the caller writes it down). None when it
+        must be submitted as usual: something is queued, no worker is idle, the pool is
+        broken or closing, it is a stream, the batcher would have it wait for company, or
+        its caller gave up on it."""
         if self.pending or self.retries or self.broken is not None or self.closing or \
                 request.credit is not None or \
                 (self.batcher.max_wait_s and not self.batcher.alone(request)):
             return None
         worker = pick_worker(self.workers.values(), idle=True, recent=self.elastic)
-        if worker is None:
+        if worker is None or not mark_running(request):
             return None
+        return self.task_for(worker, [request], True)
+
+    def lone_sent(self, sent: Send, now: float) -> list:
+        """Record ``sent`` (``lone_task``'s), sent: the pool holds it as ``tick`` would
+        have, its deadline included."""
+        (request,) = sent.requests
         self.queue_gauge.remove()
         if request.deadline is not None:
             heapq.heappush(self.deadlines, (request.deadline, request.id, request))
-        if mark_running(request):
-            self.send(worker, [request], True, now)
+        self.record_sent(sent, True, now)
         return self._take_actions()
 
     def close(self, drain: bool) -> list:
@@ -390,15 +397,21 @@ class Scheduler:
         return sorted(self.call_seconds)[len(self.call_seconds) // 2]
 
     def send(self, worker: WorkerSlot, batch: list[Request], each: bool, now: float) -> None:
-        ids = [r.id for r in batch]
-        # Answers may come together only where no deadline needs to know which call runs;
-        # a worker that hangs on such a chunk has all of it retried, each call alone, and
-        # the one that hangs again is then known.
-        coalesce = each and len(batch) > 1 and all(r.deadline is None for r in batch)
-        stream = batch[0].credit  # (a stream travels alone)
+        sent = self.task_for(worker, batch, each)
+        self._actions.append(sent)
+        self.record_sent(sent, each, now)
+
+    def task_for(self, worker: WorkerSlot, batch: list[Request], each: bool) -> Send:
+        """The TASK that sends ``batch`` to ``worker``; ``record_sent`` records it."""
         tags = [r.tag for r in batch] if any(r.tag for r in batch) else None
-        self._actions.append(Send(worker, [worker.identity, *wire.task(
-            ids, [(r.body, r.frames) for r in batch], each, coalesce, stream, tags)], batch))
+        return Send(worker, [worker.identity, *wire.task(
+            [r.id for r in batch], [(r.body, r.frames) for r in batch], each,
+            coalesces(batch, each), batch[0].credit, tags)], batch)
+
+    def record_sent(self, sent: Send, each: bool, now: float) -> None:
+        """What the pool holds once ``sent`` (``task_for``'s) is sent: its requests in
+        flight on its worker, the worker's task and credit, the metrics."""
+        worker, batch = sent.worker, sent.requests
         worker.last_sent = now
         for request in batch:
             request.attempts += 1
@@ -407,10 +420,11 @@ class Scheduler:
                 request.trace["sent"] = now
             worker.inflight[request.id] = request
             self.metrics.queued(now - request.enqueued_at)
+        stream = batch[0].credit  # (a stream travels alone)
         # A stream holds its worker until its consumer is done with it: nothing is queued
         # behind it there (a task behind a long stream would wait all of it).
         taken = max(1, worker.credits) if stream is not None else 1
-        worker.tasks.append(Task(list(ids), each, coalesce,
+        worker.tasks.append(Task([r.id for r in batch], each, coalesces(batch, each),
                                  started_at=None if worker.tasks else now, credits=taken))
         worker.credits -= taken
         worker.sent += len(batch)
@@ -1007,6 +1021,13 @@ def answered(worker: WorkerSlot, ids: list[int], now: float) -> None:
             elif task.each and task is worker.tasks[0]:
                 task.started_at = now  # a chunk's next call
             return
+
+
+def coalesces(batch: list[Request], each: bool) -> bool:
+    """Whether a chunk's answers may come together: only where no deadline needs to know
+    which call runs; a worker that hangs on such a chunk has all of it retried, each call
+    alone, and the one that hangs again is then known."""
+    return each and len(batch) > 1 and all(r.deadline is None for r in batch)
 
 
 def mark_running(request: Request) -> bool:
