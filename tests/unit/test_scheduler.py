@@ -231,7 +231,7 @@ def test_no_lone_task_for_what_must_queue_or_wait_for_company(pool):
 def test_a_lone_task_that_cannot_reach_its_worker_is_retried_unsent(pool):
     request, actions = send_alone(pool)
     (sent,) = pool.of(Send, actions)
-    pool.take(pool.scheduler.unreachable(sent, pool.now))  # as Dispatcher._send_alone does
+    pool.take(pool.scheduler.unreachable(sent, pool.now))  # as Dispatcher.send_alone does
     assert not sent.worker.inflight and sent.worker.credits == 0
     (again,) = pool.of(Send)[1:]  # sent again at once, to the other worker
     assert again.requests == [request] and again.worker is not sent.worker

@@ -146,7 +146,7 @@ class Dispatcher(threading.Thread):
             sent = self.scheduler.lone_task(request)
             if sent is not None:
                 accepted, request = request, None
-                self._send_alone(sent)
+                self.send_alone(sent)
             elif self.scheduler.has_idle_worker():
                 accepted, request = request, None
                 self.carry_out(self.scheduler.submit(accepted))
@@ -164,20 +164,22 @@ class Dispatcher(threading.Thread):
             self.inbox.post(request)
         return later
 
-    def _send_alone(self, sent: Send) -> None:
+    def send_alone(self, sent: Send) -> None:
         """A lone request's TASK (Scheduler.lone_task) out first, then its record: the
-        worker starts on it while this caller writes it down. A worker whose connection
-        is gone gives it back, as carry_out's Send would."""
+        worker starts on it while this caller writes it down. Recorded whatever the send
+        met, so the pool holds it: a worker whose connection is gone gives it back, as a
+        Send carried out does; anything else is raised to a caller that fails the pool,
+        this request with it."""
         self.router_quiet = False
         try:
             wire.send(self.router, sent.frames)
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
+        except BaseException as exc:
             now = time.monotonic()
             self.carry_out(self.scheduler.lone_sent(sent, now))
-            self.carry_out(self.scheduler.unreachable(sent, now))
-            return
+            if isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH:
+                self.carry_out(self.scheduler.unreachable(sent, now))
+                return
+            raise
         self.carry_out(self.scheduler.lone_sent(sent, time.monotonic()))
 
     def _idle_look(self) -> bool:
@@ -208,7 +210,8 @@ class Dispatcher(threading.Thread):
                 stop = True
             else:
                 try:
-                    self.read_workers()
+                    if self.router_fd in events or not self.router_quiet:
+                        self.read_workers()
                     if self.inbox.fd in events:
                         self.read_inbox()
                     self.carry_out(self.scheduler.tick(time.monotonic()))
@@ -453,7 +456,8 @@ class Dispatcher(threading.Thread):
                     self.holder = threading.get_ident()
                 if self.failure is not None:
                     raise self.failure
-                self.read_workers()
+                if self.router_fd in events or not self.router_quiet:
+                    self.read_workers()
                 if control_fd in events:
                     event = self.supervisor.read_event()
                     if event["op"] == "zygote_died":
@@ -605,7 +609,8 @@ class Dispatcher(threading.Thread):
     # -- what workers say ----------------------------------------------------------------
     def read_workers(self) -> None:
         """Every message waiting on the ROUTER (wire.has_message: a recv that ends in
-        zmq.Again costs an exception each time)."""
+        zmq.Again costs an exception each time). Its callers skip it while the ROUTER is
+        quiet and its fd did not signal: nothing can wait there then."""
         router, scheduler = self.router, self.scheduler
         while wire.has_message(router):
             self.router_quiet = False
