@@ -88,7 +88,7 @@ class Dispatcher(threading.Thread):
         self.planned_wake: float | None = None  # when the thread's poll() times out
         self.failure: BaseException | None = None  # a bug met by a caller driving it
         self.pid = os.getpid()  # the pool's process: only its threads may drive it
-        self._caller_poller: tuple[int, zmq.Poller] | None = None
+        self._caller_poller: tuple[int, select.poll] | None = None  # (control fd, poll)
         self.epoll: select.epoll | None = None  # what the thread waits on, in loop()
         self.router_fd = -1  # its ZMQ_FD, what the thread's epoll and callers poll
         self.router_unwatched = False  # a caller took the ROUTER out of the thread's epoll

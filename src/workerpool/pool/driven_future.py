@@ -10,9 +10,10 @@ scheduler and sockets may be used by whichever thread holds its baton
 (Dispatcher.baton): the dispatcher thread holds it except while it waits in poll(), so a
 caller that finds it free sends its request itself (Dispatcher.submit: the TASK first,
 Scheduler.lone_task, and the pool's record of it after, so the worker starts meanwhile)
-and, waiting here, polls the ROUTER for its answer (Dispatcher.drive_until). When the baton is busy, or the
-pool is driven by an event loop, or anything the thread must handle arrives (the zygote's
-events), the caller waits on the Future as before: the thread answers it.
+and, waiting here, polls the ROUTER for its answer (Dispatcher.drive_until). When the
+baton is busy, or the pool is driven by an event loop, or anything the thread must handle
+arrives (the zygote's events), the caller waits on the Future as before: the thread
+answers it.
 """
 
 from __future__ import annotations
