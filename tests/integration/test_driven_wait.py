@@ -15,6 +15,7 @@ import pytest
 
 import modelzoo
 import workerpool as wp
+from workerpool.pool.dispatcher import DRIVE_SLICE_S
 from testkit import ctrl_c_once, wait_until
 
 pytestmark = pytest.mark.module_pool
@@ -43,7 +44,10 @@ def test_the_waiting_thread_reads_its_own_answer(pool, where):
     def calls():
         seen = []
         for i in range(5):
-            future = pool.submit(float(i), sleep=0.05)  # answered after the callback is on
+            # Answered after the callback is on, and well within one of the caller's
+            # slices: at a slice's end it lets go of the sockets, and an answer arriving
+            # just then may be read by the pool's thread (by design).
+            future = pool.submit(float(i), sleep=DRIVE_SLICE_S / 5)
             threads = settled_on(future)
             assert future.result(timeout=30) == float(i)
             seen += threads
