@@ -210,8 +210,7 @@ class Dispatcher(threading.Thread):
                 stop = True
             else:
                 try:
-                    if self.router_fd in events or not self.router_quiet:
-                        self.read_workers()
+                    self.read_workers(signaled=self.router_fd in events)
                     if self.inbox.fd in events:
                         self.read_inbox()
                     self.carry_out(self.scheduler.tick(time.monotonic()))
@@ -456,8 +455,7 @@ class Dispatcher(threading.Thread):
                     self.holder = threading.get_ident()
                 if self.failure is not None:
                     raise self.failure
-                if self.router_fd in events or not self.router_quiet:
-                    self.read_workers()
+                self.read_workers(signaled=self.router_fd in events)
                 if control_fd in events:
                     event = self.supervisor.read_event()
                     if event["op"] == "zygote_died":
@@ -607,10 +605,12 @@ class Dispatcher(threading.Thread):
                     future.set_exception(exc)
 
     # -- what workers say ----------------------------------------------------------------
-    def read_workers(self) -> None:
+    def read_workers(self, signaled: bool = True) -> None:
         """Every message waiting on the ROUTER (wire.has_message: a recv that ends in
-        zmq.Again costs an exception each time). Its callers skip it while the ROUTER is
-        quiet and its fd did not signal: nothing can wait there then."""
+        zmq.Again costs an exception each time). Nothing to read, and ZeroMQ not asked,
+        when its fd did not signal (``signaled``: a poll said so) and it is quiet."""
+        if not signaled and self.router_quiet:
+            return
         router, scheduler = self.router, self.scheduler
         while wire.has_message(router):
             self.router_quiet = False

@@ -118,9 +118,8 @@ class LoopDriver:
 
     def _step(self) -> None:
         d = self.dispatcher
-        if self._router_signaled or not d.router_quiet:  # else nothing can wait there
-            self._router_signaled = False
-            d.read_workers()
+        signaled, self._router_signaled = self._router_signaled, False
+        d.read_workers(signaled)
         scheduler = d.scheduler
         d.carry_out(scheduler.tick(time.monotonic()))
         if scheduler.finished() or d.hand_over_to is None:

@@ -231,9 +231,13 @@ class Scheduler:
             self._answer(request, error=self.broken or PoolClosed("the pool is closed"))
         else:
             self.pending.append(request)
-            if request.deadline is not None:
-                heapq.heappush(self.deadlines, (request.deadline, request.id, request))
+            self.watch_deadline(request)
         return self._take_actions()
+
+    def watch_deadline(self, request: Request) -> None:
+        """``request`` fails at its deadline, if it has one (expire_deadlines)."""
+        if request.deadline is not None:
+            heapq.heappush(self.deadlines, (request.deadline, request.id, request))
 
     def lone_task(self, request: Request) -> Send | None:
         """The TASK that sends ``request`` at once, when it finds the pool idle (nothing
@@ -257,8 +261,7 @@ class Scheduler:
         have, its deadline included."""
         (request,) = sent.requests
         self.queue_gauge.remove()
-        if request.deadline is not None:
-            heapq.heappush(self.deadlines, (request.deadline, request.id, request))
+        self.watch_deadline(request)
         self.record_sent(sent, True, now)
         return self._take_actions()
 
@@ -332,10 +335,10 @@ class Scheduler:
 
     def tick(self, now: float) -> list:
         """Due timers, requests past their deadline, then send what workers can take."""
-        if not (self.pending or self.retries or self.batch_wake_at is not None or
-                (self.timers and self.timers[0][0] <= now) or
-                (self.deadlines and self.deadlines[0][0] <= now)):
-            return self._take_actions()  # nothing is due: the idle pool's every reply
+        if not (self.pending or self.retries or self.batch_wake_at is not None):
+            wake = self.next_wake()  # a timer's or a deadline's
+            if wake is None or wake > now:
+                return self._take_actions()  # nothing is due: the idle pool's every reply
         while self.timers and self.timers[0][0] <= now:
             _, _, fn = heapq.heappop(self.timers)
             fn(now)
