@@ -148,6 +148,24 @@ def test_a_runtime_that_dies_is_started_again_and_its_pools_serve_on_new_workers
             assert torch.equal(first.submit(x).result(timeout=30), expected(3, x))
 
 
+def test_a_runtime_killed_just_before_a_fork_counts_as_one_restart():
+    """Forking at once after the SIGKILL, the dead runtime may still poll as running: the
+    fork's send fails, and the runtime started on the retry is still a restart."""
+    def fork_a_loader():
+        loader, channel = runtime.loader_channel()
+        channel.close()  # the loader leaves with its channel
+        loader.wait(30)
+
+    with wp.Runtime() as runtime:
+        fork_a_loader()  # the runtime starts with its first fork
+        assert runtime.restarts == 0
+        for restarts in range(1, 4):
+            dead = runtime.pid
+            os.kill(dead, signal.SIGKILL)
+            fork_a_loader()
+            assert runtime.pid not in (None, dead) and runtime.restarts == restarts
+
+
 def test_a_closed_runtime_starts_no_pool():
     runtime = wp.Runtime()
     runtime.close()
