@@ -14,7 +14,10 @@ processes on this machine's cores:
   each front end calls its own copy (serve/inline_fronts.py);
 - ``gunicorn -w N`` with uvicorn workers (httptools, uvloop) and a FastAPI app holding the
   model in each HTTP worker (bench/peers/light; its own venv, bench/.venvs/light): the
-  same KServe v2 JSON body, the same JSON answer.
+  same KServe v2 JSON body, the same JSON answer;
+- the transport floor (bench/floor_server.py): the uvicorn + grpc.aio stack workerpool
+  serve runs on, one process, answering every body with a fixed answer (JSON parsed, no
+  model): what HTTP and gRPC cost before our code, and so how near gRPC can come to HTTP.
 
 Bodies: one row as JSON, as binary tensors and over gRPC; and 256 rows as JSON (~330 KB,
 ``json_256rows``, a twentieth of the requests), where decoding JSON costs the front end
@@ -26,8 +29,9 @@ Each is called by bench/http_load.py (its own process) at 32 connections and at 
 process tree during the trial over its requests; for workerpool, the front-end process's
 share is said apart: the server's own process and its HTTP front ends (the issue's target:
 <= 80 us JSON, <= 60 us binary), and with --http-workers the server's process alone (what
-bounds it on a machine with more cores: 1 / that CPU is its ceiling in req/s). Every server's
-answers (gRPC's too) are checked against the model called here before the run.
+bounds it on a machine with more cores: 1 / that CPU is its ceiling in req/s), and above the
+floor's (what our code adds to the stack). Every server's answers (gRPC's too) are checked
+against the model called here before the run (the floor's are fixed).
 
 Prints JSON and writes bench/results/light.md.
 
@@ -157,6 +161,13 @@ def start_workerpool(workers: int, directory: pathlib.Path, http_workers: int,
     return Server(name, [*command, "--grpc-port", str(grpc_port)], port, grpc_port=grpc_port)
 
 
+def start_floor() -> Server:
+    port, grpc_port = free_port(), free_port()
+    return Server("floor: uvicorn + grpc.aio, fixed answer",
+                  [sys.executable, str(HERE / "floor_server.py"), str(port), str(grpc_port)],
+                  port, grpc_port=grpc_port)
+
+
 def start_gunicorn(workers: int) -> Server:
     python = venvs.build("light", sys.stderr)
     port = free_port()
@@ -206,8 +217,9 @@ def main() -> None:
     try:
         servers = [start_gunicorn(args.workers),
                    *(start_workerpool(args.workers, directory, n, inline)
-                     for inline in (False, True) for n in http_workers)]
-        for server in servers:
+                     for inline in (False, True) for n in http_workers),
+                   start_floor()]
+        for server in servers[:-1]:  # (the floor's answer is fixed)
             answers = {"HTTP JSON": server.answer(x)}
             if server.grpc_port is not None:
                 answers["gRPC"] = kserve_infer(
@@ -258,6 +270,13 @@ def main() -> None:
     grpc_vs_binary = {f'{r["server"]}, {r["clients"]} clients':
                       round(r["requests_per_s"] / binary[(r["server"], r["clients"])], 2)
                       for r in rows if r["body"] == "grpc"}
+    cpu = {(r["server"], r["body"], r["clients"]): r["front_cpu_us_per_request"]
+           for r in rows}
+    floor = next(server.name for server in servers if server.name.startswith("floor"))
+    above_floor = {f'{name}, {body}, {clients} clients':
+                   round(us - cpu[(floor, body, clients)], 1)
+                   for (name, body, clients), us in cpu.items()
+                   if name.startswith("workerpool") and (floor, body, clients) in cpu}
     columns = ["server", "body", "clients", "requests_per_s", "p50_ms", "p99_ms",
                "rps_vs_gunicorn", "p50_vs_gunicorn", "cpu_us_per_request",
                "front_cpu_us_per_request", "server_process_cpu_us_per_request"]
@@ -272,9 +291,14 @@ def main() -> None:
                 + markdown_table(rows, columns)
                 + "\nKServe v2 gRPC req/s against HTTP binary (target >= 0.9x): "
                 + ", ".join(f"{ratio}x ({c})" for c, ratio in grpc_vs_binary.items())
+                + " (the floor's: gRPC on grpcio against HTTP on uvicorn with nothing "
+                  "of ours)\n\nFront-end CPU per request above the floor's (us; what our "
+                  "serving code adds to the same stack): "
+                + ", ".join(f"{us} ({c})" for c, us in above_floor.items())
                 + "\n")
     emit({"rounds": args.rounds, "workers": args.workers, "rows": rows,
-          "grpc_vs_binary": grpc_vs_binary}, "light", markdown)
+          "grpc_vs_binary": grpc_vs_binary, "front_cpu_above_floor_us": above_floor},
+         "light", markdown)
     print(markdown, file=sys.stderr)
 
 
