@@ -93,3 +93,70 @@ def test_close_writes_what_is_held_and_abort_drops_it():
     closed, aborted = asyncio.run(main())
     assert closed.writes == [b"last words"] and closed.closed
     assert aborted.writes == [] and aborted.aborted
+
+
+def test_flush_writes_what_is_held_at_once():
+    async def main():
+        raw = Recording()
+        corked = CorkedTransport(raw, asyncio.get_running_loop())
+        corked.write(b"head")
+        corked.write(b"body")
+        corked.flush()
+        sent_at_once = list(raw.writes)
+        await asyncio.sleep(0)  # the flush the first write queued finds nothing held
+        return sent_at_once, raw
+
+    sent_at_once, raw = asyncio.run(main())
+    assert sent_at_once == [b"headbody"] and raw.writes == [b"headbody"]
+
+
+def test_a_whole_response_leaves_before_the_step_that_sent_it_ends():
+    """Through uvicorn and the guarded protocol (guard.py), on a real socket: a response
+    is written as uvicorn completes it, head and body together, not when the loop's pass
+    ends. The app blocks the loop after sending its answer until the client says it has
+    it: held to the pass's end, the answer could not arrive, and the wait would time out."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from workerpool.serve.http.guard import HeadLimits, protocol_class
+
+    client_has_it = threading.Event()
+    waited: list[bool] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        waited.append(client_has_it.wait(10))  # (blocks the loop, as a long step would)
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        config = uvicorn.Config(app, http=protocol_class("httptools", HeadLimits()),
+                                loop="asyncio", lifespan="off", log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]})
+        thread.start()
+        try:
+            while not server.started:
+                thread.join(0.01)
+                assert thread.is_alive()
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                while not answer.endswith(b"ok"):
+                    chunk = client.recv(4096)
+                    assert chunk, answer
+                    answer += chunk
+                client_has_it.set()
+        finally:
+            server.should_exit = True
+            thread.join(30)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert waited == [True]

@@ -1,10 +1,15 @@
-"""A connection's writes of one event-loop pass sent as one: uvicorn writes a response's
-head on ``http.response.start`` and its body on ``http.response.body``, and uvloop sends each
-write at once when nothing is buffered, so every answer cost two send() calls (and two TCP
-segments for the client to read). On loopback a send runs the receiver's side of TCP too:
-the two were ~17% of the server process's CPU under a light model's load (py-spy).
+"""A connection's writes of one event-loop pass (or of one response) sent as one: uvicorn
+writes a response's head on ``http.response.start`` and its body on ``http.response.body``,
+and uvloop sends each write at once when nothing is buffered, so every answer cost two
+send() calls (and two TCP segments for the client to read). On loopback a send runs the
+receiver's side of TCP too: the two were ~17% of the server process's CPU under a light
+model's load (py-spy).
 
-    write(a); write(b)      (same loop pass)   ──> one send(a + b) when the pass ends
+    write(a); write(b)      (same loop pass)   ──> one send(a + b) when the pass ends,
+                                               or at flush(): guard.py flushes as uvicorn
+                                               completes a response (waiting for the pass's
+                                               end cost one sequential light request ~35 us
+                                               of its ~170, bench/serve_phases.py --inline)
     write(head); write(256 MiB view)           ──> writelines: sent together, not joined
     close()                                    ──> what is held is written first
     abort()                                    ──> dropped, as the transport drops its buffer
@@ -30,14 +35,16 @@ class CorkedTransport:
 
     def write(self, data) -> None:
         if not self._held:
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         self._held.append(data)
 
     def writelines(self, chunks) -> None:
         for chunk in chunks:
             self.write(chunk)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what is held now (a response that is whole need not wait for the pass's
+        end: guard.py calls this as uvicorn completes one)."""
         held = self._held
         if not held:
             return
@@ -51,7 +58,7 @@ class CorkedTransport:
         held.clear()
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def abort(self) -> None:
