@@ -7,9 +7,9 @@ model's load (py-spy).
 
     write(a); write(b)      (same loop pass)   ──> one send(a + b) when the pass ends,
                                                or at flush(): guard.py flushes as uvicorn
-                                               completes a response (waiting for the pass's
-                                               end cost one sequential light request ~35 us
-                                               of its ~170, bench/serve_phases.py --inline)
+                                               completes a request served alone (the pass's
+                                               end came ~35 us after a sequential light
+                                               answer, bench/serve_phases.py --inline)
     write(head); write(256 MiB view)           ──> writelines: sent together, not joined
     close()                                    ──> what is held is written first
     abort()                                    ──> dropped, as the transport drops its buffer
