@@ -157,7 +157,7 @@ class Runtime:
         self._ctl: socket.socket | None = None
         self._learned: set[str] = set()  # frameworks zygotes reported importing
         self.forks = 0
-        self.started = False  # a runtime process was spawned once: the next is a restart
+        self._spawned = False  # a runtime process was spawned once: the next is a restart
         self.restarts = 0
         self.closed = False
 
@@ -231,12 +231,12 @@ class Runtime:
             self._discard()
         # Counted here, not where a dead one is found: a runtime SIGKILLed a moment ago
         # may still poll as running, fail the fork's send, and be discarded by _fork
-        if self.started:
+        if self._spawned:
             self.restarts += 1
         from .supervisor import spawn_runtime
 
         self._process, self._ctl = spawn_runtime()
-        self.started = True
+        self._spawned = True
 
     def _discard(self, timeout: float = 5.0) -> None:
         """Close our channel (the runtime leaves once its children have) and reap it,
