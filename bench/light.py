@@ -92,9 +92,9 @@ class Server:
     """A server process on 127.0.0.1:``port``, stopped with SIGTERM."""
 
     def __init__(self, name: str, command: list[str], port: int, cwd=None,
-                 grpc_port: int | None = None):
+                 grpc_port: int | None = None, env: dict | None = None):
         self.name, self.port, self.grpc_port = name, port, grpc_port
-        env = dict(os.environ, PYTHONPATH=str(HERE))
+        env = {**os.environ, "PYTHONPATH": str(HERE), **(env or {})}
         self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 120
@@ -144,7 +144,8 @@ class Server:
 
 
 def start_workerpool(workers: int, directory: pathlib.Path, http_workers: int,
-                     inline: bool = False) -> Server:
+                     inline: bool = False, env: dict | None = None) -> Server:
+    """``env``: variables for the server's processes (a PYTHONPATH replaces bench/'s)."""
     config = directory / ("serve-inline.toml" if inline else "serve.toml")
     config.write_text('[models.light]\nsource = "light_model:load"\n'
                       'predict = "light_model:predict"\n'
@@ -156,14 +157,18 @@ def start_workerpool(workers: int, directory: pathlib.Path, http_workers: int,
     name = "workerpool serve" + (", inline" if inline else "")
     if http_workers > 1:  # gRPC is served by the server's own process either way
         return Server(f"{name} --http-workers {http_workers}",
-                      [*command, "--http-workers", str(http_workers)], port)
+                      [*command, "--http-workers", str(http_workers)], port, env=env)
     grpc_port = free_port()
-    return Server(name, [*command, "--grpc-port", str(grpc_port)], port, grpc_port=grpc_port)
+    return Server(name, [*command, "--grpc-port", str(grpc_port)], port, grpc_port=grpc_port,
+                  env=env)
+
+
+FLOOR = "floor: uvicorn + grpc.aio, fixed answer"
 
 
 def start_floor() -> Server:
     port, grpc_port = free_port(), free_port()
-    return Server("floor: uvicorn + grpc.aio, fixed answer",
+    return Server(FLOOR,
                   [sys.executable, str(HERE / "floor_server.py"), str(port), str(grpc_port)],
                   port, grpc_port=grpc_port)
 
@@ -219,7 +224,9 @@ def main() -> None:
                    *(start_workerpool(args.workers, directory, n, inline)
                      for inline in (False, True) for n in http_workers),
                    start_floor()]
-        for server in servers[:-1]:  # (the floor's answer is fixed)
+        for server in servers:
+            if server.name == FLOOR:  # (its answer is fixed)
+                continue
             answers = {"HTTP JSON": server.answer(x)}
             if server.grpc_port is not None:
                 answers["gRPC"] = kserve_infer(
@@ -272,11 +279,10 @@ def main() -> None:
                       for r in rows if r["body"] == "grpc"}
     cpu = {(r["server"], r["body"], r["clients"]): r["front_cpu_us_per_request"]
            for r in rows}
-    floor = next(server.name for server in servers if server.name.startswith("floor"))
     above_floor = {f'{name}, {body}, {clients} clients':
-                   round(us - cpu[(floor, body, clients)], 1)
+                   round(us - cpu[(FLOOR, body, clients)], 1)
                    for (name, body, clients), us in cpu.items()
-                   if name.startswith("workerpool") and (floor, body, clients) in cpu}
+                   if name.startswith("workerpool") and (FLOOR, body, clients) in cpu}
     columns = ["server", "body", "clients", "requests_per_s", "p50_ms", "p99_ms",
                "rps_vs_gunicorn", "p50_vs_gunicorn", "cpu_us_per_request",
                "front_cpu_us_per_request", "server_process_cpu_us_per_request"]

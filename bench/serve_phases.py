@@ -2,7 +2,8 @@
 together: bench/light.py's light model (64 -> 10, numpy), 2 workers, one-row KServe v2
 JSON, one client on a keep-alive connection, requests back to back.
 
-The server runs with bench/serve_probe/ first on its PYTHONPATH: its sitecustomize wraps
+The server is started as bench/light.py starts it (its gRPC port idle), with
+bench/serve_probe/ first on its PYTHONPATH: its sitecustomize wraps
 a few of workerpool's functions in every process of the server (the server's and each
 worker's; perf_counter is one clock for all of them) and notes when each starts, and this
 script notes when it sent each request and when the whole answer was in. Sorted by time,
@@ -43,68 +44,21 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import pathlib
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
-import light_model
-from common import emit, free_port, log, markdown_table, stop_group
+from common import emit, log, markdown_table
+from http_load import request_bytes
+from light import PATH, bodies, start_workerpool
 
 HERE = pathlib.Path(__file__).resolve().parent
-PATH = "/v2/models/light/infer"
 WARMUP = 500
-
-
-def start_server(directory: pathlib.Path, inline: bool, probes: pathlib.Path | None
-                 ) -> tuple[subprocess.Popen, int]:
-    config = directory / "serve.toml"
-    config.write_text('[models.light]\nsource = "light_model:load"\n'
-                      'predict = "light_model:predict"\n'
-                      f'inline = {"true" if inline else "false"}\n'
-                      'inputs = [{name = "features", datatype = "FP32", shape = [-1, 64]}]\n')
-    port = free_port()
-    path = [str(HERE / "serve_probe")] if probes is not None else []
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*path, str(HERE)]))
-    if probes is not None:
-        env["PROBE_OUT"] = str(probes)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "workerpool", "serve", "--port", str(port), "--config",
-         str(config), "--workers", "2"], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
-    return process, port
-
-
-def connect(process: subprocess.Popen, port: int) -> socket.socket:
-    """A connection to the server once its model is ready."""
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/light/ready",
-                                        timeout=5):
-                break
-        except OSError:  # (refused, or 503 while the model loads)
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start") from None
-            time.sleep(0.2)
-    connection = socket.create_connection(("127.0.0.1", port))
-    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return connection
-
-
-def request_bytes() -> bytes:
-    x = light_model.example(1)
-    body = json.dumps({"inputs": [{"name": "features", "shape": list(x.shape),
-                                   "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
-    return (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
 def call(connection: socket.socket, request: bytes) -> None:
@@ -125,13 +79,16 @@ def call(connection: socket.socket, request: bytes) -> None:
         body += connection.recv(65536)
 
 
-def run_requests(directory: pathlib.Path, inline: bool, requests: int,
+def run_requests(directory: pathlib.Path, inline: bool, request: bytes, requests: int,
                  probes: pathlib.Path | None) -> list[tuple[int, int]]:
     """(sent, answered) perf_counter_ns of each timed request to a fresh server."""
-    process, port = start_server(directory, inline, probes)
+    env = None if probes is None else {
+        "PYTHONPATH": os.pathsep.join([str(HERE / "serve_probe"), str(HERE)]),
+        "PROBE_OUT": str(probes)}
+    server = start_workerpool(2, directory, 1, inline, env=env)  # (ready once started)
     try:
-        connection = connect(process, port)
-        request = request_bytes()
+        connection = socket.create_connection(("127.0.0.1", server.port))
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(WARMUP):
             call(connection, request)
         times = []
@@ -141,7 +98,7 @@ def run_requests(directory: pathlib.Path, inline: bool, requests: int,
             times.append((sent, time.perf_counter_ns()))
         connection.close()
     finally:
-        stop_group(process)  # SIGTERM: each process writes its last notes as it exits
+        server.stop()  # SIGTERM: each process writes its last notes as it exits
     return times
 
 
@@ -177,8 +134,10 @@ def main() -> None:
     try:
         probes = directory / "probes"
         probes.mkdir()
-        unprobed = run_requests(directory, args.inline, args.requests, None)
-        probed = run_requests(directory, args.inline, args.requests, probes)
+        body, headers = bodies(directory)["json"]
+        request = request_bytes("127.0.0.1", PATH, body.read_bytes(), headers)
+        unprobed = run_requests(directory, args.inline, request, args.requests, None)
+        probed = run_requests(directory, args.inline, request, args.requests, probes)
         time.sleep(0.5)  # (the workers' last notes)
         requests = sequences(probes, probed)
     finally:
