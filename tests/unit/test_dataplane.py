@@ -188,20 +188,11 @@ class CountingMetrics:
     def __init__(self):
         self.outcomes = []
 
-    def counted(self, model, protocol, started=None):
-        import contextlib
-
+    def finished(self, model, protocol, error, seconds):
         from workerpool.serving.errors import outcome_of
 
-        @contextlib.contextmanager
-        def block():
-            try:
-                yield
-                self.outcomes.append((model, protocol, "success"))
-            except BaseException as error:
-                self.outcomes.append((model, protocol, outcome_of(error)))
-                raise
-        return block()
+        self.outcomes.append((model, protocol,
+                              "success" if error is None else outcome_of(error)))
 
 
 def test_every_inference_is_counted_with_its_outcome():

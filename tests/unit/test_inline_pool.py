@@ -153,13 +153,11 @@ def test_a_front_ends_copy_is_warmed_up_with_the_servers_warm_up_inputs():
 
 def test_a_tally_records_outcomes_but_leaves_relayed_requests_to_the_server():
     tally = Tally()
-    with tally.counted("m", "kserve_http"):
-        request_ids.served.set(("m", "7", "kserve_http"))  # (the plane sets it)
+    request_ids.served.set(("m", "7", "kserve_http"))  # (the plane sets it)
+    tally.finished("m", "kserve_http", None, 0.001)
     request_ids.served.set(None)  # (each request is a task of its own: a fresh context)
-    with pytest.raises(BadRequest), tally.counted("m", "kserve_http"):
-        raise BadRequest("no")
-    with pytest.raises(RelayInstead), tally.counted("m", "kserve_http"):
-        raise RelayInstead()
+    tally.finished("m", "kserve_http", BadRequest("no"), 0.001)
+    tally.finished("m", "kserve_http", RelayInstead(), 0.001)
     tally.calls.append(("m", "7", 0.001, 1))
     message = tally.taken()
     assert [row[:4] for row in message["requests"]] == [

@@ -32,7 +32,7 @@ import threading
 
 from .. import request_ids
 from ..serving.dataplane import DataPlane
-from ..serving.errors import outcome_of, outcome_recorded
+from ..serving.errors import outcome_of
 from ..serving.inline import InlinePool
 from ..serving.model import ModelState, ServedModel
 
@@ -201,17 +201,15 @@ class Tally:
         self.requests: list = []  # (name, version, protocol, outcome, seconds)
         self.calls: list = []  # (name, version, compute seconds, rows)
 
-    def counted(self, name: str, protocol: str, started: float | None = None):
-        """DataPlane's metrics: the request the block answers, with its outcome."""
-        def record(error: BaseException | None, seconds: float) -> None:
-            if isinstance(error, RelayInstead):
-                return  # the server counts it
-            served = request_ids.served.get()  # (name, version, protocol), set by the plane
-            version = served[1] if served is not None and served[0] == name else None
-            self.requests.append((name, version, protocol,
-                                  "success" if error is None else outcome_of(error), seconds))
-
-        return outcome_recorded(record, started)
+    def finished(self, name: str, protocol: str, error: BaseException | None,
+                 seconds: float) -> None:
+        """DataPlane's metrics: a request that ended, with its outcome."""
+        if isinstance(error, RelayInstead):
+            return  # the server counts it
+        served = request_ids.served.get()  # (name, version, protocol), set by the plane
+        version = served[1] if served is not None and served[0] == name else None
+        self.requests.append((name, version, protocol,
+                              "success" if error is None else outcome_of(error), seconds))
 
     def taken(self) -> dict | None:
         """What to send, emptied here; None when there is nothing."""

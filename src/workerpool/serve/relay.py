@@ -42,6 +42,7 @@ import itertools
 import logging
 import os
 import struct
+import time
 
 from .. import request_ids
 from ..ipc import wire
@@ -253,11 +254,8 @@ class Relay:
         if metrics is None:
             return
         error = wire.rebuild_exception(message["error"], raised_by="the front end")
-        try:
-            with metrics.counted(message["name"], message["protocol"], message["started"]):
-                raise error
-        except Exception:  # noqa: BLE001 - raised only to be counted
-            pass
+        metrics.finished(message["name"], message["protocol"], error,
+                         time.perf_counter() - message["started"])
 
     async def _http(self, message: dict, stream: FramedStream, request_id: int) -> list:
         """One whole HTTP request, answered by the server's app in this process. An event

@@ -8,8 +8,6 @@ message only: no traceback or internal path unless the server runs with ``--debu
 
 from __future__ import annotations
 
-import contextlib
-import time
 import traceback
 
 from .. import errors
@@ -128,22 +126,6 @@ def outcome_of(error: BaseException) -> str:
     """A metrics label for how a request ended; QueueFull is "unavailable" in every
     protocol (gRPC answers it RESOURCE_EXHAUSTED, HTTP 503)."""
     return _OUTCOMES.get(_row(error)[0], "error")
-
-
-@contextlib.contextmanager
-def outcome_recorded(record, started: float | None = None):
-    """Around one request: ``record(error, seconds)`` once the block ends, ``error`` the
-    exception that ended it (None: it succeeded; :func:`outcome_of` names the others),
-    ``seconds`` since ``started`` (a perf_counter; default: now). The exception goes on."""
-    started = time.perf_counter() if started is None else started
-    error = None
-    try:
-        yield
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        record(error, time.perf_counter() - started)
 
 
 def message_of(error: BaseException, debug: bool = False,
