@@ -30,7 +30,7 @@ import time
 from typing import Any, Callable
 
 from .. import errors, signature
-from ..modules import inference_mode
+from ..modules import imported, inference_mode
 from ..ipc.regions import PlacedCall, RegionTensor
 from ..pool import memory
 from ..pool.metrics import Metrics
@@ -139,8 +139,11 @@ class InlinePool:
         placed = x if type(x) is PlacedCall else None
         argument = _read_regions(placed.argument if placed is not None else x)
         started = time.perf_counter()
-        with inference_mode():
-            output = predict(model, argument, **(kwargs or {}))
+        if imported("torch") is None:  # (no context to enter: ~0.5 us of a light call)
+            output = predict(model, argument, **kwargs) if kwargs else predict(model, argument)
+        else:
+            with inference_mode():
+                output = predict(model, argument, **(kwargs or {}))
         self.record(time.perf_counter() - started, _rows(argument))
         if inspect.isgenerator(output):
             output.close()

@@ -4,7 +4,6 @@ ASGI entry (lifespan, scopes, errors as answers) and the API key check."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from ... import request_ids
 from ...serving.errors import Unauthorized
@@ -40,24 +39,32 @@ class AsgiApp:
         request_ids.current.set(exchange.request_id)
         cycle = cancel_when_client_leaves(receive)
         relayed = scope.get(RELAYED)  # (its front end logs and traces it)
-        traced = self.tracing is not None and not relayed
-        with self.span(exchange) if traced else contextlib.nullcontext() as span:
+        if self.tracing is None or relayed:
+            await self._answer(exchange, cycle, relayed)
+            return
+        with self.span(exchange) as span:
             try:
-                await self.handle(exchange)
-            except Exception as error:  # noqa: BLE001 - every error is an answer, never a crash
-                await exchange.error(error, self.debug)
-            except asyncio.CancelledError:
-                if getattr(cycle, "disconnected", False):
-                    return  # the client went away: nobody to answer (guard.py cancelled us)
-                raise
+                await self._answer(exchange, cycle, relayed)
             finally:
-                if span is not None and exchange.status is not None:
+                if exchange.status is not None:
                     span.set_attribute("http.response.status_code", exchange.status)
-                if self.access_log is not None and not relayed:
-                    self.access_log.write(
-                        client=client_of(scope), protocol="http", method=exchange.method,
-                        path=exchange.path, status=exchange.status, started=exchange.started,
-                        request_id=exchange.request_id)
+
+    async def _answer(self, exchange: Exchange, cycle, relayed) -> None:
+        try:
+            await self.handle(exchange)
+        except Exception as error:  # noqa: BLE001 - every error is an answer, never a crash
+            await exchange.error(error, self.debug)
+        except asyncio.CancelledError:
+            if getattr(cycle, "disconnected", False):
+                return  # the client went away: nobody to answer (guard.py cancelled us)
+            raise
+        finally:
+            if self.access_log is not None and not relayed:
+                scope = exchange.scope
+                self.access_log.write(
+                    client=client_of(scope), protocol="http", method=exchange.method,
+                    path=exchange.path, status=exchange.status, started=exchange.started,
+                    request_id=exchange.request_id)
 
     async def handle(self, exchange: Exchange) -> None:
         raise NotImplementedError
