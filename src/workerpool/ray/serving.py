@@ -61,7 +61,7 @@ class PoolDeployment:
             status, _ = status_of(error)
             return Response(json.dumps({"error": message_of(error)}), status_code=status,
                             media_type="application/json")
-        return Response(body, headers=headers)
+        return Response(body, headers={k.decode(): v.decode() for k, v in headers})
 
     def __del__(self):
         pool = getattr(self, "pool", None)

@@ -324,14 +324,15 @@ def _requested_outputs(outputs) -> list[RequestedOutput] | None:
 
 # -- responses -------------------------------------------------------------------------
 def encode_response(model: str, version: str, request: InferRequest,
-                    outputs: dict[str, np.ndarray]) -> tuple[list, dict[str, str]]:
-    """The response body, as the parts to send one after the other, and its headers
-    (Inference-Header-Content-Length when binary outputs follow the JSON), for ``outputs``
+                    outputs: dict[str, np.ndarray]) -> tuple[list, list[tuple[bytes, bytes]]]:
+    """The response body, as the parts to send one after the other, and its headers as
+    (name, value) bytes (Inference-Header-Content-Length when binary outputs follow the
+    JSON), for ``outputs``
     as the data plane selected and ordered them. Large binary outputs stay views of their
     arrays (a 256 MiB output copied twice cost the server 0.4 s a call here); a small body
     is one part. OutputEncodeError when an output cannot be written (a dtype with no KServe
     datatype, bytes that are not UTF-8 asked for as JSON)."""
-    binary_of = {o.name: o.binary for o in request.outputs or ()}
+    binary_of = {o.name: o.binary for o in request.outputs} if request.outputs else {}
     tensors, buffers = [], []
     try:
         for name, array in outputs.items():
@@ -357,12 +358,15 @@ def encode_response(model: str, version: str, request: InferRequest,
         header["id"] = request.id
     header_bytes = jsontext.dumps(header)  # outputs' NaN and infinities already spelt out
     if not buffers:
-        return [header_bytes], {"content-type": "application/json"}
+        return [header_bytes], JSON_HEADERS
     parts = [header_bytes, *buffers]
     if sum(map(len, buffers)) < SEPARATE_PARTS_FROM:
         parts = [b"".join(parts)]
-    return parts, {"content-type": "application/octet-stream",
-                   "inference-header-content-length": str(len(header_bytes))}
+    return parts, [(b"content-type", b"application/octet-stream"),
+                   (b"inference-header-content-length", b"%d" % len(header_bytes))]
+
+
+JSON_HEADERS = [(b"content-type", b"application/json")]  # (read, never changed)
 
 
 # Binary outputs from this size on are sent as views of their arrays, each its own write;

@@ -104,8 +104,7 @@ async def infer(app, exchange: Exchange, name: str, version: str | None) -> None
                                  placed=request.placed)
         parts, headers = kserve.encode_response(call.model.name, call.model.version,
                                                 request, outputs)
-        await exchange.respond_parts(200, parts,
-                                     [(k.encode(), v.encode()) for k, v in headers.items()])
+        await exchange.respond_parts(200, parts, headers)
 
 
 async def generate(app, exchange: Exchange, name: str, version: str | None,
