@@ -57,7 +57,10 @@ class Metrics:
         self.queue_histogram.observe(seconds)
 
     def computed(self, seconds: float, requests: int) -> None:
-        self.compute_s.extend([seconds] * requests)
+        if requests == 1:
+            self.compute_s.append(seconds)
+        else:
+            self.compute_s.extend([seconds] * requests)
         self.compute_histogram.observe(seconds, requests)
 
     def copy(self) -> "Metrics":
