@@ -91,6 +91,14 @@ def test_without_an_id_the_server_makes_one_and_errors_carry_it(server):
     assert status == 200 and headers["x-request-id"] != request_id  # a new one each time
 
 
+def test_behind_a_proxy_on_this_host_the_log_names_the_client_it_forwarded(server):
+    status, _, body = server.post("/v2/models/chatty/infer", BODY, dict(
+        JSON_HEADERS, **{"X-Request-ID": "proxied-1", "X-Forwarded-For": "203.0.113.7"}))
+    assert status == 200, body
+    (line,) = logged(server, "proxied-1")
+    assert line["client"].startswith("203.0.113.7")
+
+
 @pytest.mark.parametrize("given", ["has space", "x" * 129, "caf\u00e9"])
 def test_an_unusable_request_id_is_replaced(server, given):
     request = urllib.request.Request(server.url + "/v2/health/ready",

@@ -32,6 +32,7 @@ class CorkedTransport:
         self._transport = transport
         self._loop = loop
         self._held: list[bytes] = []
+        self.is_closing = transport.is_closing  # (asked per response: no __getattr__ call)
 
     def write(self, data) -> None:
         if not self._held:

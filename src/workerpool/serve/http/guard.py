@@ -159,6 +159,8 @@ class GuardedHttpTools(_HeadGuard, HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_done()
         super().on_headers_complete()
+        if self.cycle is not None:  # (asgi.py finds the request's task on this loop)
+            self.cycle.workerpool_loop = self.loop
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
