@@ -234,3 +234,24 @@ def test_encoding_arrays_leaves_numpy_ma_unimported():
     assert out.stdout.split() == ["False"]
     with pytest.raises(EncodeError, match="masked arrays"):
         CODEC.encode(np.ma.masked_array([1.0, 2.0], mask=[0, 1]))
+
+
+def test_a_message_leaves_nothing_for_the_garbage_collector():
+    # Each encode and decode once left a reference cycle (its nested helpers held each
+    # other): through workers, collecting them was ~9 us of every light request's CPU.
+    import gc
+
+    value = [{"x": np.ones((2, 3)), "big": np.arange(4096.0)}, ("a", 1), np.float32(2),
+             collections.OrderedDict(k=1)]
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            assert_same(roundtrip(value), value)
+        gc.collect()
+        left = [o for o in gc.garbage
+                if getattr(o, "__qualname__", "").startswith("Codec.")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []

@@ -147,6 +147,11 @@ class Codec:
         except (TypeError, ValueError, OverflowError) as exc:
             raise EncodeError(f"cannot encode a value of type {type(value).__name__}: {exc}") \
                 from exc
+        finally:
+            # default and pack hold each other (a reference cycle per message): broken
+            # here, they die now, not in a garbage collection (through workers, the
+            # collector's passes were ~9 us of each light request's CPU)
+            default = pack = None  # noqa: F841
         total = len(header) + sum(frame_nbytes(f) for f in frames)
         if total > self.max_message_bytes:
             raise MessageTooLarge(
@@ -264,6 +269,8 @@ class Codec:
             raise
         except Exception as exc:
             raise ProtocolError(f"undecodable message: {exc}") from exc
+        finally:
+            ext_hook = unpack = None  # noqa: F841 - they hold each other: see encode
         return value
 
     def _region_value(self, code: int, data: bytes, unpack):
