@@ -362,6 +362,11 @@ class Dispatcher(threading.Thread):
         the loop driving the pool)."""
         return self.holder == threading.get_ident() or self._driver_here() is not None
 
+    def loop_here(self) -> asyncio.AbstractEventLoop | None:
+        """The loop driving dispatch, when called in one of its callbacks (else None)."""
+        driver = self.driver
+        return driver.loop if driver is not None and driver.on_its_thread() else None
+
     def _driver_here(self) -> LoopDriver | None:
         """The loop driver when called on its loop's thread, else None. A driver handed
         the sockets that its loop has not taken yet takes them now: a caller on the loop

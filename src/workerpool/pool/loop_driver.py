@@ -67,8 +67,11 @@ class LoopDriver:
         """True in a callback of this loop while it serves the pool. Not on the loop's
         thread once the loop stopped: nothing of the pool's runs there then (the thread
         takes the sockets back), so a caller there, Pool.close() included, must wait."""
+        # (the loop runs, and this is its thread: so this is one of its callbacks. Not
+        # asyncio._get_running_loop(): on Python 3.11 that calls getpid(), a syscall per
+        # request, ~1 us under load.)
         return self.thread_id == threading.get_ident() and not self.revoked and \
-            asyncio._get_running_loop() is self.loop
+            self.loop.is_running()
 
     def submit(self, request) -> None:
         """A request from a coroutine on this loop: queued now, sent on this pass's turn

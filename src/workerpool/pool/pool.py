@@ -312,7 +312,9 @@ class Pool:
 
     async def submit_async(self, *args, timeout: float | None = None, **kwargs):
         """``await``-able :meth:`submit`, answered on the running event loop (no thread)."""
-        answer = LoopAnswer(asyncio.get_running_loop())
+        dispatcher = self._generation.dispatcher  # (its loop, if we run on it: no getpid())
+        loop = dispatcher.loop_here() if dispatcher is not None else None
+        answer = LoopAnswer(loop or asyncio.get_running_loop())
         self._submit(args, kwargs, timeout, self.config.max_queue, answer)
         return await answer.future
 
