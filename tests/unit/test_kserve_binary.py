@@ -117,3 +117,12 @@ def test_plans_are_bounded():
         body, length = binary_body({"a": np.zeros((rows + 1, 2), np.float32)})
         parse_infer(body, length, LIMIT)
         assert len(kserve._plans) <= kserve._MAX_PLANS
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_bodies_of_any_buffer_type_are_planned_alike(kind):
+    first, length = binary_body({"a": np.arange(4, dtype=np.float32)})
+    second, _ = binary_body({"a": np.arange(4, 8, dtype=np.float32)})
+    assert parse_infer(kind(first), length, LIMIT).inputs["a"].tolist() == [0, 1, 2, 3]
+    assert parse_infer(kind(second), length, LIMIT).inputs["a"].tolist() == [4, 5, 6, 7]
+    assert len(kserve._plans) == 1

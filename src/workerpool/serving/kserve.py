@@ -82,7 +82,8 @@ def parse_infer(body: bytes, header_length: str | None,
         if not 0 < length <= len(body):
             raise BadRequest(f"Inference-Header-Content-Length {length} does not fit a body "
                              f"of {len(body)} bytes")
-        plan = _plans.get((body[:length], max_tensor_bytes)) if length < len(body) else None
+        plan = _plans.get((bytes(body[:length]), max_tensor_bytes)) \
+            if length < len(body) else None
         if plan is not None:
             request = plan.request(memoryview(body)[length:])
             if request is not None:
@@ -113,7 +114,7 @@ def parse_infer(body: bytes, header_length: str | None,
         inputs=decoded, outputs=_requested_outputs(header.get("outputs")),
         binary_output=bool(parameters.get("binary_data_output", False)))
     if raw and length <= _PLANNED_HEADER_BYTES:
-        _HeaderPlan.keep(body[:length], max_tensor_bytes, inputs, request)
+        _HeaderPlan.keep(bytes(body[:length]), max_tensor_bytes, inputs, request)
     return request
 
 
