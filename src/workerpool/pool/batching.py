@@ -18,6 +18,8 @@ import collections
 import math
 from typing import Protocol, Sequence
 
+import numpy as np
+
 from ..ipc.codec import dtype_name
 
 # How far past the head the batcher looks for compatible requests; bounds the work per batch.
@@ -36,6 +38,9 @@ def batch_key_of(args: tuple, kwargs: dict) -> tuple[tuple | None, int]:
     if kwargs or len(args) != 1:
         return None, 1
     (value,) = args
+    if type(value) is np.ndarray:  # (the usual case, without the string work below)
+        shape = value.shape
+        return (("numpy", dtype_name(value.dtype), shape[1:]), shape[0]) if shape else (None, 1)
     kind = type(value).__module__.split(".", 1)[0]
     if kind not in ("numpy", "torch") or not hasattr(value, "shape") or len(value.shape) < 1:
         return None, 1

@@ -468,7 +468,10 @@ class Pool:
         scheduler = self._generation.dispatcher.scheduler
         if scheduler.elastic and scheduler.zygote_up:
             return True
-        return any(w.state == "ready" for w in list(scheduler.workers.values()))
+        for worker in list(scheduler.workers.values()):  # (asked per request: a loop)
+            if worker.state == "ready":
+                return True
+        return False
 
     def release_idle_workers(self) -> list[int]:
         """Stop every worker that holds no work now, ``min_workers`` or not, and keep the
