@@ -155,6 +155,19 @@ def test_a_head_sent_too_slowly_gets_408_and_the_connection_closes(server):
     assert_serves(server)
 
 
+def test_a_later_head_sent_too_slowly_on_a_kept_alive_connection_gets_408(server):
+    """The timer of a head that did not come whole in one read starts with that read (a
+    connection's first head is timed from the connection's start)."""
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(30)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # (one write: cork.py)
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # never ends
+        second = read_response(sock)
+        assert second.startswith(b"HTTP/1.1 408"), second[:200]
+    assert_serves(server)
+
+
 def test_a_keep_alive_connection_is_not_timed_out_between_requests(server):
     """The head timer runs from a request's first byte, not while a kept-alive connection
     waits for the client's next request."""
