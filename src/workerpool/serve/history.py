@@ -39,14 +39,15 @@ class History:
 
     def observe(self, model: str, seconds: float) -> None:
         """One answered request of ``model`` and its latency."""
-        with self._lock:
-            self._totals[model] += 1
-            self._seen[model] += 1
-            latencies = self._latencies.setdefault(model, [])
+        with self._lock:  # (the totals take this interval's count when it is sampled)
+            seen = self._seen[model] = self._seen[model] + 1
+            latencies = self._latencies.get(model)
+            if latencies is None:
+                latencies = self._latencies[model] = []
             if len(latencies) < MAX_LATENCIES:
                 latencies.append(seconds)
             else:  # reservoir: every request of the interval equally likely to be kept
-                slot = random.randrange(self._seen[model])
+                slot = random.randrange(seen)
                 if slot < MAX_LATENCIES:
                     latencies[slot] = seconds
 
@@ -56,8 +57,9 @@ class History:
         with self._lock:
             elapsed = max(now - self._last_sampled, 1e-9)
             self._last_sampled = now
-            totals = dict(self._totals)
             seen, self._seen = self._seen, collections.Counter()
+            self._totals.update(seen)
+            totals = dict(self._totals)
             latencies, self._latencies = self._latencies, {}
         stamp = time.time()
         for model in self.registry.models:
