@@ -49,6 +49,18 @@ from .supervisor import Supervisor
 
 log = logging.getLogger("workerpool")
 
+# This process's pid, kept current in forked children: os.getpid() is a syscall, and a
+# caller asks on every submit and every wait (Dispatcher._take_baton).
+_process_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _process_pid
+    _process_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
 # While an event loop holds the sockets, how often the thread checks that it still runs.
 HAND_BACK_CHECK_S = 0.5
 # A caller on that loop, waiting for a call before the loop took the sockets: how often it
@@ -234,7 +246,7 @@ class Dispatcher(threading.Thread):
         sockets are not this process's), nor again on a thread that holds it. Never waited
         for: a busy baton means another thread dispatches, and reads this answer too."""
         if self.hand_over_to is not None or self.driver is not None or \
-                self.holder is not None or os.getpid() != self.pid or \
+                self.holder is not None or _process_pid != self.pid or \
                 not self.baton.acquire(blocking=False):
             return False
         if self.hand_over_to is not None or self.driver is not None or \
