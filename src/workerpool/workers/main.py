@@ -61,6 +61,7 @@ def serve(model, predict, boot: dict) -> int:
     # One arena per compute thread: the lifeline and ZeroMQ's threads would otherwise get
     # one each, and ZeroMQ's I/O thread keeps ~2 MiB of message buffers in its own.
     malloc.limit_arenas(boot["threads_per_worker"])
+    malloc.keep_freed_heap()  # (work_loop gives it back once idle)
     start_lifeline(boot["parent_pid"])
     crash_log = open(endpoints.crash_log_path(boot["private_dir"], worker_id), "w")
     if boot.get("cpus"):
