@@ -4,7 +4,9 @@ glibc keeps what a process frees for later (the heap is trimmed only at its top,
 freed large block raises the threshold under which the next ones come from the heap), and
 gives each new thread an arena of its own, up to eight per core. A worker that ran a
 forward pass keeps its activations' worth of heap; one with a ZeroMQ I/O thread keeps a
-second arena for message buffers. Both settings below are measured in their callers.
+second arena for message buffers; and a block freed above the trim threshold, or one
+that was mmap'd, goes back to the OS at once, to be faulted in again by the next one of
+its size. Each setting below is measured where it is used.
 """
 
 from __future__ import annotations
