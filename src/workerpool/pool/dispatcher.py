@@ -376,8 +376,8 @@ class Dispatcher(threading.Thread):
 
     def loop_here(self) -> asyncio.AbstractEventLoop | None:
         """The loop driving dispatch, when called in one of its callbacks (else None)."""
-        driver = self.driver
-        return driver.loop if driver is not None and driver.on_its_thread() else None
+        driver = self._driver_here()
+        return driver.loop if driver is not None else None
 
     def _driver_here(self) -> LoopDriver | None:
         """The loop driver when called on its loop's thread, else None. A driver handed

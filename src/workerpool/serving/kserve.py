@@ -82,15 +82,15 @@ def parse_infer(body: bytes, header_length: str | None,
         if not 0 < length <= len(body):
             raise BadRequest(f"Inference-Header-Content-Length {length} does not fit a body "
                              f"of {len(body)} bytes")
-        plan = _plans.get((bytes(body[:length]), max_tensor_bytes)) \
-            if length < len(body) else None
+        text = bytes(body[:length]) if length < len(body) else body
+        plan = _plans.get((text, max_tensor_bytes)) if length < len(body) else None
         if plan is not None:
             request = plan.request(memoryview(body)[length:])
             if request is not None:
                 return request
     else:
-        length = len(body)
-    header = parse_json(body[:length] if length < len(body) else body, "the request header")
+        length, text = len(body), body
+    header = parse_json(text, "the request header")
     if not isinstance(header, dict):
         raise BadRequest("the request header must be a JSON object")
     raw = memoryview(body)[length:]
@@ -114,7 +114,7 @@ def parse_infer(body: bytes, header_length: str | None,
         inputs=decoded, outputs=_requested_outputs(header.get("outputs")),
         binary_output=bool(parameters.get("binary_data_output", False)))
     if raw and length <= _PLANNED_HEADER_BYTES:
-        _HeaderPlan.keep(bytes(body[:length]), max_tensor_bytes, inputs, request)
+        _HeaderPlan.keep(text, max_tensor_bytes, inputs, request)
     return request
 
 
@@ -328,10 +328,9 @@ def encode_response(model: str, version: str, request: InferRequest,
                     outputs: dict[str, np.ndarray]) -> tuple[list, list[tuple[bytes, bytes]]]:
     """The response body, as the parts to send one after the other, and its headers as
     (name, value) bytes (Inference-Header-Content-Length when binary outputs follow the
-    JSON), for ``outputs``
-    as the data plane selected and ordered them. Large binary outputs stay views of their
-    arrays (a 256 MiB output copied twice cost the server 0.4 s a call here); a small body
-    is one part. OutputEncodeError when an output cannot be written (a dtype with no KServe
+    JSON), for ``outputs`` as the data plane selected and ordered them. Large binary outputs
+    stay views of their arrays (a 256 MiB output copied twice cost the server 0.4 s a call
+    here); a small body is one part. OutputEncodeError when an output cannot be written (a dtype with no KServe
     datatype, bytes that are not UTF-8 asked for as JSON)."""
     binary_of = {o.name: o.binary for o in request.outputs} if request.outputs else {}
     tensors, buffers = [], []
