@@ -10,21 +10,28 @@ Lines written outside a request are left as they are.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 current: str | None = None  # the request id of the call running now
 
 
-@contextlib.contextmanager
-def serving(tag: str | None):
-    """Lines written meanwhile carry ``tag`` (None: none)."""
-    global current
-    previous, current = current, tag
-    try:
-        yield
-    finally:
-        current = previous
+class serving:
+    """``with serving(tag):`` lines written meanwhile carry ``tag`` (None: none). A class,
+    not a generator context: it is entered around every call a worker runs."""
+
+    __slots__ = ("tag", "previous")
+
+    def __init__(self, tag: str | None):
+        self.tag = tag
+        self.previous = None
+
+    def __enter__(self) -> None:
+        global current
+        self.previous, current = current, self.tag
+
+    def __exit__(self, *exc_info) -> None:
+        global current
+        current = self.previous
 
 
 class TaggedStream:
