@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
+
+_DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 
 
 class DrivenFuture(Future):
@@ -29,6 +32,15 @@ class DrivenFuture(Future):
     def __init__(self):
         super().__init__()
         self.dispatcher = None  # set by Pool when the request is handed over
+
+    # Read without the future's condition: the state is one attribute, replaced whole, so
+    # a reader sees the state before or after a change, as it would under the lock (a
+    # round trip asks done() four times; each took and gave back the condition's lock).
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def running(self) -> bool:
+        return self._state == RUNNING
 
     def result(self, timeout: float | None = None):
         return super().result(self._drive(timeout))
