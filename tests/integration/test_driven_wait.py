@@ -15,6 +15,7 @@ import pytest
 
 import modelzoo
 import workerpool as wp
+from workerpool.config import usable_cores
 from workerpool.pool.dispatcher import DRIVE_SLICE_S
 from testkit import ctrl_c_once, wait_until
 
@@ -133,3 +134,46 @@ def test_callbacks_that_call_the_pool_run_outside_its_locks(pool):
     assert wait_until(lambda: len(chained) == 400, 60)
     assert sorted(f.result(timeout=60) for f in chained) == sorted(
         n * 1000.0 + i + 1.0 for n in range(4) for i in range(100))
+
+
+def voluntary_switches() -> int:
+    """This thread's voluntary context switches so far: each time it slept (in poll(), on
+    a lock)."""
+    with open(f"/proc/self/task/{threading.get_native_id()}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+
+def switches_per_call(pool, calls: int = 50) -> float:
+    for i in range(20):  # the typical call is timed first
+        assert pool.submit(float(i), sleep=0.001).result(timeout=30) == float(i)
+    before = voluntary_switches()
+    for i in range(calls):
+        assert pool.submit(float(i), sleep=0.001).result(timeout=30) == float(i)
+    return (voluntary_switches() - before) / calls
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="a caller never spins on one core")
+def test_a_lone_caller_of_a_fast_model_looks_for_its_answer_before_it_sleeps():
+    # A 1 ms call, and a spin far longer: the answer is in before the spin ends, so the
+    # caller never sleeps for it (waking a sleeping thread was a quarter of a round trip).
+    with wp.Pool(modelzoo.numpy_model, sleepy_echo, workers=1, spin_wait_ms=50) as spinning, \
+            wp.Pool(modelzoo.numpy_model, sleepy_echo, workers=1, spin_wait_ms=0) as sleeping:
+        per_call = {"spinning": switches_per_call(spinning),
+                    "sleeping": switches_per_call(sleeping)}
+    assert per_call["spinning"] < 0.2 and per_call["sleeping"] > 0.8, per_call
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="needs a second core to take away")
+def test_a_pool_started_on_one_core_never_spins():
+    # The spin would keep the only core from the worker it waits for.
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        pool = wp.Pool(modelzoo.numpy_model, sleepy_echo, workers=1, spin_wait_ms=50)
+    finally:
+        os.sched_setaffinity(0, cores)
+    with pool:
+        assert switches_per_call(pool) > 0.8

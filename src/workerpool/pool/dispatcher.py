@@ -36,7 +36,7 @@ from concurrent.futures import Future, InvalidStateError
 
 import zmq
 
-from ..config import PoolConfig
+from ..config import PoolConfig, usable_cores
 from ..errors import PoolBroken, PoolClosed, PoolStartError
 from ..ipc import wire
 from ..ipc.codec import Codec
@@ -108,6 +108,9 @@ class Dispatcher(threading.Thread):
         # since: its fd will signal the next message, so there is nothing to drain.
         self.router_quiet = False
         self.deferred: list | None = None  # answers held back by a submit (Dispatcher.submit)
+        # How long a lone caller looks for its answer before it sleeps (_spin_for_answer):
+        # never on one core, where the spin would keep the worker from it.
+        self.spin_s = config.spin_wait_ms / 1000 if usable_cores() > 1 else 0.0
 
     # What the pool reads of the scheduler's state (from any thread: plain reads).
     @property
@@ -305,7 +308,34 @@ class Dispatcher(threading.Thread):
         wake = self.scheduler.next_wake()
         if wake is not None:
             until = min(until, wake)
+        if self.spin_s and self._spin_for_answer(until):
+            return {self.router_fd: select.POLLIN}
         return dict(self._caller_poller[1].poll(math.ceil(self.poll_timeout(until) * 1000)))
+
+    def _spin_for_answer(self, until: float) -> bool:
+        """Before a caller sleeps in poll() for an answer: look for it until ``spin_s``
+        passes (or ``until``), while the typical call is fast; True once a message waits.
+        A thread asleep in poll() is woken through the scheduler, on a VM through the
+        host: that wake-up was a quarter of a lone round trip. Stops as soon as another
+        thread posts (poll() then answers at once); a spin that ends with a look finding
+        nothing leaves the ROUTER as router_waiting() does, so poll() misses nothing."""
+        call_s = self.scheduler.typical_call_s()
+        if call_s is None or call_s > self.spin_s / 2:
+            return False  # slow calls: the spin would mostly burn a core
+        router, inbox = self.router, self.inbox
+        spin_end = min(time.monotonic() + self.spin_s, until)
+        # Not quiet until a look says so: a Ctrl-C between a look that consumed the fd's
+        # signal and its answer must leave _give_baton asking ZeroMQ again.
+        self.router_quiet = False
+        while not inbox.waiting():
+            if wire.has_message(router):
+                return True
+            if time.monotonic() >= spin_end:
+                break
+        else:
+            return False  # another thread posted: poll() answers at once
+        self.router_quiet = True  # the last look found nothing: the fd will signal
+        return False
 
     def _failed_here(self, exc: BaseException,
                      request: Request | None = None) -> BaseException | None:

@@ -119,6 +119,11 @@ class Pool:
             float32), so this process need not import torch to read them.
         spare_zygote: keep the next version's zygote started (its framework imported), so
             :meth:`reload` skips that (about 2 s for torch); costs one idle process.
+        spin_wait_ms: a caller waiting alone in ``result()`` for a fast call (the latest
+            calls' typical compute under half of it) looks for its answer this long before
+            it sleeps in poll(), holding a core meanwhile: waking a sleeping thread cost a
+            quarter of a round trip on our 2-core VM. Default 0.25; 0: never. Never on one
+            usable core.
         runtime: a :class:`workerpool.Runtime` shared with other pools: this pool's zygote
             (each version's) is forked from that one process, which has imported the
             frameworks once, instead of starting a fresh interpreter; N models then cost
