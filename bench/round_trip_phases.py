@@ -10,7 +10,8 @@ request and polled for its answer: pool/driven_future.py) is split into:
     send             the TASK's send (ZeroMQ)
     after_send       the send until submit() returns (the baton given back)
     to_wait          submit() returned until the caller polls for its answer
-    wait             polling until the answer is in: ZeroMQ both ways and the worker's part
+    wait             looking for the answer (spin_wait_ms), then polling, until it is
+                     in: ZeroMQ both ways and the worker's part
     read_answer      the answer in until its Future is settled: recv, head, scheduler, decode
     to_result        the Future settled until result() returns (the baton given back)
 
