@@ -89,8 +89,8 @@ class PoolConfig:
     spare_zygote: bool = False
     # A caller waiting alone for a fast call's answer (the latest calls' typical compute
     # under half of this) checks for it this long before sleeping in poll(): on our 2-core
-    # VM a sleeping thread's wake-up was ~30 us of a ~120 us round trip. 0: never; never
-    # with one usable core (the worker needs it).
+    # VM a sleeping thread's wake-up was ~30-60 us of a ~120-160 us round trip. 0: never;
+    # never with one usable core (the worker needs it).
     spin_wait_ms: float = 0.25
 
     def __post_init__(self):

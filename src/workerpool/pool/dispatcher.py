@@ -318,7 +318,9 @@ class Dispatcher(threading.Thread):
         A thread asleep in poll() is woken through the scheduler, on a VM through the
         host: that wake-up was a quarter of a lone round trip. Stops as soon as another
         thread posts (poll() then answers at once); a spin that ends with a look finding
-        nothing leaves the ROUTER as router_waiting() does, so poll() misses nothing."""
+        nothing leaves the ROUTER as router_waiting() does, so poll() misses nothing. The
+        GIL stays held (a look does not release it; a time.sleep(0) after each, tried,
+        made the round trip slower than no spin at all)."""
         call_s = self.scheduler.typical_call_s()
         if call_s is None or call_s > self.spin_s / 2:
             return False  # slow calls: the spin would mostly burn a core

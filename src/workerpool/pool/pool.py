@@ -121,8 +121,9 @@ class Pool:
             :meth:`reload` skips that (about 2 s for torch); costs one idle process.
         spin_wait_ms: a caller waiting alone in ``result()`` for a fast call (the latest
             calls' typical compute under half of it) looks for its answer this long before
-            it sleeps in poll(), holding a core meanwhile: waking a sleeping thread cost a
-            quarter of a round trip on our 2-core VM. Default 0.25; 0: never. Never on one
+            it sleeps in poll(), holding a core and the GIL meanwhile: waking a sleeping
+            thread cost a quarter of a round trip on our 2-core VM. Default 0.25; 0: never
+            (a program whose other threads compute in Python while it waits). Never on one
             usable core.
         runtime: a :class:`workerpool.Runtime` shared with other pools: this pool's zygote
             (each version's) is forked from that one process, which has imported the
