@@ -1,4 +1,5 @@
-"""A light model at full speed: `workerpool serve` against gunicorn + FastAPI, in one run.
+"""A light model at full speed: `workerpool serve` against gunicorn + FastAPI and LitServe,
+in one run.
 
 The model (bench/light_model.py): logistic regression, 64 -> 10, numpy; compute is a few
 microseconds, so each server's own cost per request decides. Both get ``--workers`` worker
@@ -15,6 +16,9 @@ processes on this machine's cores:
 - ``gunicorn -w N`` with uvicorn workers (httptools, uvloop) and a FastAPI app holding the
   model in each HTTP worker (bench/peers/light; its own venv, bench/.venvs/light): the
   same KServe v2 JSON body, the same JSON answer;
+- LitServe with ``workers_per_device=N`` inference workers (bench/peers/litserve/light_app.py;
+  its own venv, bench/.venvs/litserve): a LitAPI at the same path, the same JSON body and
+  answer, no batching;
 - the transport floor (bench/floor_server.py): the uvicorn + grpc.aio stack workerpool
   serve runs on, one process, answering every body with a fixed answer (JSON parsed, no
   model): what HTTP and gRPC cost before our code, and so how near gRPC can come to HTTP.
@@ -22,7 +26,8 @@ processes on this machine's cores:
 Bodies: one row as JSON, as binary tensors and over gRPC; and 256 rows as JSON (~330 KB,
 ``json_256rows``, a twentieth of the requests), where decoding JSON costs the front end
 milliseconds and front ends in parallel pay off even on two cores. Binary and gRPC rows are
-compared with gunicorn's answer to the one-row JSON body.
+compared with gunicorn's answer to the one-row JSON body. gunicorn and LitServe get the JSON
+bodies only.
 
 Each is called by bench/http_load.py (its own process) at 32 connections and at 1, for
 ``--rounds`` interleaved rounds (medians). CPU per request is the CPU time of each server's
@@ -92,8 +97,10 @@ class Server:
     """A server process on 127.0.0.1:``port``, stopped with SIGTERM."""
 
     def __init__(self, name: str, command: list[str], port: int, cwd=None,
-                 grpc_port: int | None = None, env: dict | None = None):
+                 grpc_port: int | None = None, env: dict | None = None,
+                 json_only: bool = False):
         self.name, self.port, self.grpc_port = name, port, grpc_port
+        self.json_only = json_only  # a peer: KServe v2 JSON bodies only
         env = {**os.environ, "PYTHONPATH": str(HERE), **(env or {})}
         self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
@@ -179,7 +186,17 @@ def start_gunicorn(workers: int) -> Server:
     return Server(f"gunicorn -w {workers} + FastAPI",
                   [python, "-m", "gunicorn", "app:app", "--workers", str(workers),
                    "--worker-class", "uvicorn.workers.UvicornWorker",
-                   "--bind", f"127.0.0.1:{port}"], port, cwd=HERE / "peers" / "light")
+                   "--bind", f"127.0.0.1:{port}"], port, cwd=HERE / "peers" / "light",
+                  json_only=True)
+
+
+def start_litserve(workers: int) -> Server:
+    python = venvs.build("litserve", sys.stderr)
+    port = free_port()
+    app = HERE / "peers" / "litserve" / "light_app.py"
+    return Server(f"LitServe, workers_per_device={workers}",
+                  [python, str(app), str(port), str(workers)], port,
+                  env={"PYTHONPATH": f"{HERE}{os.pathsep}{HERE / 'peers'}"}, json_only=True)
 
 
 def trial(server: Server, body: tuple, connections: int, requests: int) -> dict:
@@ -220,7 +237,7 @@ def main() -> None:
     servers = []
     trials: dict[tuple, list[dict]] = {}
     try:
-        servers = [start_gunicorn(args.workers),
+        servers = [start_gunicorn(args.workers), start_litserve(args.workers),
                    *(start_workerpool(args.workers, directory, n, inline)
                      for inline in (False, True) for n in http_workers),
                    start_floor()]
@@ -241,7 +258,7 @@ def main() -> None:
                 requests = args.requests if connections > 1 else args.requests // 4
                 for server in servers:
                     kinds = [k for k in request_bodies if k.startswith("json")] \
-                        if server.name.startswith("gunicorn") else \
+                        if server.json_only else \
                         [k for k in request_bodies if k != "grpc" or server.grpc_port]
                     for kind in kinds:
                         key = (server.name, kind, connections)
@@ -290,7 +307,8 @@ def main() -> None:
                 f"{os.cpu_count()} CPUs, medians of {args.rounds} rounds\n\n"
                 f"`{' '.join(['bench/light.py', *sys.argv[1:]])}`\n\n"
                 "front_cpu_us_per_request: the serving processes (workerpool's own process "
-                "and its HTTP front ends; gunicorn's master, which serves nothing); "
+                "and its HTTP front ends; gunicorn's master, which serves nothing; "
+                "LitServe's main process, which serves nothing either); "
                 "server_process_cpu_us_per_request: the first process alone (with "
                 "--http-workers, what every request costs the one process that holds the "
                 "pools). body grpc: KServe v2 gRPC, raw tensor contents.\n\n"
