@@ -330,8 +330,8 @@ def encode_response(model: str, version: str, request: InferRequest,
     (name, value) bytes (Inference-Header-Content-Length when binary outputs follow the
     JSON), for ``outputs`` as the data plane selected and ordered them. Large binary outputs
     stay views of their arrays (a 256 MiB output copied twice cost the server 0.4 s a call
-    here); a small body is one part. OutputEncodeError when an output cannot be written (a dtype with no KServe
-    datatype, bytes that are not UTF-8 asked for as JSON)."""
+    here); a small body is one part. OutputEncodeError when an output cannot be written
+    (a dtype with no KServe datatype, bytes that are not UTF-8 asked for as JSON)."""
     binary_of = {o.name: o.binary for o in request.outputs} if request.outputs else {}
     tensors, buffers = [], []
     try:
